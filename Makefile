@@ -1,0 +1,44 @@
+# The two commands of the README: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+SWIFT_VENV := .venv-swift
+
+.PHONY: run test install install-test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+# OpenStack Swift brings eventlet, so its server lives in a virtual environment of its own.
+$(SWIFT_VENV)/.installed:
+	$(PYTHON) -m venv $(SWIFT_VENV)
+	$(SWIFT_VENV)/bin/pip install --quiet --upgrade pip
+	$(SWIFT_VENV)/bin/pip install --quiet swift==2.38.3 python-swiftclient==4.11.0
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test $(SWIFT_VENV)/.installed
+
+## Install and start the service on its embedded defaults (embedded database, no config).
+run: install
+	$(VENV)/bin/python -m broker
+
+## Install what the tests need and run the whole suite.
+test: install-test
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: install-test
+	$(VENV)/bin/ruff check .
+
+bench: install-test
+	$(VENV)/bin/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) $(SWIFT_VENV) data .pytest_cache

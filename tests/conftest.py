@@ -1,0 +1,22 @@
+"""Shared fixtures: the real servers the suite starts itself on loopback."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest_plugins = [
+    "tests.servers.mongo",
+    "tests.servers.s3",
+    "tests.servers.swift",
+]
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def skip_unless_available(reason: str) -> None:
+    """Skip a test whose machine-provided server is missing, but never in CI: there it fails."""
+    if IN_CI:
+        pytest.fail(f"required in CI: {reason}")
+    pytest.skip(reason)

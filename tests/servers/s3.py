@@ -1,0 +1,1 @@
+"""S3 test server fixtures (SeaweedFS): written with the storage work."""

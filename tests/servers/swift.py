@@ -1,0 +1,1 @@
+"""Swift test server fixtures: written with the storage work."""
