@@ -55,7 +55,7 @@ class EmbeddedMongo:
             "--storage-path", storage,
             "--log-level", "WARNING",
         ]  # fmt: skip
-        self._proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+        self._proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -8,6 +8,7 @@ import pytest
 
 pytest_plugins = [
     "tests.servers.mongo",
+    "tests.servers.broker",
     "tests.servers.s3",
     "tests.servers.swift",
 ]

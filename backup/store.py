@@ -1,0 +1,112 @@
+"""MongoDB persistence: the one store, reached through PyMongo's native async API.
+
+Collections and their indexes are declared here, in one place, and created idempotently at
+start-up. Every document carries ``schema_version``. Writes are acknowledged by the majority
+(journaled) so that an acknowledged registration, job or restore point survives a fail-over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
+from pymongo.read_concern import ReadConcern
+from pymongo.write_concern import WriteConcern
+
+log = structlog.get_logger(__name__)
+
+SCHEMA_VERSION = 1
+
+Document = dict[str, Any]
+
+# collection name -> indexes; each module's queries are served by an index declared here.
+INDEXES: dict[str, list[IndexModel]] = {
+    "instances": [
+        IndexModel([("state", ASCENDING), ("tombstone_expires_at", ASCENDING)]),
+    ],
+    "bindings": [
+        IndexModel([("instance_id", ASCENDING)]),
+        IndexModel([("key_hash", ASCENDING)], unique=True, sparse=True),
+    ],
+    "destinations": [
+        IndexModel([("instance_id", ASCENDING), ("created_at", ASCENDING)]),
+    ],
+    "plans": [
+        IndexModel([("instance_id", ASCENDING), ("name", ASCENDING)], unique=True),
+        IndexModel([("destination_id", ASCENDING)]),
+        IndexModel([("paused", ASCENDING), ("next_run_at", ASCENDING)]),
+    ],
+    "jobs": [
+        IndexModel([("instance_id", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)]),
+        IndexModel(
+            [("plan_id", ASCENDING), ("scheduled_for", ASCENDING)],
+            unique=True,
+            partialFilterExpression={"scheduled_for": {"$type": "date"}},
+            name="one_job_per_fire",
+        ),
+        IndexModel([("status", ASCENDING), ("lease_expires_at", ASCENDING)]),
+    ],
+    "restore_points": [
+        IndexModel([("instance_id", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)]),
+        IndexModel([("plan_id", ASCENDING), ("created_at", DESCENDING)]),
+        IndexModel([("expires_at", ASCENDING)]),
+    ],
+}
+
+
+@dataclass
+class Store:
+    """The database handle shared by the domain; collections are attributes by name."""
+
+    client: AsyncMongoClient[Document]
+    db: AsyncDatabase[Document]
+
+    def __getattr__(self, name: str) -> AsyncCollection[Document]:
+        if name in INDEXES:
+            return self.db[name]
+        raise AttributeError(name)
+
+    instances: AsyncCollection[Document]
+    bindings: AsyncCollection[Document]
+    destinations: AsyncCollection[Document]
+    plans: AsyncCollection[Document]
+    jobs: AsyncCollection[Document]
+    restore_points: AsyncCollection[Document]
+
+    async def ping(self) -> bool:
+        try:
+            await self.client.admin.command("ping")
+        except PyMongoError:
+            return False
+        return True
+
+    async def ensure_indexes(self) -> None:
+        for name, indexes in INDEXES.items():
+            if indexes:
+                await self.db[name].create_indexes(indexes)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def connect(url: str, database: str, *, timeout_ms: int = 10_000) -> Store:
+    client: AsyncMongoClient[Document] = AsyncMongoClient(
+        url,
+        tz_aware=True,
+        serverSelectionTimeoutMS=timeout_ms,
+        connectTimeoutMS=timeout_ms,
+        appname="osb-backup-manager",
+    )
+    db = client.get_database(
+        database,
+        write_concern=WriteConcern(w="majority", j=True),
+        read_concern=ReadConcern("majority"),
+    )
+    store = Store.__new__(Store)
+    store.client, store.db = client, db
+    return store

@@ -1,0 +1,65 @@
+"""``python -m broker``: run the service; with no MONGODB_URL, with an embedded database."""
+
+from __future__ import annotations
+
+import sys
+
+import structlog
+from aiohttp import web
+
+from backup.embedded_db import EmbeddedMongo
+from broker.app import create_app
+from broker.config import ConfigError, load_settings
+from broker.logging import configure_logging
+
+log = structlog.get_logger("broker")
+
+
+def main() -> int:
+    try:
+        settings = load_settings()
+        settings.resolve_local_secrets()
+    except ConfigError as exc:
+        print(f"osb-backup-manager: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    embedded: EmbeddedMongo | None = None
+    credentials_file = settings.data_dir / "broker-password" if settings.embedded_database else None
+    try:
+        if settings.embedded_database:
+            embedded = EmbeddedMongo(settings.data_dir / "db")
+            embedded.start()
+            from pydantic import SecretStr
+
+            settings.mongodb_url = SecretStr(embedded.url)
+            log.info(
+                "embedded_database_started", port=embedded.port, data_dir=str(embedded.data_dir)
+            )
+        app = create_app(settings)
+        log.info(
+            "starting",
+            host=settings.host,
+            port=settings.port,
+            url=settings.base_url,
+            broker_username=settings.broker_username,
+            credentials_file=str(credentials_file) if credentials_file else None,
+        )
+        # run_app turns SIGTERM/SIGINT into a graceful stop: stop accepting, let in-flight
+        # requests finish (up to shutdown_timeout), then run the cleanup contexts.
+        web.run_app(
+            app,
+            host=settings.host,
+            port=settings.port,
+            shutdown_timeout=settings.shutdown_timeout,
+            access_log=None,
+            print=None,
+        )
+    finally:
+        if embedded is not None:
+            embedded.stop()
+            log.info("embedded_database_stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The aiohttp application: middlewares, shared resources and routes."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+
+from backup.secrets import SecretBox
+from backup.store import Store, connect
+from broker import health
+from broker.config import Settings
+from broker.context import REQUEST_ID, SECRETS, SETTINGS, STORE
+from broker.errors import Handler, error_middleware
+
+log = structlog.get_logger(__name__)
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind a request id to every log line of this request and echo it back."""
+    platform_id = request.headers.get("X-Broker-API-Request-Identity")
+    request_id = (platform_id or request.headers.get("X-Request-Id") or uuid.uuid4().hex)[:128]
+    request[REQUEST_ID] = request_id
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    response = await handler(request)
+    response.headers["X-Request-Id"] = request_id
+    if platform_id is not None:
+        response.headers["X-Broker-API-Request-Identity"] = platform_id
+    if request.path not in ("/health", "/ready"):
+        log.info(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+    return response
+
+
+def create_app(settings: Settings, *, store: Store | None = None) -> web.Application:
+    """The service. Without ``store`` it connects to ``settings.mongodb_url`` on start-up."""
+    settings.resolve_local_secrets()
+    app = web.Application(
+        middlewares=[request_context, error_middleware], client_max_size=MAX_BODY_BYTES
+    )
+    app[SETTINGS] = settings
+    app[SECRETS] = SecretBox(settings.master_keys())
+
+    async def database(app: web.Application) -> AsyncIterator[None]:
+        own = store is None
+        if own:
+            assert settings.mongodb_url is not None
+            app[STORE] = connect(settings.mongodb_url.get_secret_value(), settings.mongodb_database)
+        else:
+            app[STORE] = store
+        await app[STORE].ensure_indexes()
+        log.info("database_ready", database=settings.mongodb_database)
+        yield
+        if own:
+            await app[STORE].close()
+
+    app.cleanup_ctx.append(database)
+    health.setup(app)
+    from broker import api, background, osb
+
+    osb.setup(app)
+    api.setup(app)
+    background.setup(app)
+    return app

@@ -1,0 +1,198 @@
+"""Typed configuration from environment variables, with a clear error for each bad value.
+
+Every setting has a documented default that runs the service locally with no configuration:
+an embedded database under ``DATA_DIR``, broker credentials and a master key generated on first
+start and kept (mode 0600) under ``DATA_DIR``. On Cloud Foundry ``PORT`` is honoured and a bound
+MongoDB service in ``VCAP_SERVICES`` is used without extra settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from backup.secrets import MasterKey, generate_master_key_spec, parse_master_keys
+
+DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yml"
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be used; the message names each offending variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    host: str = Field(
+        default="127.0.0.1",
+        validation_alias=AliasChoices("LISTEN_HOST", "HOST"),
+        description="Address to listen on; 0.0.0.0 on Cloud Foundry.",
+    )
+    port: int = Field(default=8080, ge=1, le=65535, validation_alias="PORT")
+    public_url: str | None = Field(
+        default=None,
+        validation_alias="PUBLIC_URL",
+        description="Base URL handed to bound applications; defaults from the listen address.",
+    )
+    mongodb_url: SecretStr | None = Field(default=None, validation_alias="MONGODB_URL")
+    mongodb_database: str = Field(
+        default="backup_manager", min_length=1, max_length=63, validation_alias="MONGODB_DATABASE"
+    )
+    data_dir: Path = Field(default=Path("data"), validation_alias="DATA_DIR")
+    broker_username: str = Field(
+        default="broker", min_length=1, max_length=128, validation_alias="BROKER_USERNAME"
+    )
+    broker_password: SecretStr | None = Field(default=None, validation_alias="BROKER_PASSWORD")
+    master_keys_spec: SecretStr | None = Field(
+        default=None,
+        validation_alias="SECRETS_MASTER_KEYS",
+        description="'id:base64(32 bytes)[,id:key...]'; the first seals, all open (rotation).",
+    )
+    catalog_path: Path = Field(default=DEFAULT_CATALOG, validation_alias="CATALOG_PATH")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", validation_alias="LOG_LEVEL"
+    )
+    tombstone_seconds: int = Field(
+        default=3600,
+        ge=0,
+        validation_alias="TOMBSTONE_SECONDS",
+        description="How long a deprovisioned instance answers last_operation 'succeeded'.",
+    )
+    shutdown_timeout: float = Field(default=30.0, gt=0, validation_alias="SHUTDOWN_TIMEOUT")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("mongodb_url")
+    @classmethod
+    def _mongo_scheme(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().startswith(("mongodb://", "mongodb+srv://")):
+            raise ValueError("must start with mongodb:// or mongodb+srv://")
+        return v
+
+    @field_validator("master_keys_spec")
+    @classmethod
+    def _keys(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            parse_master_keys(v.get_secret_value())
+        return v
+
+    @model_validator(mode="after")
+    def _cloud_foundry(self) -> Settings:
+        if os.environ.get("VCAP_APPLICATION") and "LISTEN_HOST" not in os.environ:
+            self.host = "0.0.0.0"
+        if self.mongodb_url is None and (url := _mongodb_from_vcap()):
+            self.mongodb_url = SecretStr(url)
+        return self
+
+    @property
+    def embedded_database(self) -> bool:
+        return self.mongodb_url is None
+
+    @property
+    def base_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        if uris := _vcap_application_uris():
+            return f"https://{uris[0]}"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+    def master_keys(self) -> list[MasterKey]:
+        assert self.master_keys_spec is not None, "call resolve_local_secrets() first"
+        return parse_master_keys(self.master_keys_spec.get_secret_value())
+
+    def resolve_local_secrets(self) -> None:
+        """Fill the broker password and master key from ``DATA_DIR`` (created on first start)
+        when they are not configured. With an external database both must be configured:
+        a key kept on one instance's disk would not be shared by replicas."""
+        if self.broker_password is not None and self.master_keys_spec is not None:
+            return
+        if not self.embedded_database:
+            missing = [
+                name
+                for name, value in (
+                    ("BROKER_PASSWORD", self.broker_password),
+                    ("SECRETS_MASTER_KEYS", self.master_keys_spec),
+                )
+                if value is None
+            ]
+            raise ConfigError(
+                f"{' and '.join(missing)} must be set when MONGODB_URL points at a shared "
+                "database (generated local values would differ between replicas)"
+            )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.broker_password is None:
+            self.broker_password = SecretStr(
+                _read_or_create(
+                    self.data_dir / "broker-password", lambda: secrets.token_urlsafe(24)
+                )
+            )
+        if self.master_keys_spec is None:
+            self.master_keys_spec = SecretStr(
+                _read_or_create(self.data_dir / "master-key", generate_master_key_spec)
+            )
+
+
+def _read_or_create(path: Path, make: object) -> str:
+    if path.exists():
+        return path.read_text().strip()
+    value = make()  # type: ignore[operator]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value
+
+
+def _vcap_application_uris() -> list[str]:
+    try:
+        app = json.loads(os.environ.get("VCAP_APPLICATION", "") or "{}")
+    except json.JSONDecodeError:
+        return []
+    return list(app.get("application_uris") or app.get("uris") or [])
+
+
+def _mongodb_from_vcap() -> str | None:
+    raw = os.environ.get("VCAP_SERVICES")
+    if not raw:
+        return None
+    try:
+        services = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError("VCAP_SERVICES is not valid JSON") from exc
+    for instances in services.values():
+        for svc in instances:
+            creds = svc.get("credentials") or {}
+            for key in ("uri", "url", "connection_string", "connectionString"):
+                value = creds.get(key)
+                if isinstance(value, str) and value.startswith(("mongodb://", "mongodb+srv://")):
+                    return value
+    return None
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment (plus ``overrides``), or :class:`ConfigError` naming every
+    bad variable and why."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "configuration"
+            lines.append(f"{loc.upper()}: {err['msg']}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,17 @@
+"""Typed application keys: what the app holds for its handlers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from backup.secrets import SecretBox
+from backup.store import Store
+from broker.config import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", Store)
+SECRETS = web.AppKey("secrets", SecretBox)
+CATALOG = web.AppKey("catalog", dict[str, Any])
+REQUEST_ID = web.RequestKey("request_id", str)
