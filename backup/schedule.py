@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
@@ -45,7 +46,7 @@ def validate_frequency(frequency: str, min_interval_seconds: int = 0) -> None:
             field="frequency",
         ) from None
     if min_interval_seconds:
-        gap = min(b - a for a, b in zip(fires, fires[1:], strict=False))
+        gap = min(b - a for a, b in itertools.pairwise(fires))
         if gap < timedelta(seconds=min_interval_seconds):
             raise InvalidInput(
                 f"frequency {frequency!r} fires every {int(gap.total_seconds())} s; "

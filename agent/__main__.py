@@ -1,0 +1,66 @@
+"""``python -m agent`` / ``osb-backup-agent``: configuration from the environment."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import sys
+
+import structlog
+from aiohttp import web
+from pydantic import ValidationError
+
+from agent.config import describe_errors, load_config
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+
+def main() -> None:
+    configure_logging()
+    log = structlog.get_logger("agent")
+    try:
+        cfg = load_config()
+    except ValidationError as exc:
+        print(f"osb-backup-agent: invalid configuration: {describe_errors(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from agent.app import make_app
+
+    ssl_ctx = None
+    if cfg.tls_cert_file and cfg.tls_key_file:
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ssl_ctx.load_cert_chain(str(cfg.tls_cert_file), str(cfg.tls_key_file))
+    log.info(
+        "agent_starting",
+        host=cfg.client_host,
+        port=cfg.client_port,
+        tls=ssl_ctx is not None,
+        scripts_path=str(cfg.scripts_path),
+        max_job_number=cfg.max_job_number,
+    )
+    web.run_app(
+        make_app(cfg),
+        host=cfg.client_host,
+        port=cfg.client_port,
+        ssl_context=ssl_ctx,
+        print=None,
+        access_log=None,
+        shutdown_timeout=10,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""HTTP endpoints of the agent protocol (see docs agent-protocol.md)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from agent import __version__, transforms
+from agent.config import AgentConfig
+from agent.destinations import to_settings
+from agent.jobs import Kind
+from agent.models import BackupRequest, DeleteRequest, RestoreRequest, describe_errors
+from agent.service import Agent
+
+AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent", Agent)
+CAPABILITIES = [
+    *(f"compression:{c}" for c in transforms.COMPRESSIONS),
+    f"encryption:{transforms.ENCRYPTION_NAME}",
+    "persistent-jobs",
+    "unlock-always",
+    "secrets-in-env",
+    "checksum-sha256",
+]
+
+
+def _json(status: int, body: dict[str, Any]) -> web.Response:
+    return web.json_response(body, status=status)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json(status, {"message": message})
+
+
+def _auth_middleware(cfg: AgentConfig) -> Any:
+    user = cfg.client_username.encode()
+    password = cfg.client_password.get_secret_value().encode()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        header = request.headers.get("Authorization", "")
+        given_user, given_pw = b"", b""
+        if header[:6].lower() == "basic ":
+            try:
+                decoded = base64.b64decode(header[6:].strip(), validate=True)
+                given_user, _, given_pw = decoded.partition(b":")
+            except (binascii.Error, ValueError):
+                pass
+        # Both comparisons always run so timing reveals neither which part was wrong.
+        ok_user = hmac.compare_digest(given_user, user)
+        ok_pw = hmac.compare_digest(given_pw, password)
+        if not (ok_user and ok_pw):
+            return web.json_response(
+                {"message": "Unauthorised."},
+                status=401,
+                headers={"WWW-Authenticate": 'Basic realm="osb-backup-agent"'},
+            )
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return web.json_response({"message": exc.reason}, status=exc.status)
+
+    return middleware
+
+
+async def _body(request: web.Request) -> dict[str, Any] | web.Response:
+    try:
+        data = await request.json(loads=json.loads)
+    except (ValueError, UnicodeDecodeError):
+        return _error(400, "the request body must be a JSON object")
+    if not isinstance(data, dict):
+        return _error(400, "the request body must be a JSON object")
+    return data
+
+
+async def status(request: web.Request) -> web.Response:
+    return _json(
+        200,
+        {"message": "Client is running", "version": __version__, "capabilities": CAPABILITIES},
+    )
+
+
+async def _start(request: web.Request, kind: Kind) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    data = await _body(request)
+    if isinstance(data, web.Response):
+        return data
+    model = BackupRequest if kind == "backup" else RestoreRequest
+    try:
+        req = model.model_validate(data)
+    except ValidationError as exc:
+        return _error(400, describe_errors(exc))
+    dest = req.destination
+    missing: list[str] = []
+    if not agent.skip_storage(dest):
+        missing = dest.missing_for_storage()
+    if kind == "restore" and not dest.filename:
+        missing.append("destination.filename")
+    if missing:
+        return _error(400, "missing or invalid field: " + ", ".join(missing))
+    if not agent.skip_storage(dest):
+        try:
+            to_settings(dest, agent.cfg)
+        except ValidationError as exc:
+            return _error(400, "invalid destination: " + describe_errors(exc))
+    # No await from here to submit(): the id check and the slot count cannot race.
+    existing = agent.get(kind, req.id)
+    if existing is not None:
+        return _json(409, existing.public())
+    if agent.running_count() >= agent.cfg.max_job_number:
+        return _error(
+            429, f"too many jobs running (max_job_number={agent.cfg.max_job_number}); retry later"
+        )
+    agent.submit(kind, req)
+    return web.Response(status=201)
+
+
+async def start_backup(request: web.Request) -> web.Response:
+    return await _start(request, "backup")
+
+
+async def start_restore(request: web.Request) -> web.Response:
+    return await _start(request, "restore")
+
+
+async def _get(request: web.Request, kind: Kind) -> web.Response:
+    job = request.app[AGENT_KEY].get(kind, request.match_info["id"])
+    if job is None:
+        return _error(404, f"no {kind} job with this id")
+    return _json(200, job.public())
+
+
+async def get_backup(request: web.Request) -> web.Response:
+    return await _get(request, "backup")
+
+
+async def get_restore(request: web.Request) -> web.Response:
+    return await _get(request, "restore")
+
+
+async def _delete(request: web.Request, kind: Kind) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    data = await _body(request)
+    if isinstance(data, web.Response):
+        return data
+    try:
+        req = DeleteRequest.model_validate(data)
+    except ValidationError as exc:
+        return _error(400, describe_errors(exc))
+    job = agent.get(kind, req.id)
+    if job is None:
+        return _error(410, f"no {kind} job with this id")
+    if job.status == "RUNNING":
+        # Forgetting a running job would let the same id start a second run beside it.
+        return _json(409, {**job.public(), "message": "the job is still running"})
+    agent.forget(kind, req.id)
+    return _json(200, {"message": f"{kind} job {req.id} deleted"})
+
+
+async def delete_backup(request: web.Request) -> web.Response:
+    return await _delete(request, "backup")
+
+
+async def delete_restore(request: web.Request) -> web.Response:
+    return await _delete(request, "restore")
+
+
+def make_app(cfg: AgentConfig) -> web.Application:
+    app = web.Application(middlewares=[_auth_middleware(cfg)], client_max_size=1024 * 1024)
+    agent = Agent(cfg)
+    app[AGENT_KEY] = agent
+
+    async def on_startup(_app: web.Application) -> None:
+        await agent.start()
+
+    async def on_cleanup(_app: web.Application) -> None:
+        await agent.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    app.add_routes(
+        [
+            web.get("/status", status),
+            web.post("/backup", start_backup),
+            web.get("/backup/{id}", get_backup),
+            web.delete("/backup", delete_backup),
+            web.put("/restore", start_restore),
+            web.get("/restore/{id}", get_restore),
+            web.delete("/restore", delete_restore),
+        ]
+    )
+    return app

@@ -1,0 +1,66 @@
+"""Agent configuration from environment variables (names compatible with the Go agent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class AgentConfig(BaseSettings):
+    """Every field is read from the environment variable of the same name (case-insensitive)."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
+
+    client_username: str = Field(min_length=1)
+    client_password: SecretStr = Field(min_length=1)
+    client_port: int = Field(default=8000, ge=1, le=65535)
+    client_host: str = "0.0.0.0"
+    directory_backup: Path = Path("/var/vcap/store/backup-agent/backup")
+    directory_restore: Path = Path("/var/vcap/store/backup-agent/restore")
+    scripts_path: Path = Path("/var/vcap/jobs/backup-agent/scripts")
+    allowed_to_delete_files: bool = False
+    skip_storage: bool | None = None
+    """When set, overrides the request's ``skipStorage``."""
+    default_s3_endpoint: str | None = None
+    max_job_number: int = Field(default=10, ge=1, le=1000)
+    # ours
+    state_directory: Path | None = None
+    stage_timeout_seconds: float = Field(default=3600.0, gt=0)
+    log_limit_bytes: int = Field(default=64 * 1024, ge=1024)
+    job_retention_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    positional_secrets: bool = False
+    """Compatibility: pass password and encryption key as positional script arguments."""
+    s3_part_size: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    s3_max_concurrency: int = Field(default=4, ge=1, le=32)
+
+    @model_validator(mode="after")
+    def _check(self) -> AgentConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.state_directory is None:
+            self.state_directory = self.directory_backup / ".agent-state"
+        if self.default_s3_endpoint == "":
+            self.default_s3_endpoint = None
+        return self
+
+    @property
+    def state_dir(self) -> Path:
+        assert self.state_directory is not None
+        return self.state_directory
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """Field and reason only: configuration values may be secrets, so never echo them."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "configuration"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def load_config() -> AgentConfig:
+    return AgentConfig()  # type: ignore[call-arg]

@@ -1,0 +1,250 @@
+"""Job documents: backups and restores, queued here (manual triggers) or by the scheduler,
+claimed and run by the job runner (``backup.runner``). Fields follow docs/data-model.md.
+
+QUEUED -> RUNNING -> SUCCEEDED|FAILED|CANCELLED; QUEUED -> CANCELLED; MISSED is created
+directly. A RUNNING job is cancelled by setting ``cancel_requested``; the runner ends it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from backup.errors import Conflict, InvalidInput, NotFound
+from backup.pagination import Page, now, paginate
+from backup.store import SCHEMA_VERSION, Document, Store
+
+BACKUP, RESTORE = "BACKUP", "RESTORE"
+TYPES = (BACKUP, RESTORE)
+SCHEDULE, MANUAL, CATCH_UP = "SCHEDULE", "MANUAL", "CATCH_UP"
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, MISSED = (
+    "QUEUED",
+    "RUNNING",
+    "SUCCEEDED",
+    "FAILED",
+    "CANCELLED",
+    "MISSED",
+)
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, MISSED)
+ACTIVE = (QUEUED, RUNNING)
+FINAL = (SUCCEEDED, FAILED, CANCELLED, MISSED)
+
+
+def new_item(name: str, **fields: Any) -> Document:
+    item: Document = {
+        "name": name,
+        "status": QUEUED,
+        "agent_job_id": None,
+        "filename": None,
+        "key": None,
+        "size": None,
+        "stored_size": None,
+        "checksum": None,
+        "logs": {},
+        "error": None,
+        "started_at": None,
+        "ended_at": None,
+    }
+    item.update(fields)
+    return item
+
+
+def new_job(
+    *,
+    instance_id: str,
+    type: str,
+    plan_id: str | None,
+    destination_id: str,
+    trigger: str,
+    items: list[Document],
+    compression: bool,
+    encryption: dict[str, Any],
+    scheduled_for: datetime | None = None,
+    restore_point_id: str | None = None,
+    status: str = QUEUED,
+    reason: str | None = None,
+) -> Document:
+    """A complete job document, every field of the data model present."""
+    at = now()
+    final = status in FINAL
+    return {
+        "_id": uuid.uuid4().hex,
+        "instance_id": instance_id,
+        "type": type,
+        "plan_id": plan_id,
+        "destination_id": destination_id,
+        "trigger": trigger,
+        "scheduled_for": scheduled_for,
+        "status": status,
+        "reason": reason,
+        "items": items,
+        "restore_point_id": restore_point_id,
+        "compression": compression,
+        "encryption": encryption,
+        "cancel_requested": False,
+        "created_at": at,
+        "started_at": None,
+        "ended_at": at if final else None,
+        "deadline_at": None,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "attempts": 0,
+        "version": 1,
+        "schema_version": SCHEMA_VERSION,
+    }
+
+
+async def _refuse_if_active(store: Store, query: dict[str, Any], what: str) -> None:
+    active = await store.jobs.find_one(
+        {**query, "status": {"$in": list(ACTIVE)}}, {"_id": 1, "status": 1}
+    )
+    if active is not None:
+        raise Conflict(
+            f"{what} (job {active['_id']} is {active['status']}); wait for it to end or cancel it.",
+            code="job_active",
+        )
+
+
+async def start_backup(store: Store, plan: Document, trigger: str = MANUAL) -> Document:
+    """Queue a backup of ``plan`` now (a plan runs one backup at a time)."""
+    await _refuse_if_active(
+        store,
+        {"plan_id": plan["_id"], "type": BACKUP},
+        "A backup of this plan is already under way",
+    )
+    job = new_job(
+        instance_id=plan["instance_id"],
+        type=BACKUP,
+        plan_id=plan["_id"],
+        destination_id=plan["destination_id"],
+        trigger=trigger,
+        items=[new_item(name) for name in plan["items"]],
+        compression=plan["compression"],
+        encryption={"enabled": bool((plan.get("encryption") or {}).get("enabled"))},
+    )
+    await store.jobs.insert_one(job)
+    await store.plans.update_one({"_id": plan["_id"]}, {"$set": {"last_job_id": job["_id"]}})
+    return job
+
+
+async def start_restore(store: Store, point: Document, items: list[str] | None) -> Document:
+    """Queue a restore of ``point`` (all its items, or the ``items`` subset)."""
+    if point.get("state") != "available":
+        raise Conflict(
+            "This restore point is being deleted and cannot be restored.",
+            code="restore_point_deleting",
+        )
+    stored = {i["name"]: i for i in point.get("items") or []}
+    names = list(items) if items is not None else list(stored)
+    if not names:
+        raise InvalidInput("Name at least one item to restore.", field="items")
+    if len(set(names)) != len(names):
+        raise InvalidInput("'items' lists an item twice.", field="items")
+    missing = [n for n in names if n not in stored]
+    if missing:
+        raise InvalidInput(
+            f"{missing[0]!r} is not in this restore point; it holds {', '.join(stored)}.",
+            code="unknown_item",
+            field="items",
+        )
+    await _refuse_if_active(
+        store,
+        {"instance_id": point["instance_id"], "type": RESTORE},
+        "A restore of this instance is already under way",
+    )
+    chosen = [stored[n] for n in names]
+    job = new_job(
+        instance_id=point["instance_id"],
+        type=RESTORE,
+        plan_id=point.get("plan_id"),
+        destination_id=point["destination_id"],
+        trigger=MANUAL,
+        items=[
+            new_item(
+                i["name"],
+                filename=i.get("filename"),
+                key=i.get("key"),
+                size=i.get("size"),
+                stored_size=i.get("stored_size"),
+                checksum=i.get("checksum"),
+            )
+            for i in chosen
+        ],
+        compression=any(bool(i.get("compression")) for i in chosen),
+        encryption={"enabled": any(bool(i.get("encryption")) for i in chosen)},
+        restore_point_id=point["_id"],
+    )
+    await store.jobs.insert_one(job)
+    return job
+
+
+async def get(store: Store, instance_id: str, job_id: str) -> Document:
+    doc = await store.jobs.find_one({"_id": job_id, "instance_id": instance_id})
+    if doc is None:
+        raise NotFound(f"This instance has no job {job_id!r}.", code="job_not_found")
+    return doc
+
+
+async def list_page(
+    store: Store,
+    instance_id: str,
+    *,
+    type: str | None = None,
+    status: str | None = None,
+    plan_id: str | None = None,
+    limit: int,
+    cursor: str | None,
+) -> Page:
+    query: dict[str, Any] = {"instance_id": instance_id}
+    if type:
+        query["type"] = type
+    if status:
+        query["status"] = status
+    if plan_id:
+        query["plan_id"] = plan_id
+    return await paginate(
+        store.jobs, query, limit=limit, cursor=cursor, projection={"items.logs": 0}
+    )
+
+
+async def last_jobs(store: Store, job_ids: list[str]) -> dict[str, Document]:
+    ids = [j for j in job_ids if j]
+    if not ids:
+        return {}
+    docs = await store.jobs.find(
+        {"_id": {"$in": ids}}, {"status": 1, "ended_at": 1, "created_at": 1}
+    ).to_list()
+    return {d["_id"]: d for d in docs}
+
+
+async def cancel(store: Store, instance_id: str, job_id: str) -> Document:
+    """Cancel a queued job at once, or ask the runner to stop a running one."""
+    for _ in range(3):
+        job = await get(store, instance_id, job_id)
+        if job["status"] == QUEUED:
+            result = await store.jobs.update_one(
+                {"_id": job_id, "status": QUEUED},
+                {
+                    "$set": {
+                        "status": CANCELLED,
+                        "cancel_requested": True,
+                        "reason": "Cancelled by a user before it started.",
+                        "ended_at": now(),
+                    },
+                    "$inc": {"version": 1},
+                },
+            )
+        elif job["status"] == RUNNING:
+            result = await store.jobs.update_one(
+                {"_id": job_id, "status": RUNNING},
+                {"$set": {"cancel_requested": True}, "$inc": {"version": 1}},
+            )
+        else:
+            raise Conflict(
+                f"Job {job_id} has already ended ({job['status']}); there is nothing to cancel.",
+                code="job_finished",
+            )
+        if result.matched_count == 1:
+            return await get(store, instance_id, job_id)
+    raise Conflict("The job keeps changing; retry.", code="concurrent_update")

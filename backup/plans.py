@@ -1,0 +1,269 @@
+"""Backup plans: what to back up, when (cron in an IANA zone), where, and how long to keep it.
+
+The encryption key is a secret: supplied by the user or generated here, sealed under
+``secrets.encryption_key``, never returned (``encryption.key_set`` instead). Once set it is
+never replaced or dropped, because earlier restore points need it to be restored.
+"""
+
+from __future__ import annotations
+
+import secrets as random
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pymongo.errors import DuplicateKeyError
+
+from backup import schedule
+from backup.errors import Conflict, InvalidInput, NotFound
+from backup.pagination import Page, now, paginate
+from backup.secrets import SecretBox
+from backup.store import SCHEMA_VERSION, Document, Store
+
+Name = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")]
+ItemName = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class Retention(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    style: Literal["DAYS", "HOURS", "FILES"] = Field(
+        description="Keep restore points for `period` days or hours, or keep the last `period`."
+    )
+    period: int = Field(ge=1, le=100_000)
+
+
+class EncryptionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    enabled: bool = False
+    key: SecretStr | None = Field(
+        default=None,
+        min_length=16,
+        max_length=1024,
+        description="Optional key material; generated when encryption is enabled without one. "
+        "Never returned. Cannot be replaced once set.",
+    )
+
+
+class PlanSpec(BaseModel):
+    """A whole plan as the user describes it (creation, and the merged result of a PATCH)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Name
+    destination_id: str = Field(min_length=1, max_length=64)
+    frequency: str = Field(
+        min_length=1, max_length=200, description="Five-field cron, e.g. '0 3 * * *'."
+    )
+    timezone: str = Field(default="UTC", min_length=1, max_length=64, description="IANA zone.")
+    items: list[ItemName] | None = Field(
+        default=None,
+        max_length=1000,
+        description="Backup items among the instance's; omitted: all of them.",
+    )
+    retention: Retention
+    compression: bool = True
+    encryption: EncryptionIn = Field(default_factory=EncryptionIn)
+    paused: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _strip(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v.strip()
+
+
+def _context(plan_id: str) -> str:
+    return f"plans/{plan_id}"
+
+
+async def _check(store: Store, instance: Document, spec: PlanSpec, min_interval: int) -> list[str]:
+    schedule.validate_frequency(spec.frequency, min_interval)
+    schedule.zone(spec.timezone)
+    registered: list[str] = list(instance.get("items") or [])
+    items = list(spec.items) if spec.items is not None else registered
+    if not items:
+        raise InvalidInput(
+            "A plan needs at least one backup item, and this instance has none registered.",
+            code="invalid_items",
+            field="items",
+        )
+    if len(set(items)) != len(items):
+        raise InvalidInput("'items' lists an item twice.", code="invalid_items", field="items")
+    unknown = [i for i in items if i not in registered]
+    if unknown:
+        raise InvalidInput(
+            f"{unknown[0]!r} is not a backup item of this instance; its items are "
+            f"{', '.join(registered) or '(none)'}.",
+            code="unknown_item",
+            field="items",
+        )
+    dest = await store.destinations.find_one(
+        {"_id": spec.destination_id, "instance_id": instance["_id"]}, {"_id": 1}
+    )
+    if dest is None:
+        raise InvalidInput(
+            f"This instance has no destination {spec.destination_id!r}; create it first.",
+            code="unknown_destination",
+            field="destination_id",
+        )
+    return items
+
+
+def _next_run(spec: PlanSpec) -> Any:
+    if spec.paused:
+        return None
+    return schedule.next_fire_time(spec.frequency, spec.timezone, now())
+
+
+def _fields(spec: PlanSpec, items: list[str]) -> Document:
+    return {
+        "name": spec.name,
+        "destination_id": spec.destination_id,
+        "frequency": " ".join(spec.frequency.split()),
+        "timezone": spec.timezone,
+        "items": items,
+        "retention": spec.retention.model_dump(),
+        "compression": spec.compression,
+        "encryption": {"enabled": spec.encryption.enabled},
+        "paused": spec.paused,
+    }
+
+
+def _duplicate(name: str) -> Conflict:
+    return Conflict(
+        f"This instance already has a plan named {name!r}; choose another name.",
+        code="duplicate_name",
+        field="name",
+    )
+
+
+async def create(
+    store: Store, box: SecretBox, instance: Document, spec: PlanSpec, min_interval: int
+) -> Document:
+    items = await _check(store, instance, spec, min_interval)
+    plan_id = uuid.uuid4().hex
+    key = spec.encryption.key.get_secret_value() if spec.encryption.key else None
+    if key is None and spec.encryption.enabled:
+        key = random.token_urlsafe(32)
+    at = now()
+    doc: Document = {
+        "_id": plan_id,
+        "instance_id": instance["_id"],
+        **_fields(spec, items),
+        "secrets": box.seal_map({"encryption_key": key}, _context(plan_id)),
+        "next_run_at": _next_run(spec),
+        "last_job_id": None,
+        "created_at": at,
+        "updated_at": at,
+        "version": 1,
+        "schema_version": SCHEMA_VERSION,
+    }
+    try:
+        await store.plans.insert_one(doc)
+    except DuplicateKeyError:
+        raise _duplicate(spec.name) from None
+    return doc
+
+
+async def get(store: Store, instance_id: str, plan_id: str) -> Document:
+    doc = await store.plans.find_one({"_id": plan_id, "instance_id": instance_id})
+    if doc is None:
+        raise NotFound(f"This instance has no plan {plan_id!r}.", code="plan_not_found")
+    return doc
+
+
+async def list_page(store: Store, instance_id: str, limit: int, cursor: str | None) -> Page:
+    return await paginate(store.plans, {"instance_id": instance_id}, limit=limit, cursor=cursor)
+
+
+def spec_of(doc: Document) -> dict[str, Any]:
+    """The stored plan as the JSON a user would send to create it (without the key)."""
+    return {
+        "name": doc["name"],
+        "destination_id": doc["destination_id"],
+        "frequency": doc["frequency"],
+        "timezone": doc["timezone"],
+        "items": list(doc["items"]),
+        "retention": dict(doc["retention"]),
+        "compression": doc["compression"],
+        "encryption": {"enabled": bool((doc.get("encryption") or {}).get("enabled"))},
+        "paused": doc["paused"],
+    }
+
+
+def merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """JSON merge patch (RFC 7396): objects merge, null removes, anything else replaces."""
+    out = dict(target)
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+async def update(
+    store: Store,
+    box: SecretBox,
+    instance: Document,
+    plan_id: str,
+    patch: dict[str, Any],
+    min_interval: int,
+) -> Document:
+    """Apply a merge patch; the merged plan is validated as a whole. Retries a few times when
+    the scheduler or runner touched the plan meanwhile."""
+    for _ in range(5):
+        current = await get(store, instance["_id"], plan_id)
+        spec = PlanSpec.model_validate(merge(spec_of(current), patch))
+        items = await _check(store, instance, spec, min_interval)
+        sealed = dict(current.get("secrets") or {})
+        new_key = spec.encryption.key.get_secret_value() if spec.encryption.key else None
+        if new_key is not None and "encryption_key" in sealed:
+            raise Conflict(
+                "This plan already has an encryption key and it cannot be replaced: earlier "
+                "backups need it. Create a new plan to use another key.",
+                code="encryption_key_set",
+                field="encryption.key",
+            )
+        if new_key is None and spec.encryption.enabled and "encryption_key" not in sealed:
+            new_key = random.token_urlsafe(32)
+        if new_key is not None:
+            sealed.update(box.seal_map({"encryption_key": new_key}, _context(plan_id)))
+        fields = _fields(spec, items)
+        timing = ("frequency", "timezone", "paused")
+        changes: Document = {**fields, "secrets": sealed, "updated_at": now()}
+        if any(fields[k] != current[k] for k in timing) or (
+            current.get("next_run_at") is None and not spec.paused
+        ):
+            changes["next_run_at"] = _next_run(spec)
+        try:
+            result = await store.plans.update_one(
+                {"_id": plan_id, "version": current["version"]},
+                {"$set": changes, "$inc": {"version": 1}},
+            )
+        except DuplicateKeyError:
+            raise _duplicate(spec.name) from None
+        if result.matched_count == 1:
+            return await get(store, instance["_id"], plan_id)
+    raise Conflict(
+        "The plan keeps changing concurrently; read it again and retry.", code="concurrent_update"
+    )
+
+
+async def delete(store: Store, instance_id: str, plan_id: str) -> None:
+    """Delete a plan; its restore points stay, its queued jobs are cancelled."""
+    await get(store, instance_id, plan_id)
+    await store.plans.delete_one({"_id": plan_id, "instance_id": instance_id})
+    at = now()
+    await store.jobs.update_many(
+        {"plan_id": plan_id, "status": "QUEUED"},
+        {
+            "$set": {"status": "CANCELLED", "reason": "The plan was deleted.", "ended_at": at},
+            "$inc": {"version": 1},
+        },
+    )

@@ -1,0 +1,319 @@
+"""Who may do what on the backup-manager API.
+
+- Users: a bearer JWT from UAA or any OIDC issuer, checked against the issuer's published keys
+  (JWKS, cached, refetched on an unknown ``kid`` at most every ``jwks_min_refresh_seconds``).
+  On Cloud Foundry the Cloud Controller says what the user may do with an instance
+  (``read`` for GET, ``manage`` for every change); its answer is cached briefly. A token with
+  the operator scope may act on every instance.
+- Applications: ``Bearer bmk_...`` binding keys, valid for their own instance only.
+- Brokers and operators: HTTP Basic with the broker credentials.
+
+A caller never learns whether an instance it may not see exists: both answer the same 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import jwt
+import structlog
+from aiohttp import web
+
+from backup.store import Document, Store
+from broker.api.settings import ApiSettings
+from broker.config import Settings
+from broker.errors import ApiError
+
+log = structlog.get_logger(__name__)
+
+LIVE_STATES = ("ready", "updating")
+_ALGORITHMS = ("RS256", "ES256")
+_CHALLENGE = 'Bearer realm="backup-manager", Basic realm="backup-manager"'
+_CACHE_MAX = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    kind: str  # "broker" | "operator" | "user" | "binding"
+    subject: str
+    token: str | None = None
+    instance_id: str | None = None  # bindings: the one instance the key is for
+
+
+def unauthenticated(description: str) -> ApiError:
+    return ApiError(401, "unauthorized", description, headers={"WWW-Authenticate": _CHALLENGE})
+
+
+def instance_not_found(instance_id: str) -> ApiError:
+    return ApiError(
+        404,
+        "instance_not_found",
+        f"There is no service instance {instance_id[:100]!r} that you may access.",
+    )
+
+
+class Jwks:
+    """The issuer's signing keys, fetched with aiohttp and cached."""
+
+    def __init__(self, api: ApiSettings, http: aiohttp.ClientSession) -> None:
+        self.api, self.http = api, http
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at = float("-inf")
+        self._lock = asyncio.Lock()
+        self._url: str | None = api.oidc_jwks_url
+
+    async def _discover(self) -> str:
+        assert self.api.oidc_issuer
+        issuer = self.api.oidc_issuer.rstrip("/")
+        parts = urlsplit(issuer)
+        candidates = [f"{issuer}/.well-known/openid-configuration"]
+        root = f"{parts.scheme}://{parts.netloc}/.well-known/openid-configuration"
+        if root not in candidates:
+            candidates.append(root)  # UAA: issuer .../oauth/token, discovery at the root
+        for url in candidates:
+            try:
+                async with self.http.get(url) as r:
+                    if r.status == 200:
+                        doc = await r.json(content_type=None)
+                        if isinstance(doc, dict) and isinstance(doc.get("jwks_uri"), str):
+                            return doc["jwks_uri"]
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                continue
+        raise ApiError(
+            503, "identity_provider_unavailable", "The token issuer's keys cannot be found."
+        )
+
+    async def _fetch(self) -> None:
+        if self._url is None:
+            self._url = await self._discover()
+        try:
+            async with self.http.get(self._url) as r:
+                r.raise_for_status()
+                body = await r.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            log.warning("jwks_fetch_failed", url=self._url)
+            if self._keys:
+                return
+            raise ApiError(
+                503,
+                "identity_provider_unavailable",
+                "The token issuer's signing keys cannot be fetched; retry later.",
+            ) from None
+        keys: dict[str, jwt.PyJWK] = {}
+        for n, data in enumerate(body.get("keys") or [] if isinstance(body, dict) else []):
+            try:
+                key = jwt.PyJWK(data)
+            except (jwt.PyJWKError, jwt.InvalidKeyError, KeyError, TypeError, ValueError):
+                continue
+            keys[str(data.get("kid") or f"#{n}")] = key
+        self._keys = keys
+        log.info("jwks_fetched", url=self._url, keys=len(keys))
+
+    async def key(self, kid: str | None) -> jwt.PyJWK | None:
+        found = self._lookup(kid)
+        if found is not None:
+            return found
+        async with self._lock:
+            found = self._lookup(kid)
+            if found is None and (
+                time.monotonic() - self._fetched_at >= self.api.jwks_min_refresh_seconds
+            ):
+                self._fetched_at = time.monotonic()
+                await self._fetch()
+                found = self._lookup(kid)
+        return found
+
+    def _lookup(self, kid: str | None) -> jwt.PyJWK | None:
+        if kid is None:
+            return next(iter(self._keys.values())) if len(self._keys) == 1 else None
+        return self._keys.get(kid)
+
+
+class Authorizer:
+    """Authenticates requests and answers what a principal may do with an instance."""
+
+    def __init__(self, settings: Settings, api: ApiSettings, store: Store) -> None:
+        self.settings, self.api, self.store = settings, api, store
+        self.http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=api.http_timeout_seconds)
+        )
+        self.jwks = Jwks(api, self.http)
+        self._permissions: dict[tuple[str, str], tuple[float, bool, bool]] = {}
+
+    async def close(self) -> None:
+        await self.http.close()
+
+    # --- who is calling --------------------------------------------------------------------
+
+    async def authenticate(self, request: web.Request) -> Principal:
+        header = request.headers.get("Authorization", "")
+        scheme, _, credentials = header.partition(" ")
+        credentials = credentials.strip()
+        if not header:
+            raise unauthenticated("Send credentials: a bearer token or HTTP Basic.")
+        if not header.isascii() or len(header) > 16384:
+            raise unauthenticated("The Authorization header is malformed.")
+        if scheme.lower() == "basic":
+            return self._basic(credentials)
+        if scheme.lower() == "bearer" and credentials:
+            if credentials.startswith("bmk_"):
+                return await self._binding(credentials)
+            return await self._jwt(credentials)
+        raise unauthenticated("Unsupported Authorization scheme; use Bearer or Basic.")
+
+    def _basic(self, credentials: str) -> Principal:
+        try:
+            user, sep, password = (
+                base64.b64decode(credentials, validate=True).decode().partition(":")
+            )
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise unauthenticated("Malformed HTTP Basic credentials.") from None
+        expected = self.settings.broker_password
+        ok_user = hmac.compare_digest(user.encode(), self.settings.broker_username.encode())
+        ok_password = expected is not None and hmac.compare_digest(
+            password.encode(), expected.get_secret_value().encode()
+        )
+        if not (sep and ok_user and ok_password):
+            raise unauthenticated("Wrong user name or password.")
+        return Principal("broker", user)
+
+    async def _binding(self, key: str) -> Principal:
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        binding = await self.store.bindings.find_one(
+            {"key_hash": digest}, {"instance_id": 1, "state": 1}
+        )
+        if binding is None or binding.get("state") == "deleted":
+            raise unauthenticated("This binding key is not valid (unknown or unbound).")
+        return Principal("binding", str(binding["_id"]), instance_id=binding.get("instance_id"))
+
+    async def _jwt(self, token: str) -> Principal:
+        if not self.api.oidc_issuer:
+            raise unauthenticated("Bearer tokens are not accepted: no token issuer configured.")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise unauthenticated("The bearer token is malformed.") from None
+        alg = header.get("alg")
+        if alg not in _ALGORITHMS:
+            raise unauthenticated("The bearer token must be signed with RS256 or ES256.")
+        kid = header.get("kid")
+        key = await self.jwks.key(kid if isinstance(kid, str) else None)
+        if key is None:
+            raise unauthenticated("The bearer token was signed with an unknown key.")
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key=key.key,
+                algorithms=[alg],
+                audience=self.api.oidc_audience,
+                issuer=self.api.oidc_issuer,
+                leeway=self.api.jwt_leeway_seconds,
+                options={
+                    "require": ["exp", "iss"],
+                    "verify_aud": self.api.oidc_audience is not None,
+                },
+            )
+        except jwt.ExpiredSignatureError:
+            raise unauthenticated("The bearer token has expired; get a new one.") from None
+        except jwt.InvalidTokenError as exc:
+            raise unauthenticated(f"The bearer token is not valid: {exc}.") from None
+        subject = str(claims.get("user_id") or claims.get("sub") or claims.get("client_id") or "")
+        if not subject:
+            raise unauthenticated("The bearer token names no subject.")
+        if self.api.operator_scope and self.api.operator_scope in _scopes(claims):
+            return Principal("operator", subject, token=token)
+        return Principal("user", subject, token=token)
+
+    # --- what it may do --------------------------------------------------------------------
+
+    async def permissions(self, principal: Principal, instance_id: str) -> tuple[bool, bool]:
+        """(read, manage) of ``principal`` on ``instance_id``."""
+        if principal.kind in ("broker", "operator"):
+            return True, True
+        if principal.kind == "binding":
+            ok = principal.instance_id == instance_id
+            return ok, ok
+        if not self.api.cloud_controller_url or principal.token is None:
+            return False, False
+        cache_key = (principal.subject, instance_id)
+        cached = self._permissions.get(cache_key)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1], cached[2]
+        read, manage = await self._ask_cloud_controller(principal.token, instance_id)
+        if len(self._permissions) >= _CACHE_MAX:
+            self._permissions = {k: v for k, v in self._permissions.items() if v[0] > now}
+            if len(self._permissions) >= _CACHE_MAX:
+                self._permissions.clear()
+        self._permissions[cache_key] = (now + self.api.permission_cache_seconds, read, manage)
+        return read, manage
+
+    async def _ask_cloud_controller(self, token: str, instance_id: str) -> tuple[bool, bool]:
+        assert self.api.cloud_controller_url
+        url = (
+            f"{self.api.cloud_controller_url.rstrip('/')}/v3/service_instances/"
+            f"{quote(instance_id, safe='')}/permissions"
+        )
+        try:
+            async with self.http.get(url, headers={"Authorization": f"Bearer {token}"}) as r:
+                if r.status == 401:
+                    raise unauthenticated("The Cloud Controller refused the bearer token.")
+                if r.status in (403, 404):
+                    return False, False
+                r.raise_for_status()
+                body = await r.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            log.warning("cloud_controller_unavailable", instance_id=instance_id)
+            raise ApiError(
+                503,
+                "authorization_unavailable",
+                "The Cloud Controller cannot be asked about your permissions; retry later.",
+            ) from None
+        if not isinstance(body, dict):
+            return False, False
+        return body.get("read") is True, body.get("manage") is True
+
+    async def authorize(self, request: web.Request, instance_id: str, manage: bool) -> Document:
+        """The live instance if the caller may act on it, else 401/403/404."""
+        principal = await self.authenticate(request)
+        if len(instance_id) > 256:
+            raise instance_not_found(instance_id)
+        may_read, may_manage = await self.permissions(principal, instance_id)
+        if not may_read:
+            raise instance_not_found(instance_id)
+        instance = await self.store.instances.find_one(
+            {"_id": instance_id, "state": {"$in": list(LIVE_STATES)}}
+        )
+        if instance is None:
+            raise instance_not_found(instance_id)
+        if manage and not may_manage:
+            raise ApiError(
+                403,
+                "forbidden",
+                "You may read this instance's backups but not change them; ask a space "
+                "developer or manager.",
+            )
+        return instance
+
+
+def _scopes(claims: dict[str, Any]) -> set[str]:
+    out: set[str] = set()
+    for name in ("scope", "scp"):
+        value = claims.get(name)
+        if isinstance(value, str):
+            out.update(value.split())
+        elif isinstance(value, list):
+            out.update(v for v in value if isinstance(v, str))
+    return out
+
+
+AUTHORIZER = web.AppKey("api_authorizer", Authorizer)

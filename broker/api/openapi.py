@@ -1,0 +1,187 @@
+"""The OpenAPI 3.1 document, generated from the operations and the pydantic models the
+handlers use, and a self-contained page that renders it (no external assets)."""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from typing import Any
+
+from aiohttp import web
+from pydantic import TypeAdapter
+
+from broker.api import models as m
+from broker.api.routes import OPERATIONS
+
+_REF = "#/components/schemas/{model}"
+_STATUS_TEXT = {
+    400: "The request is malformed or breaks a rule; nothing was changed.",
+    401: "Missing or invalid credentials.",
+    403: "You may read but not change this instance's backups.",
+    404: "No such instance (or not one you may access), or no such object.",
+    409: "Conflicts with what is stored (duplicate name, in use, already ended...).",
+    503: "A dependency (storage, identity provider, Cloud Controller) is unavailable.",
+}
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or re.sub(r"\W", "", repr(tp))[:40]
+
+
+@cache
+def document() -> dict[str, Any]:
+    inputs: list[tuple[Any, str, TypeAdapter[Any]]] = []
+    named: dict[str, Any] = {"ErrorOut": m.ErrorOut, "DestinationIn": m.DestinationIn}
+    named["DestinationOut"] = m.DestinationOut
+    for operation in OPERATIONS:
+        for tp in (operation.body, operation.response):
+            if tp is not None and tp not in named.values():
+                named[_name(tp)] = tp
+    for key, tp in named.items():
+        mode = "serialization" if key.endswith(("Out", "Page")) else "validation"
+        inputs.append((key, mode, TypeAdapter(tp)))
+    schemas, defs = TypeAdapter.json_schemas(inputs, ref_template=_REF)
+    components: dict[str, Any] = dict(defs.get("$defs", {}))
+    for (key, _mode), schema in schemas.items():
+        if "$ref" not in schema or key not in components:
+            components.setdefault(key, schema)
+    refs = {key: _ref_of(key, schema, components) for (key, _mode), schema in schemas.items()}
+
+    paths: dict[str, Any] = {}
+    for op in OPERATIONS:
+        params = [
+            {
+                "name": name,
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "maxLength": 256 if name == "instance_id" else 64},
+            }
+            for name in re.findall(r"{(\w+)}", op.path)
+        ]
+        params += [
+            {"name": n, "in": "query", "required": False, "description": d, "schema": s}
+            for n, d, s in op.query
+        ]
+        responses: dict[str, Any] = {}
+        ok: dict[str, Any] = {"description": "Success."}
+        if op.response is not None:
+            ok["content"] = {"application/json": {"schema": refs[_key(named, op.response)]}}
+        responses[str(op.status)] = ok
+        if op.operation_id == "cancel_job":
+            responses["202"] = {**ok, "description": "Cancel requested of a running job."}
+        for code in sorted({400, 401, 404, *op.errors} | ({403} if op.manage else set())):
+            responses[str(code)] = {
+                "description": _STATUS_TEXT[code],
+                "content": {
+                    "application/json": {"schema": {"$ref": _REF.format(model="ErrorOut")}}
+                },
+            }
+        entry: dict[str, Any] = {
+            "operationId": op.operation_id,
+            "summary": op.summary,
+            "tags": [op.tag],
+            "parameters": params,
+            "responses": responses,
+        }
+        if op.body is not None:
+            entry["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": refs[_key(named, op.body)]}},
+            }
+        paths.setdefault(op.path, {})[op.method.lower()] = entry
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "OSB backup manager API",
+            "version": "1",
+            "description": "Destinations, plans, jobs, restore points and restores of one "
+            "service instance. Lists are newest first, paginated with an opaque cursor. "
+            "Secrets are never returned: answers say `<name>_set` instead.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A UAA/OIDC user token (JWT), or a binding key bmk_...",
+                },
+                "basic": {"type": "http", "scheme": "basic", "description": "Broker/operator."},
+            },
+        },
+        "security": [{"bearer": []}, {"basic": []}],
+    }
+
+
+def _key(named: dict[str, Any], tp: Any) -> str:
+    return next(k for k, v in named.items() if v is tp)
+
+
+def _ref_of(key: str, schema: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
+    if "$ref" in schema:
+        return {"$ref": schema["$ref"]}
+    return {"$ref": _REF.format(model=key)}
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>OSB backup manager API</title>
+<style>
+body{font:15px/1.5 system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
+h2{border-bottom:1px solid #ddd;margin-top:2em}
+.op{border:1px solid #ddd;border-radius:6px;margin:.6em 0;padding:.4em .8em}
+.m{display:inline-block;min-width:4.5em;font-weight:bold;font-family:monospace}
+.GET{color:#0a6}.POST{color:#06c}.PATCH{color:#b60}.DELETE{color:#c22}
+code{background:#f4f4f4;padding:0 .2em}pre{background:#f7f7f7;padding:.6em;overflow:auto}
+details summary{cursor:pointer}
+</style></head><body>
+<h1>OSB backup manager API</h1>
+<p id="desc"></p><p>Machine-readable document: <a href="/v1/openapi.json">/v1/openapi.json</a></p>
+<div id="ops"></div>
+<script id="spec" type="application/json">__SPEC__</script>
+<script>
+const spec = JSON.parse(document.getElementById('spec').textContent);
+const entities = {'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'};
+const esc = s => String(s).replace(/[&<>"]/g, c => entities[c]);
+const refName = s => s && s.$ref ? s.$ref.split('/').pop() : '';
+document.getElementById('desc').textContent = spec.info.description;
+const byTag = {};
+for (const [path, item] of Object.entries(spec.paths))
+  for (const [method, op] of Object.entries(item))
+    (byTag[op.tags[0]] = byTag[op.tags[0]] || []).push([method.toUpperCase(), path, op]);
+let html = '';
+for (const [tag, ops] of Object.entries(byTag)) {
+  html += `<h2>${esc(tag)}</h2>`;
+  for (const [method, path, op] of ops) {
+    const body = op.requestBody ? refName(op.requestBody.content['application/json'].schema) : '';
+    const resp = Object.entries(op.responses).map(([c, r]) => {
+      const s = r.content ? refName(r.content['application/json'].schema) : '';
+      return `<li><b>${c}</b> ${esc(r.description)} ${s ? '<code>' + esc(s) + '</code>' : ''}</li>`;
+    }).join('');
+    const q = op.parameters.filter(p => p.in === 'query')
+      .map(p => `<li><code>${esc(p.name)}</code> ${esc(p.description || '')}</li>`).join('');
+    const schema = body ? `<details><summary>request body <code>${esc(body)}</code></summary>` +
+      `<pre>${esc(JSON.stringify(spec.components.schemas[body], null, 2))}</pre></details>` : '';
+    html += `<div class="op"><span class="m ${method}">${method}</span> <code>${esc(path)}</code>
+      <div>${esc(op.summary)}</div>${q ? '<div>query:<ul>' + q + '</ul></div>' : ''}${schema}
+      <ul>${resp}</ul></div>`;
+  }
+}
+document.getElementById('ops').innerHTML = html;
+</script></body></html>
+"""
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(document())
+
+
+async def docs_page(request: web.Request) -> web.Response:
+    spec = json.dumps(document()).replace("</", "<\\/")
+    return web.Response(text=_PAGE.replace("__SPEC__", spec), content_type="text/html")
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/v1/openapi.json", openapi_json)
+    app.router.add_get("/v1/docs", docs_page)

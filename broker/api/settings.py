@@ -1,0 +1,88 @@
+"""Settings of the backup-manager API (authentication, authorization, limits), from the
+environment. Read once when the app is created."""
+
+from __future__ import annotations
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from broker.config import ConfigError
+
+
+class ApiSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    oidc_issuer: str | None = Field(
+        default=None,
+        validation_alias="OIDC_ISSUER",
+        description="Expected 'iss' of user tokens (UAA: https://uaa.<domain>/oauth/token). "
+        "Unset: bearer JWTs are refused.",
+    )
+    oidc_jwks_url: str | None = Field(
+        default=None,
+        validation_alias="OIDC_JWKS_URL",
+        description="Where the signing keys are published (UAA: https://uaa.<domain>/token_keys). "
+        "Unset: discovered from <issuer>/.well-known/openid-configuration.",
+    )
+    oidc_audience: str | None = Field(
+        default=None,
+        validation_alias="OIDC_AUDIENCE",
+        description="Required 'aud' of user tokens (UAA: 'cloud_controller'). Unset: not checked.",
+    )
+    operator_scope: str | None = Field(
+        default="backup_manager.admin",
+        validation_alias="OPERATOR_SCOPE",
+        description="A token holding this scope may act on every instance. Empty: none.",
+    )
+    cloud_controller_url: str | None = Field(
+        default=None,
+        validation_alias="CLOUD_CONTROLLER_URL",
+        description="Cloud Controller base URL; users are authorized by its "
+        "/v3/service_instances/<guid>/permissions answer.",
+    )
+    permission_cache_seconds: float = Field(
+        default=30.0, ge=0, le=3600, validation_alias="PERMISSION_CACHE_SECONDS"
+    )
+    jwks_min_refresh_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        validation_alias="JWKS_MIN_REFRESH_SECONDS",
+        description="Least time between two fetches of the key set on an unknown 'kid'.",
+    )
+    jwt_leeway_seconds: int = Field(default=30, ge=0, le=600, validation_alias="JWT_LEEWAY_SECONDS")
+    http_timeout_seconds: float = Field(default=10.0, gt=0, validation_alias="AUTH_HTTP_TIMEOUT")
+    min_plan_interval_seconds: int = Field(
+        default=3600,
+        ge=0,
+        validation_alias="MIN_PLAN_INTERVAL_SECONDS",
+        description="Least time between two fires of a plan's cron frequency.",
+    )
+    job_log_max_bytes: int = Field(
+        default=16 * 1024,
+        ge=256,
+        le=1024 * 1024,
+        validation_alias="JOB_LOG_MAX_BYTES",
+        description="Each stage log of a job is cut to its last N bytes in API answers.",
+    )
+    validate_timeout_seconds: float = Field(
+        default=60.0, gt=0, validation_alias="DESTINATION_VALIDATE_TIMEOUT"
+    )
+
+    @field_validator(
+        "oidc_issuer", "oidc_jwks_url", "oidc_audience", "operator_scope", "cloud_controller_url"
+    )
+    @classmethod
+    def _empty_is_none(cls, v: str | None) -> str | None:
+        return v or None
+
+
+def load_api_settings() -> ApiSettings:
+    """The API settings from the environment, or :class:`ConfigError` naming each bad one."""
+    try:
+        return ApiSettings()
+    except ValidationError as exc:
+        lines = [
+            f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors(include_input=False)
+        ]
+        raise ConfigError("invalid API configuration:\n  " + "\n  ".join(lines)) from None

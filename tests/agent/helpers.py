@@ -1,0 +1,217 @@
+"""Run the agent as a real process and talk to it over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.servers.ports import free_port, wait_listening
+
+USER, PASSWORD = "agent-user", "agent-pa55word-XYZ"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_script(directory: Path, name: str, body: str) -> Path:
+    path = directory / name
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return path
+
+
+def tracing_scripts(directory: Path, *, backup_body: str | None = None) -> None:
+    """A script set that records each stage and its arguments in $TRACE."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stages = [
+        "pre-backup-lock",
+        "pre-backup-check",
+        "backup-cleanup",
+        "post-backup-unlock",
+        "pre-restore-lock",
+        "restore",
+        "restore-cleanup",
+        "post-restore-unlock",
+    ]
+    for stage in stages:
+        write_script(directory, stage, f'echo "{stage} $*" >> "$TRACE"; echo out-{stage}')
+    write_script(
+        directory,
+        "backup.sh",
+        backup_body
+        or 'echo "backup $*" >> "$TRACE"; echo payload > "$BACKUP_DIRECTORY/$BACKUP_FILENAME.txt"'
+        "; echo out-backup; echo err-backup >&2",
+    )
+
+
+class AgentProcess:
+    def __init__(
+        self, base: Path, scripts: Path, *, fake_storage: bool = False, **env: Any
+    ) -> None:
+        self.fake_storage = fake_storage
+        self.base = base
+        self.scripts = scripts
+        self.trace = base / "trace.txt"
+        self.trace.touch()
+        self.port = free_port()
+        self.log_path = base / "agent.log"
+        self.env = {
+            **os.environ,
+            "client_username": USER,
+            "client_password": PASSWORD,
+            "client_port": str(self.port),
+            "client_host": "127.0.0.1",
+            "directory_backup": str(base / "backup"),
+            "directory_restore": str(base / "restore"),
+            "state_directory": str(base / "state"),
+            "scripts_path": str(scripts),
+            "TRACE": str(self.trace),
+        }
+        self.env.update({k: str(v) for k, v in env.items()})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start_cmd: list[str] | None = None
+
+    def start(self) -> AgentProcess:
+        self.port = free_port()
+        self.env["client_port"] = str(self.port)
+        log = open(self.log_path, "ab")
+        cmd = self.start_cmd or [sys.executable, "-m", "agent"]
+        if self.fake_storage:
+            self.env.setdefault("FAKE_STORE_DIR", str(self.base / "store"))
+            cmd = [sys.executable, "-c", "import tests.agent.fake_storage as f; f.run_agent()"]
+        self.proc = subprocess.Popen(
+            cmd,
+            env=self.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        wait_listening(self.port, timeout=30, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def trace_lines(self) -> list[str]:
+        return self.trace.read_text().splitlines()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        auth: tuple[str, str] | None = (USER, PASSWORD),
+        raw: bytes | None = None,
+    ) -> tuple[int, Any]:
+        conn: http.client.HTTPConnection
+        if "tls_cert_file" in self.env:
+            ctx = ssl.create_default_context(cafile=self.env["tls_cert_file"])
+            conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=30, context=ctx)
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        headers = {"Content-Type": "application/json"}
+        if auth:
+            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            payload = resp.read()
+        finally:
+            conn.close()
+        parsed: Any = None
+        if payload:
+            with contextlib.suppress(ValueError):
+                parsed = json.loads(payload)
+            if parsed is None:
+                parsed = payload.decode(errors="replace")
+        return resp.status, parsed
+
+    def wait_job(self, kind: str, job_id: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            status, body = self.request("GET", f"/{kind}/{job_id}")
+            assert status == 200, (status, body)
+            if body["status"] != "RUNNING":
+                return body
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{kind} {job_id} still running: {body}")
+            time.sleep(0.1)
+
+    def wait_state(self, kind: str, job_id: str, state: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, body = self.request("GET", f"/{kind}/{job_id}")
+            if status == 200 and body["state"] == state:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{kind} {job_id} never reached {state}")
+
+
+def backup_request(job_id: str, **overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": job_id,
+        "compression": False,
+        "encryption_key": "none",
+        "destination": {
+            "type": "S3",
+            "bucket": "bucket-1",
+            "region": "us-east-1",
+            "endpoint": "127.0.0.1:1",
+            "authKey": "key",
+            "authSecret": "s3cr3t-AUTH",
+            "skipSSL": True,
+            "filenamePrefix": "plan-1/",
+            "skipStorage": True,
+        },
+        "backup": {
+            "host": "127.0.0.1",
+            "username": "dbuser",
+            "password": "db-PASSW0RD-123",
+            "database": "mydb",
+            "parameters": [],
+        },
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(body.get(key), dict):
+            body[key] = {**body[key], **value}
+        else:
+            body[key] = value
+    return body
+
+
+def restore_request(job_id: str, **overrides: Any) -> dict[str, Any]:
+    body = backup_request(job_id)
+    body["restore"] = body.pop("backup")
+    body["destination"]["filename"] = "2026_01_01_00_00_127.0.0.1_mydb.txt"
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(body.get(key), dict):
+            body[key] = {**body[key], **value}
+        else:
+            body[key] = value
+    return body

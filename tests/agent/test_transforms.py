@@ -1,0 +1,131 @@
+"""Streaming compression + authenticated encryption: round trips and every kind of tamper."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from agent import transforms as t
+
+CHUNK = 4096  # small chunks make multi-chunk streams cheap to test
+
+
+def _enc(data: bytes, key: str = "k3y", pieces: int = 7) -> bytes:
+    e = t.Encryptor(key, chunk_size=CHUNK, log2_n=10)
+    out = []
+    step = max(1, len(data) // pieces)
+    for i in range(0, len(data), step):
+        out.append(e.update(data[i : i + step]))
+    out.append(e.finalize())
+    return b"".join(out)
+
+
+def _dec(blob: bytes, key: str = "k3y", step: int = 1000) -> bytes:
+    d = t.Decryptor(key)
+    out = [d.update(blob[i : i + step]) for i in range(0, len(blob), step)]
+    out.append(d.finalize())
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK, 5 * CHUNK + 17])
+def test_encrypt_round_trip(size: int) -> None:
+    data = os.urandom(size)
+    blob = _enc(data)
+    assert size < 64 or data[:64] not in blob
+    assert _dec(blob) == data
+    # header + one tag per chunk; an empty stream still has its (empty) final chunk
+    chunks = max(1, -(-size // CHUNK))
+    assert len(blob) == t.HEADER_SIZE + size + 16 * chunks
+
+
+def test_wrong_key() -> None:
+    blob = _enc(b"secret data" * 1000)
+    with pytest.raises(t.TransformError, match="wrong encryption key"):
+        _dec(blob, key="other")
+
+
+def test_tamper_detected() -> None:
+    blob = bytearray(_enc(os.urandom(3 * CHUNK)))
+    blob[t.HEADER_SIZE + CHUNK + 100] ^= 1
+    with pytest.raises(t.TransformError):
+        _dec(bytes(blob))
+
+
+def test_header_tamper_detected() -> None:
+    blob = bytearray(_enc(os.urandom(100)))
+    blob[t.HEADER_SIZE - 1] ^= 1  # nonce prefix
+    with pytest.raises(t.TransformError):
+        _dec(bytes(blob))
+
+
+def test_truncation_at_chunk_boundary_detected() -> None:
+    data = os.urandom(3 * CHUNK + 10)
+    blob = _enc(data)
+    frame = CHUNK + 16
+    for cut in (t.HEADER_SIZE + frame, t.HEADER_SIZE + 2 * frame, len(blob) - 1, 10):
+        with pytest.raises(t.TransformError):
+            _dec(blob[:cut])
+
+
+def test_reordering_detected() -> None:
+    blob = _enc(os.urandom(3 * CHUNK + 10))
+    frame = CHUNK + 16
+    h = t.HEADER_SIZE
+    first, second = blob[h : h + frame], blob[h + frame : h + 2 * frame]
+    swapped = blob[:h] + second + first + blob[h + 2 * frame :]
+    with pytest.raises(t.TransformError):
+        _dec(swapped)
+
+
+def test_appended_data_detected() -> None:
+    blob = _enc(b"abc")
+    with pytest.raises(t.TransformError):
+        _dec(blob + blob[-20:])
+
+
+def test_empty_key_refused() -> None:
+    with pytest.raises(ValueError):
+        t.Encryptor("")
+
+
+def test_not_encrypted() -> None:
+    with pytest.raises(t.TransformError, match="magic"):
+        _dec(b"x" * 100)
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip", None])
+@pytest.mark.parametrize("key", ["passphrase", None])
+async def test_stream_round_trip(compression: str | None, key: str | None) -> None:
+    data = (b"row,%d,some repeated text\n" * 50_000) + os.urandom(3000)
+
+    async def source(blob: bytes, step: int = 65536):
+        for i in range(0, len(blob), step):
+            yield blob[i : i + step]
+
+    async def collect(it) -> bytes:
+        return b"".join([c async for c in it])
+
+    stored = await collect(t.transform_stream(source(data), lambda: t.encoder(compression, key)))
+    if compression:
+        assert len(stored) < len(data) // 5
+    if key:
+        assert stored.startswith(t.MAGIC)
+        assert b"some repeated text" not in stored
+    back = await collect(t.transform_stream(source(stored), lambda: t.decoder(compression, key)))
+    assert back == data
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip"])
+def test_truncated_compression_detected(compression: str) -> None:
+    c = t.encoder(compression, None)
+    blob = c.update(os.urandom(50_000)) + c.finalize()
+    d = t.decoder(compression, None)
+    with pytest.raises(t.TransformError):
+        d.update(blob[: len(blob) // 2])
+        d.finalize()
+
+
+def test_suffixes() -> None:
+    assert t.stored_suffix("zstd", True) == ".zst.enc"
+    assert t.stored_suffix(None, False) == ""

@@ -1,0 +1,252 @@
+"""Who may do what: user tokens (UAA/OIDC + Cloud Controller permissions), binding keys,
+broker Basic auth, the operator scope; unknown and forbidden instances look the same."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+from typing import Any
+
+import jwt
+import pytest
+
+from broker.api.settings import load_api_settings
+from broker.config import ConfigError
+from tests.api.conftest import S3_BODY, Api, add_instance, plan_body, start_api
+from tests.servers.broker import stop_service
+from tests.servers.cloud_controller import CloudController
+from tests.servers.ports import free_port
+from tests.servers.uaa import Uaa, rsa_key
+
+
+async def test_no_or_bad_credentials_get_401_with_challenge(api: Api, instance: str) -> None:
+    for headers in (
+        {},
+        {"Authorization": "Digest abc"},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Basic !!!"},
+        {"Authorization": "Basic " + base64.b64encode(b"test-broker:wrong").decode()},
+        {"Authorization": "Basic " + base64.b64encode(b"nobody").decode()},
+        {"Authorization": "Bearer not.a.jwt"},
+        {"Authorization": "Bearer bmk_unknownkey"},
+        {"Authorization": "Bearer bmk_\u00e9\u00e9"},
+        {"Authorization": "Bearer \u00e9yJ.x.y"},
+        {"Authorization": "Basic " + base64.b64encode("\u00e9:\u00e9".encode()).decode()},
+    ):
+        status, body = await api.call(
+            "GET", "/plans", instance=instance, headers=headers, basic=None
+        )
+        assert status == 401, (headers, body)
+        assert body["error"] == "unauthorized"
+        assert "Bearer" in api.last_headers["WWW-Authenticate"]
+
+
+async def test_user_sees_only_instances_the_cloud_controller_grants(api: Api) -> None:
+    a = await add_instance(api.store)
+    b = await add_instance(api.store)
+    api.cc.grant("alice", a)
+    token = api.uaa.token("alice")
+    status, _ = await api.call("POST", "/destinations", instance=a, token=token, json=S3_BODY)
+    assert status == 201
+    assert (await api.call("GET", "/destinations", instance=a, token=token))[0] == 200
+    status, denied = await api.call("GET", "/destinations", instance=b, token=token)
+    assert status == 404
+    status, unknown = await api.call("GET", "/destinations", instance="no-such-id", token=token)
+    assert status == 404
+    # a user cannot tell an instance it may not see from one that does not exist
+    assert denied["error"] == unknown["error"] == "instance_not_found"
+    assert denied["description"].replace(b, "X") == unknown["description"].replace(
+        "no-such-id", "X"
+    )
+    status, _ = await api.call("POST", "/destinations", instance=b, token=token, json=S3_BODY)
+    assert status == 404
+    assert await api.store.destinations.count_documents({"instance_id": b}) == 0
+
+
+async def test_read_only_user_cannot_change_anything(
+    api: Api, instance: str, destination: dict
+) -> None:
+    _, plan = await api.call("POST", "/plans", instance=instance, json=plan_body(destination["id"]))
+    api.cc.grant("auditor", instance, read=True, manage=False)
+    token = api.uaa.token("auditor")
+    for path in (
+        "/plans",
+        f"/plans/{plan['id']}",
+        "/destinations",
+        "/jobs",
+        "/items",
+        "/restore_points",
+    ):
+        status, body = await api.call("GET", path, instance=instance, token=token)
+        assert status == 200, (path, body)
+    for method, path, body in (
+        ("POST", "/destinations", S3_BODY),
+        ("PATCH", f"/destinations/{destination['id']}", {"bucket": "zzz"}),
+        ("DELETE", f"/destinations/{destination['id']}", None),
+        ("POST", "/plans", plan_body(destination["id"], name="x")),
+        ("PATCH", f"/plans/{plan['id']}", {"paused": True}),
+        ("DELETE", f"/plans/{plan['id']}", None),
+        ("POST", f"/plans/{plan['id']}/backups", None),
+        ("POST", "/restores", {"restore_point_id": "x"}),
+        ("POST", "/destinations/validate", S3_BODY),
+    ):
+        status, answer = await api.call(method, path, instance=instance, token=token, json=body)
+        assert status == 403 and answer["error"] == "forbidden", (method, path, answer)
+    assert await api.store.plans.count_documents({}) == 1
+    assert await api.store.jobs.count_documents({}) == 0
+
+
+async def test_bad_tokens_are_refused(api: Api, instance: str) -> None:
+    api.cc.grant("alice", instance)
+    other_key = rsa_key()
+    now = int(time.time())
+    tokens = {
+        "expired": api.uaa.token("alice", expires_in=-120),
+        "wrong signature": api.uaa.token("alice", key=other_key),
+        "unknown kid": api.uaa.token("alice", key=other_key, kid="nope"),
+        "wrong audience": api.uaa.token("alice", aud=["other"]),
+        "wrong issuer": api.uaa.token("alice", issuer="https://evil/oauth/token"),
+        "not yet valid": api.uaa.token("alice", nbf=now + 3600),
+        "HS256": jwt.encode({"sub": "alice", "exp": now + 60, "iss": api.uaa.issuer}, "k" * 32),
+        "none": jwt.encode({"sub": "alice", "exp": now + 60}, None, algorithm="none"),
+    }
+    for what, token in tokens.items():
+        status, body = await api.call("GET", "/plans", instance=instance, token=token)
+        assert status == 401, (what, body)
+        assert "WWW-Authenticate" in api.last_headers
+    assert (await api.call("GET", "/plans", instance=instance, token=api.uaa.token("alice")))[
+        0
+    ] == 200
+
+
+async def test_key_rotation_refetches_keys_and_es256_works(api: Api, instance: str) -> None:
+    api.cc.grant("alice", instance)
+    assert (await api.call("GET", "/plans", instance=instance, token=api.uaa.token("alice")))[
+        0
+    ] == 200
+    fetched = api.uaa.jwks_requests
+    api.uaa.add_ec_key("key-ec")
+    token = api.uaa.token("alice", kid="key-ec")
+    assert (await api.call("GET", "/plans", instance=instance, token=token))[0] == 200
+    assert api.uaa.jwks_requests == fetched + 1
+    assert (await api.call("GET", "/items", instance=instance, token=token))[0] == 200
+    assert api.uaa.jwks_requests == fetched + 1  # cached
+
+
+async def test_permissions_are_cached(api: Api, instance: str) -> None:
+    api.cc.grant("alice", instance)
+    token = api.uaa.token("alice")
+    for _ in range(5):
+        assert (await api.call("GET", "/plans", instance=instance, token=token))[0] == 200
+    assert api.cc.requests == 1
+
+
+async def test_operator_scope_acts_everywhere(api: Api) -> None:
+    a = await add_instance(api.store)
+    b = await add_instance(api.store)
+    token = api.uaa.token("ops", scope=["openid", "backup_manager.admin"])
+    for inst in (a, b):
+        status, _ = await api.call(
+            "POST", "/destinations", instance=inst, token=token, json=S3_BODY
+        )
+        assert status == 201
+    assert api.cc.requests == 0
+    updating = await add_instance(api.store, state="updating")
+    assert (await api.call("GET", "/items", instance=updating, token=token))[0] == 200
+    # but not on unknown or deleted instances
+    gone = await add_instance(api.store, state="deleted")
+    deprov = await add_instance(api.store, state="deprovisioning")
+    for inst in ("missing", gone, deprov):
+        assert (await api.call("GET", "/plans", instance=inst, token=token))[0] == 404
+
+
+async def test_binding_key_works_only_for_its_instance(api: Api) -> None:
+    a = await add_instance(api.store)
+    b = await add_instance(api.store)
+    key = "bmk_" + "k" * 43
+    await api.store.bindings.insert_one(
+        {
+            "_id": "bind-1",
+            "instance_id": a,
+            "key_hash": hashlib.sha256(key.encode()).hexdigest(),
+            "state": "ready",
+            "schema_version": 1,
+        }
+    )
+    status, dest = await api.call("POST", "/destinations", instance=a, token=key, json=S3_BODY)
+    assert status == 201
+    _, plan = await api.call("POST", "/plans", instance=a, token=key, json=plan_body(dest["id"]))
+    status, _job = await api.call("POST", f"/plans/{plan['id']}/backups", instance=a, token=key)
+    assert status == 202
+    assert (await api.call("GET", "/plans", instance=b, token=key))[0] == 404
+    assert (await api.call("POST", "/destinations", instance=b, token=key, json=S3_BODY))[0] == 404
+    await api.store.bindings.update_one({"_id": "bind-1"}, {"$set": {"state": "deleted"}})
+    assert (await api.call("GET", "/plans", instance=a, token=key))[0] == 401
+
+
+async def test_user_without_cloud_controller_grant_on_unknown_instance(api: Api) -> None:
+    token = api.uaa.token("mallory")
+    status, _body = await api.call("GET", "/jobs", instance="x" * 5000, token=token)
+    assert status == 404
+
+
+async def test_unknown_kids_do_not_hammer_the_issuer(
+    mongo_url: str,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    uaa: Uaa,
+    cloud_controller: CloudController,
+) -> None:
+    api = await start_api(
+        mongo_url, tmp_path, monkeypatch, uaa, cloud_controller, JWKS_MIN_REFRESH_SECONDS="60"
+    )
+    try:
+        inst = await add_instance(api.store)
+        cloud_controller.grant("alice", inst)
+        assert (await api.call("GET", "/plans", instance=inst, token=uaa.token("alice")))[0] == 200
+        fetched = uaa.jwks_requests
+        forged = rsa_key()
+        for n in range(10):
+            token = uaa.token("alice", key=forged, kid=f"forged-{n}")
+            assert (await api.call("GET", "/plans", instance=inst, token=token))[0] == 401
+        assert uaa.jwks_requests == fetched
+    finally:
+        await stop_service(api.service)
+
+
+def test_bad_api_configuration_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MIN_PLAN_INTERVAL_SECONDS", "-5")
+    with pytest.raises(ConfigError, match="MIN_PLAN_INTERVAL_SECONDS"):
+        load_api_settings()
+
+
+async def test_unreachable_issuer_or_cloud_controller_is_503(
+    mongo_url: str,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    uaa: Uaa,
+    cloud_controller: CloudController,
+) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    api = await start_api(
+        mongo_url, tmp_path, monkeypatch, uaa, cloud_controller, CLOUD_CONTROLLER_URL=closed
+    )
+    try:
+        inst = await add_instance(api.store)
+        status, body = await api.call("GET", "/plans", instance=inst, token=uaa.token("alice"))
+        assert status == 503 and body["error"] == "authorization_unavailable"
+    finally:
+        await stop_service(api.service)
+    api = await start_api(
+        mongo_url, tmp_path, monkeypatch, uaa, cloud_controller, OIDC_ISSUER=closed + "/oauth/token"
+    )
+    try:
+        inst = await add_instance(api.store)
+        token = uaa.token("alice", issuer=closed + "/oauth/token")
+        status, body = await api.call("GET", "/plans", instance=inst, token=token)
+        assert status == 503 and body["error"] == "identity_provider_unavailable"
+        # Basic auth does not depend on them
+        assert (await api.call("GET", "/plans", instance=inst))[0] == 200
+    finally:
+        await stop_service(api.service)

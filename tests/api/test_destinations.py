@@ -1,0 +1,156 @@
+"""Destinations: create, list, read, update, delete, and the secrets they never show."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.api.conftest import S3_BODY, SWIFT_BODY, Api, add_instance, plan_body
+
+
+async def test_create_s3_answers_without_the_secret(api: Api, instance: str) -> None:
+    status, body = await api.call("POST", "/destinations", instance=instance, json=S3_BODY)
+    assert status == 201, body
+    assert body["type"] == "S3"
+    assert body["endpoint"] == "http://127.0.0.1:9"
+    assert body["plain_http"] is True
+    assert body["secret_access_key_set"] is True
+    assert "secret_access_key" not in body
+    assert S3_BODY["secret_access_key"] not in str(body)
+    raw = await api.store.destinations.find_one({"_id": body["id"]})
+    assert raw["instance_id"] == instance
+    assert raw["bucket"] == "backups" and raw["schema_version"] == 1 and raw["version"] == 1
+    assert S3_BODY["secret_access_key"].encode() not in repr(raw).encode()
+    assert set(raw["secrets"]) == {"secret_access_key"}
+
+
+async def test_create_swift_and_list_and_read(api: Api, instance: str) -> None:
+    s1, a = await api.call("POST", "/destinations", instance=instance, json=S3_BODY)
+    s2, b = await api.call("POST", "/destinations", instance=instance, json=SWIFT_BODY)
+    assert (s1, s2) == (201, 201), (a, b)
+    assert b["password_set"] is True and "password" not in b
+    status, page = await api.call("GET", "/destinations", instance=instance)
+    assert status == 200
+    assert page["total"] == 2 and page["next_cursor"] is None
+    assert [d["id"] for d in page["items"]] == [b["id"], a["id"]]  # newest first
+    status, one = await api.call("GET", f"/destinations/{a['id']}", instance=instance)
+    assert status == 200 and one == a
+
+
+async def test_destination_of_another_instance_is_not_found(api: Api, instance: str) -> None:
+    other = await add_instance(api.store)
+    _, dest = await api.call("POST", "/destinations", instance=other, json=S3_BODY)
+    status, body = await api.call("GET", f"/destinations/{dest['id']}", instance=instance)
+    assert status == 404 and body["error"] == "destination_not_found"
+
+
+async def test_invalid_destination_bodies(api: Api, instance: str) -> None:
+    cases: list[tuple[Any, str]] = [
+        ({**S3_BODY, "bucket": "x"}, "bucket"),
+        ({**S3_BODY, "type": "FTP"}, "type"),
+        ({**S3_BODY, "endpoint": "ftp://x"}, "endpoint"),
+        ({**S3_BODY, "endpoint": "https://h:1", "plain_http": True}, "endpoint"),
+        ({**S3_BODY, "endpoint": "h:99999"}, "endpoint"),
+        ({**S3_BODY, "unknown": 1}, "unknown"),
+        ({**S3_BODY, "verify_tls": "yes"}, "verify_tls"),
+        ({k: v for k, v in S3_BODY.items() if k != "secret_access_key"}, "secret_access_key"),
+        ({**SWIFT_BODY, "auth_url": "not a url"}, "auth_url"),
+        ([S3_BODY], "request body"),
+    ]
+    for body, field in cases:
+        status, answer = await api.call("POST", "/destinations", instance=instance, json=body)
+        assert status == 400, (body, answer)
+        assert answer["error"] == "invalid_input"
+        assert field in answer["description"], answer
+    status, answer = await api.call(
+        "POST", "/destinations", instance=instance, data=b"{nope", headers={"Content-Type": "x"}
+    )
+    assert status == 400 and answer["error"] == "malformed_json"
+    assert await api.store.destinations.count_documents({}) == 0
+
+
+async def test_duplicate_name_is_a_conflict(api: Api, instance: str, destination: dict) -> None:
+    status, body = await api.call("POST", "/destinations", instance=instance, json=S3_BODY)
+    assert status == 409 and body["error"] == "duplicate_name"
+
+
+async def test_patch_keeps_the_secret_and_bumps_version(
+    api: Api, instance: str, destination: dict
+) -> None:
+    path = f"/destinations/{destination['id']}"
+    before = await api.store.destinations.find_one({"_id": destination["id"]})
+    status, body = await api.call(
+        "PATCH", path, instance=instance, json={"bucket": "other-bucket", "prefix": "db/"}
+    )
+    assert status == 200, body
+    assert body["bucket"] == "other-bucket" and body["prefix"] == "db/"
+    assert body["secret_access_key_set"] is True and body["version"] == 2
+    assert body["endpoint"] == "http://127.0.0.1:9"
+    after = await api.store.destinations.find_one({"_id": destination["id"]})
+    assert (
+        after["secrets"]["secret_access_key"]["ct"] != before["secrets"]["secret_access_key"]["ct"]
+    )
+    # switching to HTTPS through the plain-HTTP switch alone
+    status, body = await api.call("PATCH", path, instance=instance, json={"plain_http": False})
+    assert status == 200 and body["endpoint"] == "https://127.0.0.1:9", body
+    # a bad merged result changes nothing
+    status, body = await api.call("PATCH", path, instance=instance, json={"bucket": "b"})
+    assert status == 400
+    status, body = await api.call("GET", path, instance=instance)
+    assert body["bucket"] == "other-bucket" and body["version"] == 3
+
+
+async def test_patch_changing_type_needs_the_new_type_fields(
+    api: Api, instance: str, destination: dict
+) -> None:
+    path = f"/destinations/{destination['id']}"
+    status, body = await api.call("PATCH", path, instance=instance, json={"type": "SWIFT"})
+    assert status == 400
+    swift = {k: v for k, v in SWIFT_BODY.items() if k != "name"}
+    status, body = await api.call("PATCH", path, instance=instance, json=swift)
+    assert status == 200, body
+    assert body["type"] == "SWIFT" and body["password_set"] and body["name"] == "primary"
+    raw = await api.store.destinations.find_one({"_id": destination["id"]})
+    assert "bucket" not in raw and set(raw["secrets"]) == {"password"}
+
+
+async def test_delete_refused_while_a_plan_uses_it(
+    api: Api, instance: str, destination: dict
+) -> None:
+    path = f"/destinations/{destination['id']}"
+    status, plan = await api.call(
+        "POST", "/plans", instance=instance, json=plan_body(destination["id"])
+    )
+    assert status == 201, plan
+    status, body = await api.call("DELETE", path, instance=instance)
+    assert status == 409 and body["error"] == "destination_in_use"
+    assert "nightly" in body["description"]
+    assert (await api.call("DELETE", f"/plans/{plan['id']}", instance=instance))[0] == 204
+    await api.store.restore_points.insert_one(
+        {"_id": "rp1", "instance_id": instance, "destination_id": destination["id"]}
+    )
+    status, body = await api.call("DELETE", path, instance=instance)
+    assert status == 409 and "restore point" in body["description"]
+    await api.store.restore_points.delete_one({"_id": "rp1"})
+    status, _ = await api.call("DELETE", path, instance=instance)
+    assert status == 204
+    assert (await api.call("GET", path, instance=instance))[0] == 404
+    assert (await api.call("DELETE", path, instance=instance))[0] == 404
+
+
+async def test_secrets_never_reach_the_logs(
+    api: Api, instance: str, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = S3_BODY["secret_access_key"]
+    _, dest = await api.call("POST", "/destinations", instance=instance, json=S3_BODY)
+    await api.call("PATCH", f"/destinations/{dest['id']}", instance=instance, json=S3_BODY)
+    await api.call("POST", "/destinations", instance=instance, json={**S3_BODY, "bucket": 5})
+    await api.call("POST", "/destinations", instance=instance, json={**S3_BODY, "x": secret})
+    key = "an-encryption-key-123456"
+    body = plan_body(dest["id"], encryption={"enabled": True, "key": key}, frequency="bad")
+    _, answer = await api.call("POST", "/plans", instance=instance, json=body)
+    captured = capsys.readouterr()
+    text = captured.out + captured.err + caplog.text
+    assert secret not in text and key not in text
+    assert key not in str(answer)

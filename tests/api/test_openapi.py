@@ -1,0 +1,75 @@
+"""The OpenAPI document: complete, self-consistent, and what the handlers really answer."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jsonschema
+import pytest
+
+from broker.api.routes import OPERATIONS
+from tests.api.conftest import S3_BODY, Api, plan_body
+
+
+def _check(doc: dict[str, Any], schema_name: str, value: Any) -> None:
+    schema = {"$ref": f"#/components/schemas/{schema_name}", "components": doc["components"]}
+    jsonschema.Draft202012Validator(schema).validate(value)
+
+
+async def test_document_covers_every_route(api: Api) -> None:
+    status, doc = await api.call("GET", "/v1/openapi.json", basic=None)
+    assert status == 200 and doc["openapi"] == "3.1.0"
+    jsonschema.Draft202012Validator.check_schema({"components": doc["components"]})
+    routes = {
+        (r.method, r.resource.canonical)
+        for r in api.service.server.app.router.routes()
+        if r.resource is not None
+        and r.resource.canonical.startswith("/v1/service_instances")
+        and r.method != "HEAD"
+    }
+    documented = {(m.upper(), p) for p, item in doc["paths"].items() for m in item}
+    assert routes == documented
+    assert len(documented) == len(OPERATIONS) == 21
+    text = str(doc)
+    for ref in set(re.findall(r"#/components/schemas/(\w+)", text)):
+        assert ref in doc["components"]["schemas"], ref
+    # secrets never appear in answers
+    for name, schema in doc["components"]["schemas"].items():
+        if name.endswith("Out"):
+            props = schema.get("properties", {})
+            assert not {"secret_access_key", "password", "key"} & set(props) or name.startswith(
+                "RestorePoint"
+            ), name
+
+
+async def test_answers_match_the_document(api: Api, instance: str, destination: dict) -> None:
+    _, doc = await api.call("GET", "/v1/openapi.json", basic=None)
+    _check(doc, "DestinationOut", destination)
+    _check(doc, "S3DestinationIn", S3_BODY)
+    _, page = await api.call("GET", "/destinations", instance=instance)
+    _check(doc, "DestinationPage", page)
+    _, plan = await api.call("POST", "/plans", instance=instance, json=plan_body(destination["id"]))
+    _check(doc, "PlanOut", plan)
+    _, job = await api.call("POST", f"/plans/{plan['id']}/backups", instance=instance)
+    _check(doc, "JobOut", job)
+    _, jobs = await api.call("GET", "/jobs", instance=instance)
+    _check(doc, "JobPage", jobs)
+    _, err = await api.call("GET", "/plans/nope", instance=instance)
+    _check(doc, "ErrorOut", err)
+    _, items = await api.call("GET", "/items", instance=instance)
+    _check(doc, "ItemsOut", items)
+
+
+async def test_docs_page_is_self_contained(api: Api) -> None:
+    async with api.service.http.get(api.service.url + "/v1/docs") as r:
+        assert r.status == 200 and r.content_type == "text/html"
+        html = await r.text()
+    assert "/v1/service_instances/{instance_id}/plans" in html
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+
+
+async def test_document_is_valid_openapi_3_1(api: Api) -> None:
+    validator = pytest.importorskip("openapi_spec_validator")
+    _, doc = await api.call("GET", "/v1/openapi.json", basic=None)
+    validator.validate(doc)
