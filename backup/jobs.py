@@ -11,6 +11,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from backup import events
 from backup.errors import Conflict, InvalidInput, NotFound
 from backup.pagination import Page, now, paginate
 from backup.store import SCHEMA_VERSION, Document, Store
@@ -125,6 +126,7 @@ async def start_backup(store: Store, plan: Document, trigger: str = MANUAL) -> D
     )
     await store.jobs.insert_one(job)
     await store.plans.update_one({"_id": plan["_id"]}, {"$set": {"last_job_id": job["_id"]}})
+    events.jobs_queued.fire()
     return job
 
 
@@ -176,6 +178,7 @@ async def start_restore(store: Store, point: Document, items: list[str] | None) 
         restore_point_id=point["_id"],
     )
     await store.jobs.insert_one(job)
+    events.jobs_queued.fire()
     return job
 
 
@@ -246,5 +249,6 @@ async def cancel(store: Store, instance_id: str, job_id: str) -> Document:
                 code="job_finished",
             )
         if result.matched_count == 1:
+            events.jobs_queued.fire()
             return await get(store, instance_id, job_id)
     raise Conflict("The job keeps changing; retry.", code="concurrent_update")

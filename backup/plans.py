@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pymongo.errors import DuplicateKeyError
 
-from backup import schedule
+from backup import events, schedule
 from backup.errors import Conflict, InvalidInput, NotFound
 from backup.pagination import Page, now, paginate
 from backup.secrets import SecretBox
@@ -165,6 +165,7 @@ async def create(
         await store.plans.insert_one(doc)
     except DuplicateKeyError:
         raise _duplicate(spec.name) from None
+    events.plans_changed.fire()
     return doc
 
 
@@ -249,6 +250,7 @@ async def update(
         except DuplicateKeyError:
             raise _duplicate(spec.name) from None
         if result.matched_count == 1:
+            events.plans_changed.fire()
             return await get(store, instance["_id"], plan_id)
     raise Conflict(
         "The plan keeps changing concurrently; read it again and retry.", code="concurrent_update"
@@ -259,6 +261,7 @@ async def delete(store: Store, instance_id: str, plan_id: str) -> None:
     """Delete a plan; its restore points stay, its queued jobs are cancelled."""
     await get(store, instance_id, plan_id)
     await store.plans.delete_one({"_id": plan_id, "instance_id": instance_id})
+    events.plans_changed.fire()
     at = now()
     await store.jobs.update_many(
         {"plan_id": plan_id, "status": "QUEUED"},

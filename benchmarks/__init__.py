@@ -1,0 +1,1 @@
+"""Benchmarks: each module here is a standalone script that prints its figures."""
