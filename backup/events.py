@@ -31,7 +31,7 @@ class Signal:
         for listener in list(self._listeners):
             try:
                 listener()
-            except Exception:  # noqa: BLE001 - a listener must never break a committed write
+            except Exception:  # a listener must never break a committed write
                 self.errors += 1
 
 
