@@ -73,6 +73,10 @@ class TransferSettings(BaseModel):
     """Bytes per multipart part / SLO segment; also the large-object threshold."""
     max_concurrency: int = Field(default=4, ge=1, le=32)
     """Parts in flight at once; peak memory is about part_size * (max_concurrency + 1)."""
+    part_growth_every: int = Field(default=1000, ge=1, le=10_000)
+    """S3 only: the part size doubles after every this many parts, so a stream of unknown
+    length fits S3's 10,000 parts (objects up to ``part_size * part_growth_every`` keep the
+    memory bound above; larger ones use proportionally larger parts)."""
     max_attempts: int = Field(default=5, ge=1, le=20)
     """Attempts of one request on a transient failure, with exponential backoff."""
     connect_timeout: float = Field(default=10.0, gt=0)

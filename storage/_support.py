@@ -1,0 +1,248 @@
+"""What both backends share: key rules, cutting a byte stream into parts, retries, redaction.
+
+Nothing here talks to a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextvars import ContextVar
+from typing import TypeVar
+
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from storage.base import ChecksumMismatch, InvalidKey, StorageError
+from storage.settings import TransferSettings, _check_prefix
+
+log = structlog.get_logger("storage")
+
+T = TypeVar("T")
+
+MAX_KEY_BYTES = 1024
+"""S3's limit on a key, and Swift's default limit on an object name."""
+
+PROBE_PREFIX = ".osb-backup-probe-"
+"""Objects written by :meth:`ObjectStore.validate`; no backup is ever named like this."""
+
+ATTEMPTS: ContextVar[int | None] = ContextVar("storage_attempts", default=None)
+"""Overrides ``TransferSettings.max_attempts`` in a context (validation answers quickly)."""
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def normalise_prefix(prefix: str) -> str:
+    """The settings' key prefix as stored: relative, '' or ending in '/'."""
+    return _check_prefix(prefix or "")
+
+
+def full_key(prefix: str, key: str) -> str:
+    """``prefix + key`` after checking ``key`` is a relative, well-formed object key."""
+    if not isinstance(key, str) or not key:
+        raise InvalidKey("An object key must be a non-empty string.")
+    if key.startswith("/") or key.endswith("/"):
+        raise InvalidKey(f"The object key {key!r} must not start or end with '/'.")
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise InvalidKey(
+            f"The object key {key!r} must not contain empty, '.' or '..' path segments."
+        )
+    if _CONTROL.search(key):
+        raise InvalidKey("An object key must not contain control characters.")
+    full = prefix + key
+    if len(full.encode("utf-8")) > MAX_KEY_BYTES:
+        raise InvalidKey(
+            f"The object key (with the destination's prefix) is longer than {MAX_KEY_BYTES} bytes."
+        )
+    return full
+
+
+def check_list_prefix(prefix: str) -> None:
+    if not isinstance(prefix, str) or prefix.startswith("/") or ".." in prefix.split("/"):
+        raise InvalidKey("A listing prefix must be relative and must not contain '..'.")
+
+
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    """``text`` with every secret replaced; servers sometimes echo what they were sent."""
+    for secret in secrets:
+        if secret and len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text
+
+
+def short(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class PartReader:
+    """Cuts an async stream of chunks of any sizes into parts of exactly the asked size
+    (only the last one shorter) while computing the SHA-256 and size of everything read.
+
+    It holds at most one part plus one incoming chunk: the caller decides how many parts are
+    alive at once.
+    """
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks.__aiter__()
+        self._left = b""
+        self._digest = hashlib.sha256()
+        self.size = 0
+        self.eof = False
+
+    async def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes: fewer only when the stream ends (``b""`` once it has)."""
+        pieces: list[bytes] = []
+        have = 0
+        if self._left:
+            pieces.append(self._left)
+            have = len(self._left)
+            self._left = b""
+        while have < size and not self.eof:
+            try:
+                chunk = await anext(self._chunks)
+            except StopAsyncIteration:
+                self.eof = True
+                break
+            if not chunk:
+                continue
+            if not isinstance(chunk, bytes):
+                chunk = bytes(chunk)
+            pieces.append(chunk)
+            have += len(chunk)
+        if have > size:
+            last = pieces.pop()
+            cut = len(last) - (have - size)
+            pieces.append(last[:cut])
+            self._left = last[cut:]
+        part = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        del pieces
+        if part:
+            # hashlib releases the GIL on large buffers: hash in a thread so the event loop
+            # keeps other parts moving meanwhile.
+            if len(part) >= 1 << 20:
+                await asyncio.to_thread(self._digest.update, part)
+            else:
+                self._digest.update(part)
+            self.size += len(part)
+        return part
+
+    async def at_end(self) -> bool:
+        """True if the stream has no byte left (reads ahead by at most one chunk)."""
+        if self._left:
+            return False
+        while not self.eof:
+            try:
+                chunk = await anext(self._chunks)
+            except StopAsyncIteration:
+                self.eof = True
+                break
+            if chunk:
+                self._left = chunk if isinstance(chunk, bytes) else bytes(chunk)
+                return False
+        return True
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+
+class Verifier:
+    """SHA-256 of a download as it streams, checked against what the caller expects."""
+
+    def __init__(self, key: str, expected_sha256: str | None) -> None:
+        self.key = key
+        self.expected = _normalise_checksum(expected_sha256) if expected_sha256 else None
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    async def update(self, chunk: bytes) -> None:
+        if len(chunk) >= 1 << 20:
+            await asyncio.to_thread(self._digest.update, chunk)
+        else:
+            self._digest.update(chunk)
+        self.size += len(chunk)
+
+    def finish(self) -> None:
+        if self.expected is None:
+            return
+        actual = self._digest.hexdigest()
+        if actual != self.expected:
+            raise ChecksumMismatch(
+                f"The object {self.key!r} is corrupt or was replaced: its {self.size} bytes "
+                f"have SHA-256 {actual}, but {self.expected} was expected.",
+                step="read",
+            )
+
+
+def _normalise_checksum(value: str) -> str:
+    value = value.strip().lower()
+    if value.startswith("sha256:"):
+        value = value[len("sha256:") :]
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError("expected_sha256 must be 64 hexadecimal digits (optionally 'sha256:')")
+    return value
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, StorageError) and exc.transient
+
+
+def retrying(
+    transfer: TransferSettings, what: str, *, attempts: int | None = None
+) -> AsyncRetrying:
+    """Retries of one request on a transient :class:`StorageError`, with jittered exponential
+    backoff; anything else (and the last transient failure) is raised at once."""
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "storage_retry",
+            operation=what,
+            attempt=state.attempt_number,
+            error=getattr(exc, "code", type(exc).__name__),
+            detail=str(exc),
+            wait_s=round(state.upcoming_sleep, 2),
+        )
+
+    return AsyncRetrying(
+        stop=stop_after_attempt(attempts or ATTEMPTS.get() or transfer.max_attempts),
+        wait=wait_exponential_jitter(
+            multiplier=transfer.backoff_initial,
+            max=transfer.backoff_max,
+            jitter=transfer.backoff_initial,
+        ),
+        retry=retry_if_exception(_transient),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+
+
+async def with_retries(
+    transfer: TransferSettings,
+    what: str,
+    call: Callable[[], Awaitable[T]],
+    *,
+    attempts: int | None = None,
+) -> T:
+    async for attempt in retrying(transfer, what, attempts=attempts):
+        with attempt:
+            return await call()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def finish_cleanup(cleanup: Awaitable[None], pending: set[asyncio.Task[None]]) -> None:
+    """Run ``cleanup`` to its end even if the caller is being cancelled: the task is shielded,
+    kept in ``pending`` (the store's ``aclose`` waits for it) and awaited here."""
+    task = asyncio.ensure_future(cleanup)
+    pending.add(task)
+    task.add_done_callback(pending.discard)
+    await asyncio.shield(task)

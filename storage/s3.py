@@ -1,0 +1,537 @@
+"""S3 destinations through aioboto3: AWS and any S3-compatible endpoint.
+
+Uploads of unknown length buffer one part at a time; past ``part_size`` they become a multipart
+upload with at most ``part_size * max_concurrency`` bytes in flight, aborted on any failure or
+cancellation. Downloads stream and resume from the last byte received after a transient
+failure (pinned to the object's ETag, so a replaced object is never spliced).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any, TypeVar
+
+import aioboto3
+import structlog
+from aiobotocore.config import AioConfig
+from botocore import exceptions as bx
+
+from storage._support import (
+    PROBE_PREFIX,
+    PartReader,
+    Verifier,
+    check_list_prefix,
+    finish_cleanup,
+    full_key,
+    normalise_prefix,
+    redact,
+    short,
+    with_retries,
+)
+from storage.base import (
+    AuthenticationFailed,
+    ContainerNotFound,
+    EndpointUnreachable,
+    ObjectInfo,
+    ObjectNotFound,
+    ObjectStore,
+    PermissionDenied,
+    StorageError,
+    StoredObject,
+    TLSFailure,
+    TransientStorageError,
+    ValidationReport,
+)
+from storage.settings import S3Settings, TransferSettings
+from storage.validation import probe
+
+log = structlog.get_logger("storage.s3")
+
+T = TypeVar("T")
+
+MAX_PARTS = 10_000
+MAX_PART_SIZE = 5 * 1024**3
+DOWNLOAD_CHUNK = 1024 * 1024
+
+_AUTH_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "InvalidSecurity",
+    "InvalidClientTokenId",
+    "UnrecognizedClientException",
+}
+_DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "Forbidden", "403"}
+_MISSING_BUCKET_CODES = {"NoSuchBucket"}
+_MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
+_TRANSIENT_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottled",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "BandwidthLimitExceeded",
+    "PriorRequestNotComplete",
+    "OperationAborted",
+    "EC2ThrottledException",
+}
+_REGION_CODES = {"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraint"}
+
+
+def part_size_for(number: int, base: int, growth_every: int) -> int:
+    """Size of part ``number`` (1-based): ``base`` for the first ``growth_every`` parts, then
+    doubling every ``growth_every`` parts, so a stream of unknown length can reach S3's
+    largest object (5 TiB) within its 10,000 parts."""
+    return min(base << ((number - 1) // growth_every), MAX_PART_SIZE)
+
+
+class S3Store(ObjectStore):
+    """One bucket (plus the settings' key prefix) on AWS or an S3-compatible endpoint."""
+
+    def __init__(self, settings: S3Settings, transfer: TransferSettings | None = None) -> None:
+        self.settings = settings
+        self.transfer = transfer or TransferSettings()
+        self._session = aioboto3.Session()
+        self._stack = AsyncExitStack()
+        self._client: Any = None
+        self._client_lock = asyncio.Lock()
+        self._pending: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._where = settings.endpoint or f"AWS S3 ({settings.region})"
+        self._secrets = (settings.secret_access_key.get_secret_value(),)
+        self._prefix = normalise_prefix(settings.prefix)
+
+    def __repr__(self) -> str:
+        return (
+            f"S3Store(endpoint={self.settings.endpoint!r}, bucket={self.settings.bucket!r}, "
+            f"prefix={self.settings.prefix!r})"
+        )
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _s3(self) -> Any:
+        if self._client is not None:
+            return self._client
+        async with self._client_lock:
+            if self._closed:
+                raise StorageError("The storage connection is closed.")
+            if self._client is None:
+                s, t = self.settings, self.transfer
+                config = AioConfig(
+                    region_name=s.region,
+                    signature_version="s3v4",
+                    s3={"addressing_style": s.addressing_style},
+                    connect_timeout=t.connect_timeout,
+                    read_timeout=t.read_timeout,
+                    # Retries are ours (tenacity, classified); botocore's would multiply them.
+                    retries={"mode": "standard", "total_max_attempts": 1},
+                    max_pool_connections=t.max_concurrency + 4,
+                    tcp_keepalive=True,
+                )
+                verify: bool | str | None = None
+                if not s.verify_tls:
+                    verify = False
+                elif s.ca_bundle:
+                    verify = s.ca_bundle
+                self._client = await self._stack.enter_async_context(
+                    self._session.client(
+                        "s3",
+                        endpoint_url=s.endpoint,
+                        region_name=s.region,
+                        aws_access_key_id=s.access_key_id,
+                        aws_secret_access_key=s.secret_access_key.get_secret_value(),
+                        verify=verify,
+                        config=config,
+                    )
+                )
+        return self._client
+
+    async def _call(self, doing: str, key: str | None, op: Callable[[Any], Awaitable[T]]) -> T:
+        """One request, classified and retried on transient failures."""
+
+        async def once() -> T:
+            client = await self._s3()
+            try:
+                return await op(client)
+            except StorageError:
+                raise
+            except Exception as exc:
+                raise self._classify(exc, doing, key) from None
+
+        return await with_retries(self.transfer, doing, once)
+
+    def _classify(self, exc: BaseException, doing: str, key: str | None) -> StorageError:
+        bucket = self.settings.bucket
+        step = _step(doing)
+        if isinstance(exc, bx.ClientError):
+            error = exc.response.get("Error", {}) or {}
+            code = str(error.get("Code") or "")
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            said = short(redact(str(error.get("Message") or "") or code, self._secrets))
+            said = f"{code}: {said}" if code and not said.startswith(code) else said
+            if code in _MISSING_BUCKET_CODES:
+                return ContainerNotFound(
+                    f"The bucket {bucket!r} does not exist at {self._where}.", step=step
+                )
+            if code in _AUTH_CODES:
+                return AuthenticationFailed(
+                    f"{self._where} refused the credentials while trying to {doing} ({said}).",
+                    step=step,
+                )
+            if code in _REGION_CODES or status == 301:
+                region = (exc.response.get("ResponseMetadata", {}).get("HTTPHeaders") or {}).get(
+                    "x-amz-bucket-region"
+                )
+                hint = f"; it is in region {region!r}" if region else ""
+                return StorageError(
+                    f"The bucket {bucket!r} is not in region {self.settings.region!r}{hint}: "
+                    f"set the destination's region ({said}).",
+                    step=step,
+                )
+            if code in _DENIED_CODES or status == 403:
+                return PermissionDenied(
+                    f"The credentials may not {doing} in the bucket {bucket!r} ({said}).",
+                    step=step,
+                )
+            if code in _MISSING_KEY_CODES or status == 404:
+                if key is None:
+                    return ContainerNotFound(
+                        f"The bucket {bucket!r} does not exist at {self._where}.", step=step
+                    )
+                return ObjectNotFound(f"The object {key!r} does not exist.", step=step)
+            if code in _TRANSIENT_CODES or status >= 500 or status in (408, 429):
+                return TransientStorageError(
+                    f"{self._where} failed temporarily while trying to {doing} ({said}).",
+                    step=step,
+                )
+            return StorageError(f"{self._where} refused to {doing} ({said}).", step=step)
+        if isinstance(exc, bx.SSLError):
+            return TLSFailure(
+                f"The TLS connection to {self._where} failed: "
+                f"{short(redact(str(exc), self._secrets))}",
+                step=step,
+            )
+        if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError):
+            return EndpointUnreachable(
+                f"{self._where} cannot be reached ({_reason(exc)}).", step=step
+            )
+        if isinstance(
+            exc,
+            bx.ReadTimeoutError
+            | bx.ConnectionClosedError
+            | bx.ResponseStreamingError
+            | bx.IncompleteReadError
+            | bx.HTTPClientError
+            | TimeoutError
+            | ConnectionError,
+        ):
+            return TransientStorageError(
+                f"The connection to {self._where} failed while trying to {doing} ({_reason(exc)}).",
+                step=step,
+            )
+        if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
+            return AuthenticationFailed("No S3 credentials were given.", step=step)
+        if isinstance(exc, bx.ParamValidationError | bx.InvalidS3AddressingStyleError):
+            return StorageError(
+                f"The S3 request to {doing} was invalid: {short(str(exc))}", step=step
+            )
+        return StorageError(
+            f"Unexpected failure while trying to {doing} on {self._where} "
+            f"({type(exc).__name__}: {short(redact(str(exc), self._secrets))}).",
+            step=step,
+        )
+
+    # ------------------------------------------------------------------ upload
+
+    async def upload(self, key: str, chunks: AsyncIterator[bytes]) -> StoredObject:
+        full = full_key(self._prefix, key)
+        reader = PartReader(chunks)
+        first = await reader.read(self.transfer.part_size)
+        if len(first) < self.transfer.part_size or await reader.at_end():
+            await self._call(
+                "write objects",
+                key,
+                lambda c: c.put_object(
+                    Bucket=self.settings.bucket, Key=full, Body=first, ContentLength=len(first)
+                ),
+            )
+        else:
+            await self._multipart(key, full, reader, first)
+        log.info("s3_uploaded", bucket=self.settings.bucket, key=full, size=reader.size)
+        return StoredObject(key=key, size=reader.size, sha256=reader.sha256)
+
+    async def _multipart(self, key: str, full: str, reader: PartReader, first: bytes) -> None:
+        bucket = self.settings.bucket
+        created = await self._call(
+            "write objects",
+            key,
+            lambda c: c.create_multipart_upload(Bucket=bucket, Key=full),
+        )
+        upload_id: str = created["UploadId"]
+        in_flight: dict[asyncio.Task[dict[str, Any]], int] = {}
+        done_parts: list[dict[str, Any]] = []
+        budget = self.transfer.part_size * self.transfer.max_concurrency
+        completed = False
+
+        def reap(tasks: set[asyncio.Task[dict[str, Any]]]) -> None:
+            for task in tasks:
+                in_flight.pop(task)
+                done_parts.append(task.result())  # raises the part's failure
+
+        try:
+            number, data = 1, first
+            while data:
+                if number > MAX_PARTS:
+                    raise StorageError(
+                        f"The object {key!r} is larger than S3 allows in {MAX_PARTS} parts.",
+                        step="write",
+                    )
+                while in_flight and sum(in_flight.values()) + len(data) > budget:
+                    done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    reap(done)
+                task = asyncio.create_task(self._part(key, full, upload_id, number, data))
+                in_flight[task] = len(data)
+                del data
+                number += 1
+                data = await reader.read(
+                    part_size_for(number, self.transfer.part_size, self.transfer.part_growth_every)
+                )
+            while in_flight:
+                done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                reap(done)
+            done_parts.sort(key=lambda p: p["PartNumber"])
+            await self._complete(key, full, upload_id, done_parts, reader.size)
+            completed = True
+        finally:
+            if not completed:
+                await finish_cleanup(self._abort(full, upload_id, list(in_flight)), self._pending)
+
+    async def _part(
+        self, key: str, full: str, upload_id: str, number: int, data: bytes
+    ) -> dict[str, Any]:
+        answer = await self._call(
+            "write objects",
+            key,
+            lambda c: c.upload_part(
+                Bucket=self.settings.bucket,
+                Key=full,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=data,
+                ContentLength=len(data),
+            ),
+        )
+        part = {"PartNumber": number, "ETag": answer["ETag"]}
+        for name in ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumSHA1", "ChecksumSHA256"):
+            if answer.get(name):
+                part[name] = answer[name]
+        return part
+
+    async def _complete(
+        self, key: str, full: str, upload_id: str, parts: list[dict[str, Any]], size: int
+    ) -> None:
+        attempts = 0
+
+        async def once(c: Any) -> None:
+            nonlocal attempts
+            attempts += 1
+            try:
+                await c.complete_multipart_upload(
+                    Bucket=self.settings.bucket,
+                    Key=full,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+            except bx.ClientError as exc:
+                # A retry after an answer lost in transit finds the upload already completed.
+                if attempts > 1 and exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                    head = await c.head_object(Bucket=self.settings.bucket, Key=full)
+                    if head.get("ContentLength") == size:
+                        return
+                raise
+
+        await self._call("write objects", key, once)
+
+    async def _abort(self, full: str, upload_id: str, tasks: list[asyncio.Task[Any]]) -> None:
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await self._call(
+                "abort a multipart upload",
+                full,
+                lambda c: c.abort_multipart_upload(
+                    Bucket=self.settings.bucket, Key=full, UploadId=upload_id
+                ),
+            )
+            log.info("s3_multipart_aborted", bucket=self.settings.bucket, key=full)
+        except ObjectNotFound:
+            pass  # NoSuchUpload: nothing left
+        except StorageError as exc:
+            log.error(
+                "s3_multipart_abort_failed",
+                bucket=self.settings.bucket,
+                key=full,
+                upload_id=upload_id,
+                error=exc.code,
+                detail=exc.message,
+            )
+
+    # ------------------------------------------------------------------ download
+
+    async def download(
+        self, key: str, *, expected_sha256: str | None = None
+    ) -> AsyncIterator[bytes]:
+        full = full_key(self._prefix, key)
+        verifier = Verifier(key, expected_sha256)
+        etag: str | None = None
+        failures = 0
+        while True:
+            offset = verifier.size
+            extra: dict[str, str] = {}
+            if offset:
+                extra = {"Range": f"bytes={offset}-", "IfMatch": etag or "*"}
+            try:
+                answer = await self._call(
+                    "read objects",
+                    key,
+                    lambda c, extra=extra: c.get_object(
+                        Bucket=self.settings.bucket, Key=full, **extra
+                    ),
+                )
+            except StorageError as exc:
+                if offset and _is_precondition(exc):
+                    raise StorageError(
+                        f"The object {key!r} was replaced while it was being read.", step="read"
+                    ) from None
+                raise
+            etag = etag or answer.get("ETag")
+            body = answer["Body"]
+            try:
+                while True:
+                    try:
+                        chunk = await body.read(DOWNLOAD_CHUNK)
+                    except Exception as exc:
+                        raise self._classify(exc, "read objects", key) from None
+                    if not chunk:
+                        break
+                    await verifier.update(chunk)
+                    yield chunk
+                break
+            except StorageError as exc:
+                failures += 1
+                if not exc.transient or failures >= self.transfer.max_attempts:
+                    raise
+                log.warning("s3_download_resume", key=full, offset=verifier.size, error=exc.code)
+                await asyncio.sleep(
+                    min(self.transfer.backoff_max, self.transfer.backoff_initial * 2**failures)
+                )
+            finally:
+                body.close()
+        verifier.finish()
+
+    # ------------------------------------------------------------------ the rest
+
+    async def delete(self, key: str) -> None:
+        full = full_key(self._prefix, key)
+        bucket = self.settings.bucket
+        await self._call("delete objects", key, lambda c: c.delete_object(Bucket=bucket, Key=full))
+        # An upload of this key that never finished (a crashed writer) would keep its parts.
+        try:
+            answer = await self._call(
+                "list unfinished uploads",
+                key,
+                lambda c: c.list_multipart_uploads(Bucket=bucket, Prefix=full),
+            )
+        except StorageError as exc:
+            log.debug("s3_list_uploads_unsupported", error=exc.code, detail=exc.message)
+            return
+        for upload in answer.get("Uploads") or []:
+            if upload.get("Key") == full:
+                await self._abort(full, upload["UploadId"], [])
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:  # type: ignore[override]
+        check_list_prefix(prefix)
+        base = self._prefix
+        token: str | None = None
+        while True:
+            extra = {"ContinuationToken": token} if token else {}
+            page = await self._call(
+                "list objects",
+                None,
+                lambda c, extra=extra: c.list_objects_v2(
+                    Bucket=self.settings.bucket, Prefix=base + prefix, **extra
+                ),
+            )
+            for item in page.get("Contents") or []:
+                yield ObjectInfo(
+                    key=item["Key"][len(base) :],
+                    size=int(item.get("Size") or 0),
+                    last_modified=item.get("LastModified"),
+                    etag=(item.get("ETag") or "").strip('"') or None,
+                )
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    async def stat(self, key: str) -> ObjectInfo:
+        full = full_key(self._prefix, key)
+        head = await self._call(
+            "read objects",
+            key,
+            lambda c: c.head_object(Bucket=self.settings.bucket, Key=full),
+        )
+        return ObjectInfo(
+            key=key,
+            size=int(head.get("ContentLength") or 0),
+            last_modified=head.get("LastModified"),
+            etag=(head.get("ETag") or "").strip('"') or None,
+            metadata=dict(head.get("Metadata") or {}),
+        )
+
+    async def validate(self) -> ValidationReport:
+        return await probe(self, PROBE_PREFIX + uuid.uuid4().hex)
+
+    async def aclose(self) -> None:
+        if self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        async with self._client_lock:
+            self._closed = True
+            client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await self._stack.aclose()
+
+
+def _step(doing: str) -> str:
+    if doing.startswith(("write", "abort")):
+        return "write"
+    if doing.startswith("delete"):
+        return "delete"
+    if doing.startswith("list"):
+        return "list"
+    return "read"
+
+
+def _reason(exc: BaseException) -> str:
+    inner = getattr(exc, "kwargs", {}).get("error")
+    text = str(inner or exc) or type(exc).__name__
+    # botocore puts the URL in front; the cause is the useful part.
+    return short(text.split(": ", 1)[-1] if "://" in text else text, 200)
+
+
+def _is_precondition(exc: StorageError) -> bool:
+    return "PreconditionFailed" in exc.message or "412" in exc.message

@@ -1,0 +1,54 @@
+"""The destination check both backends share: write, read back and delete a probe object."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from storage._support import ATTEMPTS
+from storage.base import ObjectStore, StorageError, ValidationReport, ValidationStep
+
+VALIDATION_ATTEMPTS = 2
+"""A person is waiting for the answer: one retry of a transient failure, not the full budget."""
+
+
+async def probe(store: ObjectStore, key: str) -> ValidationReport:
+    """Run the three steps on ``store``; a failed step ends the check (a probe that was written
+    is still deleted) and says which step failed, with the storage's classified error."""
+    body = b"osb-backup-manager destination probe\n" + os.urandom(64)
+    steps: list[ValidationStep] = []
+    token = ATTEMPTS.set(VALIDATION_ATTEMPTS)
+    try:
+
+        async def chunks():  # type: ignore[no-untyped-def]
+            yield body
+
+        try:
+            stored = await store.upload(key, chunks())
+        except StorageError as exc:
+            steps.append(ValidationStep("write", False, exc.code, exc.message))
+            return ValidationReport(False, steps)
+        steps.append(ValidationStep("write", True))
+
+        try:
+            read = b"".join([c async for c in store.download(key, expected_sha256=stored.sha256)])
+            if read != body:
+                raise StorageError(
+                    f"The probe read back differs from what was written ({len(read)} bytes "
+                    f"instead of {len(body)}).",
+                    step="read",
+                )
+            if hashlib.sha256(read).hexdigest() != stored.sha256:
+                raise StorageError("The probe's checksum changed.", step="read")
+            steps.append(ValidationStep("read", True))
+        except StorageError as exc:
+            steps.append(ValidationStep("read", False, exc.code, exc.message))
+
+        try:
+            await store.delete(key)
+            steps.append(ValidationStep("delete", True))
+        except StorageError as exc:
+            steps.append(ValidationStep("delete", False, exc.code, exc.message))
+        return ValidationReport(all(s.ok for s in steps), steps)
+    finally:
+        ATTEMPTS.reset(token)
