@@ -1,1 +1,299 @@
-"""Swift test server fixtures: written with the storage work."""
+"""A real OpenStack Swift for the tests: account, container, object and proxy servers of the
+``swift`` package (in ``.venv-swift``) on loopback, single replica, tempauth, with the ``slo``
+middleware, plus a Keystone v3 stand-in backed by real tempauth tokens.
+
+Fixtures:
+
+- ``swift_server`` (session): a :class:`SwiftCluster` with ``auth_url`` (auth v1),
+  ``keystone_url`` (v3), the users' credentials, ``make_container()``, ``settings()`` and
+  ``keystone_settings()``.
+- ``swift_settings``: a :class:`storage.SwiftSettings` (auth v1, tempauth) for a fresh, empty
+  container on that server.
+- ``swift_private_server``: a cluster of the test's own, to ``stop()`` and ``start()`` again.
+
+The process runs ``tests/servers/swift_runner.py``; its configuration, rings, data and logs stay
+in the pytest temp directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import secrets
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage import SwiftSettings
+from tests.servers.ports import free_port, wait_listening
+
+ROOT = Path(__file__).resolve().parents[2]
+SWIFT_PYTHON = ROOT / ".venv-swift" / "bin" / "python"
+RUNNER = Path(__file__).with_name("swift_runner.py")
+
+ACCOUNT = "test"
+MAX_MANIFEST_SEGMENTS = 16
+"""Lower than Swift's default (1000) so that tests reach nested manifests with little data."""
+
+
+class SwiftCluster:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.etc = base / "etc"
+        self.devices = base / "devices"
+        self.ports = {n: free_port() for n in ("account", "container", "object", "proxy")}
+        self.ports["keystone"] = free_port()
+        self.user = f"{ACCOUNT}:tester"
+        self.key = "key-" + secrets.token_urlsafe(24)
+        # A user of the same account without .admin: it may not touch containers (403).
+        self.reader = f"{ACCOUNT}:reader"
+        self.reader_key = "rk-" + secrets.token_urlsafe(18)
+        self.keystone_user = "tester"
+        self.keystone_password = "pw-" + secrets.token_urlsafe(24)
+        self.project = "backups"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+
+    @property
+    def auth_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['proxy']}/auth/v1.0"
+
+    @property
+    def keystone_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['keystone']}/v3"
+
+    @property
+    def storage_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['proxy']}/v1/AUTH_{ACCOUNT}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    # ------------------------------------------------------------------ configuration
+
+    def _write_config(self) -> None:
+        self.etc.mkdir(parents=True, exist_ok=True)
+        (self.devices / "sdb1").mkdir(parents=True, exist_ok=True)
+        if not (self.etc / "swift.conf").exists():
+            (self.etc / "swift.conf").write_text(
+                "[swift-hash]\n"
+                f"swift_hash_path_prefix = {uuid.uuid4().hex}\n"
+                f"swift_hash_path_suffix = {uuid.uuid4().hex}\n\n"
+                "[storage-policy:0]\nname = gold\ndefault = yes\n"
+            )
+        common = (
+            "[DEFAULT]\n"
+            "bind_ip = 127.0.0.1\n"
+            f"swift_dir = {self.etc}\n"
+            f"devices = {self.devices}\n"
+            "mount_check = false\n"
+            "disable_fallocate = true\n"
+            "workers = 0\n"
+            "log_level = WARNING\n"
+            "log_name = {name}\n\n"
+        )
+        for name, egg in (("account", "account"), ("container", "container"), ("object", "object")):
+            text = common.format(name=name) + (
+                f"[pipeline:main]\npipeline = {name}-server\n\n"
+                f"[app:{name}-server]\nuse = egg:swift#{egg}\n"
+            )
+            (self.etc / f"{name}-server.conf").write_text(text)
+        fernet = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+        proxy = common.format(name="proxy") + (
+            "[pipeline:main]\n"
+            "pipeline = catch_errors gatekeeper healthcheck proxy-logging tempauth copy slo dlo "
+            "versioned_writes symlink proxy-logging proxy-server\n\n"
+            "[app:proxy-server]\nuse = egg:swift#proxy\naccount_autocreate = true\n"
+            "allow_account_management = true\n\n"
+            "[filter:tempauth]\nuse = egg:swift#tempauth\n"
+            f"user_{ACCOUNT}_tester = {self.key} .admin\n"
+            f"user_{ACCOUNT}_reader = {self.reader_key}\n"
+            "token_life = 86400\n"
+            f"fernet_key_k1 = {fernet}\nactive_fernet_key_id = k1\n\n"
+            "[filter:slo]\nuse = egg:swift#slo\n"
+            f"max_manifest_segments = {MAX_MANIFEST_SEGMENTS}\n\n"
+            "[filter:catch_errors]\nuse = egg:swift#catch_errors\n\n"
+            "[filter:gatekeeper]\nuse = egg:swift#gatekeeper\n\n"
+            "[filter:healthcheck]\nuse = egg:swift#healthcheck\n\n"
+            "[filter:proxy-logging]\nuse = egg:swift#proxy_logging\n\n"
+            "[filter:copy]\nuse = egg:swift#copy\n\n"
+            "[filter:dlo]\nuse = egg:swift#dlo\n\n"
+            "[filter:versioned_writes]\nuse = egg:swift#versioned_writes\n\n"
+            "[filter:symlink]\nuse = egg:swift#symlink\n"
+        )
+        (self.etc / "proxy-server.conf").write_text(proxy)
+        (self.etc / "proxy-server.conf").chmod(0o600)
+        runner = {
+            "ports": self.ports,
+            "keystone": {
+                "user": self.keystone_user,
+                "password": self.keystone_password,
+                "user_domain": "Default",
+                "project": self.project,
+                "project_domain": "Default",
+                "tempauth_user": self.user,
+                "tempauth_key": self.key,
+            },
+        }
+        (self.etc / "runner.json").write_text(json.dumps(runner))
+        (self.etc / "runner.json").chmod(0o600)
+
+    # ------------------------------------------------------------------ process
+
+    def start(self, timeout: float = 90.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        if not SWIFT_PYTHON.exists():
+            raise RuntimeError(f"{SWIFT_PYTHON} is missing: run `make install-test`")
+        self._write_config()
+        self._log = open(self.base / "swift.log", "ab")  # closed in stop()
+        self.proc = subprocess.Popen(
+            # -P: the runner's own directory must not shadow the ``swift`` package.
+            [str(SWIFT_PYTHON), "-P", str(RUNNER), str(self.etc)],
+            cwd=self.base,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            for name in ("proxy", "keystone"):
+                wait_listening(self.ports[name], timeout=timeout, proc=self.proc)
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"swift exited with {self.proc.returncode}; see {self.base}")
+            try:
+                conn = self.connection()
+                conn.put_container("ready")
+                conn.put_object("ready", "probe", b"ok")
+                conn.delete_object("ready", "probe")
+                conn.close()
+                return
+            except Exception as exc:
+                last = exc
+                time.sleep(0.2)
+        raise TimeoutError(f"Swift not ready after {timeout}s: {last!r}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    # ------------------------------------------------------------------ helpers
+
+    def connection(self, user: str | None = None, key: str | None = None) -> Any:
+        """A plain swiftclient connection (blocking) for test setup and inspection."""
+        from swiftclient.client import Connection
+
+        return Connection(
+            authurl=self.auth_url,
+            user=user or self.user,
+            key=key or self.key,
+            auth_version="1",
+            retries=1,
+            timeout=60,
+        )
+
+    def make_container(self, name: str | None = None) -> str:
+        name = name or "c-" + uuid.uuid4().hex[:20]
+        conn = self.connection()
+        try:
+            conn.put_container(name)
+        finally:
+            conn.close()
+        return name
+
+    def settings(self, container: str | None = None, **over: Any) -> SwiftSettings:
+        fields: dict[str, Any] = {
+            "auth_url": self.auth_url,
+            "auth_version": "1",
+            "username": self.user,
+            "password": self.key,
+            "user_domain_name": None,
+            "project_name": None,
+            "project_domain_name": None,
+            "container": container or self.make_container(),
+        }
+        fields.update(over)
+        return SwiftSettings(**fields)
+
+    def keystone_settings(self, container: str | None = None, **over: Any) -> SwiftSettings:
+        fields: dict[str, Any] = {
+            "auth_url": self.keystone_url,
+            "auth_version": "3",
+            "username": self.keystone_user,
+            "password": self.keystone_password,
+            "user_domain_name": "Default",
+            "project_name": self.project,
+            "project_domain_name": "Default",
+            "container": container or self.make_container(),
+        }
+        fields.update(over)
+        return SwiftSettings(**fields)
+
+    def names(self, container: str) -> list[str]:
+        """Every object name in ``container`` ([] if it does not exist)."""
+        from swiftclient.exceptions import ClientException
+
+        conn = self.connection()
+        try:
+            return [o["name"] for o in conn.get_container(container, full_listing=True)[1]]
+        except ClientException as exc:
+            if exc.http_status == 404:
+                return []
+            raise
+        finally:
+            conn.close()
+
+
+@contextlib.contextmanager
+def running_swift(base: Path) -> Iterator[SwiftCluster]:
+    cluster = SwiftCluster(base)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def swift_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwiftCluster]:
+    with running_swift(tmp_path_factory.mktemp("swift-server")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def swift_settings(swift_server: SwiftCluster) -> SwiftSettings:
+    """Settings (auth v1, tempauth) for a fresh, empty container on the session's cluster."""
+    return swift_server.settings()
+
+
+@pytest.fixture
+def swift_private_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwiftCluster]:
+    """A cluster of this test's own, to stop and restart; stopped at teardown in any case."""
+    with running_swift(tmp_path_factory.mktemp("swift-private")) as cluster:
+        yield cluster

@@ -4,6 +4,7 @@ at directly only to check what the store left behind (parts, segments)."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -12,6 +13,7 @@ from pydantic import SecretStr
 
 from storage import ObjectStore, S3Settings, SwiftSettings, TransferSettings, open_store
 from tests.servers.s3 import SeaweedS3
+from tests.servers.swift import SwiftCluster
 
 SMALL_PARTS = TransferSettings(part_size=5 * 1024 * 1024, max_concurrency=3)
 """The smallest parts S3 allows: objects cross the large-object threshold at 5 MiB."""
@@ -85,8 +87,62 @@ class S3Backend(Backend):
         return self.settings.secret_access_key.get_secret_value()
 
 
-@pytest.fixture(params=["s3"])
+class SwiftBackend(Backend):
+    kind = "swift"
+
+    def __init__(self, server: SwiftCluster, *, keystone: bool = False) -> None:
+        self.server = server
+        self.settings = server.keystone_settings() if keystone else server.settings()
+
+    def with_wrong_secret(self) -> SwiftSettings:
+        return self.changed(password=SecretStr("x" * 40))
+
+    def with_missing_container(self) -> SwiftSettings:
+        return self.changed(container="missing-" + uuid.uuid4().hex[:12])
+
+    def read_only(self) -> SwiftSettings:
+        return self.changed(username=self.server.reader, password=SecretStr(self.server.reader_key))
+
+    def leftovers(self) -> list[str]:
+        """Segments no stored object refers to (those of live large objects are expected)."""
+        segments = self.settings.container + "_segments"
+        conn = self.server.connection()
+        live: set[str] = set()
+
+        def walk(container: str, name: str) -> None:
+            _, body = conn.get_object(container, name, query_string="multipart-manifest=get")
+            for entry in json.loads(body):
+                seg_container, _, seg = entry["name"].lstrip("/").partition("/")
+                assert seg_container == segments, entry
+                live.add(seg)
+                if entry.get("sub_slo"):
+                    walk(seg_container, seg)
+
+        try:
+            for name in self.server.names(self.settings.container):
+                if (
+                    conn.head_object(self.settings.container, name).get("x-static-large-object")
+                    == "True"
+                ):
+                    walk(self.settings.container, name)
+        finally:
+            conn.close()
+        return [n for n in self.server.names(segments) if n not in live]
+
+    def is_large_object(self, key: str) -> bool:
+        conn = self.server.connection()
+        try:
+            head = conn.head_object(self.settings.container, self.settings.prefix + key)
+        finally:
+            conn.close()
+        return head.get("x-static-large-object") == "True"
+
+    def secret(self) -> str:
+        return self.settings.password.get_secret_value()
+
+
+@pytest.fixture(params=["s3", "swift"])
 def backend(request: pytest.FixtureRequest) -> Backend:
     if request.param == "s3":
         return S3Backend(request.getfixturevalue("s3_server"))
-    raise AssertionError(request.param)
+    return SwiftBackend(request.getfixturevalue("swift_server"))

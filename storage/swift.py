@@ -1,0 +1,904 @@
+"""OpenStack Swift destinations through python-swiftclient.
+
+swiftclient is blocking and a ``Connection`` is not thread-safe, so every request runs in a
+bounded pool of worker threads, each with a connection of its own; all of them share one
+authentication (auth v1, or Keystone v3 through keystoneauth1), obtained once and renewed on a
+401. Objects larger than one segment become static large objects: segments of ``part_size``
+bytes in ``<container>_segments`` (swiftclient's convention), named
+``<key>/slo/<upload id>/<n>``, at most ``max_concurrency`` in flight, then a manifest PUT with
+``multipart-manifest=put`` (nested manifests past the cluster's ``max_manifest_segments``). A
+failed or cancelled upload deletes its segments; deleting an object uses
+``multipart-manifest=delete`` and also removes segments an interrupted upload of that key left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime as dt
+import email.utils
+import functools
+import hashlib
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+import structlog
+import swiftclient.client as swift_client
+import urllib3
+from swiftclient.exceptions import ClientException
+
+from storage._support import (
+    PROBE_PREFIX,
+    PartReader,
+    Verifier,
+    check_list_prefix,
+    finish_cleanup,
+    full_key,
+    normalise_prefix,
+    redact,
+    short,
+    with_retries,
+)
+from storage.base import (
+    AuthenticationFailed,
+    ContainerNotFound,
+    EndpointUnreachable,
+    ObjectInfo,
+    ObjectNotFound,
+    ObjectStore,
+    PermissionDenied,
+    StorageError,
+    StoredObject,
+    TLSFailure,
+    TransientStorageError,
+    ValidationReport,
+)
+from storage.settings import SwiftSettings, TransferSettings
+from storage.validation import probe
+
+log = structlog.get_logger("storage.swift")
+
+# swiftclient logs failed requests with their headers, revealing up to 16 characters of
+# X-Auth-Token / X-Auth-Key: reveal none.
+swift_client.logger_settings["redact_sensitive_headers"] = True
+swift_client.logger_settings["reveal_sensitive_prefix"] = 0
+
+T = TypeVar("T")
+
+DOWNLOAD_CHUNK = 1024 * 1024
+DEFAULT_MAX_MANIFEST_SEGMENTS = 1000
+LISTING_LIMIT = 1000
+OCTETS = "application/octet-stream"
+
+
+class _V1Auth:
+    """Auth v1 (tempauth, swauth, ...) shaped like the keystoneauth session swiftclient accepts:
+    one token for every worker thread, fetched once, dropped on a 401 and fetched again."""
+
+    def __init__(self, settings: SwiftSettings, timeout: tuple[float, float]) -> None:
+        self._settings = settings
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._url: str | None = None
+        self._token: str | None = None
+
+    def _fetch(self) -> tuple[str, str]:
+        with self._lock:
+            if self._url is None or self._token is None:
+                s = self._settings
+                self._url, self._token = swift_client.get_auth_1_0(
+                    s.auth_url,
+                    s.username,
+                    s.password.get_secret_value(),
+                    cacert=s.ca_bundle,
+                    insecure=not s.verify_tls,
+                    timeout=self._timeout,
+                )
+            return self._url, self._token
+
+    def get_endpoint(self, **_: Any) -> str:
+        return self._fetch()[0]
+
+    def get_token(self, **_: Any) -> str:
+        return self._fetch()[1]
+
+    def invalidate(self, *_: Any) -> bool:
+        with self._lock:
+            self._url = self._token = None
+        return True
+
+
+class _KeystoneAuth:
+    """A keystoneauth1 session (thread-safe, renews its token) that says so plainly when the
+    catalog has no object-store endpoint, where keystoneauth would answer None."""
+
+    def __init__(self, settings: SwiftSettings, transfer: TransferSettings) -> None:
+        self._settings = settings
+        self._session = _keystone_session(settings, transfer)
+
+    def get_endpoint(self, **kwargs: Any) -> str:
+        url = self._session.get_endpoint(**kwargs)
+        if not url:
+            s = self._settings
+            region = f" in region {s.region_name!r}" if s.region_name else ""
+            raise StorageError(
+                f"The identity service lists no public object-store endpoint{region} for "
+                f"project {s.project_name!r}."
+            )
+        return url
+
+    def get_token(self, **kwargs: Any) -> str:
+        return self._session.get_token(**kwargs)
+
+    def invalidate(self, *args: Any) -> bool:
+        return self._session.invalidate(*args)
+
+
+def _keystone_session(settings: SwiftSettings, transfer: TransferSettings) -> Any:
+    from keystoneauth1 import session as ks_session
+    from keystoneauth1.identity import v3
+
+    parts = urlsplit(settings.auth_url)
+    path = parts.path.rstrip("/")
+    if not re.search(r"/v3$", path):
+        path += "/v3"
+    auth = v3.Password(
+        auth_url=urlunsplit(parts._replace(path=path)),
+        username=settings.username,
+        password=settings.password.get_secret_value(),
+        user_domain_name=settings.user_domain_name or "Default",
+        project_name=settings.project_name,
+        project_domain_name=settings.project_domain_name or "Default",
+    )
+    verify: bool | str = (settings.ca_bundle or True) if settings.verify_tls else False
+    return ks_session.Session(
+        auth=auth, verify=verify, timeout=(transfer.connect_timeout, transfer.read_timeout)
+    )
+
+
+class SwiftStore(ObjectStore):
+    """One container (plus the settings' key prefix) of an OpenStack Swift account."""
+
+    def __init__(self, settings: SwiftSettings, transfer: TransferSettings | None = None) -> None:
+        self.settings = settings
+        self.transfer = transfer or TransferSettings()
+        t = self.transfer
+        self._timeout = (t.connect_timeout, t.read_timeout)
+        self._prefix = normalise_prefix(settings.prefix)
+        self._container = settings.container
+        self._segments = f"{settings.container}_segments"
+        self._secrets = (settings.password.get_secret_value(),)
+        self._auth: Any = (
+            _V1Auth(settings, self._timeout)
+            if settings.auth_version == "1"
+            else _KeystoneAuth(settings, t)
+        )
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=t.max_concurrency + 2, thread_name_prefix="swift"
+        )
+        self._local = threading.local()
+        self._connections: list[swift_client.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._pending: set[asyncio.Task[None]] = set()
+        self._container_checked: dict[str, str | None] | None = None
+        self._segments_ready = False
+        self._max_segments: int | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"SwiftStore(auth_url={self.settings.auth_url!r}, "
+            f"container={self.settings.container!r}, prefix={self.settings.prefix!r})"
+        )
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _new_connection(self, *, shared: bool = True) -> swift_client.Connection:
+        s = self.settings
+        conn = swift_client.Connection(
+            session=self._auth,
+            os_options={
+                "service_type": "object-store",
+                "endpoint_type": "public",
+                "region_name": s.region_name,
+            },
+            retries=0,  # ours are classified and bounded; a 401 still renews the token once
+            cacert=s.ca_bundle,
+            insecure=not s.verify_tls,
+            timeout=self._timeout,
+        )
+        if shared:
+            with self._connections_lock:
+                self._connections.append(conn)
+        return conn
+
+    def _thread_connection(self) -> swift_client.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._new_connection()
+        return conn
+
+    async def _call(
+        self,
+        doing: str,
+        key: str | None,
+        fn: Callable[[swift_client.Connection], T],
+        *,
+        missing: str = "object",
+        tracker: set[concurrent.futures.Future[Any]] | None = None,
+        conn: swift_client.Connection | None = None,
+    ) -> T:
+        """``fn(connection)`` in a worker thread, classified and retried when transient.
+        ``missing`` says what a 404 means: "object", "container" or "ok"."""
+
+        def in_thread() -> T:
+            return fn(conn or self._thread_connection())
+
+        async def once() -> T:
+            if self._closed:
+                raise StorageError("The storage connection is closed.")
+            future = self._pool.submit(in_thread)
+            if tracker is not None:
+                tracker.add(future)
+            try:
+                return await asyncio.wrap_future(future)
+            except StorageError:
+                raise
+            except Exception as exc:
+                raise self._classify(exc, doing, key, missing) from None
+
+        return await with_retries(self.transfer, doing, once)
+
+    def _classify(
+        self, exc: BaseException, doing: str, key: str | None, missing: str
+    ) -> StorageError:
+        s = self.settings
+        step = _step(doing)
+        if isinstance(exc, ClientException):
+            status = exc.http_status
+            reason = short(redact(exc.http_reason or exc.msg or "", self._secrets), 120)
+            said = f"{status} {reason}".strip() if status else short(redact(exc.msg, self._secrets))
+            if exc.msg and exc.msg.startswith("Auth GET failed"):
+                if status == 401:
+                    return AuthenticationFailed(
+                        f"{s.auth_url} refused the credentials ({said}).", step=step
+                    )
+                if status and status >= 500:
+                    return TransientStorageError(
+                        f"The auth service {s.auth_url} failed temporarily ({said}).", step=step
+                    )
+                return StorageError(
+                    f"Authentication at {s.auth_url} failed ({said}); is it an auth v1 URL?",
+                    step=step,
+                )
+            if status == 401:
+                return AuthenticationFailed(
+                    f"Swift refused the credentials while trying to {doing} ({said}).", step=step
+                )
+            if status == 403:
+                return PermissionDenied(
+                    f"The credentials may not {doing} in the container {self._container!r} "
+                    f"({said}).",
+                    step=step,
+                )
+            if status == 404:
+                if missing == "container":
+                    return ContainerNotFound(
+                        f"The container {self._container!r} does not exist in the account at "
+                        f"{s.auth_url}.",
+                        step=step,
+                    )
+                return ObjectNotFound(f"The object {key!r} does not exist.", step=step)
+            if status is not None and (status >= 500 or status in (408, 422, 429, 498, 499)):
+                # 422: the body did not match its ETag on the way: send it again.
+                return TransientStorageError(
+                    f"Swift failed temporarily while trying to {doing} ({said}).", step=step
+                )
+            return StorageError(f"Swift refused to {doing} ({said}).", step=step)
+        ks = _keystone_error(exc, s, step, self._secrets)
+        if ks is not None:
+            return ks
+        where = s.auth_url
+        if isinstance(exc, requests.exceptions.SSLError):
+            return TLSFailure(
+                f"The TLS connection to Swift failed: {_reason(exc, self._secrets)}", step=step
+            )
+        if isinstance(exc, requests.exceptions.ConnectTimeout):
+            return EndpointUnreachable(
+                f"Swift at {where} cannot be reached (connection timed out).", step=step
+            )
+        if isinstance(exc, requests.exceptions.ConnectionError) and _refused(exc):
+            return EndpointUnreachable(
+                f"Swift at {where} cannot be reached ({_reason(exc, self._secrets)}).", step=step
+            )
+        if isinstance(
+            exc,
+            requests.exceptions.RequestException
+            | urllib3.exceptions.HTTPError
+            | OSError
+            | TimeoutError,
+        ):
+            return TransientStorageError(
+                f"The connection to Swift failed while trying to {doing} "
+                f"({_reason(exc, self._secrets)}).",
+                step=step,
+            )
+        return StorageError(
+            f"Unexpected failure while trying to {doing} on Swift "
+            f"({type(exc).__name__}: {_reason(exc, self._secrets)}).",
+            step=step,
+        )
+
+    async def _check_container(self) -> dict[str, str | None]:
+        """The container's storage policy, once per store; :class:`ContainerNotFound` if it does
+        not exist (checked before any segment is written)."""
+        if self._container_checked is None:
+            headers = await self._call(
+                "write objects",
+                None,
+                lambda c: c.head_container(self._container),
+                missing="container",
+            )
+            self._container_checked = {"policy": headers.get("x-storage-policy")}
+        return self._container_checked
+
+    async def _ensure_segments_container(self) -> None:
+        if self._segments_ready:
+            return
+        policy = (await self._check_container()).get("policy")
+        headers = {"X-Storage-Policy": policy} if policy else {}
+        await self._call(
+            "create the segments container",
+            None,
+            lambda c: c.put_container(self._segments, headers=headers),
+            missing="container",
+        )
+        self._segments_ready = True
+
+    async def _manifest_limit(self) -> int:
+        if self._max_segments is None:
+            try:
+                info = await self._call(
+                    "read the cluster's limits", None, lambda c: c.get_capabilities()
+                )
+                limit = int((info.get("slo") or {}).get("max_manifest_segments") or 0)
+            except StorageError as exc:
+                log.debug("swift_info_unavailable", error=exc.code)
+                limit = 0
+            self._max_segments = limit if limit >= 2 else DEFAULT_MAX_MANIFEST_SEGMENTS
+        return self._max_segments
+
+    # ------------------------------------------------------------------ upload
+
+    async def upload(self, key: str, chunks: AsyncIterator[bytes]) -> StoredObject:
+        full = full_key(self._prefix, key)
+        reader = PartReader(chunks)
+        size = self.transfer.part_size
+        first = await reader.read(size)
+        replaced = await self._uploads_behind(full)
+        if len(first) < size or await reader.at_end():
+            etag = await asyncio.to_thread(_md5, first)
+            await self._call(
+                "write objects",
+                key,
+                lambda c: c.put_object(
+                    self._container,
+                    full,
+                    contents=first,
+                    content_length=len(first),
+                    etag=etag,
+                    content_type=OCTETS,
+                ),
+                missing="container",
+            )
+        else:
+            await self._large_upload(key, full, reader, first)
+        for old in replaced:  # the segments of the large object this one replaced
+            await self._delete_segments(await self._segment_names(old))
+        log.info("swift_uploaded", container=self._container, key=full, size=reader.size)
+        return StoredObject(key=key, size=reader.size, sha256=reader.sha256)
+
+    async def _large_upload(self, key: str, full: str, reader: PartReader, first: bytes) -> None:
+        await self._ensure_segments_container()
+        limit = await self._manifest_limit()
+        upload_id = f"{int(time.time())}-{uuid.uuid4().hex[:12]}"
+        prefix = f"{full}/slo/{upload_id}/"
+        futures: set[concurrent.futures.Future[Any]] = set()
+        in_flight: set[asyncio.Task[dict[str, Any]]] = set()
+        entries: dict[int, dict[str, Any]] = {}
+        completed = False
+
+        def reap(tasks: set[asyncio.Task[dict[str, Any]]]) -> None:
+            for task in tasks:
+                in_flight.discard(task)
+                entry = task.result()  # raises the segment's failure
+                entries[entry.pop("number")] = entry
+
+        try:
+            number, data = 1, first
+            while data:
+                while len(in_flight) >= self.transfer.max_concurrency:
+                    done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    reap(done)
+                name = f"{prefix}{number:08d}"
+                in_flight.add(
+                    asyncio.create_task(self._put_segment(key, name, number, data, futures))
+                )
+                del data
+                number += 1
+                data = await reader.read(self.transfer.part_size)
+            while in_flight:
+                done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                reap(done)
+            manifest = [entries[n] for n in sorted(entries)]
+            manifest = await self._nest(key, prefix, manifest, limit, futures)
+            body = json.dumps(manifest).encode()
+            await self._call(
+                "write objects",
+                key,
+                lambda c: c.put_object(
+                    self._container,
+                    full,
+                    contents=body,
+                    content_length=len(body),
+                    content_type=OCTETS,
+                    query_string="multipart-manifest=put",
+                ),
+                missing="container",
+            )
+            completed = True
+        finally:
+            if not completed:
+                await finish_cleanup(
+                    self._abandon(full, prefix, list(in_flight), futures), self._pending
+                )
+
+    async def _put_segment(
+        self,
+        key: str,
+        name: str,
+        number: int,
+        data: bytes,
+        futures: set[concurrent.futures.Future[Any]],
+    ) -> dict[str, Any]:
+        etag = await asyncio.to_thread(_md5, data)
+        stored = await self._call(
+            "write objects",
+            key,
+            lambda c: c.put_object(
+                self._segments,
+                name,
+                contents=data,
+                content_length=len(data),
+                etag=etag,
+                content_type=OCTETS,
+            ),
+            missing="container",
+            tracker=futures,
+        )
+        if stored and stored.strip('"') != etag:
+            raise TransientStorageError(
+                f"Swift stored segment {number} of {key!r} with ETag {stored}, not {etag}.",
+                step="write",
+            )
+        return {
+            "number": number,
+            "path": f"/{self._segments}/{name}",
+            "etag": etag,
+            "size_bytes": len(data),
+        }
+
+    async def _nest(
+        self,
+        key: str,
+        prefix: str,
+        entries: list[dict[str, Any]],
+        limit: int,
+        futures: set[concurrent.futures.Future[Any]],
+    ) -> list[dict[str, Any]]:
+        """Past ``limit`` segments, group them into sub-manifests (SLOs nest), level by level."""
+        level = 0
+        while len(entries) > limit:
+            level += 1
+            grouped: list[dict[str, Any]] = []
+            for g in range(0, len(entries), limit):
+                group = entries[g : g + limit]
+                name = f"{prefix}manifest-{level}-{g // limit:06d}"
+                body = json.dumps(group).encode()
+                await self._call(
+                    "write objects",
+                    key,
+                    lambda c, name=name, body=body: c.put_object(
+                        self._segments,
+                        name,
+                        contents=body,
+                        content_length=len(body),
+                        content_type=OCTETS,
+                        query_string="multipart-manifest=put",
+                    ),
+                    missing="container",
+                    tracker=futures,
+                )
+                grouped.append(
+                    {
+                        "path": f"/{self._segments}/{name}",
+                        "etag": None,
+                        "size_bytes": sum(e["size_bytes"] for e in group),
+                    }
+                )
+            entries = grouped
+        return entries
+
+    async def _abandon(
+        self,
+        full: str,
+        prefix: str,
+        tasks: list[asyncio.Task[Any]],
+        futures: set[concurrent.futures.Future[Any]],
+    ) -> None:
+        """Delete what a failed upload stored, after every request it started has ended (a
+        segment PUT still running in a thread would otherwise land after the cleanup)."""
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for future in list(futures):
+            with contextlib.suppress(BaseException):
+                await asyncio.wrap_future(future)
+        try:
+            names = await self._segment_names(prefix)
+            await self._delete_segments(names)
+            log.info("swift_upload_abandoned", key=full, segments_deleted=len(names))
+        except StorageError as exc:
+            log.error(
+                "swift_segments_left",
+                container=self._segments,
+                prefix=prefix,
+                error=exc.code,
+                detail=exc.message,
+            )
+
+    async def _segment_names(self, prefix: str) -> list[str]:
+        return [item["name"] for item in await self._listing(self._segments, prefix, missing="ok")]
+
+    async def _delete_segments(self, names: list[str]) -> None:
+        """Delete objects of the segments container (segments and sub-manifests alike, as plain
+        objects), ``max_concurrency`` at a time."""
+        semaphore = asyncio.Semaphore(self.transfer.max_concurrency)
+
+        async def one(name: str) -> None:
+            async with semaphore:
+                await self._call(
+                    "delete objects",
+                    name,
+                    lambda c: c.delete_object(self._segments, name),
+                    missing="ok",
+                )
+
+        results = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, ObjectNotFound):
+                raise result
+
+    async def _uploads_behind(self, full: str) -> set[str]:
+        """If the object now under ``full`` is a static large object this store wrote, the
+        segment prefixes of its upload(s): an overwrite deletes them once the new object is in
+        place (Swift itself would keep them forever)."""
+        try:
+            headers = await self._call(
+                "write objects", full, lambda c: c.head_object(self._container, full)
+            )
+        except ObjectNotFound:
+            return set()
+        if not _is_slo(headers):
+            return set()
+        _, body = await self._call(
+            "write objects",
+            full,
+            lambda c: c.get_object(self._container, full, query_string="multipart-manifest=get"),
+        )
+        ours = re.compile(re.escape(f"/{self._segments}/{full}/slo/") + r"[^/]+/")
+        return {
+            m.group(0)[len(self._segments) + 2 :]
+            for entry in json.loads(body)
+            if (m := ours.match(entry.get("name", "")))
+        }
+
+    # ------------------------------------------------------------------ download
+
+    async def download(
+        self, key: str, *, expected_sha256: str | None = None
+    ) -> AsyncIterator[bytes]:
+        full = full_key(self._prefix, key)
+        verifier = Verifier(key, expected_sha256)
+        loop = asyncio.get_running_loop()
+        # A connection of its own: the response is read chunk by chunk from whichever worker
+        # thread is free, and nothing else may use that connection meanwhile.
+        conn = self._new_connection(shared=False)
+        etag: str | None = None
+        failures = 0
+        try:
+            while True:
+                offset = verifier.size
+                headers: dict[str, str] = {}
+                if offset:
+                    headers["Range"] = f"bytes={offset}-"
+                    if etag:
+                        headers["If-Match"] = etag
+                try:
+                    answer, body = await self._call(
+                        "read objects",
+                        key,
+                        lambda c, headers=headers: c.get_object(
+                            self._container, full, resp_chunk_size=DOWNLOAD_CHUNK, headers=headers
+                        ),
+                        conn=conn,
+                    )
+                except StorageError as exc:
+                    if offset and "412" in exc.message:
+                        raise StorageError(
+                            f"The object {key!r} was replaced while it was being read.",
+                            step="read",
+                        ) from None
+                    raise
+                etag = etag or answer.get("etag")
+                try:
+                    while True:
+                        try:
+                            chunk = await loop.run_in_executor(self._pool, next, body, b"")
+                        except Exception as exc:
+                            raise self._classify(exc, "read objects", key, "object") from None
+                        if not chunk:
+                            break
+                        await verifier.update(chunk)
+                        yield chunk
+                    break
+                except StorageError as exc:
+                    failures += 1
+                    if not exc.transient or failures >= self.transfer.max_attempts:
+                        raise
+                    log.warning(
+                        "swift_download_resume", key=full, offset=verifier.size, error=exc.code
+                    )
+                    await asyncio.sleep(
+                        min(self.transfer.backoff_max, self.transfer.backoff_initial * 2**failures)
+                    )
+                finally:
+                    with contextlib.suppress(Exception):
+                        body.close()
+            verifier.finish()
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    # ------------------------------------------------------------------ the rest
+
+    async def delete(self, key: str) -> None:
+        full = full_key(self._prefix, key)
+        try:
+            headers = await self._call(
+                "delete objects", key, lambda c: c.head_object(self._container, full)
+            )
+            # multipart-manifest=delete removes a manifest and its segments, but answers 200
+            # and deletes nothing when the object is not a manifest: ask first.
+            query = "multipart-manifest=delete" if _is_slo(headers) else None
+            await self._call(
+                "delete objects",
+                key,
+                lambda c: c.delete_object(self._container, full, query_string=query),
+            )
+        except ObjectNotFound:
+            await self._check_container()  # a missing container is an error, unlike the object
+        # Segments of an upload of this key that never finished (a crashed writer).
+        pattern = re.compile(re.escape(full) + r"/slo/[^/]+/[^/]+")
+        leftovers = [
+            item["name"]
+            for item in await self._listing(self._segments, f"{full}/slo/", missing="ok")
+            if pattern.fullmatch(item["name"])
+        ]
+        if leftovers:
+            await self._delete_segments(leftovers)
+            log.info("swift_orphan_segments_deleted", key=full, count=len(leftovers))
+
+    async def _listing(
+        self, container: str, prefix: str, *, missing: str = "container"
+    ) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        async for page in self._pages(container, prefix, missing=missing):
+            items.extend(page)
+        return items
+
+    async def _pages(
+        self, container: str, prefix: str, *, missing: str = "container"
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        marker = ""
+        while True:
+            try:
+                _, page = await self._call(
+                    "list objects",
+                    None,
+                    lambda c, marker=marker: c.get_container(
+                        container, prefix=prefix, marker=marker, limit=LISTING_LIMIT
+                    ),
+                    missing="container" if missing == "container" else "object",
+                )
+            except ObjectNotFound:
+                return  # missing == "ok": no such container, nothing in it
+            if not page:
+                return
+            yield page
+            marker = page[-1]["name"]
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:  # type: ignore[override]
+        check_list_prefix(prefix)
+        base = self._prefix
+        async for page in self._pages(self._container, base + prefix):
+            for item in page:
+                yield ObjectInfo(
+                    key=item["name"][len(base) :],
+                    size=int(item.get("bytes") or 0),
+                    last_modified=_listing_time(item.get("last_modified")),
+                    etag=(item.get("hash") or "").strip('"') or None,
+                )
+
+    async def stat(self, key: str) -> ObjectInfo:
+        full = full_key(self._prefix, key)
+        headers = await self._call(
+            "read objects", key, lambda c: c.head_object(self._container, full)
+        )
+        return ObjectInfo(
+            key=key,
+            size=int(headers.get("content-length") or 0),
+            last_modified=_http_time(headers.get("last-modified")),
+            etag=(headers.get("etag") or "").strip('"') or None,
+            metadata={
+                k[len("x-object-meta-") :]: v
+                for k, v in headers.items()
+                if k.startswith("x-object-meta-")
+            },
+        )
+
+    async def validate(self) -> ValidationReport:
+        return await probe(self, PROBE_PREFIX + uuid.uuid4().hex)
+
+    async def aclose(self) -> None:
+        if self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self._pool.shutdown, wait=True, cancel_futures=True)
+        )
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+def _is_slo(headers: dict[str, str]) -> bool:
+    return str(headers.get("x-static-large-object", "")).lower() == "true"
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _step(doing: str) -> str:
+    if doing.startswith(("write", "create")):
+        return "write"
+    if doing.startswith("delete"):
+        return "delete"
+    if doing.startswith("list"):
+        return "list"
+    return "read"
+
+
+def _refused(exc: BaseException) -> bool:
+    """A connection that never opened (refused, no route, unknown host), as opposed to one
+    that broke midway."""
+    text = str(exc).lower()
+    return any(
+        s in text
+        for s in (
+            "refused",
+            "failed to establish",
+            "name or service not known",
+            "no route",
+            "nodename nor servname",
+            "temporary failure in name resolution",
+        )
+    )
+
+
+def _reason(exc: BaseException, secrets: tuple[str, ...]) -> str:
+    text = str(exc)
+    for hint, words in (
+        ("refused", "connection refused"),
+        ("name or service not known", "host name not found"),
+        ("temporary failure in name resolution", "host name not found"),
+        ("certificate verify failed", "certificate verify failed"),
+        ("timed out", "timed out"),
+        ("reset by peer", "connection reset"),
+    ):
+        if hint in text.lower():
+            return words
+    return short(redact(text, secrets), 200) or type(exc).__name__
+
+
+def _keystone_error(
+    exc: BaseException, s: SwiftSettings, step: str, secrets: tuple[str, ...]
+) -> StorageError | None:
+    try:
+        from keystoneauth1 import exceptions as ka
+    except ImportError:  # pragma: no cover - keystoneauth1 is a dependency
+        return None
+    if not isinstance(exc, ka.ClientException):
+        return None
+    where = s.auth_url
+    if isinstance(exc, ka.Unauthorized):
+        return AuthenticationFailed(
+            f"{where} refused the credentials (user {s.username!r} in domain "
+            f"{s.user_domain_name!r}, project {s.project_name!r}).",
+            step=step,
+        )
+    if isinstance(exc, ka.Forbidden):
+        return PermissionDenied(
+            f"{where} did not let the user use project {s.project_name!r}.", step=step
+        )
+    if isinstance(exc, ka.SSLError):
+        return TLSFailure(
+            f"The TLS connection to {where} failed: {_reason(exc, secrets)}", step=step
+        )
+    if isinstance(exc, ka.ConnectTimeout | ka.ConnectFailure):
+        return EndpointUnreachable(
+            f"The identity service {where} cannot be reached ({_reason(exc, secrets)}).",
+            step=step,
+        )
+    if isinstance(exc, ka.EndpointNotFound | ka.EmptyCatalog):
+        region = f" in region {s.region_name!r}" if s.region_name else ""
+        return StorageError(
+            f"The identity service lists no object-store endpoint{region} for project "
+            f"{s.project_name!r}.",
+            step=step,
+        )
+    if isinstance(exc, ka.RetriableConnectionFailure):
+        return TransientStorageError(
+            f"The identity service {where} failed temporarily ({_reason(exc, secrets)}).",
+            step=step,
+        )
+    status = getattr(exc, "http_status", None)
+    if isinstance(status, int) and status >= 500:
+        return TransientStorageError(
+            f"The identity service {where} failed temporarily ({status}).", step=step
+        )
+    return StorageError(
+        f"Authentication at {where} failed ({type(exc).__name__}: "
+        f"{short(redact(str(exc), secrets), 200)}); is it a Keystone v3 URL?",
+        step=step,
+    )
+
+
+def _listing_time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        return dt.datetime.fromisoformat(value).replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None
+
+
+def _http_time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
