@@ -8,8 +8,12 @@ directly. A RUNNING job is cancelled by setting ``cancel_requested``; the runner
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
+
+from pymongo import ASCENDING
+from pymongo.errors import DuplicateKeyError
 
 from backup import events
 from backup.errors import Conflict, InvalidInput, NotFound
@@ -252,3 +256,183 @@ async def cancel(store: Store, instance_id: str, job_id: str) -> Document:
             events.jobs_queued.fire()
             return await get(store, instance_id, job_id)
     raise Conflict("The job keeps changing; retry.", code="concurrent_update")
+
+
+# --------------------------------------------------------------------------- running jobs
+#
+# The job runner's side. Every replica may claim any job; the database decides who wins:
+#
+# - Claiming is a compare-and-set ``update_one`` (QUEUED -> RUNNING, or a RUNNING job whose
+#   lease expired -> a new owner). ``attempts`` goes up by one at every claim and is the
+#   fencing token: every later write of the holder names (owner, attempts), so a replica that
+#   lost its lease (paused, partitioned, presumed dead) can no longer change the job.
+# - At most one job per instance is RUNNING: the unique partial index
+#   ``one_running_job_per_instance`` refuses the second claim (DuplicateKeyError), so two
+#   replicas claiming two jobs of one instance at the same moment cannot both win. A RUNNING
+#   job with an expired lease still holds its instance until it is taken over and ended.
+# - The holder renews its lease; a replica that dies stops renewing and another takes over.
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A claim on a RUNNING job: its holder and the fencing token of that claim."""
+
+    job_id: str
+    owner: str
+    token: int
+
+    def filter(self) -> dict[str, Any]:
+        return {
+            "_id": self.job_id,
+            "status": RUNNING,
+            "lease_owner": self.owner,
+            "attempts": self.token,
+        }
+
+
+class LeaseLost(Exception):
+    """The job was taken over (or ended) by someone else: stop driving it."""
+
+
+def _expired(at: datetime) -> dict[str, Any]:
+    return {"$or": [{"lease_expires_at": {"$lt": at}}, {"lease_expires_at": None}]}
+
+
+async def claimable(store: Store, at: datetime, *, limit: int) -> list[Document]:
+    """Candidates to claim, in the order they should run: first RUNNING jobs whose holder
+    stopped renewing (they hold their instance), then QUEUED jobs oldest first, skipping
+    instances that have a RUNNING job (the index would refuse them anyway)."""
+    fields = {"_id": 1, "instance_id": 1, "status": 1, "attempts": 1, "created_at": 1}
+    orphans = (
+        await store.jobs.find({"status": RUNNING, **_expired(at)}, fields)
+        .sort([("lease_expires_at", ASCENDING)])
+        .limit(limit)
+        .to_list()
+    )
+    busy = {
+        d["instance_id"]
+        for d in await store.jobs.find({"status": RUNNING}, {"instance_id": 1}).to_list()
+    }
+    queued: list[Document] = []
+    seen: set[str] = set()
+    # Several queued jobs of one busy instance must not hide the others: scan a wider window.
+    async for doc in (
+        store.jobs.find({"status": QUEUED}, fields)
+        .sort([("created_at", ASCENDING), ("_id", ASCENDING)])
+        .limit(max(limit * 20, 100))
+    ):
+        if doc["instance_id"] in busy or doc["instance_id"] in seen:
+            continue
+        seen.add(doc["instance_id"])  # an instance's oldest job goes first
+        queued.append(doc)
+        if len(queued) >= limit:
+            break
+    return orphans + queued
+
+
+async def claim(
+    store: Store,
+    candidate: Document,
+    *,
+    owner: str,
+    at: datetime,
+    lease_seconds: float,
+    deadline_seconds: float,
+) -> Lease | None:
+    """Claim ``candidate`` (from :func:`claimable`) for ``owner``; None when another replica
+    was faster or the job's instance is busy."""
+    token = int(candidate.get("attempts") or 0) + 1
+    expires = at + timedelta(seconds=lease_seconds)
+    if candidate["status"] == QUEUED:
+        query: dict[str, Any] = {"_id": candidate["_id"], "status": QUEUED}
+        update: dict[str, Any] = {
+            "$set": {
+                "status": RUNNING,
+                "started_at": at,
+                "deadline_at": at + timedelta(seconds=deadline_seconds),
+                "lease_owner": owner,
+                "lease_expires_at": expires,
+                "attempts": token,
+            },
+            "$inc": {"version": 1},
+        }
+    else:
+        query = {
+            "_id": candidate["_id"],
+            "status": RUNNING,
+            "attempts": token - 1,
+            **_expired(at),
+        }
+        update = {
+            "$set": {"lease_owner": owner, "lease_expires_at": expires, "attempts": token},
+            "$inc": {"version": 1},
+        }
+    try:
+        result = await store.jobs.update_one(query, update)
+    except DuplicateKeyError:
+        return None  # another job of this instance is RUNNING
+    if result.modified_count != 1:
+        return None
+    return Lease(candidate["_id"], owner, token)
+
+
+async def renew(store: Store, lease: Lease, *, at: datetime, lease_seconds: float) -> bool:
+    """Extend the lease; False when it was lost (taken over or the job ended)."""
+    result = await store.jobs.update_one(
+        lease.filter(), {"$set": {"lease_expires_at": at + timedelta(seconds=lease_seconds)}}
+    )
+    return result.matched_count == 1
+
+
+async def release(store: Store, lease: Lease, *, at: datetime) -> bool:
+    """Give the job up without ending it: its lease expires now, so any replica (this one
+    after a restart too) resumes it at once."""
+    result = await store.jobs.update_one(lease.filter(), {"$set": {"lease_expires_at": at}})
+    return result.matched_count == 1
+
+
+async def update_held(
+    store: Store,
+    lease: Lease,
+    fields: dict[str, Any],
+    *,
+    unset: list[str] | None = None,
+) -> None:
+    """Write ``fields`` to a job this lease holds, or raise :class:`LeaseLost`."""
+    update: dict[str, Any] = {"$set": fields, "$inc": {"version": 1}}
+    if unset:
+        update["$unset"] = {k: "" for k in unset}
+    result = await store.jobs.update_one(lease.filter(), update)
+    if result.matched_count != 1:
+        raise LeaseLost(lease.job_id)
+
+
+async def finish(
+    store: Store,
+    lease: Lease,
+    status: str,
+    reason: str | None,
+    *,
+    at: datetime,
+    fields: dict[str, Any] | None = None,
+) -> None:
+    """End a held job in a final state (with the lease cleared), or raise LeaseLost."""
+    if status not in FINAL:
+        raise ValueError(f"{status} is not a final state")
+    await update_held(
+        store,
+        lease,
+        {
+            **(fields or {}),
+            "status": status,
+            "reason": reason,
+            "ended_at": at,
+            "lease_owner": None,
+            "lease_expires_at": None,
+        },
+    )
+
+
+async def cancel_requested(store: Store, job_id: str) -> bool:
+    doc = await store.jobs.find_one({"_id": job_id}, {"cancel_requested": 1})
+    return bool(doc and doc.get("cancel_requested"))

@@ -1,20 +1,46 @@
-"""Restore points: one per successful backup. Deleting one removes its stored files first and
-the record last, with the record marked ``deleting`` meanwhile, so a storage failure leaves a
-record the user (or retention) can delete again."""
+"""Restore points: one per successful backup job, written by the job runner once every item's
+upload is confirmed. Its id is the id of the backup job that produced it, so the database's
+primary key guarantees "one restore point per job" even when a replica that took a job over
+finishes it a second time.
+
+Each item records the exact object name in the bucket or container (``key``: the
+destination's prefix included), its sizes, checksum and how it was compressed and
+encrypted. When the backup was encrypted, a sealed copy of the plan's key is kept with the
+restore point (context ``restore_points/<id>``), so it can be restored after its plan is gone.
+
+Deleting one (by a user or by retention) removes its stored files first and the record last,
+with the record marked ``deleting`` meanwhile, so a storage failure leaves a record that the
+user or the next retention sweep deletes again: never a file without a record.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from pymongo.errors import DuplicateKeyError
 
 from backup import destinations
 from backup.errors import Conflict, NotFound, Unavailable
 from backup.pagination import Page, paginate
 from backup.secrets import SecretBox
-from backup.store import Document, Store
+from backup.store import SCHEMA_VERSION, Document, Store
 from storage import ObjectStore, StorageError, open_store
 
 StoreOpener = Callable[[destinations.AnySettings], ObjectStore]
+AVAILABLE, DELETING = "available", "deleting"
+
+
+def context(point_id: str) -> str:
+    return f"restore_points/{point_id}"
+
+
+def object_settings(dest: Document, box: SecretBox) -> destinations.AnySettings:
+    """A destination's settings for addressing restore point objects, whose keys already
+    include the destination's prefix."""
+    return destinations.settings_for(dest, box).model_copy(update={"prefix": ""})
 
 
 async def get(store: Store, instance_id: str, point_id: str) -> Document:
@@ -35,6 +61,87 @@ async def list_page(
     return await paginate(store.restore_points, query, limit=limit, cursor=cursor)
 
 
+def new_point(
+    box: SecretBox,
+    job: Document,
+    *,
+    items: list[Document],
+    created_at: datetime,
+    expires_at: datetime | None,
+    retention: dict[str, Any] | None,
+    encryption_key: str | None,
+    agent: dict[str, Any] | None = None,
+) -> Document:
+    """The restore point of a successful backup ``job`` (same id as the job)."""
+    point_id = job["_id"]
+    return {
+        "_id": point_id,
+        "instance_id": job["instance_id"],
+        "plan_id": job.get("plan_id"),
+        "destination_id": job["destination_id"],
+        "job_id": job["_id"],
+        "created_at": created_at,
+        "expires_at": expires_at,
+        "retention": retention,
+        "items": items,
+        "agent": agent,
+        "state": AVAILABLE,
+        "secrets": box.seal_map({"encryption_key": encryption_key}, context(point_id)),
+        "schema_version": SCHEMA_VERSION,
+    }
+
+
+async def record(store: Store, point: Document) -> bool:
+    """Insert a restore point; False if the job's point already exists (a replica that took
+    the job over is finishing it again)."""
+    try:
+        await store.restore_points.insert_one(point)
+    except DuplicateKeyError:
+        return False
+    return True
+
+
+def encryption_key(box: SecretBox, point: Document) -> str | None:
+    return box.open_map(point.get("secrets") or {}, context(point["_id"])).get("encryption_key")
+
+
+async def active_restore(store: Store, point_id: str) -> Document | None:
+    return await store.jobs.find_one(
+        {"restore_point_id": point_id, "type": "RESTORE", "status": {"$in": ["QUEUED", "RUNNING"]}},
+        {"_id": 1},
+    )
+
+
+async def purge(
+    store: Store,
+    box: SecretBox,
+    point: Document,
+    dest: Document,
+    *,
+    opener: StoreOpener = open_store,
+    timeout: float = 300.0,
+) -> None:
+    """Delete the files of a point already marked ``deleting``, then its record. Raises
+    :class:`StorageError`, ``TimeoutError`` or ``OSError`` with the record left in place."""
+    async with asyncio.timeout(timeout):
+        async with opener(object_settings(dest, box)) as objects:
+            for item in point.get("items") or []:
+                if item.get("key"):
+                    await objects.delete(item["key"])
+    await store.restore_points.delete_one({"_id": point["_id"], "state": DELETING})
+
+
+def storage_failure(exc: BaseException) -> str:
+    """Why a storage operation failed, in words safe to show (no credentials)."""
+    if isinstance(exc, StorageError):
+        return exc.message
+    if isinstance(exc, TimeoutError):
+        return "the storage did not answer in time"
+    if isinstance(exc, ImportError):
+        return "the storage backend is not installed"
+    return "the storage did not answer"
+
+
 async def delete(
     store: Store,
     box: SecretBox,
@@ -45,9 +152,7 @@ async def delete(
     timeout: float = 300.0,
 ) -> None:
     point = await get(store, instance_id, point_id)
-    restoring = await store.jobs.find_one(
-        {"restore_point_id": point_id, "status": {"$in": ["QUEUED", "RUNNING"]}}, {"_id": 1}
-    )
+    restoring = await active_restore(store, point_id)
     if restoring is not None:
         raise Conflict(
             f"Job {restoring['_id']} is restoring from this restore point; wait for it to end.",
@@ -61,19 +166,13 @@ async def delete(
             code="destination_missing",
         )
     await store.restore_points.update_one(
-        {"_id": point_id, "instance_id": instance_id}, {"$set": {"state": "deleting"}}
+        {"_id": point_id, "instance_id": instance_id}, {"$set": {"state": DELETING}}
     )
     try:
-        async with asyncio.timeout(timeout):
-            async with opener(destinations.settings_for(dest, box)) as objects:
-                for item in point.get("items") or []:
-                    if item.get("key"):
-                        await objects.delete(item["key"])
+        await purge(store, box, point, dest, opener=opener, timeout=timeout)
     except (StorageError, TimeoutError, OSError, ImportError) as exc:
-        detail = exc.message if isinstance(exc, StorageError) else "the storage did not answer"
         raise Unavailable(
-            f"Deleting the stored files failed ({detail}); the restore point is kept in state "
-            "'deleting': retry the delete later.",
+            f"Deleting the stored files failed ({storage_failure(exc)}); the restore point is "
+            "kept in state 'deleting': retry the delete later.",
             code="storage_unavailable",
         ) from None
-    await store.restore_points.delete_one({"_id": point_id, "instance_id": instance_id})

@@ -50,11 +50,23 @@ INDEXES: dict[str, list[IndexModel]] = {
             name="one_job_per_fire",
         ),
         IndexModel([("status", ASCENDING), ("lease_expires_at", ASCENDING)]),
+        # The runner: queued jobs oldest first; at most one RUNNING job per instance (the
+        # database refuses a second claim, whatever the number of replicas); failed jobs
+        # whose uploaded files still wait to be deleted.
+        IndexModel([("status", ASCENDING), ("created_at", ASCENDING)]),
+        IndexModel(
+            [("instance_id", ASCENDING)],
+            unique=True,
+            partialFilterExpression={"status": "RUNNING"},
+            name="one_running_job_per_instance",
+        ),
+        IndexModel([("pending_deletes.destination_id", ASCENDING)], sparse=True),
     ],
     "restore_points": [
         IndexModel([("instance_id", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)]),
         IndexModel([("plan_id", ASCENDING), ("created_at", DESCENDING)]),
         IndexModel([("expires_at", ASCENDING)]),
+        IndexModel([("state", ASCENDING)]),  # retention retries 'deleting' ones
     ],
 }
 

@@ -1,9 +1,145 @@
-"""Background work of a manager replica (scheduler, job runner, retention sweep)."""
+"""Background work of a manager replica: the scheduler, the job runner and the retention sweep.
+
+On start-up each replica gets a fresh id (host, pid and a random part: a restarted replica
+never mistakes its predecessor's leases for its own), then starts
+
+- the scheduler (``scheduler.Scheduler``, when the package provides it and its settings
+  enable it), which turns due plans into QUEUED jobs,
+- the job runner (``backup.runner.JobRunner``), which claims and drives jobs,
+- the retention sweeper (``backup.retention.RetentionSweeper``), periodic,
+
+and connects the in-process signals (``plans_changed`` wakes the scheduler, ``jobs_queued``
+wakes the runner) so this replica reacts at once to its own writes; other replicas notice on
+their next poll. All three are stored under app keys.
+
+On shutdown (SIGTERM) the scheduler stops first (no new jobs), then the runner stops driving
+and *releases* its leases (their expiry is set to now), so another replica, or this one once
+restarted, resumes those jobs at once; the agents keep running them meanwhile and are
+re-attached by job id. A replica killed without a shutdown simply stops renewing: its jobs
+are taken over when the lease expires (``RUNNER_LEASE_SECONDS``). Either way no job is left
+RUNNING without a live holder for longer than one lease.
+
+``BACKGROUND_ENABLED=false`` runs a replica that serves HTTP only. The in-process test
+service sets ``app[LOOPS_ENABLED] = False`` unless a test asks for the loops.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
 from aiohttp import web
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from backup import events
+from backup.retention import RetentionSweeper
+from backup.runner import JobRunner, load_runner_settings, new_replica_id
+from broker import metrics
+from broker.context import SECRETS, STORE
+from storage import open_store
+
+log = structlog.get_logger(__name__)
+
+LOOPS_ENABLED = web.AppKey("background_loops_enabled", bool)
+REPLICA_ID = web.AppKey("replica_id", str)
+RUNNER = web.AppKey("job_runner", JobRunner)
+SWEEPER = web.AppKey("retention_sweeper", RetentionSweeper)
+SCHEDULER = web.AppKey("scheduler", object)
+
+
+class BackgroundSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    enabled: bool = Field(
+        default=True,
+        validation_alias="BACKGROUND_ENABLED",
+        description="Run the scheduler, job runner and retention sweep on this replica.",
+    )
+
+
+def _make_scheduler(store: Any, replica_id: str) -> Any | None:
+    """The scheduler engineer's ``scheduler.Scheduler``, if present and enabled."""
+    try:
+        from scheduler import Scheduler, load_scheduler_settings  # type: ignore[attr-defined]
+    except ImportError:
+        log.warning("scheduler_unavailable")
+        return None
+    settings = load_scheduler_settings()
+    if not getattr(settings, "enabled", True):
+        log.info("scheduler_disabled")
+        return None
+    return Scheduler(store, settings, replica_id=replica_id)
 
 
 def setup(app: web.Application) -> None:
-    """Start the replica's background loops with the app and stop them with it."""
+    """Start the replica's background loops with the app and stop them with it; also serves
+    ``GET /metrics`` (the loops' figures)."""
+    observer = metrics.setup(app)
+
+    async def loops(app: web.Application) -> AsyncIterator[None]:
+        replica_id = new_replica_id()
+        app[REPLICA_ID] = replica_id
+        enabled = app.get(LOOPS_ENABLED)
+        if enabled is None:
+            enabled = BackgroundSettings().enabled
+        if not enabled:
+            log.info("background_disabled", replica=replica_id)
+            yield
+            return
+        from broker.api.routes import OPENER
+
+        store, box = app[STORE], app[SECRETS]
+        opener = app.get(OPENER, open_store)
+        settings = load_runner_settings()
+        sweeper = RetentionSweeper(
+            store,
+            box,
+            interval=settings.retention_sweep_seconds,
+            storage_timeout=settings.storage_timeout_seconds,
+            opener=opener,
+            observer=observer.swept,
+        )
+        runner = JobRunner(
+            store,
+            box,
+            settings,
+            replica_id=replica_id,
+            opener=opener,
+            observer=observer,
+            sweeper=sweeper,
+        )
+        observer.runner_active = lambda: runner.active
+        scheduler = _make_scheduler(store, replica_id)
+        app[SWEEPER], app[RUNNER] = sweeper, runner
+        if scheduler is not None:
+            app[SCHEDULER] = scheduler
+            events.plans_changed.connect(scheduler.wake)
+            await scheduler.start()
+        if settings.enabled:
+            events.jobs_queued.connect(runner.wake)
+            await runner.start()
+        if settings.retention_enabled:
+            await sweeper.start()
+        log.info(
+            "background_started",
+            replica=replica_id,
+            scheduler=scheduler is not None,
+            runner=settings.enabled,
+            retention=settings.retention_enabled,
+        )
+        try:
+            yield
+        finally:
+            if scheduler is not None:
+                events.plans_changed.disconnect(scheduler.wake)
+                with contextlib.suppress(Exception):
+                    await scheduler.stop()
+            events.jobs_queued.disconnect(runner.wake)
+            await runner.stop()
+            await sweeper.stop()
+            log.info("background_stopped", replica=replica_id)
+
+    app.cleanup_ctx.append(loops)

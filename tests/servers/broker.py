@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 from backup.secrets import generate_master_key_spec
 from backup.store import Store, connect
 from broker.app import create_app
+from broker.background import LOOPS_ENABLED
 from broker.config import Settings, load_settings
 
 BROKER_USER = "test-broker"
@@ -43,8 +44,15 @@ class Service:
 
 
 async def start_service(
-    mongo_url: str, tmp_path: Any, database: str | None = None, **overrides: Any
+    mongo_url: str,
+    tmp_path: Any,
+    database: str | None = None,
+    *,
+    background: bool = False,
+    **overrides: Any,
 ) -> Service:
+    """``background``: run the scheduler, job runner and retention sweep too (off by default,
+    so that jobs a test queues stay QUEUED)."""
     settings = load_settings(
         MONGODB_URL=mongo_url,
         MONGODB_DATABASE=database or f"t_{uuid.uuid4().hex[:12]}",
@@ -55,7 +63,9 @@ async def start_service(
         **overrides,
     )
     store = connect(mongo_url, settings.mongodb_database)
-    server = TestServer(create_app(settings, store=store), host="127.0.0.1")
+    app = create_app(settings, store=store)
+    app[LOOPS_ENABLED] = background
+    server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     url = str(server.make_url("")).rstrip("/")
     settings.public_url = url

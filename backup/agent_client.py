@@ -1,0 +1,422 @@
+"""The manager's side of the agent protocol (/work/shared/agent-protocol.md), for both agent
+kinds: the Go ``osb-backup-agent`` and ours (``agent/``), told apart by ``GET /status``.
+
+This module only speaks HTTP and builds request bodies; *what* to run and *when* is the job
+runner's (``backup.runner``). Secrets (agent password, database password, encryption key,
+destination keys) live in request bodies and in the Basic header only: no exception message,
+log line or repr here ever contains them, and the agent URL is shown without user info.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+from pydantic import SecretStr
+
+from storage.settings import S3Settings, SwiftSettings
+
+Kind = Literal["backup", "restore"]
+OURS, GO = "ours", "go"
+# The stream format our agent names in /status and in job states.
+ENCRYPTION_CAPABILITY = "encryption:aes-256-gcm-stream-v1"
+ENCRYPTION_NAME = "aes-256-gcm-stream-v1"
+COMPRESSION_PREFERENCE = ("zstd", "gzip")
+# What a restore point records when the *scripts* compressed or encrypted (old contract).
+BY_SCRIPT = "script"
+
+
+class AgentError(Exception):
+    """A failed exchange with an agent. ``reason`` is a stable word (``unreachable``,
+    ``unauthorized``, ``rejected``, ``busy``, ``not_found``, ``bad_response``); the message is
+    a sentence safe to store in a job and to log."""
+
+    def __init__(self, reason: str, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.status = status
+
+    @property
+    def transient(self) -> bool:
+        """Worth retrying (within the runner's bounds) rather than failing at once."""
+        return self.reason in ("unreachable", "busy") or (
+            self.reason == "bad_response" and (self.status or 0) >= 500
+        )
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    kind: str  # OURS or GO
+    version: str | None
+    capabilities: frozenset[str]
+
+    def compression(self) -> str | None:
+        """The stream compression our agent can do itself, preferred first."""
+        for name in COMPRESSION_PREFERENCE:
+            if f"compression:{name}" in self.capabilities:
+                return name
+        return None
+
+    @property
+    def encrypts(self) -> bool:
+        return ENCRYPTION_CAPABILITY in self.capabilities
+
+
+@dataclass
+class AgentJob:
+    """An agent's answer to ``GET /backup/{id}`` or ``GET /restore/{id}``, both kinds."""
+
+    status: str  # RUNNING, SUCCEEDED or FAILED
+    state: str | None = None
+    message: str | None = None
+    error_message: str | None = None
+    filename: str | None = None
+    filename_prefix: str | None = None
+    size: int | None = None
+    stored_size: int | None = None
+    stored_key: str | None = None
+    checksum: str | None = None
+    compression: str | None = None
+    encryption: str | None = None
+    logs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("SUCCEEDED", "FAILED")
+
+    @classmethod
+    def parse(cls, body: Any, *, log_limit: int) -> AgentJob:
+        if not isinstance(body, dict):
+            raise AgentError("bad_response", "the agent answered a job state that is not an object")
+        status = str(body.get("status") or "RUNNING").upper()
+        if status not in ("RUNNING", "SUCCEEDED", "FAILED"):
+            # The Go agent registers a job before its goroutine sets a status.
+            status = "RUNNING"
+        filesize = body.get("filesize")
+        size = filesize.get("size") if isinstance(filesize, dict) else None
+        logs = {
+            k: tail(v, log_limit)
+            for k, v in body.items()
+            if isinstance(k, str)
+            and (k.endswith("_log") or k.endswith("_errorlog"))
+            and isinstance(v, str)
+            and v
+        }
+        compression = body.get("compression")
+        return cls(
+            status=status,
+            state=_str(body.get("state")),
+            message=_str(body.get("message")),
+            error_message=_str(body.get("error_message")),
+            filename=_str(body.get("filename")),
+            filename_prefix=_str(body.get("filenamePrefix")),
+            size=_int(size),
+            stored_size=_int(body.get("stored_size")),
+            stored_key=_str(body.get("stored_key")),
+            checksum=_str(body.get("checksum")),
+            # The Go agent echoes the request's boolean; ours names what it did (or null).
+            compression=compression if isinstance(compression, str) else None,
+            encryption=_str(body.get("encryption")),
+            logs=logs,
+        )
+
+
+def _str(v: Any) -> str | None:
+    return v if isinstance(v, str) and v else None
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
+def tail(text: str, limit: int) -> str:
+    """The last ``limit`` bytes of a log (UTF-8 safe), saying how much was cut."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text
+    kept = raw[-limit:].decode(errors="ignore")
+    return f"[... {len(raw) - limit} earlier bytes cut ...]\n{kept}"
+
+
+def safe_url(url: str) -> str:
+    """The URL without user info, for messages."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _message(body: Any) -> str:
+    if isinstance(body, dict):
+        for k in ("error_message", "message"):
+            v = body.get(k)
+            if isinstance(v, str) and v:
+                return v[:500]
+    return ""
+
+
+class AgentClient:
+    """One agent, reached with HTTP Basic credentials. Share ``session`` across clients."""
+
+    def __init__(
+        self,
+        url: str,
+        username: str,
+        password: SecretStr,
+        *,
+        session: aiohttp.ClientSession,
+        timeout: float = 30.0,
+        log_limit: int = 16 * 1024,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.where = safe_url(self.url)
+        self._auth_header = aiohttp.encode_basic_auth(username, password.get_secret_value())
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0))
+        self.log_limit = log_limit
+
+    def __repr__(self) -> str:
+        return f"AgentClient({self.where!r})"
+
+    async def _call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body)
+        headers = {"Authorization": self._auth_header}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            async with self._session.request(
+                method,
+                self.url + path,
+                data=data,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except TimeoutError:
+            raise AgentError(
+                "unreachable", f"the agent at {self.where} did not answer in time"
+            ) from None
+        except aiohttp.ClientError as exc:
+            # The exception text may quote the URL; name only its class.
+            raise AgentError(
+                "unreachable", f"the agent at {self.where} cannot be reached ({type(exc).__name__})"
+            ) from None
+        parsed: Any = None
+        if raw:
+            try:
+                parsed = json.loads(raw)
+            except ValueError:
+                parsed = None
+        if status == 401:
+            raise AgentError(
+                "unauthorized",
+                f"the agent at {self.where} refused the registered credentials (401)",
+                status=status,
+            )
+        return status, parsed
+
+    async def status(self) -> AgentInfo:
+        code, body = await self._call("GET", "/status")
+        if code != 200:
+            raise AgentError(
+                "bad_response" if code >= 500 else "rejected",
+                f"the agent at {self.where} answered {code} to GET /status",
+                status=code,
+            )
+        caps = body.get("capabilities") if isinstance(body, dict) else None
+        if isinstance(caps, list):
+            version = body.get("version")
+            return AgentInfo(
+                OURS,
+                version if isinstance(version, str) else None,
+                frozenset(c for c in caps if isinstance(c, str)),
+            )
+        return AgentInfo(GO, None, frozenset())
+
+    async def start(self, kind: Kind, request: dict[str, Any]) -> AgentJob | None:
+        """Start a job; ``None`` when it was started now, its state when the id already
+        exists on the agent (409: resumed, not started twice)."""
+        method, path = ("POST", "/backup") if kind == "backup" else ("PUT", "/restore")
+        code, body = await self._call(method, path, request)
+        if code in (200, 201, 202):
+            return None
+        if code == 409:
+            if isinstance(body, dict) and body.get("status"):
+                return AgentJob.parse(body, log_limit=self.log_limit)
+            return AgentJob(status="RUNNING")
+        if code == 429:
+            raise AgentError(
+                "busy", f"the agent at {self.where} runs too many jobs (429)", status=code
+            )
+        detail = _message(body)
+        if 400 <= code < 500:
+            raise AgentError(
+                "rejected",
+                f"the agent refused the {kind} request ({code}"
+                + (f": {detail})" if detail else ")"),
+                status=code,
+            )
+        raise AgentError(
+            "bad_response",
+            f"the agent at {self.where} answered {code} to {method} {path}",
+            status=code,
+        )
+
+    async def get(self, kind: Kind, job_id: str) -> AgentJob:
+        code, body = await self._call("GET", f"/{kind}/{job_id}")
+        if code == 200:
+            return AgentJob.parse(body, log_limit=self.log_limit)
+        if code == 404:
+            raise AgentError(
+                "not_found",
+                f"the agent no longer knows {kind} job {job_id} (was it restarted?)",
+                status=code,
+            )
+        raise AgentError(
+            "bad_response" if code >= 500 else "rejected",
+            f"the agent at {self.where} answered {code} to GET /{kind}/{job_id}",
+            status=code,
+        )
+
+    async def forget(self, kind: Kind, job_id: str) -> bool:
+        """Ask the agent to forget a finished job (``DELETE``); False if it still runs."""
+        code, _ = await self._call("DELETE", f"/{kind}", {"id": job_id})
+        return code in (200, 410)
+
+
+# --------------------------------------------------------------------- request bodies
+
+
+def destination(
+    settings: S3Settings | SwiftSettings,
+    *,
+    filename_prefix: str,
+    filename: str | None = None,
+) -> dict[str, Any]:
+    """The protocol's ``destination`` object for a destination's opened settings.
+
+    ``filename_prefix`` is the object-name prefix within the bucket/container (the
+    destination's own prefix already included) and ends with ``/``. It carries the
+    credentials: never log it.
+    """
+    if isinstance(settings, S3Settings):
+        endpoint = settings.endpoint
+        plain = bool(endpoint) and str(endpoint).startswith("http://")
+        out: dict[str, Any] = {
+            "type": "S3",
+            "bucket": settings.bucket,
+            "region": settings.region,
+            "authKey": settings.access_key_id,
+            "authSecret": settings.secret_access_key.get_secret_value(),
+            "skipSSL": plain,
+            "skipStorage": False,
+            "filenamePrefix": filename_prefix,
+        }
+        if endpoint:
+            out["endpoint"] = endpoint
+    else:
+        out = {
+            "type": "SWIFT",
+            "authUrl": settings.auth_url,
+            "domain": settings.user_domain_name or settings.project_domain_name or "Default",
+            "container_name": settings.container,
+            "project_name": settings.project_name or "",
+            "username": settings.username,
+            "password": settings.password.get_secret_value(),
+            "skipStorage": False,
+            "filenamePrefix": filename_prefix,
+        }
+    if filename is not None:
+        out["filename"] = filename
+    return out
+
+
+def database_section(
+    *,
+    host: str,
+    username: str,
+    password: str,
+    database: str,
+    port: int | None,
+    parameters: Any,
+) -> dict[str, Any]:
+    """The ``backup``/``restore`` section. ``parameters`` (a mapping or the protocol's list of
+    single-key objects) become environment variables of the scripts; the instance's port is
+    exported as ``BACKUP_PORT`` unless a parameter sets it."""
+    params: list[dict[str, Any]] = []
+    if isinstance(parameters, dict):
+        params = [{str(k): v} for k, v in parameters.items()]
+    elif isinstance(parameters, list):
+        params = [dict(p) for p in parameters if isinstance(p, dict) and len(p) == 1]
+    if port is not None and not any("BACKUP_PORT" in p for p in params):
+        params.append({"BACKUP_PORT": str(port)})
+    return {
+        "host": host,
+        "username": username,
+        "password": password,
+        "database": database,
+        "parameters": params,
+    }
+
+
+def backup_modes(info: AgentInfo, compress: bool, encrypt: bool) -> tuple[str | None, str | None]:
+    """How a backup will be compressed and encrypted on this agent: by our agent itself
+    (a format name) when ``/status`` lists the capability, else by the scripts (``script``,
+    the old contract), or not at all (``None``)."""
+    compression = (info.compression() or BY_SCRIPT) if compress else None
+    encryption = (ENCRYPTION_NAME if info.encrypts else BY_SCRIPT) if encrypt else None
+    return compression, encryption
+
+
+def missing_capabilities(
+    info: AgentInfo, compression: str | None, encryption: str | None
+) -> list[str]:
+    """What this agent lacks to reverse a restore point's transforms (empty: nothing)."""
+    missing = []
+    wanted = f"compression:{compression}"
+    if compression not in (None, BY_SCRIPT) and wanted not in info.capabilities:
+        missing.append(f"compression:{compression}")
+    if encryption not in (None, BY_SCRIPT) and encryption != ENCRYPTION_NAME:
+        missing.append(f"encryption:{encryption}")
+    elif encryption == ENCRYPTION_NAME and not info.encrypts:
+        missing.append(ENCRYPTION_CAPABILITY)
+    return missing
+
+
+def job_request(
+    kind: Kind,
+    *,
+    agent_job_id: str,
+    info: AgentInfo,
+    compression: str | None,
+    encryption: str | None,
+    encryption_key: str | None,
+    destination: dict[str, Any],
+    section: dict[str, Any],
+) -> dict[str, Any]:
+    """A backup or restore request for either agent kind.
+
+    ``compression`` and ``encryption`` are modes (see :func:`backup_modes`; for a restore,
+    what the restore point item records): a stream format our agent applies itself through
+    ``transform``, ``script`` for the old contract (the ``compression`` flag and the
+    ``encryption_key`` handed to the scripts), or ``None``. Without a key the request says
+    ``"none"``: the Go agent rejects an empty one.
+    """
+    body: dict[str, Any] = {"id": agent_job_id, "destination": destination, kind: section}
+    transform: dict[str, Any] = {}
+    if compression not in (None, BY_SCRIPT):
+        transform["compression"] = compression
+    if encryption == ENCRYPTION_NAME:
+        transform["encryption"] = True
+    body["compression"] = compression is not None
+    body["encryption_key"] = encryption_key if encryption and encryption_key else "none"
+    if info.kind == OURS and transform:
+        body["transform"] = transform
+    return body

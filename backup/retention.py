@@ -1,0 +1,353 @@
+"""Retention: which restore points a plan keeps, and the sweep that deletes the others.
+
+Rules (per plan; a deleted plan's points follow the retention recorded with them):
+
+- ``DAYS``/``HOURS``: a restore point expires ``period`` days/hours after it was created
+  (``created_at``); it is deleted by the first sweep at or after that moment.
+- ``FILES``: the newest ``period`` restore points are kept, older ones are deleted.
+- Whatever the rule, the newest available restore point of a plan is never deleted by
+  retention: a plan whose backups started failing keeps its last good backup.
+- The plan's *current* retention applies to all its points (a longer period keeps old
+  points longer); ``expires_at`` on each point is kept in step for display.
+
+Deleting is files first, record last: the record is marked ``deleting`` (a compare-and-set,
+so concurrent sweeps of several replicas delete each point once), the objects are deleted
+through the storage package, then the record. A storage failure leaves the record in
+``deleting`` and the next sweep retries it, whoever started it (a user's failed delete too).
+
+The sweep also deletes the files that failed or cancelled backup jobs uploaded (recorded on
+the job as ``pending_deletes`` when they could not be deleted at once), so that no file is
+left in storage without a record that leads to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from backup import restore_points
+from backup.clock import Clock, SystemClock
+from backup.restore_points import AVAILABLE, DELETING, StoreOpener
+from backup.secrets import SecretBox, SecretKeyError
+from backup.store import Document, Store
+from storage import StorageError, open_store
+
+log = structlog.get_logger(__name__)
+
+DAYS, HOURS, FILES = "DAYS", "HOURS", "FILES"
+
+
+def expires_at(retention: dict[str, Any] | None, created_at: datetime) -> datetime | None:
+    """When a point created at ``created_at`` expires under ``retention`` (None: by count)."""
+    if not retention:
+        return None
+    period = int(retention["period"])
+    if retention["style"] == DAYS:
+        return created_at + timedelta(days=period)
+    if retention["style"] == HOURS:
+        return created_at + timedelta(hours=period)
+    return None
+
+
+def _newest_first(points: Sequence[Document]) -> list[Document]:
+    return sorted(points, key=lambda p: (p["created_at"], str(p["_id"])), reverse=True)
+
+
+def select_expired(
+    points: Sequence[Document], retention: dict[str, Any] | None, now: datetime
+) -> list[Document]:
+    """The points of one plan that retention deletes now. ``points`` are the plan's
+    available restore points, in any order; the newest is never selected."""
+    if not retention or not points:
+        return []
+    ordered = _newest_first(points)
+    older = ordered[1:]
+    if retention["style"] == FILES:
+        return older[max(0, int(retention["period"]) - 1) :]
+    out = []
+    for point in older:
+        expiry = expires_at(retention, point["created_at"])
+        if expiry is not None and expiry <= now:
+            out.append(point)
+    return out
+
+
+@dataclass
+class SweepResult:
+    deleted: int = 0
+    deleted_bytes: int = 0
+    failed: int = 0
+    skipped: int = 0
+    orphans_deleted: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, other: SweepResult) -> None:
+        self.deleted += other.deleted
+        self.deleted_bytes += other.deleted_bytes
+        self.failed += other.failed
+        self.skipped += other.skipped
+        self.orphans_deleted += other.orphans_deleted
+        self.errors.extend(other.errors)
+
+
+Observer = Callable[[SweepResult], None]
+GONE = "gone"
+# Asked about an abandoned agent job: its object key once it uploaded, GONE when it produced
+# nothing (failed, or unknown to the agent), None while it still runs or cannot be asked.
+Resolver = Callable[[Document], Awaitable[str | None]]
+
+
+class RetentionSweeper:
+    """Applies retention to one plan (after each successful backup) or to all (periodically)."""
+
+    def __init__(
+        self,
+        store: Store,
+        box: SecretBox,
+        *,
+        interval: float = 3600.0,
+        storage_timeout: float = 300.0,
+        clock: Clock | None = None,
+        opener: StoreOpener = open_store,
+        observer: Observer | None = None,
+        resolver: Resolver | None = None,
+        abandon_after: float = 7 * 86400.0,
+    ) -> None:
+        self.store = store
+        self.box = box
+        self.interval = interval
+        self.storage_timeout = storage_timeout
+        self.clock = clock or SystemClock()
+        self.opener = opener
+        self.observer = observer
+        self.resolver = resolver
+        self.abandon_after = timedelta(seconds=abandon_after)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ loop
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="retention-sweeper")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("retention_sweep_failed")
+            await self.clock.wait(self._wake, self.interval)
+            self._wake.clear()
+
+    # ------------------------------------------------------------------ sweeps
+
+    async def run_once(self) -> SweepResult:
+        """One sweep of every plan with restore points, retried deletions included."""
+        async with self._lock:
+            result = SweepResult()
+            plan_ids = await self.store.restore_points.distinct("plan_id", {"state": AVAILABLE})
+            for plan_id in plan_ids:
+                result.add(await self._sweep_plan(plan_id))
+            result.add(await self._retry_deleting())
+            result.add(await self._delete_pending())
+        self._report(result)
+        return result
+
+    async def sweep_plan(self, plan_id: str | None) -> SweepResult:
+        """Retention for one plan, e.g. right after it produced a restore point."""
+        async with self._lock:
+            result = await self._sweep_plan(plan_id)
+        self._report(result)
+        return result
+
+    def _report(self, result: SweepResult) -> None:
+        if result.deleted or result.failed or result.orphans_deleted:
+            log.info(
+                "retention_swept",
+                deleted=result.deleted,
+                deleted_bytes=result.deleted_bytes,
+                failed=result.failed,
+                skipped=result.skipped,
+                orphans_deleted=result.orphans_deleted,
+            )
+        if self.observer is not None:
+            self.observer(result)
+
+    async def _sweep_plan(self, plan_id: str | None) -> SweepResult:
+        result = SweepResult()
+        if plan_id is None:
+            return result
+        points = await self.store.restore_points.find(
+            {"plan_id": plan_id, "state": AVAILABLE},
+            {"secrets": 0},
+        ).to_list()
+        if not points:
+            return result
+        plan = await self.store.plans.find_one({"_id": plan_id}, {"retention": 1})
+        retention = plan.get("retention") if plan else _newest_first(points)[0].get("retention")
+        if not retention:
+            return result
+        now = self.clock.now()
+        await self._align_expiry(points, retention)
+        for point in select_expired(points, retention, now):
+            result.add(await self._delete_point(point, claim=True))
+        return result
+
+    async def _align_expiry(self, points: list[Document], retention: dict[str, Any]) -> None:
+        for point in points:
+            expiry = expires_at(retention, point["created_at"])
+            if point.get("expires_at") != expiry:
+                await self.store.restore_points.update_one(
+                    {"_id": point["_id"], "state": AVAILABLE}, {"$set": {"expires_at": expiry}}
+                )
+
+    async def _retry_deleting(self) -> SweepResult:
+        result = SweepResult()
+        async for point in self.store.restore_points.find({"state": DELETING}, {"secrets": 0}):
+            result.add(await self._delete_point(point, claim=False))
+        return result
+
+    async def _delete_point(self, point: Document, *, claim: bool) -> SweepResult:
+        result = SweepResult()
+        point_id = point["_id"]
+        if claim:
+            marked = await self.store.restore_points.update_one(
+                {"_id": point_id, "state": AVAILABLE}, {"$set": {"state": DELETING}}
+            )
+            if marked.modified_count != 1:
+                return result  # another sweep or a user took it
+        if await restore_points.active_restore(self.store, point_id) is not None:
+            # A restore reads these files: keep them, try again at the next sweep.
+            if claim:
+                await self.store.restore_points.update_one(
+                    {"_id": point_id, "state": DELETING}, {"$set": {"state": AVAILABLE}}
+                )
+            result.skipped += 1
+            return result
+        dest = await self.store.destinations.find_one({"_id": point["destination_id"]})
+        if dest is None:
+            result.failed += 1
+            result.errors.append(f"{point_id}: its destination no longer exists")
+            log.warning("retention_destination_missing", restore_point_id=point_id)
+            return result
+        try:
+            await restore_points.purge(
+                self.store,
+                self.box,
+                point,
+                dest,
+                opener=self.opener,
+                timeout=self.storage_timeout,
+            )
+        except (StorageError, TimeoutError, OSError, ImportError, SecretKeyError) as exc:
+            reason = (
+                "a secret cannot be opened"
+                if isinstance(exc, SecretKeyError)
+                else restore_points.storage_failure(exc)
+            )
+            result.failed += 1
+            result.errors.append(f"{point_id}: {reason}")
+            log.warning("retention_delete_failed", restore_point_id=point_id, reason=reason)
+            return result
+        result.deleted += 1
+        result.deleted_bytes += sum(
+            int(i.get("stored_size") or i.get("size") or 0) for i in point.get("items") or []
+        )
+        log.info("restore_point_deleted", restore_point_id=point_id, plan_id=point.get("plan_id"))
+        return result
+
+    # ------------------------------------------------------------------ failed jobs' files
+
+    async def _delete_pending(self) -> SweepResult:
+        """Files uploaded by backup jobs that then failed (or were cancelled) and could not
+        be deleted at that moment."""
+        result = SweepResult()
+        async for job in self.store.jobs.find(
+            {"pending_deletes.destination_id": {"$exists": True}, "status": {"$ne": "RUNNING"}},
+            {"pending_deletes": 1},
+        ):
+            result.add(await self.delete_job_files(job["_id"], job.get("pending_deletes") or []))
+        return result
+
+    async def delete_job_files(self, job_id: str, pending: list[Document]) -> SweepResult:
+        """Delete what a failed job left (see :meth:`delete_objects`) and record on the job
+        what is still left for the next sweep."""
+        result, left = await self.delete_objects(job_id, pending)
+        if left:
+            await self.store.jobs.update_one({"_id": job_id}, {"$set": {"pending_deletes": left}})
+        else:
+            await self.store.jobs.update_one({"_id": job_id}, {"$unset": {"pending_deletes": ""}})
+        return result
+
+    async def delete_objects(
+        self, job_id: str, pending: list[Document]
+    ) -> tuple[SweepResult, list[Document]]:
+        """Delete the objects a failed backup job uploaded. Each entry is
+        ``{destination_id, key}``, or ``{destination_id, instance_id, agent_job_id, since}``
+        for an agent job abandoned at its deadline whose file name is not known yet (asked of
+        the agent through ``resolver``). Returns what is left to try again later."""
+        result = SweepResult()
+        left: list[Document] = []
+        by_dest: dict[str, list[str]] = {}
+        now = self.clock.now()
+        for entry in pending:
+            if entry.get("key"):
+                by_dest.setdefault(entry["destination_id"], []).append(entry["key"])
+                continue
+            if not entry.get("agent_job_id") or self.resolver is None:
+                continue
+            try:
+                outcome = await self.resolver(entry)
+            except Exception as exc:  # an agent problem must not stop the sweep
+                outcome = None
+                log.warning("abandoned_job_check_failed", job_id=job_id, error=type(exc).__name__)
+            if isinstance(outcome, str) and outcome != GONE:
+                by_dest.setdefault(entry["destination_id"], []).append(outcome)
+            elif outcome == GONE:
+                continue
+            elif now - entry.get("since", now) > self.abandon_after:
+                log.warning(
+                    "abandoned_job_given_up", job_id=job_id, agent_job_id=entry["agent_job_id"]
+                )
+            else:
+                left.append(entry)
+        for dest_id, keys in by_dest.items():
+            dest = await self.store.destinations.find_one({"_id": dest_id})
+            if dest is None:
+                # Nothing can reach those files any more; say so once and let go.
+                log.warning("orphan_destination_missing", job_id=job_id, objects=len(keys))
+                continue
+            try:
+                async with asyncio.timeout(self.storage_timeout):
+                    async with self.opener(restore_points.object_settings(dest, self.box)) as st:
+                        for key in list(keys):
+                            await st.delete(key)
+                            keys.remove(key)
+                            result.orphans_deleted += 1
+            except (StorageError, TimeoutError, OSError, ImportError, SecretKeyError) as exc:
+                reason = restore_points.storage_failure(exc)
+                result.failed += 1
+                result.errors.append(f"job {job_id}: {reason}")
+                log.warning("orphan_delete_failed", job_id=job_id, reason=reason)
+            left.extend({"destination_id": dest_id, "key": k} for k in keys)
+        return result, left

@@ -1,0 +1,259 @@
+"""``GET /metrics``: Prometheus text format, for operators.
+
+Two kinds of figures:
+
+- Counters and histograms of *this replica* (jobs started and finished, durations, fire lag,
+  agent errors, bytes stored, take-overs, retention deletions). Prometheus scrapes every
+  replica; sum over them for the service.
+- Gauges read from the database at scrape time (``backup_jobs{status}``, the oldest queued
+  job's age, RUNNING jobs whose lease expired, restore points stuck in ``deleting``, jobs with
+  files left to delete). They are the same on every replica: they describe the shared queue,
+  which per-replica counters cannot (a job queued by one replica is run by another). Each is
+  a count over an indexed field, bounded by a timeout; if the database does not answer,
+  ``backup_metrics_database_up`` is 0 and the gauges keep their last values.
+
+The endpoint exposes counts and durations only: no instance, plan or job ids, no names, no
+URLs, no credentials. It needs no authentication by default (scrapers usually have none);
+set ``METRICS_USERNAME`` and ``METRICS_PASSWORD`` to require HTTP Basic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from datetime import UTC, datetime
+
+import structlog
+from aiohttp import BasicAuth, web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from pymongo.errors import PyMongoError
+
+from backup.jobs import STATUSES
+from backup.retention import SweepResult
+from backup.runner import RunnerObserver
+from backup.store import Store
+from broker.context import STORE
+
+log = structlog.get_logger(__name__)
+
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 21600, 43200)
+LAG_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600)
+
+
+class MetricsSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    username: str | None = Field(default=None, validation_alias="METRICS_USERNAME")
+    password: SecretStr | None = Field(default=None, validation_alias="METRICS_PASSWORD")
+    db_timeout_seconds: float = Field(
+        default=5.0, gt=0, validation_alias="METRICS_DB_TIMEOUT_SECONDS"
+    )
+
+
+class Metrics(RunnerObserver):
+    """The registry of one app (not the global one: several apps may share a process)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.jobs_started = Counter(
+            "backup_jobs_started_total",
+            "Jobs this replica claimed from the queue.",
+            ["type", "trigger"],
+            registry=r,
+        )
+        self.jobs_finished = Counter(
+            "backup_jobs_finished_total",
+            "Jobs this replica ended, by final status.",
+            ["type", "status"],
+            registry=r,
+        )
+        self.job_duration = Histogram(
+            "backup_job_duration_seconds",
+            "Time from a job's start to its end.",
+            ["type", "status"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.fire_lag = Histogram(
+            "backup_job_fire_lag_seconds",
+            "Time from a scheduled job's fire time to its start on an agent.",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.agent_errors = Counter(
+            "backup_agent_errors_total",
+            "Failed exchanges with agents (unreachable, unauthorized, rejected, busy, "
+            "not_found, bad_response).",
+            ["reason"],
+            registry=r,
+        )
+        self.stored = Counter(
+            "backup_stored_bytes_total",
+            "Bytes of backups confirmed in storage (after compression and encryption).",
+            registry=r,
+        )
+        self.takeovers = Counter(
+            "backup_job_takeovers_total",
+            "RUNNING jobs taken over from a replica that stopped renewing its lease.",
+            registry=r,
+        )
+        self.retention_deleted = Counter(
+            "backup_retention_deleted_total",
+            "Restore points deleted by retention.",
+            registry=r,
+        )
+        self.retention_deleted_bytes = Counter(
+            "backup_retention_deleted_bytes_total",
+            "Stored bytes freed by retention.",
+            registry=r,
+        )
+        self.retention_failures = Counter(
+            "backup_retention_failures_total",
+            "Deletions that failed (storage unreachable...) and wait for the next sweep.",
+            registry=r,
+        )
+        self.orphans_deleted = Counter(
+            "backup_failed_job_objects_deleted_total",
+            "Objects uploaded by failed or cancelled backups, deleted by the sweep.",
+            registry=r,
+        )
+        self.jobs = Gauge("backup_jobs", "Jobs in the database, by status.", ["status"], registry=r)
+        self.oldest_queued = Gauge(
+            "backup_jobs_oldest_queued_seconds",
+            "Age of the oldest QUEUED job (0 when none).",
+            registry=r,
+        )
+        self.lease_expired = Gauge(
+            "backup_jobs_lease_expired",
+            "RUNNING jobs whose holder stopped renewing (about to be taken over).",
+            registry=r,
+        )
+        self.points_deleting = Gauge(
+            "backup_restore_points_deleting",
+            "Restore points whose deletion failed and is retried by the sweep.",
+            registry=r,
+        )
+        self.pending_deletes = Gauge(
+            "backup_jobs_with_pending_deletes",
+            "Failed backups whose uploaded files still wait to be deleted.",
+            registry=r,
+        )
+        self.active = Gauge(
+            "backup_runner_active_jobs", "Jobs this replica drives now.", registry=r
+        )
+        self.db_up = Gauge(
+            "backup_metrics_database_up",
+            "1 if the database answered the last scrape's queries.",
+            registry=r,
+        )
+        self.runner_active = lambda: 0
+
+    # -- RunnerObserver
+
+    def job_started(self, job_type: str, trigger: str, lag_seconds: float | None) -> None:
+        self.jobs_started.labels(job_type or "unknown", trigger or "unknown").inc()
+        if lag_seconds is not None:
+            self.fire_lag.observe(lag_seconds)
+
+    def job_finished(self, job_type: str, status: str, seconds: float | None) -> None:
+        self.jobs_finished.labels(job_type, status).inc()
+        if seconds is not None:
+            self.job_duration.labels(job_type, status).observe(max(0.0, seconds))
+
+    def agent_error(self, reason: str) -> None:
+        self.agent_errors.labels(reason).inc()
+
+    def bytes_stored(self, nbytes: int) -> None:
+        self.stored.inc(max(0, nbytes))
+
+    def takeover(self) -> None:
+        self.takeovers.inc()
+
+    def swept(self, result: SweepResult) -> None:
+        self.retention_deleted.inc(result.deleted)
+        self.retention_deleted_bytes.inc(result.deleted_bytes)
+        self.retention_failures.inc(result.failed)
+        self.orphans_deleted.inc(result.orphans_deleted)
+
+    # -- scrape
+
+    async def refresh(self, store: Store, timeout: float) -> None:
+        self.active.set(self.runner_active())
+        try:
+            async with asyncio.timeout(timeout):
+                counts = await asyncio.gather(
+                    *(store.jobs.count_documents({"status": s}) for s in STATUSES)
+                )
+                now = datetime.now(UTC)
+                oldest = await store.jobs.find_one(
+                    {"status": "QUEUED"}, {"created_at": 1}, sort=[("created_at", 1)]
+                )
+                expired = await store.jobs.count_documents(
+                    {"status": "RUNNING", "lease_expires_at": {"$lt": now}}
+                )
+                deleting = await store.restore_points.count_documents({"state": "deleting"})
+                pending = await store.jobs.count_documents(
+                    {"pending_deletes.destination_id": {"$exists": True}}
+                )
+        except (PyMongoError, TimeoutError) as exc:
+            log.warning("metrics_database_unavailable", error=type(exc).__name__)
+            self.db_up.set(0)
+            return
+        for status, n in zip(STATUSES, counts, strict=True):
+            self.jobs.labels(status).set(n)
+        age = (now - oldest["created_at"]).total_seconds() if oldest else 0.0
+        self.oldest_queued.set(max(0.0, age))
+        self.lease_expired.set(expired)
+        self.points_deleting.set(deleting)
+        self.pending_deletes.set(pending)
+        self.db_up.set(1)
+
+
+METRICS = web.AppKey("metrics", Metrics)
+METRICS_SETTINGS = web.AppKey("metrics_settings", MetricsSettings)
+
+
+def _authorized(request: web.Request, settings: MetricsSettings) -> bool:
+    if not settings.password:
+        return True
+    header = request.headers.get("Authorization", "")
+    try:
+        given = BasicAuth.decode(header)
+    except ValueError:
+        return False
+    ok_user = hmac.compare_digest(given.login.encode(), (settings.username or "").encode())
+    ok_pw = hmac.compare_digest(
+        given.password.encode(), settings.password.get_secret_value().encode()
+    )
+    return ok_user and ok_pw
+
+
+async def metrics(request: web.Request) -> web.Response:
+    settings = request.app[METRICS_SETTINGS]
+    if not _authorized(request, settings):
+        return web.json_response(
+            {"error": "unauthorized", "description": "Send the metrics credentials (HTTP Basic)."},
+            status=401,
+            headers={"WWW-Authenticate": 'Basic realm="metrics"'},
+        )
+    m = request.app[METRICS]
+    await m.refresh(request.app[STORE], settings.db_timeout_seconds)
+    return web.Response(
+        body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+def setup(app: web.Application) -> Metrics:
+    app[METRICS] = Metrics()
+    app[METRICS_SETTINGS] = MetricsSettings()
+    app.router.add_get("/metrics", metrics)
+    return app[METRICS]
