@@ -8,6 +8,7 @@ import hmac
 import json
 from typing import Any
 
+import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
@@ -15,17 +16,26 @@ from agent import __version__, transforms
 from agent.config import AgentConfig
 from agent.destinations import to_settings
 from agent.jobs import Kind
-from agent.models import BackupRequest, DeleteRequest, RestoreRequest, describe_errors
+from agent.models import (
+    BackupRequest,
+    DeleteRequest,
+    RestoreRequest,
+    describe_errors,
+    safe_error,
+)
 from agent.service import Agent
 
+log = structlog.get_logger("agent")
+
 AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent", Agent)
+# (ours) What the manager may rely on beyond the Go agent's protocol.
 CAPABILITIES = [
-    *(f"compression:{c}" for c in transforms.COMPRESSIONS),
-    f"encryption:{transforms.ENCRYPTION_NAME}",
-    "persistent-jobs",
-    "unlock-always",
-    "secrets-in-env",
-    "checksum-sha256",
+    *(f"compression:{c}" for c in transforms.COMPRESSIONS),  # transform.compression
+    f"encryption:{transforms.ENCRYPTION_NAME}",  # transform.encryption
+    "checksum:sha256",  # checksum / stored_size in the backup state; restore verifies it
+    "persistent-jobs",  # job state survives a restart; interrupted jobs end FAILED
+    "unlock-always",  # the unlock script runs whenever the lock script succeeded
+    "secrets-in-env",  # passwords and keys never on a command line
 ]
 
 
@@ -33,8 +43,14 @@ def _json(status: int, body: dict[str, Any]) -> web.Response:
     return web.json_response(body, status=status)
 
 
-def _error(status: int, message: str) -> web.Response:
-    return _json(status, {"message": message})
+def _error(http_status: int, code: str, description: str, **extra: Any) -> web.Response:
+    """Go agent clients read ``message`` (and ``state`` / ``error_message`` where it sets
+    them); ours read the stable ``error`` code and the ``description``."""
+    body = {"message": description, **extra, "error": code, "description": description}
+    return _json(http_status, body)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 
 
 def _auth_middleware(cfg: AgentConfig) -> Any:
@@ -65,7 +81,10 @@ def _auth_middleware(cfg: AgentConfig) -> Any:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return web.json_response({"message": exc.reason}, status=exc.status)
+            return _error(exc.status, _HTTP_CODES.get(exc.status, "http_error"), exc.reason)
+        except Exception as exc:
+            log.error("request_failed", path=request.path, method=request.method, **safe_error(exc))
+            return _error(500, "internal_error", "the agent failed to handle the request")
 
     return middleware
 
@@ -74,9 +93,9 @@ async def _body(request: web.Request) -> dict[str, Any] | web.Response:
     try:
         data = await request.json(loads=json.loads)
     except (ValueError, UnicodeDecodeError):
-        return _error(400, "the request body must be a JSON object")
+        return _error(400, "invalid_request", "the request body must be a JSON object")
     if not isinstance(data, dict):
-        return _error(400, "the request body must be a JSON object")
+        return _error(400, "invalid_request", "the request body must be a JSON object")
     return data
 
 
@@ -84,6 +103,19 @@ async def status(request: web.Request) -> web.Response:
     return _json(
         200,
         {"message": "Client is running", "version": __version__, "capabilities": CAPABILITIES},
+    )
+
+
+def _rejected(kind: Kind, description: str) -> web.Response:
+    """400 with the Go agent's failed-job body, so its clients find ``error_message``."""
+    return _error(
+        400,
+        "invalid_request",
+        description,
+        status="FAILED",
+        message=f"{kind.capitalize()} failed.",
+        state="Body Deserialization",
+        error_message=description,
     )
 
 
@@ -96,7 +128,7 @@ async def _start(request: web.Request, kind: Kind) -> web.Response:
     try:
         req = model.model_validate(data)
     except ValidationError as exc:
-        return _error(400, describe_errors(exc))
+        return _rejected(kind, describe_errors(exc))
     dest = req.destination
     missing: list[str] = []
     if not agent.skip_storage(dest):
@@ -104,19 +136,28 @@ async def _start(request: web.Request, kind: Kind) -> web.Response:
     if kind == "restore" and not dest.filename:
         missing.append("destination.filename")
     if missing:
-        return _error(400, "missing or invalid field: " + ", ".join(missing))
+        return _rejected(kind, "missing or invalid field: " + ", ".join(missing))
     if not agent.skip_storage(dest):
         try:
             to_settings(dest, agent.cfg)
         except ValidationError as exc:
-            return _error(400, "invalid destination: " + describe_errors(exc))
-    # No await from here to submit(): the id check and the slot count cannot race.
+            return _rejected(kind, "invalid destination: " + describe_errors(exc))
+    # No await from here to submit(): the id check and the slot count cannot race, and a
+    # rejected request never holds a slot.
     existing = agent.get(kind, req.id)
     if existing is not None:
         return _json(409, existing.public())
     if agent.running_count() >= agent.cfg.max_job_number:
+        description = (
+            f"{agent.running_count()} jobs are running, the limit (max_job_number) is "
+            f"{agent.cfg.max_job_number}; retry when one has finished"
+        )
         return _error(
-            429, f"too many jobs running (max_job_number={agent.cfg.max_job_number}); retry later"
+            429,
+            "too_many_jobs",
+            description,
+            state="Job reservation",
+            error_message=description,
         )
     agent.submit(kind, req)
     return web.Response(status=201)
@@ -133,7 +174,7 @@ async def start_restore(request: web.Request) -> web.Response:
 async def _get(request: web.Request, kind: Kind) -> web.Response:
     job = request.app[AGENT_KEY].get(kind, request.match_info["id"])
     if job is None:
-        return _error(404, f"no {kind} job with this id")
+        return _error(404, "job_not_found", f"no {kind} job with this id")
     return _json(200, job.public())
 
 
@@ -153,13 +194,18 @@ async def _delete(request: web.Request, kind: Kind) -> web.Response:
     try:
         req = DeleteRequest.model_validate(data)
     except ValidationError as exc:
-        return _error(400, describe_errors(exc))
+        return _error(400, "invalid_request", describe_errors(exc))
     job = agent.get(kind, req.id)
     if job is None:
-        return _error(410, f"no {kind} job with this id")
+        return _error(410, "job_not_found", f"no {kind} job with this id")
     if job.status == "RUNNING":
         # Forgetting a running job would let the same id start a second run beside it.
-        return _json(409, {**job.public(), "message": "the job is still running"})
+        return _error(
+            409,
+            "job_running",
+            "the job is still running; delete it once it has finished",
+            state=job.state,
+        )
     agent.forget(kind, req.id)
     return _json(200, {"message": f"{kind} job {req.id} deleted"})
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class AgentConfig(BaseSettings):
-    """Every field is read from the environment variable of the same name (case-insensitive)."""
+    """Every field is read from the environment variable of the same name (case-insensitive).
+    The first block are the Go agent's names and defaults; the rest are ours."""
 
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
 
@@ -19,7 +21,7 @@ class AgentConfig(BaseSettings):
     client_host: str = "0.0.0.0"
     directory_backup: Path = Path("/var/vcap/store/backup-agent/backup")
     directory_restore: Path = Path("/var/vcap/store/backup-agent/restore")
-    scripts_path: Path = Path("/var/vcap/jobs/backup-agent/scripts")
+    scripts_path: Path = Path("/var/vcap/jobs/backup-agent/backup")
     allowed_to_delete_files: bool = False
     skip_storage: bool | None = None
     """When set, overrides the request's ``skipStorage``."""
@@ -27,13 +29,21 @@ class AgentConfig(BaseSettings):
     max_job_number: int = Field(default=10, ge=1, le=1000)
     # ours
     state_directory: Path | None = None
+    """Job state (default ``<directory_backup>/.agent-state``)."""
     stage_timeout_seconds: float = Field(default=3600.0, gt=0)
+    """Each script is killed, with its whole process group, after this long."""
     log_limit_bytes: int = Field(default=64 * 1024, ge=1024)
+    """Per stage and stream, the tail of stdout / stderr kept in the job state."""
     job_retention_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
+    """Finished jobs are forgotten this long after they ended."""
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    secrets_via: Literal["env", "fd"] = "env"
+    """How scripts receive secrets: environment variables, or (``fd``) an in-memory file
+    named by ``AGENT_SECRETS_FILE`` that the script sources, leaving its environment clean."""
     positional_secrets: bool = False
-    """Compatibility: pass password and encryption key as positional script arguments."""
+    """Compatibility: also pass password and encryption key as positional script arguments
+    (visible in ``ps``), as the Go agent does."""
     s3_part_size: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
     s3_max_concurrency: int = Field(default=4, ge=1, le=32)
 

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import re
+import traceback
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
+NO_KEY = "none"
 
 
 def check_name(value: str, what: str) -> str:
@@ -28,7 +38,7 @@ def check_name(value: str, what: str) -> str:
 def check_prefix(value: str) -> str:
     if "\x00" in value or "\\" in value or value.startswith("/"):
         raise ValueError("filenamePrefix must be relative and must not contain NUL or '\\'")
-    if any(part in (".", "..") for part in value.split("/")[:-1]) or value in (".", ".."):
+    if any(part in (".", "..") for part in value.split("/")):
         raise ValueError("filenamePrefix must not contain '.' or '..' segments")
     if len(value) > 512:
         raise ValueError("filenamePrefix is too long")
@@ -36,28 +46,28 @@ def check_prefix(value: str) -> str:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
+    model_config = ConfigDict(extra="ignore")
 
 
 class Destination(_Model):
     type: Literal["S3", "SWIFT"]
     skipStorage: bool = False
-    filenamePrefix: str | None = None
+    filenamePrefix: str = ""
     filename: str | None = None
     # S3
-    bucket: str | None = None
-    region: str | None = None
-    endpoint: str | None = None
-    authKey: str | None = None
-    authSecret: str | None = Field(default=None, repr=False)
+    bucket: str = ""
+    region: str = ""
+    endpoint: str = ""
+    authKey: str = ""
+    authSecret: str = Field(default="", repr=False)
     skipSSL: bool = False
     # Swift
-    authUrl: str | None = None
-    domain: str | None = None
-    container_name: str | None = None
-    project_name: str | None = None
-    username: str | None = None
-    password: str | None = Field(default=None, repr=False)
+    authUrl: str = ""
+    domain: str = ""
+    container_name: str = ""
+    project_name: str = ""
+    username: str = ""
+    password: str = Field(default="", repr=False)
 
     @field_validator("type", mode="before")
     @classmethod
@@ -66,8 +76,8 @@ class Destination(_Model):
 
     @field_validator("filenamePrefix")
     @classmethod
-    def _prefix(cls, v: str | None) -> str | None:
-        return None if v is None else check_prefix(v)
+    def _prefix(cls, v: str) -> str:
+        return check_prefix(v)
 
     @field_validator("filename")
     @classmethod
@@ -85,25 +95,65 @@ class Destination(_Model):
             missing.append("destination.filenamePrefix (must end with '/')")
         return missing
 
+    def script_env(self) -> tuple[dict[str, str], dict[str, str]]:
+        """With skipStorage the script reaches the store itself: the Go agent's variable names
+        (``S3_*``, ``SWIFT_*``), endpoint and region *not* swapped. Returns (plain, secret)."""
+        if self.type == "S3":
+            plain = {
+                "S3_BUCKET": self.bucket,
+                "S3_ENDPOINT": self.endpoint,
+                "S3_REGION": self.region,
+                "S3_AUTHKEY": self.authKey,
+                "S3_SKIPSSL": str(self.skipSSL).lower(),
+                "S3_FILENAMEPREFIX": self.filenamePrefix,
+            }
+            return plain, {"S3_AUTHSECRET": self.authSecret}
+        plain = {
+            "SWIFT_AUTHURL": self.authUrl,
+            "SWIFT_DOMAIN": self.domain,
+            "SWIFT_CONTAINERNAME": self.container_name,
+            "SWIFT_PROJECTNAME": self.project_name,
+            "SWIFT_USERNAME": self.username,
+        }
+        return plain, {"SWIFT_PASSWORD": self.password}
+
+    def public(self) -> dict[str, Any]:
+        """The destination fields the Go agent echoes in its job state (no secrets); empty
+        ones are left out, as its ``omitempty`` does."""
+        fields = {
+            "region": self.region,
+            "endpoint": self.endpoint,
+            "bucket": self.bucket,
+            "authUrl": self.authUrl,
+            "domain": self.domain,
+            "container_name": self.container_name,
+            "project_name": self.project_name,
+        }
+        return {k: v for k, v in fields.items() if v}
+
+
+Scalar = str | int | float | bool | None
+
 
 class DatabaseSection(_Model):
-    host: str
-    username: str
+    host: str = Field(min_length=1)
+    # The Go agent's README shows "user"; its code reads "username". Both are accepted.
+    username: str = Field(validation_alias=AliasChoices("username", "user"))
     password: str = Field(repr=False)
-    database: str
-    parameters: list[dict[str, str | int | float | bool | None]] = Field(default_factory=list)
+    database: str = Field(min_length=1)
+    parameters: list[dict[str, Scalar]] = Field(default_factory=list)
 
     @field_validator("parameters")
     @classmethod
-    def _params(
-        cls, v: list[dict[str, str | int | float | bool | None]]
-    ) -> list[dict[str, str | int | float | bool | None]]:
+    def _params(cls, v: list[dict[str, Scalar]]) -> list[dict[str, Scalar]]:
         for item in v:
             if len(item) != 1:
                 raise ValueError("each parameter must be an object with exactly one key")
-            (name,) = item
+            ((name, value),) = item.items()
             if not _ENV_NAME.match(name):
-                raise ValueError("parameter names must be valid environment variable names")
+                raise ValueError(f"parameter name {name!r} is not a valid environment variable")
+            if isinstance(value, str) and "\x00" in value:
+                raise ValueError(f"parameter {name} must not contain NUL")
         return v
 
     def env(self) -> dict[str, str]:
@@ -112,17 +162,15 @@ class DatabaseSection(_Model):
             for k, val in item.items():
                 if isinstance(val, bool):
                     out[k] = "true" if val else "false"
-                elif val is None:
-                    out[k] = ""
                 else:
-                    out[k] = str(val)
-                if "\x00" in out[k]:
-                    raise ValueError("parameter values must not contain NUL")
+                    out[k] = "" if val is None else str(val)
         return out
 
 
 class Transform(_Model):
-    """(ours) The manager asks the agent to compress and/or encrypt the stream itself."""
+    """(ours) The agent compresses and/or encrypts the stream itself while it uploads, and
+    reverses both while it downloads. The top-level ``compression`` and ``encryption_key``
+    still say *whether*; this says that the agent, not the script, does it."""
 
     compression: Literal["zstd", "gzip"] | None = None
     encryption: bool = False
@@ -130,8 +178,8 @@ class Transform(_Model):
 
 class _Job(_Model):
     id: str
-    compression: bool
-    encryption_key: str = Field(repr=False)
+    compression: bool = False  # the Go agent's default
+    encryption_key: str = Field(min_length=1, repr=False)
     destination: Destination
     transform: Transform | None = None
 
@@ -147,7 +195,7 @@ class _Job(_Model):
 
     @property
     def has_key(self) -> bool:
-        return self.encryption_key not in ("", "none")
+        return self.encryption_key != NO_KEY
 
     @property
     def agent_compression(self) -> str | None:
@@ -158,6 +206,16 @@ class _Job(_Model):
     @property
     def agent_encryption(self) -> bool:
         return bool(self.transform and self.transform.encryption and self.has_key)
+
+    @property
+    def script_compression(self) -> bool:
+        """What the script is told: compress yourself (false when the agent does it)."""
+        return self.compression and not self.agent_compression
+
+    @property
+    def script_key(self) -> str | None:
+        """The key the script must encrypt with itself, if any."""
+        return self.encryption_key if self.has_key and not self.agent_encryption else None
 
 
 class BackupRequest(_Job):
@@ -170,6 +228,15 @@ class BackupRequest(_Job):
 
 class RestoreRequest(_Job):
     restore: DatabaseSection
+    checksum: str | None = None
+    """(ours) ``sha256:<hex>`` of the stored object: the download is verified against it."""
+
+    @field_validator("checksum")
+    @classmethod
+    def _checksum(cls, v: str | None) -> str | None:
+        if v is not None and not _SHA256.match(v):
+            raise ValueError("checksum must be 'sha256:' followed by 64 lower-case hex digits")
+        return v
 
     @property
     def section(self) -> DatabaseSection:
@@ -177,16 +244,23 @@ class RestoreRequest(_Job):
 
 
 class DeleteRequest(_Model):
-    id: str
+    id: str = Field(min_length=1)
 
 
 def describe_errors(exc: ValidationError) -> str:
     """Location and reason of each error; never the input, which may be a secret."""
     parts = []
-    for err in exc.errors():
+    for err in exc.errors(include_input=False, include_url=False):
         loc = ".".join(str(p) for p in err["loc"]) or "body"
-        msg = err["msg"]
-        if err["type"] == "missing":
-            msg = "field required"
+        msg = "field required" if err["type"] == "missing" else err["msg"]
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
+
+
+def safe_error(exc: BaseException) -> dict[str, str]:
+    """Log fields for an unexpected exception: its type, message and own traceback, but not
+    the exceptions chained to it, and never pydantic's echo of the input (a request body
+    holds passwords)."""
+    message = describe_errors(exc) if isinstance(exc, ValidationError) else str(exc)
+    frames = traceback.format_tb(exc.__traceback__)
+    return {"error": f"{type(exc).__name__}: {message}", "traceback": "".join(frames)}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -32,6 +34,18 @@ class StageResult:
         if self.timed_out:
             return f"script {self.stage} timed out and was killed"
         return f"script {self.stage} exited with status {self.returncode}"
+
+
+def secrets_fd(secrets: dict[str, str]) -> int:
+    """An anonymous in-memory file holding ``NAME='value'`` lines, for a script to read with
+    ``. "$AGENT_SECRETS_FILE"``: the values reach neither the command line nor the
+    environment, and nothing touches the disk. Re-opening ``/dev/fd/N`` starts at offset 0,
+    so it can be read more than once."""
+    fd = os.memfd_create("agent-secrets", os.MFD_CLOEXEC)
+    data = "".join(f"{k}={shlex.quote(v)}\n" for k, v in secrets.items()).encode()
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 def find_script(scripts_path: Path, stage: str) -> Path | None:
@@ -71,11 +85,16 @@ async def run_script(
     cwd: Path,
     timeout: float,
     log_limit: int,
+    pass_fds: tuple[int, ...] = (),
     on_start: Callable[[int], None] | None = None,
 ) -> StageResult:
     """Run ``path`` in its own session; on timeout or cancellation the whole process group
-    is killed so that no child (pg_dump, ...) outlives the stage."""
-    cmd = [str(path), *args] if os.access(path, os.X_OK) else ["/bin/sh", str(path), *args]
+    is killed so that no child (pg_dump, ...) outlives the stage. An executable script runs
+    through its own shebang; a plain file through bash, as the Go agent runs every script."""
+    if os.access(path, os.X_OK):
+        cmd = [str(path), *args]
+    else:
+        cmd = [shutil.which("bash") or "/bin/sh", str(path), *args]
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         *cmd,
@@ -85,6 +104,7 @@ async def run_script(
         env=env,
         cwd=str(cwd),
         start_new_session=True,
+        pass_fds=pass_fds,
     )
     assert proc.stdout is not None and proc.stderr is not None
     if on_start is not None:

@@ -8,7 +8,8 @@ import os
 import re
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,16 @@ from agent import transforms
 from agent.config import AgentConfig
 from agent.destinations import to_settings, transfer_settings
 from agent.jobs import RESTART_REASON, JobState, Kind, StateStore
-from agent.models import BackupRequest, Destination, RestoreRequest, describe_errors
-from agent.scripts import (
-    MANDATORY,
-    StageResult,
-    find_script,
-    kill_leftover_group,
-    run_script,
+from agent.models import (
+    NO_KEY,
+    BackupRequest,
+    Destination,
+    RestoreRequest,
+    describe_errors,
+    safe_error,
 )
+from agent.scripts import MANDATORY, StageResult, find_script, kill_leftover_group, run_script
+from agent.scripts import secrets_fd as make_secrets_fd
 
 log = structlog.get_logger("agent")
 
@@ -39,10 +42,15 @@ BACKUP_STAGES = (
     "post-backup-unlock",
 )
 RESTORE_STAGES = ("pre-restore-lock", "restore", "restore-cleanup", "post-restore-unlock")
+UNLOCK = {"backup": "post-backup-unlock", "restore": "post-restore-unlock"}
 PLACEHOLDER = "-"
 READ_BLOCK = 4 * 1024 * 1024
-# Variables of the agent's own environment that scripts must never see.
-_HIDDEN_ENV = {"client_password", "client_username"}
+SECRET_NAMES = frozenset({"BACKUP_PASSWORD", "ENCRYPTION_KEY", "S3_AUTHSECRET", "SWIFT_PASSWORD"})
+# Variables of the agent's own environment that scripts must never see (compared lower-case).
+_HIDDEN_ENV = frozenset(
+    {"client_password", "client_username", "agent_secrets_file", "agent_secrets_fd"}
+    | {n.lower() for n in SECRET_NAMES}
+)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -50,10 +58,18 @@ class JobFailed(Exception):
     """A step failed; the message is safe to show and to log."""
 
 
+@dataclass(slots=True)
+class ScriptEnv:
+    """What a script sees: plain variables, and secrets delivered as ``secrets_via`` says."""
+
+    plain: dict[str, str]
+    secrets: dict[str, str] = field(default_factory=dict)
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
-        self.store = StateStore(cfg.state_dir)
+        self.store = StateStore(cfg.state_dir, cfg.client_password.get_secret_value())
         self.jobs: dict[Kind, dict[str, JobState]] = {"backup": {}, "restore": {}}
         self.tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -63,10 +79,11 @@ class Agent:
     async def start(self) -> None:
         for d in (self.cfg.directory_backup, self.cfg.directory_restore):
             d.mkdir(parents=True, exist_ok=True)
-        await self.recover()
+        self._recover()
         self._sweeper = asyncio.create_task(self._sweep_loop())
 
     async def stop(self) -> None:
+        """Cancel every job: each runs its unlock script before it ends (SIGTERM path)."""
         if self._sweeper:
             self._sweeper.cancel()
         tasks = list(self.tasks.values())
@@ -75,65 +92,67 @@ class Agent:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def recover(self) -> None:
+    def _recover(self) -> None:
         """Jobs of a previous run: finished ones answer again; running ones failed with the
-        agent, and the database they locked is unlocked now."""
+        agent. Each of those is finished in the background (holding a job slot): its script
+        group killed, its half-written upload deleted, its database unlocked."""
         for job in self.store.load_all():
             if self._expired(job):
                 self.store.remove(job.kind, job.id)
                 continue
-            if job.status == "RUNNING":
-                job.finish(False, f"{job.kind.capitalize()} failed", RESTART_REASON)
-                log.warning("job_interrupted", job_id=job.id, kind=job.kind, stage=job.state)
-                if job.script_pid and kill_leftover_group(job.script_pid):
-                    log.warning("leftover_script_killed", job_id=job.id, pid=job.script_pid)
-                job.script_pid = None
-                if job.upload_in_progress and job.upload_key:
-                    await self._delete_orphan(job)
-                if job.lock_succeeded and not job.unlock_done:
-                    stage = "post-backup-unlock" if job.kind == "backup" else "post-restore-unlock"
-                    args = [job.database] if job.kind == "backup" else []
-                    env = self._base_env()
-                    env.update(
-                        JOB_ID=job.id,
-                        BACKUP_HOST=job.host,
-                        BACKUP_USERNAME=job.username,
-                        BACKUP_DATABASE=job.database,
-                    )
-                    try:
-                        result = await self._stage(job, stage, args, env, save=False)
-                        if not result.ok:
-                            job.error_message += f"; {result.failure()}"
-                    except Exception as exc:
-                        job.error_message += f"; {stage} could not run: {type(exc).__name__}"
-                    job.unlock_done = True
-                job.state = "finished"
-                self.store.save(job)
-                # What the interrupted job left (a partial dump or download) is useless.
-                base = (
-                    self.cfg.directory_backup
-                    if job.kind == "backup"
-                    else self.cfg.directory_restore
-                )
-                shutil.rmtree(base / job.id, ignore_errors=True)
             self.jobs[job.kind][job.id] = job
+            if job.status == "RUNNING":
+                log.warning("job_interrupted", job_id=job.id, kind=job.kind, stage=job.state)
+                self._spawn(job, self._finish_interrupted(job))
 
-    async def _delete_orphan(self, job: JobState) -> None:
-        raw = self.store.load_destination(job.kind, job.id)
-        if raw is None or job.upload_key is None:
+    async def _finish_interrupted(self, job: JobState) -> None:
+        error = f"{RESTART_REASON} (stage {job.state})"
+        try:
+            if job.script_pid and kill_leftover_group(job.script_pid):
+                log.warning("leftover_script_killed", job_id=job.id, pid=job.script_pid)
+            job.script_pid = None
+            sealed = self.store.load_secrets(job.kind, job.id)
+            if job.upload_in_progress and job.upload_key:
+                await self._delete_orphan(job, (sealed or {}).get("destination"))
+            if job.lock_succeeded and not job.unlock_done:
+                if sealed is None:
+                    error += "; its sealed credentials were unreadable: unlock ran without them"
+                env = self._recovery_env(job, sealed or {})
+                error = await self._unlock(job, env, error) or error
+        finally:
+            base = self.cfg.directory_backup if job.kind == "backup" else self.cfg.directory_restore
+            shutil.rmtree(base / job.id, ignore_errors=True)
+            self._finish(job, error)
+
+    def _recovery_env(self, job: JobState, sealed: dict[str, Any]) -> ScriptEnv:
+        plain = self._base_env()
+        plain.update(sealed.get("parameters") or {})
+        plain.update(
+            JOB_ID=job.id,
+            BACKUP_HOST=job.host,
+            BACKUP_USERNAME=job.username,
+            BACKUP_DATABASE=job.database,
+            AGENT_RECOVERY="true",
+        )
+        secrets = {}
+        if sealed.get("password") is not None:
+            secrets["BACKUP_PASSWORD"] = sealed["password"]
+        return ScriptEnv(plain, secrets)
+
+    async def _delete_orphan(self, job: JobState, raw: dict[str, Any] | None) -> None:
+        """Delete what an interrupted upload left: the object, its multipart parts or segments."""
+        key = job.upload_key
+        if raw is None or key is None:
+            log.warning("orphan_unknown_destination", job_id=job.id, key=key)
             return
         try:
-            from storage import open_store
-
             dest = Destination.model_validate(raw)
-            async with open_store(to_settings(dest, self.cfg), transfer_settings(self.cfg)) as st:
-                await st.delete(job.upload_key)
-            log.info("orphan_deleted", job_id=job.id, key=job.upload_key)
-        except Exception as exc:
-            log.warning("orphan_delete_failed", job_id=job.id, error=type(exc).__name__)
-        finally:
-            self.store.drop_destination(job.kind, job.id)
+            async with self._open_store(dest) as store:
+                await store.delete(key)
             job.upload_in_progress = False
+            log.info("orphan_deleted", job_id=job.id, key=key)
+        except Exception as exc:
+            log.warning("orphan_delete_failed", job_id=job.id, key=key, error=_storage_error(exc))
 
     def _expired(self, job: JobState) -> bool:
         return (
@@ -146,11 +165,11 @@ class Agent:
         interval = max(0.5, min(60.0, self.cfg.job_retention_seconds / 4))
         while True:
             await asyncio.sleep(interval)
-            for kind in ("backup", "restore"):
-                for job_id, job in list(self.jobs[kind].items()):  # type: ignore[index]
+            for kind, jobs in self.jobs.items():
+                for job_id, job in list(jobs.items()):
                     if self._expired(job):
                         try:
-                            self.forget(kind, job_id)  # type: ignore[arg-type]
+                            self.forget(kind, job_id)
                         except OSError as exc:
                             log.warning("forget_failed", job_id=job_id, error=str(exc))
 
@@ -166,37 +185,58 @@ class Agent:
         self.jobs[kind].pop(job_id, None)
         self.store.remove(kind, job_id)
 
+    def skip_storage(self, dest: Destination) -> bool:
+        return self.cfg.skip_storage if self.cfg.skip_storage is not None else dest.skipStorage
+
     def submit(self, kind: Kind, req: BackupRequest | RestoreRequest) -> JobState:
         """Registers and starts the job. The caller has checked id and capacity without an
         await in between, so no other request can take the slot or the id meanwhile."""
-        sec = req.section
+        sec, dest = req.section, req.destination
         job = JobState(
             id=req.id,
             kind=kind,
-            message=f"{kind.capitalize()} started",
+            message=f"{kind} is running",
+            type=dest.type,
+            compression=req.compression,
+            skip_storage=self.skip_storage(dest),
+            skipSSL=dest.skipSSL,
+            destination=dest.public(),
+            filenamePrefix=dest.filenamePrefix,
             database=sec.database,
             host=sec.host,
             username=sec.username,
-            filenamePrefix=req.destination.filenamePrefix,
-            compression=req.agent_compression,
-            encryption=transforms.ENCRYPTION_NAME if req.agent_encryption else None,
+            transform={
+                "compression": req.agent_compression,
+                "encryption": transforms.ENCRYPTION_NAME if req.agent_encryption else None,
+            },
         )
         for stage in BACKUP_STAGES if kind == "backup" else RESTORE_STAGES:
             job.logs[stage] = {"log": "", "errorlog": ""}
         self.store.save(job)
+        self.store.save_secrets(
+            kind,
+            job.id,
+            {
+                "password": sec.password,
+                "parameters": sec.env(),
+                "destination": None if job.skip_storage else dest.model_dump(),
+            },
+        )
         self.jobs[kind][job.id] = job
-        key = (kind, job.id)
-        runner = self._backup(job, req) if kind == "backup" else self._restore(job, req)  # type: ignore[arg-type]
-        task = asyncio.create_task(runner)
-        self.tasks[key] = task
-        task.add_done_callback(lambda _t: self.tasks.pop(key, None))
+        if isinstance(req, BackupRequest):
+            self._spawn(job, self._backup(job, req))
+        else:
+            self._spawn(job, self._restore(job, req))
         log.info("job_started", job_id=job.id, kind=kind, database=sec.database)
         return job
 
-    def skip_storage(self, dest: Destination) -> bool:
-        return self.cfg.skip_storage if self.cfg.skip_storage is not None else dest.skipStorage
+    def _spawn(self, job: JobState, coro: Coroutine[Any, Any, None]) -> None:
+        key = (job.kind, job.id)
+        task = asyncio.create_task(coro)
+        self.tasks[key] = task
+        task.add_done_callback(lambda _t: self.tasks.pop(key, None))
 
-    # ---------------------------------------------------------------- helpers
+    # ---------------------------------------------------------------- scripts
 
     def _base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k.lower() not in _HIDDEN_ENV}
@@ -204,48 +244,49 @@ class Agent:
         env["directory_restore"] = str(self.cfg.directory_restore)
         return env
 
-    def _env(self, job: JobState, req: BackupRequest | RestoreRequest) -> dict[str, str]:
+    def _script_env(
+        self, job: JobState, req: BackupRequest | RestoreRequest, **extra: str
+    ) -> ScriptEnv:
         sec = req.section
-        env = self._base_env()
-        env.update(sec.env())  # the request extends the agent's environment
-        env.update(
+        plain = self._base_env()
+        plain.update(sec.env())  # the request extends the agent's environment
+        plain.update(
             JOB_ID=job.id,
             BACKUP_HOST=sec.host,
             BACKUP_USERNAME=sec.username,
-            BACKUP_PASSWORD=sec.password,
             BACKUP_DATABASE=sec.database,
-            COMPRESSION="false" if req.agent_compression else str(req.compression).lower(),
+            COMPRESSION=str(req.script_compression).lower(),
             AGENT_TRANSFORM_COMPRESSION=req.agent_compression or "",
             AGENT_TRANSFORM_ENCRYPTION=transforms.ENCRYPTION_NAME if req.agent_encryption else "",
+            **extra,
         )
-        script_key = req.has_key and not req.agent_encryption
-        if script_key:
-            env["ENCRYPTION_KEY"] = req.encryption_key
-        else:
-            env.pop("ENCRYPTION_KEY", None)
-        return env
+        secrets = {"BACKUP_PASSWORD": sec.password}
+        if req.script_key is not None:
+            secrets["ENCRYPTION_KEY"] = req.script_key
+        if job.skip_storage:  # the script reaches the store itself
+            dest_plain, dest_secrets = req.destination.script_env()
+            plain.update(dest_plain)
+            secrets.update(dest_secrets)
+        for name in SECRET_NAMES:  # only ever from the secrets channel
+            plain.pop(name, None)
+        return ScriptEnv(plain, secrets)
 
     def _db_args(
         self, req: BackupRequest | RestoreRequest, filename: str, job_id: str
     ) -> list[str]:
+        """``host username password database filename job_id compression encryption_key``;
+        password and key are placeholders unless ``positional_secrets`` asks for them."""
         sec = req.section
-        secret = self.cfg.positional_secrets
-        if req.agent_encryption or not req.has_key:
-            key = "none"
-        else:
-            key = req.encryption_key if secret else PLACEHOLDER
-        compression = "false" if req.agent_compression else str(req.compression).lower()
-        password = sec.password if secret else PLACEHOLDER
-        return [sec.host, sec.username, password, sec.database, filename, job_id, compression, key]
+        compat = self.cfg.positional_secrets
+        key = req.script_key
+        key_arg = NO_KEY if key is None else (key if compat else PLACEHOLDER)
+        password = sec.password if compat else PLACEHOLDER
+        compression = str(req.script_compression).lower()
+        db = sec.database
+        return [sec.host, sec.username, password, db, filename, job_id, compression, key_arg]
 
     async def _stage(
-        self,
-        job: JobState,
-        stage: str,
-        args: list[str],
-        env: dict[str, str],
-        *,
-        save: bool = True,
+        self, job: JobState, stage: str, args: list[str], env: ScriptEnv
     ) -> StageResult:
         path = find_script(self.cfg.scripts_path, stage)
         if path is None:
@@ -253,18 +294,29 @@ class Agent:
                 raise JobFailed(f"mandatory script {stage} not found in {self.cfg.scripts_path}")
             return StageResult(stage=stage, found=False)
         job.state = stage
-        if save:
-            self.store.save(job)
-        result = await run_script(
-            path,
-            stage,
-            args,
-            env,
-            cwd=self.cfg.scripts_path,
-            timeout=self.cfg.stage_timeout_seconds,
-            log_limit=self.cfg.log_limit_bytes,
-            on_start=lambda pid: self._started(job, pid, save),
-        )
+        self.store.save(job)
+        plain = dict(env.plain)
+        fd: int | None = None
+        if self.cfg.secrets_via == "fd":
+            fd = make_secrets_fd(env.secrets)
+            plain.update(AGENT_SECRETS_FILE=f"/dev/fd/{fd}", AGENT_SECRETS_FD=str(fd))
+        else:
+            plain.update(env.secrets)
+        try:
+            result = await run_script(
+                path,
+                stage,
+                args,
+                plain,
+                cwd=self.cfg.scripts_path,
+                timeout=self.cfg.stage_timeout_seconds,
+                log_limit=self.cfg.log_limit_bytes,
+                pass_fds=() if fd is None else (fd,),
+                on_start=lambda pid: self._script_started(job, pid),
+            )
+        finally:
+            if fd is not None:
+                os.close(fd)
         job.script_pid = None
         job.logs[stage] = {"log": result.stdout, "errorlog": result.stderr}
         log.info(
@@ -275,14 +327,33 @@ class Agent:
             timed_out=result.timed_out,
             seconds=round(result.seconds, 3),
         )
-        if save:
-            self.store.save(job)
+        self.store.save(job)
         return result
 
-    async def _unlock(
-        self, job: JobState, stage: str, args: list[str], env: dict[str, str], error: str | None
-    ) -> str | None:
+    def _script_started(self, job: JobState, pid: int) -> None:
+        job.script_pid = pid
+        self.store.save(job)
+
+    async def _must(self, job: JobState, stage: str, args: list[str], env: ScriptEnv) -> None:
+        result = await self._stage(job, stage, args, env)
+        if not result.ok:
+            raise JobFailed(result.failure())
+
+    async def _best_effort(
+        self, job: JobState, stage: str, args: list[str], env: ScriptEnv
+    ) -> None:
+        """A cleanup after a failure: its own failure is logged, the first error is kept."""
+        try:
+            result = await self._stage(job, stage, args, env)
+            if not result.ok:
+                log.warning("cleanup_failed", job_id=job.id, stage=stage, reason=result.failure())
+        except Exception as exc:
+            log.warning("cleanup_failed", job_id=job.id, stage=stage, error=type(exc).__name__)
+
+    async def _unlock(self, job: JobState, env: ScriptEnv, error: str | None) -> str | None:
         """Runs the unlock script; returns the job's error, now including an unlock failure."""
+        stage = UNLOCK[job.kind]
+        args = [job.database] if job.kind == "backup" else []
         try:
             result = await self._stage(job, stage, args, env)
             failure = None if result.ok else result.failure()
@@ -291,46 +362,13 @@ class Agent:
         job.unlock_done = True
         if failure:
             log.error("unlock_failed", job_id=job.id, stage=stage, reason=failure)
-        return error or failure
-
-    def _started(self, job: JobState, pid: int, save: bool) -> None:
-        job.script_pid = pid
-        if save:
-            self.store.save(job)
-
-    async def _must(self, job: JobState, stage: str, args: list[str], env: dict[str, str]) -> None:
-        result = await self._stage(job, stage, args, env)
-        if not result.ok:
-            raise JobFailed(result.failure())
-
-    def _prepare_dir(self, path: Path) -> bool:
-        """True once the directory is ours (created or emptied), so it may be removed."""
-        if path.exists() and any(path.iterdir()):
-            if not self.cfg.allowed_to_delete_files:
-                raise JobFailed(
-                    f"working directory {path} is not empty (allowed_to_delete_files is false)"
-                )
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
-        return True
-
-    def _open_store(self, dest: Destination) -> Any:
-        try:
-            from storage import open_store
-
-            return open_store(to_settings(dest, self.cfg), transfer_settings(self.cfg))
-        except ValidationError as exc:
-            raise JobFailed(f"invalid destination: {describe_errors(exc)}") from None
-        except ImportError as exc:
-            raise JobFailed(f"storage backend not available: {exc.name}") from None
+            return f"{error}; {failure}" if error else failure
+        return error
 
     def _finish(self, job: JobState, error: str | None) -> None:
-        noun = job.kind.capitalize()
-        if error:
-            job.finish(False, f"{noun} failed", error)
-        else:
-            job.finish(True, f"{noun} succeeded")
+        job.finish(not error, error or "")
         self.store.save(job)
+        self.store.drop_secrets(job.kind, job.id)
         log.info(
             "job_finished",
             job_id=job.id,
@@ -340,22 +378,29 @@ class Agent:
             ms=job.execution_time_ms,
         )
 
+    def _prepare_dir(self, path: Path) -> None:
+        if path.exists() and any(path.iterdir()):
+            if not self.cfg.allowed_to_delete_files:
+                raise JobFailed(
+                    f"working directory {path} is not empty (allowed_to_delete_files is false)"
+                )
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+
     # ---------------------------------------------------------------- backup
 
     async def _backup(self, job: JobState, req: BackupRequest) -> None:
-        cfg = self.cfg
         sec = req.backup
-        work = cfg.directory_backup / job.id
+        work = self.cfg.directory_backup / job.id
         stamp = datetime.now(UTC).strftime("%Y_%m_%d_%H_%M")
         base_name = f"{stamp}_{_UNSAFE.sub('_', sec.host)}_{_UNSAFE.sub('_', sec.database)}"
-        env = self._env(job, req)
-        env.update(BACKUP_FILENAME=base_name, BACKUP_DIRECTORY=str(work))
-        skip = self.skip_storage(req.destination)
+        env = self._script_env(job, req, BACKUP_FILENAME=base_name, BACKUP_DIRECTORY=str(work))
         error: str | None = None
-        backup_started = cleanup_ran = owned = False
+        prepared = backup_started = cleanup_ran = False
         try:
             try:
-                owned = self._prepare_dir(work)
+                self._prepare_dir(work)
+                prepared = True
                 await self._must(job, "pre-backup-lock", [sec.database], env)
                 job.lock_succeeded = True
                 self.store.save(job)
@@ -365,7 +410,7 @@ class Agent:
                 produced = _single_file(work)
                 job.filesize = produced.stat().st_size
                 job.filename = produced.name
-                if not skip:
+                if not job.skip_storage:
                     await self._upload(job, req, produced)
                 cleanup_ran = True
                 await self._must(job, "backup-cleanup", [sec.database, job.id], env)
@@ -373,124 +418,121 @@ class Agent:
                 error = str(exc)
             except asyncio.CancelledError:
                 error = "agent stopped while the job was running"
-            except ValidationError as exc:
-                error = describe_errors(exc)
             except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                log.exception("job_error", job_id=job.id)
+                error = safe_error(exc)["error"]
+                log.error("job_error", job_id=job.id, **safe_error(exc))
             if backup_started and not cleanup_ran:
-                with contextlib.suppress(Exception, JobFailed):
-                    await self._stage(job, "backup-cleanup", [sec.database, job.id], env)
+                await self._best_effort(job, "backup-cleanup", [sec.database, job.id], env)
             if job.lock_succeeded:
-                error = await self._unlock(job, "post-backup-unlock", [sec.database], env, error)
-            if not skip and owned:
+                error = await self._unlock(job, env, error)
+            if prepared and not job.skip_storage:
                 shutil.rmtree(work, ignore_errors=True)
-            if error and job.stored_key and not skip:
+            if error and job.stored_key:
                 await self._discard_upload(job, req)
         finally:
             self._finish(job, error)
+
+    async def _upload(self, job: JobState, req: BackupRequest, path: Path) -> None:
+        compression = req.agent_compression
+        passphrase = req.encryption_key if req.agent_encryption else None
+        stored_name = path.name + transforms.stored_suffix(compression, passphrase is not None)
+        key = req.destination.filenamePrefix + stored_name
+        job.filename = stored_name
+        job.state = "upload"
+        job.upload_key = key
+        job.upload_in_progress = True
+        self.store.save(job)
+        store = self._open_store(req.destination)
+        try:
+            chunks: AsyncIterator[bytes] = _file_chunks(path)
+            if compression or passphrase:
+                chunks = transforms.transform_stream(
+                    chunks, lambda: transforms.encoder(compression, passphrase)
+                )
+            stored = await store.upload(key, chunks)
+        except Exception as exc:
+            # The storage layer aborted the multipart upload: nothing is left to clean up.
+            job.upload_in_progress = False
+            self.store.save(job)
+            raise JobFailed(f"upload of {key} failed: {_storage_error(exc)}") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await store.aclose()
+        job.upload_in_progress = False
+        job.checksum = stored.checksum
+        job.stored_size = stored.size
+        job.stored_key = stored.key
+        self.store.save(job)
+        log.info("uploaded", job_id=job.id, key=key, size=stored.size)
 
     async def _discard_upload(self, job: JobState, req: BackupRequest) -> None:
         """A failed job is no restore point: its object would be an orphan nobody expires."""
         key = job.stored_key
         try:
             async with self._open_store(req.destination) as store:
-                await store.delete(key)
-            job.stored_key = None
+                await store.delete(key)  # type: ignore[arg-type]
+            job.stored_key = job.checksum = job.stored_size = None
             log.info("failed_backup_object_deleted", job_id=job.id, key=key)
         except Exception as exc:
             log.warning(
                 "failed_backup_object_kept", job_id=job.id, key=key, error=_storage_error(exc)
             )
 
-    async def _upload(self, job: JobState, req: BackupRequest, path: Path) -> None:
-        compression = req.agent_compression
-        key_phrase = req.encryption_key if req.agent_encryption else None
-        stored_name = path.name + transforms.stored_suffix(compression, bool(key_phrase))
-        key = (req.destination.filenamePrefix or "") + stored_name
-        job.filename = stored_name
-        job.state = "upload"
-        job.upload_key = key
-        job.upload_in_progress = True
-        self.store.save_destination(job.kind, job.id, req.destination.model_dump())
-        self.store.save(job)
-        store = self._open_store(req.destination)
-        try:
-            chunks: AsyncIterator[bytes] = _file_chunks(path)
-            if compression or key_phrase:
-                chunks = transforms.transform_stream(
-                    chunks, lambda: transforms.encoder(compression, key_phrase)
-                )
-            stored = await store.upload(key, chunks)
-        except Exception as exc:
-            # The storage layer aborted the multipart upload: nothing is left to clean up.
-            job.upload_in_progress = False
-            self.store.drop_destination(job.kind, job.id)
-            raise JobFailed(f"upload of {key} failed: {_storage_error(exc)}") from None
-        finally:
-            with contextlib.suppress(Exception):
-                await store.aclose()
-        job.upload_in_progress = False
-        job.checksum = f"sha256:{stored.sha256}"
-        job.stored_size = stored.size
-        job.stored_key = stored.key
-        self.store.drop_destination(job.kind, job.id)
-        self.store.save(job)
-        log.info("uploaded", job_id=job.id, key=key, size=stored.size)
-
     # ---------------------------------------------------------------- restore
 
     async def _restore(self, job: JobState, req: RestoreRequest) -> None:
-        cfg = self.cfg
-        work = cfg.directory_restore / job.id
+        work = self.cfg.directory_restore / job.id
         dest = req.destination
         assert dest.filename is not None
         compression = req.agent_compression
-        key_phrase = req.encryption_key if req.agent_encryption else None
-        local_name = _strip_suffixes(dest.filename, compression, bool(key_phrase))
+        passphrase = req.encryption_key if req.agent_encryption else None
+        local_name = _strip_suffixes(dest.filename, compression, passphrase is not None)
         target = work / local_name
         job.filename = dest.filename
-        env = self._env(job, req)
-        env.update(
+        env = self._script_env(
+            job,
+            req,
             BACKUP_FILENAME=local_name,
+            BACKUP_DIRECTORY=str(work),
             RESTORE_FILENAME=local_name,
             RESTORE_DIRECTORY=str(work),
             RESTORE_FILE=str(target),
-            BACKUP_DIRECTORY=str(work),
         )
-        skip = self.skip_storage(dest)
         error: str | None = None
-        owned = not work.exists()
+        created = not work.exists()
+        restore_started = cleanup_ran = False
         try:
             try:
                 work.mkdir(parents=True, exist_ok=True)
                 await self._must(job, "pre-restore-lock", [job.id], env)
                 job.lock_succeeded = True
                 self.store.save(job)
-                if not skip:
+                if not job.skip_storage:
                     if target.exists():
-                        if not cfg.allowed_to_delete_files:
+                        if not self.cfg.allowed_to_delete_files:
                             raise JobFailed(
                                 f"restore target {target} already exists "
                                 "(allowed_to_delete_files is false)"
                             )
                         target.unlink()
-                    owned = True
-                    await self._download(job, req, target, compression, key_phrase)
+                    created = True
+                    await self._download(job, req, target, compression, passphrase)
+                restore_started = True
                 await self._must(job, "restore", self._db_args(req, local_name, job.id), env)
+                cleanup_ran = True
                 await self._must(job, "restore-cleanup", [job.id], env)
             except JobFailed as exc:
                 error = str(exc)
             except asyncio.CancelledError:
                 error = "agent stopped while the job was running"
-            except ValidationError as exc:
-                error = describe_errors(exc)
             except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                log.exception("job_error", job_id=job.id)
+                error = safe_error(exc)["error"]
+                log.error("job_error", job_id=job.id, **safe_error(exc))
+            if restore_started and not cleanup_ran:
+                await self._best_effort(job, "restore-cleanup", [job.id], env)
             if job.lock_succeeded:
-                error = await self._unlock(job, "post-restore-unlock", [], env, error)
-            if not skip and owned:
+                error = await self._unlock(job, env, error)
+            if created and not job.skip_storage:
                 shutil.rmtree(work, ignore_errors=True)
         finally:
             self._finish(job, error)
@@ -501,20 +543,21 @@ class Agent:
         req: RestoreRequest,
         target: Path,
         compression: str | None,
-        key_phrase: str | None,
+        passphrase: str | None,
     ) -> None:
         dest = req.destination
-        key = (dest.filenamePrefix or "") + (dest.filename or "")
+        key = dest.filenamePrefix + (dest.filename or "")
         job.state = "download"
         self.store.save(job)
         part = target.with_name(f".{target.name}.part")
+        expected = req.checksum.removeprefix("sha256:") if req.checksum else None
         store = self._open_store(dest)
         size = 0
         try:
-            chunks: AsyncIterator[bytes] = store.download(key)
-            if compression or key_phrase:
+            chunks: AsyncIterator[bytes] = store.download(key, expected_sha256=expected)
+            if compression or passphrase:
                 chunks = transforms.transform_stream(
-                    chunks, lambda: transforms.decoder(compression, key_phrase)
+                    chunks, lambda: transforms.decoder(compression, passphrase)
                 )
             f = await asyncio.to_thread(open, part, "wb")
             try:
@@ -526,6 +569,8 @@ class Agent:
             os.replace(part, target)
         except transforms.TransformError as exc:
             raise JobFailed(f"cannot decode {key}: {exc}") from None
+        except JobFailed:
+            raise
         except Exception as exc:
             raise JobFailed(f"download of {key} failed: {_storage_error(exc)}") from None
         finally:
@@ -534,6 +579,16 @@ class Agent:
             with contextlib.suppress(Exception):
                 await store.aclose()
         log.info("downloaded", job_id=job.id, key=key, size=size)
+
+    def _open_store(self, dest: Destination) -> Any:
+        try:
+            from storage import open_store
+
+            return open_store(to_settings(dest, self.cfg), transfer_settings(self.cfg))
+        except ValidationError as exc:
+            raise JobFailed(f"invalid destination: {describe_errors(exc)}") from None
+        except ImportError as exc:
+            raise JobFailed(f"storage backend not available: {exc.name}") from None
 
 
 def _storage_error(exc: BaseException) -> str:
@@ -547,13 +602,14 @@ def _storage_error(exc: BaseException) -> str:
 
 
 def _single_file(work: Path) -> Path:
+    """Exactly one regular file: the Go agent uploaded whichever sorted first."""
     entries = list(work.iterdir()) if work.exists() else []
     files = [p for p in entries if p.is_file() and not p.is_symlink()]
     if len(entries) != 1 or len(files) != 1:
         names = ", ".join(sorted(p.name for p in entries)) or "nothing"
         raise JobFailed(
-            f"the backup script must leave exactly one file in {work}; found {len(entries)}"
-            f" entries ({names})"
+            f"the backup script must leave exactly one regular file in {work}; found "
+            f"{len(entries)} entries ({names})"
         )
     return files[0]
 

@@ -15,15 +15,13 @@ def make_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     ``scripts`` is given); every agent started is stopped at teardown."""
     started: list[AgentProcess] = []
 
-    def make(
-        scripts: Path | None = None, *, fake_storage: bool = False, **env: Any
-    ) -> AgentProcess:
+    def make(scripts: Path | None = None, **env: Any) -> AgentProcess:
         base = tmp_path / f"agent{len(started)}"
         base.mkdir()
         if scripts is None:
             scripts = base / "scripts"
             tracing_scripts(scripts)
-        agent = AgentProcess(base, scripts, fake_storage=fake_storage, **env)
+        agent = AgentProcess(base, scripts, **env)
         started.append(agent)
         return agent.start()
 

@@ -29,7 +29,8 @@ def write_script(directory: Path, name: str, body: str) -> Path:
 
 
 def tracing_scripts(directory: Path, *, backup_body: str | None = None) -> None:
-    """A script set that records each stage and its arguments in $TRACE."""
+    """A script set that records each stage and its arguments in $TRACE, and the environment
+    of the backup and restore stages in ``$TRACE.<stage>.env``."""
     directory.mkdir(parents=True, exist_ok=True)
     stages = [
         "pre-backup-lock",
@@ -42,22 +43,31 @@ def tracing_scripts(directory: Path, *, backup_body: str | None = None) -> None:
         "post-restore-unlock",
     ]
     for stage in stages:
-        write_script(directory, stage, f'echo "{stage} $*" >> "$TRACE"; echo out-{stage}')
+        dump = f' env > "$TRACE.{stage}.env";' if stage == "restore" else ""
+        write_script(directory, stage, f'echo "{stage} $*" >> "$TRACE";{dump} echo out-{stage}')
     write_script(
         directory,
         "backup.sh",
         backup_body
-        or 'echo "backup $*" >> "$TRACE"; echo payload > "$BACKUP_DIRECTORY/$BACKUP_FILENAME.txt"'
+        or 'echo "backup $*" >> "$TRACE"; env > "$TRACE.backup.env"; '
+        'echo payload > "$BACKUP_DIRECTORY/$BACKUP_FILENAME.txt"'
         "; echo out-backup; echo err-backup >&2",
     )
 
 
+def script_env(trace: Path, stage: str) -> dict[str, str]:
+    """The environment a tracing script saw (single-line values only)."""
+    lines = (trace.parent / f"{trace.name}.{stage}.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
 class AgentProcess:
-    def __init__(
-        self, base: Path, scripts: Path, *, fake_storage: bool = False, **env: Any
-    ) -> None:
-        self.fake_storage = fake_storage
+    """The agent as a real process (``python -m agent``); its output goes to ``agent.log``
+    under the test's tmp_path, where the session-end audit looks for leaked secrets."""
+
+    def __init__(self, base: Path, scripts: Path, **env: Any) -> None:
         self.base = base
+        base.mkdir(parents=True, exist_ok=True)
         self.scripts = scripts
         self.trace = base / "trace.txt"
         self.trace.touch()
@@ -84,9 +94,6 @@ class AgentProcess:
         self.env["client_port"] = str(self.port)
         log = open(self.log_path, "ab")
         cmd = self.start_cmd or [sys.executable, "-m", "agent"]
-        if self.fake_storage:
-            self.env.setdefault("FAKE_STORE_DIR", str(self.base / "store"))
-            cmd = [sys.executable, "-c", "import tests.agent.fake_storage as f; f.run_agent()"]
         self.proc = subprocess.Popen(
             cmd,
             env=self.env,
@@ -126,6 +133,7 @@ class AgentProcess:
         *,
         auth: tuple[str, str] | None = (USER, PASSWORD),
         raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, Any]:
         conn: http.client.HTTPConnection
         if "tls_cert_file" in self.env:
@@ -133,7 +141,7 @@ class AgentProcess:
             conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=30, context=ctx)
         else:
             conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **(headers or {})}
         if auth:
             token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
             headers["Authorization"] = f"Basic {token}"

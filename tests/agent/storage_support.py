@@ -1,46 +1,22 @@
-"""Destinations for the agent tests: the storage teammate's real S3 / Swift fixtures when they
-exist, else nothing (the caller skips with a reason, or fails in CI)."""
+"""Protocol destinations pointing at the suite's real SeaweedFS and Swift, and reading back
+what the agent stored there."""
 
 from __future__ import annotations
 
-import importlib.util
+import asyncio
 import uuid
-from typing import Any
 
-import pytest
-
-from tests.conftest import skip_unless_available
+from storage import ObjectNotFound, S3Settings, SwiftSettings, open_store
 
 
-def storage_available(kind: str) -> bool:
-    module = {"s3": "storage.s3", "swift": "storage.swift"}[kind]
-    return importlib.util.find_spec(module) is not None
+def new_prefix(label: str = "agent") -> str:
+    return f"{label}-{uuid.uuid4().hex[:10]}/"
 
 
-def settings_for(request: pytest.FixtureRequest, kind: str) -> Any:
-    if not storage_available(kind):
-        skip_unless_available(f"storage/{kind}.py not written yet")
-    try:
-        return request.getfixturevalue(f"{kind}_settings")
-    except pytest.FixtureLookupError:
-        skip_unless_available(f"fixture {kind}_settings (tests/servers/{kind}.py) not available")
-
-
-def destination_for(settings: Any, kind: str) -> dict[str, Any]:
-    prefix = f"agent-e2e-{uuid.uuid4().hex[:8]}/"
-    if kind == "local":
-        return {"type": "S3", "skipStorage": True, "filenamePrefix": prefix}
-    if kind == "s3-dummy":  # for the in-process stand-in store
-        return {
-            "type": "S3",
-            "bucket": "stand-in",
-            "endpoint": "127.0.0.1:1",
-            "authKey": "k",
-            "authSecret": "dummy-secret",
-            "skipSSL": True,
-            "filenamePrefix": prefix,
-        }
-    if kind == "s3":
+def destination_for(settings: S3Settings | SwiftSettings, prefix: str | None = None) -> dict:
+    """The protocol's ``destination`` for a real server, as the manager would send it."""
+    prefix = prefix or new_prefix()
+    if isinstance(settings, S3Settings):
         endpoint = settings.endpoint or ""
         return {
             "type": "S3",
@@ -61,8 +37,33 @@ def destination_for(settings: Any, kind: str) -> dict[str, Any]:
         "username": settings.username,
         "password": settings.password.get_secret_value(),
         "filenamePrefix": prefix,
+        # The Go agent requires both even for auth v1, where they mean nothing.
+        "domain": settings.user_domain_name or "Default",
+        "project_name": settings.project_name or "backups",
     }
-    if settings.auth_version == "3":
-        dest["domain"] = settings.user_domain_name or "Default"
-        dest["project_name"] = settings.project_name
     return dest
+
+
+def secrets_of(settings: S3Settings | SwiftSettings) -> list[str]:
+    if isinstance(settings, S3Settings):
+        return [settings.secret_access_key.get_secret_value()]
+    return [settings.password.get_secret_value()]
+
+
+def read_object(settings: S3Settings | SwiftSettings, key: str) -> bytes | None:
+    async def go() -> bytes | None:
+        async with open_store(settings) as store:
+            try:
+                return b"".join([c async for c in store.download(key)])
+            except ObjectNotFound:
+                return None
+
+    return asyncio.run(go())
+
+
+def list_keys(settings: S3Settings | SwiftSettings, prefix: str) -> list[str]:
+    async def go() -> list[str]:
+        async with open_store(settings) as store:
+            return [o.key async for o in store.list(prefix)]
+
+    return asyncio.run(go())

@@ -1,35 +1,32 @@
-"""Uploads, downloads and transforms through the agent, on real S3 / Swift when their
-fixtures exist, and always on a directory-backed stand-in store inside the agent process."""
+"""Uploads, downloads and streaming transforms through the agent, on the suite's real
+SeaweedFS (S3) and Swift servers."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent import transforms
-from agent.jobs import RESTART_REASON
-from tests.agent.fake_storage import pending_parts, stored_objects
 from tests.agent.helpers import AgentProcess, backup_request, restore_request, write_script
-from tests.agent.storage_support import destination_for, settings_for
+from tests.agent.storage_support import destination_for, list_keys, read_object, secrets_of
 
 KEY = "the-passphrase-42"
-TRANSFORMS = {
+TRANSFORMS: dict[str, dict[str, Any] | None] = {
     "plain": None,
     "zstd+enc": {"compression": "zstd", "encryption": True},
     "gzip": {"compression": "gzip", "encryption": False},
     "enc": {"compression": None, "encryption": True},
 }
+PART = 5 * 1024 * 1024
 
 
-def make_source(path: Path, size: int = 3 * 1024 * 1024 + 123) -> bytes:
-    text = b"".join(b"line %d of a compressible backup\n" % i for i in range(size // 30))
+def make_source(path: Path, size: int) -> bytes:
+    """Half text-like (compressible), half random."""
+    text = b"".join(b"line %d of a compressible backup\n" % i for i in range(size // 30 + 1))
     data = (text[: size // 2] + os.urandom(size - size // 2))[:size]
     path.write_bytes(data)
     return data
@@ -42,7 +39,7 @@ def scripts(tmp: Path, source: Path, out: Path) -> Path:
     write_script(
         d,
         "restore",
-        f'echo "$4 $5" > "{out}.args"; ls "$RESTORE_DIRECTORY" > "{out}.ls"; '
+        f'echo "$4 $5" > "{out}.args"; ls -A "$RESTORE_DIRECTORY" > "{out}.ls"; '
         f'cp "$RESTORE_FILE" "{out}"',
     )
     write_script(d, "pre-backup-lock", 'echo lock >> "$TRACE"')
@@ -52,42 +49,9 @@ def scripts(tmp: Path, source: Path, out: Path) -> Path:
     return d
 
 
-class Backend:
-    def __init__(self, request: pytest.FixtureRequest, kind: str) -> None:
-        self.kind = kind
-        self.settings = None if kind == "fake" else settings_for(request, kind)
-
-    def destination(self) -> dict[str, Any]:
-        if self.kind == "fake":
-            return {
-                **backup_request("x")["destination"],
-                "skipStorage": False,
-                "filenamePrefix": f"p-{uuid.uuid4().hex[:6]}/",
-            }
-        return destination_for(self.settings, self.kind)
-
-    def read(self, agent: AgentProcess, key: str) -> bytes | None:
-        if self.kind == "fake":
-            return stored_objects(agent.base / "store").get(key)
-
-        async def go() -> bytes | None:
-            from storage import ObjectNotFound, open_store
-
-            async with open_store(self.settings) as store:
-                try:
-                    return b"".join([c async for c in store.download(key)])
-                except ObjectNotFound:
-                    return None
-
-        return asyncio.run(go())
-
-
-@pytest.fixture(params=["fake", "s3", "swift"])
-def backend(request: pytest.FixtureRequest) -> Backend:
-    return Backend(request, request.param)
-
-
-def _bodies(job: str, dest: dict[str, Any], transform: dict | None, key: str = KEY):
+def bodies(
+    job: str, dest: dict[str, Any], transform: dict[str, Any] | None, key: str = KEY
+) -> tuple[dict[str, Any], dict[str, Any]]:
     b = backup_request(job, destination=dest)
     r = restore_request(job, destination=dest)
     for body in (b, r):
@@ -98,64 +62,87 @@ def _bodies(job: str, dest: dict[str, Any], transform: dict | None, key: str = K
     return b, r
 
 
-@pytest.mark.parametrize("transform_name", list(TRANSFORMS))
+@pytest.mark.parametrize(
+    ("backend", "transform_name"),
+    [
+        ("s3", "plain"),
+        ("s3", "zstd+enc"),
+        ("s3", "gzip"),
+        ("s3", "enc"),
+        ("swift", "plain"),
+        ("swift", "zstd+enc"),
+    ],
+)
 def test_backup_restore_round_trip(
-    make_agent, backend: Backend, tmp_path: Path, transform_name: str
+    request: pytest.FixtureRequest, make_agent, tmp_path: Path, backend: str, transform_name: str
 ) -> None:
+    """Larger than one part, so S3 multipart uploads and Swift segments are exercised."""
+    settings = request.getfixturevalue(f"{backend}_settings")
     transform = TRANSFORMS[transform_name]
     source = tmp_path / "source.bin"
-    data = make_source(source)
+    data = make_source(source, 3 * PART + 123)
     out = tmp_path / "restored.bin"
-    agent = make_agent(scripts=scripts(tmp_path, source, out), fake_storage=backend.kind == "fake")
-    dest = backend.destination()
-    b, r = _bodies("rt", dest, transform)
+    agent = make_agent(scripts=scripts(tmp_path, source, out), s3_part_size=PART)
+    dest = destination_for(settings)
+    b, r = bodies("rt", dest, transform)
     assert agent.request("POST", "/backup", b)[0] == 201
-    res = agent.wait_job("backup", "rt")
+    res = agent.wait_job("backup", "rt", timeout=120)
     assert res["status"] == "SUCCEEDED", res
-    suffix = transforms.stored_suffix(
-        transform and transform["compression"], bool(transform and transform["encryption"])
-    )
+    compression = transform["compression"] if transform else None
+    encrypted = bool(transform and transform["encryption"])
+    suffix = transforms.stored_suffix(compression, encrypted)
     assert res["filename"].endswith(".bin" + suffix)
     assert res["filesize"] == {"size": len(data), "unit": "byte"}
-    stored = backend.read(agent, dest["filenamePrefix"] + res["filename"])
+    assert res["transform"] == {
+        "compression": compression,
+        "encryption": "aes-256-gcm-stream-v1" if encrypted else None,
+    }
+    key = dest["filenamePrefix"] + res["filename"]
+    stored = read_object(settings, key)
     assert stored is not None
-    assert res["stored_key"] == dest["filenamePrefix"] + res["filename"]
+    assert res["stored_key"] == key
     assert res["checksum"] == "sha256:" + hashlib.sha256(stored).hexdigest()
     assert res["stored_size"] == len(stored)
-    if transform and transform["encryption"]:
+    if encrypted:
         assert stored.startswith(transforms.MAGIC) and b"compressible backup" not in stored
-        assert res["encryption"] == "aes-256-gcm-stream-v1"
-    if transform and transform["compression"]:
+    if compression:
         assert len(stored) < len(data) * 0.8
     if not transform:
         assert stored == data
-    assert not (agent.base / "backup" / "rt").exists()  # working directory removed
+    assert list_keys(settings, dest["filenamePrefix"]) == [key]  # no segment, no leftover
+    assert not (agent.base / "backup" / "rt").exists()
 
     r["destination"]["filename"] = res["filename"]
+    r["checksum"] = res["checksum"]
     assert agent.request("PUT", "/restore", r)[0] == 201
-    res = agent.wait_job("restore", "rt")
+    res = agent.wait_job("restore", "rt", timeout=120)
     assert res["status"] == "SUCCEEDED", res
     assert out.read_bytes() == data
     local = res["filename"].removesuffix(suffix)
-    assert Path(f"{out}.ls").read_text().split() == [local]
+    assert Path(f"{out}.ls").read_text().split() == [local]  # no partial file beside it
     assert Path(f"{out}.args").read_text().split() == ["mydb", local]
     assert not (agent.base / "restore" / "rt").exists()
     assert agent.trace_lines() == ["lock", "unlock", "rlock", "runlock"]
     logs = agent.logs()
-    assert KEY not in logs and "s3cr3t-AUTH" not in logs
+    for secret in [KEY, *secrets_of(settings)]:
+        assert secret not in logs
 
 
-def test_wrong_key_and_missing_object(make_agent, backend: Backend, tmp_path: Path) -> None:
+def test_restore_refuses_wrong_key_checksum_and_missing_object(
+    s3_settings, make_agent, tmp_path: Path
+) -> None:
     source = tmp_path / "source.bin"
     make_source(source, 2 * 1024 * 1024)
     out = tmp_path / "restored.bin"
-    agent = make_agent(scripts=scripts(tmp_path, source, out), fake_storage=backend.kind == "fake")
-    dest = backend.destination()
-    b, _ = _bodies("wk", dest, TRANSFORMS["zstd+enc"])
+    agent = make_agent(scripts=scripts(tmp_path, source, out))
+    dest = destination_for(s3_settings)
+    b, _ = bodies("wk", dest, TRANSFORMS["zstd+enc"])
     agent.request("POST", "/backup", b)
-    filename = agent.wait_job("backup", "wk")["filename"]
-    _, r = _bodies("wk", dest, TRANSFORMS["zstd+enc"], key="not-the-key")
-    r["destination"]["filename"] = filename
+    backup = agent.wait_job("backup", "wk")
+    assert backup["status"] == "SUCCEEDED"
+
+    _, r = bodies("wk", dest, TRANSFORMS["zstd+enc"], key="not-the-key")
+    r["destination"]["filename"] = backup["filename"]
     agent.request("PUT", "/restore", r)
     res = agent.wait_job("restore", "wk")
     assert res["status"] == "FAILED"
@@ -163,24 +150,34 @@ def test_wrong_key_and_missing_object(make_agent, backend: Backend, tmp_path: Pa
     assert "not-the-key" not in res["error_message"]
     assert not out.exists()  # the restore script never ran
     assert agent.trace_lines()[-1] == "runlock"
-    _, r = _bodies("missing", dest, None)
+
+    _, r = bodies("sum", dest, TRANSFORMS["zstd+enc"])
+    r["destination"]["filename"] = backup["filename"]
+    r["checksum"] = "sha256:" + "0" * 64
+    agent.request("PUT", "/restore", r)
+    res = agent.wait_job("restore", "sum")
+    assert res["status"] == "FAILED" and "storage_checksum_mismatch" in res["error_message"]
+    assert not out.exists()
+
+    _, r = bodies("missing", dest, None)
     r["destination"]["filename"] = "does-not-exist.bin"
     agent.request("PUT", "/restore", r)
     res = agent.wait_job("restore", "missing")
-    assert res["status"] == "FAILED" and "download of" in res["error_message"]
+    assert res["status"] == "FAILED"
+    assert "download of" in res["error_message"]
+    assert "storage_object_not_found" in res["error_message"]
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("allowed", [False, True])
-def test_restore_target_exists(make_agent, tmp_path: Path, allowed: bool) -> None:
+def test_restore_target_exists(s3_settings, make_agent, tmp_path: Path, allowed: bool) -> None:
     source = tmp_path / "source.bin"
     data = make_source(source, 1000)
     out = tmp_path / "restored.bin"
     agent = make_agent(
-        scripts=scripts(tmp_path, source, out),
-        fake_storage=True,
-        allowed_to_delete_files=str(allowed).lower(),
+        scripts=scripts(tmp_path, source, out), allowed_to_delete_files=str(allowed).lower()
     )
-    b, r = _bodies("ex", {**backup_request("x")["destination"], "skipStorage": False}, None)
+    b, r = bodies("ex", destination_for(s3_settings), None)
     agent.request("POST", "/backup", b)
     r["destination"]["filename"] = agent.wait_job("backup", "ex")["filename"]
     target = agent.base / "restore" / "ex" / r["destination"]["filename"]
@@ -193,115 +190,56 @@ def test_restore_target_exists(make_agent, tmp_path: Path, allowed: bool) -> Non
         assert out.read_bytes() == data
     else:
         assert res["status"] == "FAILED" and "already exists" in res["error_message"]
-        assert target.read_bytes() == b"old content"
+        assert target.read_bytes() == b"old content"  # untouched
 
 
-def test_skip_storage_env_overrides_request(make_agent, tmp_path: Path) -> None:
+def test_skip_storage_setting_overrides_the_request(
+    s3_settings, make_agent, tmp_path: Path
+) -> None:
     source = tmp_path / "source.bin"
     make_source(source, 1000)
-    agent = make_agent(
-        scripts=scripts(tmp_path, source, tmp_path / "o"), fake_storage=True, skip_storage="true"
-    )
-    b, _ = _bodies("sk", {**backup_request("x")["destination"], "skipStorage": False}, None)
+    agent = make_agent(scripts=scripts(tmp_path, source, tmp_path / "o"), skip_storage="true")
+    dest = destination_for(s3_settings)
+    b, _ = bodies("sk", dest, None)
     del b["destination"]["bucket"]  # not needed when the agent does not upload
     assert agent.request("POST", "/backup", b)[0] == 201
     res = agent.wait_job("backup", "sk")
     assert res["status"] == "SUCCEEDED" and res["checksum"] is None
+    assert res["skip_storage"] is True
     assert (agent.base / "backup" / "sk" / res["filename"]).exists()
-    assert not (agent.base / "store").exists() or not stored_objects(agent.base / "store")
+    assert list_keys(s3_settings, dest["filenamePrefix"]) == []
 
 
-def test_sigkill_mid_upload_leaves_no_orphan(make_agent, tmp_path: Path) -> None:
-    source = tmp_path / "source.bin"
-    with open(source, "wb") as f:
-        f.truncate(200 * 1024 * 1024)  # sparse: 50 chunks of 4 MiB
-    agent = make_agent(
-        scripts=scripts(tmp_path, source, tmp_path / "o"), fake_storage=True, FAKE_STORE_DELAY=0.2
-    )
-    dest = {**backup_request("x")["destination"], "skipStorage": False}
-    b, _ = _bodies("orphan", dest, TRANSFORMS["zstd+enc"])
-    agent.request("POST", "/backup", b)
-    agent.wait_state("backup", "orphan", "upload")
-    deadline = time.monotonic() + 20
-    while not pending_parts(agent.base / "store"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    time.sleep(0.5)
-    assert (agent.base / "state" / "backup-orphan.dest.json").exists()
-    agent.kill()
-    assert pending_parts(agent.base / "store")
-    agent.start()
-    res = agent.wait_job("backup", "orphan")
-    assert res["status"] == "FAILED" and RESTART_REASON in res["error_message"]
-    assert pending_parts(agent.base / "store") == []
-    assert stored_objects(agent.base / "store") == {}
-    assert not (agent.base / "state" / "backup-orphan.dest.json").exists()
-    assert agent.trace_lines() == ["lock", "unlock"]
-    assert "s3cr3t-AUTH" not in agent.logs()
-
-
-@pytest.mark.parametrize("kind", ["s3", "swift"])
-def test_sigkill_mid_upload_real_storage(
-    request: pytest.FixtureRequest, make_agent, tmp_path: Path, kind: str
-) -> None:
-    backend = Backend(request, kind)
-    source = tmp_path / "source.bin"
-    with open(source, "wb") as f:
-        for _ in range(300):
-            f.write(os.urandom(1 << 20))
-    agent = make_agent(scripts=scripts(tmp_path, source, tmp_path / "o"))
-    dest = backend.destination()
-    b, _ = _bodies("orphan", dest, None)
-    agent.request("POST", "/backup", b)
-    agent.wait_state("backup", "orphan", "upload")
-    time.sleep(0.3)
-    _, body = agent.request("GET", "/backup/orphan")
-    if body["status"] != "RUNNING":
-        pytest.skip("the upload finished before the agent could be killed")
-    agent.kill()
-    agent.start()
-    res = agent.wait_job("backup", "orphan")
-    assert res["status"] == "FAILED" and RESTART_REASON in res["error_message"]
-    assert body["filename"].endswith(".bin")
-    assert backend.read(agent, dest["filenamePrefix"] + body["filename"]) is None
-    if kind == "s3":
-        import boto3
-
-        s = backend.settings
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=s.endpoint,
-            region_name=s.region,
-            aws_access_key_id=s.access_key_id,
-            aws_secret_access_key=s.secret_access_key.get_secret_value(),
-        )
-        uploads = s3.list_multipart_uploads(Bucket=s.bucket, Prefix=dest["filenamePrefix"])
-        assert uploads.get("Uploads", []) == []
-    listed = asyncio.run(_list(backend.settings, dest["filenamePrefix"]))
-    assert listed == []
-
-
-async def _list(settings: Any, prefix: str) -> list[str]:
-    from storage import open_store
-
-    async with open_store(settings) as store:
-        return [o.key async for o in store.list(prefix)]
-
-
-def test_failure_after_upload_deletes_the_object(make_agent, tmp_path: Path) -> None:
+def test_failure_after_upload_deletes_the_object(s3_settings, make_agent, tmp_path: Path) -> None:
+    """A failed job is no restore point: the object it uploaded is deleted, not orphaned."""
     source = tmp_path / "source.bin"
     make_source(source, 5000)
     d = scripts(tmp_path, source, tmp_path / "o")
     write_script(d, "backup-cleanup", "exit 7")
-    agent = make_agent(scripts=d, fake_storage=True)
-    dest = {**backup_request("x")["destination"], "skipStorage": False}
-    b, _ = _bodies("late", dest, TRANSFORMS["zstd+enc"])
+    agent = make_agent(scripts=d)
+    dest = destination_for(s3_settings)
+    b, _ = bodies("late", dest, TRANSFORMS["zstd+enc"])
     agent.request("POST", "/backup", b)
     res = agent.wait_job("backup", "late")
-    assert (
-        res["status"] == "FAILED" and "backup-cleanup exited with status 7" in res["error_message"]
-    )
-    assert res["stored_key"] is None
-    assert stored_objects(agent.base / "store") == {}
+    assert res["status"] == "FAILED"
+    assert res["error_message"] == "script backup-cleanup exited with status 7"
+    assert res["stored_key"] is None and res["checksum"] is None
+    assert list_keys(s3_settings, dest["filenamePrefix"]) == []
     assert agent.trace_lines() == ["lock", "unlock"]
-    assert not list((agent.base / "state").glob("*.dest.json"))
+
+
+def test_upload_refused_by_the_store_fails_clearly(s3_settings, make_agent, tmp_path: Path) -> None:
+    source = tmp_path / "source.bin"
+    make_source(source, 5000)
+    agent: AgentProcess = make_agent(scripts=scripts(tmp_path, source, tmp_path / "o"))
+    dest = {**destination_for(s3_settings), "authSecret": "wrong-secret-value"}
+    b, _ = bodies("auth", dest, None)
+    agent.request("POST", "/backup", b)
+    res = agent.wait_job("backup", "auth", timeout=120)
+    assert res["status"] == "FAILED"
+    assert "upload of" in res["error_message"]
+    assert "storage_auth_failed" in res["error_message"]
+    assert "wrong-secret-value" not in res["error_message"]
+    assert agent.trace_lines() == ["lock", "unlock"]
+    assert "wrong-secret-value" not in agent.logs()
+    assert read_object(s3_settings, dest["filenamePrefix"] + res["filename"]) is None
