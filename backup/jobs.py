@@ -295,7 +295,7 @@ class LeaseLost(Exception):
 
 
 def _expired(at: datetime) -> dict[str, Any]:
-    return {"$or": [{"lease_expires_at": {"$lt": at}}, {"lease_expires_at": None}]}
+    return {"$or": [{"lease_expires_at": {"$lte": at}}, {"lease_expires_at": None}]}
 
 
 async def claimable(store: Store, at: datetime, *, limit: int) -> list[Document]:

@@ -164,11 +164,11 @@ class RetentionSweeper:
     async def run_once(self) -> SweepResult:
         """One sweep of every plan with restore points, retried deletions included."""
         async with self._lock:
-            result = SweepResult()
+            # Deletions that failed before first (each point is tried once per sweep).
+            result = await self._retry_deleting()
             plan_ids = await self.store.restore_points.distinct("plan_id", {"state": AVAILABLE})
             for plan_id in plan_ids:
                 result.add(await self._sweep_plan(plan_id))
-            result.add(await self._retry_deleting())
             result.add(await self._delete_pending())
         self._report(result)
         return result

@@ -112,6 +112,31 @@ async def seed_instance(
     return doc
 
 
+async def seed_destination(
+    store: Store, box: SecretBox, instance_id: str, settings: S3Settings
+) -> Document:
+    """A destination document as docs/data-model.md describes it (public settings at top
+    level, the secret sealed under ``destinations/<id>``)."""
+    dest_id = uuid.uuid4().hex
+    secret = destinations.SECRET_FIELD[settings.type]
+    at = datetime.now(UTC)
+    doc = {
+        "_id": dest_id,
+        "instance_id": instance_id,
+        "name": f"dest-{dest_id[:6]}",
+        **destinations.public_settings(settings),
+        "secrets": box.seal_map(
+            {secret: getattr(settings, secret).get_secret_value()}, f"destinations/{dest_id}"
+        ),
+        "created_at": at,
+        "updated_at": at,
+        "version": 1,
+        "schema_version": 1,
+    }
+    await store.destinations.insert_one(doc)
+    return doc
+
+
 async def seed_plan(
     store: Store,
     box: SecretBox,
@@ -123,7 +148,7 @@ async def seed_plan(
     compression: bool = True,
     items: list[str] | None = None,
 ) -> Document:
-    dest = await destinations.create(store, box, instance["_id"], "primary", s3)
+    dest = await seed_destination(store, box, instance["_id"], s3)
     spec = plans.PlanSpec.model_validate(
         {
             "name": f"nightly-{uuid.uuid4().hex[:6]}",
@@ -193,3 +218,21 @@ async def final(store: Store, job_id: str, clock: ManualClock | None = None, **k
         return await job_in(store, job_id, *jobs.FINAL)
 
     return await until(check, clock=clock, what=f"job {job_id} to end", **kw)
+
+
+async def crash(runner: JobRunner) -> None:
+    """What ``kill -9`` leaves: the replica stops at once and releases nothing; its leases
+    stay in the database until they expire."""
+    tasks = [*runner._loops, *(h.task for h in runner._held.values() if h.task)]
+    runner._loops = []
+    runner._stopping = True
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    runner._held.clear()
+    if runner._session is not None:
+        await runner._session.close()
+
+
+async def item_started(agent: GoAgentStandIn, agent_job_id: str) -> bool:
+    return agent.starts[agent_job_id] > 0

@@ -6,7 +6,8 @@ busy, jobs in memory only (a restart forgets them), stage logs for every stage, 
 and a boolean ``compression`` in the state. Uploads go to the real S3 server under
 ``filenamePrefix + filename`` like the Go agent's S3 upload.
 
-Tests steer it: ``hold`` keeps jobs running until released, ``fail_stage`` fails one, ``busy``
+Tests steer it: ``hold`` keeps jobs running until released, ``fail_stage`` (and
+``fail_database``) fails a stage, ``busy``
 answers 429 a number of times, ``restart()`` forgets every job; ``requests`` and ``starts``
 record what the manager sent.
 """
@@ -54,6 +55,7 @@ class GoAgentStandIn:
         self.release = asyncio.Event()
         self.release.set()
         self.fail_stage: str | None = None
+        self.fail_database: str | None = None  # with fail_stage: only this item fails
         self.busy = 0
         self.uploaded: list[str] = []
         self.downloaded: list[str] = []
@@ -184,7 +186,8 @@ class GoAgentStandIn:
                 if stage in ("backup", "restore"):
                     await self.release.wait()
                 state[f"{stage}_log"] = self.log_text or f"out-{stage}"
-                if self.fail_stage == stage:
+                database = body[kind]["database"]
+                if self.fail_stage == stage and self.fail_database in (None, database):
                     raise RuntimeError(f"Executing the shell script failed ({stage})")
                 if stage == "backup":
                     await self._upload(body, state)

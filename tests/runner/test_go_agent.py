@@ -15,8 +15,10 @@ from tests.runner.conftest import (
     ITEMS,
     RunnerFactory,
     final,
+    item_started,
     seed_instance,
     seed_plan,
+    until,
 )
 from tests.runner.go_agent import GoAgentStandIn
 from tests.servers.s3 import SeaweedS3
@@ -123,3 +125,165 @@ async def test_wrong_agent_password_fails_at_once(
     assert done["status"] == "FAILED" and "refused the registered credentials" in done["reason"]
     assert not go_agent.starts
     await runner.idle()
+
+
+async def _backup_job(store: Store, box: SecretBox, agent: GoAgentStandIn, s3: S3Settings, **kw):
+    instance = await seed_instance(store, box, agent_url=agent.url)
+    plan = await seed_plan(store, box, instance, s3, **kw)
+    return instance, plan, await jobs.start_backup(store, plan)
+
+
+async def test_agent_that_forgets_the_job_fails_it(
+    store: Store,
+    box: SecretBox,
+    clock: ManualClock,
+    go_agent: GoAgentStandIn,
+    s3_settings: S3Settings,
+    make_runner: RunnerFactory,
+) -> None:
+    _, _, job = await _backup_job(store, box, go_agent, s3_settings)
+    go_agent.hold()
+    runner = make_runner()
+    await runner.run_once()
+    await until(lambda: item_started(go_agent, f"{job['_id']}-0"), clock=clock)
+    await go_agent.restart()  # the Go agent keeps jobs in memory only
+    done = await final(store, job["_id"], clock)
+    assert done["status"] == "FAILED"
+    assert "Item 'orders' failed" in done["reason"] and "no longer knows" in done["reason"]
+    assert done["items"][0]["status"] == "FAILED" and done["items"][1]["status"] == "CANCELLED"
+    assert await store.restore_points.count_documents({}) == 0
+
+
+async def test_a_failed_item_fails_the_backup_and_its_sibling_files_are_deleted(
+    store: Store,
+    box: SecretBox,
+    clock: ManualClock,
+    go_agent: GoAgentStandIn,
+    s3_server: SeaweedS3,
+    s3_settings: S3Settings,
+    make_runner: RunnerFactory,
+) -> None:
+    _, _, job = await _backup_job(store, box, go_agent, s3_settings)
+    go_agent.fail_stage, go_agent.fail_database = "backup", "customers"
+    runner = make_runner()
+    await runner.run_once()
+    done = await final(store, job["_id"], clock)
+    assert done["status"] == "FAILED"
+    assert done["reason"].startswith("Item 'customers' failed: Executing the shell script failed")
+    first, second = done["items"]
+    assert first["status"] == "SUCCEEDED" and first["key"]
+    assert second["status"] == "FAILED" and "shell script failed" in second["error"]
+    assert second["logs"]["pre_backup_lock_log"] == "out-pre_backup_lock"
+    # a failed backup is no restore point, and its uploaded file is no orphan either
+    assert await store.restore_points.count_documents({}) == 0
+    assert len(go_agent.uploaded) == 1 and s3_server.keys(s3_settings.bucket) == []
+    assert "pending_deletes" not in done
+
+
+async def test_a_busy_agent_is_retried_and_each_item_starts_once(
+    store: Store,
+    box: SecretBox,
+    clock: ManualClock,
+    go_agent: GoAgentStandIn,
+    s3_settings: S3Settings,
+    make_runner: RunnerFactory,
+) -> None:
+    _, _, job = await _backup_job(store, box, go_agent, s3_settings)
+    go_agent.busy = 3
+    runner = make_runner()
+    await runner.run_once()
+    done = await final(store, job["_id"], clock)
+    assert done["status"] == "SUCCEEDED", done["reason"]
+    assert dict(go_agent.starts) == {f"{job['_id']}-0": 1, f"{job['_id']}-1": 1}
+
+
+async def test_deadline_fails_the_job_and_the_late_upload_is_deleted_by_the_sweep(
+    store: Store,
+    box: SecretBox,
+    clock: ManualClock,
+    go_agent: GoAgentStandIn,
+    s3_server: SeaweedS3,
+    s3_settings: S3Settings,
+    make_runner: RunnerFactory,
+) -> None:
+    _, _, job = await _backup_job(store, box, go_agent, s3_settings, items=["orders"])
+    go_agent.hold()
+    runner = make_runner(job_deadline_seconds=600)
+    await runner.run_once()
+    done = await final(store, job["_id"], clock, step=20)
+    assert done["status"] == "FAILED"
+    assert done["reason"].startswith("The job did not end within its deadline (10 min)")
+    assert "still running on the agent" in done["reason"]
+    (item,) = done["items"]
+    assert item["status"] == "FAILED" and "unlock script" in item["error"]
+    (pending,) = done["pending_deletes"]
+    assert pending["agent_job_id"] == f"{job['_id']}-0" and "key" not in pending
+    # the agent finishes on its own and uploads; the sweep asks it and deletes the file
+    go_agent.let_go()
+    await until(lambda: _agent_done(go_agent, f"{job['_id']}-0"))
+    assert len(s3_server.keys(s3_settings.bucket)) == 1
+    result = await runner.sweeper.run_once()
+    assert result.orphans_deleted == 1
+    assert s3_server.keys(s3_settings.bucket) == []
+    assert "pending_deletes" not in await store.jobs.find_one({"_id": job["_id"]})
+
+
+async def _agent_done(agent: GoAgentStandIn, agent_job_id: str) -> bool:
+    state = agent.jobs.get(("backup", agent_job_id))
+    return bool(state and state["status"] != "RUNNING")
+
+
+async def test_cancel_waits_for_the_running_item_then_discards_it(
+    store: Store,
+    box: SecretBox,
+    clock: ManualClock,
+    go_agent: GoAgentStandIn,
+    s3_server: SeaweedS3,
+    s3_settings: S3Settings,
+    make_runner: RunnerFactory,
+) -> None:
+    instance, _, job = await _backup_job(store, box, go_agent, s3_settings)
+    go_agent.hold()
+    runner = make_runner()
+    await runner.run_once()
+    await until(lambda: item_started(go_agent, f"{job['_id']}-0"), clock=clock)
+    cancelled = await jobs.cancel(store, instance["_id"], job["_id"])
+    assert cancelled["status"] == "RUNNING" and cancelled["cancel_requested"] is True
+    await clock.advance(10)
+    go_agent.let_go()
+    done = await final(store, job["_id"], clock)
+    assert done["status"] == "CANCELLED"
+    assert done["reason"] == "Cancelled by a user; the files already uploaded (orders) are deleted."
+    assert [i["status"] for i in done["items"]] == ["SUCCEEDED", "CANCELLED"]
+    assert set(go_agent.starts) == {f"{job['_id']}-0"}  # the second item never started
+    assert s3_server.keys(s3_settings.bucket) == []
+    assert await store.restore_points.count_documents({}) == 0
+
+
+async def test_logs_are_bounded(
+    store: Store,
+    box: SecretBox,
+    clock: ManualClock,
+    go_agent: GoAgentStandIn,
+    s3_settings: S3Settings,
+    make_runner: RunnerFactory,
+) -> None:
+    go_agent.log_text = "".join(f"line {n}\n" for n in range(20000))
+    _, _, job = await _backup_job(store, box, go_agent, s3_settings, items=["orders"])
+    runner = make_runner(log_max_bytes=2048)
+    await runner.run_once()
+    done = await final(store, job["_id"], clock)
+    logs = done["items"][0]["logs"]
+    assert set(logs) == {
+        f"{s}_log"
+        for s in (
+            "pre_backup_lock",
+            "pre_backup_check",
+            "backup",
+            "backup_cleanup",
+            "post_backup_unlock",
+        )
+    }
+    for text in logs.values():
+        assert len(text.encode()) < 2048 + 64 and text.endswith("line 19999\n")
+        assert "earlier bytes cut" in text

@@ -1,0 +1,161 @@
+"""The job state machine in the database: claims, leases, fencing, per-instance order."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+
+from backup import jobs
+from backup.clock import ManualClock
+from backup.secrets import SecretBox
+from backup.store import Store
+from storage import S3Settings
+from tests.runner.conftest import RunnerFactory, item_started, seed_instance, seed_plan, until
+from tests.runner.go_agent import GoAgentStandIn
+
+
+async def _queue(store: Store, instance_id: str, n: int = 1, **fields) -> list[str]:
+    ids = []
+    for _ in range(n):
+        doc = jobs.new_job(
+            instance_id=instance_id,
+            type="BACKUP",
+            plan_id="plan",
+            destination_id="dest",
+            trigger="MANUAL",
+            items=[jobs.new_item("orders")],
+            compression=False,
+            encryption={"enabled": False},
+        )
+        doc.update(fields)
+        await store.jobs.insert_one(doc)
+        ids.append(doc["_id"])
+        await asyncio.sleep(0.002)  # distinct created_at, so "oldest first" is defined
+    return ids
+
+
+async def _claim_all(store: Store, clock: ManualClock, owner: str) -> list[jobs.Lease]:
+    leases = []
+    for cand in await jobs.claimable(store, clock.now(), limit=10):
+        lease = await jobs.claim(
+            store, cand, owner=owner, at=clock.now(), lease_seconds=30, deadline_seconds=600
+        )
+        if lease:
+            leases.append(lease)
+    return leases
+
+
+async def test_one_claim_wins(store: Store, clock: ManualClock) -> None:
+    (job_id,) = await _queue(store, "i1")
+    (cand,) = await jobs.claimable(store, clock.now(), limit=5)
+    leases = await asyncio.gather(
+        *(
+            jobs.claim(
+                store, cand, owner=f"r{n}", at=clock.now(), lease_seconds=30, deadline_seconds=600
+            )
+            for n in range(8)
+        )
+    )
+    won = [lease for lease in leases if lease is not None]
+    assert len(won) == 1 and won[0].token == 1
+    doc = await store.jobs.find_one({"_id": job_id})
+    assert doc["status"] == "RUNNING" and doc["lease_owner"] == won[0].owner
+    assert doc["started_at"] == clock.now()
+    assert doc["deadline_at"] == clock.now() + timedelta(seconds=600)
+    assert doc["lease_expires_at"] == clock.now() + timedelta(seconds=30)
+    assert doc["attempts"] == 1
+
+
+async def test_one_running_job_per_instance_in_order(store: Store, clock: ManualClock) -> None:
+    first, second, third = await _queue(store, "busy", 3)
+    (other,) = await _queue(store, "quiet")
+    # three replicas race over every candidate at once
+    results = await asyncio.gather(*(_claim_all(store, clock, f"r{n}") for n in range(3)))
+    claimed = sorted(lease.job_id for leases in results for lease in leases)
+    assert claimed == sorted([first, other])  # the oldest of "busy", and "quiet"'s
+    # the index refuses a second RUNNING job of an instance even to a direct claim
+    doc = await store.jobs.find_one({"_id": second})
+    assert (
+        await jobs.claim(
+            store, doc, owner="x", at=clock.now(), lease_seconds=30, deadline_seconds=60
+        )
+        is None
+    )
+    (lease,) = [lease for leases in results for lease in leases if lease.job_id == first]
+    await jobs.finish(store, lease, "SUCCEEDED", None, at=clock.now())
+    (next_lease,) = await _claim_all(store, clock, "r9")
+    assert next_lease.job_id == second  # then the next oldest, never the third first
+    assert third not in [lease.job_id for lease in await _claim_all(store, clock, "r9")]
+
+
+async def test_leases_expire_renew_and_fence(store: Store, clock: ManualClock) -> None:
+    (job_id,) = await _queue(store, "i1")
+    (lease,) = await _claim_all(store, clock, "a")
+    await clock.advance(20)
+    assert await _claim_all(store, clock, "b") == []
+    assert await jobs.renew(store, lease, at=clock.now(), lease_seconds=30)
+    await clock.advance(29)
+    assert await _claim_all(store, clock, "b") == []  # renewed at 20 s: live until 50 s
+    await clock.advance(1)
+    (taken,) = await _claim_all(store, clock, "b")  # expired at exactly 50 s
+    assert taken.token == 2 and taken.owner == "b"
+    doc = await store.jobs.find_one({"_id": job_id})
+    assert doc["deadline_at"] == doc["started_at"] + timedelta(seconds=600)  # kept
+    with pytest.raises(jobs.LeaseLost):
+        await jobs.update_held(store, lease, {"reason": "late write"})
+    with pytest.raises(jobs.LeaseLost):
+        await jobs.finish(store, lease, "FAILED", "late", at=clock.now())
+    assert not await jobs.renew(store, lease, at=clock.now(), lease_seconds=30)
+    assert not await jobs.release(store, lease, at=clock.now())
+    # the same replica claiming again gets a new token: its old claim stays fenced off
+    assert await jobs.release(store, taken, at=clock.now())
+    (again,) = await _claim_all(store, clock, "b")
+    assert again.token == 3
+    with pytest.raises(jobs.LeaseLost):
+        await jobs.update_held(store, taken, {"reason": "late write"})
+    with pytest.raises(ValueError):
+        await jobs.finish(store, again, "RUNNING", None, at=clock.now())
+    await jobs.finish(store, again, "FAILED", "because", at=clock.now())
+    doc = await store.jobs.find_one({"_id": job_id})
+    assert doc["status"] == "FAILED" and doc["reason"] == "because"
+    assert doc["lease_owner"] is None and doc["ended_at"] == clock.now()
+    assert await _claim_all(store, clock, "c") == []  # final states are never claimed
+
+
+async def test_cancelled_and_final_jobs_are_not_claimed(store: Store, clock: ManualClock) -> None:
+    queued, *_ = await _queue(store, "i1")
+    await jobs.cancel(store, "i1", queued)
+    for status in ("SUCCEEDED", "FAILED", "CANCELLED", "MISSED"):
+        await _queue(store, f"i-{status}", status=status)
+    assert await jobs.claimable(store, clock.now(), limit=10) == []
+
+
+async def test_a_replica_that_loses_its_lease_stops_driving(
+    store: Store,
+    box: SecretBox,
+    clock: ManualClock,
+    go_agent: GoAgentStandIn,
+    s3_settings: S3Settings,
+    make_runner: RunnerFactory,
+) -> None:
+    instance = await seed_instance(store, box, agent_url=go_agent.url)
+    plan = await seed_plan(store, box, instance, s3_settings)
+    job = await jobs.start_backup(store, plan)
+    go_agent.hold()
+    runner = make_runner("replica-a", poll_seconds=3600)
+    await runner.start()
+    await until(lambda: item_started(go_agent, f"{job['_id']}-0"), clock=clock)
+    assert runner.active == 1
+    # another replica took it over (as if this one had been paused past its lease)
+    await store.jobs.update_one(
+        {"_id": job["_id"]}, {"$set": {"lease_owner": "replica-b"}, "$inc": {"attempts": 1}}
+    )
+
+    async def stopped() -> bool:
+        return runner.active == 0
+
+    await until(stopped, clock=clock, step=5)
+    doc = await store.jobs.find_one({"_id": job["_id"]})
+    assert doc["status"] == "RUNNING" and doc["lease_owner"] == "replica-b"

@@ -1,0 +1,183 @@
+"""Retention: the arithmetic (manual clock), and the sweep against real S3, including the
+storage being down while it deletes."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from backup import jobs
+from backup.clock import ManualClock
+from backup.retention import RetentionSweeper, expires_at, select_expired
+from backup.secrets import SecretBox
+from backup.store import Store
+from storage import S3Settings
+from tests.runner.conftest import seed_destination
+from tests.servers.s3 import SeaweedS3
+
+NOW = datetime(2026, 3, 29, 12, 0, tzinfo=UTC)
+
+
+def _points(*ages: timedelta) -> list[dict]:
+    return [{"_id": f"p{n}", "created_at": NOW - age} for n, age in enumerate(ages)]
+
+
+def _ids(points: list[dict]) -> list[str]:
+    return sorted(p["_id"] for p in points)
+
+
+def test_expiry_by_age() -> None:
+    at = datetime(2026, 3, 28, 1, 30, tzinfo=UTC)  # the night Europe's clocks go forward
+    assert expires_at({"style": "DAYS", "period": 2}, at) == at + timedelta(hours=48)
+    assert expires_at({"style": "HOURS", "period": 5}, at) == at + timedelta(hours=5)
+    assert expires_at({"style": "FILES", "period": 5}, at) is None
+    assert expires_at(None, at) is None
+
+
+@pytest.mark.parametrize(
+    ("retention", "ages", "expired"),
+    [
+        # DAYS: expired at exactly created + period; younger ones stay
+        (
+            {"style": "DAYS", "period": 7},
+            [timedelta(days=1), timedelta(days=7), timedelta(days=6, hours=23), timedelta(days=9)],
+            ["p1", "p3"],
+        ),
+        (
+            {"style": "HOURS", "period": 6},
+            [timedelta(hours=1), timedelta(hours=5, minutes=59), timedelta(hours=6, seconds=1)],
+            ["p2"],
+        ),
+        # the newest is kept even when it expired (a plan whose backups now fail)
+        ({"style": "DAYS", "period": 1}, [timedelta(days=30), timedelta(days=40)], ["p1"]),
+        ({"style": "HOURS", "period": 1}, [timedelta(days=30)], []),
+        # FILES: the newest `period` stay, whatever their age
+        (
+            {"style": "FILES", "period": 3},
+            [timedelta(hours=h) for h in (5, 1, 4, 2, 3)],
+            ["p0", "p2"],
+        ),
+        ({"style": "FILES", "period": 1}, [timedelta(hours=h) for h in (2, 1, 3)], ["p0", "p2"]),
+        ({"style": "FILES", "period": 10}, [timedelta(hours=h) for h in (2, 1, 3)], []),
+        (None, [timedelta(days=400), timedelta(days=500)], []),
+    ],
+)
+def test_select_expired(retention: dict | None, ages: list[timedelta], expired: list[str]) -> None:
+    assert _ids(select_expired(_points(*ages), retention, NOW)) == expired
+
+
+def test_ties_on_created_at_are_ordered_by_id() -> None:
+    same = [{"_id": f"p{n}", "created_at": NOW} for n in range(4)]
+    assert _ids(select_expired(same, {"style": "FILES", "period": 2}, NOW)) == ["p0", "p1"]
+
+
+# ------------------------------------------------------------------------- the sweep
+
+
+async def _seed(
+    store: Store, box: SecretBox, s3: S3Settings, ages_hours: list[int], retention: dict
+) -> tuple[dict, dict, list[dict]]:
+    from storage import open_store
+
+    instance_id = str(uuid.uuid4())
+    dest = await seed_destination(store, box, instance_id, s3)
+    plan = {"_id": uuid.uuid4().hex, "instance_id": instance_id, "retention": retention}
+    await store.plans.insert_one(plan)
+    points = []
+    async with open_store(s3) as objects:
+        for n, hours in enumerate(ages_hours):
+            key = f"{instance_id}/{plan['_id']}/file-{n}.dump"
+
+            async def chunk(n: int = n):
+                yield b"x" * (n + 1)
+
+            await objects.upload(key, chunk())
+            point = {
+                "_id": uuid.uuid4().hex,
+                "instance_id": instance_id,
+                "plan_id": plan["_id"],
+                "destination_id": dest["_id"],
+                "job_id": f"job-{n}",
+                "created_at": NOW - timedelta(hours=hours),
+                "expires_at": None,
+                "retention": retention,
+                "items": [{"name": "orders", "key": key, "size": n + 1, "stored_size": n + 1}],
+                "state": "available",
+                "secrets": {},
+            }
+            await store.restore_points.insert_one(point)
+            points.append(point)
+    return dest, plan, points
+
+
+async def _left(store: Store) -> list[str]:
+    return sorted(p["job_id"] for p in await store.restore_points.find({}).to_list())
+
+
+async def test_sweep_deletes_files_then_records(
+    store: Store, box: SecretBox, s3_server: SeaweedS3, s3_settings: S3Settings
+) -> None:
+    clock = ManualClock(NOW)
+    _, plan, points = await _seed(
+        store, box, s3_settings, [1, 30, 50, 80], {"style": "DAYS", "period": 2}
+    )
+    sweeper = RetentionSweeper(store, box, clock=clock, storage_timeout=30)
+    result = await sweeper.run_once()
+    assert (result.deleted, result.failed, result.deleted_bytes) == (2, 0, 3 + 4)
+    assert await _left(store) == ["job-0", "job-1"]
+    assert sorted(s3_server.keys(s3_settings.bucket)) == sorted(
+        p["items"][0]["key"] for p in points[:2]
+    )
+    kept = await store.restore_points.find_one({"job_id": "job-1"})
+    assert kept["expires_at"] == kept["created_at"] + timedelta(days=2)
+    # a shorter retention applies to the points already there, but never to the newest
+    await store.plans.update_one(
+        {"_id": plan["_id"]}, {"$set": {"retention": {"style": "HOURS", "period": 1}}}
+    )
+    await clock.advance(3600 * 24 * 30)
+    result = await sweeper.run_once()
+    assert result.deleted == 1 and await _left(store) == ["job-0"]
+    assert s3_server.keys(s3_settings.bucket) == [points[0]["items"][0]["key"]]
+
+
+async def test_a_plan_gone_keeps_following_its_recorded_retention(
+    store: Store, box: SecretBox, s3_settings: S3Settings
+) -> None:
+    _, plan, _ = await _seed(store, box, s3_settings, [1, 2, 3], {"style": "FILES", "period": 2})
+    await store.plans.delete_one({"_id": plan["_id"]})
+    result = await RetentionSweeper(store, box, clock=ManualClock(NOW)).sweep_plan(plan["_id"])
+    assert result.deleted == 1 and await _left(store) == ["job-0", "job-1"]
+
+
+async def test_a_point_being_restored_is_kept_until_the_restore_ends(
+    store: Store, box: SecretBox, s3_settings: S3Settings
+) -> None:
+    _, _, points = await _seed(store, box, s3_settings, [1, 2], {"style": "FILES", "period": 1})
+    restore = await jobs.start_restore(store, points[1], None)
+    sweeper = RetentionSweeper(store, box, clock=ManualClock(NOW))
+    result = await sweeper.run_once()
+    assert (result.deleted, result.skipped) == (0, 1)
+    assert (await store.restore_points.find_one({"_id": points[1]["_id"]}))["state"] == "available"
+    await store.jobs.update_one({"_id": restore["_id"]}, {"$set": {"status": "SUCCEEDED"}})
+    assert (await sweeper.run_once()).deleted == 1
+
+
+async def test_storage_down_during_retention_keeps_the_record_for_the_next_sweep(
+    store: Store, box: SecretBox, s3_private_server: SeaweedS3
+) -> None:
+    s3 = s3_private_server.settings()
+    _, _, points = await _seed(store, box, s3, [1, 2, 3], {"style": "FILES", "period": 1})
+    s3_private_server.stop()
+    sweeper = RetentionSweeper(store, box, clock=ManualClock(NOW), storage_timeout=20)
+    result = await sweeper.run_once()
+    assert (result.deleted, result.failed) == (0, 2)
+    states = {p["job_id"]: p["state"] for p in await store.restore_points.find({}).to_list()}
+    assert states == {"job-0": "available", "job-1": "deleting", "job-2": "deleting"}
+    s3_private_server.start()
+    assert len(s3_private_server.keys(s3.bucket)) == 3  # nothing was lost meanwhile
+    result = await sweeper.run_once()
+    assert (result.deleted, result.failed) == (2, 0)
+    assert await _left(store) == ["job-0"]
+    assert s3_private_server.keys(s3.bucket) == [points[0]["items"][0]["key"]]
