@@ -106,7 +106,10 @@ class AgentJob:
             and isinstance(v, str)
             and v
         }
-        compression = body.get("compression")
+        # What our agent did to the stream: ``transform`` {compression, encryption} (older
+        # versions named them at top level); the Go agent only echoes a boolean compression.
+        done = body.get("transform") if isinstance(body.get("transform"), dict) else body
+        compression = done.get("compression")
         return cls(
             status=status,
             state=_str(body.get("state")),
@@ -118,9 +121,8 @@ class AgentJob:
             stored_size=_int(body.get("stored_size")),
             stored_key=_str(body.get("stored_key")),
             checksum=_str(body.get("checksum")),
-            # The Go agent echoes the request's boolean; ours names what it did (or null).
             compression=compression if isinstance(compression, str) else None,
-            encryption=_str(body.get("encryption")),
+            encryption=_str(done.get("encryption")),
             logs=logs,
         )
 

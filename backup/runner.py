@@ -681,11 +681,11 @@ class _JobRun:
                 self.r.observer.agent_error(exc.reason)
                 waited = (self.clock.now() - since).total_seconds()
                 if not exc.transient:
-                    raise _End(FAILED, f"{_cap(exc.message)}.") from None
+                    raise _End(FAILED, f"{_sentence(exc.message)}.") from None
                 if waited >= self.s.agent_unreachable_seconds:
                     raise _End(
                         FAILED,
-                        f"{_cap(exc.message)}; still so after "
+                        f"{_sentence(exc.message)}; still so after "
                         f"{_human(self.s.agent_unreachable_seconds)}.",
                     ) from None
                 if self._past_deadline():
@@ -1092,6 +1092,9 @@ class _JobRun:
 
 def _cap(text: str, limit: int = 500) -> str:
     text = text.strip()
-    if text and text[0].islower():
-        text = text[0].upper() + text[1:]
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _sentence(text: str) -> str:
+    text = _cap(text)
+    return text[:1].upper() + text[1:]

@@ -1,0 +1,160 @@
+"""The runner with our agent as a real process and real S3: capabilities detected from
+``/status``, compression and encryption done by the agent, checksums recorded, a restore
+that gets the original bytes back, and the agent killed in the middle of a job."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tests.agent.helpers as helpers
+from backup import jobs
+from backup.secrets import SecretBox
+from backup.store import Store
+from storage import S3Settings
+from tests.agent.helpers import PASSWORD, USER, AgentProcess, tracing_scripts, write_script
+from tests.runner.conftest import RunnerFactory, final, seed_instance, seed_plan, until
+from tests.servers.s3 import SeaweedS3
+
+PAYLOAD = "row;" * 5000  # compressible, and recognisable in plaintext
+
+
+def _read(path: str) -> str:
+    return Path(path).read_text()
+
+
+@pytest.fixture
+def make_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    started: list[AgentProcess] = []
+
+    def make(backup_body: str | None = None, **env: Any) -> AgentProcess:
+        base = tmp_path / f"agent{len(started)}"
+        scripts = base / "scripts"
+        tracing_scripts(
+            scripts,
+            backup_body=backup_body
+            or f'echo "backup $*" >> "$TRACE"; env > "$TRACE.backup.env"; printf "{PAYLOAD}" > '
+            '"$BACKUP_DIRECTORY/$BACKUP_FILENAME.txt"; echo out-backup',
+        )
+        write_script(
+            scripts,
+            "restore",
+            'echo "restore $*" >> "$TRACE"; cat "$RESTORE_FILE" > "$TRACE.$BACKUP_DATABASE"',
+        )
+        agent = AgentProcess(base, scripts, **env)
+        started.append(agent)
+        return agent.start()
+
+    yield make
+    for agent in started:
+        agent.kill()
+
+
+async def test_backup_and_restore_with_our_agent(
+    store: Store,
+    box: SecretBox,
+    s3_server: SeaweedS3,
+    s3_settings: S3Settings,
+    make_agent: Callable[..., AgentProcess],
+    make_runner: RunnerFactory,
+) -> None:
+    agent = make_agent()
+    instance = await seed_instance(
+        store, box, agent_url=f"http://127.0.0.1:{agent.port}", username=USER, password=PASSWORD
+    )
+    plan = await seed_plan(store, box, instance, s3_settings, encryption=True, compression=True)
+    job = await jobs.start_backup(store, plan)
+    runner = make_runner(clock=None, agent_poll_min_seconds=0.2, agent_poll_max_seconds=0.5)
+    assert await runner.run_once() == 1
+    done = await final(store, job["_id"])
+    assert done["status"] == "SUCCEEDED", (done["reason"], done["items"])
+    assert done["agent"]["kind"] == "ours" and done["agent"]["version"]
+    point = await store.restore_points.find_one({"_id": job["_id"]})
+    client = s3_server.client()
+    for item in point["items"]:
+        assert item["compression"] == "zstd" and item["encryption"] == "aes-256-gcm-stream-v1"
+        assert item["key"].startswith(f"{instance['_id']}/{plan['_id']}/")
+        assert item["key"].endswith(".txt.zst.enc") and item["size"] == len(PAYLOAD)
+        stored = client.get_object(Bucket=s3_settings.bucket, Key=item["key"])["Body"].read()
+        assert len(stored) == item["stored_size"]
+        assert item["checksum"] == "sha256:" + hashlib.sha256(stored).hexdigest()
+        assert b"row;" not in stored  # no plaintext reached the storage
+    # the scripts were told the agent does the transforms, so they did not
+    env = helpers.script_env(agent.trace, "backup")
+    assert env["AGENT_TRANSFORM_COMPRESSION"] == "zstd" and env["COMPRESSION"] == "false"
+    assert "ENCRYPTION_KEY" not in env
+
+    restore = await jobs.start_restore(store, point, None)
+    assert await runner.run_once() == 1
+    done = await final(store, restore["_id"])
+    assert done["status"] == "SUCCEEDED", (done["reason"], done["items"])
+    for name in ("orders", "customers"):
+        assert _read(f"{agent.trace}.{name}") == PAYLOAD
+    assert any(line.startswith("post-restore-unlock") for line in agent.trace_lines())
+
+
+async def test_agent_killed_mid_job_and_restarted_ends_failed_with_its_reason(
+    store: Store,
+    box: SecretBox,
+    s3_settings: S3Settings,
+    make_agent: Callable[..., AgentProcess],
+    make_runner: RunnerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    agent = make_agent(backup_body='echo "backup $*" >> "$TRACE"; sleep 60')
+    instance = await seed_instance(
+        store, box, agent_url=f"http://127.0.0.1:{agent.port}", username=USER, password=PASSWORD
+    )
+    plan = await seed_plan(store, box, instance, s3_settings, items=["orders"])
+    job = await jobs.start_backup(store, plan)
+    runner = make_runner(clock=None, agent_poll_min_seconds=0.2, agent_poll_max_seconds=0.5)
+    await runner.run_once()
+
+    async def backing_up() -> bool:
+        return any(line.startswith("backup ") for line in agent.trace_lines())
+
+    await until(backing_up)
+    agent.kill()
+    monkeypatch.setattr(helpers, "free_port", lambda: agent.port)  # come back where it was
+    agent.start()
+    done = await final(store, job["_id"])
+    assert done["status"] == "FAILED"
+    assert "agent restarted while the job was running" in done["reason"]
+    assert any(line.startswith("post-backup-unlock") for line in agent.trace_lines())
+    assert await store.restore_points.count_documents({}) == 0
+
+
+async def test_agent_killed_mid_job_and_gone_ends_failed_after_the_bound(
+    store: Store,
+    box: SecretBox,
+    s3_settings: S3Settings,
+    make_agent: Callable[..., AgentProcess],
+    make_runner: RunnerFactory,
+) -> None:
+    agent = make_agent(backup_body='echo "backup $*" >> "$TRACE"; sleep 60')
+    instance = await seed_instance(
+        store, box, agent_url=f"http://127.0.0.1:{agent.port}", username=USER, password=PASSWORD
+    )
+    plan = await seed_plan(store, box, instance, s3_settings, items=["orders"])
+    job = await jobs.start_backup(store, plan)
+    runner = make_runner(
+        clock=None,
+        agent_poll_min_seconds=0.2,
+        agent_poll_max_seconds=0.5,
+        agent_unreachable_seconds=3,
+    )
+    await runner.run_once()
+
+    async def backing_up() -> bool:
+        return any(line.startswith("backup ") for line in agent.trace_lines())
+
+    await until(backing_up)
+    agent.kill()
+    done = await final(store, job["_id"])
+    assert done["status"] == "FAILED" and "cannot be reached" in done["reason"]
+    assert "no answer for 3 s" in done["reason"]
+    assert done["items"][0]["status"] == "FAILED"
