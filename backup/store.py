@@ -27,7 +27,11 @@ Document = dict[str, Any]
 # collection name -> indexes; each module's queries are served by an index declared here.
 INDEXES: dict[str, list[IndexModel]] = {
     "instances": [
+        # the OSB sweep: expired tombstones, and operations whose replica stopped renewing
         IndexModel([("state", ASCENDING), ("tombstone_expires_at", ASCENDING)]),
+        IndexModel(
+            [("last_operation.state", ASCENDING), ("last_operation.lease_expires_at", ASCENDING)]
+        ),
     ],
     "bindings": [
         IndexModel([("instance_id", ASCENDING)]),

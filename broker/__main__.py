@@ -6,6 +6,7 @@ import sys
 
 import structlog
 from aiohttp import web
+from pydantic import SecretStr
 
 from backup.embedded_db import EmbeddedMongo
 from broker.app import create_app
@@ -19,6 +20,9 @@ def main() -> int:
     try:
         settings = load_settings()
         settings.resolve_local_secrets()
+        # Everything that can be wrong with the configuration (catalog, API settings) is
+        # found here, before anything starts.
+        app = create_app(settings)
     except ConfigError as exc:
         print(f"osb-backup-manager: {exc}", file=sys.stderr)
         return 2
@@ -29,13 +33,10 @@ def main() -> int:
         if settings.embedded_database:
             embedded = EmbeddedMongo(settings.data_dir / "db")
             embedded.start()
-            from pydantic import SecretStr
-
             settings.mongodb_url = SecretStr(embedded.url)
             log.info(
                 "embedded_database_started", port=embedded.port, data_dir=str(embedded.data_dir)
             )
-        app = create_app(settings)
         log.info(
             "starting",
             host=settings.host,
@@ -45,7 +46,8 @@ def main() -> int:
             credentials_file=str(credentials_file) if credentials_file else None,
         )
         # run_app turns SIGTERM/SIGINT into a graceful stop: stop accepting, let in-flight
-        # requests finish (up to shutdown_timeout), then run the cleanup contexts.
+        # requests finish (up to shutdown_timeout), then run the cleanup contexts (the OSB
+        # worker and the job runner release their leases; the database client closes).
         web.run_app(
             app,
             host=settings.host,

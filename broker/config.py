@@ -13,6 +13,7 @@ import os
 import secrets
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote
 
 from pydantic import (
     AliasChoices,
@@ -49,7 +50,11 @@ class Settings(BaseSettings):
     )
     mongodb_url: SecretStr | None = Field(default=None, validation_alias="MONGODB_URL")
     mongodb_database: str = Field(
-        default="backup_manager", min_length=1, max_length=63, validation_alias="MONGODB_DATABASE"
+        default="",
+        max_length=63,
+        pattern=r"^[^/\\. \"$*<>:|?]*$",
+        validation_alias="MONGODB_DATABASE",
+        description="Database name; unset: the one named in MONGODB_URL, else 'backup_manager'.",
     )
     data_dir: Path = Field(default=Path("data"), validation_alias="DATA_DIR")
     broker_username: str = Field(
@@ -61,7 +66,11 @@ class Settings(BaseSettings):
         validation_alias="SECRETS_MASTER_KEYS",
         description="'id:base64(32 bytes)[,id:key...]'; the first seals, all open (rotation).",
     )
-    catalog_path: Path = Field(default=DEFAULT_CATALOG, validation_alias="CATALOG_PATH")
+    catalog_path: Path = Field(
+        default=DEFAULT_CATALOG,
+        validation_alias="CATALOG_PATH",
+        description="The OSB catalog served at /v2/catalog (YAML).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", validation_alias="LOG_LEVEL"
     )
@@ -72,6 +81,28 @@ class Settings(BaseSettings):
         description="How long a deprovisioned instance answers last_operation 'succeeded'.",
     )
     shutdown_timeout: float = Field(default=30.0, gt=0, validation_alias="SHUTDOWN_TIMEOUT")
+    agent_probe_timeout: float = Field(
+        default=300.0,
+        ge=0,
+        le=86400,
+        validation_alias="AGENT_PROBE_TIMEOUT_SECONDS",
+        description="How long provisioning keeps trying to reach the agent before it fails.",
+    )
+    deprovision_job_wait: float = Field(
+        default=600.0,
+        ge=0,
+        le=86400,
+        validation_alias="DEPROVISION_JOB_WAIT_SECONDS",
+        description="How long deprovisioning waits for running jobs to stop once asked to.",
+    )
+    operation_lease_seconds: float = Field(
+        default=60.0,
+        ge=1,
+        le=3600,
+        validation_alias="OPERATION_LEASE_SECONDS",
+        description="A replica working on an OSB operation renews its claim this often (x3); "
+        "another replica resumes the operation when the claim lapses.",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -83,6 +114,20 @@ class Settings(BaseSettings):
     def _mongo_scheme(cls, v: SecretStr | None) -> SecretStr | None:
         if v is not None and not v.get_secret_value().startswith(("mongodb://", "mongodb+srv://")):
             raise ValueError("must start with mongodb:// or mongodb+srv://")
+        return v
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if not v.strip() or any(c.isspace() for c in v):
+            raise ValueError("must be an IP address or host name, such as 0.0.0.0")
+        return v
+
+    @field_validator("catalog_path")
+    @classmethod
+    def _catalog_exists(cls, v: Path) -> Path:
+        if not v.is_file():
+            raise ValueError(f"no catalog file at {v}")
         return v
 
     @field_validator("master_keys_spec")
@@ -98,6 +143,11 @@ class Settings(BaseSettings):
             self.host = "0.0.0.0"
         if self.mongodb_url is None and (url := _mongodb_from_vcap()):
             self.mongodb_url = SecretStr(url)
+        if not self.mongodb_database:
+            named = (
+                _database_in_url(self.mongodb_url.get_secret_value()) if self.mongodb_url else ""
+            )
+            self.mongodb_database = named or "backup_manager"
         return self
 
     @property
@@ -157,6 +207,14 @@ def _read_or_create(path: Path, make: object) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")
     return value
+
+
+def _database_in_url(url: str) -> str:
+    """The database a connection string names (``mongodb://h/<db>?...``): on Cloud Foundry a
+    bound service's user is often allowed only there."""
+    rest = url.split("://", 1)[-1]
+    _, slash, path = rest.partition("/")
+    return unquote(path.split("?", 1)[0]) if slash else ""
 
 
 def _vcap_application_uris() -> list[str]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from backup.secrets import SecretBox
@@ -13,5 +11,4 @@ from broker.config import Settings
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 SECRETS = web.AppKey("secrets", SecretBox)
-CATALOG = web.AppKey("catalog", dict[str, Any])
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from typing import TextIO
 
 import structlog
 
@@ -19,20 +20,46 @@ def _redact(_: object, __: str, event: dict[str, object]) -> dict[str, object]:
     return event
 
 
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(stream=sys.stdout, level=level, format="%(message)s", force=True)
+def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
+    """One JSON object per line on ``stream`` (standard output by default), from structlog and
+    from the standard library's loggers (aiohttp, pymongo...) alike, each with the context
+    bound for the request (``request_id``, ``acting_user``)."""
+    stream = stream or sys.stdout
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.contextvars.merge_contextvars,
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                stamp,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                _redact,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
     for noisy in ("aiohttp.access", "botocore", "aiobotocore", "urllib3", "swiftclient"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            stamp,
             _redact,
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )

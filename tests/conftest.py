@@ -7,6 +7,7 @@ import os
 import pytest
 
 pytest_plugins = [
+    "tests.servers.log_audit",  # first: it configures logging and others import it
     "tests.servers.mongo",
     "tests.servers.broker",
     "tests.servers.s3",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -10,16 +11,24 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from aiohttp.web import Application
 
+from backup.instances import Instances
 from backup.secrets import generate_master_key_spec
 from backup.store import Store, connect
 from broker.app import create_app
-from broker.background import LOOPS_ENABLED
 from broker.config import Settings, load_settings
+from tests.servers.log_audit import audit_secret
 
 BROKER_USER = "test-broker"
-BROKER_PASSWORD = "broker-pw-Zq8Vx3"  # the log-grep test looks for this
+BROKER_PASSWORD = "broker-pw-Zq8Vx3"  # the log audit looks for it (tests/servers/log_audit.py)
 OSB_HEADERS = {"X-Broker-API-Version": "2.17"}
+
+audit_secret(BROKER_PASSWORD, "tests.servers.broker.BROKER_PASSWORD")
+audit_secret(
+    base64.b64encode(f"{BROKER_USER}:{BROKER_PASSWORD}".encode()).decode(),
+    "the broker's Basic authorization header",
+)
 
 
 @dataclass
@@ -33,14 +42,31 @@ class Service:
     server: TestServer
 
     @property
+    def app(self) -> Application:
+        assert self.server.app is not None
+        return self.server.app
+
+    @property
+    def instances(self) -> Instances:
+        """The OSB operation worker of this service (``await .idle()`` waits for it)."""
+        from broker.osb import INSTANCES
+
+        return self.app[INSTANCES]
+
+    @property
     def broker_auth(self) -> aiohttp.BasicAuth:
         return aiohttp.BasicAuth(BROKER_USER, BROKER_PASSWORD)
 
     async def osb(self, method: str, path: str, **kw: Any) -> aiohttp.ClientResponse:
+        """An OSB request with the version header and the broker's credentials; ``auth=None``
+        sends none, ``auth=(user, password)`` others."""
         headers = {**OSB_HEADERS, **kw.pop("headers", {})}
-        return await self.http.request(
-            method, self.url + path, auth=kw.pop("auth", self.broker_auth), headers=headers, **kw
-        )
+        auth = kw.pop("auth", (BROKER_USER, BROKER_PASSWORD))
+        if isinstance(auth, aiohttp.BasicAuth):
+            auth = (auth.login, auth.password)
+        if auth is not None and "Authorization" not in headers:
+            headers["Authorization"] = aiohttp.encode_basic_auth(*auth)
+        return await self.http.request(method, self.url + path, headers=headers, **kw)
 
 
 async def start_service(
@@ -48,23 +74,31 @@ async def start_service(
     tmp_path: Any,
     database: str | None = None,
     *,
-    background: bool = False,
+    loops: bool = False,
     **overrides: Any,
 ) -> Service:
-    """``background``: run the scheduler, job runner and retention sweep too (off by default,
-    so that jobs a test queues stay QUEUED)."""
+    """Start the service on ``database`` (default: a fresh one). ``overrides`` are settings by
+    environment name (``AGENT_PROBE_TIMEOUT_SECONDS=5``...). The scheduler, runner and
+    retention loops run only with ``loops=True``."""
+    master_keys = overrides.pop("SECRETS_MASTER_KEYS", None) or generate_master_key_spec()
+    for spec in master_keys.split(","):
+        audit_secret(spec.partition(":")[2].strip(), "a master key of start_service")
     settings = load_settings(
         MONGODB_URL=mongo_url,
         MONGODB_DATABASE=database or f"t_{uuid.uuid4().hex[:12]}",
         BROKER_USERNAME=BROKER_USER,
         BROKER_PASSWORD=BROKER_PASSWORD,
-        SECRETS_MASTER_KEYS=overrides.pop("SECRETS_MASTER_KEYS", generate_master_key_spec()),
+        SECRETS_MASTER_KEYS=master_keys,
         DATA_DIR=str(tmp_path),
         **overrides,
     )
     store = connect(mongo_url, settings.mongodb_database)
     app = create_app(settings, store=store)
-    app[LOOPS_ENABLED] = background
+    from broker import background
+
+    loops_key = getattr(background, "LOOPS_ENABLED", None)
+    if loops_key is not None:
+        app[loops_key] = loops
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     url = str(server.make_url("")).rstrip("/")
