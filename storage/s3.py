@@ -16,6 +16,7 @@ from contextlib import AsyncExitStack
 from typing import Any, TypeVar
 
 import aioboto3
+import aiohttp
 import structlog
 from aiobotocore.config import AioConfig
 from botocore import exceptions as bx
@@ -217,7 +218,7 @@ class S3Store(ObjectStore):
                     step=step,
                 )
             return StorageError(f"{self._where} refused to {doing} ({said}).", step=step)
-        if isinstance(exc, bx.SSLError):
+        if isinstance(exc, bx.SSLError | aiohttp.ClientSSLError):
             return TLSFailure(
                 f"The TLS connection to {self._where} failed: "
                 f"{short(redact(str(exc), self._secrets))}",
@@ -234,6 +235,8 @@ class S3Store(ObjectStore):
             | bx.ResponseStreamingError
             | bx.IncompleteReadError
             | bx.HTTPClientError
+            | aiohttp.ClientPayloadError
+            | aiohttp.ClientConnectionError
             | TimeoutError
             | ConnectionError,
         ):
@@ -489,11 +492,21 @@ class S3Store(ObjectStore):
 
     async def stat(self, key: str) -> ObjectInfo:
         full = full_key(self._prefix, key)
-        head = await self._call(
-            "read objects",
-            key,
-            lambda c: c.head_object(Bucket=self.settings.bucket, Key=full),
-        )
+        try:
+            head = await self._call(
+                "read objects",
+                key,
+                lambda c: c.head_object(Bucket=self.settings.bucket, Key=full),
+            )
+        except (ObjectNotFound, PermissionDenied):
+            # A HEAD answer has no body, so no error code: a 403 may be bad credentials and a
+            # 404 a missing bucket. A listing says which.
+            await self._call(
+                "read objects",
+                None,
+                lambda c: c.list_objects_v2(Bucket=self.settings.bucket, Prefix=full, MaxKeys=1),
+            )
+            raise
         return ObjectInfo(
             key=key,
             size=int(head.get("ContentLength") or 0),

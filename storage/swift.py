@@ -142,6 +142,16 @@ class _KeystoneAuth:
         return self._session.invalidate(*args)
 
 
+class _Connection(swift_client.Connection):
+    """swiftclient's connection, except that a PUT of ``bytes`` may be sent again after the
+    token was renewed (swiftclient only knows how to rewind file objects, and refuses)."""
+
+    def put_object(self, container: str, obj: str, contents: Any, **kwargs: Any) -> Any:
+        if isinstance(contents, bytes):
+            return self._retry(None, swift_client.put_object, container, obj, contents, **kwargs)
+        return super().put_object(container, obj, contents, **kwargs)
+
+
 def _keystone_session(settings: SwiftSettings, transfer: TransferSettings) -> Any:
     from keystoneauth1 import session as ks_session
     from keystoneauth1.identity import v3
@@ -159,9 +169,7 @@ def _keystone_session(settings: SwiftSettings, transfer: TransferSettings) -> An
         project_domain_name=settings.project_domain_name or "Default",
     )
     verify: bool | str = (settings.ca_bundle or True) if settings.verify_tls else False
-    return ks_session.Session(
-        auth=auth, verify=verify, timeout=(transfer.connect_timeout, transfer.read_timeout)
-    )
+    return ks_session.Session(auth=auth, verify=verify, timeout=transfer.read_timeout)
 
 
 class SwiftStore(ObjectStore):
@@ -203,7 +211,7 @@ class SwiftStore(ObjectStore):
 
     def _new_connection(self, *, shared: bool = True) -> swift_client.Connection:
         s = self.settings
-        conn = swift_client.Connection(
+        conn = _Connection(
             session=self._auth,
             os_options={
                 "service_type": "object-store",
@@ -211,6 +219,7 @@ class SwiftStore(ObjectStore):
                 "region_name": s.region_name,
             },
             retries=0,  # ours are classified and bounded; a 401 still renews the token once
+            starting_backoff=0.05,  # swiftclient sleeps that long before using the new token
             cacert=s.ca_bundle,
             insecure=not s.verify_tls,
             timeout=self._timeout,
@@ -337,12 +346,12 @@ class SwiftStore(ObjectStore):
             step=step,
         )
 
-    async def _check_container(self) -> dict[str, str | None]:
+    async def _check_container(self, doing: str = "write objects") -> dict[str, str | None]:
         """The container's storage policy, once per store; :class:`ContainerNotFound` if it does
         not exist (checked before any segment is written)."""
         if self._container_checked is None:
             headers = await self._call(
-                "write objects",
+                doing,
                 None,
                 lambda c: c.head_container(self._container),
                 missing="container",
@@ -642,6 +651,10 @@ class SwiftStore(ObjectStore):
                         ),
                         conn=conn,
                     )
+                except ObjectNotFound:
+                    if not offset:
+                        await self._check_container("read objects")  # or the container?
+                    raise
                 except StorageError as exc:
                     if offset and "412" in exc.message:
                         raise StorageError(
@@ -696,7 +709,7 @@ class SwiftStore(ObjectStore):
                 lambda c: c.delete_object(self._container, full, query_string=query),
             )
         except ObjectNotFound:
-            await self._check_container()  # a missing container is an error, unlike the object
+            await self._check_container("delete objects")  # unlike the object, an error
         # Segments of an upload of this key that never finished (a crashed writer).
         pattern = re.compile(re.escape(full) + r"/slo/[^/]+/[^/]+")
         leftovers = [
@@ -751,9 +764,13 @@ class SwiftStore(ObjectStore):
 
     async def stat(self, key: str) -> ObjectInfo:
         full = full_key(self._prefix, key)
-        headers = await self._call(
-            "read objects", key, lambda c: c.head_object(self._container, full)
-        )
+        try:
+            headers = await self._call(
+                "read objects", key, lambda c: c.head_object(self._container, full)
+            )
+        except ObjectNotFound:
+            await self._check_container("read objects")  # 404 for a missing container too
+            raise
         return ObjectInfo(
             key=key,
             size=int(headers.get("content-length") or 0),
@@ -865,7 +882,7 @@ def _keystone_error(
     if isinstance(exc, ka.EndpointNotFound | ka.EmptyCatalog):
         region = f" in region {s.region_name!r}" if s.region_name else ""
         return StorageError(
-            f"The identity service lists no object-store endpoint{region} for project "
+            f"The identity service lists no public object-store endpoint{region} for project "
             f"{s.project_name!r}.",
             step=step,
         )

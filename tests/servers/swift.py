@@ -203,6 +203,13 @@ class SwiftCluster:
             self._log.close()
             self._log = None
 
+    def kill(self) -> None:
+        """Stop at once (SIGKILL), as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=15)
+        self.stop()
+
     # ------------------------------------------------------------------ helpers
 
     def connection(self, user: str | None = None, key: str | None = None) -> Any:
