@@ -31,13 +31,14 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backup import events
 from backup.retention import RetentionSweeper
 from backup.runner import JobRunner, load_runner_settings, new_replica_id
 from broker import metrics
+from broker.config import ConfigError
 from broker.context import SECRETS, STORE
 from storage import open_store
 
@@ -78,13 +79,18 @@ def setup(app: web.Application) -> None:
     """Start the replica's background loops with the app and stop them with it; also serves
     ``GET /metrics`` (the loops' figures)."""
     observer = metrics.setup(app)
+    try:  # a bad value stops the service at start-up, naming the variable
+        settings = load_runner_settings()
+        enabled_by_env = BackgroundSettings().enabled
+    except (ValueError, ValidationError) as exc:
+        raise ConfigError(str(exc)) from None
 
     async def loops(app: web.Application) -> AsyncIterator[None]:
         replica_id = new_replica_id()
         app[REPLICA_ID] = replica_id
         enabled = app.get(LOOPS_ENABLED)
         if enabled is None:
-            enabled = BackgroundSettings().enabled
+            enabled = enabled_by_env
         if not enabled:
             log.info("background_disabled", replica=replica_id)
             yield
@@ -93,7 +99,6 @@ def setup(app: web.Application) -> None:
 
         store, box = app[STORE], app[SECRETS]
         opener = app.get(OPENER, open_store)
-        settings = load_runner_settings()
         sweeper = RetentionSweeper(
             store,
             box,
