@@ -302,7 +302,16 @@ async def claimable(store: Store, at: datetime, *, limit: int) -> list[Document]
     """Candidates to claim, in the order they should run: first RUNNING jobs whose holder
     stopped renewing (they hold their instance), then QUEUED jobs oldest first, skipping
     instances that have a RUNNING job (the index would refuse them anyway)."""
-    fields = {"_id": 1, "instance_id": 1, "status": 1, "attempts": 1, "created_at": 1}
+    fields = {
+        "_id": 1,
+        "instance_id": 1,
+        "status": 1,
+        "attempts": 1,
+        "created_at": 1,
+        "type": 1,
+        "trigger": 1,
+        "scheduled_for": 1,
+    }
     orphans = (
         await store.jobs.find({"status": RUNNING, **_expired(at)}, fields)
         .sort([("lease_expires_at", ASCENDING)])
