@@ -17,7 +17,7 @@ from backup.clock import Clock, ManualClock
 from backup.runner import JobRunner, RunnerSettings
 from backup.secrets import SecretBox, generate_master_key_spec, parse_master_keys
 from backup.store import Document, Store, connect
-from storage import S3Settings
+from storage import S3Settings, SwiftSettings
 from tests.runner.go_agent import PASSWORD as GO_PASSWORD
 from tests.runner.go_agent import USER as GO_USER
 from tests.runner.go_agent import GoAgentStandIn
@@ -113,7 +113,7 @@ async def seed_instance(
 
 
 async def seed_destination(
-    store: Store, box: SecretBox, instance_id: str, settings: S3Settings
+    store: Store, box: SecretBox, instance_id: str, settings: S3Settings | SwiftSettings
 ) -> Document:
     """A destination document as docs/data-model.md describes it (public settings at top
     level, the secret sealed under ``destinations/<id>``)."""
@@ -141,7 +141,7 @@ async def seed_plan(
     store: Store,
     box: SecretBox,
     instance: Document,
-    s3: S3Settings,
+    s3: S3Settings | SwiftSettings,
     *,
     retention: dict[str, Any] | None = None,
     encryption: bool = False,

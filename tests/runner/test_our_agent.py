@@ -15,7 +15,7 @@ import tests.agent.helpers as helpers
 from backup import jobs
 from backup.secrets import SecretBox
 from backup.store import Store
-from storage import S3Settings
+from storage import S3Settings, SwiftSettings, open_store
 from tests.agent.helpers import PASSWORD, USER, AgentProcess, tracing_scripts, write_script
 from tests.runner.conftest import RunnerFactory, final, seed_instance, seed_plan, until
 from tests.servers.s3 import SeaweedS3
@@ -158,3 +158,32 @@ async def test_agent_killed_mid_job_and_gone_ends_failed_after_the_bound(
     assert done["status"] == "FAILED" and "cannot be reached" in done["reason"]
     assert "no answer for 3 s" in done["reason"]
     assert done["items"][0]["status"] == "FAILED"
+
+
+async def test_backup_and_restore_to_swift_with_our_agent(
+    store: Store,
+    box: SecretBox,
+    swift_settings: SwiftSettings,
+    make_agent: Callable[..., AgentProcess],
+    make_runner: RunnerFactory,
+) -> None:
+    agent = make_agent()
+    instance = await seed_instance(
+        store, box, agent_url=f"http://127.0.0.1:{agent.port}", username=USER, password=PASSWORD
+    )
+    plan = await seed_plan(store, box, instance, swift_settings, items=["orders"])
+    job = await jobs.start_backup(store, plan)
+    runner = make_runner(clock=None, agent_poll_min_seconds=0.2, agent_poll_max_seconds=0.5)
+    await runner.run_once()
+    done = await final(store, job["_id"])
+    assert done["status"] == "SUCCEEDED", (done["reason"], done["items"])
+    point = await store.restore_points.find_one({"_id": job["_id"]})
+    (item,) = point["items"]
+    assert item["key"].startswith(f"{instance['_id']}/{plan['_id']}/") and item["checksum"]
+    async with open_store(swift_settings) as objects:
+        assert [o.key async for o in objects.list()] == [item["key"]]
+    restore = await jobs.start_restore(store, point, None)
+    await runner.run_once()
+    done = await final(store, restore["_id"])
+    assert done["status"] == "SUCCEEDED", (done["reason"], done["items"])
+    assert _read(f"{agent.trace}.orders") == PAYLOAD
