@@ -25,7 +25,6 @@ service sets ``app[LOOPS_ENABLED] = False`` unless a test asks for the loops.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -61,18 +60,21 @@ class BackgroundSettings(BaseSettings):
     )
 
 
-def _make_scheduler(store: Any, replica_id: str) -> Any | None:
-    """The scheduler engineer's ``scheduler.Scheduler``, if present and enabled."""
+def _scheduler_parts() -> tuple[Any, Any] | None:
+    """The scheduler engineer's ``scheduler.Scheduler`` and its settings, if the package
+    provides them and the settings enable it (a bad setting is a ConfigError)."""
     try:
         from scheduler import Scheduler, load_scheduler_settings  # type: ignore[attr-defined]
     except ImportError:
         log.warning("scheduler_unavailable")
         return None
-    settings = load_scheduler_settings()
+    try:
+        settings = load_scheduler_settings()
+    except (ValueError, ValidationError) as exc:
+        raise ConfigError(str(exc)) from None
     if not getattr(settings, "enabled", True):
-        log.info("scheduler_disabled")
         return None
-    return Scheduler(store, settings, replica_id=replica_id)
+    return Scheduler, settings
 
 
 def setup(app: web.Application) -> None:
@@ -84,6 +86,7 @@ def setup(app: web.Application) -> None:
         enabled_by_env = BackgroundSettings().enabled
     except (ValueError, ValidationError) as exc:
         raise ConfigError(str(exc)) from None
+    scheduler_parts = _scheduler_parts()
 
     async def loops(app: web.Application) -> AsyncIterator[None]:
         replica_id = new_replica_id()
@@ -117,7 +120,14 @@ def setup(app: web.Application) -> None:
             sweeper=sweeper,
         )
         observer.runner_active = lambda: runner.active
-        scheduler = _make_scheduler(store, replica_id)
+        scheduler = None
+        if scheduler_parts is not None:
+            scheduler_cls, scheduler_settings = scheduler_parts
+            scheduler = scheduler_cls(
+                store, scheduler_settings, replica_id=replica_id, observer=observer
+            )
+        else:
+            log.info("scheduler_not_running", replica=replica_id)
         app[SWEEPER], app[RUNNER] = sweeper, runner
         if scheduler is not None:
             app[SCHEDULER] = scheduler
@@ -140,8 +150,10 @@ def setup(app: web.Application) -> None:
         finally:
             if scheduler is not None:
                 events.plans_changed.disconnect(scheduler.wake)
-                with contextlib.suppress(Exception):
+                try:
                     await scheduler.stop()
+                except Exception:
+                    log.exception("scheduler_stop_failed")
             events.jobs_queued.disconnect(runner.wake)
             await runner.stop()
             await sweeper.stop()

@@ -126,6 +126,23 @@ class Metrics(RunnerObserver):
             "Objects uploaded by failed or cancelled backups, deleted by the sweep.",
             registry=r,
         )
+        self.scheduler_fires = Counter(
+            "backup_scheduler_fires_total",
+            "Jobs this replica's scheduler queued for plan fires (SCHEDULE, CATCH_UP).",
+            ["trigger"],
+            registry=r,
+        )
+        self.scheduler_lag = Histogram(
+            "backup_scheduler_queue_lag_seconds",
+            "Time from a plan's fire time to its job being queued.",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.scheduler_missed = Counter(
+            "backup_scheduler_missed_fires_total",
+            "Fires recorded as MISSED by this replica's scheduler (misfire policy).",
+            registry=r,
+        )
         self.jobs = Gauge("backup_jobs", "Jobs in the database, by status.", ["status"], registry=r)
         self.oldest_queued = Gauge(
             "backup_jobs_oldest_queued_seconds",
@@ -177,6 +194,15 @@ class Metrics(RunnerObserver):
 
     def takeover(self) -> None:
         self.takeovers.inc()
+
+    # -- the scheduler's observer (scheduler.SchedulerObserver)
+
+    def fired(self, trigger: str, lag_seconds: float) -> None:
+        self.scheduler_fires.labels(trigger).inc()
+        self.scheduler_lag.observe(max(0.0, lag_seconds))
+
+    def missed(self, fires: int) -> None:
+        self.scheduler_missed.inc(max(0, fires))
 
     def swept(self, result: SweepResult) -> None:
         self.retention_deleted.inc(result.deleted)
