@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets as random
 import uuid
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -112,10 +113,13 @@ async def _check(store: Store, instance: Document, spec: PlanSpec, min_interval:
     return items
 
 
-def _next_run(spec: PlanSpec) -> Any:
+def _next_run(spec: PlanSpec, after: datetime | None = None) -> Any:
+    """The first fire after ``after`` (default: now), or None for a paused plan. Creating,
+    resuming and changing the frequency or time zone all schedule from now: fires of the old
+    schedule that were not yet due are not owed."""
     if spec.paused:
         return None
-    return schedule.next_fire_time(spec.frequency, spec.timezone, now())
+    return schedule.next_fire_time(spec.frequency, spec.timezone, after or now())
 
 
 def _fields(spec: PlanSpec, items: list[str]) -> Document:
@@ -141,8 +145,16 @@ def _duplicate(name: str) -> Conflict:
 
 
 async def create(
-    store: Store, box: SecretBox, instance: Document, spec: PlanSpec, min_interval: int
+    store: Store,
+    box: SecretBox,
+    instance: Document,
+    spec: PlanSpec,
+    min_interval: int,
+    *,
+    schedule_from: datetime | None = None,
 ) -> Document:
+    """``schedule_from``: compute the first fire after this time instead of now (tests that
+    drive the scheduler with a manual clock)."""
     items = await _check(store, instance, spec, min_interval)
     plan_id = uuid.uuid4().hex
     key = spec.encryption.key.get_secret_value() if spec.encryption.key else None
@@ -154,7 +166,7 @@ async def create(
         "instance_id": instance["_id"],
         **_fields(spec, items),
         "secrets": box.seal_map({"encryption_key": key}, _context(plan_id)),
-        "next_run_at": _next_run(spec),
+        "next_run_at": _next_run(spec, schedule_from),
         "last_job_id": None,
         "created_at": at,
         "updated_at": at,
@@ -215,6 +227,8 @@ async def update(
     plan_id: str,
     patch: dict[str, Any],
     min_interval: int,
+    *,
+    schedule_from: datetime | None = None,
 ) -> Document:
     """Apply a merge patch; the merged plan is validated as a whole. Retries a few times when
     the scheduler or runner touched the plan meanwhile."""
@@ -241,7 +255,7 @@ async def update(
         if any(fields[k] != current[k] for k in timing) or (
             current.get("next_run_at") is None and not spec.paused
         ):
-            changes["next_run_at"] = _next_run(spec)
+            changes["next_run_at"] = _next_run(spec, schedule_from)
         try:
             result = await store.plans.update_one(
                 {"_id": plan_id, "version": current["version"]},

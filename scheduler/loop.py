@@ -1,0 +1,503 @@
+"""The scheduler loop: turns due plans into jobs, exactly one job per fire, on any number of
+replicas sharing one database.
+
+How a fire becomes a job (docs/scheduling.md has the whole story):
+
+1. Due plans are read with one indexed query (``paused``, ``next_run_at <= now``), a batch at
+   a time.
+2. For each, the job of its fire ``T = next_run_at`` is inserted *first*. Its ``_id`` is
+   derived from (plan, T) and the unique index ``one_job_per_fire`` on (plan_id,
+   scheduled_for) refuses a second job for the same fire: whichever replica inserts first
+   wins, the others get a duplicate-key error and know the fire is already recorded.
+3. Then ``next_run_at`` is advanced with a compare-and-set (``{_id, next_run_at: T}``), so a
+   replica with a stale view changes nothing.
+
+Crash points: a replica dying after 2 and before 3 leaves the plan due with its job written;
+whoever handles it next gets the duplicate and only advances. Advancing before inserting could
+lose a fire; this order cannot. A plan deleted while its fire was being recorded gets its
+fresh job cancelled.
+
+A fire handled more than ``SCHEDULER_MISFIRE_THRESHOLD_SECONDS`` late was missed (no scheduler
+ran at its time). Of a plan's missed fires only the latest may run, once, as a CATCH_UP job,
+when it is at most ``SCHEDULER_MISFIRE_GRACE_SECONDS`` late; the others are recorded in one
+MISSED job per outage (``missed``: first, last, count) so that a week-long outage of a
+frequent plan is one document, not thousands. What a MISSED job covers is read back from the
+database, never assumed, so two replicas recovering at once neither double-count nor leave a
+fire unaccounted for.
+
+The loop sleeps until the earliest fire it knows of (plans due within ``SCHEDULER_POLL_SECONDS``)
+or until this replica changes a plan (``events.plans_changed``), and at most
+``SCHEDULER_POLL_SECONDS``, which bounds how late it notices plans changed elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import structlog
+from pymongo import UpdateOne
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+from backup import events, jobs, schedule
+from backup.clock import Clock, SystemClock
+from backup.errors import InvalidInput
+from backup.store import Document, Store
+from scheduler.settings import SchedulerSettings
+
+log = structlog.get_logger(__name__)
+
+DUPLICATE_KEY = 11000
+MISSED_COUNT_LIMIT = 100_000  # missed fires counted one by one at most; beyond: "more than"
+_JOB_IDS = uuid.UUID("5b0f4a8e-8c1e-4d52-9a51-6f2f0c4b7e11")
+
+PLAN_FIELDS = {
+    "_id": 1,
+    "instance_id": 1,
+    "destination_id": 1,
+    "frequency": 1,
+    "timezone": 1,
+    "items": 1,
+    "compression": 1,
+    "encryption": 1,
+    "next_run_at": 1,
+}
+
+
+def fire_job_id(plan_id: str, fire: datetime) -> str:
+    """The id of the job of one fire: the same on every replica, so that each can name it
+    (``last_job_id``) without asking which replica won the insert."""
+    return uuid.uuid5(_JOB_IDS, f"{plan_id}@{fire.isoformat()}").hex
+
+
+@dataclass
+class SchedulerStats:
+    """What this replica's scheduler did since it started (for logs, metrics, benchmarks)."""
+
+    passes: int = 0
+    queued: int = 0  # SCHEDULE and CATCH_UP jobs this replica inserted
+    catch_ups: int = 0
+    missed_jobs: int = 0  # MISSED jobs this replica inserted
+    missed_fires: int = 0  # fires those MISSED jobs cover
+    already_recorded: int = 0  # fires another replica (or an earlier attempt) had recorded
+    cancelled: int = 0  # jobs of plans deleted while their fire was recorded
+    errors: int = 0
+
+
+class SchedulerObserver:
+    """Hook for metrics; this default does nothing."""
+
+    def fired(self, trigger: str, lag_seconds: float) -> None:
+        """This replica queued a job (SCHEDULE or CATCH_UP) ``lag_seconds`` after its fire."""
+
+    def missed(self, fires: int) -> None:
+        """This replica recorded ``fires`` missed fires (in one MISSED job)."""
+
+
+def _local(at: datetime, timezone: str) -> str:
+    try:
+        return at.astimezone(schedule.zone(timezone)).strftime(f"%Y-%m-%d %H:%M {timezone}")
+    except InvalidInput:
+        return at.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _utc(at: datetime) -> str:
+    return at.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+class Scheduler:
+    """One replica's scheduler. ``start`` spawns the loop; ``run_once`` is one pass (tests and
+    benchmarks drive it directly)."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: SchedulerSettings,
+        *,
+        replica_id: str,
+        clock: Clock | None = None,
+        observer: SchedulerObserver | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.replica_id = replica_id
+        self.clock: Clock = clock or SystemClock()
+        self.observer = observer or SchedulerObserver()
+        self.stats = SchedulerStats()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._next_cache: dict[tuple[str, str, datetime], datetime] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._task is not None and not self._task.done():
+            return
+        events.plans_changed.connect(self.wake)
+        self._wake.set()  # first pass at once: fires due while no replica ran
+        self._task = asyncio.create_task(self._loop(), name=f"scheduler:{self.replica_id}")
+        log.info("scheduler_started", replica=self.replica_id)
+
+    async def stop(self) -> None:
+        events.plans_changed.disconnect(self.wake)
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        log.info("scheduler_stopped", replica=self.replica_id)
+
+    def wake(self) -> None:
+        """Look at the plans again at once (a plan was created, changed or deleted)."""
+        self._wake.set()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def _loop(self) -> None:
+        while True:
+            self._wake.clear()  # a change during the pass triggers another pass at once
+            try:
+                await self.run_once()
+                timeout = await self._until_next_fire()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.stats.errors += 1
+                log.exception("scheduler_pass_failed", replica=self.replica_id)
+                timeout = self.settings.error_backoff_seconds
+            await self.clock.wait(self._wake, timeout)
+
+    async def _until_next_fire(self) -> float:
+        """Seconds until the earliest fire due within the poll window (the window if none).
+
+        One indexed range query over the plans due soon; the minimum is taken here rather
+        than by a sort so that the cost is the same on every MongoDB-compatible server."""
+        now = self.clock.now()
+        horizon = now + timedelta(seconds=self.settings.poll_seconds)
+        earliest: datetime | None = None
+        async for doc in self.store.plans.find(
+            {"paused": False, "next_run_at": {"$lte": horizon}}, {"_id": 0, "next_run_at": 1}
+        ):
+            at = doc.get("next_run_at")
+            if at is not None and (earliest is None or at < earliest):
+                earliest = at
+        if earliest is None:
+            return self.settings.poll_seconds
+        # a hair late rather than early: the event loop's timer and the wall clock may differ
+        return max(0.0, (earliest - now).total_seconds() + 0.002)
+
+    # ------------------------------------------------------------------ one pass
+
+    async def run_once(self) -> int:
+        """Fire every plan due now, batch by batch; returns how many jobs were queued
+        (SCHEDULE and CATCH_UP; MISSED records are not queued)."""
+        self.stats.passes += 1
+        queued = 0
+        batch = self.settings.batch_size
+        while True:
+            now = self.clock.now()
+            due = await (
+                self.store.plans.find({"paused": False, "next_run_at": {"$lte": now}}, PLAN_FIELDS)
+                .limit(batch)
+                .to_list()
+            )
+            if not due:
+                break
+            n = await self._fire_batch(due, now)
+            queued += n
+            if n:
+                events.jobs_queued.fire()  # the runner may start while later batches are written
+            if len(due) < batch:
+                break
+        if len(self._next_cache) > 10_000:
+            self._next_cache.clear()
+        return queued
+
+    async def _fire_batch(self, due: list[Document], now: datetime) -> int:
+        threshold = timedelta(seconds=self.settings.misfire_threshold_seconds)
+        on_time = [p for p in due if now - p["next_run_at"] <= threshold]
+        late = [p for p in due if now - p["next_run_at"] > threshold]
+        queued = await self._fire_on_time(on_time, now) if on_time else 0
+        for plan in late:
+            queued += await self._misfire(plan, now)
+        return queued
+
+    def _next(self, plan: Document, after: datetime) -> datetime:
+        """The plan's next fire after ``after`` (plans sharing a schedule share the answer)."""
+        key = (plan["frequency"], plan["timezone"], after)
+        nxt = self._next_cache.get(key)
+        if nxt is None:
+            nxt = schedule.next_fire_time(plan["frequency"], plan["timezone"], after)
+            self._next_cache[key] = nxt
+        return nxt
+
+    def _job(
+        self,
+        plan: Document,
+        fire: datetime,
+        trigger: str,
+        *,
+        status: str = jobs.QUEUED,
+        reason: str | None = None,
+        missed: Document | None = None,
+    ) -> Document:
+        job = jobs.new_job(
+            instance_id=plan["instance_id"],
+            type=jobs.BACKUP,
+            plan_id=plan["_id"],
+            destination_id=plan["destination_id"],
+            trigger=trigger,
+            items=[jobs.new_item(name) for name in plan.get("items") or []],
+            compression=bool(plan.get("compression", True)),
+            encryption={"enabled": bool((plan.get("encryption") or {}).get("enabled"))},
+            scheduled_for=fire,
+            status=status,
+            reason=reason,
+        )
+        job["_id"] = fire_job_id(plan["_id"], fire)
+        at = self.clock.now()
+        job["created_at"] = at
+        if job["ended_at"] is not None:
+            job["ended_at"] = at
+        if missed is not None:
+            job["missed"] = missed
+        return job
+
+    async def _insert_many(self, docs: list[Document]) -> set[str]:
+        """Insert jobs; returns the ids of those that were new (the others' fires were
+        already recorded)."""
+        try:
+            await self.store.jobs.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors") or []
+            other = [e for e in errors if e.get("code") != DUPLICATE_KEY]
+            if other:
+                raise
+            refused = {docs[e["index"]]["_id"] for e in errors}
+            return {d["_id"] for d in docs} - refused
+        return {d["_id"] for d in docs}
+
+    async def _fire_on_time(self, plans: list[Document], now: datetime) -> int:
+        good: list[tuple[Document, datetime]] = []
+        for plan in plans:
+            try:
+                good.append((plan, self._next(plan, plan["next_run_at"])))
+            except InvalidInput as exc:
+                await self._stop_broken(plan, exc)
+        if not good:
+            return 0
+        docs = [self._job(p, p["next_run_at"], jobs.SCHEDULE) for p, _ in good]
+        new = await self._insert_many(docs)
+        self.stats.already_recorded += len(docs) - len(new)
+        result = await self.store.plans.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": p["_id"], "next_run_at": p["next_run_at"]},
+                    {"$set": {"next_run_at": nxt, "last_job_id": d["_id"]}},
+                )
+                for (p, nxt), d in zip(good, docs, strict=True)
+            ],
+            ordered=False,
+        )
+        if new and result.matched_count < len(good):
+            await self._cancel_orphans([d for d in docs if d["_id"] in new])
+        for d in docs:
+            if d["_id"] in new:
+                lag = (d["created_at"] - d["scheduled_for"]).total_seconds()
+                self.observer.fired(jobs.SCHEDULE, lag)
+        self.stats.queued += len(new)
+        return len(new)
+
+    async def _cancel_orphans(self, new_jobs: list[Document]) -> None:
+        """Cancel the fresh jobs of plans deleted meanwhile (the plan's own deletion cancels
+        the jobs it can see; these may have been written just after)."""
+        plan_ids = [j["plan_id"] for j in new_jobs]
+        alive = {
+            d["_id"]
+            for d in await self.store.plans.find({"_id": {"$in": plan_ids}}, {"_id": 1}).to_list()
+        }
+        orphans = [j["_id"] for j in new_jobs if j["plan_id"] not in alive]
+        if not orphans:
+            return
+        result = await self.store.jobs.update_many(
+            {"_id": {"$in": orphans}, "status": jobs.QUEUED},
+            {
+                "$set": {
+                    "status": jobs.CANCELLED,
+                    "reason": "The plan was deleted.",
+                    "ended_at": self.clock.now(),
+                },
+                "$inc": {"version": 1},
+            },
+        )
+        self.stats.cancelled += result.modified_count
+
+    async def _stop_broken(self, plan: Document, exc: InvalidInput) -> None:
+        """A stored plan whose schedule cannot be evaluated (an edited document, a time zone
+        gone from the system's database): record its fire as MISSED, saying why, and stop it
+        until it is corrected (``next_run_at`` null; a PATCH recomputes it)."""
+        fire = plan["next_run_at"]
+        reason = (
+            f"Not run: the plan's schedule ({plan.get('frequency')!r} in "
+            f"{plan.get('timezone')!r}) cannot be evaluated: {exc.description} The plan is "
+            "stopped until its frequency or time zone is corrected."
+        )
+        doc = self._job(
+            plan,
+            fire,
+            jobs.SCHEDULE,
+            status=jobs.MISSED,
+            reason=reason,
+            missed={"first": fire, "last": fire, "count": 1, "exact": True},
+        )
+        new = await self._insert_many([doc])
+        await self.store.plans.update_one(
+            {"_id": plan["_id"], "next_run_at": fire},
+            {"$set": {"next_run_at": None, "last_job_id": doc["_id"]}},
+        )
+        if new:
+            self.stats.missed_jobs += 1
+            self.stats.missed_fires += 1
+        log.error("plan_schedule_broken", plan=plan["_id"], error=exc.description)
+
+    # ------------------------------------------------------------------ misfires
+
+    async def _record(self, plan: Document, doc: Document) -> tuple[bool, datetime]:
+        """Insert the job of fire ``doc.scheduled_for``, or find the one already there.
+        Returns whether it is ours, and the last fire the recorded job accounts for (a
+        MISSED job may cover a range)."""
+        try:
+            await self.store.jobs.insert_one(doc)
+            return True, (doc.get("missed") or {}).get("last") or doc["scheduled_for"]
+        except DuplicateKeyError:
+            existing = await self.store.jobs.find_one(
+                {"plan_id": plan["_id"], "scheduled_for": doc["scheduled_for"]}, {"missed": 1}
+            )
+            self.stats.already_recorded += 1
+            last = ((existing or {}).get("missed") or {}).get("last")
+            return False, last or doc["scheduled_for"]
+
+    async def _advance(self, plan: Document, fire: datetime, nxt: datetime, job_id: str) -> bool:
+        result = await self.store.plans.update_one(
+            {"_id": plan["_id"], "next_run_at": fire},
+            {"$set": {"next_run_at": nxt, "last_job_id": job_id}},
+        )
+        return result.matched_count == 1
+
+    async def _misfire(self, plan: Document, now: datetime) -> int:
+        """A plan whose fire ``next_run_at`` is more than the threshold late: record its
+        missed fires and catch up the latest one by the policy, step by step, each step an
+        insert-then-compare-and-set like an ordinary fire."""
+        queued = 0
+        threshold = timedelta(seconds=self.settings.misfire_threshold_seconds)
+        grace = timedelta(seconds=self.settings.misfire_grace_seconds)
+        freq, tz = plan["frequency"], plan["timezone"]
+        for _ in range(8):  # in practice two steps: the missed range, then the latest fire
+            fire: datetime = plan["next_run_at"]
+            if fire > now:
+                break
+            try:
+                latest = schedule.last_fire_at_or_before(freq, tz, now, not_before=fire) or fire
+                if latest > fire:
+                    doc = self._missed_range(plan, fire, latest, now)
+                elif now - fire <= threshold:
+                    doc = self._job(plan, fire, jobs.SCHEDULE)
+                elif now - fire <= grace:
+                    doc = self._job(plan, fire, jobs.CATCH_UP)
+                else:
+                    doc = self._missed_one(plan, fire, now)
+                ours, covered = await self._record(plan, doc)
+                nxt = self._next(plan, covered)
+            except InvalidInput as exc:
+                await self._stop_broken(plan, exc)
+                break
+            advanced = await self._advance(plan, fire, nxt, doc["_id"])
+            if ours:
+                if doc["status"] == jobs.MISSED:
+                    self.stats.missed_jobs += 1
+                    self.stats.missed_fires += doc["missed"]["count"]
+                    self.observer.missed(doc["missed"]["count"])
+                    log.warning(
+                        "plan_fires_missed", plan=plan["_id"], job=doc["_id"], reason=doc["reason"]
+                    )
+                else:
+                    queued += 1
+                    self.stats.queued += 1
+                    if doc["trigger"] == jobs.CATCH_UP:
+                        self.stats.catch_ups += 1
+                    lag = (doc["created_at"] - fire).total_seconds()
+                    self.observer.fired(doc["trigger"], lag)
+                    log.info(
+                        "plan_fire_caught_up" if doc["trigger"] == jobs.CATCH_UP else "plan_fired",
+                        plan=plan["_id"],
+                        job=doc["_id"],
+                        scheduled_for=fire.isoformat(),
+                        lag_seconds=round(lag, 3),
+                    )
+                    if not advanced:
+                        await self._cancel_orphans([doc])
+            if not advanced:
+                break  # changed elsewhere meanwhile (edited, paused, deleted, another replica)
+            plan = {**plan, "next_run_at": nxt}
+        return queued
+
+    def _missed_range(
+        self, plan: Document, first: datetime, latest: datetime, now: datetime
+    ) -> Document:
+        """One MISSED job for the fires ``first <= t < latest``: only ``latest`` may still run."""
+        freq, tz = plan["frequency"], plan["timezone"]
+        before_latest = latest - timedelta(microseconds=1)
+        fires, more = schedule.fires_between(
+            freq, tz, first, before_latest, limit=MISSED_COUNT_LIMIT
+        )
+        if more:
+            last = schedule.last_fire_at_or_before(freq, tz, before_latest, not_before=first)
+            assert last is not None
+        else:
+            last = fires[-1]
+        count = len(fires)
+        counted = f"more than {count:,}" if more else f"{count:,}"
+        runs = "run" if count == 1 and not more else "runs"
+        span = (
+            f"scheduled for {_local(first, tz)} ({_utc(first)})"
+            if last == first
+            else f"scheduled from {_local(first, tz)} to {_local(last, tz)} "
+            f"({_utc(first)} to {_utc(last)})"
+        )
+        reason = (
+            f"Missed {counted} {runs} {span}: no scheduler was running at those times "
+            f"(noticed at {_utc(now)}). By the misfire policy only the plan's most recent "
+            f"missed run, {_local(latest, tz)}, may still run."
+        )
+        return self._job(
+            plan,
+            first,
+            jobs.SCHEDULE,
+            status=jobs.MISSED,
+            reason=reason,
+            missed={"first": first, "last": last, "count": count, "exact": not more},
+        )
+
+    def _missed_one(self, plan: Document, fire: datetime, now: datetime) -> Document:
+        late = int((now - fire).total_seconds())
+        grace = int(self.settings.misfire_grace_seconds)
+        reason = (
+            f"Missed the run scheduled for {_local(fire, plan['timezone'])} ({_utc(fire)}): no "
+            f"scheduler was running then, and when one was ({_utc(now)}) it was {late:,} s "
+            f"late, more than the catch-up grace period (SCHEDULER_MISFIRE_GRACE_SECONDS = "
+            f"{grace:,} s)."
+        )
+        return self._job(
+            plan,
+            fire,
+            jobs.SCHEDULE,
+            status=jobs.MISSED,
+            reason=reason,
+            missed={"first": fire, "last": fire, "count": 1, "exact": True},
+        )
