@@ -44,5 +44,21 @@ def to_settings(dest: Destination, cfg: AgentConfig) -> S3Settings | SwiftSettin
     )
 
 
-def transfer_settings(cfg: AgentConfig) -> TransferSettings:
-    return TransferSettings(part_size=cfg.s3_part_size, max_concurrency=cfg.s3_max_concurrency)
+MIB = 1024 * 1024
+PLANNED_PARTS = 9000  # of S3's 10,000: headroom for compression expanding random data
+
+
+def transfer_settings(cfg: AgentConfig, size: int | None = None) -> TransferSettings:
+    """Part size and concurrency. With the file's size known (a backup), parts are chosen
+    large enough that the object fits S3's part limit at one constant part size, so peak
+    memory (about part size x (concurrency + 1)) is known before the upload starts, instead
+    of growing with the object as parts double for a stream of unknown length."""
+    part = cfg.s3_part_size
+    growth = TransferSettings.model_fields["part_growth_every"].default
+    if size is not None:
+        needed = -(-size // PLANNED_PARTS)
+        part = max(part, -(-needed // MIB) * MIB)
+        growth = PLANNED_PARTS
+    return TransferSettings(
+        part_size=part, max_concurrency=cfg.s3_max_concurrency, part_growth_every=growth
+    )

@@ -1,18 +1,29 @@
-"""Agent backup throughput and peak memory versus the equivalent shell pipeline.
+"""Agent backup throughput and peak memory, beside the plain shell pipeline, same storage.
 
-    .venv/bin/python benchmarks/agent_throughput.py --sizes 64M,1G
+    .venv/bin/python benchmarks/agent_throughput.py [--sizes 50M,1G] [--dir /var/tmp]
 
-For each size: a generated file (half text-like, half random: compressible-ish) is backed up
-through a real agent process into a local SeaweedFS, with the agent's zstd + AES-256-GCM
-transforms off and on; beside it, ``zstd | openssl enc -aes-256-cbc -pbkdf2 | uploader`` and
-``cat | uploader`` (boto3 upload_fileobj from stdin) upload the same file to the same server.
-Peak memory: the agent's VmHWM (a fresh agent per run), the pipeline's largest process.
+For each size a file is generated (half text-like, half random, so compressible about 2:1)
+and backed up into one local SeaweedFS (the suite's real S3 server) four ways, one after the
+other in the same run:
+
+- ``agent``, transforms off: a real agent process (``python -m agent``) uploads the file the
+  backup script left (a hard link: no copy);
+- ``shell``, transforms off: ``cat FILE | uploader``;
+- ``agent``, zstd + encryption: the agent compresses (zstd level 3) and encrypts
+  (AES-256-GCM, chunked) while it uploads;
+- ``shell``, zstd + encryption: ``zstd -3 | openssl enc -aes-256-ctr -pbkdf2 | uploader``
+  (openssl enc has no AEAD mode; CTR is its fastest, and unauthenticated).
+
+``uploader`` is boto3's ``upload_fileobj`` reading stdin, with the agent's part size (16 MiB)
+and concurrency (4). Throughput is input bytes per second of wall time from the request to
+the stored object. Peak memory: the agent process's VmHWM (a fresh agent per run), and for
+the shell pipeline the sum of its processes' maximum RSS (GNU time). The agent's peak at
+50 MiB and at 1 GiB shows whether memory depends on the backup size.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -22,157 +33,75 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.agent.helpers import AgentProcess, write_script  # noqa: E402
-from tests.servers.ports import free_port, wait_listening  # noqa: E402
+from tests.servers.s3 import SeaweedS3  # noqa: E402
 
-ACCESS, SECRET, BUCKET = "benchkey", "benchsecret", "bench"
-STANDIN = importlib.util.find_spec("storage.s3") is None
-UPLOADER = r"""
-import resource, sys, boto3
+PASSPHRASE = "bench-passphrase"
+PART = 16 * 1024 * 1024
+UPLOADER = f"""
+import os, sys, boto3
 from boto3.s3.transfer import TransferConfig
-s3 = boto3.client("s3", endpoint_url=sys.argv[1], aws_access_key_id=sys.argv[2],
-                  aws_secret_access_key=sys.argv[3], region_name="us-east-1")
-cfg = TransferConfig(multipart_chunksize=16 * 1024 * 1024, max_concurrency=4)
-s3.upload_fileobj(sys.stdin.buffer, sys.argv[4], sys.argv[5], Config=cfg)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+s3 = boto3.client("s3", endpoint_url=os.environ["BENCH_ENDPOINT"], region_name="us-east-1")
+config = TransferConfig(multipart_chunksize={PART}, multipart_threshold={PART}, max_concurrency=4)
+s3.upload_fileobj(sys.stdin.buffer, os.environ["BENCH_BUCKET"], sys.argv[1], Config=config)
 """
 
 
 def parse_size(text: str) -> int:
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(text[:-1]) * units[text[-1].upper()] if text[-1].upper() in units else int(text)
+    unit = text[-1].upper()
+    return int(text[:-1]) * units[unit] if unit in units else int(text)
 
 
 def generate(path: Path, size: int) -> None:
     rng = random.Random(42)
-    words = [
-        b"backup",
-        b"restore",
-        b"postgres",
-        b"row",
-        b"value",
-        b"2026-01-02",
-        b"insert into",
-        b"NULL",
-    ]
-    text = b" ".join(rng.choice(words) + str(rng.randrange(10**6)).encode() for _ in range(120_000))
+    words = [b"backup", b"restore", b"postgres", b"row", b"value", b"2026-01-02", b"NULL"]
+    text = b" ".join(rng.choice(words) + str(rng.randrange(10**6)).encode() for _ in range(300_000))
     block = 1 << 20
     with open(path, "wb") as f:
-        written = 0
-        i = 0
+        written = i = 0
         while written < size:
-            chunk = (
-                text[(i * 7919) % (len(text) - block) :][:block]
-                if i % 2 == 0
-                else os.urandom(block)
-            )
+            if i % 2 == 0:
+                start = (i * 7919) % (len(text) - block)
+                chunk = text[start : start + block]
+            else:
+                chunk = os.urandom(block)
             chunk = chunk[: size - written]
             f.write(chunk)
             written += len(chunk)
             i += 1
 
 
-class Weed:
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        data = self.base / "weed"
-        data.mkdir()
-        ports = {
-            "s3.port": self.port,
-            "s3.port.grpc": free_port(),
-            "master.port": free_port(),
-            "master.port.grpc": free_port(),
-            "volume.port": free_port(),
-            "volume.port.grpc": free_port(),
-            "filer.port": free_port(),
-            "filer.port.grpc": free_port(),
-            "admin.port": free_port(),
-            "admin.port.grpc": free_port(),
-            "webdav.port": free_port(),
-        }
-        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-        args = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
-        args += [f"-{k}={v}" for k, v in ports.items()] + ["-admin.ui=false"]
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS, "AWS_SECRET_ACCESS_KEY": SECRET}
-        self.proc = subprocess.Popen(
-            args, env=env, stdout=subprocess.DEVNULL, stderr=open(self.base / "weed.log", "wb")
-        )
-        wait_listening(self.port, timeout=60, proc=self.proc)
-        import boto3
-
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=ACCESS,
-            aws_secret_access_key=SECRET,
-            region_name="us-east-1",
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                s3.create_bucket(Bucket=BUCKET)
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
-def vm_hwm_kib(pid: int) -> int:
+def vm_hwm_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
-def run_agent(base: Path, weed: Weed, source: Path, transform: bool, n: int) -> dict:
+def run_agent(base: Path, s3: SeaweedS3, bucket: str, source: Path, transform: bool, n: int):
     scripts = base / f"scripts{n}"
     scripts.mkdir()
     write_script(scripts, "backup", f'ln "{source}" "$BACKUP_DIRECTORY/data.bin"')
-    work = base / f"agent{n}"
-    work.mkdir()
-    agent = AgentProcess(work, scripts)
-    if STANDIN:
-        agent.start_cmd = [
-            sys.executable,
-            "-c",
-            "import sys; sys.path.insert(0, 'benchmarks'); import agent_s3_standin as s; "
-            "s.run_agent()",
-        ]
-    agent.start()
+    agent = AgentProcess(base / f"agent{n}", scripts).start()
     assert agent.proc is not None
     try:
-        body = {
+        body: dict[str, Any] = {
             "id": f"bench-{n}",
             "compression": transform,
-            "encryption_key": "bench-passphrase" if transform else "none",
+            "encryption_key": PASSPHRASE if transform else "none",
             "destination": {
                 "type": "S3",
-                "bucket": BUCKET,
+                "bucket": bucket,
                 "region": "us-east-1",
-                "endpoint": weed.endpoint,
-                "authKey": ACCESS,
-                "authSecret": SECRET,
+                "endpoint": s3.endpoint_url,
+                "authKey": s3.access_key,
+                "authSecret": s3.secret_key,
                 "skipSSL": True,
                 "filenamePrefix": f"agent{n}/",
             },
@@ -188,47 +117,54 @@ def run_agent(base: Path, weed: Weed, source: Path, transform: bool, n: int) -> 
         assert result["status"] == "SUCCEEDED", result
         return {
             "seconds": elapsed,
-            "peak_rss_mib": vm_hwm_kib(agent.proc.pid) / 1024,
+            "peak_mib": vm_hwm_mib(agent.proc.pid),
             "stored_bytes": result["stored_size"],
         }
     finally:
         agent.stop()
 
 
-def run_shell(base: Path, weed: Weed, source: Path, transform: bool, n: int) -> dict:
+def run_shell(base: Path, s3: SeaweedS3, bucket: str, source: Path, transform: bool, n: int):
     uploader = base / "uploader.py"
     uploader.write_text(UPLOADER)
-    key = f"shell{n}/data"
-    up = f'"{sys.executable}" "{uploader}" {weed.endpoint} {ACCESS} {SECRET} {BUCKET} {key}'
-    timing = base / f"time{n}.txt"
-    tm = f"/usr/bin/time -a -o {timing} -f %M"
+    rss = base / f"rss{n}.txt"
+    timed = f"/usr/bin/time -a -o {rss} -f %M"
+    up = f'{timed} "{sys.executable}" "{uploader}" shell{n}/data'
     if transform:
         cmd = (
-            f'{tm} zstd -3 -q -c "{source}" | '
-            f"{tm} openssl enc -aes-256-cbc -pbkdf2 -pass env:BENCH_KEY | {tm} {up}"
+            f'{timed} zstd -3 -q -c "{source}" | '
+            f"{timed} openssl enc -aes-256-ctr -pbkdf2 -pass env:BENCH_KEY | {up}"
         )
     else:
-        cmd = f'{tm} cat "{source}" | {tm} {up}'
-    env = {**os.environ, "BENCH_KEY": "bench-passphrase"}
+        cmd = f'{timed} cat "{source}" | {up}'
+    env = {
+        **os.environ,
+        "BENCH_KEY": PASSPHRASE,
+        "BENCH_ENDPOINT": s3.endpoint_url,
+        "BENCH_BUCKET": bucket,
+        "AWS_ACCESS_KEY_ID": s3.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+    }
     started = time.monotonic()
-    subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True, env=env, capture_output=True)
+    subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True, env=env)
     elapsed = time.monotonic() - started
-    peaks = [int(x) for x in timing.read_text().split() if x.isdigit()]
-    return {"seconds": elapsed, "peak_rss_mib": max(peaks) / 1024, "stored_bytes": None}
+    peaks = [int(x) / 1024 for x in rss.read_text().split() if x.isdigit()]
+    head = s3.client().head_object(Bucket=bucket, Key=f"shell{n}/data")
+    return {"seconds": elapsed, "peak_mib": sum(peaks), "stored_bytes": head["ContentLength"]}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", default="64M,1G")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="50M,1G", help="comma-separated, e.g. 50M,1G")
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="agent-bench-", dir=args.dir))
-    if STANDIN:
-        print("storage/s3.py not found: the agent uses benchmarks/agent_s3_standin.py", flush=True)
-    weed = Weed(base)
-    rows = []
+    s3 = SeaweedS3(base / "s3")
+    rows: list[dict[str, Any]] = []
+    print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
     try:
-        weed.start()
+        s3.start()
+        bucket = s3.make_bucket()
         n = 0
         for size_text in args.sizes.split(","):
             size = parse_size(size_text)
@@ -237,7 +173,7 @@ def main() -> None:
             for transform in (False, True):
                 for runner, name in ((run_agent, "agent"), (run_shell, "shell")):
                     n += 1
-                    r = runner(base, weed, source, transform, n)
+                    r = runner(base, s3, bucket, source, transform, n)
                     r.update(
                         size=size_text,
                         runner=name,
@@ -246,29 +182,43 @@ def main() -> None:
                     )
                     rows.append(r)
                     print(json.dumps(r), flush=True)
+                    for key in s3.keys(bucket):
+                        s3.client().delete_object(Bucket=bucket, Key=key)
             source.unlink()
     finally:
-        weed.stop()
+        s3.stop()
         shutil.rmtree(base, ignore_errors=True)
+    report(rows)
+
+
+def report(rows: list[dict[str, Any]]) -> None:
     print()
-    print(
-        f"{'size':>5} {'transforms':>13} {'runner':>6} {'MiB/s':>8} {'peak MiB':>9} {'stored':>12}"
-    )
+    head = ("size", "transforms", "runner", "MiB/s", "peak MiB", "stored")
+    print("{:>5} {:>13} {:>6} {:>8} {:>9} {:>12}".format(*head))
     for r in rows:
-        stored = r["stored_bytes"] if r["stored_bytes"] is not None else "-"
         print(
             f"{r['size']:>5} {r['transforms']:>13} {r['runner']:>6} {r['mib_per_s']:>8.1f} "
-            f"{r['peak_rss_mib']:>9.1f} {stored!s:>12}"
+            f"{r['peak_mib']:>9.1f} {r['stored_bytes']:>12}"
         )
-    for size in dict.fromkeys(r["size"] for r in rows):
+    print()
+
+    def pick(size: str, t: str, runner: str) -> dict[str, Any]:
+        return next(
+            r for r in rows if (r["size"], r["transforms"], r["runner"]) == (size, t, runner)
+        )
+
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    for size in sizes:
         for t in ("none", "zstd+encrypt"):
-            a = next(
-                r for r in rows if (r["size"], r["transforms"], r["runner"]) == (size, t, "agent")
+            ratio = pick(size, t, "agent")["mib_per_s"] / pick(size, t, "shell")["mib_per_s"]
+            print(f"{size:>5} {t:>13}: agent / shell throughput = {ratio:.2f} (target >= 0.8)")
+    if len(sizes) > 1:
+        for t in ("none", "zstd+encrypt"):
+            small, large = pick(sizes[0], t, "agent"), pick(sizes[-1], t, "agent")
+            print(
+                f"agent peak memory, {t}: {small['peak_mib']:.0f} MiB at {sizes[0]}, "
+                f"{large['peak_mib']:.0f} MiB at {sizes[-1]}"
             )
-            s = next(
-                r for r in rows if (r["size"], r["transforms"], r["runner"]) == (size, t, "shell")
-            )
-            print(f"{size} {t}: agent/shell throughput = {a['mib_per_s'] / s['mib_per_s']:.2f}")
 
 
 if __name__ == "__main__":

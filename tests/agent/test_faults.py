@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from agent.jobs import RESTART_REASON
@@ -192,6 +193,16 @@ def _ps(fmt: str) -> str:
     return subprocess.run(["ps", *fmt.split()], capture_output=True, text=True, check=True).stdout
 
 
+def _scripts_ps(agent: AgentProcess, fmt: str) -> str:
+    """``ps`` lines of the agent's scripts and their children (other engineers' tests may run
+    agents with the same test credentials meanwhile)."""
+    assert agent.proc is not None
+    pids = {str(c.pid) for c in psutil.Process(agent.proc.pid).children(recursive=True)}
+    assert pids, "no script running"
+    lines = _ps(f"-e -ww {fmt} -o pid,args").splitlines()
+    return "\n".join(line for line in lines if line.split(None, 1)[0] in pids)
+
+
 SECRETS = [DB_PASSWORD, "ENC-KEY-very-secret", "s3cr3t-AUTH", PASSWORD]
 
 
@@ -216,7 +227,7 @@ def test_secrets_in_no_ps_output_and_no_log(make_agent, tmp_path: Path) -> None:
     agent = make_agent(scripts=scripts_with(tmp_path, backup=body), AGENT_SIDE="kept")
     assert agent.request("POST", "/backup", _leaky_request("sec"))[0] == 201
     wait_for(out / "ready")
-    listing = _ps("-e -ww -o pid,args")
+    listing = _scripts_ps(agent, "")
     assert "sec" in listing and "mydb" in listing  # the script was seen ...
     for secret in SECRETS:
         assert secret not in listing  # ... with none of the secrets on its command line
@@ -255,14 +266,9 @@ def test_secrets_via_fd_keep_the_environment_clean(make_agent, tmp_path: Path) -
     agent = make_agent(scripts=scripts_with(tmp_path, backup=body), secrets_via="fd")
     assert agent.request("POST", "/backup", _leaky_request("fd"))[0] == 201
     wait_for(out / "ready")
-    # command lines *and* environments of every process but the agent itself, which is
-    # configured through its environment (client_password), as the Go agent is
-    assert agent.proc is not None
-    listing = "\n".join(
-        line
-        for line in _ps("-e -ww e -o pid,args").splitlines()
-        if line.split(None, 1)[0] != str(agent.proc.pid)
-    )
+    # command lines *and* environments of the scripts (the agent itself is configured
+    # through its environment, client_password, as the Go agent is)
+    listing = _scripts_ps(agent, "e")
     assert "AGENT_SECRETS_FILE=/dev/fd/" in listing
     for secret in SECRETS:
         assert secret not in listing
@@ -398,59 +404,29 @@ def test_sigkill_mid_upload_leaves_no_orphan(
     assert agent.request("POST", "/backup", req)[0] == 201
     agent.wait_state("backup", "orphan", "upload", timeout=120)
     deadline = time.monotonic() + 120
-    while not _pending(settings, prefix, backend):
+    while not _pending(request, settings, prefix, backend):
         _, body = agent.request("GET", "/backup/orphan")
         assert body["status"] == "RUNNING", body
         assert time.monotonic() < deadline
         time.sleep(0.05)
     agent.kill()
-    assert _pending(settings, prefix, backend)  # the kill left parts behind ...
+    assert _pending(request, settings, prefix, backend)  # the kill left parts behind ...
     agent.start()
     result = agent.wait_job("backup", "orphan", timeout=120)
     assert result["status"] == "FAILED"
     assert result["error_message"] == f"{RESTART_REASON} (stage upload)"
     assert agent.trace_lines()[-1] == "post-backup-unlock mydb"
-    assert not _pending(settings, prefix, backend)  # ... which the restart removed
+    assert not _pending(request, settings, prefix, backend)  # ... which the restart removed
     assert list_keys(settings, prefix) == []
     assert not (agent.base / "backup" / "orphan").exists()
     for secret in [*secrets_of(settings), "orphan-key"]:
         assert secret not in agent.logs()
 
 
-def _pending(settings, prefix: str, backend: str) -> list[str]:
-    """Multipart uploads (S3) or segments (Swift) under ``prefix``, straight from the server."""
+def _pending(request: pytest.FixtureRequest, settings, prefix: str, backend: str) -> list[str]:
+    """Multipart uploads (S3) or segments (Swift) under ``prefix``, asked of the server."""
     if backend == "s3":
-        import boto3
-
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=settings.endpoint,
-            region_name=settings.region,
-            aws_access_key_id=settings.access_key_id,
-            aws_secret_access_key=settings.secret_access_key.get_secret_value(),
-        )
-        uploads = s3.list_multipart_uploads(Bucket=settings.bucket, Prefix=prefix)
-        return [u["Key"] for u in uploads.get("Uploads", [])]
-    from swiftclient.client import Connection
-
-    conn = Connection(
-        authurl=settings.auth_url,
-        user=settings.username,
-        key=settings.password.get_secret_value(),
-        auth_version=settings.auth_version,
-    )
-    try:
-        names = []
-        for container in [c["name"] for c in conn.get_account(full_listing=True)[1]]:
-            if container.startswith(settings.container):
-                _, objs = conn.get_container(container, prefix=prefix, full_listing=True)
-                names += [f"{container}/{o['name']}" for o in objs]
-        segments = settings.container + "_segments"
-        _, objs = (
-            conn.get_container(segments, full_listing=True)
-            if segments in [c["name"] for c in conn.get_account()[1]]
-            else ({}, [])
-        )
-        return names + [f"{segments}/{o['name']}" for o in objs if prefix in o["name"]]
-    finally:
-        conn.close()
+        uploads = request.getfixturevalue("s3_server").multipart_uploads(settings.bucket)
+        return [u["Key"] for u in uploads if u["Key"].startswith(prefix)]
+    names = request.getfixturevalue("swift_server").names(settings.container + "_segments")
+    return [n for n in names if n.startswith(prefix)]

@@ -235,13 +235,18 @@ def test_restore_fields_and_script_contract(agent: AgentProcess) -> None:
     assert agent.request("GET", "/backup/r-1")[0] == 404  # backups and restores apart
 
 
-@pytest.mark.parametrize("backend", ["s3", "swift"])
+@pytest.mark.parametrize("backend", ["s3", "swift-v1", "swift-keystone-v3"])
 def test_documented_requests_on_real_storage(
     request: pytest.FixtureRequest, make_agent, tmp_path: Path, backend: str
 ) -> None:
     """docs/backup.md and docs/restore.md bodies, field for field (the README's ``user``
     spelling for the restore), into the suite's real SeaweedFS / Swift and back."""
-    settings = request.getfixturevalue(f"{backend}_settings")
+    if backend == "s3":
+        settings = request.getfixturevalue("s3_settings")
+    elif backend == "swift-v1":
+        settings = request.getfixturevalue("swift_settings")
+    else:
+        settings = request.getfixturevalue("swift_server").keystone_settings()
     scripts = tmp_path / "scripts"
     tracing_scripts(scripts)
     out = tmp_path / "restored"

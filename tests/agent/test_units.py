@@ -94,3 +94,21 @@ def test_transform_flags() -> None:
     leaky = BackupRequest.model_validate({**base, "encryption_key": "KEYVAL"})
     leaky.backup.password = "PWVAL"
     assert "KEYVAL" not in repr(leaky) and "PWVAL" not in repr(leaky)
+
+
+def test_part_size_follows_the_file_size() -> None:
+    """Known size: one constant part size that fits S3's part limit, so memory is bounded
+    before the upload starts; unknown size: the storage layer's growing parts."""
+    from agent.destinations import transfer_settings
+
+    c = cfg()
+    assert transfer_settings(c).part_size == 16 * MIB
+    small = transfer_settings(c, 1 << 30)
+    assert (small.part_size, small.part_growth_every) == (16 * MIB, 9000)
+    huge = transfer_settings(c, 1 << 40)  # 1 TiB
+    assert huge.part_size % MIB == 0
+    assert huge.part_size * 9000 >= 1 << 40 > (huge.part_size - MIB) * 9000
+    assert huge.part_growth_every == 9000
+
+
+MIB = 1024 * 1024
