@@ -2,26 +2,162 @@
 
 The document holds the public settings of :class:`storage.S3Settings` / :class:`SwiftSettings`
 at top level and the secret (``secret_access_key`` or ``password``) sealed under ``secrets``.
+
+A user describes a destination with :data:`DestinationSpec` (creation, and the merged result
+of a change); :func:`check` writes, reads back and deletes a probe object and says in words a
+user can act on what failed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
 import uuid
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import SecretStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationInfo,
+    field_validator,
+)
 from pymongo.errors import DuplicateKeyError
 
-from backup.errors import Conflict, NotFound
+from backup.errors import Conflict, NotFound, Unavailable, Unprocessable
 from backup.pagination import Page, now, paginate
 from backup.secrets import SecretBox
 from backup.store import SCHEMA_VERSION, Document, Store
+from storage import StorageError, ValidationReport, ValidationStep, open_store
 from storage.settings import S3Settings, SwiftSettings
 
 AnySettings = S3Settings | SwiftSettings
 SECRET_FIELD = {"S3": "secret_access_key", "SWIFT": "password"}
 # Never taken from users: a path on the manager's disk.
 _SERVER_ONLY = {"ca_bundle"}
+
+Name = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")]
+_SPEC = ConfigDict(extra="forbid", strict=True)
+
+
+def _strip_name(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value.strip()
+
+
+# --- what a user sends ----------------------------------------------------------------------
+
+
+class S3DestinationSpec(BaseModel):
+    """An S3 bucket (AWS or any S3-compatible endpoint)."""
+
+    model_config = _SPEC
+    type: Literal["S3"]
+    name: Name
+    plain_http: bool | None = Field(
+        default=None,
+        description="Speak plain HTTP to the endpoint (default: from the endpoint's scheme, "
+        "else HTTPS).",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="https://host[:port] or host[:port]; omit for AWS.",
+    )
+    region: str = Field(default="us-east-1", min_length=1, max_length=64)
+    bucket: str = Field(min_length=3, max_length=63)
+    access_key_id: str = Field(min_length=1, max_length=256)
+    secret_access_key: SecretStr = Field(
+        min_length=1, max_length=1024, description="Never returned: answers say whether it is set."
+    )
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    verify_tls: bool = Field(default=True, description="Check the endpoint's TLS certificate.")
+    prefix: str = Field(default="", max_length=512, description="Key prefix of every object.")
+
+    _name = field_validator("name")(classmethod(lambda cls, v: _strip_name(v)))
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None, info: ValidationInfo) -> str | None:
+        plain = info.data.get("plain_http")
+        if value is None:
+            if plain:
+                raise ValueError("plain_http needs an endpoint")
+            return None
+        raw = value.strip()
+        if "://" not in raw:
+            raw = ("http://" if plain else "https://") + raw
+        try:
+            parts = urlsplit(raw)
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ValueError("must be http(s)://host[:port] with a valid port") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be http(s)://host[:port] or host[:port]")
+        if parts.path.strip("/") or parts.query or parts.fragment or parts.username:
+            raise ValueError("must be only scheme, host and port (the bucket is a field)")
+        if plain is not None and plain != (parts.scheme == "http"):
+            raise ValueError("its scheme contradicts plain_http")
+        return raw.rstrip("/")
+
+    def settings(self) -> S3Settings:
+        return S3Settings(
+            **self.model_dump(exclude={"name", "plain_http", "secret_access_key"}),
+            secret_access_key=self.secret_access_key,
+        )
+
+
+class SwiftDestinationSpec(BaseModel):
+    """An OpenStack Swift container (auth v1 such as tempauth, or Keystone v3)."""
+
+    model_config = _SPEC
+    type: Literal["SWIFT"]
+    name: Name
+    auth_url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://[^\s/]+\S*$")
+    auth_version: Literal["1", "3"] = "3"
+    username: str = Field(min_length=1, max_length=256)
+    password: SecretStr = Field(
+        min_length=1,
+        max_length=1024,
+        description="The key (auth v1) or password (v3). Never returned.",
+    )
+    user_domain_name: str | None = Field(default="Default", max_length=256)
+    project_name: str | None = Field(default=None, max_length=256)
+    project_domain_name: str | None = Field(default="Default", max_length=256)
+    region_name: str | None = Field(default=None, max_length=256)
+    container: str = Field(min_length=1, max_length=256)
+    verify_tls: bool = True
+    prefix: str = Field(default="", max_length=512)
+
+    _name = field_validator("name")(classmethod(lambda cls, v: _strip_name(v)))
+
+    def settings(self) -> SwiftSettings:
+        return SwiftSettings(
+            **self.model_dump(exclude={"name", "password"}), password=self.password
+        )
+
+
+DestinationSpec = Annotated[S3DestinationSpec | SwiftDestinationSpec, Field(discriminator="type")]
+_ANY_SPEC: TypeAdapter[S3DestinationSpec | SwiftDestinationSpec] = TypeAdapter(DestinationSpec)
+
+
+def parse(data: dict[str, Any]) -> S3DestinationSpec | SwiftDestinationSpec:
+    """Validate ``data`` with the model its ``type`` names, so errors name plain field paths
+    (``bucket``, not ``S3.bucket``). Raises pydantic's ``ValidationError``."""
+    kind = data.get("type")
+    if kind == "S3":
+        return S3DestinationSpec.model_validate(data)
+    if kind == "SWIFT":
+        return SwiftDestinationSpec.model_validate(data)
+    return _ANY_SPEC.validate_python(data)
+
+
+# --- stored documents -----------------------------------------------------------------------
 
 
 def _context(dest_id: str) -> str:
@@ -43,29 +179,63 @@ def settings_for(doc: Document, box: SecretBox) -> AnySettings:
     return cls(**fields, **{secret: SecretStr(opened.get(secret, ""))})
 
 
+def spec_of(doc: Document, box: SecretBox) -> dict[str, Any]:
+    """The stored destination as the JSON a user would send to create it, secret included
+    (to be merged with a change and validated again, never to be shown)."""
+    kind = doc["type"]
+    model = S3DestinationSpec if kind == "S3" else SwiftDestinationSpec
+    spec = {k: doc[k] for k in model.model_fields if k in doc}
+    secret = SECRET_FIELD[kind]
+    opened = box.open_map(doc.get("secrets") or {}, _context(doc["_id"]))
+    if secret in opened:
+        spec[secret] = opened[secret]
+    return spec
+
+
+def _duplicate(name: str) -> Conflict:
+    return Conflict(
+        f"This instance already has a destination named {name!r}; choose another name.",
+        code="duplicate_name",
+        field="name",
+    )
+
+
 async def _check_name(store: Store, instance_id: str, name: str, own_id: str | None) -> None:
     other = await store.destinations.find_one(
         {"instance_id": instance_id, "name": name, "_id": {"$ne": own_id}}, {"_id": 1}
     )
     if other is not None:
-        raise Conflict(
-            f"This instance already has a destination named {name!r}; choose another name.",
-            code="duplicate_name",
-            field="name",
-        )
+        raise _duplicate(name)
+
+
+async def ensure_unique_names(store: Store) -> None:
+    """The database refuses two destinations of one instance with one name, whatever the
+    number of replicas creating them at once."""
+    await store.destinations.create_index(
+        [("instance_id", 1), ("name", 1)], unique=True, name="destination_name_per_instance"
+    )
 
 
 async def create(
-    store: Store, box: SecretBox, instance_id: str, name: str, settings: AnySettings
+    store: Store,
+    box: SecretBox,
+    instance_id: str,
+    spec: S3DestinationSpec | SwiftDestinationSpec,
+    *,
+    verify_timeout: float | None = None,
 ) -> Document:
-    await _check_name(store, instance_id, name, None)
+    """Store a new destination; with ``verify_timeout``, only once :func:`check` passed."""
+    await _check_name(store, instance_id, spec.name, None)
+    settings = spec.settings()
+    if verify_timeout is not None:
+        await _verified(settings, verify_timeout)
     dest_id = uuid.uuid4().hex
     secret = SECRET_FIELD[settings.type]
     at = now()
     doc: Document = {
         "_id": dest_id,
         "instance_id": instance_id,
-        "name": name,
+        "name": spec.name,
         **public_settings(settings),
         "secrets": box.seal_map(
             {secret: getattr(settings, secret).get_secret_value()}, _context(dest_id)
@@ -75,7 +245,10 @@ async def create(
         "version": 1,
         "schema_version": SCHEMA_VERSION,
     }
-    await store.destinations.insert_one(doc)
+    try:
+        await store.destinations.insert_one(doc)
+    except DuplicateKeyError:
+        raise _duplicate(spec.name) from None
     return doc
 
 
@@ -83,7 +256,7 @@ async def get(store: Store, instance_id: str, dest_id: str) -> Document:
     doc = await store.destinations.find_one({"_id": dest_id, "instance_id": instance_id})
     if doc is None:
         raise NotFound(
-            f"This instance has no destination {dest_id!r}.", code="destination_not_found"
+            f"This instance has no destination {dest_id[:100]!r}.", code="destination_not_found"
         )
     return doc
 
@@ -94,24 +267,63 @@ async def list_page(store: Store, instance_id: str, limit: int, cursor: str | No
     )
 
 
-async def replace(
+def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """JSON merge patch (RFC 7396): objects merge, null removes, anything else replaces."""
+    out = dict(target)
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_patch(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _merged(current: Document, box: SecretBox, patch: dict[str, Any]) -> dict[str, Any]:
+    """The destination after ``patch``: a change of ``type`` starts afresh (keeping the name);
+    otherwise the stored fields merged with the patch. The secret is kept unless sent."""
+    kind = current["type"]
+    if patch.get("type", kind) != kind:
+        return {"name": current["name"], **patch}
+    base = spec_of(current, box)
+    if kind == "S3" and "plain_http" in patch and "endpoint" not in patch:
+        # The switch alone changes the scheme of the stored endpoint.
+        endpoint = str(base.get("endpoint") or "")
+        if "://" in endpoint:
+            base["endpoint"] = endpoint.split("://", 1)[1]
+    merged = merge_patch(base, patch)
+    secret = SECRET_FIELD[kind]
+    if merged.get(secret) is None and base.get(secret) is not None:
+        merged[secret] = base[secret]  # null or absent: keep it (it is never shown to resend)
+    return merged
+
+
+async def update(
     store: Store,
     box: SecretBox,
-    current: Document,
-    name: str,
-    settings: AnySettings,
+    instance_id: str,
+    dest_id: str,
+    patch: dict[str, Any],
+    *,
+    verify_timeout: float | None = None,
 ) -> Document:
-    """Store new settings (already merged and validated) if nobody changed it meanwhile."""
-    await _check_name(store, current["instance_id"], name, current["_id"])
+    """Apply a JSON merge patch; the merged destination is validated as a whole (and with
+    ``verify_timeout`` checked against the storage) before anything is stored."""
+    current = await get(store, instance_id, dest_id)
+    spec = parse(_merged(current, box, patch))
+    await _check_name(store, instance_id, spec.name, dest_id)
+    settings = spec.settings()
+    if verify_timeout is not None:
+        await _verified(settings, verify_timeout)
     secret = SECRET_FIELD[settings.type]
-    dest_id = current["_id"]
     public = public_settings(settings)
     stale = [
         k for k in set(S3Settings.model_fields) | set(SwiftSettings.model_fields) if k in current
     ]
     update: dict[str, Any] = {
         "$set": {
-            "name": name,
+            "name": spec.name,
             **public,
             "secrets": box.seal_map(
                 {secret: getattr(settings, secret).get_secret_value()}, _context(dest_id)
@@ -127,17 +339,19 @@ async def replace(
         result = await store.destinations.update_one(
             {"_id": dest_id, "version": current["version"]}, update
         )
-    except DuplicateKeyError:  # pragma: no cover - no unique index on names today
-        raise Conflict("A destination with this name exists.", code="duplicate_name") from None
+    except DuplicateKeyError:
+        raise _duplicate(spec.name) from None
     if result.matched_count != 1:
         raise Conflict(
             "The destination was changed by someone else meanwhile; read it again and retry.",
             code="concurrent_update",
         )
-    return await get(store, current["instance_id"], dest_id)
+    return await get(store, instance_id, dest_id)
 
 
 async def delete(store: Store, instance_id: str, dest_id: str) -> None:
+    """Delete a destination nothing refers to: no plan stores its backups there, no restore
+    point's files are there, no job is writing or waiting to delete files there."""
     await get(store, instance_id, dest_id)
     plan = await store.plans.find_one(
         {"instance_id": instance_id, "destination_id": dest_id}, {"name": 1}
@@ -165,4 +379,139 @@ async def delete(store: Store, instance_id: str, dest_id: str) -> None:
             f"Job {active['_id']} is using this destination; wait for it to end.",
             code="destination_in_use",
         )
+    pending = await store.jobs.find_one({"pending_deletes.destination_id": dest_id}, {"_id": 1})
+    if pending is not None:
+        raise Conflict(
+            f"Files that job {pending['_id']} left in this destination still wait to be deleted "
+            "by the retention sweep; retry once they are gone.",
+            code="destination_in_use",
+        )
     await store.destinations.delete_one({"_id": dest_id, "instance_id": instance_id})
+
+
+# --- checking a destination -----------------------------------------------------------------
+
+
+@dataclass
+class CheckResult:
+    """The outcome of writing, reading back and deleting a probe object."""
+
+    ok: bool
+    error: str | None
+    description: str
+    steps: list[ValidationStep] = field(default_factory=list)
+
+
+def _where(settings: AnySettings) -> tuple[str, str]:
+    if settings.type == "S3":
+        return f"bucket {settings.bucket!r}", settings.endpoint or "AWS S3"
+    return f"container {settings.container!r}", settings.auth_url
+
+
+def advice(code: str | None, settings: AnySettings, step: str | None, detail: str = "") -> str:
+    """What failed and what to do about it, in a user's words, for a storage error ``code``
+    (``detail``: the storage's own message, to tell TLS failures apart)."""
+    what, where = _where(settings)
+    doing = f" (while trying to {step} a probe object)" if step and step != "connect" else ""
+    secret = (
+        "access key id and secret access key"
+        if settings.type == "S3"
+        else "user name and key (or password, domain and project)"
+    )
+    if code == "storage_tls_failed":
+        if "WRONG_VERSION_NUMBER" in detail or "wrong version number" in detail:
+            plain = " (or set plain_http)" if settings.type == "S3" else ""
+            return (
+                f"The TLS connection to {where} failed{doing}: it does not speak HTTPS on that "
+                f"port. Use its http:// address{plain}, or its HTTPS port."
+            )
+        if "CERTIFICATE_VERIFY_FAILED" in detail or "certificate" in detail.lower():
+            return (
+                f"The TLS connection to {where} failed{doing}: its certificate is not trusted "
+                "(a private CA, self-signed, expired or for another host name). Use an "
+                "endpoint with a trusted certificate, ask the operator to trust its CA, or set "
+                "verify_tls to false for a test endpoint only."
+            )
+        return (
+            f"The TLS connection to {where} failed{doing}: check that it speaks HTTPS on that "
+            "port with a trusted certificate."
+        )
+    return {
+        "storage_container_not_found": (
+            f"The {what} does not exist at {where}; create it or correct its name."
+        ),
+        "storage_auth_failed": f"{where} refused the credentials{doing}: check the {secret}.",
+        "storage_permission_denied": (
+            f"The credentials are valid but may not use the {what}{doing}: grant them read, "
+            "write and delete on it."
+        ),
+        "storage_unreachable": (
+            f"{where} cannot be reached{doing}: check the host name and port, and that the "
+            "manager can connect to it."
+        ),
+        "storage_transient": (
+            f"{where} failed temporarily{doing} (timeout, throttling or server error); retry."
+        ),
+        "storage_timeout": f"{where} did not answer in time{doing}; check it and retry.",
+    }.get(code or "", f"The storage check of the {what} at {where} failed{doing}.")
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[\w'./:-]+", text.lower().replace(".", " ")))
+
+
+async def _probe(settings: AnySettings, timeout: float) -> ValidationReport:
+    try:
+        async with asyncio.timeout(timeout):
+            async with open_store(settings) as objects:
+                return await objects.validate()
+    except StorageError as exc:
+        return ValidationReport(
+            False, [ValidationStep(exc.step or "connect", False, exc.code, exc.message)]
+        )
+    except ImportError:
+        raise Unavailable(
+            f"This manager cannot reach {settings.type} storage (its client is not installed).",
+            code="storage_unavailable",
+        ) from None
+    except TimeoutError:
+        return ValidationReport(
+            False,
+            [ValidationStep("connect", False, "storage_timeout", f"no answer in {timeout:g} s")],
+        )
+
+
+async def check(settings: AnySettings, timeout: float) -> CheckResult:
+    """Write, read back and delete a probe object with ``settings``."""
+    report = await _probe(settings, timeout)
+    failure = report.failure
+    if report.ok and failure is None:
+        what, where = _where(settings)
+        return CheckResult(
+            True,
+            None,
+            f"A probe object was written, read back and deleted in the {what} at {where}.",
+            list(report.steps),
+        )
+    code = failure.error_code if failure and failure.error_code else "storage_error"
+    detail = (failure.message or "") if failure else ""
+    text = advice(code, settings, failure.name if failure else None, detail)
+    # The storage's own words, unless they only repeat ours.
+    if detail and code != "storage_timeout" and not _words(detail) <= _words(text):
+        text += f" Details: {detail.rstrip('.')}."
+    return CheckResult(False, code, text, list(report.steps))
+
+
+async def check_stored(
+    store: Store, box: SecretBox, instance_id: str, dest_id: str, timeout: float
+) -> CheckResult:
+    doc = await get(store, instance_id, dest_id)
+    return await check(settings_for(doc, box), timeout)
+
+
+async def _verified(settings: AnySettings, timeout: float) -> None:
+    result = await check(settings, timeout)
+    if not result.ok:
+        raise Unprocessable(
+            f"Not saved: {result.description}", code=result.error or "storage_error"
+        )

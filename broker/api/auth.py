@@ -61,6 +61,14 @@ def instance_not_found(instance_id: str) -> ApiError:
     )
 
 
+def _keys_unavailable() -> ApiError:
+    return ApiError(
+        503,
+        "identity_provider_unavailable",
+        "The token issuer's signing keys cannot be fetched; retry later.",
+    )
+
+
 class Jwks:
     """The issuer's signing keys, fetched with aiohttp and cached."""
 
@@ -89,7 +97,10 @@ class Jwks:
             except (aiohttp.ClientError, TimeoutError, ValueError):
                 continue
         raise ApiError(
-            503, "identity_provider_unavailable", "The token issuer's keys cannot be found."
+            503,
+            "identity_provider_unavailable",
+            "The token issuer's keys cannot be found (no OpenID discovery document); retry "
+            "later, or configure OIDC_JWKS_URL.",
         )
 
     async def _fetch(self) -> None:
@@ -102,12 +113,8 @@ class Jwks:
         except (aiohttp.ClientError, TimeoutError, ValueError):
             log.warning("jwks_fetch_failed", url=self._url)
             if self._keys:
-                return
-            raise ApiError(
-                503,
-                "identity_provider_unavailable",
-                "The token issuer's signing keys cannot be fetched; retry later.",
-            ) from None
+                return  # keep the keys we have until the issuer answers again
+            raise _keys_unavailable() from None
         keys: dict[str, jwt.PyJWK] = {}
         for n, data in enumerate(body.get("keys") or [] if isinstance(body, dict) else []):
             try:
@@ -119,18 +126,26 @@ class Jwks:
         log.info("jwks_fetched", url=self._url, keys=len(keys))
 
     async def key(self, kid: str | None) -> jwt.PyJWK | None:
+        """The key ``kid`` names. The key set is fetched on first use, again when it is older
+        than ``jwks_max_age_seconds`` (keys the issuer retired stop working), and on an unknown
+        ``kid`` (the issuer rotated keys) at most every ``jwks_min_refresh_seconds``, so forged
+        kids cannot make us hammer the issuer."""
         found = self._lookup(kid)
-        if found is not None:
+        if found is not None and not self._stale():
             return found
         async with self._lock:
             found = self._lookup(kid)
-            if found is None and (
-                time.monotonic() - self._fetched_at >= self.api.jwks_min_refresh_seconds
-            ):
+            since = time.monotonic() - self._fetched_at
+            if self._stale() or (found is None and since >= self.api.jwks_min_refresh_seconds):
                 self._fetched_at = time.monotonic()
                 await self._fetch()
                 found = self._lookup(kid)
+            elif found is None and not self._keys:
+                raise _keys_unavailable()
         return found
+
+    def _stale(self) -> bool:
+        return time.monotonic() - self._fetched_at >= self.api.jwks_max_age_seconds
 
     def _lookup(self, kid: str | None) -> jwt.PyJWK | None:
         if kid is None:
@@ -177,14 +192,18 @@ class Authorizer:
             )
         except (binascii.Error, UnicodeDecodeError, ValueError):
             raise unauthenticated("Malformed HTTP Basic credentials.") from None
-        expected = self.settings.broker_password
-        ok_user = hmac.compare_digest(user.encode(), self.settings.broker_username.encode())
-        ok_password = expected is not None and hmac.compare_digest(
-            password.encode(), expected.get_secret_value().encode()
-        )
-        if not (sep and ok_user and ok_password):
-            raise unauthenticated("Wrong user name or password.")
-        return Principal("broker", user)
+        accounts = [("broker", self.settings.broker_username, self.settings.broker_password)]
+        if self.api.operator_username and self.api.operator_password:
+            accounts.append(("operator", self.api.operator_username, self.api.operator_password))
+        for kind, name, secret in accounts:
+            # Compare both in constant time whatever matches, so timing tells nothing.
+            ok_user = hmac.compare_digest(user.encode(), name.encode())
+            ok_password = secret is not None and hmac.compare_digest(
+                password.encode(), secret.get_secret_value().encode()
+            )
+            if sep and ok_user and ok_password:
+                return Principal(kind, user)
+        raise unauthenticated("Wrong user name or password.")
 
     async def _binding(self, key: str) -> Principal:
         digest = hashlib.sha256(key.encode()).hexdigest()

@@ -1,26 +1,21 @@
-"""Every payload of the backup-manager API. Handlers validate and answer with these models,
-and the OpenAPI document is generated from them."""
+"""Every payload of the backup-manager API: request bodies, query strings and answers.
+Handlers validate and answer with these models, and the OpenAPI document is generated from
+them. Bodies a user describes (destinations, plans) are the domain's own specs."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationInfo,
-    create_model,
-    field_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from backup.plans import EncryptionIn, Name, PlanSpec, Retention
-from storage.settings import S3Settings, SwiftSettings
+from backup import pagination
+from backup.destinations import DestinationSpec, S3DestinationSpec, SwiftDestinationSpec
+from backup.errors import InvalidInput
+from backup.plans import EncryptionIn, PlanSpec, Retention
 
 _IN = ConfigDict(extra="forbid", strict=True)
+_QUERY = ConfigDict(extra="forbid")  # query strings are text: "5" is the number 5
 _OUT = ConfigDict(extra="ignore")
 
 Id = Annotated[str, Field(min_length=1, max_length=64)]
@@ -28,101 +23,112 @@ Text = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 class ErrorOut(BaseModel):
+    """Every error answer."""
+
     model_config = _OUT
     error: str = Field(description="Stable machine-readable code.")
     description: str = Field(description="What went wrong, in words a person can act on.")
-    field: str | None = None
-    problems: list[dict[str, str]] | None = None
+    field: str | None = Field(default=None, description="The offending field, if one.")
+    problems: list[dict[str, str]] | None = Field(
+        default=None, description="Every problem of an invalid body or query: field, message."
+    )
+
+
+# --- query strings --------------------------------------------------------------------------
+
+
+class ListQuery(BaseModel):
+    """Paging of a list, newest first: by cursor (``limit`` and ``cursor``), or by numbered
+    pages (``page`` and ``size``, with ``as_of`` from the first page to keep later ones
+    stable)."""
+
+    model_config = _QUERY
+    limit: int | None = Field(
+        default=None,
+        ge=1,
+        le=pagination.MAX_LIMIT,
+        description=f"Entries per page, 1 to {pagination.MAX_LIMIT} "
+        f"(default {pagination.DEFAULT_LIMIT}).",
+    )
+    cursor: str | None = Field(
+        default=None, max_length=512, description="The next_cursor of the previous page."
+    )
+    page: int | None = Field(
+        default=None,
+        ge=1,
+        le=pagination.MAX_PAGE,
+        description="Numbered page, from 1 (instead of cursor).",
+    )
+    size: int | None = Field(
+        default=None,
+        ge=1,
+        le=pagination.MAX_LIMIT,
+        description="Entries per numbered page (same as limit).",
+    )
+    as_of: str | None = Field(
+        default=None,
+        max_length=512,
+        description="The as_of of the first numbered page: later pages stay stable.",
+    )
+
+    def window(self) -> tuple[int, str | None]:
+        """(limit, cursor) for the domain's ``list_page``: numbered pages travel as a cursor."""
+        if self.cursor is not None and self.page is not None:
+            raise InvalidInput("Send either cursor or page, not both.", field="page")
+        if self.as_of is not None and self.page is None:
+            raise InvalidInput("as_of goes with page (numbered pages).", field="as_of")
+        if self.limit is not None and self.size is not None and self.limit != self.size:
+            raise InvalidInput("limit and size differ; send one of them.", field="size")
+        limit = self.limit or self.size or pagination.DEFAULT_LIMIT
+        if self.page is not None:
+            return limit, pagination.page_cursor(self.page, self.as_of)
+        return limit, self.cursor or None
+
+
+JobType = Literal["BACKUP", "RESTORE"]
+JobStatus = Literal["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "MISSED"]
+
+
+class JobListQuery(ListQuery):
+    type: JobType | None = Field(default=None, description="Only BACKUP or RESTORE jobs.")
+    status: JobStatus | None = Field(default=None, description="Only jobs in this status.")
+    plan_id: Id | None = Field(default=None, description="Only jobs of this plan.")
+
+
+class RestorePointListQuery(ListQuery):
+    plan_id: Id | None = Field(default=None, description="Only restore points of this plan.")
+
+
+class CheckQuery(BaseModel):
+    model_config = _QUERY
+    validate_: bool = Field(
+        default=False,
+        alias="validate",
+        description="Check the destination against its storage first (write, read back and "
+        "delete a probe) and refuse to save it if that fails (422).",
+    )
+
+
+class _PageOut(BaseModel):
+    total: int = Field(description="Entries in the whole list (numbered pages: as of as_of)", ge=0)
+    next_cursor: str | None = Field(description="Pass as cursor for the next page; null: last.")
+    page: int | None = Field(default=None, description="The numbered page, if one was asked.")
+    as_of: str | None = Field(
+        default=None, description="Numbered pages: pass back with the next page numbers."
+    )
 
 
 # --- destinations ---------------------------------------------------------------------------
 
-
-class S3DestinationIn(BaseModel):
-    """An S3 bucket (AWS or any S3-compatible endpoint)."""
-
-    model_config = _IN
-    type: Literal["S3"]
-    name: Name
-    plain_http: bool | None = Field(
-        default=None,
-        description="Speak plain HTTP to the endpoint (default: from the endpoint's scheme, "
-        "else HTTPS).",
-    )
-    endpoint: str | None = Field(
-        default=None,
-        max_length=2048,
-        description="https://host[:port] or host[:port]; omit for AWS.",
-    )
-    region: str = Field(default="us-east-1", min_length=1, max_length=64)
-    bucket: str = Field(min_length=3, max_length=63)
-    access_key_id: str = Field(min_length=1, max_length=256)
-    secret_access_key: SecretStr = Field(min_length=1, max_length=1024)
-    addressing_style: Literal["auto", "path", "virtual"] = "auto"
-    verify_tls: bool = True
-    prefix: str = Field(default="", max_length=512, description="Key prefix of every object.")
-
-    @field_validator("endpoint")
-    @classmethod
-    def _endpoint(cls, value: str | None, info: ValidationInfo) -> str | None:
-        plain = info.data.get("plain_http")
-        if value is None:
-            if plain:
-                raise ValueError("plain_http needs an endpoint")
-            return None
-        raw = value.strip()
-        if "://" not in raw:
-            raw = ("http://" if plain else "https://") + raw
-        parts = urlsplit(raw)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be http(s)://host[:port] or host[:port]")
-        try:
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError:
-            raise ValueError("has an invalid port") from None
-        if plain is not None and plain != (parts.scheme == "http"):
-            raise ValueError("its scheme contradicts plain_http")
-        return raw.rstrip("/")
-
-    def settings(self) -> S3Settings:
-        return S3Settings(
-            **self.model_dump(exclude={"name", "plain_http", "secret_access_key"}),
-            secret_access_key=self.secret_access_key,
-        )
-
-
-class SwiftDestinationIn(BaseModel):
-    """An OpenStack Swift container (auth v1 such as tempauth, or Keystone v3)."""
-
-    model_config = _IN
-    type: Literal["SWIFT"]
-    name: Name
-    auth_url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://\S+$")
-    auth_version: Literal["1", "3"] = "3"
-    username: str = Field(min_length=1, max_length=256)
-    password: SecretStr = Field(
-        min_length=1, max_length=1024, description="The key (auth v1) or password (v3)."
-    )
-    user_domain_name: str | None = Field(default="Default", max_length=256)
-    project_name: str | None = Field(default=None, max_length=256)
-    project_domain_name: str | None = Field(default="Default", max_length=256)
-    region_name: str | None = Field(default=None, max_length=256)
-    container: str = Field(min_length=1, max_length=256)
-    verify_tls: bool = True
-    prefix: str = Field(default="", max_length=512)
-
-    def settings(self) -> SwiftSettings:
-        return SwiftSettings(
-            **self.model_dump(exclude={"name", "password"}), password=self.password
-        )
-
-
-DestinationIn = Annotated[S3DestinationIn | SwiftDestinationIn, Field(discriminator="type")]
+S3DestinationIn = S3DestinationSpec
+SwiftDestinationIn = SwiftDestinationSpec
+DestinationIn = DestinationSpec
 
 
 class DestinationPatch(BaseModel):
-    """Any fields of a destination; the merged result is validated as a whole. Secrets that
-    are not sent are kept. Changing ``type`` needs every field of the new type."""
+    """A JSON merge patch of a destination (RFC 7396): any of its fields. The merged result is
+    validated as a whole; the secret is kept unless sent. Changing ``type`` needs every field
+    of the new type."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -135,7 +141,7 @@ class _DestinationOutBase(BaseModel):
     prefix: str
     created_at: datetime
     updated_at: datetime
-    version: int
+    version: int = Field(description="Goes up by one with every change.")
 
 
 class S3DestinationOut(_DestinationOutBase):
@@ -146,7 +152,7 @@ class S3DestinationOut(_DestinationOutBase):
     bucket: str
     access_key_id: str
     addressing_style: str
-    secret_access_key_set: bool
+    secret_access_key_set: bool = Field(description="Whether a secret access key is stored.")
 
 
 class SwiftDestinationOut(_DestinationOutBase):
@@ -159,20 +165,18 @@ class SwiftDestinationOut(_DestinationOutBase):
     project_domain_name: str | None
     region_name: str | None
     container: str
-    password_set: bool
+    password_set: bool = Field(description="Whether a key or password is stored.")
 
 
 DestinationOut = Annotated[S3DestinationOut | SwiftDestinationOut, Field(discriminator="type")]
 
 
-class DestinationPage(BaseModel):
+class DestinationPage(_PageOut):
     items: list[DestinationOut]
-    total: int
-    next_cursor: str | None
 
 
 class ValidationStepOut(BaseModel):
-    name: str
+    name: str = Field(description="connect, write, read or delete.")
     ok: bool
     error_code: str | None = None
     message: str | None = None
@@ -208,12 +212,13 @@ PlanPatch = create_model(  # type: ignore[call-overload]
 
 class EncryptionOut(BaseModel):
     enabled: bool
-    key_set: bool
+    key_set: bool = Field(description="Whether an encryption key is stored (never shown).")
 
 
 class LastJob(BaseModel):
     id: str
-    status: str
+    status: JobStatus
+    created_at: datetime | None = None
     ended_at: datetime | None
 
 
@@ -230,22 +235,17 @@ class PlanOut(BaseModel):
     encryption: EncryptionOut
     paused: bool
     next_run_at: datetime | None = Field(description="Next scheduled run; null when paused.")
-    last_job: LastJob | None
+    last_job: LastJob | None = Field(description="The plan's latest job, if any.")
     created_at: datetime
     updated_at: datetime
     version: int
 
 
-class PlanPage(BaseModel):
+class PlanPage(_PageOut):
     items: list[PlanOut]
-    total: int
-    next_cursor: str | None
 
 
 # --- jobs -----------------------------------------------------------------------------------
-
-JobType = Literal["BACKUP", "RESTORE"]
-JobStatus = Literal["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "MISSED"]
 
 
 class JobItemOut(BaseModel):
@@ -253,9 +253,15 @@ class JobItemOut(BaseModel):
     name: str
     status: str | None = None
     filename: str | None = None
-    size: int | None = None
-    stored_size: int | None = None
+    size: int | None = Field(default=None, description="Bytes the scripts produced.")
+    stored_size: int | None = Field(default=None, description="Bytes in storage.")
     checksum: str | None = None
+    compression: str | None = Field(
+        default=None, description="How it was compressed: zstd, gzip, script or null."
+    )
+    encryption: str | None = Field(
+        default=None, description="How it was encrypted: a format name, script or null."
+    )
     error: str | None = None
     started_at: datetime | None = None
     ended_at: datetime | None = None
@@ -265,20 +271,24 @@ class JobItemOut(BaseModel):
     )
 
 
+class JobEncryptionOut(BaseModel):
+    enabled: bool = False
+
+
 class JobOut(BaseModel):
     model_config = _OUT
     id: str
     type: JobType
     plan_id: str | None = None
     destination_id: str | None = None
-    trigger: str
-    scheduled_for: datetime | None = None
+    trigger: str = Field(description="SCHEDULE, MANUAL or CATCH_UP.")
+    scheduled_for: datetime | None = Field(default=None, description="Scheduled fire time.")
     status: JobStatus
-    reason: str | None = None
+    reason: str | None = Field(default=None, description="Why it ended as it did.")
     items: list[JobItemOut] = []
     restore_point_id: str | None = None
-    compression: Any = None
-    encryption: dict[str, Any] | None = None
+    compression: bool = False
+    encryption: JobEncryptionOut = Field(default_factory=JobEncryptionOut)
     cancel_requested: bool = False
     created_at: datetime
     started_at: datetime | None = None
@@ -287,17 +297,13 @@ class JobOut(BaseModel):
     attempts: int = 0
 
 
-class JobPage(BaseModel):
+class JobPage(_PageOut):
     items: list[JobOut]
-    total: int
-    next_cursor: str | None
 
 
-class JobQuery(BaseModel):
+class BackupIn(BaseModel):
     model_config = _IN
-    type: JobType | None = None
-    status: JobStatus | None = None
-    plan_id: Id | None = None
+    plan_id: Id = Field(description="The plan to back up now.")
 
 
 class RestoreIn(BaseModel):
@@ -314,13 +320,13 @@ class RestoreIn(BaseModel):
 class RestorePointItemOut(BaseModel):
     model_config = _OUT
     name: str
+    key: str | None = Field(default=None, description="The object's name in the destination.")
     filename: str | None = None
-    key: str | None = None
     size: int | None = None
     stored_size: int | None = None
     checksum: str | None = None
-    compression: Any = None
-    encryption: Any = None
+    compression: str | None = None
+    encryption: str | None = None
 
 
 class RestorePointOut(BaseModel):
@@ -330,15 +336,19 @@ class RestorePointOut(BaseModel):
     destination_id: str | None = None
     job_id: str | None = None
     created_at: datetime
-    expires_at: datetime | None = None
+    expires_at: datetime | None = Field(
+        default=None, description="When retention removes it; null: kept by count (FILES)."
+    )
+    retention: Retention | None = None
     items: list[RestorePointItemOut] = []
-    state: str = "available"
+    encryption_key_set: bool = Field(
+        default=False, description="Whether the key to decrypt it is kept (never shown)."
+    )
+    state: Literal["available", "deleting"] = "available"
 
 
-class RestorePointPage(BaseModel):
+class RestorePointPage(_PageOut):
     items: list[RestorePointOut]
-    total: int
-    next_cursor: str | None
 
 
 class ItemsOut(BaseModel):

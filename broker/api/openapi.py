@@ -9,7 +9,7 @@ from functools import cache
 from typing import Any
 
 from aiohttp import web
-from pydantic import TypeAdapter
+from pydantic import BaseModel, TypeAdapter
 
 from broker.api import models as m
 from broker.api.routes import OPERATIONS
@@ -21,7 +21,8 @@ _STATUS_TEXT = {
     403: "You may read but not change this instance's backups.",
     404: "No such instance (or not one you may access), or no such object.",
     409: "Conflicts with what is stored (duplicate name, in use, already ended...).",
-    503: "A dependency (storage, identity provider, Cloud Controller) is unavailable.",
+    422: "Well formed, but the storage check failed: nothing was saved.",
+    503: "A dependency (storage, token issuer, Cloud Controller) is unavailable; retry.",
 }
 
 
@@ -59,18 +60,15 @@ def document() -> dict[str, Any]:
             }
             for name in re.findall(r"{(\w+)}", op.path)
         ]
-        params += [
-            {"name": n, "in": "query", "required": False, "description": d, "schema": s}
-            for n, d, s in op.query
-        ]
+        params += _query_parameters(op.query)
         responses: dict[str, Any] = {}
         ok: dict[str, Any] = {"description": "Success."}
         if op.response is not None:
             ok["content"] = {"application/json": {"schema": refs[_key(named, op.response)]}}
         responses[str(op.status)] = ok
-        if op.operation_id == "cancel_job":
-            responses["202"] = {**ok, "description": "Cancel requested of a running job."}
-        for code in sorted({400, 401, 404, *op.errors} | ({403} if op.manage else set())):
+        for code, text in op.also.items():
+            responses[str(code)] = {**ok, "description": text}
+        for code in sorted({400, 401, 404, 503, *op.errors} | ({403} if op.manage else set())):
             responses[str(code)] = {
                 "description": _STATUS_TEXT[code],
                 "content": {
@@ -96,8 +94,10 @@ def document() -> dict[str, Any]:
             "title": "OSB backup manager API",
             "version": "1",
             "description": "Destinations, plans, jobs, restore points and restores of one "
-            "service instance. Lists are newest first, paginated with an opaque cursor. "
-            "Secrets are never returned: answers say `<name>_set` instead.",
+            "service instance. Lists are newest first, paginated with an opaque cursor or "
+            "numbered pages, and carry a total. Secrets are never returned: answers say "
+            "`<name>_set` instead. Every error is JSON with a stable `error` code and a "
+            "`description`. Human-readable page: /v1/docs.",
         },
         "paths": paths,
         "components": {
@@ -113,6 +113,28 @@ def document() -> dict[str, Any]:
         },
         "security": [{"bearer": []}, {"basic": []}],
     }
+
+
+def _query_parameters(model: type[BaseModel] | None) -> list[dict[str, Any]]:
+    """The query parameters of an operation, from the model its handler validates them with."""
+    if model is None:
+        return []
+    schema = model.model_json_schema(ref_template=_REF)
+    params = []
+    for name, prop in schema.get("properties", {}).items():
+        prop = dict(prop)
+        description = prop.pop("description", "")
+        prop.pop("title", None)
+        options = [o for o in prop.pop("anyOf", []) if o.get("type") != "null"]
+        if len(options) == 1:
+            prop.update(options[0])
+        if prop.get("default", "") is None:
+            prop.pop("default")
+        params.append(
+            {"name": name, "in": "query", "required": False, "description": description,
+             "schema": prop}
+        )  # fmt: skip
+    return params
 
 
 def _key(named: dict[str, Any], tp: Any) -> str:

@@ -1,69 +1,80 @@
-"""The operations of the backup-manager API. Each is declared once with its models; the
-routes and the OpenAPI document are both built from :data:`OPERATIONS`."""
+"""The operations of the backup-manager API. Each is declared once, with the models of its
+body, query string and answer; the routes and the OpenAPI document are both built from
+:data:`OPERATIONS`. Handlers parse, call one domain function, and render."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import TypeAdapter
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from backup import destinations, jobs, plans, restore_points
-from backup.errors import InvalidInput
-from backup.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page
+from backup.pagination import Page
 from backup.secrets import SecretBox
 from backup.store import Document, Store
 from broker.api import models as m
-from broker.api import validation, views
+from broker.api import views
 from broker.api.auth import AUTHORIZER
 from broker.api.settings import ApiSettings
 from broker.context import SECRETS, STORE
-from broker.errors import ApiError, read_json
+from broker.errors import ApiError, from_validation, read_json
 
 PREFIX = "/v1/service_instances/{instance_id}"
 API_SETTINGS = web.AppKey("api_settings", ApiSettings)
+OPENER = web.AppKey("api_store_opener", Any)
+"""How the API and the background loops open an object store (``storage.open_store``)."""
+Q = TypeVar("Q", bound=BaseModel)
 
 
 @dataclass
 class Ctx:
+    """What a handler gets: the request, the instance the caller may act on, and the app's
+    resources."""
+
     request: web.Request
     instance: Document
     store: Store
     box: SecretBox
     api: ApiSettings
 
+    @property
+    def instance_id(self) -> str:
+        return str(self.instance["_id"])
+
     def param(self, name: str) -> str:
         return self.request.match_info[name]
 
-    async def body(self, model: Any) -> Any:
-        try:
-            data = await read_json(self.request)
-        except (ValueError, RecursionError):  # int too long, nesting too deep
-            raise ApiError(400, "malformed_json", "The request body is not valid JSON.") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "invalid_input", "The request body must be a JSON object.")
-        return _adapter(model).validate_python(data)
-
     async def raw_body(self) -> dict[str, Any]:
+        """The JSON object sent, not yet validated."""
         try:
             data = await read_json(self.request)
-        except (ValueError, RecursionError):
+        except (ValueError, RecursionError):  # an int too long, nesting too deep
             raise ApiError(400, "malformed_json", "The request body is not valid JSON.") from None
         if not isinstance(data, dict):
             raise ApiError(400, "invalid_input", "The request body must be a JSON object.")
         return data
 
-    def page_args(self) -> tuple[int, str | None]:
+    async def body(self, model: Any) -> Any:
+        return adapter(model).validate_python(await self.raw_body())
+
+    def query(self, model: type[Q]) -> Q:
+        """The query string validated by ``model``; a parameter given twice is refused."""
         q = self.request.query
-        raw = q.get("limit", str(DEFAULT_LIMIT))
-        if not raw.isdigit() or len(raw) > 4 or not 1 <= int(raw) <= MAX_LIMIT:
-            raise InvalidInput(
-                f"limit must be a whole number from 1 to {MAX_LIMIT}.", field="limit"
+        repeated = sorted({k for k in q if len(q.getall(k)) > 1})
+        if repeated:
+            raise ApiError(
+                400,
+                "invalid_input",
+                f"Invalid query: {repeated[0]} is given more than once.",
+                extra={"field": repeated[0]},
             )
-        cursor = q.get("cursor") or None
-        return int(raw), cursor
+        try:
+            return model.model_validate(dict(q))
+        except ValidationError as exc:
+            raise from_validation(exc, "query") from None
 
 
 @dataclass
@@ -77,8 +88,10 @@ class Operation:
     status: int = 200
     body: Any = None
     response: Any = None
-    query: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    query: type[BaseModel] | None = None
     errors: tuple[int, ...] = ()
+    also: dict[int, str] = field(default_factory=dict)
+    """Other success statuses and what they mean (e.g. 202 of a cancel)."""
 
     @property
     def operation_id(self) -> str:
@@ -86,10 +99,10 @@ class Operation:
 
 
 OPERATIONS: list[Operation] = []
-_ADAPTERS: dict[Any, TypeAdapter[Any]] = {}
+_ADAPTERS: dict[int, TypeAdapter[Any]] = {}
 
 
-def _adapter(tp: Any) -> TypeAdapter[Any]:
+def adapter(tp: Any) -> TypeAdapter[Any]:
     key = id(tp)
     if key not in _ADAPTERS:
         _ADAPTERS[key] = TypeAdapter(tp)
@@ -97,15 +110,9 @@ def _adapter(tp: Any) -> TypeAdapter[Any]:
 
 
 def out(tp: Any, data: Any) -> Any:
-    """``data`` checked against the response model and rendered as JSON values."""
-    adapter = _adapter(tp)
-    return adapter.dump_python(adapter.validate_python(data), mode="json")
-
-
-PAGE_QUERY = [
-    ("limit", f"Page size, 1 to {MAX_LIMIT} (default {DEFAULT_LIMIT}).", {"type": "integer"}),
-    ("cursor", "The next_cursor of the previous page.", {"type": "string"}),
-]
+    """``data`` checked against the answer's model and rendered as JSON values."""
+    a = adapter(tp)
+    return a.dump_python(a.validate_python(data), mode="json")
 
 
 def op(
@@ -117,9 +124,12 @@ def op(
     status: int = 200,
     body: Any = None,
     response: Any = None,
-    query: list[tuple[str, str, dict[str, Any]]] | None = None,
+    query: type[BaseModel] | None = None,
     errors: tuple[int, ...] = (),
+    also: dict[int, str] | None = None,
 ) -> Callable[[Callable[[Ctx], Awaitable[Any]]], Callable[[Ctx], Awaitable[Any]]]:
+    """Declare an operation; GET reads (Cloud Foundry ``read``), all else changes (``manage``)."""
+
     def register(fn: Callable[[Ctx], Awaitable[Any]]) -> Callable[[Ctx], Awaitable[Any]]:
         OPERATIONS.append(
             Operation(
@@ -132,8 +142,9 @@ def op(
                 status=status,
                 body=body,
                 response=response,
-                query=query or [],
+                query=query,
                 errors=errors,
+                also=also or {},
             )
         )
         return fn
@@ -141,15 +152,38 @@ def op(
     return register
 
 
-def _page(tp: Any, page: Page, view: Callable[[Document], Any]) -> Any:
+def _page(tp: Any, page: Page, items: list[Any]) -> Any:
     return out(
         tp,
         {
-            "items": [view(d) for d in page.items],
+            "items": items,
             "total": page.total,
             "next_cursor": page.next_cursor,
+            "page": page.page,
+            "as_of": page.as_of,
         },
     )
+
+
+def _check(result: destinations.CheckResult) -> Any:
+    return out(
+        m.ValidationOut,
+        {
+            "ok": result.ok,
+            "error": result.error,
+            "description": result.description,
+            "steps": [_step(s) for s in result.steps],
+        },
+    )
+
+
+def _step(step: Any) -> dict[str, Any]:
+    return {
+        "name": step.name,
+        "ok": step.ok,
+        "error_code": step.error_code,
+        "message": step.message,
+    }
 
 
 # --- items ----------------------------------------------------------------------------------
@@ -163,60 +197,53 @@ async def list_items(c: Ctx) -> Any:
 # --- destinations ---------------------------------------------------------------------------
 
 
-def _destination(data: dict[str, Any]) -> m.S3DestinationIn | m.SwiftDestinationIn:
-    """Validated with the model its ``type`` names, so errors name plain field paths."""
-    kind = data.get("type")
-    if kind == "S3":
-        return m.S3DestinationIn.model_validate(data)
-    if kind == "SWIFT":
-        return m.SwiftDestinationIn.model_validate(data)
-    return _adapter(m.DestinationIn).validate_python(data)
-
-
 @op(
     "GET",
     "/destinations",
-    summary="List destinations",
+    summary="List destinations, newest first",
     tag="destinations",
     response=m.DestinationPage,
-    query=PAGE_QUERY,
+    query=m.ListQuery,
 )
 async def list_destinations(c: Ctx) -> Any:
-    limit, cursor = c.page_args()
-    page = await destinations.list_page(c.store, c.instance["_id"], limit, cursor)
-    return _page(m.DestinationPage, page, views.destination)
+    limit, cursor = c.query(m.ListQuery).window()
+    page = await destinations.list_page(c.store, c.instance_id, limit, cursor)
+    return _page(m.DestinationPage, page, [views.destination(d) for d in page.items])
 
 
 @op(
     "POST",
     "/destinations",
-    summary="Create a destination",
+    summary="Create a destination (with ?validate=true only if a probe succeeds)",
     tag="destinations",
     status=201,
     body=m.DestinationIn,
     response=m.DestinationOut,
-    errors=(409,),
+    query=m.CheckQuery,
+    errors=(409, 422),
 )
 async def create_destination(c: Ctx) -> Any:
-    spec = _destination(await c.raw_body())
-    doc = await destinations.create(c.store, c.box, c.instance["_id"], spec.name, spec.settings())
+    check = c.query(m.CheckQuery)
+    spec = destinations.parse(await c.raw_body())
+    timeout = c.api.validate_timeout_seconds if check.validate_ else None
+    doc = await destinations.create(c.store, c.box, c.instance_id, spec, verify_timeout=timeout)
     return out(m.DestinationOut, views.destination(doc))
 
 
 @op(
     "POST",
     "/destinations/validate",
-    summary="Check destination settings before creating it (writes, reads and deletes a probe)",
+    summary="Check destination settings before creating them: write, read back and delete "
+    "a probe object (the answer says what failed; a name is not needed)",
     tag="destinations",
     body=m.DestinationIn,
     response=m.ValidationOut,
 )
 async def validate_new_destination(c: Ctx) -> Any:
     raw = await c.raw_body()
-    raw.setdefault("name", "validation")  # the same body as a creation; a name is not needed
-    spec = _destination(raw)
-    report = await validation.validate(spec.settings(), c.api.validate_timeout_seconds)
-    return out(m.ValidationOut, report)
+    raw.setdefault("name", "validation")
+    spec = destinations.parse(raw)
+    return _check(await destinations.check(spec.settings(), c.api.validate_timeout_seconds))
 
 
 @op(
@@ -227,72 +254,55 @@ async def validate_new_destination(c: Ctx) -> Any:
     response=m.DestinationOut,
 )
 async def get_destination(c: Ctx) -> Any:
-    doc = await destinations.get(c.store, c.instance["_id"], c.param("destination_id"))
+    doc = await destinations.get(c.store, c.instance_id, c.param("destination_id"))
     return out(m.DestinationOut, views.destination(doc))
 
 
 @op(
     "PATCH",
     "/destinations/{destination_id}",
-    summary="Change a destination (merge patch; secrets not sent are kept)",
+    summary="Change a destination (JSON merge patch; the secret is kept unless sent; with "
+    "?validate=true only if a probe succeeds)",
     tag="destinations",
     body=m.DestinationPatch,
     response=m.DestinationOut,
-    errors=(409,),
+    query=m.CheckQuery,
+    errors=(409, 422),
 )
 async def update_destination(c: Ctx) -> Any:
-    current = await destinations.get(c.store, c.instance["_id"], c.param("destination_id"))
+    check = c.query(m.CheckQuery)
     patch = await c.raw_body()
-    kind = current["type"]
-    if patch.get("type", kind) != kind:
-        merged: dict[str, Any] = {"name": current["name"], **patch}
-    else:
-        public = views.destination(current)
-        keep = set(
-            m.S3DestinationIn.model_fields if kind == "S3" else m.SwiftDestinationIn.model_fields
-        )
-        base = {k: v for k, v in public.items() if k in keep and v is not None}
-        if kind == "S3" and "plain_http" in patch and "endpoint" not in patch:
-            base.pop("plain_http", None)
-            endpoint = str(base.get("endpoint") or "")
-            if "://" in endpoint:
-                base["endpoint"] = endpoint.split("://", 1)[1]
-        elif kind == "S3":
-            base.pop("plain_http", None)
-        merged = plans.merge(base, patch)
-        secret = destinations.SECRET_FIELD[kind]
-        if secret not in merged:
-            opened = c.box.open_map(current.get("secrets") or {}, f"destinations/{current['_id']}")
-            if secret in opened:
-                merged[secret] = opened[secret]
-    spec = _destination(merged)
-    doc = await destinations.replace(c.store, c.box, current, spec.name, spec.settings())
+    timeout = c.api.validate_timeout_seconds if check.validate_ else None
+    doc = await destinations.update(
+        c.store, c.box, c.instance_id, c.param("destination_id"), patch, verify_timeout=timeout
+    )
     return out(m.DestinationOut, views.destination(doc))
 
 
 @op(
     "DELETE",
     "/destinations/{destination_id}",
-    summary="Delete a destination (refused while a plan or restore point uses it)",
+    summary="Delete a destination (refused while a plan, restore point or job uses it)",
     tag="destinations",
     status=204,
     errors=(409,),
 )
 async def delete_destination(c: Ctx) -> Any:
-    await destinations.delete(c.store, c.instance["_id"], c.param("destination_id"))
+    await destinations.delete(c.store, c.instance_id, c.param("destination_id"))
 
 
 @op(
     "POST",
     "/destinations/{destination_id}/validate",
-    summary="Check a stored destination (writes, reads and deletes a probe)",
+    summary="Check a stored destination: write, read back and delete a probe object",
     tag="destinations",
     response=m.ValidationOut,
 )
 async def validate_destination(c: Ctx) -> Any:
-    doc = await destinations.get(c.store, c.instance["_id"], c.param("destination_id"))
-    settings = destinations.settings_for(doc, c.box)
-    return out(m.ValidationOut, await validation.validate(settings, c.api.validate_timeout_seconds))
+    result = await destinations.check_stored(
+        c.store, c.box, c.instance_id, c.param("destination_id"), c.api.validate_timeout_seconds
+    )
+    return _check(result)
 
 
 # --- plans ----------------------------------------------------------------------------------
@@ -306,16 +316,15 @@ async def _plan_views(store: Store, docs: list[Document]) -> list[dict[str, Any]
 @op(
     "GET",
     "/plans",
-    summary="List backup plans",
+    summary="List backup plans, newest first",
     tag="plans",
     response=m.PlanPage,
-    query=PAGE_QUERY,
+    query=m.ListQuery,
 )
 async def list_plans(c: Ctx) -> Any:
-    limit, cursor = c.page_args()
-    page = await plans.list_page(c.store, c.instance["_id"], limit, cursor)
-    items = await _plan_views(c.store, page.items)
-    return out(m.PlanPage, {"items": items, "total": page.total, "next_cursor": page.next_cursor})
+    limit, cursor = c.query(m.ListQuery).window()
+    page = await plans.list_page(c.store, c.instance_id, limit, cursor)
+    return _page(m.PlanPage, page, await _plan_views(c.store, page.items))
 
 
 @op(
@@ -336,23 +345,23 @@ async def create_plan(c: Ctx) -> Any:
 
 @op("GET", "/plans/{plan_id}", summary="Read a backup plan", tag="plans", response=m.PlanOut)
 async def get_plan(c: Ctx) -> Any:
-    doc = await plans.get(c.store, c.instance["_id"], c.param("plan_id"))
+    doc = await plans.get(c.store, c.instance_id, c.param("plan_id"))
     return out(m.PlanOut, (await _plan_views(c.store, [doc]))[0])
 
 
 @op(
     "PATCH",
     "/plans/{plan_id}",
-    summary="Change a backup plan (JSON merge patch; the result is validated as a whole)",
+    summary="Change a backup plan (JSON merge patch; the merged plan is validated as a whole "
+    "and returned)",
     tag="plans",
     body=m.PlanPatch,
     response=m.PlanOut,
     errors=(409,),
 )
 async def update_plan(c: Ctx) -> Any:
-    await plans.get(c.store, c.instance["_id"], c.param("plan_id"))
     patch = await c.raw_body()
-    _adapter(m.PlanPatch).validate_python(patch)
+    adapter(m.PlanPatch).validate_python(patch)
     doc = await plans.update(
         c.store, c.box, c.instance, c.param("plan_id"), patch, c.api.min_plan_interval_seconds
     )
@@ -362,26 +371,65 @@ async def update_plan(c: Ctx) -> Any:
 @op(
     "DELETE",
     "/plans/{plan_id}",
-    summary="Delete a backup plan (its restore points stay; its queued jobs are cancelled)",
+    summary="Delete a backup plan (its restore points stay until retention or a delete "
+    "removes them; its queued jobs are cancelled)",
     tag="plans",
     status=204,
 )
 async def delete_plan(c: Ctx) -> Any:
-    await plans.delete(c.store, c.instance["_id"], c.param("plan_id"))
+    await plans.delete(c.store, c.instance_id, c.param("plan_id"))
+
+
+# --- backups and restores -------------------------------------------------------------------
+
+
+async def _backup_now(c: Ctx, plan_id: str) -> Any:
+    plan = await plans.get(c.store, c.instance_id, plan_id)
+    return out(m.JobOut, views.job(await jobs.start_backup(c.store, plan), None))
+
+
+@op(
+    "POST",
+    "/backups",
+    summary="Back up now: queue a manual backup job of a plan",
+    tag="jobs",
+    status=202,
+    body=m.BackupIn,
+    response=m.JobOut,
+    errors=(409,),
+)
+async def start_backup(c: Ctx) -> Any:
+    spec = await c.body(m.BackupIn)
+    return await _backup_now(c, spec.plan_id)
 
 
 @op(
     "POST",
     "/plans/{plan_id}/backups",
-    summary="Back up now: queue a manual backup job of the plan",
+    summary="Back up this plan now (the same as POST /backups with its plan_id)",
     tag="jobs",
     status=202,
     response=m.JobOut,
     errors=(409,),
 )
-async def start_backup(c: Ctx) -> Any:
-    plan = await plans.get(c.store, c.instance["_id"], c.param("plan_id"))
-    job = await jobs.start_backup(c.store, plan)
+async def start_plan_backup(c: Ctx) -> Any:
+    return await _backup_now(c, c.param("plan_id"))
+
+
+@op(
+    "POST",
+    "/restores",
+    summary="Restore: queue a restore job of a restore point (all or some of its items)",
+    tag="jobs",
+    status=202,
+    body=m.RestoreIn,
+    response=m.JobOut,
+    errors=(409,),
+)
+async def start_restore(c: Ctx) -> Any:
+    spec = await c.body(m.RestoreIn)
+    point = await restore_points.get(c.store, c.instance_id, spec.restore_point_id)
+    job = await jobs.start_restore(c.store, point, spec.items)
     return out(m.JobOut, views.job(job, None))
 
 
@@ -391,78 +439,73 @@ async def start_backup(c: Ctx) -> Any:
 @op(
     "GET",
     "/jobs",
-    summary="List jobs, newest first",
+    summary="List jobs, newest first (filter by type, status, plan)",
     tag="jobs",
     response=m.JobPage,
-    query=[
-        ("type", "BACKUP or RESTORE", {"type": "string", "enum": ["BACKUP", "RESTORE"]}),
-        ("status", "Only jobs in this status", {"type": "string", "enum": list(jobs.STATUSES)}),
-        ("plan_id", "Only jobs of this plan", {"type": "string"}),
-        *PAGE_QUERY,
-    ],
+    query=m.JobListQuery,
 )
 async def list_jobs(c: Ctx) -> Any:
-    limit, cursor = c.page_args()
-    q = c.request.query
-    filters = _adapter(m.JobQuery).validate_python(
-        {k: q[k] for k in ("type", "status", "plan_id") if k in q}
-    )
+    q = c.query(m.JobListQuery)
+    limit, cursor = q.window()
     page = await jobs.list_page(
         c.store,
-        c.instance["_id"],
-        type=filters.type,
-        status=filters.status,
-        plan_id=filters.plan_id,
+        c.instance_id,
+        type=q.type,
+        status=q.status,
+        plan_id=q.plan_id,
         limit=limit,
         cursor=cursor,
     )
-    return _page(m.JobPage, page, lambda d: views.job(d, None))
+    return _page(m.JobPage, page, [views.job(d, None) for d in page.items])
 
 
 @op(
     "GET",
     "/jobs/{job_id}",
-    summary="Read a job, with its stage logs (each cut to a bounded size)",
+    summary="Read a job: status, times, per-item results and stage logs (each cut to its "
+    "last JOB_LOG_MAX_BYTES)",
     tag="jobs",
     response=m.JobOut,
 )
 async def get_job(c: Ctx) -> Any:
-    doc = await jobs.get(c.store, c.instance["_id"], c.param("job_id"))
+    doc = await jobs.get(c.store, c.instance_id, c.param("job_id"))
     return out(m.JobOut, views.job(doc, c.api.job_log_max_bytes))
 
 
 @op(
     "POST",
     "/jobs/{job_id}/cancel",
-    summary="Cancel a job: a queued one at once (200), a running one is asked to stop (202)",
+    summary="Cancel a job: a queued one ends at once (200); a running one is asked to stop "
+    "(202) and the runner ends it",
     tag="jobs",
     response=m.JobOut,
     errors=(409,),
+    also={202: "A running job was asked to stop; it ends CANCELLED shortly."},
 )
 async def cancel_job(c: Ctx) -> Any:
-    doc = await jobs.cancel(c.store, c.instance["_id"], c.param("job_id"))
+    doc = await jobs.cancel(c.store, c.instance_id, c.param("job_id"))
     status = 200 if doc["status"] == jobs.CANCELLED else 202
     return web.json_response(out(m.JobOut, views.job(doc, None)), status=status)
 
 
-# --- restore points and restores ------------------------------------------------------------
+# --- restore points -------------------------------------------------------------------------
 
 
 @op(
     "GET",
     "/restore_points",
-    summary="List restore points, newest first",
+    summary="List restore points (successful backups), newest first",
     tag="restore points",
     response=m.RestorePointPage,
-    query=[("plan_id", "Only restore points of this plan", {"type": "string"}), *PAGE_QUERY],
+    query=m.RestorePointListQuery,
 )
 async def list_restore_points(c: Ctx) -> Any:
-    limit, cursor = c.page_args()
-    plan_id = c.request.query.get("plan_id") or None
+    q = c.query(m.RestorePointListQuery)
+    limit, cursor = q.window()
     page = await restore_points.list_page(
-        c.store, c.instance["_id"], plan_id=plan_id, limit=limit, cursor=cursor
+        c.store, c.instance_id, plan_id=q.plan_id, limit=limit, cursor=cursor
     )
-    return _page(m.RestorePointPage, page, views.restore_point)
+    return _page(m.RestorePointPage, page, [views.restore_point(d) for d in page.items])
 
 
 @op(
@@ -473,7 +516,7 @@ async def list_restore_points(c: Ctx) -> Any:
     response=m.RestorePointOut,
 )
 async def get_restore_point(c: Ctx) -> Any:
-    doc = await restore_points.get(c.store, c.instance["_id"], c.param("restore_point_id"))
+    doc = await restore_points.get(c.store, c.instance_id, c.param("restore_point_id"))
     return out(m.RestorePointOut, views.restore_point(doc))
 
 
@@ -489,32 +532,13 @@ async def delete_restore_point(c: Ctx) -> Any:
     await restore_points.delete(
         c.store,
         c.box,
-        c.instance["_id"],
+        c.instance_id,
         c.param("restore_point_id"),
         opener=c.request.app[OPENER],
     )
 
 
-@op(
-    "POST",
-    "/restores",
-    summary="Restore: queue a restore job of a restore point (all or some of its items)",
-    tag="jobs",
-    status=202,
-    body=m.RestoreIn,
-    response=m.JobOut,
-    errors=(409,),
-)
-async def start_restore(c: Ctx) -> Any:
-    spec = await c.body(m.RestoreIn)
-    point = await restore_points.get(c.store, c.instance["_id"], spec.restore_point_id)
-    job = await jobs.start_restore(c.store, point, spec.items)
-    return out(m.JobOut, views.job(job, None))
-
-
 # --- wiring ---------------------------------------------------------------------------------
-
-OPENER = web.AppKey("api_store_opener", Any)
 
 
 def handler_for(operation: Operation) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

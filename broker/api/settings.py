@@ -3,7 +3,7 @@ environment. Read once when the app is created."""
 
 from __future__ import annotations
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.config import ConfigError
@@ -49,6 +49,21 @@ class ApiSettings(BaseSettings):
         validation_alias="JWKS_MIN_REFRESH_SECONDS",
         description="Least time between two fetches of the key set on an unknown 'kid'.",
     )
+    jwks_max_age_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        validation_alias="JWKS_MAX_AGE_SECONDS",
+        description="The key set is fetched again when older than this, so that keys the "
+        "issuer retired stop being accepted.",
+    )
+    operator_username: str | None = Field(
+        default=None,
+        max_length=128,
+        validation_alias="OPERATOR_USERNAME",
+        description="HTTP Basic user name of operators (all instances); unset: only the "
+        "broker credentials and the operator token scope.",
+    )
+    operator_password: SecretStr | None = Field(default=None, validation_alias="OPERATOR_PASSWORD")
     jwt_leeway_seconds: int = Field(default=30, ge=0, le=600, validation_alias="JWT_LEEWAY_SECONDS")
     http_timeout_seconds: float = Field(default=10.0, gt=0, validation_alias="AUTH_HTTP_TIMEOUT")
     min_plan_interval_seconds: int = Field(
@@ -69,11 +84,25 @@ class ApiSettings(BaseSettings):
     )
 
     @field_validator(
-        "oidc_issuer", "oidc_jwks_url", "oidc_audience", "operator_scope", "cloud_controller_url"
+        "oidc_issuer",
+        "oidc_jwks_url",
+        "oidc_audience",
+        "operator_scope",
+        "cloud_controller_url",
+        "operator_username",
     )
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    @model_validator(mode="after")
+    def _operator_pair(self) -> ApiSettings:
+        password = self.operator_password.get_secret_value() if self.operator_password else ""
+        if bool(self.operator_username) != bool(password):
+            raise ValueError("set OPERATOR_USERNAME and OPERATOR_PASSWORD together")
+        if password and len(password) < 12:
+            raise ValueError("OPERATOR_PASSWORD must be at least 12 characters")
+        return self
 
 
 def load_api_settings() -> ApiSettings:

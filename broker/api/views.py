@@ -1,4 +1,5 @@
-"""Stored documents -> API answers. Secrets become ``<name>_set`` flags."""
+"""Stored documents -> API answers. Secrets become ``<name>_set`` flags; internal fields
+(leases, agent job ids, sealed secrets) are left out."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ from backup.destinations import SECRET_FIELD
 from backup.store import Document
 
 
+def _sealed(doc: Document, name: str) -> bool:
+    return bool((doc.get("secrets") or {}).get(name))
+
+
 def destination(doc: Document) -> dict[str, Any]:
     secret = SECRET_FIELD[doc["type"]]
     out = {k: v for k, v in doc.items() if k not in ("_id", "secrets", "instance_id")}
     out["id"] = doc["_id"]
-    out[f"{secret}_set"] = bool((doc.get("secrets") or {}).get(secret))
+    out[f"{secret}_set"] = _sealed(doc, secret)
     if doc["type"] == "S3":
         out["plain_http"] = str(doc.get("endpoint") or "").startswith("http://")
     return out
@@ -25,10 +30,15 @@ def plan(doc: Document, last: Document | None) -> dict[str, Any]:
         "id": doc["_id"],
         "encryption": {
             "enabled": bool(enc.get("enabled")),
-            "key_set": bool((doc.get("secrets") or {}).get("encryption_key")),
+            "key_set": _sealed(doc, "encryption_key"),
         },
         "last_job": (
-            {"id": last["_id"], "status": last["status"], "ended_at": last.get("ended_at")}
+            {
+                "id": last["_id"],
+                "status": last["status"],
+                "created_at": last.get("created_at"),
+                "ended_at": last.get("ended_at"),
+            }
             if last
             else None
         ),
@@ -36,15 +46,16 @@ def plan(doc: Document, last: Document | None) -> dict[str, Any]:
 
 
 def truncate(text: Any, limit: int) -> str:
-    """The last ``limit`` bytes of a log, saying how much was cut."""
+    """The last ``limit`` bytes of a log (whole characters), saying how much was cut."""
     raw = str(text).encode()
     if len(raw) <= limit:
         return str(text)
     tail = raw[-limit:].decode(errors="ignore")
-    return f"[... {len(raw) - limit} earlier bytes cut ...]\n{tail}"
+    return f"[... {len(raw) - len(tail.encode())} earlier bytes cut ...]\n{tail}"
 
 
 def job(doc: Document, log_limit: int | None) -> dict[str, Any]:
+    """``log_limit``: include stage logs, each cut to that many bytes (reading one job)."""
     items = []
     for item in doc.get("items") or []:
         view = {k: v for k, v in item.items() if k not in ("logs", "agent_job_id", "key")}
@@ -58,4 +69,8 @@ def job(doc: Document, log_limit: int | None) -> dict[str, Any]:
 
 
 def restore_point(doc: Document) -> dict[str, Any]:
-    return {**doc, "id": doc["_id"]}
+    return {
+        **{k: v for k, v in doc.items() if k not in ("_id", "secrets", "agent")},
+        "id": doc["_id"],
+        "encryption_key_set": _sealed(doc, "encryption_key"),
+    }

@@ -3,15 +3,20 @@ stand-ins, plus helpers to seed instances and call the API."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
 
+from backup import jobs
 from backup.pagination import now
+from broker.api.routes import PREFIX, Operation
 from tests.servers.broker import BROKER_PASSWORD, BROKER_USER, Service, start_service, stop_service
 from tests.servers.cloud_controller import CloudController, cloud_controller  # noqa: F401
 from tests.servers.uaa import Uaa, uaa  # noqa: F401
@@ -136,6 +141,7 @@ async def start_api(
     monkeypatch.setenv("JWKS_MIN_REFRESH_SECONDS", "0")
     monkeypatch.setenv("MIN_PLAN_INTERVAL_SECONDS", "3600")
     monkeypatch.setenv("JOB_LOG_MAX_BYTES", "1024")
+    monkeypatch.setenv("DESTINATION_VALIDATE_TIMEOUT", "20")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return Api(await start_service(mongo_url, tmp_path), stand_in, cc)
@@ -164,3 +170,106 @@ async def destination(api: Api, instance: str) -> dict[str, Any]:
     status, body = await api.call("POST", "/destinations", instance=instance, json=S3_BODY)
     assert status == 201, body
     return body
+
+
+async def insert_job(api: Api, instance: str, **fields: Any) -> str:
+    """A job document as the scheduler or runner writes it (every field of the data model)."""
+    doc = jobs.new_job(
+        instance_id=instance,
+        type=fields.pop("type", "BACKUP"),
+        plan_id=fields.pop("plan_id", "p"),
+        destination_id=fields.pop("destination_id", "d"),
+        trigger=fields.pop("trigger", "SCHEDULE"),
+        items=fields.pop("items", [jobs.new_item("orders")]),
+        compression=True,
+        encryption={"enabled": False},
+    )
+    doc.update(fields)
+    await api.store.jobs.insert_one(doc)
+    return doc["_id"]
+
+
+async def insert_restore_point(
+    api: Api, instance: str, destination_id: str, plan_id: str, *, keys: list[str] | None = None
+) -> str:
+    """A restore point as the runner records it after a successful backup."""
+    names = ITEMS if keys is None else keys
+    at = now()
+    point = {
+        "_id": uuid.uuid4().hex,
+        "instance_id": instance,
+        "plan_id": plan_id,
+        "destination_id": destination_id,
+        "job_id": "j",
+        "created_at": at,
+        "expires_at": at + timedelta(days=7),
+        "retention": {"style": "DAYS", "period": 7},
+        "items": [
+            {
+                "name": n,
+                "key": f"{n}.gz",
+                "filename": f"{n}.gz",
+                "size": 10,
+                "stored_size": 5,
+                "checksum": "sha256:00",
+                "compression": "gzip",
+                "encryption": None,
+            }
+            for n in names
+        ],
+        "agent": {"kind": "osb-backup-agent", "version": "1"},
+        "state": "available",
+        "secrets": {},
+        "schema_version": 1,
+    }
+    await api.store.restore_points.insert_one(point)
+    return point["_id"]
+
+
+@dataclass
+class Seeded:
+    """One instance with one of everything, and the path parameters that name them."""
+
+    instance: str
+    ids: dict[str, str]
+
+    def path(self, operation: Operation, **over: str) -> str:
+        """``operation``'s path below the instance, its parameters filled in."""
+        path = operation.path.removeprefix(PREFIX)
+        for name in re.findall(r"{(\w+)}", path):
+            path = path.replace("{" + name + "}", quote(over.get(name, self.ids[name]), safe=""))
+        return path
+
+
+async def seed(api: Api, instance: str | None = None) -> Seeded:
+    instance = instance or await add_instance(api.store)
+    status, dest = await api.call("POST", "/destinations", instance=instance, json=S3_BODY)
+    assert status == 201, dest
+    status, plan = await api.call(
+        "POST", "/plans", instance=instance, json=plan_body(dest["id"], name="seeded")
+    )
+    assert status == 201, plan
+    job = await insert_job(api, instance, plan_id=plan["id"], status="RUNNING")
+    point = await insert_restore_point(api, instance, dest["id"], plan["id"])
+    ids = {
+        "destination_id": dest["id"],
+        "plan_id": plan["id"],
+        "job_id": job,
+        "restore_point_id": point,
+    }
+    return Seeded(instance, ids)
+
+
+def sample_body(operation: Operation, seeded: Seeded) -> Any:
+    """A plausible body for ``operation`` (authorization is decided before it is read)."""
+    if operation.body is None:
+        return None
+    return {
+        "create_destination": {**S3_BODY, "name": "another"},
+        "validate_new_destination": S3_BODY,
+        "update_destination": {"bucket": "other-bucket"},
+        "create_plan": plan_body(seeded.ids["destination_id"], name="another"),
+        "update_plan": {"paused": True},
+        "start_backup": {"plan_id": seeded.ids["plan_id"]},
+        "start_restore": {"restore_point_id": seeded.ids["restore_point_id"]},
+    }.get(operation.operation_id, {})

@@ -3,18 +3,22 @@ broker Basic auth, the operator scope; unknown and forbidden instances look the 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import time
+import uuid
 from typing import Any
+from urllib.parse import unquote
 
 import jwt
 import pytest
 
+from broker.api.routes import OPERATIONS
 from broker.api.settings import load_api_settings
 from broker.config import ConfigError
-from tests.api.conftest import S3_BODY, Api, add_instance, plan_body, start_api
-from tests.servers.broker import stop_service
+from tests.api.conftest import S3_BODY, Api, add_instance, plan_body, sample_body, seed, start_api
+from tests.servers.broker import BROKER_PASSWORD, BROKER_USER, stop_service
 from tests.servers.cloud_controller import CloudController
 from tests.servers.ports import free_port
 from tests.servers.uaa import Uaa, rsa_key
@@ -248,5 +252,221 @@ async def test_unreachable_issuer_or_cloud_controller_is_503(
         assert status == 503 and body["error"] == "identity_provider_unavailable"
         # Basic auth does not depend on them
         assert (await api.call("GET", "/plans", instance=inst))[0] == 200
+    finally:
+        await stop_service(api.service)
+
+
+# --- every operation, derived from the registry, so a new endpoint is covered too -----------
+
+COLLECTIONS = ("instances", "bindings", "destinations", "plans", "jobs", "restore_points")
+
+
+async def _snapshot(api: Api) -> dict[str, list[Any]]:
+    return {n: await api.store.db[n].find().sort("_id", 1).to_list() for n in COLLECTIONS}
+
+
+def _same_answer(a: tuple[int, Any], b: tuple[int, Any], a_id: str, b_id: str) -> bool:
+    """Equal once the instance ids named in them are swapped for a placeholder."""
+
+    def norm(answer: tuple[int, Any], instance_id: str) -> tuple[int, Any]:
+        status, body = answer
+        if not isinstance(body, dict):
+            return answer
+        decoded = unquote(instance_id)
+        text = str(body.get("description", ""))
+        text = text.replace(repr(decoded[:100]), "ID").replace(decoded, "ID")
+        return status, {**body, "description": text}
+
+    return norm(a, a_id) == norm(b, b_id)
+
+
+async def _add_binding(api: Api, instance: str) -> str:
+    key = "bmk_" + uuid.uuid4().hex + "x" * 11
+    await api.store.bindings.insert_one(
+        {
+            "_id": uuid.uuid4().hex,
+            "instance_id": instance,
+            "key_hash": hashlib.sha256(key.encode()).hexdigest(),
+            "state": "ready",
+            "schema_version": 1,
+        }
+    )
+    return key
+
+
+async def test_callers_of_one_instance_get_nothing_of_another(api: Api) -> None:
+    a = await seed(api)
+    b = await seed(api)
+    api.cc.grant("alice", a.instance)
+    api.cc.grant("alice", "unknown-instance")  # even where the platform says yes
+    callers = {
+        "user of A": {"token": api.uaa.token("alice")},
+        "binding of A": {"token": await _add_binding(api, a.instance)},
+        "user of nothing": {"token": api.uaa.token("mallory")},
+    }
+    before = await _snapshot(api)
+    for who, auth in callers.items():
+        for operation in OPERATIONS:
+            answers = []
+            for target in (b.instance, "unknown-instance"):
+                answers.append(
+                    await api.call(
+                        operation.method,
+                        b.path(operation),
+                        instance=target,
+                        json=sample_body(operation, b),
+                        **auth,
+                    )
+                )
+            (status, body), other = answers
+            assert status == 404 and body["error"] == "instance_not_found", (who, operation.path)
+            assert _same_answer(answers[0], other, b.instance, "unknown-instance"), (who, answers)
+    assert await _snapshot(api) == before
+    # and each works on its own instance
+    for auth in list(callers.values())[:2]:
+        assert (await api.call("GET", "/plans", instance=a.instance, **auth))[0] == 200
+
+
+async def test_read_only_user_reads_everything_and_changes_nothing(api: Api) -> None:
+    s = await seed(api)
+    api.cc.grant("auditor", s.instance, read=True, manage=False)
+    token = api.uaa.token("auditor")
+    before = await _snapshot(api)
+    for operation in OPERATIONS:
+        status, body = await api.call(
+            operation.method,
+            s.path(operation),
+            instance=s.instance,
+            token=token,
+            json=sample_body(operation, s),
+        )
+        if operation.method == "GET":
+            assert status == 200, (operation.path, body)
+        else:
+            assert (status, body["error"]) == (403, "forbidden"), (operation.path, body)
+            assert "read" in body["description"]
+    assert await _snapshot(api) == before
+
+
+async def test_unseen_and_unknown_instances_answer_alike_on_any_path(api: Api) -> None:
+    """Methods a path does not accept, paths that do not exist, malformed ids: a caller that
+    may not see an instance cannot tell it from one that does not exist."""
+    s = await seed(api)
+    binding_of_other = await _add_binding(api, await add_instance(api.store))
+    callers: dict[str, dict[str, Any]] = {
+        "stranger": {"token": api.uaa.token("mallory")},
+        "other binding": {"token": binding_of_other},
+        "anonymous": {"basic": None},
+        "expired": {"token": api.uaa.token("alice", expires_in=-3600)},
+    }
+    api.cc.grant("alice", s.instance)
+    paths = {s.path(o) for o in OPERATIONS} | {
+        "/nothing-here",
+        "/plans/x/y",
+        "/jobs/%2F..%2F",
+        "/restore_points/" + "r" * 300,
+        "",
+    }
+    unknown_ids = ["unknown-instance", "x" * 300, "%C3%A9%00", "q%2Fq", "$ne", "zq%20zq"]
+    for who, auth in callers.items():
+        for path in sorted(paths):
+            for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+                seen = await api.call(method, path, instance=s.instance, json={}, **auth)
+                assert seen[0] in (401, 404, 405), (who, method, path, seen)
+                for unknown in unknown_ids:
+                    answer = await api.call(method, path, instance=unknown, json={}, **auth)
+                    assert _same_answer(seen, answer, s.instance, unknown), (
+                        who, method, path, unknown, seen, answer
+                    )  # fmt: skip
+
+
+async def test_operator_basic_credentials(
+    mongo_url: str,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    uaa: Uaa,
+    cloud_controller: CloudController,
+) -> None:
+    api = await start_api(
+        mongo_url,
+        tmp_path,
+        monkeypatch,
+        uaa,
+        cloud_controller,
+        OPERATOR_USERNAME="ops",
+        OPERATOR_PASSWORD="ops-password-123",
+    )
+    try:
+        inst = await add_instance(api.store)
+        status, _ = await api.call(
+            "POST", "/destinations", instance=inst, basic=("ops", "ops-password-123"), json=S3_BODY
+        )
+        assert status == 201
+        for wrong in (("ops", "nope"), ("ops", BROKER_PASSWORD), (BROKER_USER, "ops-password-123")):
+            assert (await api.call("GET", "/plans", instance=inst, basic=wrong))[0] == 401
+        assert (await api.call("GET", "/plans", instance=inst))[0] == 200  # broker too
+    finally:
+        await stop_service(api.service)
+    monkeypatch.setenv("OPERATOR_PASSWORD", "")
+    with pytest.raises(ConfigError, match="together"):
+        load_api_settings()
+
+
+async def test_retired_signing_keys_stop_working_after_the_maximum_age(
+    mongo_url: str,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    uaa: Uaa,
+    cloud_controller: CloudController,
+) -> None:
+    api = await start_api(
+        mongo_url,
+        tmp_path,
+        monkeypatch,
+        uaa,
+        cloud_controller,
+        JWKS_MIN_REFRESH_SECONDS="3600",
+        JWKS_MAX_AGE_SECONDS="0.3",
+    )
+    try:
+        inst = await add_instance(api.store)
+        cloud_controller.grant("alice", inst)
+        old = uaa.token("alice")
+        assert (await api.call("GET", "/plans", instance=inst, token=old))[0] == 200
+        uaa.keys = {"key-2": rsa_key()}  # the issuer rotated and retired key-1
+        deadline = time.monotonic() + 30
+        status = 200
+        while status == 200 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            status, body = await api.call("GET", "/plans", instance=inst, token=old)
+        assert status == 401, body
+        new = uaa.token("alice", kid="key-2")
+        assert (await api.call("GET", "/plans", instance=inst, token=new))[0] == 200
+    finally:
+        await stop_service(api.service)
+
+
+async def test_issuer_down_is_503_every_time_not_401(
+    mongo_url: str,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    uaa: Uaa,
+    cloud_controller: CloudController,
+) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    api = await start_api(
+        mongo_url,
+        tmp_path,
+        monkeypatch,
+        uaa,
+        cloud_controller,
+        OIDC_JWKS_URL=closed + "/token_keys",
+        JWKS_MIN_REFRESH_SECONDS="3600",
+    )
+    try:
+        inst = await add_instance(api.store)
+        for _ in range(3):
+            status, body = await api.call("GET", "/plans", instance=inst, token=uaa.token("alice"))
+            assert (status, body["error"]) == (503, "identity_provider_unavailable"), body
     finally:
         await stop_service(api.service)

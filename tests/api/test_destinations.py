@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -154,3 +155,77 @@ async def test_secrets_never_reach_the_logs(
     text = captured.out + captured.err + caplog.text
     assert secret not in text and key not in text
     assert key not in str(answer)
+
+
+async def test_concurrent_creations_with_one_name_make_one_destination(
+    api: Api, instance: str
+) -> None:
+    results = await asyncio.gather(
+        *(api.call("POST", "/destinations", instance=instance, json=S3_BODY) for _ in range(6))
+    )
+    assert sorted(s for s, _ in results) == [201] + [409] * 5, results
+    assert {b["error"] for s, b in results if s == 409} == {"duplicate_name"}
+    assert await api.store.destinations.count_documents({"instance_id": instance}) == 1
+    # the same name in another instance is fine
+    other = await add_instance(api.store)
+    assert (await api.call("POST", "/destinations", instance=other, json=S3_BODY))[0] == 201
+
+
+async def test_patch_changes_only_what_it_names(api: Api, instance: str) -> None:
+    body = {**SWIFT_BODY, "user_domain_name": None, "project_domain_name": None}
+    status, dest = await api.call("POST", "/destinations", instance=instance, json=body)
+    assert status == 201 and dest["user_domain_name"] is None, dest
+    path = f"/destinations/{dest['id']}"
+    status, changed = await api.call(
+        "PATCH", path, instance=instance, json={"container": "other", "password": None}
+    )
+    assert status == 200, changed
+    assert changed["container"] == "other" and changed["password_set"] is True
+    assert changed["user_domain_name"] is None and changed["project_domain_name"] is None
+    assert {
+        k: v for k, v in changed.items() if k not in ("container", "version", "updated_at")
+    } == {k: v for k, v in dest.items() if k not in ("container", "version", "updated_at")}
+    # renaming onto another destination's name is a conflict; nothing changes
+    assert (await api.call("POST", "/destinations", instance=instance, json=S3_BODY))[0] == 201
+    status, answer = await api.call(
+        "PATCH", path, instance=instance, json={"name": S3_BODY["name"]}
+    )
+    assert status == 409 and answer["error"] == "duplicate_name"
+    assert (await api.call("GET", path, instance=instance))[1] == changed
+    status, answer = await api.call("PATCH", "/destinations/nope", instance=instance, json={})
+    assert status == 404 and answer["error"] == "destination_not_found"
+
+
+async def test_endpoint_must_be_only_scheme_host_and_port(api: Api, instance: str) -> None:
+    for endpoint in ("https://h/bucket", "https://u:p@h", "https://h?x=1", "https://", "h:0x"):
+        status, answer = await api.call(
+            "POST", "/destinations", instance=instance, json={**S3_BODY, "endpoint": endpoint}
+        )
+        assert status == 400 and answer["field"] == "endpoint", (endpoint, answer)
+    status, dest = await api.call(
+        "POST", "/destinations", instance=instance, json={**S3_BODY, "endpoint": "h.example:9000/"}
+    )
+    assert status == 201 and dest["endpoint"] == "http://h.example:9000", dest
+
+
+async def test_delete_refused_while_files_wait_to_be_deleted(
+    api: Api, instance: str, destination: dict
+) -> None:
+    await api.store.jobs.insert_one(
+        {
+            "_id": "failed-job",
+            "instance_id": instance,
+            "status": "FAILED",
+            "destination_id": destination["id"],
+            "pending_deletes": [{"destination_id": destination["id"], "key": "orders.gz"}],
+        }
+    )
+    status, body = await api.call("DELETE", f"/destinations/{destination['id']}", instance=instance)
+    assert (
+        status == 409
+        and body["error"] == "destination_in_use"
+        and "retention" in body["description"]
+    )
+    await api.store.jobs.update_one({"_id": "failed-job"}, {"$unset": {"pending_deletes": ""}})
+    status, _ = await api.call("DELETE", f"/destinations/{destination['id']}", instance=instance)
+    assert status == 204

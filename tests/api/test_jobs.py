@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from datetime import timedelta
 from typing import Any
 
 from backup import jobs
-from backup.pagination import now
-from tests.api.conftest import ITEMS, Api, add_instance, plan_body
+from tests.api.conftest import (
+    ITEMS,
+    Api,
+    add_instance,
+    insert_job,
+    insert_restore_point,
+    plan_body,
+)
 
 JOB_FIELDS = {
     "_id", "instance_id", "type", "plan_id", "destination_id", "trigger", "scheduled_for",
@@ -28,48 +32,11 @@ async def _plan(api: Api, instance: str, destination: dict, **over: Any) -> dict
 
 
 async def _job(api: Api, instance: str, **fields: Any) -> str:
-    doc = jobs.new_job(
-        instance_id=instance,
-        type=fields.pop("type", "BACKUP"),
-        plan_id=fields.pop("plan_id", "p"),
-        destination_id="d",
-        trigger=fields.pop("trigger", "SCHEDULE"),
-        items=fields.pop("items", [jobs.new_item("orders")]),
-        compression=True,
-        encryption={"enabled": False},
-    )
-    doc.update(fields)
-    await api.store.jobs.insert_one(doc)
-    return doc["_id"]
+    return await insert_job(api, instance, **fields)
 
 
 async def _restore_point(api: Api, instance: str, destination: dict, plan_id: str) -> str:
-    point = {
-        "_id": uuid.uuid4().hex,
-        "instance_id": instance,
-        "plan_id": plan_id,
-        "destination_id": destination["id"],
-        "job_id": "j",
-        "created_at": now(),
-        "expires_at": now() + timedelta(days=7),
-        "items": [
-            {
-                "name": n,
-                "key": f"{n}.gz",
-                "filename": f"{n}.gz",
-                "size": 10,
-                "stored_size": 5,
-                "checksum": "sha256:00",
-                "compression": "gzip",
-                "encryption": None,
-            }
-            for n in ITEMS
-        ],
-        "state": "available",
-        "schema_version": 1,
-    }
-    await api.store.restore_points.insert_one(point)
-    return point["_id"]
+    return await insert_restore_point(api, instance, destination["id"], plan_id)
 
 
 async def test_backup_now_queues_a_manual_job(api: Api, instance: str, destination: dict) -> None:
@@ -88,6 +55,34 @@ async def test_backup_now_queues_a_manual_job(api: Api, instance: str, destinati
     assert status == 409 and body["error"] == "job_active" and job["id"] in body["description"]
     status, body = await api.call("POST", "/plans/nope/backups", instance=instance)
     assert status == 404 and body["error"] == "plan_not_found"
+
+
+async def test_backups_resource_takes_the_plan_id(
+    api: Api, instance: str, destination: dict
+) -> None:
+    plan = await _plan(api, instance, destination)
+    status, job = await api.call(
+        "POST", "/backups", instance=instance, json={"plan_id": plan["id"]}
+    )
+    assert status == 202 and job["plan_id"] == plan["id"] and job["trigger"] == "MANUAL", job
+    assert job["status"] == "QUEUED" and job["type"] == "BACKUP"
+    _, shown = await api.call("GET", f"/plans/{plan['id']}", instance=instance)
+    assert shown["last_job"]["id"] == job["id"] and shown["last_job"]["status"] == "QUEUED"
+    for body, code, error in (
+        ({"plan_id": plan["id"]}, 409, "job_active"),
+        ({"plan_id": "nope"}, 404, "plan_not_found"),
+        ({}, 400, "invalid_input"),
+        ({"plan_id": 7}, 400, "invalid_input"),
+        ({"plan_id": plan["id"], "now": True}, 400, "invalid_input"),
+    ):
+        status, answer = await api.call("POST", "/backups", instance=instance, json=body)
+        assert (status, answer["error"]) == (code, error), (body, answer)
+    other = await add_instance(api.store)  # a plan of another instance is not found here
+    status, answer = await api.call(
+        "POST", "/backups", instance=other, json={"plan_id": plan["id"]}
+    )
+    assert status == 404 and answer["error"] == "plan_not_found"
+    assert await api.store.jobs.count_documents({}) == 1
 
 
 async def test_list_filters_and_paginates_newest_first(api: Api, instance: str) -> None:
@@ -114,11 +109,55 @@ async def test_list_filters_and_paginates_newest_first(api: Api, instance: str) 
     _, page = await api.call("GET", "/jobs?status=FAILED&plan_id=p0", instance=instance)
     assert page["total"] == len([n for n in range(25) if n % 3 == 0 and n % 2 == 0])
     for query in ("?type=FOO", "?status=done", "?limit=0", "?limit=101", "?limit=x",
-                  "?limit=99999999999999999999", "?cursor=%%%", "?cursor=bm9wZQ",
-                  "?cursor=" + "A" * 600):  # fmt: skip
+                  "?limit=99999999999999999999", "?limit=\u00b2", "?cursor=%%%",
+                  "?cursor=bm9wZQ", "?cursor=" + "A" * 600, "?page=0", "?page=2&cursor=x",
+                  "?as_of=x", "?page=1&as_of=bm9wZQ", "?limit=5&size=6",
+                  "?type=BACKUP&type=RESTORE", "?colour=red", "?page=10000&size=100"):  # fmt: skip
         status, body = await api.call("GET", "/jobs" + query, instance=instance)
         assert status == 400, (query, body)
-        assert body["error"] in ("invalid_input", "invalid_cursor"), body
+        assert body["error"] in ("invalid_input", "invalid_cursor", "page_out_of_range"), body
+        assert body["field"] and body["field"].split(".")[0] in query, (query, body)
+
+
+async def test_numbered_pages_with_a_total_stay_stable(api: Api, instance: str) -> None:
+    for n in range(23):
+        await _job(api, instance, status="SUCCEEDED" if n % 2 else "FAILED")
+    raw = await api.store.jobs.find({"instance_id": instance}).to_list()
+    ids = [d["_id"] for d in sorted(raw, key=lambda d: (d["created_at"], d["_id"]), reverse=True)]
+    status, first = await api.call("GET", "/jobs?page=1&size=10", instance=instance)
+    assert status == 200, first
+    assert first["total"] == 23 and first["page"] == 1 and first["as_of"]
+    assert [j["id"] for j in first["items"]] == ids[:10]
+    # new jobs arrive; pages asked with the first page's as_of do not move
+    for _ in range(4):
+        await _job(api, instance)
+    seen = [j["id"] for j in first["items"]]
+    for number in (2, 3):
+        status, page = await api.call(
+            "GET", f"/jobs?page={number}&size=10&as_of={first['as_of']}", instance=instance
+        )
+        assert status == 200 and page["total"] == 23 and page["page"] == number, page
+        assert page["as_of"] == first["as_of"]
+        seen += [j["id"] for j in page["items"]]
+    assert seen == ids
+    # beyond the last page: empty, not an error
+    _, empty = await api.call(
+        "GET", f"/jobs?page=4&size=10&as_of={first['as_of']}", instance=instance
+    )
+    assert empty["items"] == [] and empty["total"] == 23 and empty["next_cursor"] is None
+    # without as_of a page counts everything; filters apply to numbered pages too
+    _, now_page = await api.call("GET", "/jobs?page=1&limit=5&status=FAILED", instance=instance)
+    assert now_page["total"] == 12
+    assert {j["status"] for j in now_page["items"]} == {"FAILED"}
+    # a numbered page hands out a cursor for the rest
+    _, cont = await api.call(
+        "GET", f"/jobs?limit=10&cursor={first['next_cursor']}", instance=instance
+    )
+    assert [j["id"] for j in cont["items"]] == ids[10:20]
+    # every list pages the same way
+    for path in ("/plans", "/destinations", "/restore_points"):
+        status, page = await api.call("GET", f"{path}?page=1&size=5", instance=instance)
+        assert status == 200 and page["page"] == 1 and page["total"] == 0, (path, page)
 
 
 async def test_read_job_with_truncated_logs(api: Api, instance: str) -> None:

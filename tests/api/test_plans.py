@@ -165,7 +165,10 @@ async def test_plan_shows_its_last_job(api: Api, instance: str, destination: dic
     _, plan = await api.call("POST", "/plans", instance=instance, json=plan_body(destination["id"]))
     _, job = await api.call("POST", f"/plans/{plan['id']}/backups", instance=instance)
     _status, body = await api.call("GET", "/plans", instance=instance)
-    assert body["items"][0]["last_job"] == {"id": job["id"], "status": "QUEUED", "ended_at": None}
+    last = body["items"][0]["last_job"]
+    assert last == {
+        "id": job["id"], "status": "QUEUED", "created_at": job["created_at"], "ended_at": None
+    }  # fmt: skip
 
 
 async def test_pagination_of_plans(api: Api, instance: str, destination: dict) -> None:
