@@ -51,7 +51,7 @@ from scheduler.settings import SchedulerSettings
 log = structlog.get_logger(__name__)
 
 DUPLICATE_KEY = 11000
-MISSED_COUNT_LIMIT = 100_000  # missed fires counted one by one at most; beyond: "more than"
+MISSED_COUNT_LIMIT = 10_000  # missed fires counted one by one at most; beyond: "more than"
 _JOB_IDS = uuid.UUID("5b0f4a8e-8c1e-4d52-9a51-6f2f0c4b7e11")
 
 PLAN_FIELDS = {
@@ -130,6 +130,8 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._next_cache: dict[tuple[str, str, datetime], datetime] = {}
+        self.next_wake_at: datetime | None = None
+        """When the loop will look again unless woken (None while it works)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -171,7 +173,11 @@ class Scheduler:
                 self.stats.errors += 1
                 log.exception("scheduler_pass_failed", replica=self.replica_id)
                 timeout = self.settings.error_backoff_seconds
-            await self.clock.wait(self._wake, timeout)
+            self.next_wake_at = self.clock.now() + timedelta(seconds=timeout)
+            try:
+                await self.clock.wait(self._wake, timeout)
+            finally:
+                self.next_wake_at = None
 
     async def _until_next_fire(self) -> float:
         """Seconds until the earliest fire due within the poll window (the window if none).
@@ -390,28 +396,39 @@ class Scheduler:
         )
         return result.matched_count == 1
 
+    def _plan_misfire(self, plan: Document, now: datetime) -> Document:
+        """The job that accounts for the plan's fire ``next_run_at`` (and, for a MISSED
+        record, the fires after it that share its fate). CPU only: run in a thread, since a
+        long outage of a frequent plan means walking many fires."""
+        fire: datetime = plan["next_run_at"]
+        freq, tz = plan["frequency"], plan["timezone"]
+        threshold = timedelta(seconds=self.settings.misfire_threshold_seconds)
+        grace = timedelta(seconds=self.settings.misfire_grace_seconds)
+        latest = schedule.last_fire_at_or_before(freq, tz, now, not_before=fire) or fire
+        if now - latest <= threshold:
+            runs: str | None = jobs.SCHEDULE  # the latest fire is not even late
+        elif now - latest <= grace:
+            runs = jobs.CATCH_UP
+        else:
+            runs = None
+        if runs is not None and latest == fire:
+            return self._job(plan, fire, runs)
+        if runs is not None:  # the fires before the latest are missed; the latest runs next
+            before = latest - timedelta(microseconds=1)
+            return self._missed(plan, fire, before, now, (latest, runs))
+        return self._missed(plan, fire, latest, now, None)
+
     async def _misfire(self, plan: Document, now: datetime) -> int:
         """A plan whose fire ``next_run_at`` is more than the threshold late: record its
         missed fires and catch up the latest one by the policy, step by step, each step an
         insert-then-compare-and-set like an ordinary fire."""
         queued = 0
-        threshold = timedelta(seconds=self.settings.misfire_threshold_seconds)
-        grace = timedelta(seconds=self.settings.misfire_grace_seconds)
-        freq, tz = plan["frequency"], plan["timezone"]
-        for _ in range(8):  # in practice two steps: the missed range, then the latest fire
+        for _ in range(4):  # in practice at most two steps: the missed range, the latest fire
             fire: datetime = plan["next_run_at"]
             if fire > now:
                 break
             try:
-                latest = schedule.last_fire_at_or_before(freq, tz, now, not_before=fire) or fire
-                if latest > fire:
-                    doc = self._missed_range(plan, fire, latest, now)
-                elif now - fire <= threshold:
-                    doc = self._job(plan, fire, jobs.SCHEDULE)
-                elif now - fire <= grace:
-                    doc = self._job(plan, fire, jobs.CATCH_UP)
-                else:
-                    doc = self._missed_one(plan, fire, now)
+                doc = await asyncio.to_thread(self._plan_misfire, plan, now)
                 ours, covered = await self._record(plan, doc)
                 nxt = self._next(plan, covered)
             except InvalidInput as exc:
@@ -419,45 +436,51 @@ class Scheduler:
                 break
             advanced = await self._advance(plan, fire, nxt, doc["_id"])
             if ours:
-                if doc["status"] == jobs.MISSED:
-                    self.stats.missed_jobs += 1
-                    self.stats.missed_fires += doc["missed"]["count"]
-                    self.observer.missed(doc["missed"]["count"])
-                    log.warning(
-                        "plan_fires_missed", plan=plan["_id"], job=doc["_id"], reason=doc["reason"]
-                    )
-                else:
-                    queued += 1
-                    self.stats.queued += 1
-                    if doc["trigger"] == jobs.CATCH_UP:
-                        self.stats.catch_ups += 1
-                    lag = (doc["created_at"] - fire).total_seconds()
-                    self.observer.fired(doc["trigger"], lag)
-                    log.info(
-                        "plan_fire_caught_up" if doc["trigger"] == jobs.CATCH_UP else "plan_fired",
-                        plan=plan["_id"],
-                        job=doc["_id"],
-                        scheduled_for=fire.isoformat(),
-                        lag_seconds=round(lag, 3),
-                    )
-                    if not advanced:
-                        await self._cancel_orphans([doc])
+                queued += self._account(doc)
+                if doc["status"] == jobs.QUEUED and not advanced:
+                    await self._cancel_orphans([doc])
             if not advanced:
                 break  # changed elsewhere meanwhile (edited, paused, deleted, another replica)
             plan = {**plan, "next_run_at": nxt}
         return queued
 
-    def _missed_range(
-        self, plan: Document, first: datetime, latest: datetime, now: datetime
-    ) -> Document:
-        """One MISSED job for the fires ``first <= t < latest``: only ``latest`` may still run."""
-        freq, tz = plan["frequency"], plan["timezone"]
-        before_latest = latest - timedelta(microseconds=1)
-        fires, more = schedule.fires_between(
-            freq, tz, first, before_latest, limit=MISSED_COUNT_LIMIT
+    def _account(self, doc: Document) -> int:
+        if doc["status"] == jobs.MISSED:
+            self.stats.missed_jobs += 1
+            self.stats.missed_fires += doc["missed"]["count"]
+            self.observer.missed(doc["missed"]["count"])
+            log.warning(
+                "plan_fires_missed", plan=doc["plan_id"], job=doc["_id"], reason=doc["reason"]
+            )
+            return 0
+        self.stats.queued += 1
+        if doc["trigger"] == jobs.CATCH_UP:
+            self.stats.catch_ups += 1
+        lag = (doc["created_at"] - doc["scheduled_for"]).total_seconds()
+        self.observer.fired(doc["trigger"], lag)
+        log.info(
+            "plan_fire_caught_up" if doc["trigger"] == jobs.CATCH_UP else "plan_fired",
+            plan=doc["plan_id"],
+            job=doc["_id"],
+            scheduled_for=doc["scheduled_for"].isoformat(),
+            lag_seconds=round(lag, 3),
         )
+        return 1
+
+    def _missed(
+        self,
+        plan: Document,
+        first: datetime,
+        until: datetime,
+        now: datetime,
+        latest: tuple[datetime, str] | None,
+    ) -> Document:
+        """One MISSED job for the fires ``first <= t <= until``; ``latest``: the fire after
+        them that still runs and its trigger (None: none does)."""
+        freq, tz = plan["frequency"], plan["timezone"]
+        fires, more = schedule.fires_between(freq, tz, first, until, limit=MISSED_COUNT_LIMIT)
         if more:
-            last = schedule.last_fire_at_or_before(freq, tz, before_latest, not_before=first)
+            last = schedule.last_fire_at_or_before(freq, tz, until, not_before=first)
             assert last is not None
         else:
             last = fires[-1]
@@ -470,10 +493,21 @@ class Scheduler:
             else f"scheduled from {_local(first, tz)} to {_local(last, tz)} "
             f"({_utc(first)} to {_utc(last)})"
         )
+        if latest is not None:
+            policy = (
+                f"By the misfire policy only the plan's most recent run, "
+                f"{_local(latest[0], tz)}, runs (a {latest[1]} job)."
+            )
+        else:
+            grace = int(self.settings.misfire_grace_seconds)
+            late = int((now - last).total_seconds())
+            policy = (
+                f"The most recent was {late:,} s late, more than the catch-up grace period "
+                f"(SCHEDULER_MISFIRE_GRACE_SECONDS = {grace:,} s), so none was run."
+            )
         reason = (
-            f"Missed {counted} {runs} {span}: no scheduler was running at those times "
-            f"(noticed at {_utc(now)}). By the misfire policy only the plan's most recent "
-            f"missed run, {_local(latest, tz)}, may still run."
+            f"Missed {counted} {runs} {span}: no scheduler was running at the time "
+            f"(noticed at {_utc(now)}). {policy}"
         )
         return self._job(
             plan,
@@ -482,22 +516,4 @@ class Scheduler:
             status=jobs.MISSED,
             reason=reason,
             missed={"first": first, "last": last, "count": count, "exact": not more},
-        )
-
-    def _missed_one(self, plan: Document, fire: datetime, now: datetime) -> Document:
-        late = int((now - fire).total_seconds())
-        grace = int(self.settings.misfire_grace_seconds)
-        reason = (
-            f"Missed the run scheduled for {_local(fire, plan['timezone'])} ({_utc(fire)}): no "
-            f"scheduler was running then, and when one was ({_utc(now)}) it was {late:,} s "
-            f"late, more than the catch-up grace period (SCHEDULER_MISFIRE_GRACE_SECONDS = "
-            f"{grace:,} s)."
-        )
-        return self._job(
-            plan,
-            fire,
-            jobs.SCHEDULE,
-            status=jobs.MISSED,
-            reason=reason,
-            missed={"first": fire, "last": fire, "count": 1, "exact": True},
         )
