@@ -295,7 +295,9 @@ class LeaseLost(Exception):
 
 
 def _expired(at: datetime) -> dict[str, Any]:
-    return {"$or": [{"lease_expires_at": {"$lte": at}}, {"lease_expires_at": None}]}
+    # Also matches a missing or null expiry (a RUNNING job nobody holds). One condition,
+    # not an $or: several times cheaper on the embedded server.
+    return {"lease_expires_at": {"$not": {"$gt": at}}}
 
 
 async def claimable(store: Store, at: datetime, *, limit: int) -> list[Document]:
@@ -328,7 +330,7 @@ async def claimable(store: Store, at: datetime, *, limit: int) -> list[Document]
     async for doc in (
         store.jobs.find({"status": QUEUED}, fields)
         .sort([("created_at", ASCENDING), ("_id", ASCENDING)])
-        .limit(max(limit * 20, 100))
+        .limit(max(limit * 10, 50))
     ):
         if doc["instance_id"] in busy or doc["instance_id"] in seen:
             continue

@@ -124,6 +124,12 @@ async def test_leases_expire_renew_and_fence(store: Store, clock: ManualClock) -
     assert await _claim_all(store, clock, "c") == []  # final states are never claimed
 
 
+async def test_a_running_job_nobody_holds_is_taken_over(store: Store, clock: ManualClock) -> None:
+    (job_id,) = await _queue(store, "i1", status="RUNNING", lease_expires_at=None)
+    (lease,) = await _claim_all(store, clock, "a")
+    assert lease.job_id == job_id and lease.token == 1
+
+
 async def test_cancelled_and_final_jobs_are_not_claimed(store: Store, clock: ManualClock) -> None:
     queued, *_ = await _queue(store, "i1")
     await jobs.cancel(store, "i1", queued)
