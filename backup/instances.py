@@ -369,6 +369,8 @@ class Instances:
         self.tombstone = tombstone_seconds
         self.opener = opener
         self.agent_request_timeout = agent_request_timeout
+        self.storage_attempts = 4  # per restore point, before a deprovision fails
+        self.storage_retry_delay = 1.0  # doubled after each attempt
         self._sem = asyncio.Semaphore(max_parallel)
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -1019,7 +1021,7 @@ class Instances:
         total = len(points)
         for n, point in enumerate(points, 1):
             await self._heartbeat(doc, f"Deleting stored backups ({n} of {total}).")
-            attempts, delay = 0, 1.0
+            attempts, delay = 0, self.storage_retry_delay
             while True:
                 try:
                     await restore_points.delete(
@@ -1036,7 +1038,7 @@ class Instances:
                     break
                 except BackupError as exc:
                     attempts += 1
-                    if attempts >= 4:
+                    if attempts >= self.storage_attempts:
                         raise _OpFailed(
                             f"Stored backups could not be deleted: {exc.description} "
                             f"{total - n + 1} restore point(s) remain; delete the instance "

@@ -9,7 +9,12 @@ from typing import TextIO
 
 import structlog
 
-_SENSITIVE_KEYS = re.compile(r"(pass|secret|token|key|credential|authorization)", re.I)
+# Field names that say "secret" (an object's storage ``key`` or a ``key_id`` does not).
+_SENSITIVE_KEYS = re.compile(
+    r"(pass|secret|token|credential|authorization|api_?key|private_?key|encryption_?key"
+    r"|master_?key|key_?material|^bmk)",
+    re.I,
+)
 
 
 def _redact(_: object, __: str, event: dict[str, object]) -> dict[str, object]:

@@ -221,20 +221,23 @@ def describe(error: ValidationError) -> tuple[str, str]:
     if rule == "type":
         kinds = limit if isinstance(limit, list) else [limit]
         return field, f"must be of type {' or '.join(kinds)}"
-    messages = {
-        "minLength": f"must be at least {limit} character(s) long",
-        "maxLength": f"must be at most {limit} characters long",
-        "minimum": f"must be at least {limit}",
-        "maximum": f"must be at most {limit}",
-        "minItems": f"must list at least {limit} entr{'y' if limit == 1 else 'ies'}",
-        "maxItems": f"must list at most {limit} entries",
-        "uniqueItems": "lists a value twice",
-        "maxProperties": f"must have at most {limit} entries",
-        "minProperties": f"must have at least {limit} entries",
-        "enum": "must be one of " + ", ".join(json.dumps(v) for v in limit or []),
+    plural = "y" if limit == 1 else "ies"
+    templates = {
+        "minLength": "must be at least {} character(s) long",
+        "maxLength": "must be at most {} characters long",
+        "minimum": "must be at least {}",
+        "maximum": "must be at most {}",
+        "minItems": "must list at least {} entr" + plural,
+        "maxItems": "must list at most {} entries",
+        "maxProperties": "must have at most {} entries",
+        "minProperties": "must have at least {} entries",
     }
-    if rule in messages:
-        return field, messages[rule]
+    if rule in templates:
+        return field, templates[rule].format(limit)
+    if rule == "uniqueItems":
+        return field, "lists a value twice"
+    if rule == "enum" and isinstance(limit, list):
+        return field, "must be one of " + ", ".join(json.dumps(v) for v in limit)
     if rule == "pattern":
         hint = schema.get("description")
         return field, "does not have the expected form" + (f" ({hint.rstrip('.')})" if hint else "")

@@ -1,0 +1,203 @@
+"""Deprovision removes the instance's plans, jobs, destinations and restore points; the stored
+backup files are deleted only when the plan or a parameter says so (the default keeps them).
+Files live on the real S3 server (SeaweedFS)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from storage import ObjectNotFound, S3Settings, open_store
+from tests.broker.conftest import SERVICE_ID, TRANSIENT, Osb, parameters
+from tests.broker.test_instances import running_job
+from tests.servers.broker import Service
+from tests.servers.ports import free_port
+
+
+async def api(broker: Service, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+    import aiohttp
+
+    headers = {"Authorization": aiohttp.encode_basic_auth("test-broker", "broker-pw-Zq8Vx3")}
+    async with broker.http.request(method, broker.url + path, headers=headers, **kw) as r:
+        return r.status, await r.json(content_type=None)
+
+
+def destination_body(s: S3Settings, **over: Any) -> dict[str, Any]:
+    body = {
+        "type": "S3",
+        "name": "primary",
+        "endpoint": s.endpoint,
+        "region": s.region,
+        "bucket": s.bucket,
+        "access_key_id": s.access_key_id,
+        "secret_access_key": s.secret_access_key.get_secret_value(),
+        "addressing_style": s.addressing_style,
+    }
+    body.update(over)
+    return body
+
+
+async def seed_backups(broker: Service, iid: str, s3: S3Settings, *, objects: int = 2) -> list[str]:
+    """A destination and a plan through the API, and restore points whose files are really in
+    the bucket (as the job runner would leave them)."""
+    status, dest = await api(
+        broker, "POST", f"/v1/service_instances/{iid}/destinations", json=destination_body(s3)
+    )
+    assert status == 201, dest
+    status, plan = await api(
+        broker,
+        "POST",
+        f"/v1/service_instances/{iid}/plans",
+        json={
+            "name": "nightly",
+            "destination_id": dest["id"],
+            "frequency": "0 3 * * *",
+            "retention": {"style": "FILES", "period": 3},
+        },
+    )
+    assert status == 201, plan
+    keys = []
+    async with open_store(s3) as store:
+        for n in range(objects):
+            key = f"{iid}/{plan['id']}/dump-{n}.sql"
+
+            async def chunks() -> Any:
+                yield b"backup bytes\n" * 100
+
+            await store.upload(key, chunks())
+            keys.append(key)
+            await broker.store.restore_points.insert_one(
+                {
+                    "_id": uuid.uuid4().hex,
+                    "instance_id": iid,
+                    "plan_id": plan["id"],
+                    "destination_id": dest["id"],
+                    "job_id": f"job-{n}",
+                    "created_at": datetime.now(UTC),
+                    "expires_at": None,
+                    "items": [{"name": "orders", "key": key, "filename": f"dump-{n}.sql"}],
+                    "state": "available",
+                    "schema_version": 1,
+                }
+            )
+    await broker.store.jobs.insert_one(
+        {**running_job(iid, "queued-1"), "status": "QUEUED", "plan_id": plan["id"]}
+    )
+    return keys
+
+
+async def exists(s3: S3Settings, key: str) -> bool:
+    async with open_store(s3) as store:
+        try:
+            await store.stat(key)
+        except ObjectNotFound:
+            return False
+    return True
+
+
+async def records(broker: Service, iid: str) -> dict[str, int]:
+    return {
+        name: await getattr(broker.store, name).count_documents({"instance_id": iid})
+        for name in ("plans", "jobs", "destinations", "restore_points", "bindings")
+    }
+
+
+async def test_default_keeps_the_stored_backups(
+    osb: Osb, broker: Service, agent_url: str, s3_settings: S3Settings
+) -> None:
+    iid = await osb.ready_instance(parameters(agent_url))
+    keys = await seed_backups(broker, iid, s3_settings)
+    assert (await osb.bind(iid, "b1"))[0] == 201
+    status, data = await osb.deprovision(iid)
+    assert status == 202
+    result = await osb.wait(iid, data["operation"])
+    assert result["state"] == "succeeded"
+    assert "2 restore point(s) were kept" in result["description"]
+    assert await records(broker, iid) == dict.fromkeys(
+        ("plans", "jobs", "destinations", "restore_points", "bindings"), 0
+    )
+    for key in keys:
+        assert await exists(s3_settings, key), "kept"
+
+
+@pytest.mark.parametrize("how", ["plan", "parameter"])
+async def test_delete_backups_when_asked(
+    osb: Osb, broker: Service, agent_url: str, s3_settings: S3Settings, how: str
+) -> None:
+    if how == "plan":
+        iid = await osb.ready_instance(parameters(agent_url), plan_id=TRANSIENT)
+    else:
+        iid = await osb.ready_instance(parameters(agent_url, delete_backups_on_deprovision=True))
+    keys = await seed_backups(broker, iid, s3_settings, objects=3)
+    # Not synchronously: there are files to delete.
+    status, data = await osb.deprovision(iid, accepts=False, plan_id=TRANSIENT)
+    assert status == 422 and data["error"] == "AsyncRequired"
+    assert [await exists(s3_settings, k) for k in keys] == [True] * 3, "a 4xx changes nothing"
+    status, data = await osb.deprovision(iid)
+    result = await osb.wait(iid, data["operation"])
+    assert result["state"] == "succeeded", result
+    for key in keys:
+        assert not await exists(s3_settings, key)
+    assert all(v == 0 for v in (await records(broker, iid)).values())
+
+
+async def test_storage_down_fails_the_deprovision_and_a_retry_resumes(
+    osb: Osb, broker: Service, agent_url: str, s3_settings: S3Settings
+) -> None:
+    iid = await osb.ready_instance(parameters(agent_url, delete_backups_on_deprovision=True))
+    keys = await seed_backups(broker, iid, s3_settings, objects=1)
+    broker.instances.storage_attempts = 2
+    broker.instances.storage_retry_delay = 0.1
+    # Point the destination at a port where no storage answers.
+    real_endpoint = s3_settings.endpoint
+    await broker.store.destinations.update_many(
+        {"instance_id": iid}, {"$set": {"endpoint": f"http://127.0.0.1:{free_port()}"}}
+    )
+    status, data = await osb.deprovision(iid)
+    result = await osb.wait(iid, data["operation"], timeout=300)
+    assert result["state"] == "failed", result
+    assert result["instance_usable"] is False
+    assert "could not be deleted" in result["description"]
+    assert "delete the instance again" in result["description"]
+    assert await broker.store.restore_points.count_documents({"instance_id": iid}) == 1
+    assert await exists(s3_settings, keys[0])
+    # Not usable meanwhile, not bindable, not updatable.
+    assert (await osb.bind(iid, "b-late"))[0] == 422
+    status, body = await osb.update(iid, {"service_id": SERVICE_ID, "parameters": {"items": ["a"]}})
+    assert status == 422 and body["error"] == "ConcurrencyError"
+    # The storage is back: deleting again finishes the job.
+    await broker.store.destinations.update_many(
+        {"instance_id": iid}, {"$set": {"endpoint": real_endpoint}}
+    )
+    status, data = await osb.deprovision(iid)
+    assert status == 202
+    assert (await osb.wait(iid, data["operation"]))["state"] == "succeeded"
+    assert not await exists(s3_settings, keys[0])
+
+
+async def test_synchronous_deprovision_when_nothing_waits(
+    osb: Osb, broker: Service, agent_url: str, s3_settings: S3Settings
+) -> None:
+    iid = await osb.ready_instance(parameters(agent_url))
+    await seed_backups(broker, iid, s3_settings, objects=1)
+    status, data = await osb.deprovision(iid, accepts=False)
+    assert (status, data) == (200, {})
+    assert all(v == 0 for v in (await records(broker, iid)).values())
+    status, body = await osb.last_operation(iid)
+    assert status == 200 and body["state"] == "succeeded"
+
+
+async def test_running_jobs_are_abandoned_after_the_wait(
+    osb: Osb, broker: Service, agent_url: str
+) -> None:
+    broker.instances.job_wait = 1.0
+    iid = await osb.ready_instance(parameters(agent_url))
+    await broker.store.jobs.insert_one(running_job(iid))
+    status, data = await osb.deprovision(iid)
+    assert status == 202
+    result = await osb.wait(iid, data["operation"])
+    assert result["state"] == "succeeded"
+    assert "1 running job(s) were abandoned" in result["description"]
