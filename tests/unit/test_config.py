@@ -12,7 +12,9 @@ from broker.config import ConfigError, load_settings
 
 _ENV = (
     "PORT", "MONGODB_URL", "VCAP_SERVICES", "VCAP_APPLICATION", "LISTEN_HOST", "LOG_LEVEL",
-    "BROKER_PASSWORD", "SECRETS_MASTER_KEYS", "DATA_DIR", "PUBLIC_URL",
+    "BROKER_PASSWORD", "SECRETS_MASTER_KEYS", "DATA_DIR", "PUBLIC_URL", "MONGODB_DATABASE",
+    "CATALOG_PATH", "AGENT_PROBE_TIMEOUT_SECONDS", "OPERATION_LEASE_SECONDS", "TOMBSTONE_SECONDS",
+    "DEPROVISION_JOB_WAIT_SECONDS",
 )  # fmt: skip
 
 
@@ -78,3 +80,44 @@ def test_cloud_foundry_port_vcap_services_and_route(monkeypatch: pytest.MonkeyPa
     assert not s.embedded_database
     assert s.base_url == "https://bm.apps.example"
     assert "u:p" not in repr(s)
+
+
+def test_operation_settings_are_typed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENT_PROBE_TIMEOUT_SECONDS", "soon")
+    monkeypatch.setenv("OPERATION_LEASE_SECONDS", "0")
+    monkeypatch.setenv("TOMBSTONE_SECONDS", "-1")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    text = str(err.value)
+    for name in ("AGENT_PROBE_TIMEOUT_SECONDS", "OPERATION_LEASE_SECONDS", "TOMBSTONE_SECONDS"):
+        assert name in text
+
+
+def test_missing_catalog_and_bad_listen_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CATALOG_PATH", "/nonexistent/catalog.yml")
+    monkeypatch.setenv("LISTEN_HOST", "not a host")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "CATALOG_PATH" in str(err.value) and "LISTEN_HOST" in str(err.value)
+
+
+def test_database_name_comes_from_the_url_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MONGODB_URL", "mongodb://u:p@h1:27017,h2:27017/svc_db?replicaSet=rs0")
+    assert load_settings().mongodb_database == "svc_db"
+    monkeypatch.setenv("MONGODB_DATABASE", "explicit")
+    assert load_settings().mongodb_database == "explicit"
+    monkeypatch.delenv("MONGODB_DATABASE")
+    monkeypatch.setenv("MONGODB_URL", "mongodb://h:27017/?tls=true")
+    assert load_settings().mongodb_database == "backup_manager"
+    monkeypatch.setenv("MONGODB_DATABASE", "bad/name")
+    with pytest.raises(ConfigError, match="MONGODB_DATABASE"):
+        load_settings()
+
+
+def test_vcap_services_with_a_database_in_the_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "VCAP_SERVICES",
+        json.dumps({"user-provided": [{"credentials": {"url": "mongodb+srv://u:p@c.example/bm"}}]}),
+    )
+    s = load_settings()
+    assert s.mongodb_database == "bm" and not s.embedded_database
