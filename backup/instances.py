@@ -435,7 +435,10 @@ class Instances:
     async def last_operation(self, instance_id: str, operation: str | None) -> Document:
         """``{state, description, ...}`` of the instance's last (or named) operation; Gone for
         an unknown instance or an expired tombstone."""
-        doc = await self.get_document(instance_id)
+        doc = await self.store.instances.find_one(
+            {"_id": instance_id},
+            {"state": 1, "tombstone_expires_at": 1, "last_operation": 1, "previous_operations": 1},
+        )
         if doc is None:
             raise Gone(f"Service instance {instance_id!r} does not exist.", code="Gone")
         if doc.get("state") == DELETED:
