@@ -205,6 +205,7 @@ class Scheduler:
         (SCHEDULE and CATCH_UP; MISSED records are not queued)."""
         self.stats.passes += 1
         queued = 0
+        recorded_before = self.stats.already_recorded
         batch = self.settings.batch_size
         while True:
             now = self.clock.now()
@@ -223,6 +224,13 @@ class Scheduler:
                 break
         if len(self._next_cache) > 10_000:
             self._next_cache.clear()
+        if queued:
+            log.info(
+                "scheduler_fired",
+                replica=self.replica_id,
+                queued=queued,
+                already_recorded=self.stats.already_recorded - recorded_before,
+            )
         return queued
 
     async def _fire_batch(self, due: list[Document], now: datetime) -> int:
