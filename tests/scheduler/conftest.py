@@ -14,6 +14,9 @@ from backup.clock import Clock, ManualClock
 from backup.secrets import SecretBox, generate_master_key_spec, parse_master_keys
 from backup.store import Document, Store, connect
 from scheduler import Scheduler, SchedulerSettings
+from tests.api.conftest import api, destination, instance  # noqa: F401 - fixtures (HTTP tests)
+from tests.servers.cloud_controller import cloud_controller  # noqa: F401
+from tests.servers.uaa import uaa  # noqa: F401
 
 START = datetime(2026, 3, 1, 0, 0, tzinfo=UTC)
 ITEMS = ["orders", "customers"]
@@ -129,7 +132,7 @@ async def seed_instance(store: Store, *, items: list[str] = ITEMS) -> Document:
 async def seed_plan(
     store: Store,
     box: SecretBox,
-    instance: Document,
+    instance: Document,  # noqa: F811 - a document here, not the HTTP fixture
     *,
     frequency: str,
     timezone: str = "UTC",
