@@ -112,6 +112,24 @@ async def active_restore(store: Store, point_id: str) -> Document | None:
     )
 
 
+async def referenced(
+    store: Store, destination_id: str, keys: list[str], *, besides: str | None = None
+) -> set[str]:
+    """Which of ``keys`` (in one destination) a restore point other than ``besides`` still
+    names. Such an object must not be deleted: an agent that names files by the minute and
+    ignores the prefix (the Go agent on Swift) can store two backups under one name."""
+    if not keys:
+        return set()
+    query: dict[str, Any] = {"destination_id": destination_id, "items.key": {"$in": keys}}
+    if besides is not None:
+        query["_id"] = {"$ne": besides}
+    wanted = set(keys)
+    found: set[str] = set()
+    async for doc in store.restore_points.find(query, {"items.key": 1}):
+        found.update(i.get("key") for i in doc.get("items") or [] if i.get("key") in wanted)
+    return found
+
+
 async def purge(
     store: Store,
     box: SecretBox,
@@ -121,13 +139,16 @@ async def purge(
     opener: StoreOpener = open_store,
     timeout: float = 300.0,
 ) -> None:
-    """Delete the files of a point already marked ``deleting``, then its record. Raises
-    :class:`StorageError`, ``TimeoutError`` or ``OSError`` with the record left in place."""
+    """Delete the files of a point already marked ``deleting`` (those no other point names),
+    then its record. Raises :class:`StorageError`, ``TimeoutError`` or ``OSError`` with the
+    record left in place."""
+    keys = [i["key"] for i in point.get("items") or [] if i.get("key")]
+    shared = await referenced(store, point["destination_id"], keys, besides=point["_id"])
     async with asyncio.timeout(timeout):
         async with opener(object_settings(dest, box)) as objects:
-            for item in point.get("items") or []:
-                if item.get("key"):
-                    await objects.delete(item["key"])
+            for key in keys:
+                if key not in shared:
+                    await objects.delete(key)
     await store.restore_points.delete_one({"_id": point["_id"], "state": DELETING})
 
 

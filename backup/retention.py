@@ -332,6 +332,11 @@ class RetentionSweeper:
             else:
                 left.append(entry)
         for dest_id, keys in by_dest.items():
+            # An object a restore point names is no orphan, whoever uploaded it.
+            kept = await restore_points.referenced(self.store, dest_id, keys)
+            keys = [k for k in keys if k not in kept]
+            if not keys:
+                continue
             dest = await self.store.destinations.find_one({"_id": dest_id})
             if dest is None:
                 # Nothing can reach those files any more; say so once and let go.

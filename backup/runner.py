@@ -716,7 +716,9 @@ class _JobRun:
                 bool(self.job.get("compression")),
                 bool((self.job.get("encryption") or {}).get("enabled")),
             )
-            dest = agent_client.destination(p.settings, filename_prefix=p.prefix)
+            dest = agent_client.destination(
+                p.settings, filename_prefix=self._item_prefix(agent_job_id)
+            )
         else:
             stored = self._point_item(item["name"])
             compression, encryption = stored.get("compression"), stored.get("encryption")
@@ -865,7 +867,7 @@ class _JobRun:
             await self._write({f"items.{index}": item})
             return
         compression, encryption = p.extra.get(agent_job_id) or (None, None)
-        key = object_key(p.info.kind, p.settings.type, p.prefix, state)
+        key = object_key(p.info.kind, p.settings.type, self._item_prefix(agent_job_id), state)
         stored_size = state.stored_size
         if stored_size is None and not (state.compression or state.encryption):
             stored_size = state.size  # the script's file was uploaded as it was
@@ -1015,14 +1017,14 @@ class _JobRun:
                     status=FAILED if status == FAILED else CANCELLED, error=note, ended_at=now
                 )
                 if self.job["type"] == BACKUP and self.p is not None:
+                    agent_id = item.get("agent_job_id") or f"{self.job['_id']}-{index}"
                     pending.append(
                         {
                             "destination_id": self.job["destination_id"],
                             "instance_id": self.job["instance_id"],
-                            "agent_job_id": item.get("agent_job_id")
-                            or f"{self.job['_id']}-{index}",
+                            "agent_job_id": agent_id,
                             "type": self.p.settings.type,
-                            "prefix": self.p.prefix,
+                            "prefix": self._item_prefix(agent_id),
                             "since": now,
                         }
                     )
@@ -1075,6 +1077,13 @@ class _JobRun:
         elif done:
             text += f" after restoring {', '.join(done)}"
         return text + "."
+
+    def _item_prefix(self, agent_job_id: str) -> str:
+        """Where an item's file goes: ``<destination prefix><instance>/<plan>/<agent job id>/``.
+        Agents name files by the minute: a folder per agent job keeps two backups of one
+        plan in one minute (a manual one after a scheduled one) from overwriting each other."""
+        assert self.p is not None
+        return f"{self.p.prefix}{agent_job_id}/"
 
     def _past_deadline(self) -> bool:
         deadline = self.job.get("deadline_at")

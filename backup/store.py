@@ -71,6 +71,7 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("plan_id", ASCENDING), ("created_at", DESCENDING)]),
         IndexModel([("expires_at", ASCENDING)]),
         IndexModel([("state", ASCENDING)]),  # retention retries 'deleting' ones
+        IndexModel([("destination_id", ASCENDING), ("items.key", ASCENDING)]),
     ],
 }
 

@@ -57,6 +57,7 @@ class GoAgentStandIn:
         self.fail_stage: str | None = None
         self.fail_database: str | None = None  # with fail_stage: only this item fails
         self.busy = 0
+        self.lose_uploads = False  # report success without storing anything
         self.uploaded: list[str] = []
         self.downloaded: list[str] = []
         self._runner: web.AppRunner | None = None
@@ -220,9 +221,10 @@ class GoAgentStandIn:
         async def chunks() -> Any:
             yield self.payload
 
-        async with open_store(self._settings(dest)) as store:
-            await store.upload(key, chunks())
-        self.uploaded.append(key)
+        if not self.lose_uploads:
+            async with open_store(self._settings(dest)) as store:
+                await store.upload(key, chunks())
+            self.uploaded.append(key)
         state["filename"] = filename
         state["filesize"] = {"size": len(self.payload), "unit": "byte"}
 

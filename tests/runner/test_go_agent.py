@@ -48,13 +48,14 @@ async def test_backup_then_restore_with_the_go_protocol(
     sent = [body for kind, body in go_agent.requests if kind == "backup"]
     assert [b["id"] for b in sent] == [f"{job['_id']}-0", f"{job['_id']}-1"]
     key = box.open_map(plan["secrets"], f"plans/{plan['_id']}")["encryption_key"]
-    for body in sent:
+    for n, body in enumerate(sent):
         assert "transform" not in body and body["compression"] is True
         assert body["encryption_key"] == key
         assert body["backup"]["password"] == DB_PASSWORD
         assert {"BACKUP_PORT": "5432"} in body["backup"]["parameters"]
         dest = body["destination"]
-        assert dest["filenamePrefix"] == f"{instance['_id']}/{plan['_id']}/"
+        # a folder per agent job: agents name files by the minute
+        assert dest["filenamePrefix"] == f"{instance['_id']}/{plan['_id']}/{job['_id']}-{n}/"
         assert dest["bucket"] == s3_settings.bucket and dest["skipSSL"] is True
 
     point = await store.restore_points.find_one({"_id": job["_id"]})
@@ -287,3 +288,76 @@ async def test_logs_are_bounded(
     for text in logs.values():
         assert len(text.encode()) < 2048 + 64 and text.endswith("line 19999\n")
         assert "earlier bytes cut" in text
+
+
+async def test_an_upload_the_storage_does_not_have_is_no_restore_point(
+    store: Store,
+    box: SecretBox,
+    clock: ManualClock,
+    go_agent: GoAgentStandIn,
+    s3_settings: S3Settings,
+    make_runner: RunnerFactory,
+) -> None:
+    _, _, job = await _backup_job(store, box, go_agent, s3_settings, items=["orders"])
+    go_agent.lose_uploads = True
+    runner = make_runner()
+    await runner.run_once()
+    done = await final(store, job["_id"], clock)
+    assert done["status"] == "FAILED"
+    assert done["reason"] == (
+        "The agent reported 'orders' uploaded, but the storage has no such object."
+    )
+    assert await store.restore_points.count_documents({}) == 0
+
+
+async def test_retention_runs_after_each_successful_backup(
+    store: Store,
+    box: SecretBox,
+    clock: ManualClock,
+    go_agent: GoAgentStandIn,
+    s3_server: SeaweedS3,
+    s3_settings: S3Settings,
+    make_runner: RunnerFactory,
+) -> None:
+    instance = await seed_instance(store, box, agent_url=go_agent.url)
+    plan = await seed_plan(
+        store,
+        box,
+        instance,
+        s3_settings,
+        items=["orders"],
+        retention={"style": "FILES", "period": 1},
+    )
+    runner = make_runner()
+    first = await jobs.start_backup(store, plan)
+    await runner.run_once()
+    assert (await final(store, first["_id"], clock))["status"] == "SUCCEEDED"
+    await runner.idle()
+    await clock.advance(60)  # the agent names files by the minute
+    go_agent.payload = b"second backup\n"
+    second = await jobs.start_backup(store, plan)
+    await runner.run_once()
+    assert (await final(store, second["_id"], clock))["status"] == "SUCCEEDED"
+    await runner.idle()  # the sweep of the plan runs right after the backup
+    points = await store.restore_points.find({}).to_list()
+    assert [p["_id"] for p in points] == [second["_id"]]
+    assert s3_server.keys(s3_settings.bucket) == [points[0]["items"][0]["key"]]
+
+
+async def test_concurrency_limit_per_replica(
+    store: Store,
+    box: SecretBox,
+    clock: ManualClock,
+    go_agent: GoAgentStandIn,
+    s3_settings: S3Settings,
+    make_runner: RunnerFactory,
+) -> None:
+    queued = [(await _backup_job(store, box, go_agent, s3_settings))[2] for _ in range(3)]
+    go_agent.hold()
+    one, other = make_runner("one", concurrency=2), make_runner("other", concurrency=2)
+    assert await one.run_once() == 2
+    assert await one.run_once() == 0  # full
+    assert await other.run_once() == 1
+    go_agent.let_go()
+    for job in queued:
+        assert (await final(store, job["_id"], clock))["status"] == "SUCCEEDED"

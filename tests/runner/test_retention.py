@@ -181,3 +181,19 @@ async def test_storage_down_during_retention_keeps_the_record_for_the_next_sweep
     assert (result.deleted, result.failed) == (2, 0)
     assert await _left(store) == ["job-0"]
     assert s3_private_server.keys(s3.bucket) == [points[0]["items"][0]["key"]]
+
+
+async def test_an_object_two_points_name_is_deleted_with_the_last_of_them(
+    store: Store, box: SecretBox, s3_server: SeaweedS3, s3_settings: S3Settings
+) -> None:
+    """The Go agent on Swift ignores the prefix and names files by the minute: two backups
+    may share one object. Retention must not delete it under the newer point."""
+    _, _, points = await _seed(store, box, s3_settings, [1, 2], {"style": "FILES", "period": 1})
+    shared = points[0]["items"][0]["key"]
+    await store.restore_points.update_one(
+        {"_id": points[1]["_id"]}, {"$set": {"items.0.key": shared}}
+    )
+    sweeper = RetentionSweeper(store, box, clock=ManualClock(NOW))
+    assert (await sweeper.run_once()).deleted == 1
+    assert await _left(store) == ["job-0"]
+    assert shared in s3_server.keys(s3_settings.bucket)

@@ -124,14 +124,22 @@ async def test_a_restore_point_written_before_a_crash_completes_the_job(
     job = await _queued(store, box, go_agent, s3_settings)
     a, b = make_runner("replica-a"), make_runner("replica-b")
     await a.run_once()
-    await until(lambda: store.restore_points.find_one({"_id": job["_id"]}), clock=clock)
-    # as if replica-a died right after writing the restore point
+    await final(store, job["_id"], clock)
+    await crash(a)
+    # as if replica-a had died right after writing the restore point
     await store.jobs.update_one(
         {"_id": job["_id"]},
-        {"$set": {"status": "RUNNING", "lease_owner": "replica-a", "ended_at": None}},
+        {
+            "$set": {
+                "status": "RUNNING",
+                "lease_owner": "replica-a",
+                "lease_expires_at": clock.now(),
+                "ended_at": None,
+                "restore_point_id": None,
+            }
+        },
     )
-    await crash(a)
-    await clock.advance(31)
+    await clock.advance(1)
     requests = len(go_agent.requests)
     assert await b.run_once() == 1
     done = await final(store, job["_id"], clock)
