@@ -33,6 +33,7 @@ or until this replica changes a plan (``events.plans_changed``), and at most
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import uuid
 from dataclasses import dataclass
@@ -131,6 +132,8 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._next_cache: dict[tuple[str, str, datetime], datetime] = {}
         self.next_wake_at: datetime | None = None
+        self._upcoming: list[datetime] = []  # fire times known in the window, sorted
+        self._horizon: datetime | None = None  # the end of that window
         """When the loop will look again unless woken (None while it works)."""
 
     # ------------------------------------------------------------------ lifecycle
@@ -162,41 +165,57 @@ class Scheduler:
         return self._task is not None and not self._task.done()
 
     async def _loop(self) -> None:
+        refresh = True
         while True:
             self._wake.clear()  # a change during the pass triggers another pass at once
             try:
                 await self.run_once()
-                timeout = await self._until_next_fire()
+                timeout = await self._until_next_fire(refresh)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 self.stats.errors += 1
                 log.exception("scheduler_pass_failed", replica=self.replica_id)
                 timeout = self.settings.error_backoff_seconds
+                self._horizon = None
             self.next_wake_at = self.clock.now() + timedelta(seconds=timeout)
             try:
-                await self.clock.wait(self._wake, timeout)
+                refresh = await self.clock.wait(self._wake, timeout)
             finally:
                 self.next_wake_at = None
 
-    async def _until_next_fire(self) -> float:
-        """Seconds until the earliest fire due within the poll window (the window if none).
+    async def _until_next_fire(self, refresh: bool) -> float:
+        """Seconds until the earliest known fire, at most until the end of the window.
 
-        One indexed range query over the plans due soon; the minimum is taken here rather
-        than by a sort so that the cost is the same on every MongoDB-compatible server."""
+        The fire times of the window ``(now, now + SCHEDULER_POLL_SECONDS]`` are read with
+        one indexed range query when the window has run out or a plan changed on this replica,
+        and kept in memory in between (with the fires this replica schedules added), so that a
+        busy minute costs one read of the plans due soon, not one per pass. A plan changed on
+        another replica is seen at the next read, within the window."""
         now = self.clock.now()
-        horizon = now + timedelta(seconds=self.settings.poll_seconds)
-        earliest: datetime | None = None
-        async for doc in self.store.plans.find(
-            {"paused": False, "next_run_at": {"$lte": horizon}}, {"_id": 0, "next_run_at": 1}
-        ):
-            at = doc.get("next_run_at")
-            if at is not None and (earliest is None or at < earliest):
-                earliest = at
-        if earliest is None:
-            return self.settings.poll_seconds
+        if refresh or self._horizon is None or now >= self._horizon:
+            horizon = now + timedelta(seconds=self.settings.poll_seconds)
+            times = [
+                doc["next_run_at"]
+                async for doc in self.store.plans.find(
+                    {"paused": False, "next_run_at": {"$gt": now, "$lte": horizon}},
+                    {"_id": 0, "next_run_at": 1},
+                )
+            ]
+            self._upcoming = sorted(set(times))
+            self._horizon = horizon
+        del self._upcoming[: bisect.bisect_right(self._upcoming, now)]
+        if not self._upcoming:
+            return max(0.0, (self._horizon - now).total_seconds())
         # a hair late rather than early: the event loop's timer and the wall clock may differ
-        return max(0.0, (earliest - now).total_seconds() + 0.002)
+        return max(0.0, (self._upcoming[0] - now).total_seconds() + 0.002)
+
+    def _note(self, fire: datetime) -> None:
+        """Remember a fire this replica just scheduled if it falls in the known window."""
+        if self._horizon is not None and fire <= self._horizon:
+            i = bisect.bisect_left(self._upcoming, fire)
+            if i == len(self._upcoming) or self._upcoming[i] != fire:
+                self._upcoming.insert(i, fire)
 
     # ------------------------------------------------------------------ one pass
 
@@ -319,6 +338,8 @@ class Scheduler:
             ],
             ordered=False,
         )
+        for nxt in {nxt for _, nxt in good}:
+            self._note(nxt)
         if new and result.matched_count < len(good):
             await self._cancel_orphans([d for d in docs if d["_id"] in new])
         for d in docs:
@@ -402,7 +423,10 @@ class Scheduler:
             {"_id": plan["_id"], "next_run_at": fire},
             {"$set": {"next_run_at": nxt, "last_job_id": job_id}},
         )
-        return result.matched_count == 1
+        if result.matched_count == 1:
+            self._note(nxt)
+            return True
+        return False
 
     def _plan_misfire(self, plan: Document, now: datetime) -> Document:
         """The job that accounts for the plan's fire ``next_run_at`` (and, for a MISSED
