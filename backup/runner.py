@@ -662,6 +662,8 @@ class _JobRun:
             point = await self.store.restore_points.find_one({"_id": job.get("restore_point_id")})
             if point is None:
                 raise _End(FAILED, "The restore point to restore from no longer exists.")
+            if point.get("state") != restore_points.AVAILABLE:
+                raise _End(FAILED, "The restore point to restore from is being deleted.")
             p.point = point
             try:
                 p.encryption_key = restore_points.encryption_key(box, point)
@@ -781,7 +783,21 @@ class _JobRun:
         else:
             self.log.info("agent_job_resumed", agent_job_id=agent_job_id, item=index)
         state = await self._poll(index, agent_job_id, state)
-        await self._record(index, item, agent_job_id, state)
+        try:
+            await self._record(index, item, agent_job_id, state)
+        except _ItemFailed:
+            await self._forget(agent_job_id)
+            raise
+        await self._forget(agent_job_id)
+
+    async def _forget(self, agent_job_id: str) -> None:
+        """Once an item's outcome is recorded, the agent may forget its job: the Go agent
+        keeps every job in memory until told so. Best effort."""
+        assert self.p is not None
+        try:
+            await self.p.client.forget(self.kind, agent_job_id)
+        except AgentError as exc:
+            self.log.info("agent_forget_failed", agent_job_id=agent_job_id, error=exc.reason)
 
     async def _start_on_agent(self, agent_job_id: str, request: dict[str, Any]) -> AgentJob | None:
         assert self.p is not None

@@ -59,6 +59,7 @@ class GoAgentStandIn:
         self.busy = 0
         self.lose_uploads = False  # report success without storing anything
         self.uploaded: list[str] = []
+        self.forgotten: list[str] = []
         self.downloaded: list[str] = []
         self._runner: web.AppRunner | None = None
 
@@ -80,6 +81,7 @@ class GoAgentStandIn:
                 web.put("/restore", self._start_restore),
                 web.get("/restore/{id}", self._get_restore),
                 web.delete("/backup", self._delete_backup),
+                web.delete("/restore", self._delete_restore),
             ]
         )
         self._runner = web.AppRunner(app, access_log=None)
@@ -173,9 +175,20 @@ class GoAgentStandIn:
     async def _get_restore(self, request: web.Request) -> web.Response:
         return await self._get(request, "restore")
 
-    async def _delete_backup(self, request: web.Request) -> web.Response:
+    async def _delete(self, request: web.Request, kind: str) -> web.Response:
         body = await request.json()
-        return web.Response(status=200 if self.jobs.pop(("backup", body["id"]), None) else 410)
+        state = self.jobs.get((kind, body["id"]))
+        if state is None:
+            return web.Response(status=410)
+        self.forgotten.append(body["id"])
+        del self.jobs[(kind, body["id"])]
+        return web.Response(status=200)
+
+    async def _delete_backup(self, request: web.Request) -> web.Response:
+        return await self._delete(request, "backup")
+
+    async def _delete_restore(self, request: web.Request) -> web.Response:
+        return await self._delete(request, "restore")
 
     # ------------------------------------------------------------ jobs
 

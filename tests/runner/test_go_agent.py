@@ -85,6 +85,10 @@ async def test_backup_then_restore_with_the_go_protocol(
     stored = point["items"][1]["key"]
     assert body["destination"]["filenamePrefix"] + body["destination"]["filename"] == stored
     assert go_agent.downloaded == [stored]
+    # each agent job is forgotten once its outcome is recorded (the Go agent keeps jobs in
+    # memory until told so)
+    assert go_agent.forgotten == [f"{job['_id']}-0", f"{job['_id']}-1", f"{restore['_id']}-0"]
+    assert not go_agent.jobs
     await runner.idle()
 
 
