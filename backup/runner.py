@@ -462,6 +462,12 @@ class JobRunner:
             log.warning("lease_lost", job_id=lease.job_id, replica=self.replica_id)
         except asyncio.CancelledError:
             pass  # stopping, or the lease was lost: the job stays for whoever holds it next
+        except PyMongoError as exc:
+            # The database is away: the job's state cannot be written. Stop driving it; the
+            # lease runs out and a replica resumes it (re-attaching) once the database is back.
+            log.warning(
+                "job_paused_database_unavailable", job_id=lease.job_id, error=type(exc).__name__
+            )
         except Exception:
             log.exception("job_driver_failed", job_id=lease.job_id)
             with contextlib.suppress(Exception):
