@@ -373,6 +373,7 @@ class Instances:
         self.storage_retry_delay = 1.0  # doubled after each attempt
         self._sem = asyncio.Semaphore(max_parallel)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._running: set[str] = set()  # operation ids this replica works on
         self._sweeper: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
         self._closing = False
@@ -734,11 +735,17 @@ class Instances:
     # ---------------------------------------------------------------- the worker
 
     def _spawn(self, instance_id: str, op_id: str) -> None:
-        if self._closing:
-            return  # the lease lapses; the next replica (or this one restarted) resumes it
+        if self._closing or op_id in self._running:
+            return  # closing: the lease lapses and the next replica resumes it
+        self._running.add(op_id)
         task = asyncio.create_task(self._run(instance_id, op_id), name=f"osb-{op_id}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            self._running.discard(op_id)
+
+        task.add_done_callback(done)
 
     def _mine(self, instance_id: str, op_id: str) -> Document:
         return {
@@ -810,29 +817,59 @@ class Instances:
                 return
             kind = doc["last_operation"]["type"]
             with structlog.contextvars.bound_contextvars(instance_id=instance_id, operation=op_id):
+                work = asyncio.create_task(self._work(doc, kind, job_wait))
+                lost = asyncio.Event()
+                keeper = asyncio.create_task(self._keep_lease(doc, work, lost))
                 try:
-                    if kind == PROVISION:
-                        await self._provision_work(doc)
-                    elif kind == UPDATE:
-                        await self._update_work(doc)
-                    else:
-                        await self._deprovision_work(
-                            doc, self.job_wait if job_wait is None else job_wait
-                        )
-                except _OpFailed as exc:
-                    await self._fail(doc, exc.description)
-                except _LeaseLost:
-                    log.info("operation_superseded", type=kind)
+                    await work
                 except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("operation_error", type=kind)
-                    with contextlib.suppress(Exception):
-                        await self._fail(
-                            doc,
-                            "The broker failed while working on this operation (logged with id "
-                            f"{op_id}); repeat the request.",
-                        )
+                    task = asyncio.current_task()
+                    if not lost.is_set() or (task is not None and task.cancelling()):
+                        raise
+                    log.info("operation_lease_lost", type=kind)
+                finally:
+                    keeper.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await keeper
+
+    async def _keep_lease(
+        self, doc: Document, work: asyncio.Task[None], lost: asyncio.Event
+    ) -> None:
+        """Renew the lease every third of it while ``work`` runs (a long storage call must not
+        let it lapse); stop the work if another replica took the operation over."""
+        while not work.done():
+            await self.clock.sleep(self.lease / 3)
+            try:
+                await self._heartbeat(doc)
+            except _LeaseLost:
+                lost.set()
+                work.cancel()
+                return
+            except PyMongoError as exc:
+                log.warning("operation_lease_renewal_failed", error=type(exc).__name__)
+
+    async def _work(self, doc: Document, kind: str, job_wait: float | None) -> None:
+        try:
+            if kind == PROVISION:
+                await self._provision_work(doc)
+            elif kind == UPDATE:
+                await self._update_work(doc)
+            else:
+                await self._deprovision_work(doc, self.job_wait if job_wait is None else job_wait)
+        except _OpFailed as exc:
+            await self._fail(doc, exc.description)
+        except _LeaseLost:
+            log.info("operation_superseded", type=kind)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("operation_error", type=kind)
+            with contextlib.suppress(Exception):
+                await self._fail(
+                    doc,
+                    "The broker failed while working on this operation (logged with id "
+                    f"{doc['last_operation']['id']}); repeat the request.",
+                )
 
     async def _probe(self, doc: Document, url: str, username: str, password: str) -> AgentInfo:
         """The agent's ``GET /status``, retried until ``probe_timeout`` after the operation
@@ -1075,6 +1112,8 @@ class Instances:
         ).limit(100)
         async for doc in lapsed:
             op = doc["last_operation"]
+            if op["id"] in self._running:
+                continue  # still ours: its worker renews the lease or finds it lost
             result = await self.store.instances.update_one(
                 {
                     "_id": doc["_id"],

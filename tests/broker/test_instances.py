@@ -285,27 +285,41 @@ async def test_update_parameters_synchronously(osb: Osb, broker: Service, agent_
 
 
 async def test_update_of_the_agent_is_checked_first(
-    osb: Osb, broker: Service, agent_url: str, go_agent: GoAgentStandIn
+    osb: Osb, broker: Service, agent_url: str
 ) -> None:
     iid = await osb.ready_instance(parameters(agent_url))
+    broker.instances.probe_timeout = 600
+    go_agent = GoAgentStandIn()  # not answering yet: the update stays in progress
     new_agent = go_parameters(go_agent)["agent"]
     change = {"service_id": SERVICE_ID, "parameters": {"agent": new_agent}}
     status, data = await osb.update(iid, change, accepts=False)
     assert status == 422 and data["error"] == "AsyncRequired"
     status, data = await osb.update(iid, change)
     assert status == 202
-    # Re-sent identical PATCH: 202 with the same operation.
+    # Re-sent identical PATCH: 202 with the same operation; a different one must wait.
     assert (await osb.update(iid, change)) == (202, data)
-    result = await osb.wait(iid, data["operation"])
-    assert result["state"] == "succeeded"
+    other = {"service_id": SERVICE_ID, "parameters": {"items": ["x"]}}
+    status, error = await osb.update(iid, other)
+    assert status == 422 and error["error"] == "ConcurrencyError"
+    # The old agent stays in force until the new one answers; fetching must wait.
     doc = await broker.store.instances.find_one({"_id": iid})
-    assert doc["agent"]["kind"] == "go" and doc["agent"]["url"] == go_agent.url
-    assert doc["pending_update"] is None and doc["state"] == "ready"
+    assert doc["state"] == "updating" and doc["agent"]["url"] == agent_url
+    assert (await osb.call("GET", f"/v2/service_instances/{iid}"))[0] == 422
+    await go_agent.start()
+    try:
+        result = await osb.wait(iid, data["operation"])
+        assert result["state"] == "succeeded"
+        doc = await broker.store.instances.find_one({"_id": iid})
+        assert doc["agent"]["kind"] == "go" and doc["agent"]["url"] == go_agent.url
+        assert doc["pending_update"] is None and doc["state"] == "ready"
 
-    # A failing check keeps the old agent: the update failed, the instance usable.
-    bad = {"service_id": SERVICE_ID, "parameters": {"agent": {"password": "wrong-Pa55word"}}}
-    status, data = await osb.update(iid, bad)
-    result = await osb.wait(iid, data["operation"])
+        # A failing check keeps the old agent: the update failed, the instance usable.
+        bad = {"service_id": SERVICE_ID, "parameters": {"agent": {"password": "wrong-Pa55word"}}}
+        status, data = await osb.update(iid, bad)
+        assert status == 202
+        result = await osb.wait(iid, data["operation"])
+    finally:
+        await go_agent.stop()
     assert result["state"] == "failed" and result["instance_usable"] is True
     assert result["update_repeatable"] is True
     doc = await broker.store.instances.find_one({"_id": iid})
