@@ -116,11 +116,16 @@ async def referenced(
     store: Store, destination_id: str, keys: list[str], *, besides: str | None = None
 ) -> set[str]:
     """Which of ``keys`` (in one destination) a restore point other than ``besides`` still
-    names. Such an object must not be deleted: an agent that names files by the minute and
-    ignores the prefix (the Go agent on Swift) can store two backups under one name."""
+    names. Such an object must not be deleted. Only the Go agent on Swift can make two
+    restore points share an object (it ignores the prefix, so the runner's folder per agent
+    job does not apply, and names files by the minute), so only points it made count."""
     if not keys:
         return set()
-    query: dict[str, Any] = {"destination_id": destination_id, "items.key": {"$in": keys}}
+    query: dict[str, Any] = {
+        "destination_id": destination_id,
+        "items.key": {"$in": keys},
+        "agent.kind": "go",
+    }
     if besides is not None:
         query["_id"] = {"$ne": besides}
     wanted = set(keys)

@@ -193,6 +193,7 @@ async def test_an_object_two_points_name_is_deleted_with_the_last_of_them(
     await store.restore_points.update_one(
         {"_id": points[1]["_id"]}, {"$set": {"items.0.key": shared}}
     )
+    await store.restore_points.update_many({}, {"$set": {"agent": {"kind": "go"}}})
     sweeper = RetentionSweeper(store, box, clock=ManualClock(NOW))
     assert (await sweeper.run_once()).deleted == 1
     assert await _left(store) == ["job-0"]
