@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import ssl
 import sys
@@ -28,7 +29,22 @@ def configure_logging() -> None:
     )
 
 
+def pin_mmap_threshold() -> None:
+    """Backups stream through buffers of megabytes (file blocks, upload parts). glibc serves
+    the first ones with mmap, but raises its threshold after freeing one, and from then on
+    takes them from heap arenas that fragment: measured, the agent's peak memory then crept
+    up with the number of parts. Pinned at 1 MiB, every large buffer is mmapped and returned
+    to the system when freed, so memory follows the live buffers only."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to pin
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 1024 * 1024)
+
+
 def main() -> None:
+    pin_mmap_threshold()
     configure_logging()
     log = structlog.get_logger("agent")
     try:

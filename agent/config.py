@@ -44,8 +44,12 @@ class AgentConfig(BaseSettings):
     positional_secrets: bool = False
     """Compatibility: also pass password and encryption key as positional script arguments
     (visible in ``ps``), as the Go agent does."""
-    s3_part_size: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    s3_part_size: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
+    """Smallest upload part (S3) / segment (Swift); larger for a file that would otherwise
+    need more than 9,000 parts. The AWS CLI's default chunk size."""
     s3_max_concurrency: int = Field(default=4, ge=1, le=32)
+    """Parts in flight at once: peak memory is about part size x (this + 1), plus copies in
+    socket buffers, whatever the backup's size."""
 
     @model_validator(mode="after")
     def _check(self) -> AgentConfig:

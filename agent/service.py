@@ -446,10 +446,7 @@ class Agent:
         transfer = transfer_settings(self.cfg, job.filesize)
         store = self._open_store(req.destination, transfer)
         try:
-            # Untransformed, whole parts are read at once: the storage layer sends them as
-            # they are, without joining smaller blocks (one copy less per byte).
-            block = READ_BLOCK if compression or passphrase else transfer.part_size
-            chunks: AsyncIterator[bytes] = _file_chunks(path, block)
+            chunks: AsyncIterator[bytes] = _file_chunks(path, READ_BLOCK)
             if compression or passphrase:
                 chunks = transforms.transform_stream(
                     chunks, lambda: transforms.encoder(compression, passphrase)

@@ -102,9 +102,9 @@ def test_part_size_follows_the_file_size() -> None:
     from agent.destinations import transfer_settings
 
     c = cfg()
-    assert transfer_settings(c).part_size == 16 * MIB
+    assert transfer_settings(c).part_size == 8 * MIB
     small = transfer_settings(c, 1 << 30)
-    assert (small.part_size, small.part_growth_every) == (16 * MIB, 9000)
+    assert (small.part_size, small.part_growth_every) == (8 * MIB, 9000)
     huge = transfer_settings(c, 1 << 40)  # 1 TiB
     assert huge.part_size % MIB == 0
     assert huge.part_size * 9000 >= 1 << 40 > (huge.part_size - MIB) * 9000
