@@ -113,17 +113,28 @@ class Agent:
                 log.warning("leftover_script_killed", job_id=job.id, pid=job.script_pid)
             job.script_pid = None
             sealed = self.store.load_secrets(job.kind, job.id)
-            if job.upload_in_progress and job.upload_key:
-                await self._delete_orphan(job, (sealed or {}).get("destination"))
+            # A half-written upload, or a complete one of a job that can no longer succeed:
+            # either would be an object no restore point refers to.
+            key = job.upload_key if job.upload_in_progress else job.stored_key
+            if key:
+                problem = await self._delete_orphan(job, key, (sealed or {}).get("destination"))
+                if problem:
+                    error += f"; {problem}"
             if job.lock_succeeded and not job.unlock_done:
                 if sealed is None:
                     error += "; its sealed credentials were unreadable: unlock ran without them"
                 env = self._recovery_env(job, sealed or {})
                 error = await self._unlock(job, env, error) or error
-        finally:
-            base = self.cfg.directory_backup if job.kind == "backup" else self.cfg.directory_restore
-            shutil.rmtree(base / job.id, ignore_errors=True)
-            self._finish(job, error)
+        except asyncio.CancelledError:
+            # Stopped again before the job could be finished: the next start tries again.
+            self.store.save(job)
+            raise
+        except Exception as exc:
+            error += f"; recovery failed: {safe_error(exc)['error']}"
+            log.error("recovery_failed", job_id=job.id, **safe_error(exc))
+        base = self.cfg.directory_backup if job.kind == "backup" else self.cfg.directory_restore
+        shutil.rmtree(base / job.id, ignore_errors=True)
+        self._finish(job, error)
 
     def _recovery_env(self, job: JobState, sealed: dict[str, Any]) -> ScriptEnv:
         plain = self._base_env()
@@ -140,20 +151,25 @@ class Agent:
             secrets["BACKUP_PASSWORD"] = sealed["password"]
         return ScriptEnv(plain, secrets)
 
-    async def _delete_orphan(self, job: JobState, raw: dict[str, Any] | None) -> None:
-        """Delete what an interrupted upload left: the object, its multipart parts or segments."""
-        key = job.upload_key
-        if raw is None or key is None:
-            log.warning("orphan_unknown_destination", job_id=job.id, key=key)
-            return
+    async def _delete_orphan(
+        self, job: JobState, key: str, raw: dict[str, Any] | None
+    ) -> str | None:
+        """Delete an object of an interrupted job, with the multipart upload's parts or the
+        Swift segments it left; returns what went wrong, if anything."""
+        if raw is None:
+            return f"the object {key} may remain: its destination is unknown"
         try:
             dest = Destination.model_validate(raw)
             async with self._open_store(dest) as store:
                 await store.delete(key)
-            job.upload_in_progress = False
-            log.info("orphan_deleted", job_id=job.id, key=key)
         except Exception as exc:
-            log.warning("orphan_delete_failed", job_id=job.id, key=key, error=_storage_error(exc))
+            reason = _storage_error(exc)
+            log.warning("orphan_delete_failed", job_id=job.id, key=key, error=reason)
+            return f"the object {key} may remain: deleting it failed ({reason})"
+        job.upload_in_progress = False
+        job.stored_key = job.checksum = job.stored_size = None
+        log.info("orphan_deleted", job_id=job.id, key=key)
+        return None
 
     def _expired(self, job: JobState) -> bool:
         return (

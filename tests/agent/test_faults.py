@@ -228,6 +228,10 @@ def test_secrets_in_no_ps_output_and_no_log(make_agent, tmp_path: Path) -> None:
     assert agent.request("POST", "/backup", _leaky_request("sec"))[0] == 201
     wait_for(out / "ready")
     listing = _scripts_ps(agent, "")
+    sealed = agent.base / "state" / "backup-sec.secrets"
+    assert sealed.stat().st_mode & 0o777 == 0o600
+    for secret in SECRETS:  # the recovery file is sealed, not plain
+        assert secret.encode() not in sealed.read_bytes()
     assert "sec" in listing and "mydb" in listing  # the script was seen ...
     for secret in SECRETS:
         assert secret not in listing  # ... with none of the secrets on its command line
@@ -430,3 +434,27 @@ def _pending(request: pytest.FixtureRequest, settings, prefix: str, backend: str
         return [u["Key"] for u in uploads if u["Key"].startswith(prefix)]
     names = request.getfixturevalue("swift_server").names(settings.container + "_segments")
     return [n for n in names if n.startswith(prefix)]
+
+
+def test_sigkill_after_the_upload_deletes_the_object(
+    s3_settings, make_agent, tmp_path: Path
+) -> None:
+    """Killed in backup-cleanup, after a complete upload: the job can no longer succeed, so
+    the restarted agent deletes the object (no restore point will ever refer to it)."""
+    marker = tmp_path / "cleanup-started"
+    scripts = scripts_with(tmp_path, **{"backup-cleanup": f"touch {marker}; sleep 60"})
+    agent = make_agent(scripts=scripts)
+    dest = destination_for(s3_settings)
+    agent.request("POST", "/backup", backup_request("late", destination=dest))
+    wait_for(marker)
+    _, running = agent.request("GET", "/backup/late")
+    assert running["stored_key"] == dest["filenamePrefix"] + running["filename"]
+    assert list_keys(s3_settings, dest["filenamePrefix"]) == [running["stored_key"]]
+    agent.kill()
+    agent.start()
+    result = agent.wait_job("backup", "late")
+    assert result["status"] == "FAILED"
+    assert result["error_message"] == f"{RESTART_REASON} (stage backup-cleanup)"
+    assert result["stored_key"] is None and result["checksum"] is None
+    assert list_keys(s3_settings, dest["filenamePrefix"]) == []
+    assert agent.trace_lines()[-1] == "post-backup-unlock mydb"
