@@ -387,7 +387,7 @@ class Instances:
         self._http = aiohttp.ClientSession()
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="osb-operations-sweep")
 
-    async def close(self, grace: float = 5.0) -> None:
+    async def close(self, grace: float = 0.5) -> None:
         self._closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -1140,4 +1140,45 @@ class Instances:
         await self.store.instances.delete_many(
             {"state": DELETED, "tombstone_expires_at": {"$lt": now}}
         )
+        await self.reseal()
         return taken
+
+    async def reseal(self, limit: int = 100) -> int:
+        """Re-seal instance secrets sealed with a key other than the active one (after a key
+        rotation), so that the old key can be removed once nothing uses it. Conditional on the
+        document's version: a concurrent change wins and the next sweep tries again."""
+        active = self.box.active_key_id
+        stale = [
+            {f"{where}.{field}.kid": {"$exists": True, "$ne": active}}
+            for where in ("secrets", "pending_update.secrets")
+            for field in ("agent_password", "database_password")
+        ]
+        docs = self.store.instances.find(
+            {"$or": stale}, {"secrets": 1, "pending_update": 1, "version": 1}
+        ).limit(limit)
+        done = 0
+        async for doc in docs:
+            context = secrets_context(doc["_id"])
+            try:
+                sets: Document = {
+                    "secrets": {
+                        k: self.box.reseal(v, f"{context}/{k}")
+                        for k, v in (doc.get("secrets") or {}).items()
+                    }
+                }
+                pending = doc.get("pending_update")
+                if pending and pending.get("secrets"):
+                    sets["pending_update.secrets"] = {
+                        k: self.box.reseal(v, f"{context}/{k}")
+                        for k, v in pending["secrets"].items()
+                    }
+            except SecretKeyError:
+                log.error("instance_secrets_unreadable", instance_id=doc["_id"])
+                continue
+            result = await self.store.instances.update_one(
+                {"_id": doc["_id"], "version": doc["version"]}, {"$set": sets}
+            )
+            done += result.modified_count
+        if done:
+            log.info("instance_secrets_resealed", count=done, key_id=active)
+        return done
