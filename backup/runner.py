@@ -587,6 +587,9 @@ class _JobRun:
                 SUCCEEDED, None, fields={"restore_point_id": job["_id"], "items": self.items}
             )
             return
+        on_agent = any(i.get("status") == RUNNING for i in self.items)
+        if not on_agent and await self._cancel_requested():  # before anything reaches it
+            raise _End(CANCELLED, await self._cancel_reason())
         if self.lease.token > self.s.max_attempts:
             raise _End(
                 FAILED,
@@ -605,7 +608,7 @@ class _JobRun:
             if item.get("status") == SUCCEEDED:
                 continue
             if await self._cancel_requested():
-                raise _End(CANCELLED, self._cancel_reason())
+                raise _End(CANCELLED, await self._cancel_reason())
             try:
                 await self._run_item(index, item)
             except _ItemFailed as exc:
@@ -699,7 +702,7 @@ class _JobRun:
                 if self._past_deadline():
                     raise _End(FAILED, self._deadline_reason(None)) from None
                 if await self._cancel_requested():
-                    raise _End(CANCELLED, self._cancel_reason()) from None
+                    raise _End(CANCELLED, await self._cancel_reason()) from None
                 self.log.info("agent_unreachable", error=exc.reason, waited=round(waited, 1))
             await self.clock.sleep(delay)
             delay = min(delay * 2, self.s.agent_poll_max_seconds)
@@ -829,7 +832,7 @@ class _JobRun:
                     with contextlib.suppress(AgentError):
                         existing = await self.p.client.get(self.kind, agent_job_id)
                         return existing
-                    raise _End(CANCELLED, self._cancel_reason()) from None
+                    raise _End(CANCELLED, await self._cancel_reason()) from None
                 self.log.info("agent_start_retry", error=exc.reason, waited=round(waited, 1))
             await self.clock.sleep(delay)
             delay = min(delay * 2, self.s.agent_poll_max_seconds)
@@ -1091,9 +1094,15 @@ class _JobRun:
     async def _cancel_requested(self) -> bool:
         return await jobs.cancel_requested(self.store, self.job["_id"])
 
-    def _cancel_reason(self) -> str:
+    async def _cancel_reason(self) -> str:
         done = [i["name"] for i in self.items if i.get("status") == SUCCEEDED]
-        text = "Cancelled by a user"
+        instance = await self.store.instances.find_one(
+            {"_id": self.job["instance_id"]}, {"state": 1}
+        )
+        if instance is None or instance.get("state") in ("deprovisioning", "deleted"):
+            text = "Cancelled: the service instance is being deleted"
+        else:
+            text = "Cancelled by a user"
         if done and self.job["type"] == BACKUP:
             text += f"; the files already uploaded ({', '.join(done)}) are deleted"
         elif done:
