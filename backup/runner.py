@@ -549,8 +549,8 @@ class _Prepared:
     info: AgentInfo | None = None
     plan: Document | None = None
     point: Document | None = None
-    encryption_key: str | None = None
-    db_password: str = ""
+    encryption_key: str | None = field(default=None, repr=False)
+    db_password: str = field(default="", repr=False)
     prefix: str = ""
     cancel_seen: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
