@@ -17,6 +17,7 @@ with scrypt and a random salt, so the same passphrase never reuses a key/nonce p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import struct
 import zlib
@@ -286,19 +287,33 @@ _END = object()
 async def transform_stream(
     source: AsyncIterator[bytes], make: Callable[[], Chain], *, prefetch: int = 2
 ) -> AsyncIterator[bytes]:
-    """Apply a chain to an async byte stream. The CPU work runs in a worker thread, up to
-    ``prefetch`` blocks ahead of the consumer, so compressing and encrypting the next block
-    overlaps with hashing and uploading this one while memory stays bounded."""
+    """Apply a chain to an async byte stream, each stage in a worker thread of its own, up
+    to ``prefetch`` blocks ahead of the next: compressing one block overlaps with encrypting
+    the previous one and with hashing and uploading the one before, while memory stays
+    bounded (a few blocks per stage)."""
     chain = await asyncio.to_thread(make)  # scrypt takes tens of milliseconds
+    stream = source
+    async with contextlib.AsyncExitStack() as stack:
+        for stage in chain.stages:
+            stream = await stack.enter_async_context(
+                contextlib.aclosing(_stage_stream(stream, stage, prefetch))
+            )
+        async for block in stream:
+            yield block
+
+
+async def _stage_stream(
+    source: AsyncIterator[bytes], stage: Stage, prefetch: int
+) -> AsyncIterator[bytes]:
     queue: asyncio.Queue[object] = asyncio.Queue(maxsize=prefetch)
 
     async def produce() -> None:
         try:
             async for block in source:
-                out = await asyncio.to_thread(chain.update, block)
+                out = await asyncio.to_thread(stage.update, block)
                 if out:
                     await queue.put(out)
-            out = await asyncio.to_thread(chain.finalize)
+            out = await asyncio.to_thread(stage.finalize)
             if out:
                 await queue.put(out)
             await queue.put(_END)

@@ -129,3 +129,28 @@ def test_truncated_compression_detected(compression: str) -> None:
 def test_suffixes() -> None:
     assert t.stored_suffix("zstd", True) == ".zst.enc"
     assert t.stored_suffix(None, False) == ""
+
+
+async def test_stream_failure_and_early_close_leave_no_task() -> None:
+    """A failing source surfaces its error through every stage; a consumer that stops early
+    (a failed upload) stops every stage's worker."""
+    import asyncio
+
+    async def failing():
+        yield b"x" * 100_000
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        async for _ in t.transform_stream(failing(), lambda: t.encoder("zstd", "k")):
+            pass
+
+    async def endless():
+        while True:
+            yield os.urandom(65536)
+
+    before = len(asyncio.all_tasks())
+    stream = t.transform_stream(endless(), lambda: t.encoder("gzip", "k"))
+    assert await anext(stream)
+    await stream.aclose()
+    await asyncio.sleep(0)
+    assert len(asyncio.all_tasks()) == before
