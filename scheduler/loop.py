@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import random
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -134,6 +135,7 @@ class Scheduler:
         self.next_wake_at: datetime | None = None
         self._upcoming: list[datetime] = []  # fire times known in the window, sorted
         self._horizon: datetime | None = None  # the end of that window
+        self._busy = False  # the last pass found due plans
         """When the loop will look again unless woken (None while it works)."""
 
     # ------------------------------------------------------------------ lifecycle
@@ -168,9 +170,19 @@ class Scheduler:
         refresh = True
         while True:
             self._wake.clear()  # a change during the pass triggers another pass at once
+            started = self.clock.now()
             try:
                 await self.run_once()
-                timeout = await self._until_next_fire(refresh)
+                interval = self.settings.pass_interval_seconds
+                if self._busy and interval > 0 and not self._wake.is_set():
+                    # Busy: more fires are surely coming. Look again one interval after this
+                    # pass started, not at each fire's instant: the fires of that interval are
+                    # written together, and replicas drift apart instead of all racing for
+                    # the same fires at the same instant.
+                    spent = (self.clock.now() - started).total_seconds()
+                    timeout = max(0.0, interval * random.uniform(0.8, 1.2) - spent)
+                else:
+                    timeout = await self._until_next_fire(refresh)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -223,6 +235,7 @@ class Scheduler:
         """Fire every plan due now, batch by batch; returns how many jobs were queued
         (SCHEDULE and CATCH_UP; MISSED records are not queued)."""
         self.stats.passes += 1
+        self._busy = False
         queued = 0
         recorded_before = self.stats.already_recorded
         batch = self.settings.batch_size
@@ -235,6 +248,7 @@ class Scheduler:
             )
             if not due:
                 break
+            self._busy = True
             n = await self._fire_batch(due, now)
             queued += n
             if n:
@@ -327,6 +341,7 @@ class Scheduler:
             return 0
         docs = [self._job(p, p["next_run_at"], jobs.SCHEDULE) for p, _ in good]
         new = await self._insert_many(docs)
+        written = self.clock.now()
         self.stats.already_recorded += len(docs) - len(new)
         result = await self.store.plans.bulk_write(
             [
@@ -343,8 +358,8 @@ class Scheduler:
         if new and result.matched_count < len(good):
             await self._cancel_orphans([d for d in docs if d["_id"] in new])
         for d in docs:
-            if d["_id"] in new:
-                lag = (d["created_at"] - d["scheduled_for"]).total_seconds()
+            if d["_id"] in new:  # lag: until the job was written (acknowledged), not built
+                lag = (written - d["scheduled_for"]).total_seconds()
                 self.observer.fired(jobs.SCHEDULE, lag)
         self.stats.queued += len(new)
         return len(new)
@@ -488,7 +503,7 @@ class Scheduler:
         self.stats.queued += 1
         if doc["trigger"] == jobs.CATCH_UP:
             self.stats.catch_ups += 1
-        lag = (doc["created_at"] - doc["scheduled_for"]).total_seconds()
+        lag = (self.clock.now() - doc["scheduled_for"]).total_seconds()
         self.observer.fired(doc["trigger"], lag)
         log.info(
             "plan_fire_caught_up" if doc["trigger"] == jobs.CATCH_UP else "plan_fired",

@@ -45,6 +45,17 @@ class SchedulerSettings(BaseSettings):
         "once, as a CATCH_UP job when it is at most this late; every other missed fire is "
         "recorded in a MISSED job. 0: never catch up, record every missed fire as MISSED.",
     )
+    pass_interval_seconds: float = Field(
+        default=0.25,
+        ge=0.0,
+        le=60.0,
+        validation_alias="SCHEDULER_PASS_INTERVAL_SECONDS",
+        description="At busy times (the last pass found due plans) the next pass starts this "
+        "long (+-20%) after the last one instead of at the next fire's instant: the fires due "
+        "meanwhile are written together (a few large database writes instead of many small "
+        "ones) and replicas stop racing for the same fires, at the price of at most this much "
+        "extra lag. 0: a pass at every fire's instant.",
+    )
     batch_size: int = Field(
         default=500,
         ge=1,
