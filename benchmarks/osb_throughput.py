@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -212,12 +212,15 @@ async def main(concurrency: int, seconds: float) -> None:
                 f"{POLL_SECONDS * 1000:.0f} ms, "
                 f"DELETE): {cycles.rate * per:.0f} OSB requests/s during the cycles"
             )
-        print(f"\nlogs: {tmp}/broker.log")
-        print(json.dumps({"catalog_bytes": catalog_file.stat().st_size}))
+        print(
+            f"\ncatalog: {catalog_file.stat().st_size} bytes; the service's log: {tmp}/broker.log"
+        )
     finally:
         for proc in reversed(processes):
             proc.stop()
         db.stop()
+        shutil.rmtree(tmp / "db", ignore_errors=True)
+        shutil.rmtree(tmp / "agent", ignore_errors=True)
 
 
 if __name__ == "__main__":
