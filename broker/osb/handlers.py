@@ -18,7 +18,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from backup import bindings
-from backup.instances import Instances, ProvisionRequest, Registration, UpdateRequest
+from backup.instances import DELETED, Instances, ProvisionRequest, Registration, UpdateRequest
 from backup.store import Document
 from broker.context import SETTINGS, STORE
 from broker.errors import ApiError, from_validation
@@ -314,7 +314,7 @@ async def update(request: web.Request) -> web.Response:
     body = await _body(request, UpdateBody)
     instances = request.app[INSTANCES]
     current = await instances.get_document(instance_id)
-    if current is None or current.get("state") == "deleted":
+    if current is None or current.get("state") == DELETED:
         raise ApiError(404, "InstanceNotFound", f"Service instance {instance_id!r} does not exist.")
     catalog = request.app[CATALOG]
     plan = catalog.plan(body.service_id, body.plan_id or current["plan_id"])
