@@ -1,4 +1,4 @@
-"""HTTP endpoints of the agent protocol (see docs agent-protocol.md)."""
+"""HTTP endpoints of the agent protocol: the Go ``osb-backup-agent``'s, plus ours (README)."""
 
 from __future__ import annotations
 
@@ -124,6 +124,11 @@ async def _start(request: web.Request, kind: Kind) -> web.Response:
     data = await _body(request)
     if isinstance(data, web.Response):
         return data
+    # A known id answers its state before anything else is checked, as the Go agent does: a
+    # manager resending its request after a restart resumes polling whatever it sent.
+    existing = agent.get(kind, data["id"]) if isinstance(data.get("id"), str) else None
+    if existing is not None:
+        return _json(409, existing.public())
     model = BackupRequest if kind == "backup" else RestoreRequest
     try:
         req = model.model_validate(data)

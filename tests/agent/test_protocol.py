@@ -425,9 +425,10 @@ def test_409_resumes_never_a_second_run(make_agent, tmp_path: Path) -> None:
     assert body["status"] == "RUNNING" and body["message"] == "backup is running"
     assert body["state"] in ("pre-backup-lock", "pre-backup-check", "backup")
     assert body["end_time"] == "" and body["execution_time_ms"] == 0
-    # a different body under the same id is the same job too
+    # a different body under the same id is the same job too, even an incomplete one
     changed = backup_request("dup", backup={"database": "other"})
     assert agent.request("POST", "/backup", changed)[0] == 409
+    assert agent.request("POST", "/backup", {"id": "dup"})[0] == 409
     agent.wait_job("backup", "dup")
     status, body = agent.request("POST", "/backup", backup_request("dup"))
     assert status == 409 and body["status"] == "SUCCEEDED"
