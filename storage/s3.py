@@ -9,7 +9,9 @@ failure (pinned to the object's ETag, so a replaced object is never spliced).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import io
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -261,21 +263,31 @@ class S3Store(ObjectStore):
     async def upload(self, key: str, chunks: AsyncIterator[bytes]) -> StoredObject:
         full = full_key(self._prefix, key)
         reader = PartReader(chunks)
-        first = await reader.read(self.transfer.part_size)
-        if len(first) < self.transfer.part_size or await reader.at_end():
+        first = await reader.read_file(self.transfer.part_size)
+        if _length(first) < self.transfer.part_size or await reader.at_end():
             await self._call(
                 "write objects",
                 key,
                 lambda c: c.put_object(
-                    Bucket=self.settings.bucket, Key=full, Body=first, ContentLength=len(first)
+                    Bucket=self.settings.bucket,
+                    Key=full,
+                    Body=_rewound(first),
+                    ContentLength=_length(first),
                 ),
             )
         else:
-            await self._multipart(key, full, reader, first)
+            handed = [first]
+            del first  # the multipart upload frees it once it is sent
+            await self._multipart(key, full, reader, handed)
         log.info("s3_uploaded", bucket=self.settings.bucket, key=full, size=reader.size)
         return StoredObject(key=key, size=reader.size, sha256=reader.sha256)
 
-    async def _multipart(self, key: str, full: str, reader: PartReader, first: bytes) -> None:
+    async def _multipart(
+        self, key: str, full: str, reader: PartReader, handed: list[io.BytesIO]
+    ) -> None:
+        """Parts of growing size (see :func:`part_size_for`), at most ``part_size *
+        max_concurrency`` bytes of them in memory: the next part is read only once there is
+        room for it."""
         bucket = self.settings.bucket
         created = await self._call(
             "write objects",
@@ -288,32 +300,31 @@ class S3Store(ObjectStore):
         budget = self.transfer.part_size * self.transfer.max_concurrency
         completed = False
 
-        def reap(tasks: set[asyncio.Task[dict[str, Any]]]) -> None:
-            for task in tasks:
-                in_flight.pop(task)
-                done_parts.append(task.result())  # raises the part's failure
+        async def wait_for_room(size: int) -> None:
+            while in_flight and sum(in_flight.values()) + size > budget:
+                done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    in_flight.pop(task)
+                    done_parts.append(task.result())  # raises the part's failure
 
         try:
-            number, data = 1, first
-            while data:
+            number, data = 1, handed.pop()
+            while (length := _length(data)) > 0:
                 if number > MAX_PARTS:
                     raise StorageError(
                         f"The object {key!r} is larger than S3 allows in {MAX_PARTS} parts.",
                         step="write",
                     )
-                while in_flight and sum(in_flight.values()) + len(data) > budget:
-                    done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                    reap(done)
                 task = asyncio.create_task(self._part(key, full, upload_id, number, data))
-                in_flight[task] = len(data)
+                in_flight[task] = length
                 del data
                 number += 1
-                data = await reader.read(
-                    part_size_for(number, self.transfer.part_size, self.transfer.part_growth_every)
+                size = part_size_for(
+                    number, self.transfer.part_size, self.transfer.part_growth_every
                 )
-            while in_flight:
-                done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                reap(done)
+                await wait_for_room(size)
+                data = await reader.read_file(size)
+            await wait_for_room(budget + 1)  # all of them
             done_parts.sort(key=lambda p: p["PartNumber"])
             await self._complete(key, full, upload_id, done_parts, reader.size)
             completed = True
@@ -322,7 +333,7 @@ class S3Store(ObjectStore):
                 await finish_cleanup(self._abort(full, upload_id, list(in_flight)), self._pending)
 
     async def _part(
-        self, key: str, full: str, upload_id: str, number: int, data: bytes
+        self, key: str, full: str, upload_id: str, number: int, data: io.BytesIO
     ) -> dict[str, Any]:
         answer = await self._call(
             "write objects",
@@ -332,8 +343,8 @@ class S3Store(ObjectStore):
                 Key=full,
                 UploadId=upload_id,
                 PartNumber=number,
-                Body=data,
-                ContentLength=len(data),
+                Body=_rewound(data),  # a retry sends the part again from its start
+                ContentLength=_length(data),
             ),
         )
         part = {"PartNumber": number, "ETag": answer["ETag"]}
@@ -398,30 +409,89 @@ class S3Store(ObjectStore):
     async def download(
         self, key: str, *, expected_sha256: str | None = None
     ) -> AsyncIterator[bytes]:
+        """The first part streams as it arrives; past it, the next parts are fetched as ranged
+        GETs, ``max_concurrency`` ahead of the reader (what boto3's ``download_file`` does, in
+        order and in bounded memory). Every range is pinned to the first answer's ETag."""
         full = full_key(self._prefix, key)
         verifier = Verifier(key, expected_sha256)
-        etag: str | None = None
-        failures = 0
-        while True:
-            offset = verifier.size
-            extra: dict[str, str] = {}
-            if offset:
-                extra = {"Range": f"bytes={offset}-", "IfMatch": etag or "*"}
-            try:
-                answer = await self._call(
+        part = self.transfer.part_size
+        first = await self._get(key, full, 0, part - 1, None)
+        total = _total_size(first)
+        etag = first.get("ETag")
+        ahead: collections.deque[asyncio.Task[list[bytes]]] = collections.deque()
+        next_start = part if total is not None else 0
+
+        def schedule() -> None:
+            nonlocal next_start
+            while (
+                total is not None
+                and next_start < total
+                and len(ahead) < self.transfer.max_concurrency
+            ):
+                end = min(next_start + part, total) - 1
+                ahead.append(asyncio.create_task(self._range(key, full, next_start, end, etag)))
+                next_start = end + 1
+
+        try:
+            schedule()
+            async for chunk in self._stream(key, full, first, etag, part - 1):
+                await verifier.update(chunk)
+                yield chunk
+            while ahead:
+                chunks = await ahead.popleft()
+                schedule()
+                for chunk in chunks:
+                    await verifier.update(chunk)
+                    yield chunk
+                del chunks
+        finally:
+            for task in ahead:
+                task.cancel()
+            if ahead:
+                await asyncio.gather(*ahead, return_exceptions=True)
+        if total is not None and verifier.size != total:
+            raise TransientStorageError(
+                f"The object {key!r} came back with {verifier.size} bytes instead of {total}.",
+                step="read",
+            )
+        verifier.finish()
+
+    async def _get(
+        self, key: str, full: str, start: int, end: int | None, etag: str | None
+    ) -> dict[str, Any]:
+        """GET ``bytes=start-end`` (``end`` None: to the end), only if the ETag still matches."""
+        extra: dict[str, str] = {"Range": f"bytes={start}-{'' if end is None else end}"}
+        if etag:
+            extra["IfMatch"] = etag
+        try:
+            return await self._call(
+                "read objects",
+                key,
+                lambda c: c.get_object(Bucket=self.settings.bucket, Key=full, **extra),
+            )
+        except StorageError as exc:
+            if etag and _is_precondition(exc):
+                raise StorageError(
+                    f"The object {key!r} was replaced while it was being read.", step="read"
+                ) from None
+            if start == 0 and "InvalidRange" in exc.message:
+                # An empty object has no byte 0: ask for all of it.
+                return await self._call(
                     "read objects",
                     key,
-                    lambda c, extra=extra: c.get_object(
-                        Bucket=self.settings.bucket, Key=full, **extra
-                    ),
+                    lambda c: c.get_object(Bucket=self.settings.bucket, Key=full),
                 )
-            except StorageError as exc:
-                if offset and _is_precondition(exc):
-                    raise StorageError(
-                        f"The object {key!r} was replaced while it was being read.", step="read"
-                    ) from None
-                raise
-            etag = etag or answer.get("ETag")
+            raise
+
+    async def _stream(
+        self, key: str, full: str, answer: dict[str, Any], etag: str | None, end: int
+    ) -> AsyncIterator[bytes]:
+        """The body of ``answer`` chunk by chunk; after a transient failure, the rest of the
+        range from a new request (at most ``max_attempts`` times)."""
+        ranged = _total_size(answer) is not None
+        received = 0
+        failures = 0
+        while True:
             body = answer["Body"]
             try:
                 while True:
@@ -430,21 +500,52 @@ class S3Store(ObjectStore):
                     except Exception as exc:
                         raise self._classify(exc, "read objects", key) from None
                     if not chunk:
-                        break
-                    await verifier.update(chunk)
+                        return
+                    received += len(chunk)
                     yield chunk
-                break
             except StorageError as exc:
                 failures += 1
                 if not exc.transient or failures >= self.transfer.max_attempts:
                     raise
-                log.warning("s3_download_resume", key=full, offset=verifier.size, error=exc.code)
+                log.warning("s3_download_resume", key=full, offset=received, error=exc.code)
                 await asyncio.sleep(
                     min(self.transfer.backoff_max, self.transfer.backoff_initial * 2**failures)
                 )
             finally:
                 body.close()
-        verifier.finish()
+            answer = await self._get(key, full, received, end if ranged else None, etag)
+
+    async def _range(
+        self, key: str, full: str, start: int, end: int, etag: str | None
+    ) -> list[bytes]:
+        """Bytes ``start..end`` in memory, fetched again whole after a transient failure."""
+
+        async def fetch(client: Any) -> list[bytes]:
+            answer = await client.get_object(
+                Bucket=self.settings.bucket,
+                Key=full,
+                Range=f"bytes={start}-{end}",
+                **({"IfMatch": etag} if etag else {}),
+            )
+            chunks: list[bytes] = []
+            body = answer["Body"]
+            try:
+                while chunk := await body.read(DOWNLOAD_CHUNK):
+                    chunks.append(chunk)
+            finally:
+                body.close()
+            if sum(map(len, chunks)) != end - start + 1:
+                raise TransientStorageError(f"A range of {key!r} came back short.", step="read")
+            return chunks
+
+        try:
+            return await self._call("read objects", key, fetch)
+        except StorageError as exc:
+            if etag and _is_precondition(exc):
+                raise StorageError(
+                    f"The object {key!r} was replaced while it was being read.", step="read"
+                ) from None
+            raise
 
     # ------------------------------------------------------------------ the rest
 
@@ -544,6 +645,22 @@ def _reason(exc: BaseException) -> str:
     text = str(inner or exc) or type(exc).__name__
     # botocore puts the URL in front; the cause is the useful part.
     return short(text.split(": ", 1)[-1] if "://" in text else text, 200)
+
+
+def _length(part: io.BytesIO) -> int:
+    return part.getbuffer().nbytes
+
+
+def _rewound(part: io.BytesIO) -> io.BytesIO:
+    part.seek(0)
+    return part
+
+
+def _total_size(answer: dict[str, Any]) -> int | None:
+    """The object's size from a ranged answer's ``Content-Range`` (None for a whole object)."""
+    content_range = answer.get("ContentRange") or ""
+    size = content_range.rpartition("/")[2]
+    return int(size) if size.isdigit() else None
 
 
 def _is_precondition(exc: StorageError) -> bool:

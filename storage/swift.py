@@ -20,6 +20,7 @@ import datetime as dt
 import email.utils
 import functools
 import hashlib
+import io
 import json
 import re
 import threading
@@ -143,13 +144,32 @@ class _KeystoneAuth:
 
 
 class _Connection(swift_client.Connection):
-    """swiftclient's connection, except that a PUT of ``bytes`` may be sent again after the
-    token was renewed (swiftclient only knows how to rewind file objects, and refuses)."""
+    """swiftclient's connection, except that a body may be sent again after the token was
+    renewed (with ``retries=0`` swiftclient refuses to), and that it does not hold on to the
+    last body it sent."""
 
     def put_object(self, container: str, obj: str, contents: Any, **kwargs: Any) -> Any:
-        if isinstance(contents, bytes):
-            return self._retry(None, swift_client.put_object, container, obj, contents, **kwargs)
-        return super().put_object(container, obj, contents, **kwargs)
+        try:
+            if isinstance(contents, io.BytesIO):
+                contents.seek(0)
+                rewind = functools.partial(_rewind, contents)
+                return self._retry(
+                    rewind, swift_client.put_object, container, obj, contents, **kwargs
+                )
+            if isinstance(contents, bytes):
+                return self._retry(
+                    None, swift_client.put_object, container, obj, contents, **kwargs
+                )
+            return super().put_object(container, obj, contents, **kwargs)
+        finally:
+            # requests keeps the last response, and through it the request with its body: a
+            # whole segment per worker thread, for as long as the thread lives.
+            if self.http_conn:
+                self.http_conn[1].resp = None
+
+
+def _rewind(contents: io.BytesIO, *_: Any, **__: Any) -> None:
+    contents.seek(0)
 
 
 def _keystone_session(settings: SwiftSettings, transfer: TransferSettings) -> Any:
@@ -391,9 +411,9 @@ class SwiftStore(ObjectStore):
         full = full_key(self._prefix, key)
         reader = PartReader(chunks)
         size = self.transfer.part_size
-        first = await reader.read(size)
+        first = await reader.read_file(size)
         replaced = await self._uploads_behind(full)
-        if len(first) < size or await reader.at_end():
+        if _length(first) < size or await reader.at_end():
             etag = await asyncio.to_thread(_md5, first)
             await self._call(
                 "write objects",
@@ -402,20 +422,26 @@ class SwiftStore(ObjectStore):
                     self._container,
                     full,
                     contents=first,
-                    content_length=len(first),
+                    content_length=_length(first),
                     etag=etag,
                     content_type=OCTETS,
                 ),
                 missing="container",
             )
         else:
-            await self._large_upload(key, full, reader, first)
+            handed = [first]
+            del first  # the large upload frees it once it is sent
+            await self._large_upload(key, full, reader, handed)
         for old in replaced:  # the segments of the large object this one replaced
             await self._delete_segments(await self._segment_names(old))
         log.info("swift_uploaded", container=self._container, key=full, size=reader.size)
         return StoredObject(key=key, size=reader.size, sha256=reader.sha256)
 
-    async def _large_upload(self, key: str, full: str, reader: PartReader, first: bytes) -> None:
+    async def _large_upload(
+        self, key: str, full: str, reader: PartReader, handed: list[io.BytesIO]
+    ) -> None:
+        """Segments of ``part_size`` bytes, ``max_concurrency`` of them in flight; the next one
+        is read only once there is room for it."""
         await self._ensure_segments_container()
         limit = await self._manifest_limit()
         upload_id = f"{int(time.time())}-{uuid.uuid4().hex[:12]}"
@@ -432,18 +458,20 @@ class SwiftStore(ObjectStore):
                 entries[entry.pop("number")] = entry
 
         try:
-            number, data = 1, first
-            while data:
-                while len(in_flight) >= self.transfer.max_concurrency:
-                    done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                    reap(done)
+            number, data = 1, handed.pop()
+            while True:
                 name = f"{prefix}{number:08d}"
                 in_flight.add(
                     asyncio.create_task(self._put_segment(key, name, number, data, futures))
                 )
                 del data
                 number += 1
-                data = await reader.read(self.transfer.part_size)
+                while len(in_flight) >= self.transfer.max_concurrency:
+                    done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    reap(done)
+                data = await reader.read_file(self.transfer.part_size)
+                if not _length(data):
+                    break
             while in_flight:
                 done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                 reap(done)
@@ -475,9 +503,10 @@ class SwiftStore(ObjectStore):
         key: str,
         name: str,
         number: int,
-        data: bytes,
+        data: io.BytesIO,
         futures: set[concurrent.futures.Future[Any]],
     ) -> dict[str, Any]:
+        size = _length(data)
         etag = await asyncio.to_thread(_md5, data)
         stored = await self._call(
             "write objects",
@@ -486,7 +515,7 @@ class SwiftStore(ObjectStore):
                 self._segments,
                 name,
                 contents=data,
-                content_length=len(data),
+                content_length=size,
                 etag=etag,
                 content_type=OCTETS,
             ),
@@ -502,7 +531,7 @@ class SwiftStore(ObjectStore):
             "number": number,
             "path": f"/{self._segments}/{name}",
             "etag": etag,
-            "size_bytes": len(data),
+            "size_bytes": size,
         }
 
     async def _nest(
@@ -804,8 +833,14 @@ def _is_slo(headers: dict[str, str]) -> bool:
     return str(headers.get("x-static-large-object", "")).lower() == "true"
 
 
-def _md5(data: bytes) -> str:
-    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+def _md5(data: io.BytesIO) -> str:
+    with data.getbuffer() as view:
+        return hashlib.md5(view, usedforsecurity=False).hexdigest()
+
+
+def _length(data: io.BytesIO) -> int:
+    with data.getbuffer() as view:
+        return view.nbytes
 
 
 def _step(doing: str) -> str:

@@ -44,8 +44,9 @@ MAX_MANIFEST_SEGMENTS = 16
 
 
 class SwiftCluster:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, *, max_manifest_segments: int = MAX_MANIFEST_SEGMENTS) -> None:
         self.base = base
+        self.max_manifest_segments = max_manifest_segments
         self.etc = base / "etc"
         self.devices = base / "devices"
         self.ports = {n: free_port() for n in ("account", "container", "object", "proxy")}
@@ -119,7 +120,7 @@ class SwiftCluster:
             "token_life = 86400\n"
             f"fernet_key_k1 = {fernet}\nactive_fernet_key_id = k1\n\n"
             "[filter:slo]\nuse = egg:swift#slo\n"
-            f"max_manifest_segments = {MAX_MANIFEST_SEGMENTS}\n\n"
+            f"max_manifest_segments = {self.max_manifest_segments}\n\n"
             "[filter:catch_errors]\nuse = egg:swift#catch_errors\n\n"
             "[filter:gatekeeper]\nuse = egg:swift#gatekeeper\n\n"
             "[filter:healthcheck]\nuse = egg:swift#healthcheck\n\n"
@@ -278,8 +279,8 @@ class SwiftCluster:
 
 
 @contextlib.contextmanager
-def running_swift(base: Path) -> Iterator[SwiftCluster]:
-    cluster = SwiftCluster(base)
+def running_swift(base: Path, **options: Any) -> Iterator[SwiftCluster]:
+    cluster = SwiftCluster(base, **options)
     cluster.start()
     try:
         yield cluster
