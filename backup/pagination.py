@@ -3,11 +3,11 @@
 - **Keyset** (``cursor``): each page hands out ``next_cursor``, the sort key of its last
   document; the next page starts strictly after it. Stable under concurrent inserts: new
   documents land before the first page, never inside a later one.
-- **Numbered pages** (``page`` and ``size``): for tables that jump to page N. The first answer
-  carries ``as_of``, the sort key of the newest document when it was read; later pages sent
-  with that ``as_of`` count only documents at or before it, so inserts do not shift them and
-  ``total`` stays the same. (A deleted document still moves later ones up by one, as offsets
-  always do; cursors do not have that problem.)
+- **Numbered pages** (``page`` and ``size``): for tables that jump to page N. Each answer
+  carries ``as_of``, the moment its list was taken (the request's time unless one was sent);
+  pages asked with that ``as_of`` count only documents created until then, so inserts do not
+  shift them and ``total`` stays the same. (A deleted document still moves later ones up by
+  one, as offsets always do; cursors do not have that problem.)
 
 Both are carried by one opaque ``cursor`` string, so every ``list_page(limit, cursor)`` of the
 domain serves both: :func:`page_cursor` turns (page, as_of) into such a string. Callers never
@@ -35,7 +35,6 @@ MAX_PAGE = 10_000
 MAX_OFFSET = 100_000
 """Numbered pages skip documents one by one in the database: beyond this, use cursors."""
 _SORT = [("created_at", -1), ("_id", -1)]
-_KEY_FIELDS = {"created_at": 1}
 
 
 def now() -> datetime:
@@ -61,7 +60,7 @@ Key = tuple[datetime, str]
 @dataclass(frozen=True)
 class _Offset:
     page: int
-    as_of: Key | None
+    as_of: datetime | None
 
 
 def _bad_cursor(field: str = "cursor") -> InvalidInput:
@@ -87,7 +86,7 @@ def _unb64(text: str, field: str) -> Any:
 
 
 def _raw(key: Key) -> list[Any]:
-    return [int(key[0].timestamp() * 1000), key[1]]
+    return [_ms(key[0]), key[1]]
 
 
 def _key_of(doc: Document) -> Key:
@@ -119,13 +118,29 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     return _key(_unb64(cursor, "cursor"), "cursor")
 
 
+def _moment(value: Any, field: str) -> datetime:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _bad_cursor(field)
+    try:
+        return datetime.fromtimestamp(value / 1000, UTC)
+    except (ValueError, OverflowError, OSError):
+        raise _bad_cursor(field) from None
+
+
+def _ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
+
+
 def page_cursor(page: int, as_of: str | None = None) -> str:
-    """The cursor string that asks for numbered page ``page`` (1-based) of a list, pinned to
-    the ``as_of`` token of an earlier page if given."""
+    """The cursor string that asks for numbered page ``page`` (1-based) of a list, as it was
+    at the ``as_of`` of an earlier page if given."""
     if not 1 <= page <= MAX_PAGE:
         raise InvalidInput(f"page must be a whole number from 1 to {MAX_PAGE}.", field="page")
-    pinned = _key(_unb64(as_of, "as_of"), "as_of") if as_of else None
-    return _b64({"page": page, "as_of": _raw(pinned) if pinned else None})
+    pinned = None
+    if as_of:
+        value = _unb64(as_of, "as_of")
+        pinned = _moment(value.get("t") if isinstance(value, dict) else None, "as_of")
+    return _b64({"page": page, "as_of": _ms(pinned) if pinned else None})
 
 
 def _decode(cursor: str) -> Key | _Offset:
@@ -135,18 +150,13 @@ def _decode(cursor: str) -> Key | _Offset:
         if not isinstance(page, int) or isinstance(page, bool) or not 1 <= page <= MAX_PAGE:
             raise _bad_cursor()
         as_of = value.get("as_of")
-        return _Offset(page, _key(as_of, "cursor") if as_of is not None else None)
+        return _Offset(page, _moment(as_of, "cursor") if as_of is not None else None)
     return _key(value, "cursor")
 
 
 def _after(key: Key) -> dict[str, Any]:
     at, oid = key
     return {"$or": [{"created_at": {"$lt": at}}, {"created_at": at, "_id": {"$lt": oid}}]}
-
-
-def _at_or_before(key: Key) -> dict[str, Any]:
-    at, oid = key
-    return {"$or": [{"created_at": {"$lt": at}}, {"created_at": at, "_id": {"$lte": oid}}]}
 
 
 async def paginate(
@@ -188,12 +198,8 @@ async def _numbered(
             code="page_out_of_range",
             field="page",
         )
-    head = position.as_of
-    if head is None:
-        newest = await collection.find(query, _KEY_FIELDS).sort(_SORT).limit(1).to_list()
-        if newest:
-            head = _key_of(newest[0])
-    scoped = {"$and": [query, _at_or_before(head)]} if head else query
+    as_of = position.as_of or now()
+    scoped = {"$and": [query, {"created_at": {"$lte": as_of}}]}
 
     async def fetch() -> list[Document]:
         found = collection.find(scoped, projection).sort(_SORT).skip(skip).limit(limit + 1)
@@ -202,11 +208,10 @@ async def _numbered(
     docs, total = await asyncio.gather(fetch(), collection.count_documents(scoped))
     more = len(docs) > limit
     docs = docs[:limit]
-    as_of = _b64(_raw(head)) if head else None
     return Page(
         docs,
         total,
         encode_cursor(docs[-1]) if more and docs else None,
         page=position.page,
-        as_of=as_of,
+        as_of=_b64({"t": _ms(as_of)}),
     )

@@ -1,10 +1,24 @@
 """Throughput of the backup-manager API with JWT authentication on.
 
-One command: ``.venv/bin/python benchmarks/api_throughput.py [--concurrency 32] [--seconds 5]``.
-Starts an embedded database, a JWKS stand-in (in this process) and the service (a child
-process, as in production), loads one instance with 1,000 jobs and some plans, then measures
-listing plans, listing jobs (first page) and creating plans under concurrency, beside a bare
-aiohttp handler (a minimal JSON handler in its own process) measured in the same run.
+``.venv/bin/python benchmarks/api_throughput.py [--concurrency 32] [--seconds 5]``
+(or ``python -m benchmarks api_throughput``).
+
+Starts an embedded database, a JWKS stand-in (in this process, serving the signing key the way
+UAA's ``/token_keys`` does) and the service as a child process (as in production, background
+loops off), loads one instance with 10 plans and 1,000 jobs, then measures under concurrency,
+each request carrying an RS256 bearer token the service verifies:
+
+- listing plans, listing jobs (first page, a numbered page deep in the list, a filtered page),
+- creating plans,
+
+beside, in the same run, a bare aiohttp handler (its own process) answering the very bytes of
+the jobs page, and the database alone running the queries one jobs page costs.
+
+With the embedded database (SecantusDB) a list costs time proportional to the documents that
+match, not to the page (its planner fetches every index match and sorts them in memory), so
+the jobs figures are bounded by it: the last lines say how much of each request it takes.
+``--mongodb-url`` points the run at a real MongoDB instead (its database ``bench_api_<random>``
+is dropped afterwards).
 """
 
 from __future__ import annotations
@@ -14,12 +28,10 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +41,25 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pymongo import AsyncMongoClient
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backup import jobs  # noqa: E402
-from backup.embedded_db import EmbeddedMongo  # noqa: E402
-from backup.pagination import now  # noqa: E402
-from backup.secrets import generate_master_key_spec  # noqa: E402
-from tests.servers.ports import free_port, wait_listening  # noqa: E402
+from backup import jobs
+from backup.embedded_db import EmbeddedMongo
+from backup.pagination import now
+from backup.secrets import generate_master_key_spec
+from benchmarks._harness import (
+    Process,
+    Request,
+    Result,
+    bare_server,
+    free_port,
+    measure,
+    print_table,
+)
 
-BARE = """
-import sys
-from aiohttp import web
-async def ok(request):
-    return web.json_response({"items": [], "total": 0, "next_cursor": None})
-app = web.Application()
-app.router.add_get("/bare", ok)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
-"""
+ISSUER = "https://uaa.bench.example/oauth/token"
+JOBS = 1000
+PLANS = 10
 
 
 async def jwks_server(key: rsa.RSAPrivateKey) -> tuple[web.AppRunner, str]:
@@ -62,158 +75,132 @@ async def jwks_server(key: rsa.RSAPrivateKey) -> tuple[web.AppRunner, str]:
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, f"http://127.0.0.1:{port}"
+    return runner, f"http://127.0.0.1:{port}/token_keys"
 
 
-def start_processes(
-    env: dict[str, str], bare_port: int
-) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
-    """The service (``python -m broker``) and the bare aiohttp server, as child processes."""
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    service = subprocess.Popen([sys.executable, "-m", "broker"], cwd=ROOT, env=env, **quiet)
-    bare_cmd = [sys.executable, "-c", BARE, str(bare_port)]
-    return service, subprocess.Popen(bare_cmd, cwd=ROOT, **quiet)
+def operator_token(key: rsa.RSAPrivateKey) -> str:
+    claims = {
+        "sub": "operator",
+        "user_id": "operator",
+        "scope": ["openid", "backup_manager.admin"],
+        "aud": ["backup_manager"],
+        "iss": ISSUER,
+        "exp": int(time.time()) + 3600,
+    }
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "bench"})
 
 
-async def database_only(store: Any, instance_id: str) -> dict[str, float]:
-    """What the database alone spends on one jobs page, to tell it from the service's share."""
+async def load(db_url: str, db_name: str, base: str, auth: dict[str, str]) -> tuple[str, str]:
+    """One instance (written as provisioning writes it), a destination and plans through the
+    API, and 1,000 finished jobs with stage logs straight into the database."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(db_url, tz_aware=True)
+    store = client[db_name]
+    instance_id = base.rsplit("/", 1)[-1]
+    at = now()
+    await store.instances.insert_one(
+        {"_id": instance_id, "state": "ready", "items": ["db1", "db2"], "agent": {},
+         "database": {}, "secrets": {}, "created_at": at, "updated_at": at, "version": 1,
+         "schema_version": 1}
+    )  # fmt: skip
+    async with aiohttp.ClientSession(headers=auth) as http:
+        body = {"type": "S3", "name": "d", "endpoint": "http://127.0.0.1:9", "bucket": "bkt",
+                "access_key_id": "a", "secret_access_key": "s"}  # fmt: skip
+        async with http.post(base + "/destinations", json=body) as r:
+            assert r.status == 201, await r.text()
+            dest = (await r.json())["id"]
+        plan_ids = []
+        for n in range(PLANS):
+            body = {"name": f"plan-{n}", "destination_id": dest, "frequency": "0 3 * * *",
+                    "retention": {"style": "FILES", "period": 7}}  # fmt: skip
+            async with http.post(base + "/plans", json=body) as r:
+                assert r.status == 201, await r.text()
+                plan_ids.append((await r.json())["id"])
+    docs = [
+        jobs.new_job(
+            instance_id=instance_id,
+            type="BACKUP",
+            plan_id=plan_ids[n % PLANS],
+            destination_id=dest,
+            trigger="SCHEDULE",
+            items=[jobs.new_item("db1", logs={"backup": "x" * 2000})],
+            compression=True,
+            encryption={"enabled": False},
+            status="FAILED" if n % 10 == 0 else "SUCCEEDED",
+        )
+        for n in range(JOBS)
+    ]
+    await store.jobs.insert_many(docs)
+    await client.close()
+    return instance_id, dest
+
+
+async def database_only(db_url: str, db_name: str, instance_id: str) -> dict[str, float]:
+    """Milliseconds the database alone spends on what one jobs page asks of it (median of 20):
+    the page and the total, as the service runs them."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(db_url, tz_aware=True)
+    jobs_ = client[db_name].jobs
     query = {"instance_id": instance_id}
     timings: dict[str, list[float]] = {"page of 21": [], "count": []}
     for _ in range(20):
         started = time.perf_counter()
-        cursor = store.jobs.find(query, {"items.logs": 0}).sort([("created_at", -1), ("_id", -1)])
-        await cursor.limit(21).to_list()
+        found = jobs_.find(query, {"items.logs": 0}).sort([("created_at", -1), ("_id", -1)])
+        await found.limit(21).to_list()
         timings["page of 21"].append(time.perf_counter() - started)
         started = time.perf_counter()
-        await store.jobs.count_documents(query)
+        await jobs_.count_documents(query)
         timings["count"].append(time.perf_counter() - started)
+    await client.close()
     return {k: statistics.median(v) * 1000 for k, v in timings.items()}
 
 
-async def measure(
-    name: str,
-    concurrency: int,
-    seconds: float,
-    request: Callable[[aiohttp.ClientSession, int], Awaitable[int]],
-) -> dict[str, float]:
-    latencies: list[float] = []
-    errors = 0
-    counter = 0
-    deadline = time.perf_counter() + seconds
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as http:
+def get(url: str, headers: dict[str, str]) -> Request:
+    async def call(http: aiohttp.ClientSession, n: int) -> int:
+        async with http.get(url, headers=headers) as r:
+            await r.read()
+            return r.status
 
-        async def worker() -> None:
-            nonlocal errors, counter
-            while time.perf_counter() < deadline:
-                counter += 1
-                started = time.perf_counter()
-                status = await request(http, counter)
-                latencies.append(time.perf_counter() - started)
-                if status >= 400:
-                    errors += 1
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    latencies.sort()
-    return {
-        "name": name,
-        "requests": len(latencies),
-        "errors": errors,
-        "rps": len(latencies) / elapsed,
-        "p50_ms": statistics.median(latencies) * 1000,
-        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
-    }
+    return call
 
 
-async def main(concurrency: int, seconds: float) -> None:
+async def main(concurrency: int, seconds: float, mongodb_url: str | None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="api-bench-"))
-    db = EmbeddedMongo(tmp / "db")
-    db.start()
+    db = EmbeddedMongo(tmp / "db") if mongodb_url is None else None
+    if db is not None:
+        db.start()
+    db_url = db.url if db is not None else str(mongodb_url)
+    db_name = "bench" if db is not None else f"bench_api_{uuid.uuid4().hex[:8]}"
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     runner, jwks_url = await jwks_server(key)
-    issuer = "https://uaa.bench.example/oauth/token"
-    port, bare_port = free_port(), free_port()
+    port = free_port()
     env = {
         **os.environ,
-        "MONGODB_URL": db.url,
-        "MONGODB_DATABASE": "bench",
+        "MONGODB_URL": db_url,
+        "MONGODB_DATABASE": db_name,
         "PORT": str(port),
         "DATA_DIR": str(tmp / "data"),
-        "BROKER_PASSWORD": "bench-pw",
+        "BROKER_PASSWORD": "bench-broker-password",
         "SECRETS_MASTER_KEYS": generate_master_key_spec(),
-        "OIDC_ISSUER": issuer,
-        "OIDC_JWKS_URL": jwks_url + "/token_keys",
+        "OIDC_ISSUER": ISSUER,
+        "OIDC_JWKS_URL": jwks_url,
         "OIDC_AUDIENCE": "backup_manager",
         "OPERATOR_SCOPE": "backup_manager.admin",
-        "LOG_LEVEL": "INFO",
+        "BACKGROUND_ENABLED": "false",
+        "LOG_LEVEL": "WARNING",
     }
-    service, bare = start_processes(env, bare_port)
+    service = Process([sys.executable, "-m", "broker"], env=env, log=tmp / "service.log")
+    bare: Process | None = None
     try:
-        wait_listening(port, 60, service)
-        wait_listening(bare_port, 30, bare)
-        token = jwt.encode(
-            {
-                "sub": "operator",
-                "user_id": "operator",
-                "scope": ["openid", "backup_manager.admin"],
-                "aud": ["backup_manager"],
-                "iss": issuer,
-                "exp": int(time.time()) + 3600,
-            },
-            key,
-            algorithm="RS256",
-            headers={"kid": "bench"},
-        )
-        auth = {"Authorization": f"Bearer {token}"}
-        instance_id = str(uuid.uuid4())
-        client: AsyncMongoClient = AsyncMongoClient(db.url, tz_aware=True)
-        store = client["bench"]
-        at = now()
-        await store.instances.insert_one(
-            {"_id": instance_id, "state": "ready", "items": ["db1", "db2"], "agent": {},
-             "database": {}, "secrets": {}, "created_at": at, "updated_at": at,
-             "version": 1, "schema_version": 1}
-        )  # fmt: skip
-        base = f"http://127.0.0.1:{port}/v1/service_instances/{instance_id}"
-        async with aiohttp.ClientSession(headers=auth) as http:
-            async with http.post(
-                base + "/destinations",
-                json={"type": "S3", "name": "d", "endpoint": "http://127.0.0.1:9", "bucket": "bkt",
-                      "access_key_id": "a", "secret_access_key": "s"},
-            ) as r:  # fmt: skip
-                assert r.status == 201, await r.text()
-                dest = (await r.json())["id"]
-            plan_ids = []
-            for n in range(10):
-                async with http.post(
-                    base + "/plans",
-                    json={"name": f"plan-{n}", "destination_id": dest, "frequency": "0 3 * * *",
-                          "retention": {"style": "FILES", "period": 7}},
-                ) as r:  # fmt: skip
-                    assert r.status == 201, await r.text()
-                    plan_ids.append((await r.json())["id"])
-        docs = []
-        for n in range(1000):
-            doc = jobs.new_job(
-                instance_id=instance_id, type="BACKUP", plan_id=plan_ids[n % 10],
-                destination_id=dest, trigger="SCHEDULE",
-                items=[jobs.new_item("db1", logs={"backup": "x" * 2000})],
-                compression=True, encryption={"enabled": False}, status="SUCCEEDED",
-            )  # fmt: skip
-            docs.append(doc)
-        await store.jobs.insert_many(docs)
-        db_times = await database_only(store, instance_id)
-        await client.close()
-
-        async def get(url: str) -> Callable[[aiohttp.ClientSession, int], Awaitable[int]]:
-            async def call(http: aiohttp.ClientSession, n: int) -> int:
-                async with http.get(url, headers=auth) as r:
-                    await r.read()
-                    return r.status
-
-            return call
+        service.start(port, timeout=90)
+        auth = {"Authorization": f"Bearer {operator_token(key)}"}
+        base = f"http://127.0.0.1:{port}/v1/service_instances/{uuid.uuid4()}"
+        instance_id, dest = await load(db_url, db_name, base, auth)
+        async with aiohttp.ClientSession() as http:  # the bare server answers these bytes
+            async with http.get(base + "/jobs", headers=auth) as r:
+                assert r.status == 200, await r.text()
+                page = await r.read()
+        (tmp / "jobs-page.json").write_bytes(page)
+        bare, bare_url = bare_server(tmp / "jobs-page.json", log=tmp / "bare.log")
+        db_times = await database_only(db_url, db_name, instance_id)
 
         run = uuid.uuid4().hex[:6]
 
@@ -224,47 +211,47 @@ async def main(concurrency: int, seconds: float) -> None:
                 await r.read()
                 return r.status
 
-        results = [
-            await measure(
-                "bare aiohttp handler",
-                concurrency,
-                seconds,
-                await get(f"http://127.0.0.1:{bare_port}/bare"),
-            ),
-            await measure(
-                "GET /plans (10 plans)", concurrency, seconds, await get(base + "/plans")
-            ),
-            await measure(
-                "GET /jobs first page (of 1000)", concurrency, seconds, await get(base + "/jobs")
-            ),
-            await measure("POST /plans", concurrency, seconds, create),
+        scenarios: list[tuple[str, Request]] = [
+            (f"bare aiohttp handler ({len(page)} bytes)", get(bare_url, {})),
+            (f"GET /plans ({PLANS} plans)", get(base + "/plans", auth)),
+            (f"GET /jobs first page (of {JOBS})", get(base + "/jobs", auth)),
+            ("GET /jobs?page=40&size=20", get(base + "/jobs?page=40&size=20", auth)),
+            ("GET /jobs?status=FAILED", get(base + "/jobs?status=FAILED", auth)),
+            ("POST /plans", create),
         ]
-        print(f"\nconcurrency {concurrency}, {seconds:g} s each, JWT (RS256) auth on\n")
-        header = ("scenario", "requests", "errors", "req/s", "p50 ms", "p99 ms")
-        print("{:34} {:>9} {:>7} {:>9} {:>8} {:>8}".format(*header))
-        for r in results:
-            print(
-                f"{r['name']:34} {r['requests']:>9} {r['errors']:>7} {r['rps']:>9.0f} "
-                f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f}"
-            )
-        print(
-            "\ndatabase alone, same queries as GET /jobs (median of 20): "
-            + ", ".join(f"{k} {v:.1f} ms" for k, v in db_times.items())
+        results: list[Result] = []
+        for name, request in scenarios:
+            results.append(await measure(name, concurrency, seconds, request))
+        print_table(
+            results,
+            f"concurrency {concurrency}, {seconds:g} s each, every API request with an RS256 "
+            "bearer token (JWKS cached)",
         )
+        spent = sum(db_times.values())
+        print(
+            f"\ndatabase alone ({'embedded SecantusDB' if db else 'MongoDB'}), the queries of "
+            "one GET /jobs page, one after the other (median of 20): "
+            + ", ".join(f"{k} {v:.1f} ms" for k, v in db_times.items())
+            + f"; at most {1000 / spent:.0f} pages/s if the database serves one query at a time"
+        )
+        print(f"(logs in {tmp})")
     finally:
-        for proc in (service, bare):
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if bare is not None:
+            bare.stop()
+        service.stop()
         await runner.cleanup()
-        db.stop()
+        if db is not None:
+            db.stop()
+        else:
+            client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(db_url)
+            await client.drop_database(db_name)
+            await client.close()
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--mongodb-url", default=None, help="a real MongoDB (default: embedded)")
     args = parser.parse_args()
-    asyncio.run(main(args.concurrency, args.seconds))
+    asyncio.run(main(args.concurrency, args.seconds, args.mongodb_url))
