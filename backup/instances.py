@@ -38,7 +38,7 @@ import os
 import re
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
@@ -52,6 +52,7 @@ from backup import events, restore_points
 from backup.agent_client import AgentClient, AgentError, AgentInfo
 from backup.clock import Clock, SystemClock
 from backup.errors import BackupError, Conflict, Gone, InvalidInput, NotFound, Unprocessable
+from backup.retention import RetentionSweeper
 from backup.secrets import SecretBox, SecretKeyError
 from backup.store import SCHEMA_VERSION, Document, Store
 from storage import ObjectStore, open_store
@@ -285,6 +286,14 @@ class _OpFailed(Exception):
 
 class _LeaseLost(Exception):
     pass
+
+
+class _StorageRetry(Exception):
+    """A storage failure worth retrying; its message says what failed, in words."""
+
+
+def _describe(exc: Exception) -> str:
+    return exc.description if isinstance(exc, BackupError) else str(exc)
 
 
 def new_owner_id() -> str:
@@ -725,6 +734,11 @@ class Instances:
         )
         if running is not None:
             return False
+        leftovers = await self.store.jobs.find_one(
+            {"instance_id": doc["_id"], "pending_deletes.0": {"$exists": True}}, {"_id": 1}
+        )
+        if leftovers is not None:
+            return False
         if doc.get("delete_backups_on_deprovision"):
             point = await self.store.restore_points.find_one(
                 {"instance_id": doc["_id"]}, {"_id": 1}
@@ -1020,6 +1034,7 @@ class Instances:
             await self._heartbeat(doc, f"Waiting for {running} running job(s) to stop.")
             await self.clock.sleep(min(1.0, max((deadline - now).total_seconds(), 0.0)))
 
+        await self._delete_failed_uploads(doc)
         kept_files = 0
         if doc.get("delete_backups_on_deprovision"):
             await self._delete_stored_backups(doc)
@@ -1060,35 +1075,77 @@ class Instances:
         points = await self.store.restore_points.find({"instance_id": iid}, {"_id": 1}).to_list()
         total = len(points)
         for n, point in enumerate(points, 1):
-            await self._heartbeat(doc, f"Deleting stored backups ({n} of {total}).")
-            attempts, delay = 0, self.storage_retry_delay
-            while True:
+            progress = f"Deleting stored backups ({n} of {total})"
+
+            async def delete(point_id: str = point["_id"]) -> None:
                 try:
                     await restore_points.delete(
-                        self.store, self.box, iid, point["_id"], opener=self.opener
+                        self.store, self.box, iid, point_id, opener=self.opener
                     )
-                    break
                 except NotFound:
-                    break
+                    pass
                 except Conflict as exc:
                     # Its destination is gone: nothing can reach those files any more.
-                    log.warning(
-                        "restore_point_files_unreachable", point=point["_id"], code=exc.code
-                    )
-                    break
-                except BackupError as exc:
-                    attempts += 1
-                    if attempts >= self.storage_attempts:
-                        raise _OpFailed(
-                            f"Stored backups could not be deleted: {exc.description} "
-                            f"{total - n + 1} restore point(s) remain; delete the instance "
-                            "again to retry."
-                        ) from None
-                    await self._heartbeat(
-                        doc, f"Deleting stored backups ({n} of {total}): retrying."
-                    )
-                    await self.clock.sleep(delay)
-                    delay *= 2
+                    log.warning("restore_point_files_unreachable", point=point_id, code=exc.code)
+
+            await self._with_storage_retries(
+                doc,
+                progress,
+                delete,
+                f"Stored backups could not be deleted: {{error}} {total - n + 1} restore "
+                "point(s) remain; delete the instance again to retry.",
+            )
+
+    async def _delete_failed_uploads(self, doc: Document) -> None:
+        """Files that failed or cancelled backups uploaded are not backups: whatever was chosen
+        for the backups, they go with the instance, because the job records about to be deleted
+        are the only trace of them (see backup/retention.py, ``pending_deletes``)."""
+        iid = doc["_id"]
+        sweeper = RetentionSweeper(self.store, self.box, clock=self.clock, opener=self.opener)
+        jobs = await self.store.jobs.find(
+            {"instance_id": iid, "pending_deletes.0": {"$exists": True}}, {"pending_deletes": 1}
+        ).to_list()
+        for n, job in enumerate(jobs, 1):
+
+            async def delete(job_id: str = job["_id"]) -> None:
+                current = await self.store.jobs.find_one({"_id": job_id}, {"pending_deletes": 1})
+                result = await sweeper.delete_job_files(
+                    job_id, (current or {}).get("pending_deletes") or []
+                )
+                if result.errors:
+                    raise _StorageRetry(result.errors[0])
+
+            await self._with_storage_retries(
+                doc,
+                f"Deleting files of failed backups ({n} of {len(jobs)})",
+                delete,
+                "Files left by failed backups could not be deleted: {error}; delete the "
+                "instance again to retry.",
+            )
+
+    async def _with_storage_retries(
+        self,
+        doc: Document,
+        progress: str,
+        attempt: Callable[[], Awaitable[None]],
+        failure: str,
+    ) -> None:
+        """Run ``attempt`` until it succeeds, retrying a storage failure with a doubling delay
+        up to ``storage_attempts``; then fail the operation with ``failure`` (``{error}`` is
+        the last failure, in words)."""
+        attempts, delay = 0, self.storage_retry_delay
+        await self._heartbeat(doc, progress + ".")
+        while True:
+            try:
+                await attempt()
+                return
+            except (BackupError, _StorageRetry) as exc:
+                attempts += 1
+                if attempts >= self.storage_attempts:
+                    raise _OpFailed(failure.format(error=_describe(exc))) from None
+                await self._heartbeat(doc, f"{progress}: retrying.")
+                await self.clock.sleep(delay)
+                delay *= 2
 
     # ---------------------------------------------------------------- the sweep
 

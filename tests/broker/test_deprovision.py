@@ -201,3 +201,36 @@ async def test_running_jobs_are_abandoned_after_the_wait(
     result = await osb.wait(iid, data["operation"])
     assert result["state"] == "succeeded"
     assert "1 running job(s) were abandoned" in result["description"]
+
+
+async def test_files_of_failed_backups_are_deleted_even_when_backups_are_kept(
+    osb: Osb, broker: Service, agent_url: str, s3_settings: S3Settings
+) -> None:
+    """A failed backup's upload that could not be deleted at the time is recorded on its job
+    (``pending_deletes``); the job's record goes with the instance, so its file must too."""
+    iid = await osb.ready_instance(parameters(agent_url))
+    kept = await seed_backups(broker, iid, s3_settings, objects=1)
+    dest = await broker.store.destinations.find_one({"instance_id": iid})
+    orphan = f"{iid}/failed-job/dump.sql"
+    async with open_store(s3_settings) as store:
+
+        async def chunks() -> Any:
+            yield b"half a backup"
+
+        await store.upload(orphan, chunks())
+    await broker.store.jobs.insert_one(
+        {
+            **running_job(iid, "failed-1"),
+            "status": "FAILED",
+            "pending_deletes": [{"destination_id": dest["_id"], "key": orphan}],
+        }
+    )
+    status, data = await osb.deprovision(iid, accepts=False)
+    assert status == 422 and data["error"] == "AsyncRequired", "storage work is asynchronous"
+    status, data = await osb.deprovision(iid)
+    assert status == 202
+    result = await osb.wait(iid, data["operation"])
+    assert result["state"] == "succeeded", result
+    assert not await exists(s3_settings, orphan)
+    assert await exists(s3_settings, kept[0]), "backups are kept by default"
+    assert all(v == 0 for v in (await records(broker, iid)).values())
