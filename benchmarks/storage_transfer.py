@@ -77,14 +77,15 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one transfer in this (fresh) process; return its figures."""
     tool, direction = spec["tool"], spec["direction"]
     if tool == "storage":
-        from storage import S3Settings, SwiftSettings, open_store
+        from storage import S3Settings, SwiftSettings, TransferSettings, open_store
 
         settings_cls = S3Settings if spec["backend"] == "s3" else SwiftSettings
         settings = settings_cls.model_validate(spec["settings"])
+        transfer = TransferSettings(**spec.get("transfer", {}))
         base = rss_now()
 
         async def run() -> None:
-            async with open_store(settings) as store:
+            async with open_store(settings, transfer) as store:
                 if spec["backend"] == "s3":
                     await store._s3()  # the client's construction, excluded for boto3 too
                 started[0] = time.perf_counter()
@@ -193,6 +194,8 @@ def main() -> int:
     parser.add_argument("--backends", default="s3,swift")
     parser.add_argument("--dir", default=None, help="where the generated files go")
     parser.add_argument("--repeat", type=int, default=1, help="runs per figure (median)")
+    parser.add_argument("--part-size", default=None, help="storage's part size (default: its own)")
+    parser.add_argument("--concurrency", type=int, default=None, help="storage's parts in flight")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -203,6 +206,11 @@ def main() -> int:
     from tests.servers.swift import SwiftCluster
 
     sizes = [parse_size(s) for s in args.sizes.split(",")]
+    transfer: dict[str, int] = {}
+    if args.part_size:
+        transfer["part_size"] = parse_size(args.part_size)
+    if args.concurrency:
+        transfer["max_concurrency"] = args.concurrency
     backends = args.backends.split(",")
     work = Path(tempfile.mkdtemp(prefix="storage-bench-", dir=args.dir))
     servers: list[Any] = []
@@ -246,6 +254,7 @@ def main() -> int:
                             "direction": "up",
                             "key": f"bench/{tool}-{uuid.uuid4().hex[:8]}",
                             "path": str(source),
+                            "transfer": transfer,
                         }
                         up = run_child(spec)
                         figures["up"].append(up)

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import io
 import re
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from typing import TypeVar
@@ -82,6 +83,59 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
 def short(text: str, limit: int = 300) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_PLAIN_REASONS = (
+    ("refused", "connection refused"),
+    ("name or service not known", "host name not found"),
+    ("nodename nor servname", "host name not found"),
+    ("temporary failure in name resolution", "host name not found"),
+    ("no route to host", "no route to host"),
+    ("network is unreachable", "network unreachable"),
+    ("certificate verify failed", "certificate verify failed"),
+    ("wrong version number", "the endpoint does not speak TLS"),
+    ("timed out", "timed out"),
+    ("timeout", "timed out"),
+    ("reset by peer", "connection reset"),
+    ("server disconnected", "the server closed the connection"),
+    ("remote end closed", "the server closed the connection"),
+    ("not enough data", "the answer was cut short"),
+)
+
+
+_PLAIN_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
+    (ConnectionRefusedError, "connection refused"),
+    (ConnectionResetError, "connection reset"),
+    (socket.gaierror, "host name not found"),
+    (TimeoutError, "timed out"),
+)
+
+
+def plain_reason(exc: BaseException, secrets: Iterable[str | None] = ()) -> str:
+    """What went wrong with a connection, in a few words rather than a client's traceback."""
+    text = str(exc)
+    causes: list[object] = []
+    todo: list[object] = [exc]
+    while todo and len(causes) < 8:
+        item = todo.pop()
+        if item is None or item in causes:
+            continue
+        causes.append(item)
+        todo += [
+            getattr(item, "kwargs", {}).get("error"),  # botocore wraps the client's error
+            getattr(item, "os_error", None),  # aiohttp wraps the socket's
+            getattr(item, "__cause__", None),
+            getattr(item, "__context__", None),
+        ]
+    for cause in causes:
+        for kind, words in _PLAIN_ERRORS:
+            if isinstance(cause, kind):
+                return words
+    lowered = " ".join(str(c) for c in causes).lower()
+    for hint, words in _PLAIN_REASONS:
+        if hint in lowered:
+            return words
+    return short(redact(text, secrets), 200) or type(exc).__name__
 
 
 class PartReader:

@@ -31,6 +31,7 @@ from storage._support import (
     finish_cleanup,
     full_key,
     normalise_prefix,
+    plain_reason,
     redact,
     short,
     with_retries,
@@ -142,6 +143,10 @@ class S3Store(ObjectStore):
                     retries={"mode": "standard", "total_max_attempts": 1},
                     max_pool_connections=t.max_concurrency + 4,
                     tcp_keepalive=True,
+                    # Bytes are protected on the way by TLS, or over plain HTTP by the signed
+                    # SHA-256 of each request body, and end to end by our SHA-256: a CRC32 as
+                    # well would only be a third pass over every byte.
+                    request_checksum_calculation="when_required",
                 )
                 verify: bool | str | None = None
                 if not s.verify_tls:
@@ -222,13 +227,12 @@ class S3Store(ObjectStore):
             return StorageError(f"{self._where} refused to {doing} ({said}).", step=step)
         if isinstance(exc, bx.SSLError | aiohttp.ClientSSLError):
             return TLSFailure(
-                f"The TLS connection to {self._where} failed: "
-                f"{short(redact(str(exc), self._secrets))}",
+                f"The TLS connection to {self._where} failed ({plain_reason(exc, self._secrets)}).",
                 step=step,
             )
         if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError):
             return EndpointUnreachable(
-                f"{self._where} cannot be reached ({_reason(exc)}).", step=step
+                f"{self._where} cannot be reached ({plain_reason(exc, self._secrets)}).", step=step
             )
         if isinstance(
             exc,
@@ -243,7 +247,8 @@ class S3Store(ObjectStore):
             | ConnectionError,
         ):
             return TransientStorageError(
-                f"The connection to {self._where} failed while trying to {doing} ({_reason(exc)}).",
+                f"The connection to {self._where} failed while trying to {doing} "
+                f"({plain_reason(exc, self._secrets)}).",
                 step=step,
             )
         if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
@@ -638,13 +643,6 @@ def _step(doing: str) -> str:
     if doing.startswith("list"):
         return "list"
     return "read"
-
-
-def _reason(exc: BaseException) -> str:
-    inner = getattr(exc, "kwargs", {}).get("error")
-    text = str(inner or exc) or type(exc).__name__
-    # botocore puts the URL in front; the cause is the useful part.
-    return short(text.split(": ", 1)[-1] if "://" in text else text, 200)
 
 
 def _length(part: io.BytesIO) -> int:

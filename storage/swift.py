@@ -44,6 +44,7 @@ from storage._support import (
     finish_cleanup,
     full_key,
     normalise_prefix,
+    plain_reason,
     redact,
     short,
     with_retries,
@@ -338,7 +339,7 @@ class SwiftStore(ObjectStore):
         where = s.auth_url
         if isinstance(exc, requests.exceptions.SSLError):
             return TLSFailure(
-                f"The TLS connection to Swift failed: {_reason(exc, self._secrets)}", step=step
+                f"The TLS connection to Swift failed: {plain_reason(exc, self._secrets)}", step=step
             )
         if isinstance(exc, requests.exceptions.ConnectTimeout):
             return EndpointUnreachable(
@@ -346,7 +347,8 @@ class SwiftStore(ObjectStore):
             )
         if isinstance(exc, requests.exceptions.ConnectionError) and _refused(exc):
             return EndpointUnreachable(
-                f"Swift at {where} cannot be reached ({_reason(exc, self._secrets)}).", step=step
+                f"Swift at {where} cannot be reached ({plain_reason(exc, self._secrets)}).",
+                step=step,
             )
         if isinstance(
             exc,
@@ -357,12 +359,12 @@ class SwiftStore(ObjectStore):
         ):
             return TransientStorageError(
                 f"The connection to Swift failed while trying to {doing} "
-                f"({_reason(exc, self._secrets)}).",
+                f"({plain_reason(exc, self._secrets)}).",
                 step=step,
             )
         return StorageError(
             f"Unexpected failure while trying to {doing} on Swift "
-            f"({type(exc).__name__}: {_reason(exc, self._secrets)}).",
+            f"({type(exc).__name__}: {plain_reason(exc, self._secrets)}).",
             step=step,
         )
 
@@ -870,21 +872,6 @@ def _refused(exc: BaseException) -> bool:
     )
 
 
-def _reason(exc: BaseException, secrets: tuple[str, ...]) -> str:
-    text = str(exc)
-    for hint, words in (
-        ("refused", "connection refused"),
-        ("name or service not known", "host name not found"),
-        ("temporary failure in name resolution", "host name not found"),
-        ("certificate verify failed", "certificate verify failed"),
-        ("timed out", "timed out"),
-        ("reset by peer", "connection reset"),
-    ):
-        if hint in text.lower():
-            return words
-    return short(redact(text, secrets), 200) or type(exc).__name__
-
-
 def _keystone_error(
     exc: BaseException, s: SwiftSettings, step: str, secrets: tuple[str, ...]
 ) -> StorageError | None:
@@ -907,11 +894,11 @@ def _keystone_error(
         )
     if isinstance(exc, ka.SSLError):
         return TLSFailure(
-            f"The TLS connection to {where} failed: {_reason(exc, secrets)}", step=step
+            f"The TLS connection to {where} failed: {plain_reason(exc, secrets)}", step=step
         )
     if isinstance(exc, ka.ConnectTimeout | ka.ConnectFailure):
         return EndpointUnreachable(
-            f"The identity service {where} cannot be reached ({_reason(exc, secrets)}).",
+            f"The identity service {where} cannot be reached ({plain_reason(exc, secrets)}).",
             step=step,
         )
     if isinstance(exc, ka.EndpointNotFound | ka.EmptyCatalog):
@@ -923,7 +910,7 @@ def _keystone_error(
         )
     if isinstance(exc, ka.RetriableConnectionFailure):
         return TransientStorageError(
-            f"The identity service {where} failed temporarily ({_reason(exc, secrets)}).",
+            f"The identity service {where} failed temporarily ({plain_reason(exc, secrets)}).",
             step=step,
         )
     status = getattr(exc, "http_status", None)

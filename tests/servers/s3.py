@@ -49,8 +49,9 @@ def weed_binary() -> str:
 class SeaweedS3:
     """One ``weed mini`` process: master, volume, filer and S3 gateway, all on loopback."""
 
-    def __init__(self, base: Path, *, tls: bool = False) -> None:
+    def __init__(self, base: Path, *, tls: bool = False, domain: str | None = None) -> None:
         self.base = base
+        self.domain = domain  # answers virtual-host requests for <bucket>.<domain>
         self.data = base / "data"
         self.logs = base / "logs"
         self.access_key = "AKTEST" + uuid.uuid4().hex[:14].upper()
@@ -131,6 +132,8 @@ class SeaweedS3:
             "-admin.ui=false",
             "-webdav=false",
         ]
+        if self.domain:
+            cmd.append(f"-s3.domainName={self.domain}")
         if self.tls:
             cert, key = self._make_certificate()
             cmd += [
@@ -343,8 +346,8 @@ def self_signed_chain(hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> tu
 
 
 @contextlib.contextmanager
-def running_s3(base: Path, *, tls: bool = False) -> Iterator[SeaweedS3]:
-    server = SeaweedS3(base, tls=tls)
+def running_s3(base: Path, **options: Any) -> Iterator[SeaweedS3]:
+    server = SeaweedS3(base, **options)
     server.start()
     try:
         yield server

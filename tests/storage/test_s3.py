@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
@@ -54,6 +56,32 @@ async def test_plain_http_to_a_tls_endpoint_is_not_retried_forever(tls_server: S
     async with open_store(settings, transfer) as store:
         report = await store.validate()
         assert not report.ok and report.failure is not None
+
+
+async def test_virtual_host_addressing(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``bucket.host`` requests, as AWS and most S3-compatibles prefer. The one stand-in: the
+    wildcard DNS such a deployment has, by a resolver that maps ``*.localhost`` to loopback."""
+    asked: list[str] = []
+    resolve = socket.getaddrinfo
+
+    def wildcard_dns(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, str) and host.endswith(".localhost"):
+            asked.append(host)
+            host = "127.0.0.1"
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", wildcard_dns)
+    with running_s3(tmp_path_factory.mktemp("s3-vhost"), domain="localhost") as server:
+        endpoint = server.endpoint_url.replace("127.0.0.1", "localhost")
+        settings = server.settings(endpoint=endpoint, addressing_style="virtual")
+        async with open_store(settings, TransferSettings(part_size=5 * MiB)) as store:
+            stored = await store.upload("v/obj", stream(6 * MiB))
+            assert await download_digest(store, "v/obj") == (6 * MiB, stored.sha256)
+            assert [o.key async for o in store.list()] == ["v/obj"]
+            assert (await store.validate()).ok
+        assert f"{settings.bucket}.localhost" in asked
 
 
 def test_part_sizes_grow_so_unknown_lengths_fit_in_10000_parts() -> None:
