@@ -197,12 +197,14 @@ async def scenario(
     overran = datetime.now(UTC) >= t0
     cpu0 = [r.cpu() for r in group]
     db0 = sum(db_ps.cpu_times()[:2]) if db_ps else 0.0
-    end = t0 + timedelta(seconds=(window if kind == "spread" else 0) + 180)
+    last_fire = t0 + timedelta(milliseconds=step_ms * (plans - 1))
+    end = last_fire + timedelta(seconds=600)
+    due = {"next_run_at": {"$lte": last_fire}}
     while datetime.now(UTC) < end:
         await asyncio.sleep(1)
-        if await store.jobs.estimated_document_count() >= plans:
-            break
-    await asyncio.sleep(1)
+        if await store.plans.count_documents(due) == 0:
+            break  # every plan advanced past its fire
+    pending = await store.plans.count_documents(due)
     cpu = sum(r.cpu() - c for r, c in zip(group, cpu0, strict=True))
     db_cpu = (sum(db_ps.cpu_times()[:2]) - db0) if db_ps else float("nan")
     results = [r.finish() for r in group]
@@ -213,6 +215,8 @@ async def scenario(
     per_fire = await cursor.to_list()
     duplicates = sum(d["n"] - 1 for d in per_fire if d["n"] > 1)
     fired_plans = len({d["_id"]["p"] for d in per_fire})
+    # a lost fire: its plan was advanced past it, yet it has no job (must never happen)
+    lost = plans - pending - fired_plans
     not_queued = await store.jobs.count_documents({"status": {"$ne": "QUEUED"}})
     stats = [r["stats"] for r in results]
     await store.client.drop_database(database)
@@ -229,7 +233,8 @@ async def scenario(
         "p50": pct(lags, 50),
         "p99": pct(lags, 99),
         "max": max(lags) if lags else float("nan"),
-        "missed": plans - fired_plans,
+        "missed": lost,
+        "pending": pending,
         "duplicates": duplicates,
         "not_queued": not_queued,
         "cpu_per_fire_ms": 1000 * cpu / max(1, fires),
@@ -291,12 +296,13 @@ async def reference(server: EmbeddedMongo, instances: int) -> dict[str, float]:
 def report(rows: list[dict[str, Any]]) -> None:
     print(
         f"{'scenario':<10}{'replicas':>9}{'fires':>8}{'p50 s':>9}{'p99 s':>9}{'max s':>9}"
-        f"{'missed':>8}{'dup':>5}{'CPU ms/fire':>13}{'DB CPU ms/fire':>16}  jobs per replica"
+        f"{'missed':>8}{'late':>6}{'dup':>5}{'CPU ms/fire':>13}{'DB CPU ms/fire':>16}"
+        "  jobs per replica"
     )
     for r in rows:
         print(
             f"{r['kind']:<10}{r['replicas']:>9}{r['fires']:>8}{r['p50']:>9.3f}{r['p99']:>9.3f}"
-            f"{r['max']:>9.3f}{r['missed']:>8}{r['duplicates']:>5}{r['cpu_per_fire_ms']:>13.2f}"
+            f"{r['max']:>9.3f}{r['missed']:>8}{r['pending']:>6}{r['duplicates']:>5}{r['cpu_per_fire_ms']:>13.2f}"
             f"{r['db_cpu_per_fire_ms']:>16.2f}  {r['per_replica']}"
             + ("  (setup overran the first fires: rerun)" if r["overran"] else "")
         )
@@ -343,6 +349,10 @@ async def main(args: argparse.Namespace) -> int:
         f"server's CPU in batches of 500, so this database can take at most about "
         f"{1000 / ref['wall_ms']:.0f} fires/s right now; the spread runs ask for "
         f"{args.plans / args.window:.0f}/s."
+    )
+    print(
+        "missed = fires whose plan moved on without a job (lost); late = fires still not "
+        "handled 10 minutes after the last one; dup = fires with more than one job."
     )
     print("Targets: spread p99 < 1 s, no missed, no duplicate fire.")
     print(f"Load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")

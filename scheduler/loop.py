@@ -136,6 +136,8 @@ class Scheduler:
         self._upcoming: list[datetime] = []  # fire times known in the window, sorted
         self._horizon: datetime | None = None  # the end of that window
         self._busy = False  # the last pass found due plans
+        self._stale = True  # the known fire times must be read again
+        self._healthy_since: datetime | None = None  # since when the loop's passes succeed
         """When the loop will look again unless woken (None while it works)."""
 
     # ------------------------------------------------------------------ lifecycle
@@ -160,6 +162,7 @@ class Scheduler:
 
     def wake(self) -> None:
         """Look at the plans again at once (a plan was created, changed or deleted)."""
+        self._stale = True
         self._wake.set()
 
     @property
@@ -167,12 +170,13 @@ class Scheduler:
         return self._task is not None and not self._task.done()
 
     async def _loop(self) -> None:
-        refresh = True
         while True:
             self._wake.clear()  # a change during the pass triggers another pass at once
             started = self.clock.now()
             try:
                 await self.run_once()
+                if self._healthy_since is None:
+                    self._healthy_since = started
                 interval = self.settings.pass_interval_seconds
                 if self._busy and interval > 0 and not self._wake.is_set():
                     # Busy: more fires are surely coming. Look again one interval after this
@@ -182,7 +186,7 @@ class Scheduler:
                     spent = (self.clock.now() - started).total_seconds()
                     timeout = max(0.0, interval * random.uniform(0.8, 1.2) - spent)
                 else:
-                    timeout = await self._until_next_fire(refresh)
+                    timeout = await self._until_next_fire()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -190,13 +194,14 @@ class Scheduler:
                 log.exception("scheduler_pass_failed", replica=self.replica_id)
                 timeout = self.settings.error_backoff_seconds
                 self._horizon = None
+                self._healthy_since = None  # fires due meanwhile may have been missed
             self.next_wake_at = self.clock.now() + timedelta(seconds=timeout)
             try:
-                refresh = await self.clock.wait(self._wake, timeout)
+                await self.clock.wait(self._wake, timeout)
             finally:
                 self.next_wake_at = None
 
-    async def _until_next_fire(self, refresh: bool) -> float:
+    async def _until_next_fire(self) -> float:
         """Seconds until the earliest known fire, at most until the end of the window.
 
         The fire times of the window ``(now, now + SCHEDULER_POLL_SECONDS]`` are read with
@@ -205,7 +210,8 @@ class Scheduler:
         busy minute costs one read of the plans due soon, not one per pass. A plan changed on
         another replica is seen at the next read, within the window."""
         now = self.clock.now()
-        if refresh or self._horizon is None or now >= self._horizon:
+        if self._stale or self._horizon is None or now >= self._horizon:
+            self._stale = False  # (a change during the read marks it stale again)
             horizon = now + timedelta(seconds=self.settings.poll_seconds)
             times = [
                 doc["next_run_at"]
@@ -239,22 +245,31 @@ class Scheduler:
         queued = 0
         recorded_before = self.stats.already_recorded
         batch = self.settings.batch_size
-        while True:
-            now = self.clock.now()
-            due = await (
-                self.store.plans.find({"paused": False, "next_run_at": {"$lte": now}}, PLAN_FIELDS)
-                .limit(batch)
-                .to_list()
-            )
-            if not due:
-                break
-            self._busy = True
-            n = await self._fire_batch(due, now)
-            queued += n
-            if n:
-                events.jobs_queued.fire()  # the runner may start while later batches are written
-            if len(due) < batch:
-                break
+        # Replicas start at random points of the (uniformly random) plan ids and work up from
+        # there, then wrap around: in a burst of fires each writes its own part, since what
+        # another replica already advanced is no longer due, instead of all three inserting
+        # the same batch and two of them being refused.
+        pivot = uuid.uuid4().hex
+        for part in ({"$gte": pivot}, {"$not": {"$gte": pivot}}):
+            while True:
+                now = self.clock.now()
+                due = await (
+                    self.store.plans.find(
+                        {"paused": False, "next_run_at": {"$lte": now}, "_id": part},
+                        PLAN_FIELDS,
+                    )
+                    .limit(batch)
+                    .to_list()
+                )
+                if not due:
+                    break
+                self._busy = True
+                n = await self._fire_batch(due, now)
+                queued += n
+                if n:
+                    events.jobs_queued.fire()  # the runner may start on the first batches
+                if len(due) < batch:
+                    break
         if len(self._next_cache) > 10_000:
             self._next_cache.clear()
         if queued:
@@ -266,10 +281,18 @@ class Scheduler:
             )
         return queued
 
+    def _on_time(self, fire: datetime, now: datetime) -> bool:
+        """Whether a fire is handled as on time. A fire is a misfire only when no scheduler
+        could have handled it: more than the threshold late *and* before this replica's loop
+        was running (and reaching the database). A fire that is late because this replica is
+        busy (a burst of fires, a slow database) is not missed: it runs as scheduled."""
+        if now - fire <= timedelta(seconds=self.settings.misfire_threshold_seconds):
+            return True
+        return self._healthy_since is not None and fire >= self._healthy_since
+
     async def _fire_batch(self, due: list[Document], now: datetime) -> int:
-        threshold = timedelta(seconds=self.settings.misfire_threshold_seconds)
-        on_time = [p for p in due if now - p["next_run_at"] <= threshold]
-        late = [p for p in due if now - p["next_run_at"] > threshold]
+        on_time = [p for p in due if self._on_time(p["next_run_at"], now)]
+        late = [p for p in due if not self._on_time(p["next_run_at"], now)]
         queued = await self._fire_on_time(on_time, now) if on_time else 0
         for plan in late:
             queued += await self._misfire(plan, now)

@@ -343,6 +343,24 @@ async def test_a_single_late_fire_within_the_grace_is_caught_up(
     assert plan["next_run_at"] == utc(2026, 3, 1, 2)
 
 
+async def test_a_fire_late_because_the_running_replica_was_busy_is_no_misfire(
+    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+) -> None:
+    instance = await seed_instance(store)
+    plan = await seed_plan(store, box, instance, frequency="0 * * * *", at=clock.now())
+    s = make_scheduler(poll_seconds=300)
+    await s.start()
+    await idle(s)
+    # The clock runs on to 01:10 while the loop is held up (a burst, a slow database): the
+    # 01:00 fire is handled 10 minutes late by a scheduler that was running all along.
+    before = s.stats.passes
+    await clock.advance(to=utc(2026, 3, 1, 1, 10))
+    await idle(s, before)
+    [job] = await jobs_of(store, plan["_id"])
+    assert job["scheduled_for"] == utc(2026, 3, 1, 1) and job["trigger"] == "SCHEDULE"
+    assert job["status"] == "QUEUED" and s.stats.catch_ups == 0
+
+
 async def test_a_short_gap_within_the_threshold_is_no_misfire(
     store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
