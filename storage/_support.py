@@ -10,6 +10,7 @@ import hashlib
 import io
 import re
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from typing import TypeVar
@@ -111,22 +112,42 @@ _PLAIN_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
 )
 
 
-def plain_reason(exc: BaseException, secrets: Iterable[str | None] = ()) -> str:
-    """What went wrong with a connection, in a few words rather than a client's traceback."""
-    text = str(exc)
+def tls_reason(exc: BaseException) -> str:
+    """Why a TLS handshake failed, keeping the TLS library's own words (users search them)."""
+    for cause in _causes(exc):
+        verify = getattr(cause, "verify_message", None)
+        if isinstance(cause, ssl.SSLCertVerificationError) and verify:
+            return f"certificate verify failed: {verify}"
+        reason = getattr(cause, "reason", None)  # aiohttp's SSL errors subclass SSLError
+        if isinstance(cause, ssl.SSLError) and isinstance(reason, str) and reason:
+            if reason == "WRONG_VERSION_NUMBER":
+                return "wrong version number: the endpoint does not speak TLS on that port"
+            return reason.replace("_", " ").lower()
+    return plain_reason(exc)
+
+
+def _causes(exc: BaseException) -> list[object]:
+    """``exc`` and what it wraps: botocore's ``error``, aiohttp's ``os_error``, the chain."""
     causes: list[object] = []
     todo: list[object] = [exc]
     while todo and len(causes) < 8:
         item = todo.pop()
-        if item is None or item in causes:
+        if item is None or any(item is c for c in causes):
             continue
         causes.append(item)
         todo += [
-            getattr(item, "kwargs", {}).get("error"),  # botocore wraps the client's error
-            getattr(item, "os_error", None),  # aiohttp wraps the socket's
+            getattr(item, "kwargs", {}).get("error"),
+            getattr(item, "os_error", None),
             getattr(item, "__cause__", None),
             getattr(item, "__context__", None),
         ]
+    return causes
+
+
+def plain_reason(exc: BaseException, secrets: Iterable[str | None] = ()) -> str:
+    """What went wrong with a connection, in a few words rather than a client's traceback."""
+    text = str(exc)
+    causes = _causes(exc)
     for cause in causes:
         for kind, words in _PLAIN_ERRORS:
             if isinstance(cause, kind):

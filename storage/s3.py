@@ -34,6 +34,7 @@ from storage._support import (
     plain_reason,
     redact,
     short,
+    tls_reason,
     with_retries,
 )
 from storage.base import (
@@ -176,9 +177,20 @@ class S3Store(ObjectStore):
             except StorageError:
                 raise
             except Exception as exc:
-                raise self._classify(exc, doing, key) from None
+                raise self._safely_classified(exc, doing, key) from None
 
         return await with_retries(self.transfer, doing, once)
+
+    def _safely_classified(self, exc: BaseException, doing: str, key: str | None) -> StorageError:
+        try:
+            return self._classify(exc, doing, key)
+        except Exception:  # a client raising something unforeseen must still be explained
+            log.exception("s3_unclassified_error", error=type(exc).__name__)
+            return StorageError(
+                f"Unexpected failure while trying to {doing} on {self._where} "
+                f"({type(exc).__name__}).",
+                step=_step(doing),
+            )
 
     def _classify(self, exc: BaseException, doing: str, key: str | None) -> StorageError:
         bucket = self.settings.bucket
@@ -227,7 +239,7 @@ class S3Store(ObjectStore):
             return StorageError(f"{self._where} refused to {doing} ({said}).", step=step)
         if isinstance(exc, bx.SSLError | aiohttp.ClientSSLError):
             return TLSFailure(
-                f"The TLS connection to {self._where} failed ({plain_reason(exc, self._secrets)}).",
+                f"The TLS connection to {self._where} failed ({tls_reason(exc)}).",
                 step=step,
             )
         if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError):
@@ -503,7 +515,7 @@ class S3Store(ObjectStore):
                     try:
                         chunk = await body.read(DOWNLOAD_CHUNK)
                     except Exception as exc:
-                        raise self._classify(exc, "read objects", key) from None
+                        raise self._safely_classified(exc, "read objects", key) from None
                     if not chunk:
                         return
                     received += len(chunk)

@@ -47,6 +47,7 @@ from storage._support import (
     plain_reason,
     redact,
     short,
+    tls_reason,
     with_retries,
 )
 from storage.base import (
@@ -283,9 +284,21 @@ class SwiftStore(ObjectStore):
             except StorageError:
                 raise
             except Exception as exc:
-                raise self._classify(exc, doing, key, missing) from None
+                raise self._safely_classified(exc, doing, key, missing) from None
 
         return await with_retries(self.transfer, doing, once)
+
+    def _safely_classified(
+        self, exc: BaseException, doing: str, key: str | None, missing: str
+    ) -> StorageError:
+        try:
+            return self._classify(exc, doing, key, missing)
+        except Exception:  # a client raising something unforeseen must still be explained
+            log.exception("swift_unclassified_error", error=type(exc).__name__)
+            return StorageError(
+                f"Unexpected failure while trying to {doing} on Swift ({type(exc).__name__}).",
+                step=_step(doing),
+            )
 
     def _classify(
         self, exc: BaseException, doing: str, key: str | None, missing: str
@@ -338,9 +351,7 @@ class SwiftStore(ObjectStore):
             return ks
         where = s.auth_url
         if isinstance(exc, requests.exceptions.SSLError):
-            return TLSFailure(
-                f"The TLS connection to Swift failed: {plain_reason(exc, self._secrets)}", step=step
-            )
+            return TLSFailure(f"The TLS connection to Swift failed ({tls_reason(exc)}).", step=step)
         if isinstance(exc, requests.exceptions.ConnectTimeout):
             return EndpointUnreachable(
                 f"Swift at {where} cannot be reached (connection timed out).", step=step
@@ -699,7 +710,9 @@ class SwiftStore(ObjectStore):
                         try:
                             chunk = await loop.run_in_executor(self._pool, next, body, b"")
                         except Exception as exc:
-                            raise self._classify(exc, "read objects", key, "object") from None
+                            raise self._safely_classified(
+                                exc, "read objects", key, "object"
+                            ) from None
                         if not chunk:
                             break
                         await verifier.update(chunk)
@@ -893,9 +906,7 @@ def _keystone_error(
             f"{where} did not let the user use project {s.project_name!r}.", step=step
         )
     if isinstance(exc, ka.SSLError):
-        return TLSFailure(
-            f"The TLS connection to {where} failed: {plain_reason(exc, secrets)}", step=step
-        )
+        return TLSFailure(f"The TLS connection to {where} failed ({tls_reason(exc)}).", step=step)
     if isinstance(exc, ka.ConnectTimeout | ka.ConnectFailure):
         return EndpointUnreachable(
             f"The identity service {where} cannot be reached ({plain_reason(exc, secrets)}).",
