@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import os
 import re
 import shutil
@@ -80,6 +81,10 @@ class Agent:
     async def start(self) -> None:
         for d in (self.cfg.directory_backup, self.cfg.directory_restore):
             d.mkdir(parents=True, exist_ok=True)
+        # The storage backends import botocore / swiftclient lazily; a second of CPU that
+        # belongs to the start, not to the first backup.
+        for module in ("storage.s3", "storage.swift"):
+            await asyncio.to_thread(importlib.import_module, module)
         self._recover()
         self._sweeper = asyncio.create_task(self._sweep_loop())
 
