@@ -28,6 +28,7 @@ import jwt
 import structlog
 from aiohttp import web
 
+from backup.instances import LIVE_STATES
 from backup.store import Document, Store
 from broker.api.settings import ApiSettings
 from broker.config import Settings
@@ -35,7 +36,6 @@ from broker.errors import ApiError
 
 log = structlog.get_logger(__name__)
 
-LIVE_STATES = ("ready", "updating")
 _ALGORITHMS = ("RS256", "ES256")
 _CHALLENGE = 'Bearer realm="backup-manager", Basic realm="backup-manager"'
 _CACHE_MAX = 10_000

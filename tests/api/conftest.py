@@ -141,7 +141,6 @@ async def start_api(
     monkeypatch.setenv("JWKS_MIN_REFRESH_SECONDS", "0")
     monkeypatch.setenv("MIN_PLAN_INTERVAL_SECONDS", "3600")
     monkeypatch.setenv("JOB_LOG_MAX_BYTES", "1024")
-    monkeypatch.setenv("DESTINATION_VALIDATE_TIMEOUT", "20")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return Api(await start_service(mongo_url, tmp_path), stand_in, cc)

@@ -17,7 +17,16 @@ import pytest
 from broker.api.routes import OPERATIONS
 from broker.api.settings import load_api_settings
 from broker.config import ConfigError
-from tests.api.conftest import S3_BODY, Api, add_instance, plan_body, sample_body, seed, start_api
+from tests.api.conftest import (
+    ITEMS,
+    S3_BODY,
+    Api,
+    add_instance,
+    plan_body,
+    sample_body,
+    seed,
+    start_api,
+)
 from tests.servers.broker import BROKER_PASSWORD, BROKER_USER, stop_service
 from tests.servers.cloud_controller import CloudController
 from tests.servers.ports import free_port
@@ -470,3 +479,37 @@ async def test_issuer_down_is_503_every_time_not_401(
             assert (status, body["error"]) == (503, "identity_provider_unavailable"), body
     finally:
         await stop_service(api.service)
+
+
+async def test_a_binding_made_through_osb_gives_the_application_its_instance(api: Api) -> None:
+    """The platform binds an app (OSB), the app uses the credentials it got."""
+    svc = api.service
+    async with await svc.osb("GET", "/v2/catalog") as r:
+        assert r.status == 200
+        service = (await r.json())["services"][0]
+    plan = next(p for p in service["plans"] if p.get("bindable", service.get("bindable")))
+    instance = await add_instance(api.store)
+    await api.store.instances.update_one(
+        {"_id": instance}, {"$set": {"service_id": service["id"], "plan_id": plan["id"]}}
+    )
+    other = await add_instance(api.store)
+    path = f"/v2/service_instances/{instance}/service_bindings/app-1"
+    body = {"service_id": service["id"], "plan_id": plan["id"], "app_guid": "app"}
+    async with await svc.osb("PUT", path, json=body) as r:
+        assert r.status == 201, await r.text()
+        credentials = (await r.json())["credentials"]
+    key = credentials["key"]
+    assert credentials["uri"].endswith(f"/v1/service_instances/{instance}")
+    async with svc.http.get(
+        credentials["uri"] + "/items", headers={"Authorization": f"Bearer {key}"}
+    ) as r:
+        assert r.status == 200 and (await r.json())["items"] == ITEMS
+    created = await api.call("POST", "/destinations", instance=instance, token=key, json=S3_BODY)
+    assert created[0] == 201
+    assert (await api.call("GET", "/plans", instance=other, token=key))[0] == 404
+    async with await svc.osb(
+        "DELETE", path + f"?service_id={service['id']}&plan_id={plan['id']}"
+    ) as r:
+        assert r.status == 200, await r.text()
+    status, body = await api.call("GET", "/plans", instance=instance, token=key)
+    assert status == 401 and body["error"] == "unauthorized"
