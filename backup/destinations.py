@@ -208,14 +208,6 @@ async def _check_name(store: Store, instance_id: str, name: str, own_id: str | N
         raise _duplicate(name)
 
 
-async def ensure_unique_names(store: Store) -> None:
-    """The database refuses two destinations of one instance with one name, whatever the
-    number of replicas creating them at once."""
-    await store.destinations.create_index(
-        [("instance_id", 1), ("name", 1)], unique=True, name="destination_name_per_instance"
-    )
-
-
 async def create(
     store: Store,
     box: SecretBox,

@@ -39,6 +39,7 @@ INDEXES: dict[str, list[IndexModel]] = {
     ],
     "destinations": [
         IndexModel([("instance_id", ASCENDING), ("created_at", ASCENDING)]),
+        IndexModel([("instance_id", ASCENDING), ("name", ASCENDING)], unique=True),
     ],
     "plans": [
         IndexModel([("instance_id", ASCENDING), ("name", ASCENDING)], unique=True),

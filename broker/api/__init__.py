@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from backup import destinations
 from broker.api import openapi
 from broker.api.auth import AUTHORIZER, Authorizer
 from broker.api.routes import API_SETTINGS, OPENER, add_routes
@@ -25,7 +24,6 @@ def setup(app: web.Application, api_settings: ApiSettings | None = None) -> None
     app[OPENER] = open_store
 
     async def authorizer(app: web.Application) -> AsyncIterator[None]:
-        await destinations.ensure_unique_names(app[STORE])
         app[AUTHORIZER] = Authorizer(app[SETTINGS], app[API_SETTINGS], app[STORE])
         yield
         await app[AUTHORIZER].close()
