@@ -179,7 +179,10 @@ for (const [tag, ops] of Object.entries(byTag)) {
     const body = op.requestBody ? refName(op.requestBody.content['application/json'].schema) : '';
     const resp = Object.entries(op.responses).map(([c, r]) => {
       const s = r.content ? refName(r.content['application/json'].schema) : '';
-      return `<li><b>${c}</b> ${esc(r.description)} ${s ? '<code>' + esc(s) + '</code>' : ''}</li>`;
+      const shown = s && c < 300 ? `<details><summary><code>${esc(s)}</code></summary>` +
+        `<pre>${esc(JSON.stringify(spec.components.schemas[s], null, 2))}</pre></details>` :
+        (s ? '<code>' + esc(s) + '</code>' : '');
+      return `<li><b>${c}</b> ${esc(r.description)} ${shown}</li>`;
     }).join('');
     const q = op.parameters.filter(p => p.in === 'query')
       .map(p => `<li><code>${esc(p.name)}</code> ${esc(p.description || '')}</li>`).join('');

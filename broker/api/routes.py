@@ -469,7 +469,7 @@ async def list_jobs(c: Ctx) -> Any:
 )
 async def get_job(c: Ctx) -> Any:
     doc = await jobs.get(c.store, c.instance_id, c.param("job_id"))
-    return out(m.JobOut, views.job(doc, c.api.job_log_max_bytes))
+    return out(m.JobOut, views.job(doc, c.api.job_log_max_bytes, c.api.job_logs_total_max_bytes))
 
 
 @op(

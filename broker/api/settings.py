@@ -79,6 +79,14 @@ class ApiSettings(BaseSettings):
         validation_alias="JOB_LOG_MAX_BYTES",
         description="Each stage log of a job is cut to its last N bytes in API answers.",
     )
+    job_logs_total_max_bytes: int = Field(
+        default=1024 * 1024,
+        ge=4096,
+        le=64 * 1024 * 1024,
+        validation_alias="JOB_LOGS_TOTAL_MAX_BYTES",
+        description="All stage logs of one job answer together stay under about this many "
+        "bytes: with many items each log gets an equal, smaller share (at least 256 bytes).",
+    )
     validate_timeout_seconds: float = Field(
         default=60.0, gt=0, validation_alias="DESTINATION_VALIDATE_TIMEOUT"
     )

@@ -54,16 +54,23 @@ def truncate(text: Any, limit: int) -> str:
     return f"[... {len(raw) - len(tail.encode())} earlier bytes cut ...]\n{tail}"
 
 
-def job(doc: Document, log_limit: int | None) -> dict[str, Any]:
-    """``log_limit``: include stage logs, each cut to that many bytes (reading one job)."""
+MIN_LOG_SHARE = 256
+
+
+def job(doc: Document, log_limit: int | None, total_limit: int | None = None) -> dict[str, Any]:
+    """``log_limit``: include stage logs, each cut to its last ``log_limit`` bytes (reading one
+    job); with ``total_limit``, a job with many logs gives each an equal smaller share, so the
+    answer stays bounded whatever the number of items."""
     items = []
-    for item in doc.get("items") or []:
+    logs = [item.get("logs") or {} for item in doc.get("items") or []]
+    share = log_limit
+    stages = sum(len(stage_logs) for stage_logs in logs)
+    if share is not None and total_limit is not None and stages:
+        share = min(share, max(MIN_LOG_SHARE, total_limit // stages))
+    for item, item_logs in zip(doc.get("items") or [], logs, strict=True):
         view = {k: v for k, v in item.items() if k not in ("logs", "agent_job_id", "key")}
-        if log_limit is not None:
-            view["logs"] = {
-                str(stage): truncate(text, log_limit)
-                for stage, text in (item.get("logs") or {}).items()
-            }
+        if share is not None:
+            view["logs"] = {str(stage): truncate(text, share) for stage, text in item_logs.items()}
         items.append(view)
     return {**doc, "id": doc["_id"], "items": items}
 
