@@ -229,3 +229,37 @@ async def test_delete_refused_while_files_wait_to_be_deleted(
     await api.store.jobs.update_one({"_id": "failed-job"}, {"$unset": {"pending_deletes": ""}})
     status, _ = await api.call("DELETE", f"/destinations/{destination['id']}", instance=instance)
     assert status == 204
+
+
+async def test_concurrent_changes_never_lose_one_silently(
+    api: Api, instance: str, destination: dict
+) -> None:
+    """Each change is a compare-and-set on the version: a change based on a version another one
+    replaced is refused (409), never applied over it. Six changes of six different fields race;
+    every accepted one must carry all changes accepted before it."""
+    path = f"/destinations/{destination['id']}"
+    patches = [
+        {"bucket": "bucket-two"},
+        {"prefix": "db/"},
+        {"region": "eu-west-1"},
+        {"access_key_id": "AKIA-other"},
+        {"addressing_style": "path"},
+        {"name": "renamed"},
+    ]
+    results = await asyncio.gather(
+        *(api.call("PATCH", path, instance=instance, json=p) for p in patches)
+    )
+    won = sorted(
+        ((body["version"], patch) for (status, body), patch in zip(results, patches, strict=True)
+         if status == 200),
+        key=lambda w: w[0],
+    )  # fmt: skip
+    lost = [body for status, body in results if status != 200]
+    assert won and all(b["error"] == "concurrent_update" for b in lost), results
+    answers = {body["version"]: body for status, body in results if status == 200}
+    for n, (version, _) in enumerate(won):
+        for _, earlier in won[: n + 1]:
+            field, value = next(iter(earlier.items()))
+            assert answers[version][field] == value, (version, earlier, answers[version])
+    _, final = await api.call("GET", path, instance=instance)
+    assert final["version"] == 1 + len(won) == won[-1][0]
