@@ -37,6 +37,7 @@ import urllib3
 from swiftclient.exceptions import ClientException
 
 from storage._support import (
+    ATTEMPTS,
     PROBE_PREFIX,
     PartReader,
     Verifier,
@@ -63,9 +64,10 @@ from storage.base import (
     TLSFailure,
     TransientStorageError,
     ValidationReport,
+    ValidationStep,
 )
 from storage.settings import SwiftSettings, TransferSettings
-from storage.validation import probe
+from storage.validation import VALIDATION_ATTEMPTS, probe
 
 log = structlog.get_logger("storage.swift")
 
@@ -327,10 +329,9 @@ class SwiftStore(ObjectStore):
                     f"Swift refused the credentials while trying to {doing} ({said}).", step=step
                 )
             if status == 403:
+                where = "" if "'" in doing else f" in the container {self._container!r}"
                 return PermissionDenied(
-                    f"The credentials may not {doing} in the container {self._container!r} "
-                    f"({said}).",
-                    step=step,
+                    f"The credentials may not {doing}{where} ({said}).", step=step
                 )
             if status == 404:
                 if missing == "container":
@@ -398,7 +399,7 @@ class SwiftStore(ObjectStore):
         policy = (await self._check_container()).get("policy")
         headers = {"X-Storage-Policy": policy} if policy else {}
         await self._call(
-            "create the segments container",
+            f"create or write the segments container {self._segments!r}",
             None,
             lambda c: c.put_container(self._segments, headers=headers),
             missing="container",
@@ -756,11 +757,11 @@ class SwiftStore(ObjectStore):
             await self._check_container("delete objects")  # unlike the object, an error
         # Segments of an upload of this key that never finished (a crashed writer).
         pattern = re.compile(re.escape(full) + r"/slo/[^/]+/[^/]+")
-        leftovers = [
-            item["name"]
-            for item in await self._listing(self._segments, f"{full}/slo/", missing="ok")
-            if pattern.fullmatch(item["name"])
-        ]
+        try:
+            names = await self._segment_names(f"{full}/slo/")
+        except PermissionDenied:
+            return  # a user who may not read the segments container cannot have written there
+        leftovers = [name for name in names if pattern.fullmatch(name)]
         if leftovers:
             await self._delete_segments(leftovers)
             log.info("swift_orphan_segments_deleted", key=full, count=len(leftovers))
@@ -780,7 +781,7 @@ class SwiftStore(ObjectStore):
         while True:
             try:
                 _, page = await self._call(
-                    "list objects",
+                    "list objects" if container == self._container else f"list {container!r}",
                     None,
                     lambda c, marker=marker: c.get_container(
                         container, prefix=prefix, marker=marker, limit=LISTING_LIMIT
@@ -828,7 +829,30 @@ class SwiftStore(ObjectStore):
         )
 
     async def validate(self) -> ValidationReport:
-        return await probe(self, PROBE_PREFIX + uuid.uuid4().hex)
+        """The probe, then the same in the segments container (creating it if need be): large
+        backups write there, and a destination that can take only small ones is not valid."""
+        name = PROBE_PREFIX + uuid.uuid4().hex
+        report = await probe(self, name)
+        if not report.ok:
+            return report
+        token = ATTEMPTS.set(VALIDATION_ATTEMPTS)
+        try:
+            await self._ensure_segments_container()
+            doing = f"create or write the segments container {self._segments!r}"
+            await self._call(
+                doing,
+                None,
+                lambda c: c.put_object(self._segments, name, b"probe", content_type=OCTETS),
+                missing="container",
+            )
+            with contextlib.suppress(ObjectNotFound):
+                await self._call(doing, None, lambda c: c.delete_object(self._segments, name))
+        except StorageError as exc:
+            failed = ValidationStep("write", False, exc.code, exc.message)
+            return ValidationReport(False, [*report.steps, failed])
+        finally:
+            ATTEMPTS.reset(token)
+        return report
 
     async def aclose(self) -> None:
         if self._pending:

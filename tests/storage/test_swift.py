@@ -12,6 +12,7 @@ from swiftclient.exceptions import ClientException
 from storage import (
     AuthenticationFailed,
     EndpointUnreachable,
+    PermissionDenied,
     StorageError,
     SwiftSettings,
     TransferSettings,
@@ -134,3 +135,31 @@ def test_server_errors_are_transient() -> None:
             assert not store._classify(exc, "write objects", "k", "object").transient
     finally:
         store._pool.shutdown()
+
+
+async def test_validation_checks_the_segments_container(swift_server: SwiftCluster) -> None:
+    """A user who may write the container (an ACL) but not create containers can store small
+    objects only: validation says so, instead of the first large backup failing."""
+    container = swift_server.make_container()
+    conn = swift_server.connection()
+    try:
+        conn.post_container(
+            container,
+            {"X-Container-Read": swift_server.reader, "X-Container-Write": swift_server.reader},
+        )
+    finally:
+        conn.close()
+    settings = swift_server.settings(
+        container, username=swift_server.reader, password=swift_server.reader_key
+    )
+    async with open_store(settings, FAST) as store:
+        await store.upload("small", stream(10))  # the ACL lets it write the container
+        report = await store.validate()
+        assert [s.name for s in report.steps] == ["write", "read", "delete", "write"]
+        failure = report.failure
+        assert failure is not None and failure.error_code == "storage_permission_denied"
+        assert f"{container}_segments" in (failure.message or "")
+        with pytest.raises(PermissionDenied):
+            await store.upload("large", stream(2 * PARTS.part_size))
+    async with open_store(swift_server.settings(container), FAST) as owner:
+        assert (await owner.validate()).ok  # the owner creates the segments container
