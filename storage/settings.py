@@ -69,7 +69,7 @@ class TransferSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    part_size: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    part_size: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024, le=5 * 1024**3)
     """Bytes per multipart part / SLO segment; also the large-object threshold."""
     max_concurrency: int = Field(default=4, ge=1, le=32)
     """Parts in flight at once; peak memory is about part_size * (max_concurrency + 1)."""

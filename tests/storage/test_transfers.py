@@ -7,7 +7,13 @@ import hashlib
 
 import pytest
 
-from storage import ChecksumMismatch, InvalidKey, ObjectNotFound, TransferSettings
+from storage import (
+    ChecksumMismatch,
+    InvalidKey,
+    ObjectNotFound,
+    StorageError,
+    TransferSettings,
+)
 from tests.storage.conftest import SMALL_PARTS, Backend
 from tests.storage.support import MiB, SourceFailed, data, digest, download_digest, read_all, stream
 
@@ -172,3 +178,19 @@ async def test_cancelled_upload_leaves_nothing_behind(backend: Backend) -> None:
     assert backend.leftovers() == []
     async with backend.open() as store:
         assert [o.key async for o in store.list()] == []
+
+
+async def test_an_object_replaced_while_it_is_read_is_not_spliced(backend: Backend) -> None:
+    """What is read after the first answer is pinned to its ETag (S3 ranges, a resumed Swift
+    stream): once the object is replaced, the download fails instead of mixing two objects."""
+    size = 8 * PART
+    async with backend.open(SMALL_PARTS.model_copy(update={"max_concurrency": 1})) as store:
+        await store.upload("moving", stream(size))
+        received = 0
+        with pytest.raises(StorageError) as caught:
+            async for chunk in store.download("moving"):
+                if received == 0:
+                    await store.upload("moving", _flipped(size))  # its old segments go too
+                received += len(chunk)
+        assert "was replaced while it was being read" in str(caught.value)
+        assert received < size
