@@ -87,7 +87,7 @@ class Encryptor:
         self._counter = 0
         self._header_sent = False
 
-    def _seal(self, data: bytes, final: bool) -> bytes:
+    def _seal(self, data: bytes | memoryview, final: bool) -> bytes:
         out = self._aead.encrypt(_nonce(self._prefix, self._counter, final), data, self._header)
         self._counter += 1
         return out
@@ -99,9 +99,13 @@ class Encryptor:
             self._header_sent = True
         self._buf += data
         # Strictly more than one chunk: the last chunk must stay back to carry the final flag.
-        while len(self._buf) > self._chunk:
-            out.append(self._seal(bytes(self._buf[: self._chunk]), False))
-            del self._buf[: self._chunk]
+        # Chunks are sealed straight from a view of the buffer, then dropped all at once.
+        view, pos = memoryview(self._buf), 0
+        while len(self._buf) - pos > self._chunk:
+            out.append(self._seal(view[pos : pos + self._chunk], False))
+            pos += self._chunk
+        view.release()
+        del self._buf[:pos]
         return b"".join(out)
 
     def finalize(self) -> bytes:
@@ -138,7 +142,7 @@ class Decryptor:
         self._frame = chunk + _TAG
         self._aead = AESGCM(_derive_key(self._passphrase, salt, log2_n))
 
-    def _open(self, data: bytes, final: bool) -> bytes:
+    def _open(self, data: bytes | memoryview, final: bool) -> bytes:
         assert self._aead is not None
         try:
             out = self._aead.decrypt(_nonce(self._prefix, self._counter, final), data, self._header)
@@ -162,9 +166,12 @@ class Decryptor:
                 return b""
             self._read_header()
         out = []
-        while len(self._buf) > self._frame:
-            out.append(self._open(bytes(self._buf[: self._frame]), False))
-            del self._buf[: self._frame]
+        view, pos = memoryview(self._buf), 0
+        while len(self._buf) - pos > self._frame:
+            out.append(self._open(view[pos : pos + self._frame], False))
+            pos += self._frame
+        view.release()
+        del self._buf[:pos]
         return b"".join(out)
 
     def finalize(self) -> bytes:
