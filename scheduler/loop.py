@@ -245,31 +245,22 @@ class Scheduler:
         queued = 0
         recorded_before = self.stats.already_recorded
         batch = self.settings.batch_size
-        # Replicas start at random points of the (uniformly random) plan ids and work up from
-        # there, then wrap around: in a burst of fires each writes its own part, since what
-        # another replica already advanced is no longer due, instead of all three inserting
-        # the same batch and two of them being refused.
-        pivot = uuid.uuid4().hex
-        for part in ({"$gte": pivot}, {"$not": {"$gte": pivot}}):
-            while True:
-                now = self.clock.now()
-                due = await (
-                    self.store.plans.find(
-                        {"paused": False, "next_run_at": {"$lte": now}, "_id": part},
-                        PLAN_FIELDS,
-                    )
-                    .limit(batch)
-                    .to_list()
-                )
-                if not due:
-                    break
-                self._busy = True
-                n = await self._fire_batch(due, now)
-                queued += n
-                if n:
-                    events.jobs_queued.fire()  # the runner may start on the first batches
-                if len(due) < batch:
-                    break
+        while True:
+            now = self.clock.now()
+            due = await (
+                self.store.plans.find({"paused": False, "next_run_at": {"$lte": now}}, PLAN_FIELDS)
+                .limit(batch)
+                .to_list()
+            )
+            if not due:
+                break
+            self._busy = True
+            n = await self._fire_batch(due, now)
+            queued += n
+            if n:
+                events.jobs_queued.fire()  # the runner may start on the first batches
+            if len(due) < batch:
+                break
         if len(self._next_cache) > 10_000:
             self._next_cache.clear()
         if queued:
