@@ -8,6 +8,7 @@ UAA's ``/token_keys`` does) and the service as a child process (as in production
 loops off), loads one instance with 10 plans and 1,000 jobs, then measures under concurrency,
 each request carrying an RS256 bearer token the service verifies:
 
+- the instance's items (the token check and one indexed lookup: the API's own overhead),
 - listing plans, listing jobs (first page, a numbered page deep in the list, a filtered page),
 - creating plans,
 
@@ -213,6 +214,7 @@ async def main(concurrency: int, seconds: float, mongodb_url: str | None) -> Non
 
         scenarios: list[tuple[str, Request]] = [
             (f"bare aiohttp handler ({len(page)} bytes)", get(bare_url, {})),
+            ("GET /items (token check + one lookup)", get(base + "/items", auth)),
             (f"GET /plans ({PLANS} plans)", get(base + "/plans", auth)),
             (f"GET /jobs first page (of {JOBS})", get(base + "/jobs", auth)),
             ("GET /jobs?page=40&size=20", get(base + "/jobs?page=40&size=20", auth)),
