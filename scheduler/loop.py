@@ -138,6 +138,7 @@ class Scheduler:
         self._busy = False  # the last pass found due plans
         self._stale = True  # the known fire times must be read again
         self._healthy_since: datetime | None = None  # since when the loop's passes succeed
+        self._handled_until: datetime | None = None  # the last pass read all plans due by then
         """When the loop will look again unless woken (None while it works)."""
 
     # ------------------------------------------------------------------ lifecycle
@@ -210,19 +211,22 @@ class Scheduler:
         busy minute costs one read of the plans due soon, not one per pass. A plan changed on
         another replica is seen at the next read, within the window."""
         now = self.clock.now()
+        # Fires after the last pass's read count, even if they are already past now: time
+        # moves on between that read and this one.
+        handled = min(self._handled_until or now, now)
         if self._stale or self._horizon is None or now >= self._horizon:
             self._stale = False  # (a change during the read marks it stale again)
             horizon = now + timedelta(seconds=self.settings.poll_seconds)
             times = [
                 doc["next_run_at"]
                 async for doc in self.store.plans.find(
-                    {"paused": False, "next_run_at": {"$gt": now, "$lte": horizon}},
+                    {"paused": False, "next_run_at": {"$gt": handled, "$lte": horizon}},
                     {"_id": 0, "next_run_at": 1},
                 )
             ]
             self._upcoming = sorted(set(times))
             self._horizon = horizon
-        del self._upcoming[: bisect.bisect_right(self._upcoming, now)]
+        del self._upcoming[: bisect.bisect_right(self._upcoming, handled)]
         if not self._upcoming:
             return max(0.0, (self._horizon - now).total_seconds())
         # a hair late rather than early: the event loop's timer and the wall clock may differ
@@ -247,6 +251,7 @@ class Scheduler:
         batch = self.settings.batch_size
         while True:
             now = self.clock.now()
+            self._handled_until = now  # every plan due by then is read by this loop
             due = await (
                 self.store.plans.find({"paused": False, "next_run_at": {"$lte": now}}, PLAN_FIELDS)
                 .limit(batch)
