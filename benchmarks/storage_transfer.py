@@ -1,7 +1,8 @@
 """Throughput and peak memory of the storage backends, beside the reference clients.
 
     .venv/bin/python benchmarks/storage_transfer.py [--sizes 50M,1G] [--backends s3,swift]
-                                                    [--dir /var/tmp] [--repeat 1]
+                                                    [--dir /var/tmp] [--repeat 3]
+                                                    [--part-size 16M] [--concurrency 4]
 
 It starts a local SeaweedFS (S3) and a local OpenStack Swift (the suite's own test servers, on
 free loopback ports), generates a file of each size (deleted afterwards) and moves it up and
@@ -16,8 +17,9 @@ down through each backend, every transfer in a fresh process of its own so that 
 - Swift reference: swiftclient's ``SwiftService.upload`` (static large object, same segment
   size) and ``SwiftService.download`` (its defaults: 10 threads, MD5 checked).
 
-Throughput is the file's bytes per second of wall time for the transfer itself (process start
-and imports excluded). "peak" is the process's maximum RSS; "base" its RSS after the imports,
+Throughput is the file's bytes per second of wall time for the transfer itself (process start,
+imports and client construction excluded), the median of ``--repeat`` runs taken in turns with
+the reference's. "peak" is the process's maximum RSS; "base" its RSS after the imports,
 before the transfer. Targets: the ``storage`` peak at the largest size stays within 64 MiB of
 its peak at the smallest, and its throughput is at least 0.8 times the reference's.
 
@@ -193,7 +195,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="50M,1G")
     parser.add_argument("--backends", default="s3,swift")
     parser.add_argument("--dir", default=None, help="where the generated files go")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per figure (median)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
     parser.add_argument("--part-size", default=None, help="storage's part size (default: its own)")
     parser.add_argument("--concurrency", type=int, default=None, help="storage's parts in flight")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -243,9 +245,14 @@ def main() -> int:
             source = work / f"source-{size}"
             make_file(source, size)
             for backend in backends:
-                for tool in ("storage", reference[backend]):
-                    figures: dict[str, list[dict[str, Any]]] = {"up": [], "down": []}
-                    for _ in range(args.repeat):
+                tools = ("storage", reference[backend])
+                figures: dict[tuple[str, str], list[dict[str, Any]]] = {
+                    (tool, direction): [] for tool in tools for direction in ("up", "down")
+                }
+                # Interleaved (ours, reference, ours, ...) so that a change of load in the
+                # middle of the run does not favour one side.
+                for _ in range(args.repeat):
+                    for tool in tools:
                         spec = {
                             "tool": tool,
                             "backend": backend,
@@ -257,22 +264,24 @@ def main() -> int:
                             "transfer": transfer,
                         }
                         up = run_child(spec)
-                        figures["up"].append(up)
+                        figures[tool, "up"].append(up)
                         target = work / "downloaded"
                         spec.update(direction="down", path=str(target), sha256=up["sha256"])
-                        figures["down"].append(run_child(spec))
+                        figures[tool, "down"].append(run_child(spec))
                         if os.path.getsize(target) != size:
                             raise RuntimeError(f"{tool} downloaded a wrong size")
                         target.unlink()
+                for tool in tools:
                     for direction in ("up", "down"):
+                        runs = figures[tool, direction]
                         row = {
                             "backend": backend,
                             "tool": tool,
                             "direction": direction,
                             "size": size,
-                            "seconds": statistics.median(f["seconds"] for f in figures[direction]),
-                            "peak": max(f["peak"] for f in figures[direction]),
-                            "base": min(f["base"] for f in figures[direction]),
+                            "seconds": statistics.median(f["seconds"] for f in runs),
+                            "peak": max(f["peak"] for f in runs),
+                            "base": min(f["base"] for f in runs),
                         }
                         rows.append(row)
                         print_row(row, header=len(rows) == 1)
