@@ -1,6 +1,6 @@
 """Agent backup throughput and peak memory, beside the plain shell pipeline, same storage.
 
-    .venv/bin/python benchmarks/agent_throughput.py [--sizes 50M,256M,1G] [--dir /var/tmp]
+    .venv/bin/python benchmarks/agent_throughput.py [--sizes 50M,256M,1G] [--repeat 3]
 
 For each size a file is generated (half text-like, half random, so compressible about 2:1)
 and backed up into one local SeaweedFS (the suite's real S3 server) four ways, one after the
@@ -17,7 +17,9 @@ other in the same run:
 ``uploader`` is boto3's ``upload_fileobj`` reading stdin, with the agent's default part size
 (8 MiB) and concurrency (4). Throughput is input bytes per second of wall time from the request to
 the stored object. Peak memory: the agent process's VmHWM (a fresh agent per run), and for
-the shell pipeline the sum of its processes' maximum RSS (GNU time). The agent's peaks at
+the shell pipeline the sum of its processes' maximum RSS (GNU time). Each kind runs
+``--repeat`` times, agent and shell interleaved; the summary shows the median throughput and
+the largest peak. The agent's peaks at
 50 MiB, 256 MiB and 1 GiB show whether memory depends on the backup size.
 """
 
@@ -28,6 +30,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -157,6 +160,7 @@ def run_shell(base: Path, s3: SeaweedS3, bucket: str, source: Path, transform: b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="50M,256M,1G", help="comma-separated sizes")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each kind (medians)")
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="agent-bench-", dir=args.dir))
@@ -171,50 +175,58 @@ def main() -> None:
             size = parse_size(size_text)
             source = base / f"source-{size_text}.bin"
             generate(source, size)
-            for transform in (False, True):
-                for runner, name in ((run_agent, "agent"), (run_shell, "shell")):
-                    n += 1
-                    r = runner(base, s3, bucket, source, transform, n)
-                    r.update(
-                        size=size_text,
-                        runner=name,
-                        transforms="zstd+encrypt" if transform else "none",
-                        mib_per_s=size / (1 << 20) / r["seconds"],
-                    )
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
-                    for key in s3.keys(bucket):
-                        s3.client().delete_object(Bucket=bucket, Key=key)
+            # Agent and shell interleaved, so that a shared machine's load favours neither.
+            for _ in range(args.repeat):
+                for transform in (False, True):
+                    for runner, name in ((run_agent, "agent"), (run_shell, "shell")):
+                        n += 1
+                        r = runner(base, s3, bucket, source, transform, n)
+                        r.update(
+                            size=size_text,
+                            runner=name,
+                            transforms="zstd+encrypt" if transform else "none",
+                            mib_per_s=size / (1 << 20) / r["seconds"],
+                        )
+                        rows.append(r)
+                        print(json.dumps(r), flush=True)
+                        for key in s3.keys(bucket):
+                            s3.client().delete_object(Bucket=bucket, Key=key)
             source.unlink()
     finally:
         s3.stop()
         shutil.rmtree(base, ignore_errors=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
     report(rows)
 
 
 def report(rows: list[dict[str, Any]]) -> None:
+    """Median throughput and the largest peak memory of each kind of run."""
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    kinds = [(z, t, w) for z in sizes for t in ("none", "zstd+encrypt") for w in ("agent", "shell")]
+    summary = {}
+    for kind in kinds:
+        runs = [r for r in rows if (r["size"], r["transforms"], r["runner"]) == kind]
+        summary[kind] = {
+            "mib_per_s": statistics.median(r["mib_per_s"] for r in runs),
+            "peak_mib": max(r["peak_mib"] for r in runs),
+            "stored_bytes": runs[-1]["stored_bytes"],
+            "runs": len(runs),
+        }
     print()
     head = ("size", "transforms", "runner", "MiB/s", "peak MiB", "stored")
-    print("{:>5} {:>13} {:>6} {:>8} {:>9} {:>12}".format(*head))
-    for r in rows:
+    print("{:>5} {:>13} {:>6} {:>8} {:>9} {:>12}   (median MiB/s, largest peak)".format(*head))
+    for (size, t, runner), v in summary.items():
         print(
-            f"{r['size']:>5} {r['transforms']:>13} {r['runner']:>6} {r['mib_per_s']:>8.1f} "
-            f"{r['peak_mib']:>9.1f} {r['stored_bytes']:>12}"
+            f"{size:>5} {t:>13} {runner:>6} {v['mib_per_s']:>8.1f} "
+            f"{v['peak_mib']:>9.1f} {v['stored_bytes']:>12}"
         )
     print()
-
-    def pick(size: str, t: str, runner: str) -> dict[str, Any]:
-        return next(
-            r for r in rows if (r["size"], r["transforms"], r["runner"]) == (size, t, runner)
-        )
-
-    sizes = list(dict.fromkeys(r["size"] for r in rows))
     for size in sizes:
         for t in ("none", "zstd+encrypt"):
-            ratio = pick(size, t, "agent")["mib_per_s"] / pick(size, t, "shell")["mib_per_s"]
+            ratio = summary[size, t, "agent"]["mib_per_s"] / summary[size, t, "shell"]["mib_per_s"]
             print(f"{size:>5} {t:>13}: agent / shell throughput = {ratio:.2f} (target >= 0.8)")
     for t in ("none", "zstd+encrypt"):
-        peaks = ", ".join(f"{pick(z, t, 'agent')['peak_mib']:.0f} MiB at {z}" for z in sizes)
+        peaks = ", ".join(f"{summary[z, t, 'agent']['peak_mib']:.0f} MiB at {z}" for z in sizes)
         print(f"agent peak memory, {t}: {peaks}")
     print(
         f"(the upload pipeline holds up to {PART >> 20} MiB x (4 in flight + 1 being filled) "
