@@ -3,6 +3,7 @@ left half-written in the store."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -315,7 +316,12 @@ def test_sigkill_mid_backup_then_restart(make_agent, tmp_path: Path) -> None:
     assert done["status"] == "SUCCEEDED"
     agent.request("POST", "/backup", _leaky_request("crash"))
     wait_for(pidfile)
-    script_pid = int(pidfile.read_text())
+    state = agent.base / "state" / "backup-crash.json"
+    deadline = time.monotonic() + 30
+    while not (script_pid := json.loads(state.read_text())["script_pid"]):
+        assert time.monotonic() < deadline  # the agent persists the pid as the script starts
+        time.sleep(0.02)
+    assert pidfile.read_text().strip() == str(script_pid)
     assert (agent.base / "state" / "backup-crash.secrets").exists()
     agent.kill()
     assert not gone(script_pid)  # scripts live in their own session ...
