@@ -13,7 +13,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextvars import ContextVar
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from tenacity import (
@@ -199,19 +199,16 @@ class PartReader:
             if n < len(chunk):
                 self._left = bytes(memoryview(chunk)[n:])
             have += n
-        with part.getbuffer() as view:
-            await self._count(view)
+        if have >= 1 << 20:
+            # In a thread (hashlib releases the GIL on large buffers) so that the event loop
+            # keeps the parts in flight moving; the thread holds the buffer as long as it
+            # needs it, even if this task is cancelled meanwhile.
+            await asyncio.to_thread(_hash_into, self._digest, part)
+        else:
+            _hash_into(self._digest, part)
+        self.size += have
         part.seek(0)
         return part
-
-    async def _count(self, view: memoryview) -> None:
-        # hashlib releases the GIL on large buffers: hash in a thread so that the event loop
-        # keeps the parts in flight moving meanwhile.
-        if view.nbytes >= 1 << 20:
-            await asyncio.to_thread(self._digest.update, view)
-        else:
-            self._digest.update(view)
-        self.size += view.nbytes
 
     async def at_end(self) -> bool:
         """True if the stream has no byte left (reads ahead by at most one chunk)."""
@@ -231,6 +228,11 @@ class PartReader:
     @property
     def sha256(self) -> str:
         return self._digest.hexdigest()
+
+
+def _hash_into(digest: Any, part: io.BytesIO) -> None:
+    with part.getbuffer() as view:
+        digest.update(view)
 
 
 class Verifier:

@@ -1,9 +1,10 @@
 """S3 destinations through aioboto3: AWS and any S3-compatible endpoint.
 
-Uploads of unknown length buffer one part at a time; past ``part_size`` they become a multipart
-upload with at most ``part_size * max_concurrency`` bytes in flight, aborted on any failure or
-cancellation. Downloads stream and resume from the last byte received after a transient
-failure (pinned to the object's ETag, so a replaced object is never spliced).
+Uploads of unknown length are cut into parts as they stream; past ``part_size`` they become a
+multipart upload with at most ``part_size * max_concurrency`` bytes in memory, aborted on any
+failure or cancellation. Downloads stream the first part and fetch the next ones as ranged GETs
+ahead of the reader; everything after the first answer is pinned to its ETag, so a replaced
+object is never spliced. See docs/storage.md.
 """
 
 from __future__ import annotations
@@ -462,6 +463,7 @@ class S3Store(ObjectStore):
                     yield chunk
                 del chunks
         finally:
+            first["Body"].close()  # in case the reader stopped before it was read
             for task in ahead:
                 task.cancel()
             if ahead:

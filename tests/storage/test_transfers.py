@@ -194,3 +194,34 @@ async def test_an_object_replaced_while_it_is_read_is_not_spliced(backend: Backe
                 received += len(chunk)
         assert "was replaced while it was being read" in str(caught.value)
         assert received < size
+
+
+async def test_cancellation_at_any_moment_leaves_nothing_behind(backend: Backend) -> None:
+    """Cancelled while reading, hashing, sending a part, or completing: always a plain
+    CancelledError, and never a part or segment left."""
+    async with backend.open() as store:
+        for step, cancel_at in enumerate((1, PART // 2, PART, PART + 1, 2 * PART + 7, 4 * PART)):
+            reached = asyncio.Event()
+
+            async def source(cancel_at: int = cancel_at, reached: asyncio.Event = reached):  # type: ignore[no-untyped-def]
+                seen = 0
+                async for chunk in stream(4 * PART + 3, irregular=False):
+                    seen += len(chunk)
+                    if seen >= cancel_at:
+                        reached.set()
+                    yield chunk
+
+            task = asyncio.create_task(store.upload(f"cancel-{step}", source()))
+            waiting = asyncio.create_task(reached.wait())
+            await asyncio.wait([task, waiting], return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass  # what a cancelled upload raises, at whatever moment
+            else:
+                await store.delete(f"cancel-{step}")  # it had finished: fine too
+    assert backend.leftovers() == []
+    async with backend.open() as store:
+        assert [o.key async for o in store.list()] == []
