@@ -36,6 +36,7 @@ from storage import S3Settings
 from tests.servers.ports import free_port, wait_listening
 
 REGION = "us-east-1"
+MAX_VOLUMES = 2000
 
 
 def weed_binary() -> str:
@@ -131,6 +132,10 @@ class SeaweedS3:
             f"-admin.port.grpc={p['admin_grpc']}",
             "-admin.ui=false",
             "-webdav=false",
+            # Each bucket is a collection with volumes of its own. Left at 0, the volume count
+            # is derived from free disk space (none on a full disk, a few dozen buckets on a
+            # roomy one) and a long test session runs out; volumes take disk only when written.
+            f"-volume.max={MAX_VOLUMES}",
         ]
         if self.domain:
             cmd.append(f"-s3.domainName={self.domain}")
@@ -251,6 +256,20 @@ class SeaweedS3:
         self.client().create_bucket(Bucket=name)
         return name
 
+    def drop_bucket(self, name: str) -> None:
+        """Empty and delete a bucket (its collection's volumes are freed with it)."""
+        client = self.client()
+        try:
+            for upload in self.multipart_uploads(name):
+                client.abort_multipart_upload(
+                    Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+            for key in self.keys(name):
+                client.delete_object(Bucket=name, Key=key)
+            client.delete_bucket(Bucket=name)
+        except client.exceptions.NoSuchBucket:
+            pass
+
     def settings(self, bucket: str | None = None, **over: Any) -> S3Settings:
         fields: dict[str, Any] = {
             "endpoint": self.endpoint_url,
@@ -362,9 +381,14 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
 
 
 @pytest.fixture
-def s3_settings(s3_server: SeaweedS3) -> S3Settings:
-    """Settings for a fresh, empty bucket on the session's server."""
-    return s3_server.settings()
+def s3_settings(s3_server: SeaweedS3) -> Iterator[S3Settings]:
+    """Settings for a fresh, empty bucket on the session's server, dropped afterwards so that
+    a long session does not exhaust the server's volumes."""
+    settings = s3_server.settings()
+    yield settings
+    if s3_server.proc is not None and s3_server.proc.poll() is None:
+        with contextlib.suppress(Exception):  # a test may have broken it on purpose
+            s3_server.drop_bucket(settings.bucket)
 
 
 @pytest.fixture
