@@ -3,8 +3,8 @@
 On start-up each replica gets a fresh id (host, pid and a random part: a restarted replica
 never mistakes its predecessor's leases for its own), then starts
 
-- the scheduler (``scheduler.Scheduler``, when the package provides it and its settings
-  enable it), which turns due plans into QUEUED jobs,
+- the scheduler (``scheduler.Scheduler``, unless its settings disable it), which turns due
+  plans into QUEUED jobs,
 - the job runner (``backup.runner.JobRunner``), which claims and drives jobs,
 - the retention sweeper (``backup.retention.RetentionSweeper``), periodic,
 
@@ -26,7 +26,6 @@ service sets ``app[LOOPS_ENABLED] = False`` unless a test asks for the loops.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import structlog
 from aiohttp import web
@@ -39,6 +38,7 @@ from backup.runner import JobRunner, load_runner_settings, new_replica_id
 from broker import metrics
 from broker.config import ConfigError
 from broker.context import SECRETS, STORE
+from scheduler import Scheduler, SchedulerSettings, load_scheduler_settings
 from storage import open_store
 
 log = structlog.get_logger(__name__)
@@ -47,7 +47,7 @@ LOOPS_ENABLED = web.AppKey("background_loops_enabled", bool)
 REPLICA_ID = web.AppKey("replica_id", str)
 RUNNER = web.AppKey("job_runner", JobRunner)
 SWEEPER = web.AppKey("retention_sweeper", RetentionSweeper)
-SCHEDULER = web.AppKey("scheduler", object)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
 
 
 class BackgroundSettings(BaseSettings):
@@ -60,21 +60,13 @@ class BackgroundSettings(BaseSettings):
     )
 
 
-def _scheduler_parts() -> tuple[Any, Any] | None:
-    """The scheduler engineer's ``scheduler.Scheduler`` and its settings, if the package
-    provides them and the settings enable it (a bad setting is a ConfigError)."""
-    try:
-        from scheduler import Scheduler, load_scheduler_settings  # type: ignore[attr-defined]
-    except ImportError:
-        log.warning("scheduler_unavailable")
-        return None
+def _scheduler_settings() -> SchedulerSettings | None:
+    """The scheduler's settings when they enable it (a bad setting is a ConfigError)."""
     try:
         settings = load_scheduler_settings()
     except (ValueError, ValidationError) as exc:
         raise ConfigError(str(exc)) from None
-    if not getattr(settings, "enabled", True):
-        return None
-    return Scheduler, settings
+    return settings if settings.enabled else None
 
 
 def setup(app: web.Application) -> None:
@@ -86,7 +78,7 @@ def setup(app: web.Application) -> None:
         enabled_by_env = BackgroundSettings().enabled
     except (ValueError, ValidationError) as exc:
         raise ConfigError(str(exc)) from None
-    scheduler_parts = _scheduler_parts()
+    scheduler_settings = _scheduler_settings()
 
     async def loops(app: web.Application) -> AsyncIterator[None]:
         replica_id = new_replica_id()
@@ -121,9 +113,8 @@ def setup(app: web.Application) -> None:
         )
         observer.runner_active = lambda: runner.active
         scheduler = None
-        if scheduler_parts is not None:
-            scheduler_cls, scheduler_settings = scheduler_parts
-            scheduler = scheduler_cls(
+        if scheduler_settings is not None:
+            scheduler = Scheduler(
                 store, scheduler_settings, replica_id=replica_id, observer=observer
             )
         else:
@@ -131,8 +122,7 @@ def setup(app: web.Application) -> None:
         app[SWEEPER], app[RUNNER] = sweeper, runner
         if scheduler is not None:
             app[SCHEDULER] = scheduler
-            events.plans_changed.connect(scheduler.wake)
-            await scheduler.start()
+            await scheduler.start()  # it listens to events.plans_changed itself
         if settings.enabled:
             events.jobs_queued.connect(runner.wake)
             await runner.start()
@@ -149,7 +139,6 @@ def setup(app: web.Application) -> None:
             yield
         finally:
             if scheduler is not None:
-                events.plans_changed.disconnect(scheduler.wake)
                 try:
                     await scheduler.stop()
                 except Exception:

@@ -275,6 +275,14 @@ class JobEncryptionOut(BaseModel):
     enabled: bool = False
 
 
+class MissedOut(BaseModel):
+    model_config = _OUT
+    first: datetime = Field(description="The first fire no replica ran.")
+    last: datetime = Field(description="The last fire no replica ran.")
+    count: int = Field(description="How many fires were missed.")
+    exact: bool = Field(description="False when the count stopped at its limit ('more than').")
+
+
 class JobOut(BaseModel):
     model_config = _OUT
     id: str
@@ -283,6 +291,9 @@ class JobOut(BaseModel):
     destination_id: str | None = None
     trigger: str = Field(description="SCHEDULE, MANUAL or CATCH_UP.")
     scheduled_for: datetime | None = Field(default=None, description="Scheduled fire time.")
+    missed: MissedOut | None = Field(
+        default=None, description="MISSED jobs: the fires no replica ran (docs/scheduling.md)."
+    )
     status: JobStatus
     reason: str | None = Field(default=None, description="Why it ended as it did.")
     items: list[JobItemOut] = []

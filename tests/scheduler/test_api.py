@@ -134,6 +134,9 @@ async def test_an_outage_shows_in_the_jobs_api_as_missed_runs_and_one_catch_up(
     assert missed["status"] == "MISSED" and at(missed["scheduled_for"]) == first
     assert missed["reason"].startswith("Missed 4 runs scheduled from ")
     assert "no scheduler was running" in missed["reason"]
+    assert at(missed["missed"]["first"]) == first
+    assert at(missed["missed"]["last"]) == first + timedelta(hours=3)
+    assert missed["missed"]["count"] == 4 and missed["missed"]["exact"] is True
     assert caught["trigger"] == "CATCH_UP" and caught["status"] == "QUEUED"
     assert at(caught["scheduled_for"]) == first + timedelta(hours=4)
     status, listed = await api.call("GET", "/jobs?status=MISSED", instance=instance)
