@@ -66,6 +66,7 @@ PLAN_FIELDS = {
     "compression": 1,
     "encryption": 1,
     "next_run_at": 1,
+    "last_job_id": 1,
 }
 
 
@@ -86,6 +87,7 @@ class SchedulerStats:
     missed_fires: int = 0  # fires those MISSED jobs cover
     already_recorded: int = 0  # fires another replica (or an earlier attempt) had recorded
     cancelled: int = 0  # jobs of plans deleted while their fire was recorded
+    skipped: int = 0  # fires recorded as MISSED because the plan's previous job had not started
     errors: int = 0
 
 
@@ -349,6 +351,36 @@ class Scheduler:
             return {d["_id"] for d in docs} - refused
         return {d["_id"] for d in docs}
 
+    async def _waiting(self, plans: list[Document]) -> dict[str, Document]:
+        """The plans (by id) whose last job is still QUEUED: it has not even started."""
+        last = [p["last_job_id"] for p in plans if p.get("last_job_id")]
+        if not last:
+            return {}
+        docs = await self.store.jobs.find(
+            {"_id": {"$in": last}, "status": jobs.QUEUED}, {"plan_id": 1, "scheduled_for": 1}
+        ).to_list()
+        return {d["plan_id"]: d for d in docs}
+
+    def _skip(self, plan: Document, fire: datetime, waiting: Document) -> Document:
+        """A fire while the plan's previous backup still waits to start is recorded as MISSED,
+        saying so, instead of queuing a second backup behind it: the queue of a plan whose
+        backups take longer than its interval (or whose agent is down) stays bounded, and the
+        waiting job backs up data as recent as the skipped one would have."""
+        since = waiting.get("scheduled_for")
+        reason = (
+            f"Skipped: the previous backup of this plan (job {waiting['_id']}"
+            + (f", scheduled for {_local(since, plan['timezone'])}" if since else "")
+            + ") had not started yet; it will back up the same data."
+        )
+        return self._job(
+            plan,
+            fire,
+            jobs.SCHEDULE,
+            status=jobs.MISSED,
+            reason=reason,
+            missed={"first": fire, "last": fire, "count": 1, "exact": True},
+        )
+
     async def _fire_on_time(self, plans: list[Document], now: datetime) -> int:
         good: list[tuple[Document, datetime]] = []
         for plan in plans:
@@ -358,15 +390,27 @@ class Scheduler:
                 await self._stop_broken(plan, exc)
         if not good:
             return 0
-        docs = [self._job(p, p["next_run_at"], jobs.SCHEDULE) for p, _ in good]
+        waiting = await self._waiting([p for p, _ in good])
+        docs = [
+            self._skip(p, p["next_run_at"], waiting[p["_id"]])
+            if p["_id"] in waiting
+            else self._job(p, p["next_run_at"], jobs.SCHEDULE)
+            for p, _ in good
+        ]
         new = await self._insert_many(docs)
         written = self.clock.now()
         self.stats.already_recorded += len(docs) - len(new)
+        # A skipped fire leaves last_job_id on the job that still waits, so the next fire
+        # sees it too.
         result = await self.store.plans.bulk_write(
             [
                 UpdateOne(
                     {"_id": p["_id"], "next_run_at": p["next_run_at"]},
-                    {"$set": {"next_run_at": nxt, "last_job_id": d["_id"]}},
+                    {
+                        "$set": {"next_run_at": nxt}
+                        if d["status"] == jobs.MISSED
+                        else {"next_run_at": nxt, "last_job_id": d["_id"]}
+                    },
                 )
                 for (p, nxt), d in zip(good, docs, strict=True)
             ],
@@ -374,14 +418,20 @@ class Scheduler:
         )
         for nxt in {nxt for _, nxt in good}:
             self._note(nxt)
-        if new and result.matched_count < len(good):
-            await self._cancel_orphans([d for d in docs if d["_id"] in new])
+        queued_new = [d for d in docs if d["_id"] in new and d["status"] == jobs.QUEUED]
+        if queued_new and result.matched_count < len(good):
+            await self._cancel_orphans(queued_new)
         for d in docs:
-            if d["_id"] in new:  # lag: until the job was written (acknowledged), not built
-                lag = (written - d["scheduled_for"]).total_seconds()
-                self.observer.fired(jobs.SCHEDULE, lag)
-        self.stats.queued += len(new)
-        return len(new)
+            if d["_id"] not in new:
+                continue
+            if d["status"] == jobs.MISSED:
+                self.stats.skipped += 1
+                self.observer.missed(1)
+                continue
+            # lag: until the job was written (acknowledged), not built
+            self.observer.fired(jobs.SCHEDULE, (written - d["scheduled_for"]).total_seconds())
+        self.stats.queued += len(queued_new)
+        return len(queued_new)
 
     async def _cancel_orphans(self, new_jobs: list[Document]) -> None:
         """Cancel the fresh jobs of plans deleted meanwhile (the plan's own deletion cancels

@@ -64,6 +64,11 @@ async def follow(clock: ManualClock, s: Scheduler, target: datetime) -> None:
         await idle(s, before)
 
 
+async def finish_queued(store: Store) -> None:
+    """What a job runner would do between fires: run every queued job (here: end it)."""
+    await store.jobs.update_many({"status": "QUEUED"}, {"$set": {"status": "SUCCEEDED"}})
+
+
 async def plan_doc(store: Store, plan_id: str) -> Document:
     doc = await store.plans.find_one({"_id": plan_id})
     assert doc is not None
@@ -157,6 +162,7 @@ async def test_pausing_stops_fires_at_once_and_resuming_schedules_from_now(
     assert (await plan_doc(store, plan["_id"]))["next_run_at"] is None
     await follow(clock, s, utc(2026, 3, 1, 5, 20))
     assert len(await jobs_of(store, plan["_id"])) == 1  # the loop was about to fire: it did not
+    await finish_queued(store)
     await plans.update(
         store, box, instance, plan["_id"], {"paused": False}, 0, schedule_from=clock.now()
     )
@@ -164,7 +170,8 @@ async def test_pausing_stops_fires_at_once_and_resuming_schedules_from_now(
     await follow(clock, s, utc(2026, 3, 1, 6, 0, 1))
     got = await jobs_of(store, plan["_id"])
     assert [j["scheduled_for"] for j in got] == [utc(2026, 3, 1, 1), utc(2026, 3, 1, 6)]
-    assert {j["status"] for j in got} == {"QUEUED"}  # paused hours are neither run nor missed
+    # paused hours are neither run nor missed
+    assert [j["status"] for j in got] == ["SUCCEEDED", "QUEUED"]
 
 
 async def test_a_deleted_plan_fires_no_more(
@@ -233,8 +240,9 @@ async def _fires_through(
             break
         await clock.advance(to=nxt)
         assert await s.run_once() == 1
+        await finish_queued(store)
     got = await jobs_of(store, plan["_id"])
-    assert all(j["trigger"] == "SCHEDULE" and j["status"] == "QUEUED" for j in got)
+    assert all(j["trigger"] == "SCHEDULE" and j["status"] == "SUCCEEDED" for j in got)
     return [j["scheduled_for"] for j in got]
 
 
@@ -422,6 +430,7 @@ async def test_three_schedulers_on_one_database_create_exactly_one_job_per_fire(
         await clock.advance(60)
         counts = await asyncio.gather(*(r.run_once() for r in replicas))
         queued += sum(counts)
+        await finish_queued(store)
     total = 0
     for plan in created:
         expected, _ = schedule.fires_between(
@@ -429,11 +438,43 @@ async def test_three_schedulers_on_one_database_create_exactly_one_job_per_fire(
         )
         got = await jobs_of(store, plan["_id"])
         assert [j["scheduled_for"] for j in got] == expected, plan["frequency"]
-        assert all(j["status"] == "QUEUED" and j["trigger"] == "SCHEDULE" for j in got)
+        assert all(j["status"] == "SUCCEEDED" and j["trigger"] == "SCHEDULE" for j in got)
         assert all(j["_id"] == fire_job_id(plan["_id"], j["scheduled_for"]) for j in got)
         total += len(got)
     assert queued == total  # each job counted by exactly the replica that wrote it
     assert sum(r.stats.already_recorded for r in replicas) > 0  # they did contend
+
+
+async def test_a_fire_while_the_previous_job_waits_to_start_is_skipped_not_queued(
+    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+) -> None:
+    """A plan's queue stays bounded when its backups cannot keep up (agent down, backups
+    longer than the interval): a fire while its previous job is still QUEUED is recorded
+    MISSED with the reason; once that job has started, the next fire queues again."""
+    instance = await seed_instance(store)
+    plan = await seed_plan(store, box, instance, frequency="0 * * * *", at=clock.now())
+    s = make_scheduler()
+    await clock.advance(to=utc(2026, 3, 1, 1))
+    assert await s.run_once() == 1
+    first = fire_job_id(plan["_id"], utc(2026, 3, 1, 1))
+    for hour in (2, 3):
+        await clock.advance(to=utc(2026, 3, 1, hour))
+        assert await s.run_once() == 0
+    got = await jobs_of(store, plan["_id"])
+    assert [j["status"] for j in got] == ["QUEUED", "MISSED", "MISSED"]
+    for skipped in got[1:]:
+        assert skipped["reason"].startswith(
+            f"Skipped: the previous backup of this plan (job {first}"
+        )
+        assert skipped["missed"]["count"] == 1 and skipped["ended_at"] is not None
+    moved = await plan_doc(store, plan["_id"])
+    assert moved["last_job_id"] == first and moved["next_run_at"] == utc(2026, 3, 1, 4)
+    assert s.stats.skipped == 2
+    # The runner starts it: the next fire queues behind the running one (one at most).
+    await store.jobs.update_one({"_id": first}, {"$set": {"status": "RUNNING"}})
+    await clock.advance(to=utc(2026, 3, 1, 4))
+    assert await s.run_once() == 1
+    assert [j["status"] for j in await jobs_of(store, plan["_id"])][-1] == "QUEUED"
 
 
 async def test_a_replica_that_died_between_the_two_writes_is_completed_not_duplicated(
