@@ -392,6 +392,9 @@ def missing_capabilities(
     return missing
 
 
+CHECKSUM_CAPABILITY = "checksum:sha256"
+
+
 def job_request(
     kind: Kind,
     *,
@@ -402,6 +405,7 @@ def job_request(
     encryption_key: str | None,
     destination: dict[str, Any],
     section: dict[str, Any],
+    checksum: str | None = None,
 ) -> dict[str, Any]:
     """A backup or restore request for either agent kind.
 
@@ -409,7 +413,9 @@ def job_request(
     what the restore point item records): a stream format our agent applies itself through
     ``transform``, ``script`` for the old contract (the ``compression`` flag and the
     ``encryption_key`` handed to the scripts), or ``None``. Without a key the request says
-    ``"none"``: the Go agent rejects an empty one.
+    ``"none"``: the Go agent rejects an empty one. ``checksum`` (restores: the stored
+    object's ``sha256:<hex>``) is sent to an agent that lists ``checksum:sha256``, which
+    verifies the download against it before the restore script runs.
     """
     body: dict[str, Any] = {"id": agent_job_id, "destination": destination, kind: section}
     transform: dict[str, Any] = {}
@@ -421,4 +427,6 @@ def job_request(
     body["encryption_key"] = encryption_key if encryption and encryption_key else "none"
     if info.kind == OURS and transform:
         body["transform"] = transform
+    if kind == "restore" and checksum and CHECKSUM_CAPABILITY in info.capabilities:
+        body["checksum"] = checksum
     return body

@@ -721,6 +721,7 @@ class _JobRun:
             port=db.get("port"),
             parameters=db.get("parameters"),
         )
+        checksum = None  # of the stored object: a restore has the agent verify its download
         if self.kind == "backup":
             compression, encryption = agent_client.backup_modes(
                 p.info,
@@ -733,6 +734,7 @@ class _JobRun:
         else:
             stored = self._point_item(item["name"])
             compression, encryption = stored.get("compression"), stored.get("encryption")
+            checksum = stored.get("checksum")
             missing = agent_client.missing_capabilities(p.info, compression, encryption)
             if missing:
                 raise _ItemFailed(
@@ -756,6 +758,7 @@ class _JobRun:
             encryption_key=p.encryption_key,
             destination=dest,
             section=section,
+            checksum=checksum,
         )
 
     def _point_item(self, name: str) -> Document:

@@ -97,6 +97,42 @@ async def test_backup_and_restore_with_our_agent(
     assert any(line.startswith("post-restore-unlock") for line in agent.trace_lines())
 
 
+async def test_a_restore_whose_stored_object_changed_fails_before_the_restore_script(
+    store: Store,
+    box: SecretBox,
+    s3_server: SeaweedS3,
+    s3_settings: S3Settings,
+    make_agent: Callable[..., AgentProcess],
+    make_runner: RunnerFactory,
+) -> None:
+    """The runner sends the restore point's checksum; our agent verifies the download
+    against it, so a stored object replaced behind the manager's back is never restored."""
+    agent = make_agent()
+    instance = await seed_instance(
+        store, box, agent_url=f"http://127.0.0.1:{agent.port}", username=USER, password=PASSWORD
+    )
+    # stored as the script wrote it: a changed object decodes, only its checksum tells
+    plan = await seed_plan(
+        store, box, instance, s3_settings, items=["orders"], compression=False, encryption=False
+    )
+    job = await jobs.start_backup(store, plan)
+    runner = make_runner(clock=None, agent_poll_min_seconds=0.2, agent_poll_max_seconds=0.5)
+    await runner.run_once()
+    assert (await final(store, job["_id"]))["status"] == "SUCCEEDED"
+    point = await store.restore_points.find_one({"_id": job["_id"]})
+    (item,) = point["items"]
+    s3_server.client().put_object(
+        Bucket=s3_settings.bucket, Key=item["key"], Body=b"not the backup that was taken"
+    )
+    restore = await jobs.start_restore(store, point, None)
+    await runner.run_once()
+    done = await final(store, restore["_id"])
+    assert done["status"] == "FAILED", (done["reason"], done["items"])
+    assert "checksum" in (done["items"][0]["error"] or "").lower(), done["items"][0]
+    assert not any(line.startswith("restore ") for line in agent.trace_lines())
+    assert any(line.startswith("post-restore-unlock") for line in agent.trace_lines())
+
+
 async def test_agent_killed_mid_job_and_restarted_ends_failed_with_its_reason(
     store: Store,
     box: SecretBox,
