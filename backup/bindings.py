@@ -28,10 +28,10 @@ from backup.instances import (
     FAILED,
     LIVE_STATES,
     PROVISIONING,
-    SUCCEEDED,
     concurrency_error,
     instance_not_found,
 )
+from backup.operations import SUCCEEDED
 from backup.store import SCHEMA_VERSION, Document, Store
 
 log = structlog.get_logger(__name__)

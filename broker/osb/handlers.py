@@ -18,7 +18,8 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from backup import bindings
-from backup.instances import DELETED, Instances, ProvisionRequest, Registration, UpdateRequest
+from backup.instances import DELETED, Instances, ProvisionRequest, UpdateRequest
+from backup.registration import Registration
 from backup.store import Document
 from broker.context import SETTINGS, STORE
 from broker.errors import ApiError, from_validation
