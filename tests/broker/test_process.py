@@ -25,6 +25,7 @@ from tests.broker.conftest import SERVICE_ID, STANDARD, go_parameters, provision
 from tests.runner.go_agent import GoAgentStandIn
 from tests.servers.log_audit import audit_secret
 from tests.servers.ports import free_port, wait_listening
+from tests.servers.process import terminate
 
 ROOT = Path(__file__).resolve().parents[2]
 USER, PASSWORD = "platform", audit_secret("proc-broker-PW-8812")
@@ -59,14 +60,7 @@ class BrokerProcess:
 
     def stop(self) -> int:
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc, 60)
 
     def log_lines(self) -> list[dict[str, Any]]:
         out = []

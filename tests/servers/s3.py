@@ -21,10 +21,7 @@ import ipaddress
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +30,8 @@ from typing import Any
 import pytest
 
 from storage import S3Settings
-from tests.servers.ports import free_port, wait_listening
+from tests.servers.ports import free_port
+from tests.servers.process import ServerProcess
 
 REGION = "us-east-1"
 MAX_VOLUMES = 2000
@@ -47,11 +45,14 @@ def weed_binary() -> str:
     return found
 
 
-class SeaweedS3:
+class SeaweedS3(ServerProcess):
     """One ``weed mini`` process: master, volume, filer and S3 gateway, all on loopback."""
 
+    name = "weed"
+    log_name = "weed.log"
+
     def __init__(self, base: Path, *, tls: bool = False, domain: str | None = None) -> None:
-        self.base = base
+        super().__init__(base)
         self.domain = domain  # answers virtual-host requests for <bucket>.<domain>
         self.data = base / "data"
         self.logs = base / "logs"
@@ -62,8 +63,6 @@ class SeaweedS3:
         self.reader_secret = "rs-" + uuid.uuid4().hex
         self.tls = tls
         self.ca_file: Path | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: Any = None
         names = ("s3", "s3_grpc", "master", "master_grpc", "volume", "volume_grpc")
         names += ("filer", "filer_grpc", "admin", "admin_grpc")
         self.ports = {name: free_port() for name in names}
@@ -77,10 +76,6 @@ class SeaweedS3:
     @property
     def endpoint_url(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
 
     def _write_config(self) -> Path:
         config = {
@@ -159,76 +154,38 @@ class SeaweedS3:
             key.chmod(0o600)
         return cert, key
 
-    def start(self, timeout: float = 90.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            return
+    def _prepare(self) -> None:
         self.data.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
         for sock in ("s3.sock", "filer.sock"):
             (self.base / sock).unlink(missing_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        self._log = open(self.base / "weed.log", "ab")  # closed in stop()
-        self.proc = subprocess.Popen(
-            self._command(),
-            cwd=self.base,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
-        try:
-            wait_listening(self.port, timeout=timeout, proc=self.proc)
-            self._wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
+
+    def _env(self) -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+
+    def _listening_ports(self) -> list[int]:
+        return [self.port]
 
     def _wait_ready(self, timeout: float) -> None:
         """The S3 port listens before the filer and volumes are ready: wait for a real write."""
-        deadline = time.monotonic() + timeout
         client = self.client()
         bucket = "ready-" + uuid.uuid4().hex[:12]
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.proc.returncode}; see {self.base}")
-            try:
-                client.create_bucket(Bucket=bucket)
-                client.put_object(Bucket=bucket, Key="ready", Body=b"ok")
-                client.delete_object(Bucket=bucket, Key="ready")
-                client.delete_bucket(Bucket=bucket)
-                return
-            except client.exceptions.BucketAlreadyOwnedByYou:
-                continue
-            except Exception as exc:
-                last = exc
-                time.sleep(0.2)
-        raise TimeoutError(f"SeaweedFS S3 not ready after {timeout}s: {last!r}")
 
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        def write() -> None:
+            # a probe that failed after creating the bucket left it behind
+            with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+                client.create_bucket(Bucket=bucket)
+            client.put_object(Bucket=bucket, Key="ready", Body=b"ok")
+            client.delete_object(Bucket=bucket, Key="ready")
+            client.delete_bucket(Bucket=bucket)
+
+        self._poll_ready(write, timeout, "SeaweedFS S3")
+
+    def _after_stop(self) -> None:
         # weed names its local gRPC sockets after the ports, always in /tmp: remove ours.
         for port in self.ports.values():
             for sock in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock"):  # noqa: S108
                 sock.unlink(missing_ok=True)
-
-    def kill(self) -> None:
-        """Stop at once (SIGKILL), as a crash would."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=15)
-        self.stop()
 
     def client(self, **over: Any) -> Any:
         """A plain boto3 client (blocking) for test setup and inspection."""

@@ -21,9 +21,6 @@ import base64
 import contextlib
 import json
 import secrets
-import signal
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +29,8 @@ from typing import Any
 import pytest
 
 from storage import SwiftSettings
-from tests.servers.ports import free_port, wait_listening
+from tests.servers.ports import free_port
+from tests.servers.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 SWIFT_PYTHON = ROOT / ".venv-swift" / "bin" / "python"
@@ -43,9 +41,15 @@ MAX_MANIFEST_SEGMENTS = 16
 """Lower than Swift's default (1000) so that tests reach nested manifests with little data."""
 
 
-class SwiftCluster:
+class SwiftCluster(ServerProcess):
+    """The account, container, object and proxy servers and the Keystone stand-in, in one
+    process (``swift_runner.py``)."""
+
+    name = "swift"
+    log_name = "swift.log"
+
     def __init__(self, base: Path, *, max_manifest_segments: int = MAX_MANIFEST_SEGMENTS) -> None:
-        self.base = base
+        super().__init__(base)
         self.max_manifest_segments = max_manifest_segments
         self.etc = base / "etc"
         self.devices = base / "devices"
@@ -59,8 +63,6 @@ class SwiftCluster:
         self.keystone_user = "tester"
         self.keystone_password = "pw-" + secrets.token_urlsafe(24)
         self.project = "backups"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: Any = None
 
     @property
     def auth_url(self) -> str:
@@ -73,10 +75,6 @@ class SwiftCluster:
     @property
     def storage_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['proxy']}/v1/AUTH_{ACCOUNT}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
 
     # ------------------------------------------------------------------ configuration
 
@@ -147,69 +145,29 @@ class SwiftCluster:
         (self.etc / "runner.json").write_text(json.dumps(runner))
         (self.etc / "runner.json").chmod(0o600)
 
-    # ------------------------------------------------------------------ process
+    # ------------------------------------------------------------------ the process
 
-    def start(self, timeout: float = 90.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            return
+    def _prepare(self) -> None:
         if not SWIFT_PYTHON.exists():
             raise RuntimeError(f"{SWIFT_PYTHON} is missing: run `make install-test`")
         self._write_config()
-        self._log = open(self.base / "swift.log", "ab")  # closed in stop()
-        self.proc = subprocess.Popen(
-            # -P: the runner's own directory must not shadow the ``swift`` package.
-            [str(SWIFT_PYTHON), "-P", str(RUNNER), str(self.etc)],
-            cwd=self.base,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            for name in ("proxy", "keystone"):
-                wait_listening(self.ports[name], timeout=timeout, proc=self.proc)
-            self._wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
+
+    def _command(self) -> list[str]:
+        # -P: the runner's own directory must not shadow the ``swift`` package.
+        return [str(SWIFT_PYTHON), "-P", str(RUNNER), str(self.etc)]
+
+    def _listening_ports(self) -> list[int]:
+        return [self.ports["proxy"], self.ports["keystone"]]
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"swift exited with {self.proc.returncode}; see {self.base}")
-            try:
-                conn = self.connection()
-                conn.put_container("ready")
-                conn.put_object("ready", "probe", b"ok")
-                conn.delete_object("ready", "probe")
-                conn.close()
-                return
-            except Exception as exc:
-                last = exc
-                time.sleep(0.2)
-        raise TimeoutError(f"Swift not ready after {timeout}s: {last!r}")
+        def write() -> None:
+            conn = self.connection()
+            conn.put_container("ready")
+            conn.put_object("ready", "probe", b"ok")
+            conn.delete_object("ready", "probe")
+            conn.close()
 
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def kill(self) -> None:
-        """Stop at once (SIGKILL), as a crash would."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=15)
-        self.stop()
+        self._poll_ready(write, timeout, "Swift")
 
     # ------------------------------------------------------------------ helpers
 
@@ -250,7 +208,7 @@ class SwiftCluster:
         return SwiftSettings(**fields)
 
     def keystone_settings(self, container: str | None = None, **over: Any) -> SwiftSettings:
-        fields: dict[str, Any] = {
+        keystone = {
             "auth_url": self.keystone_url,
             "auth_version": "3",
             "username": self.keystone_user,
@@ -258,10 +216,8 @@ class SwiftCluster:
             "user_domain_name": "Default",
             "project_name": self.project,
             "project_domain_name": "Default",
-            "container": container or self.make_container(),
         }
-        fields.update(over)
-        return SwiftSettings(**fields)
+        return self.settings(container, **{**keystone, **over})
 
     def names(self, container: str) -> list[str]:
         """Every object name in ``container`` ([] if it does not exist)."""
