@@ -429,19 +429,7 @@ class SwiftStore(ObjectStore):
         replaced = await self._uploads_behind(full)
         if _length(first) < size or await reader.at_end():
             etag = await asyncio.to_thread(_md5, first)
-            await self._call(
-                "write objects",
-                key,
-                lambda c: c.put_object(
-                    self._container,
-                    full,
-                    contents=first,
-                    content_length=_length(first),
-                    etag=etag,
-                    content_type=OCTETS,
-                ),
-                missing="container",
-            )
+            await self._put(key, self._container, full, first, _length(first), etag=etag)
         else:
             handed = [first]
             del first  # the large upload frees it once it is sent
@@ -492,18 +480,8 @@ class SwiftStore(ObjectStore):
             manifest = [entries[n] for n in sorted(entries)]
             manifest = await self._nest(key, prefix, manifest, limit, futures)
             body = json.dumps(manifest).encode()
-            await self._call(
-                "write objects",
-                key,
-                lambda c: c.put_object(
-                    self._container,
-                    full,
-                    contents=body,
-                    content_length=len(body),
-                    content_type=OCTETS,
-                    query_string="multipart-manifest=put",
-                ),
-                missing="container",
+            await self._put(
+                key, self._container, full, body, len(body), query_string="multipart-manifest=put"
             )
             completed = True
         finally:
@@ -511,6 +489,33 @@ class SwiftStore(ObjectStore):
                 await finish_cleanup(
                     self._abandon(full, prefix, list(in_flight), futures), self._pending
                 )
+
+    async def _put(
+        self,
+        key: str,
+        container: str,
+        name: str,
+        contents: Any,
+        length: int,
+        tracker: set[concurrent.futures.Future[Any]] | None = None,
+        **options: Any,
+    ) -> Any:
+        """Write one object of ``key``'s upload (the whole object, a segment or a manifest:
+        ``options`` tell); Swift's ETag of it."""
+        return await self._call(
+            "write objects",
+            key,
+            lambda c: c.put_object(
+                container,
+                name,
+                contents=contents,
+                content_length=length,
+                content_type=OCTETS,
+                **options,
+            ),
+            missing="container",
+            tracker=tracker,
+        )
 
     async def _put_segment(
         self,
@@ -522,20 +527,7 @@ class SwiftStore(ObjectStore):
     ) -> dict[str, Any]:
         size = _length(data)
         etag = await asyncio.to_thread(_md5, data)
-        stored = await self._call(
-            "write objects",
-            key,
-            lambda c: c.put_object(
-                self._segments,
-                name,
-                contents=data,
-                content_length=size,
-                etag=etag,
-                content_type=OCTETS,
-            ),
-            missing="container",
-            tracker=futures,
-        )
+        stored = await self._put(key, self._segments, name, data, size, futures, etag=etag)
         if stored and stored.strip('"') != etag:
             raise TransientStorageError(
                 f"Swift stored segment {number} of {key!r} with ETag {stored}, not {etag}.",
@@ -565,19 +557,14 @@ class SwiftStore(ObjectStore):
                 group = entries[g : g + limit]
                 name = f"{prefix}manifest-{level}-{g // limit:06d}"
                 body = json.dumps(group).encode()
-                await self._call(
-                    "write objects",
+                await self._put(
                     key,
-                    lambda c, name=name, body=body: c.put_object(
-                        self._segments,
-                        name,
-                        contents=body,
-                        content_length=len(body),
-                        content_type=OCTETS,
-                        query_string="multipart-manifest=put",
-                    ),
-                    missing="container",
-                    tracker=futures,
+                    self._segments,
+                    name,
+                    body,
+                    len(body),
+                    futures,
+                    query_string="multipart-manifest=put",
                 )
                 grouped.append(
                     {
