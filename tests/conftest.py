@@ -9,6 +9,7 @@ import pytest
 pytest_plugins = [
     "tests.servers.log_audit",  # first: it configures logging and others import it
     "tests.servers.mongo",
+    "tests.servers.seed",  # store, box: a database to seed, and the keys to seal with
     "tests.servers.broker",
     "tests.servers.s3",
     "tests.servers.swift",

@@ -19,9 +19,8 @@ from backup.pagination import now
 from broker.api.routes import PREFIX, Operation
 from tests.servers.broker import BROKER_PASSWORD, BROKER_USER, Service, start_service, stop_service
 from tests.servers.cloud_controller import CloudController, cloud_controller  # noqa: F401
+from tests.servers.seed import ITEMS, seed_instance
 from tests.servers.uaa import Uaa, uaa  # noqa: F401
-
-ITEMS = ["orders", "customers"]
 
 
 @dataclass
@@ -64,34 +63,9 @@ class Api:
 async def add_instance(
     store: Any, instance_id: str | None = None, *, state: str = "ready", items: list[str] = ITEMS
 ) -> str:
-    """An instance document as the OSB provision writes it (docs/data-model.md)."""
-    instance_id = instance_id or str(uuid.uuid4())
-    at = now()
-    await store.instances.insert_one(
-        {
-            "_id": instance_id,
-            "service_id": "backup-service",
-            "plan_id": "standard",
-            "context": {"platform": "cloudfoundry", "organization_guid": "org", "space_guid": "sp"},
-            "organization_guid": "org",
-            "space_guid": "sp",
-            "maintenance_info": None,
-            "parameters": {},
-            "agent": {"url": "http://127.0.0.1:1", "username": "agent"},
-            "database": {"host": "127.0.0.1", "port": 5432, "username": "u", "parameters": {}},
-            "items": list(items),
-            "secrets": {},
-            "delete_backups_on_deprovision": False,
-            "state": state,
-            "last_operation": None,
-            "tombstone_expires_at": None,
-            "created_at": at,
-            "updated_at": at,
-            "version": 1,
-            "schema_version": 1,
-        }
-    )
-    return instance_id
+    """The id of a new instance as the OSB provision writes it (docs/data-model.md)."""
+    doc = await seed_instance(store, instance_id=instance_id, state=state, items=items)
+    return doc["_id"]
 
 
 S3_BODY = {

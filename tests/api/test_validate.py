@@ -15,40 +15,8 @@ from storage import S3Settings, SwiftSettings, open_store
 from tests.api.conftest import Api, add_instance, insert_restore_point
 from tests.servers.ports import free_port
 from tests.servers.s3 import SeaweedS3, running_s3
+from tests.servers.seed import destination_body
 from tests.servers.swift import SwiftCluster
-
-
-def s3_body(s: S3Settings, **over: Any) -> dict[str, Any]:
-    body = {
-        "type": "S3",
-        "name": "s3",
-        "endpoint": s.endpoint,
-        "region": s.region,
-        "bucket": s.bucket,
-        "access_key_id": s.access_key_id,
-        "secret_access_key": s.secret_access_key.get_secret_value(),
-        "addressing_style": s.addressing_style,
-        "prefix": s.prefix,
-    }
-    return {k: v for k, v in {**body, **over}.items() if v is not None}
-
-
-def swift_body(s: SwiftSettings, **over: Any) -> dict[str, Any]:
-    body = {
-        "type": "SWIFT",
-        "name": "swift",
-        "auth_url": s.auth_url,
-        "auth_version": s.auth_version,
-        "username": s.username,
-        "password": s.password.get_secret_value(),
-        "user_domain_name": s.user_domain_name,
-        "project_name": s.project_name,
-        "project_domain_name": s.project_domain_name,
-        "region_name": s.region_name,
-        "container": s.container,
-        "prefix": s.prefix,
-    }
-    return {k: v for k, v in {**body, **over}.items() if v is not None}
 
 
 @pytest.fixture
@@ -73,7 +41,7 @@ def _fails(answer: dict[str, Any], code: str, *words: str) -> None:
 
 
 async def test_s3_good_settings_pass(api: Api, inst: str, s3_settings: S3Settings) -> None:
-    good = await _validate(api, inst, s3_body(s3_settings))
+    good = await _validate(api, inst, destination_body(s3_settings))
     assert good["ok"] is True and good["error"] is None, good
     assert [(s["name"], s["ok"]) for s in good["steps"]] == [
         ("write", True), ("read", True), ("delete", True)
@@ -87,15 +55,19 @@ async def test_s3_good_settings_pass(api: Api, inst: str, s3_settings: S3Setting
 async def test_s3_failures_say_what_to_fix(
     api: Api, inst: str, s3_server: SeaweedS3, s3_settings: S3Settings
 ) -> None:
-    answer = await _validate(api, inst, s3_body(s3_settings, bucket="no-such-bucket-here"))
+    answer = await _validate(api, inst, destination_body(s3_settings, bucket="no-such-bucket-here"))
     _fails(answer, "storage_container_not_found", "'no-such-bucket-here' does not exist",
            "create it or correct its name")  # fmt: skip
-    answer = await _validate(api, inst, s3_body(s3_settings, secret_access_key="wrong-secret"))
+    answer = await _validate(
+        api, inst, destination_body(s3_settings, secret_access_key="wrong-secret")
+    )
     _fails(answer, "storage_auth_failed", "refused the credentials",
            "check the access key id and secret access key")  # fmt: skip
-    answer = await _validate(api, inst, s3_body(s3_settings, access_key_id="AKUNKNOWN0000"))
+    answer = await _validate(
+        api, inst, destination_body(s3_settings, access_key_id="AKUNKNOWN0000")
+    )
     _fails(answer, "storage_auth_failed", "check the access key id")
-    reader = s3_body(
+    reader = destination_body(
         s3_settings,
         access_key_id=s3_server.reader_key,
         secret_access_key=s3_server.reader_secret,
@@ -103,11 +75,11 @@ async def test_s3_failures_say_what_to_fix(
     answer = await _validate(api, inst, reader)
     _fails(answer, "storage_permission_denied", "grant them read, write and delete")
     closed = f"http://127.0.0.1:{free_port()}"
-    answer = await _validate(api, inst, s3_body(s3_settings, endpoint=closed))
+    answer = await _validate(api, inst, destination_body(s3_settings, endpoint=closed))
     _fails(answer, "storage_unreachable", "cannot be reached", "check the host name and port")
     # HTTPS spoken to a plain-HTTP port: the TLS handshake fails
     https = s3_settings.endpoint.replace("http://", "https://")  # type: ignore[union-attr]
-    answer = await _validate(api, inst, s3_body(s3_settings, endpoint=https))
+    answer = await _validate(api, inst, destination_body(s3_settings, endpoint=https))
     _fails(answer, "storage_tls_failed", "does not speak HTTPS on that port", "plain_http")
 
 
@@ -122,7 +94,7 @@ def s3_tls_server(tmp_path: Path) -> Iterator[SeaweedS3]:
 async def test_s3_untrusted_certificate(api: Api, inst: str, s3_tls_server: SeaweedS3) -> None:
     settings = s3_tls_server.settings()
     assert settings.endpoint and settings.endpoint.startswith("https://")
-    body = s3_body(settings)
+    body = destination_body(settings)
     answer = await _validate(api, inst, body)
     _fails(answer, "storage_tls_failed", "certificate is not trusted", "verify_tls")
     answer = await _validate(api, inst, {**body, "verify_tls": False})
@@ -132,7 +104,9 @@ async def test_s3_untrusted_certificate(api: Api, inst: str, s3_tls_server: Seaw
 async def test_stored_destination_and_validate_before_saving(
     api: Api, inst: str, s3_settings: S3Settings
 ) -> None:
-    status, dest = await api.call("POST", "/destinations", instance=inst, json=s3_body(s3_settings))
+    status, dest = await api.call(
+        "POST", "/destinations", instance=inst, json=destination_body(s3_settings)
+    )
     assert status == 201
     path = f"/destinations/{dest['id']}"
     status, answer = await api.call("POST", f"{path}/validate", instance=inst)
@@ -151,12 +125,12 @@ async def test_stored_destination_and_validate_before_saving(
     assert status == 200
     _fails(answer, "storage_container_not_found", "'missing-bucket' does not exist")
     # creation with validate=true: a wrong key is refused and nothing is stored
-    bad = s3_body(s3_settings, name="bad", secret_access_key="wrong-secret")
+    bad = destination_body(s3_settings, name="bad", secret_access_key="wrong-secret")
     status, answer = await api.call("POST", "/destinations?validate=true", instance=inst, json=bad)
     assert status == 422 and answer["error"] == "storage_auth_failed", answer
     assert "wrong-secret" not in str(answer)
     assert await api.store.destinations.count_documents({"name": "bad"}) == 0
-    good = s3_body(s3_settings, name="good")
+    good = destination_body(s3_settings, name="good")
     status, _ = await api.call("POST", "/destinations?validate=true", instance=inst, json=good)
     assert status == 201
     status, answer = await api.call(
@@ -168,33 +142,37 @@ async def test_stored_destination_and_validate_before_saving(
 async def test_swift_tempauth(
     api: Api, inst: str, swift_server: SwiftCluster, swift_settings: SwiftSettings
 ) -> None:
-    good = await _validate(api, inst, swift_body(swift_settings))
+    good = await _validate(api, inst, destination_body(swift_settings))
     assert good["ok"] is True, good
-    answer = await _validate(api, inst, swift_body(swift_settings, password="wrong"))
+    answer = await _validate(api, inst, destination_body(swift_settings, password="wrong"))
     _fails(answer, "storage_auth_failed", "refused the credentials", "check the user name")
-    answer = await _validate(api, inst, swift_body(swift_settings, container="no-such-one"))
+    answer = await _validate(api, inst, destination_body(swift_settings, container="no-such-one"))
     _fails(answer, "storage_container_not_found", "'no-such-one' does not exist")
-    reader = swift_body(
+    reader = destination_body(
         swift_settings, username=swift_server.reader, password=swift_server.reader_key
     )
     answer = await _validate(api, inst, reader)
     _fails(answer, "storage_permission_denied", "grant them read, write and delete")
     port = free_port()
-    closed = swift_body(swift_settings, auth_url=f"http://127.0.0.1:{port}/auth/v1.0")
+    closed = destination_body(swift_settings, auth_url=f"http://127.0.0.1:{port}/auth/v1.0")
     answer = await _validate(api, inst, closed)
     _fails(answer, "storage_unreachable", "cannot be reached")
-    https = swift_body(swift_settings, auth_url=swift_settings.auth_url.replace("http:", "https:"))
+    https = destination_body(
+        swift_settings, auth_url=swift_settings.auth_url.replace("http:", "https:")
+    )
     answer = await _validate(api, inst, https)
     _fails(answer, "storage_tls_failed", "does not speak HTTPS", "http:// address")
 
 
 async def test_swift_keystone_v3(api: Api, inst: str, swift_server: SwiftCluster) -> None:
     settings = swift_server.keystone_settings()
-    good = await _validate(api, inst, swift_body(settings))
+    good = await _validate(api, inst, destination_body(settings))
     assert good["ok"] is True, good
-    answer = await _validate(api, inst, swift_body(settings, password="wrong-password"))
+    answer = await _validate(api, inst, destination_body(settings, password="wrong-password"))
     _fails(answer, "storage_auth_failed", "check the user name and key (or password")
-    status, dest = await api.call("POST", "/destinations", instance=inst, json=swift_body(settings))
+    status, dest = await api.call(
+        "POST", "/destinations", instance=inst, json=destination_body(settings)
+    )
     assert status == 201 and dest["password_set"] is True and dest["auth_version"] == "3"
     status, answer = await api.call("POST", f"/destinations/{dest['id']}/validate", instance=inst)
     assert status == 200 and answer["ok"] is True, answer
@@ -218,13 +196,10 @@ async def _keys(settings: S3Settings | SwiftSettings) -> list[str]:
 async def test_delete_restore_point_removes_files_then_record(
     api: Api, inst: str, kind: str, request: pytest.FixtureRequest
 ) -> None:
-    if kind == "s3":
-        settings: Any = request.getfixturevalue("s3_settings")
-        body = s3_body(settings)
-    else:
-        settings = request.getfixturevalue("swift_settings")
-        body = swift_body(settings)
-    status, dest = await api.call("POST", "/destinations", instance=inst, json=body)
+    settings: S3Settings | SwiftSettings = request.getfixturevalue(f"{kind}_settings")
+    status, dest = await api.call(
+        "POST", "/destinations", instance=inst, json=destination_body(settings)
+    )
     assert status == 201
     point = await insert_restore_point(api, inst, dest["id"], "plan")
     other = await insert_restore_point(api, inst, dest["id"], "plan", keys=["kept"])
@@ -240,7 +215,7 @@ async def test_delete_restore_point_removes_files_then_record(
 async def test_delete_restore_point_when_storage_refuses_keeps_the_record(
     api: Api, inst: str, s3_settings: S3Settings
 ) -> None:
-    body = s3_body(s3_settings, secret_access_key="wrong-secret")
+    body = destination_body(s3_settings, secret_access_key="wrong-secret")
     status, dest = await api.call("POST", "/destinations", instance=inst, json=body)
     assert status == 201
     point = await insert_restore_point(api, inst, dest["id"], "plan")

@@ -15,6 +15,7 @@ from tests.broker.conftest import SERVICE_ID, TRANSIENT, Osb, parameters
 from tests.broker.test_instances import running_job
 from tests.servers.broker import Service
 from tests.servers.ports import free_port
+from tests.servers.seed import destination_body
 
 
 async def api(broker: Service, method: str, path: str, **kw: Any) -> tuple[int, Any]:
@@ -25,26 +26,14 @@ async def api(broker: Service, method: str, path: str, **kw: Any) -> tuple[int, 
         return r.status, await r.json(content_type=None)
 
 
-def destination_body(s: S3Settings, **over: Any) -> dict[str, Any]:
-    body = {
-        "type": "S3",
-        "name": "primary",
-        "endpoint": s.endpoint,
-        "region": s.region,
-        "bucket": s.bucket,
-        "access_key_id": s.access_key_id,
-        "secret_access_key": s.secret_access_key.get_secret_value(),
-        "addressing_style": s.addressing_style,
-    }
-    body.update(over)
-    return body
-
-
 async def seed_backups(broker: Service, iid: str, s3: S3Settings, *, objects: int = 2) -> list[str]:
     """A destination and a plan through the API, and restore points whose files are really in
     the bucket (as the job runner would leave them)."""
     status, dest = await api(
-        broker, "POST", f"/v1/service_instances/{iid}/destinations", json=destination_body(s3)
+        broker,
+        "POST",
+        f"/v1/service_instances/{iid}/destinations",
+        json=destination_body(s3, name="primary"),
     )
     assert status == 201, dest
     status, plan = await api(

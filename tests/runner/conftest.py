@@ -5,25 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from backup import destinations, jobs, plans
+from backup import jobs
 from backup.clock import Clock, ManualClock
 from backup.runner import JobRunner, RunnerSettings
-from backup.secrets import SecretBox, generate_master_key_spec, parse_master_keys
-from backup.store import Document, Store, connect
+from backup.secrets import SecretBox
+from backup.store import Document, Store
 from storage import S3Settings, SwiftSettings
 from tests.runner.go_agent import PASSWORD as GO_PASSWORD
 from tests.runner.go_agent import USER as GO_USER
 from tests.runner.go_agent import GoAgentStandIn
+from tests.servers import seed
 
-ITEMS = ["orders", "customers"]
-DB_PASSWORD = "db-PASSWORD-31337"
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
@@ -45,20 +43,6 @@ def runner_settings(**fields: Any) -> RunnerSettings:
 
 
 @pytest.fixture
-async def store(mongo_url: str) -> AsyncIterator[Store]:
-    s = connect(mongo_url, f"runner_{uuid.uuid4().hex[:12]}")
-    await s.ensure_indexes()
-    yield s
-    await s.client.drop_database(s.db.name)
-    await s.close()
-
-
-@pytest.fixture
-def box() -> SecretBox:
-    return SecretBox(parse_master_keys(generate_master_key_spec()))
-
-
-@pytest.fixture
 def clock() -> ManualClock:
     return ManualClock(START)
 
@@ -77,91 +61,30 @@ async def seed_instance(
     agent_url: str,
     username: str = GO_USER,
     password: str = GO_PASSWORD,
-    items: list[str] = ITEMS,
-    port: int | None = 5432,
+    **fields: Any,
 ) -> Document:
-    """An instance document as the OSB provision writes it (docs/data-model.md)."""
-    instance_id = str(uuid.uuid4())
-    at = datetime.now(UTC)
-    doc = {
-        "_id": instance_id,
-        "service_id": "backup-service",
-        "plan_id": "standard",
-        "context": {"platform": "cloudfoundry"},
-        "organization_guid": "org",
-        "space_guid": "space",
-        "maintenance_info": None,
-        "parameters": {},
-        "agent": {"url": agent_url, "username": username},
-        "database": {"host": "127.0.0.1", "port": port, "username": "dbuser", "parameters": {}},
-        "items": list(items),
-        "secrets": box.seal_map(
-            {"agent_password": password, "database_password": DB_PASSWORD},
-            f"instances/{instance_id}",
-        ),
-        "delete_backups_on_deprovision": False,
-        "state": "ready",
-        "last_operation": None,
-        "tombstone_expires_at": None,
-        "created_at": at,
-        "updated_at": at,
-        "version": 1,
-        "schema_version": 1,
-    }
-    await store.instances.insert_one(doc)
-    return doc
-
-
-async def seed_destination(
-    store: Store, box: SecretBox, instance_id: str, settings: S3Settings | SwiftSettings
-) -> Document:
-    """A destination document as docs/data-model.md describes it (public settings at top
-    level, the secret sealed under ``destinations/<id>``)."""
-    dest_id = uuid.uuid4().hex
-    secret = destinations.SECRET_FIELD[settings.type]
-    at = datetime.now(UTC)
-    doc = {
-        "_id": dest_id,
-        "instance_id": instance_id,
-        "name": f"dest-{dest_id[:6]}",
-        **destinations.public_settings(settings),
-        "secrets": box.seal_map(
-            {secret: getattr(settings, secret).get_secret_value()}, f"destinations/{dest_id}"
-        ),
-        "created_at": at,
-        "updated_at": at,
-        "version": 1,
-        "schema_version": 1,
-    }
-    await store.destinations.insert_one(doc)
-    return doc
+    """An instance whose agent (the Go agent's stand-in, unless told otherwise) is at
+    ``agent_url``, its passwords sealed as the OSB provision seals them."""
+    return await seed.seed_instance(
+        store, box, agent_url=agent_url, username=username, password=password, **fields
+    )
 
 
 async def seed_plan(
     store: Store,
     box: SecretBox,
     instance: Document,
-    s3: S3Settings | SwiftSettings,
+    settings: S3Settings | SwiftSettings,
     *,
-    retention: dict[str, Any] | None = None,
     encryption: bool = False,
-    compression: bool = True,
-    items: list[str] | None = None,
+    **fields: Any,
 ) -> Document:
-    dest = await seed_destination(store, box, instance["_id"], s3)
-    spec = plans.PlanSpec.model_validate(
-        {
-            "name": f"nightly-{uuid.uuid4().hex[:6]}",
-            "destination_id": dest["_id"],
-            "frequency": "0 3 * * *",
-            "timezone": "UTC",
-            "items": items,
-            "retention": retention or {"style": "FILES", "period": 3},
-            "compression": compression,
-            "encryption": {"enabled": encryption},
-        }
+    """A plan (daily, keeping three files unless told otherwise) backing up to a new
+    destination with ``settings``."""
+    dest = await seed.seed_destination(store, box, instance["_id"], settings)
+    return await seed.seed_plan(
+        store, box, instance, dest["_id"], encryption={"enabled": encryption}, **fields
     )
-    return await plans.create(store, box, instance, spec, 0)
 
 
 RunnerFactory = Callable[..., JobRunner]

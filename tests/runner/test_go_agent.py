@@ -11,8 +11,6 @@ from backup.secrets import SecretBox
 from backup.store import Store
 from storage import S3Settings
 from tests.runner.conftest import (
-    DB_PASSWORD,
-    ITEMS,
     RunnerFactory,
     final,
     item_started,
@@ -22,6 +20,7 @@ from tests.runner.conftest import (
 )
 from tests.runner.go_agent import GoAgentStandIn
 from tests.servers.s3 import SeaweedS3
+from tests.servers.seed import DB_PASSWORD, ITEMS
 
 
 async def test_backup_then_restore_with_the_go_protocol(

@@ -14,8 +14,8 @@ from backup.retention import RetentionSweeper, expires_at, select_expired
 from backup.secrets import SecretBox
 from backup.store import Store
 from storage import S3Settings
-from tests.runner.conftest import seed_destination
 from tests.servers.s3 import SeaweedS3
+from tests.servers.seed import seed_destination
 
 NOW = datetime(2026, 3, 29, 12, 0, tzinfo=UTC)
 

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from backup import events, plans
+from backup import events
 from backup.clock import Clock, ManualClock
-from backup.secrets import SecretBox, generate_master_key_spec, parse_master_keys
-from backup.store import Document, Store, connect
+from backup.secrets import SecretBox
+from backup.store import Document, Store
 from scheduler import Scheduler, SchedulerSettings
+from storage import S3Settings
 from tests.api.conftest import api, destination, instance  # noqa: F401 - fixtures (HTTP tests)
+from tests.servers import seed
 from tests.servers.cloud_controller import cloud_controller  # noqa: F401
 from tests.servers.uaa import uaa  # noqa: F401
 
 START = datetime(2026, 3, 1, 0, 0, tzinfo=UTC)
-ITEMS = ["orders", "customers"]
 
 
 def scheduler_settings(**fields: Any) -> SchedulerSettings:
@@ -28,20 +28,6 @@ def scheduler_settings(**fields: Any) -> SchedulerSettings:
     defaults.update(fields)
     aliases = {SchedulerSettings.model_fields[k].validation_alias: v for k, v in defaults.items()}
     return SchedulerSettings(**aliases)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def store(mongo_url: str) -> AsyncIterator[Store]:
-    s = connect(mongo_url, f"sched_{uuid.uuid4().hex[:12]}")
-    await s.ensure_indexes()
-    yield s
-    await s.client.drop_database(s.db.name)
-    await s.close()
-
-
-@pytest.fixture
-def box() -> SecretBox:
-    return SecretBox(parse_master_keys(generate_master_key_spec()))
 
 
 @pytest.fixture
@@ -85,73 +71,27 @@ async def make_scheduler(store: Store, clock: ManualClock) -> AsyncIterator[Sche
         await s.stop()
 
 
-async def seed_instance(store: Store, *, items: list[str] = ITEMS) -> Document:
-    instance_id = str(uuid.uuid4())
-    at = datetime.now(UTC)
-    doc = {
-        "_id": instance_id,
-        "service_id": "backup-service",
-        "plan_id": "standard",
-        "context": {"platform": "cloudfoundry"},
-        "organization_guid": "org",
-        "space_guid": "space",
-        "maintenance_info": None,
-        "parameters": {},
-        "agent": {"url": "http://127.0.0.1:1", "username": "agent"},
-        "database": {"host": "127.0.0.1", "port": 5432, "username": "u", "parameters": {}},
-        "items": list(items),
-        "secrets": {},
-        "delete_backups_on_deprovision": False,
-        "state": "ready",
-        "last_operation": None,
-        "tombstone_expires_at": None,
-        "created_at": at,
-        "updated_at": at,
-        "version": 1,
-        "schema_version": 1,
-    }
-    await store.instances.insert_one(doc)
-    dest = {
-        "_id": uuid.uuid4().hex,
-        "instance_id": instance_id,
-        "name": "primary",
-        "type": "S3",
-        "endpoint": "127.0.0.1:9",
-        "bucket": "backups",
-        "secrets": {},
-        "created_at": at,
-        "updated_at": at,
-        "version": 1,
-        "schema_version": 1,
-    }
-    await store.destinations.insert_one(dest)
-    doc["destination_id"] = dest["_id"]
-    return doc
+async def seed_instance(store: Store, box: SecretBox) -> Document:
+    """An instance with one S3 destination (``destination_id``), as the OSB provision and
+    the API write them; nothing a scheduler test reaches listens at their addresses."""
+    doc = await seed.seed_instance(store, box)
+    settings = S3Settings(
+        endpoint="127.0.0.1:9", bucket="backups", access_key_id="AKIA-sched", secret_access_key="s"
+    )
+    dest = await seed.seed_destination(store, box, doc["_id"], settings, name="primary")
+    return doc | {"destination_id": dest["_id"]}
 
 
 async def seed_plan(
-    store: Store,
-    box: SecretBox,
-    instance: Document,  # noqa: F811 - a document here, not the HTTP fixture
-    *,
-    frequency: str,
-    timezone: str = "UTC",
-    at: datetime,
-    paused: bool = False,
-    name: str | None = None,
-) -> Document:
-    """A plan created through the domain, scheduled from ``at`` (the manual clock's now)."""
-    spec = plans.PlanSpec.model_validate(
-        {
-            "name": name or f"plan-{uuid.uuid4().hex[:8]}",
-            "destination_id": instance["destination_id"],
-            "frequency": frequency,
-            "timezone": timezone,
-            "retention": {"style": "FILES", "period": 3},
-            "paused": paused,
-        }
+    store: Store, box: SecretBox, *, frequency: str, at: datetime, **fields: Any
+) -> tuple[Document, Document]:
+    """(instance, plan): a plan of a new instance, created through the domain, its first
+    fire computed from ``at`` (the manual clock's now)."""
+    owner = await seed_instance(store, box)
+    created = await seed.seed_plan(
+        store, box, owner, owner["destination_id"], at=at, frequency=frequency, **fields
     )
-    return await plans.create(store, box, instance, spec, 0, schedule_from=at)
+    return owner, created
 
 
 async def jobs_of(store: Store, plan_id: str) -> list[Document]:

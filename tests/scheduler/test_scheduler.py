@@ -21,7 +21,6 @@ from tests.scheduler.conftest import (
     START,
     SchedulerFactory,
     jobs_of,
-    seed_instance,
     seed_plan,
 )
 
@@ -85,8 +84,7 @@ async def test_a_fire_creates_one_job_and_moves_the_plan_on(
     make_scheduler: SchedulerFactory,
     queued_signal: Any,
 ) -> None:
-    instance = await seed_instance(store)
-    plan = await seed_plan(store, box, instance, frequency="0 3 * * *", at=clock.now())
+    instance, plan = await seed_plan(store, box, frequency="0 3 * * *", at=clock.now())
     assert plan["next_run_at"] == utc(2026, 3, 1, 3)
     s = make_scheduler()
     await clock.advance(to=utc(2026, 3, 1, 2, 59, 59))
@@ -111,8 +109,7 @@ async def test_a_fire_creates_one_job_and_moves_the_plan_on(
 async def test_the_loop_sleeps_until_the_earliest_fire_not_on_a_tick(
     store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
-    instance = await seed_instance(store)
-    plan = await seed_plan(store, box, instance, frequency="30 0 * * *", at=clock.now())
+    _, plan = await seed_plan(store, box, frequency="30 0 * * *", at=clock.now())
     s = make_scheduler(poll_seconds=300)
     await s.start()
     await follow(clock, s, utc(2026, 3, 1, 0, 31))
@@ -126,8 +123,7 @@ async def test_the_loop_sleeps_until_the_earliest_fire_not_on_a_tick(
 async def test_a_rescheduled_plan_wakes_the_loop_at_once(
     store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
-    instance = await seed_instance(store)
-    plan = await seed_plan(store, box, instance, frequency="0 3 * * *", at=clock.now())
+    instance, plan = await seed_plan(store, box, frequency="0 3 * * *", at=clock.now())
     s = make_scheduler(poll_seconds=300)
     await s.start()
     await idle(s)
@@ -151,8 +147,7 @@ async def test_a_rescheduled_plan_wakes_the_loop_at_once(
 async def test_pausing_stops_fires_at_once_and_resuming_schedules_from_now(
     store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
-    instance = await seed_instance(store)
-    plan = await seed_plan(store, box, instance, frequency="0 * * * *", at=clock.now())
+    instance, plan = await seed_plan(store, box, frequency="0 * * * *", at=clock.now())
     s = make_scheduler(poll_seconds=300)
     await s.start()
     await follow(clock, s, utc(2026, 3, 1, 1, 59, 59))
@@ -177,8 +172,7 @@ async def test_pausing_stops_fires_at_once_and_resuming_schedules_from_now(
 async def test_a_deleted_plan_fires_no_more(
     store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
-    instance = await seed_instance(store)
-    plan = await seed_plan(store, box, instance, frequency="0 * * * *", at=clock.now())
+    instance, plan = await seed_plan(store, box, frequency="0 * * * *", at=clock.now())
     s = make_scheduler()
     await clock.advance(to=utc(2026, 3, 1, 1))
     assert await s.run_once() == 1
@@ -194,8 +188,7 @@ async def test_a_plan_deleted_while_its_fire_is_recorded_gets_its_job_cancelled(
 ) -> None:
     """The race: the scheduler read the due plan, the user deleted it (cancelling the queued
     jobs it could see), then the scheduler wrote the fire's job."""
-    instance = await seed_instance(store)
-    plan = await seed_plan(store, box, instance, frequency="0 * * * *", at=clock.now())
+    instance, plan = await seed_plan(store, box, frequency="0 * * * *", at=clock.now())
     await clock.advance(to=utc(2026, 3, 1, 1))
     stale = await plan_doc(store, plan["_id"])
     await plans.delete(store, instance["_id"], plan["_id"])
@@ -208,8 +201,7 @@ async def test_a_plan_deleted_while_its_fire_is_recorded_gets_its_job_cancelled(
 async def test_a_plan_whose_schedule_cannot_be_evaluated_is_stopped_visibly(
     store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
-    instance = await seed_instance(store)
-    plan = await seed_plan(store, box, instance, frequency="0 * * * *", at=clock.now())
+    _, plan = await seed_plan(store, box, frequency="0 * * * *", at=clock.now())
     await store.plans.update_one({"_id": plan["_id"]}, {"$set": {"timezone": "Atlantis/Lost"}})
     s = make_scheduler()
     await clock.advance(to=utc(2026, 3, 1, 1))
@@ -230,8 +222,7 @@ async def _fires_through(
     start: datetime, days: int,
 ) -> list[datetime]:  # fmt: skip
     clock = ManualClock(start)
-    instance = await seed_instance(store)
-    plan = await seed_plan(store, box, instance, frequency=frequency, timezone=tz, at=start)
+    _, plan = await seed_plan(store, box, frequency=frequency, timezone=tz, at=start)
     s = make_scheduler(clock=clock)
     end = start + timedelta(days=days)
     while True:
@@ -300,8 +291,7 @@ async def _outage(
 ) -> tuple[Document, list[Document], int]:  # fmt: skip
     """An hourly plan created at START (first fire 01:00); no scheduler runs until
     ``back_at``; then one pass."""
-    instance = await seed_instance(store)
-    plan = await seed_plan(store, box, instance, frequency=frequency, at=clock.now())
+    _, plan = await seed_plan(store, box, frequency=frequency, at=clock.now())
     await clock.advance(to=back_at)
     queued = await make_scheduler(**settings).run_once()
     return await plan_doc(store, plan["_id"]), await jobs_of(store, plan["_id"]), queued
@@ -354,8 +344,7 @@ async def test_a_single_late_fire_within_the_grace_is_caught_up(
 async def test_a_fire_late_because_the_running_replica_was_busy_is_no_misfire(
     store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
-    instance = await seed_instance(store)
-    plan = await seed_plan(store, box, instance, frequency="0 * * * *", at=clock.now())
+    _, plan = await seed_plan(store, box, frequency="0 * * * *", at=clock.now())
     s = make_scheduler(poll_seconds=300)
     await s.start()
     await idle(s)
@@ -418,11 +407,9 @@ async def test_three_schedulers_on_one_database_create_exactly_one_job_per_fire(
     ]
     created = []
     for i in range(30):
-        instance = await seed_instance(store)
         freq, tz = schedules[i % len(schedules)]
-        created.append(
-            await seed_plan(store, box, instance, frequency=freq, timezone=tz, at=clock.now())
-        )
+        _, plan = await seed_plan(store, box, frequency=freq, timezone=tz, at=clock.now())
+        created.append(plan)
     replicas = [make_scheduler(f"replica-{c}", batch_size=7) for c in "abc"]
     end = START + timedelta(minutes=45)
     queued = 0
@@ -451,8 +438,7 @@ async def test_a_fire_while_the_previous_job_waits_to_start_is_skipped_not_queue
     """A plan's queue stays bounded when its backups cannot keep up (agent down, backups
     longer than the interval): a fire while its previous job is still QUEUED is recorded
     MISSED with the reason; once that job has started, the next fire queues again."""
-    instance = await seed_instance(store)
-    plan = await seed_plan(store, box, instance, frequency="0 * * * *", at=clock.now())
+    _, plan = await seed_plan(store, box, frequency="0 * * * *", at=clock.now())
     s = make_scheduler()
     await clock.advance(to=utc(2026, 3, 1, 1))
     assert await s.run_once() == 1
@@ -480,8 +466,7 @@ async def test_a_fire_while_the_previous_job_waits_to_start_is_skipped_not_queue
 async def test_a_replica_that_died_between_the_two_writes_is_completed_not_duplicated(
     store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
-    instance = await seed_instance(store)
-    plan = await seed_plan(store, box, instance, frequency="0 * * * *", at=clock.now())
+    _, plan = await seed_plan(store, box, frequency="0 * * * *", at=clock.now())
     await clock.advance(to=utc(2026, 3, 1, 1))
     # the dead replica wrote the fire's job, then died before advancing the plan
     dead = make_scheduler("replica-dead")
@@ -502,8 +487,7 @@ async def test_recovering_replicas_with_different_views_account_for_every_missed
     """Replica A came back at 03:30, recorded 01:00-03:00 as missed (no grace) and died before
     advancing the plan. Replica B comes back at 05:30 with a one-hour grace: it must not
     record 01:00-04:00 over A's record, nor skip 04:00."""
-    instance = await seed_instance(store)
-    plan = await seed_plan(store, box, instance, frequency="0 * * * *", at=clock.now())
+    _, plan = await seed_plan(store, box, frequency="0 * * * *", at=clock.now())
     await clock.advance(to=utc(2026, 3, 1, 3, 30))
     a = make_scheduler("replica-a", misfire_grace_seconds=0)
     stale = await plan_doc(store, plan["_id"])
