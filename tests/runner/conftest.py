@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -107,6 +108,51 @@ async def make_runner(
     yield make
     for runner in made:
         await runner.stop()
+
+
+@dataclass
+class GoRig:
+    """A runner test against the Go agent's stand-in: the database, the secret box, the
+    manual clock, the agent, settings for a fresh S3 bucket, and runners made on demand."""
+
+    store: Store
+    box: SecretBox
+    clock: ManualClock
+    agent: GoAgentStandIn
+    s3: S3Settings
+    make_runner: RunnerFactory
+
+    async def backup(
+        self, *, agent_url: str | None = None, password: str = GO_PASSWORD, **plan_fields: Any
+    ) -> tuple[Document, Document, Document]:
+        """(instance, plan, job): a backup queued for a new instance of the agent (or of
+        whatever is at ``agent_url``)."""
+        instance = await seed_instance(
+            self.store, self.box, agent_url=agent_url or self.agent.url, password=password
+        )
+        plan = await seed_plan(self.store, self.box, instance, self.s3, **plan_fields)
+        return instance, plan, await jobs.start_backup(self.store, plan)
+
+    async def final(self, job_id: str, **kw: Any) -> Document:
+        """The job once it has ended, the manual clock moving on meanwhile."""
+        return await final(self.store, job_id, self.clock, **kw)
+
+    async def started(self, job: Document, item: int = 0) -> None:
+        """Wait until the agent has started the job's ``item``."""
+        agent_job_id = f"{job['_id']}-{item}"
+        await until(lambda: item_started(self.agent, agent_job_id), clock=self.clock)
+
+
+@pytest.fixture
+def go(
+    store: Store,
+    box: SecretBox,
+    clock: ManualClock,
+    go_agent: GoAgentStandIn,
+    s3_settings: S3Settings,
+    make_runner: RunnerFactory,
+) -> GoRig:
+    return GoRig(store, box, clock, go_agent, s3_settings, make_runner)
 
 
 async def until(

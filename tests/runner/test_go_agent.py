@@ -6,47 +6,26 @@ from __future__ import annotations
 import json
 
 from backup import jobs, restore_points
-from backup.clock import ManualClock
-from backup.secrets import SecretBox
-from backup.store import Store
-from storage import S3Settings
-from tests.runner.conftest import (
-    RunnerFactory,
-    final,
-    item_started,
-    seed_instance,
-    seed_plan,
-    until,
-)
+from tests.runner.conftest import GoRig, until
 from tests.runner.go_agent import GoAgentStandIn
 from tests.servers.s3 import SeaweedS3
 from tests.servers.seed import DB_PASSWORD, ITEMS
 
 
-async def test_backup_then_restore_with_the_go_protocol(
-    store: Store,
-    box: SecretBox,
-    clock: ManualClock,
-    go_agent: GoAgentStandIn,
-    s3_server: SeaweedS3,
-    s3_settings: S3Settings,
-    make_runner: RunnerFactory,
-) -> None:
-    instance = await seed_instance(store, box, agent_url=go_agent.url)
-    plan = await seed_plan(store, box, instance, s3_settings, encryption=True)
-    job = await jobs.start_backup(store, plan)
-    runner = make_runner()
+async def test_backup_then_restore_with_the_go_protocol(go: GoRig, s3_server: SeaweedS3) -> None:
+    instance, plan, job = await go.backup(encryption=True)
+    runner = go.make_runner()
     assert await runner.run_once() == 1
-    done = await final(store, job["_id"], clock)
+    done = await go.final(job["_id"])
     assert done["status"] == "SUCCEEDED", done["reason"]
     assert done["reason"] is None and done["lease_owner"] is None
     assert done["started_at"] and done["ended_at"] and done["restore_point_id"] == job["_id"]
     assert done["agent"] == {"kind": "go", "version": None}
 
     # the old contract: compression flag and the plan's key to the scripts, no transform
-    sent = [body for kind, body in go_agent.requests if kind == "backup"]
+    sent = [body for kind, body in go.agent.requests if kind == "backup"]
     assert [b["id"] for b in sent] == [f"{job['_id']}-0", f"{job['_id']}-1"]
-    key = box.open_map(plan["secrets"], f"plans/{plan['_id']}")["encryption_key"]
+    key = go.box.open_map(plan["secrets"], f"plans/{plan['_id']}")["encryption_key"]
     for n, body in enumerate(sent):
         assert "transform" not in body and body["compression"] is True
         assert body["encryption_key"] == key
@@ -55,123 +34,85 @@ async def test_backup_then_restore_with_the_go_protocol(
         dest = body["destination"]
         # a folder per agent job: agents name files by the minute
         assert dest["filenamePrefix"] == f"{instance['_id']}/{plan['_id']}/{job['_id']}-{n}/"
-        assert dest["bucket"] == s3_settings.bucket and dest["skipSSL"] is True
+        assert dest["bucket"] == go.s3.bucket and dest["skipSSL"] is True
 
-    point = await store.restore_points.find_one({"_id": job["_id"]})
+    point = await go.store.restore_points.find_one({"_id": job["_id"]})
     assert point is not None and point["state"] == "available"
     assert [i["name"] for i in point["items"]] == ITEMS
     for item in point["items"]:
         assert item["key"].startswith(f"{instance['_id']}/{plan['_id']}/")
-        assert item["size"] == item["stored_size"] == len(go_agent.payload)
+        assert item["size"] == item["stored_size"] == len(go.agent.payload)
         assert item["compression"] == "script" and item["encryption"] == "script"
-    assert sorted(s3_server.keys(s3_settings.bucket)) == sorted(i["key"] for i in point["items"])
+    assert sorted(s3_server.keys(go.s3.bucket)) == sorted(i["key"] for i in point["items"])
     # the plan's key is kept with the restore point, sealed under its own context
-    assert restore_points.encryption_key(box, point) == key
+    assert restore_points.encryption_key(go.box, point) == key
     assert key not in json.dumps(point, default=str)
     for item in done["items"]:
         assert item["status"] == "SUCCEEDED" and item["logs"]["backup_log"] == "out-backup"
         assert item["agent_job_id"].startswith(job["_id"])
 
     # restore it, after the plan is gone: the key comes from the restore point
-    await store.plans.delete_one({"_id": plan["_id"]})
-    restore = await jobs.start_restore(store, point, ["customers"])
+    await go.store.plans.delete_one({"_id": plan["_id"]})
+    restore = await jobs.start_restore(go.store, point, ["customers"])
     assert await runner.run_once() == 1
-    done = await final(store, restore["_id"], clock)
+    done = await go.final(restore["_id"])
     assert done["status"] == "SUCCEEDED", done["reason"]
-    (kind, body) = go_agent.requests[-1]
+    (kind, body) = go.agent.requests[-1]
     assert kind == "restore" and body["encryption_key"] == key and body["compression"] is True
     assert body["restore"]["database"] == "customers"
     stored = point["items"][1]["key"]
     assert body["destination"]["filenamePrefix"] + body["destination"]["filename"] == stored
-    assert go_agent.downloaded == [stored]
+    assert go.agent.downloaded == [stored]
     # each agent job is forgotten once its outcome is recorded (the Go agent keeps jobs in
     # memory until told so)
-    assert go_agent.forgotten == [f"{job['_id']}-0", f"{job['_id']}-1", f"{restore['_id']}-0"]
-    assert not go_agent.jobs
+    assert go.agent.forgotten == [f"{job['_id']}-0", f"{job['_id']}-1", f"{restore['_id']}-0"]
+    assert not go.agent.jobs
     await runner.idle()
 
 
-async def test_agent_down_at_start_fails_after_the_bound(
-    store: Store,
-    box: SecretBox,
-    clock: ManualClock,
-    s3_settings: S3Settings,
-    make_runner: RunnerFactory,
-) -> None:
-    instance = await seed_instance(store, box, agent_url="http://127.0.0.1:9")
-    plan = await seed_plan(store, box, instance, s3_settings)
-    job = await jobs.start_backup(store, plan)
-    runner = make_runner(agent_unreachable_seconds=120)
+async def test_agent_down_at_start_fails_after_the_bound(go: GoRig) -> None:
+    _, _, job = await go.backup(agent_url="http://127.0.0.1:9")
+    runner = go.make_runner(agent_unreachable_seconds=120)
     await runner.run_once()
-    done = await final(store, job["_id"], clock, step=5)
+    done = await go.final(job["_id"], step=5)
     assert done["status"] == "FAILED"
     assert "cannot be reached" in done["reason"] and "still so after 2 min" in done["reason"]
     assert (done["ended_at"] - done["started_at"]).total_seconds() >= 120
     assert [i["status"] for i in done["items"]] == ["CANCELLED", "CANCELLED"]
-    assert await store.restore_points.count_documents({}) == 0
+    assert await go.store.restore_points.count_documents({}) == 0
     await runner.idle()
 
 
-async def test_wrong_agent_password_fails_at_once(
-    store: Store,
-    box: SecretBox,
-    clock: ManualClock,
-    go_agent: GoAgentStandIn,
-    s3_settings: S3Settings,
-    make_runner: RunnerFactory,
-) -> None:
-    instance = await seed_instance(store, box, agent_url=go_agent.url, password="wrong")
-    plan = await seed_plan(store, box, instance, s3_settings)
-    job = await jobs.start_backup(store, plan)
-    runner = make_runner()
+async def test_wrong_agent_password_fails_at_once(go: GoRig) -> None:
+    _, _, job = await go.backup(password="wrong")
+    runner = go.make_runner()
     await runner.run_once()
-    done = await final(store, job["_id"], clock)
+    done = await go.final(job["_id"])
     assert done["status"] == "FAILED" and "refused the registered credentials" in done["reason"]
-    assert not go_agent.starts
+    assert not go.agent.starts
     await runner.idle()
 
 
-async def _backup_job(store: Store, box: SecretBox, agent: GoAgentStandIn, s3: S3Settings, **kw):
-    instance = await seed_instance(store, box, agent_url=agent.url)
-    plan = await seed_plan(store, box, instance, s3, **kw)
-    return instance, plan, await jobs.start_backup(store, plan)
-
-
-async def test_agent_that_forgets_the_job_fails_it(
-    store: Store,
-    box: SecretBox,
-    clock: ManualClock,
-    go_agent: GoAgentStandIn,
-    s3_settings: S3Settings,
-    make_runner: RunnerFactory,
-) -> None:
-    _, _, job = await _backup_job(store, box, go_agent, s3_settings)
-    go_agent.hold()
-    runner = make_runner()
-    await runner.run_once()
-    await until(lambda: item_started(go_agent, f"{job['_id']}-0"), clock=clock)
-    await go_agent.restart()  # the Go agent keeps jobs in memory only
-    done = await final(store, job["_id"], clock)
+async def test_agent_that_forgets_the_job_fails_it(go: GoRig) -> None:
+    _, _, job = await go.backup()
+    go.agent.hold()
+    await go.make_runner().run_once()
+    await go.started(job)
+    await go.agent.restart()  # the Go agent keeps jobs in memory only
+    done = await go.final(job["_id"])
     assert done["status"] == "FAILED"
     assert "Item 'orders' failed" in done["reason"] and "no longer knows" in done["reason"]
     assert done["items"][0]["status"] == "FAILED" and done["items"][1]["status"] == "CANCELLED"
-    assert await store.restore_points.count_documents({}) == 0
+    assert await go.store.restore_points.count_documents({}) == 0
 
 
 async def test_a_failed_item_fails_the_backup_and_its_sibling_files_are_deleted(
-    store: Store,
-    box: SecretBox,
-    clock: ManualClock,
-    go_agent: GoAgentStandIn,
-    s3_server: SeaweedS3,
-    s3_settings: S3Settings,
-    make_runner: RunnerFactory,
+    go: GoRig, s3_server: SeaweedS3
 ) -> None:
-    _, _, job = await _backup_job(store, box, go_agent, s3_settings)
-    go_agent.fail_stage, go_agent.fail_database = "backup", "customers"
-    runner = make_runner()
-    await runner.run_once()
-    done = await final(store, job["_id"], clock)
+    _, _, job = await go.backup()
+    go.agent.fail_stage, go.agent.fail_database = "backup", "customers"
+    await go.make_runner().run_once()
+    done = await go.final(job["_id"])
     assert done["status"] == "FAILED"
     assert done["reason"].startswith("Item 'customers' failed: Executing the shell script failed")
     first, second = done["items"]
@@ -179,42 +120,28 @@ async def test_a_failed_item_fails_the_backup_and_its_sibling_files_are_deleted(
     assert second["status"] == "FAILED" and "shell script failed" in second["error"]
     assert second["logs"]["pre_backup_lock_log"] == "out-pre_backup_lock"
     # a failed backup is no restore point, and its uploaded file is no orphan either
-    assert await store.restore_points.count_documents({}) == 0
-    assert len(go_agent.uploaded) == 1 and s3_server.keys(s3_settings.bucket) == []
+    assert await go.store.restore_points.count_documents({}) == 0
+    assert len(go.agent.uploaded) == 1 and s3_server.keys(go.s3.bucket) == []
     assert "pending_deletes" not in done
 
 
-async def test_a_busy_agent_is_retried_and_each_item_starts_once(
-    store: Store,
-    box: SecretBox,
-    clock: ManualClock,
-    go_agent: GoAgentStandIn,
-    s3_settings: S3Settings,
-    make_runner: RunnerFactory,
-) -> None:
-    _, _, job = await _backup_job(store, box, go_agent, s3_settings)
-    go_agent.busy = 3
-    runner = make_runner()
-    await runner.run_once()
-    done = await final(store, job["_id"], clock)
+async def test_a_busy_agent_is_retried_and_each_item_starts_once(go: GoRig) -> None:
+    _, _, job = await go.backup()
+    go.agent.busy = 3
+    await go.make_runner().run_once()
+    done = await go.final(job["_id"])
     assert done["status"] == "SUCCEEDED", done["reason"]
-    assert dict(go_agent.starts) == {f"{job['_id']}-0": 1, f"{job['_id']}-1": 1}
+    assert dict(go.agent.starts) == {f"{job['_id']}-0": 1, f"{job['_id']}-1": 1}
 
 
 async def test_deadline_fails_the_job_and_the_late_upload_is_deleted_by_the_sweep(
-    store: Store,
-    box: SecretBox,
-    clock: ManualClock,
-    go_agent: GoAgentStandIn,
-    s3_server: SeaweedS3,
-    s3_settings: S3Settings,
-    make_runner: RunnerFactory,
+    go: GoRig, s3_server: SeaweedS3
 ) -> None:
-    _, _, job = await _backup_job(store, box, go_agent, s3_settings, items=["orders"])
-    go_agent.hold()
-    runner = make_runner(job_deadline_seconds=600)
+    _, _, job = await go.backup(items=["orders"])
+    go.agent.hold()
+    runner = go.make_runner(job_deadline_seconds=600)
     await runner.run_once()
-    done = await final(store, job["_id"], clock, step=20)
+    done = await go.final(job["_id"], step=20)
     assert done["status"] == "FAILED"
     assert done["reason"].startswith("The job did not end within its deadline (10 min)")
     assert "still running on the agent" in done["reason"]
@@ -223,13 +150,13 @@ async def test_deadline_fails_the_job_and_the_late_upload_is_deleted_by_the_swee
     (pending,) = done["pending_deletes"]
     assert pending["agent_job_id"] == f"{job['_id']}-0" and "key" not in pending
     # the agent finishes on its own and uploads; the sweep asks it and deletes the file
-    go_agent.let_go()
-    await until(lambda: _agent_done(go_agent, f"{job['_id']}-0"))
-    assert len(s3_server.keys(s3_settings.bucket)) == 1
+    go.agent.let_go()
+    await until(lambda: _agent_done(go.agent, f"{job['_id']}-0"))
+    assert len(s3_server.keys(go.s3.bucket)) == 1
     result = await runner.sweeper.run_once()
     assert result.orphans_deleted == 1
-    assert s3_server.keys(s3_settings.bucket) == []
-    assert "pending_deletes" not in await store.jobs.find_one({"_id": job["_id"]})
+    assert s3_server.keys(go.s3.bucket) == []
+    assert "pending_deletes" not in await go.store.jobs.find_one({"_id": job["_id"]})
 
 
 async def _agent_done(agent: GoAgentStandIn, agent_job_id: str) -> bool:
@@ -238,45 +165,30 @@ async def _agent_done(agent: GoAgentStandIn, agent_job_id: str) -> bool:
 
 
 async def test_cancel_waits_for_the_running_item_then_discards_it(
-    store: Store,
-    box: SecretBox,
-    clock: ManualClock,
-    go_agent: GoAgentStandIn,
-    s3_server: SeaweedS3,
-    s3_settings: S3Settings,
-    make_runner: RunnerFactory,
+    go: GoRig, s3_server: SeaweedS3
 ) -> None:
-    instance, _, job = await _backup_job(store, box, go_agent, s3_settings)
-    go_agent.hold()
-    runner = make_runner()
-    await runner.run_once()
-    await until(lambda: item_started(go_agent, f"{job['_id']}-0"), clock=clock)
-    cancelled = await jobs.cancel(store, instance["_id"], job["_id"])
+    instance, _, job = await go.backup()
+    go.agent.hold()
+    await go.make_runner().run_once()
+    await go.started(job)
+    cancelled = await jobs.cancel(go.store, instance["_id"], job["_id"])
     assert cancelled["status"] == "RUNNING" and cancelled["cancel_requested"] is True
-    await clock.advance(10)
-    go_agent.let_go()
-    done = await final(store, job["_id"], clock)
+    await go.clock.advance(10)
+    go.agent.let_go()
+    done = await go.final(job["_id"])
     assert done["status"] == "CANCELLED"
     assert done["reason"] == "Cancelled by a user; the files already uploaded (orders) are deleted."
     assert [i["status"] for i in done["items"]] == ["SUCCEEDED", "CANCELLED"]
-    assert set(go_agent.starts) == {f"{job['_id']}-0"}  # the second item never started
-    assert s3_server.keys(s3_settings.bucket) == []
-    assert await store.restore_points.count_documents({}) == 0
+    assert set(go.agent.starts) == {f"{job['_id']}-0"}  # the second item never started
+    assert s3_server.keys(go.s3.bucket) == []
+    assert await go.store.restore_points.count_documents({}) == 0
 
 
-async def test_logs_are_bounded(
-    store: Store,
-    box: SecretBox,
-    clock: ManualClock,
-    go_agent: GoAgentStandIn,
-    s3_settings: S3Settings,
-    make_runner: RunnerFactory,
-) -> None:
-    go_agent.log_text = "".join(f"line {n}\n" for n in range(20000))
-    _, _, job = await _backup_job(store, box, go_agent, s3_settings, items=["orders"])
-    runner = make_runner(log_max_bytes=2048)
-    await runner.run_once()
-    done = await final(store, job["_id"], clock)
+async def test_logs_are_bounded(go: GoRig) -> None:
+    go.agent.log_text = "".join(f"line {n}\n" for n in range(20000))
+    _, _, job = await go.backup(items=["orders"])
+    await go.make_runner(log_max_bytes=2048).run_once()
+    done = await go.final(job["_id"])
     logs = done["items"][0]["logs"]
     assert set(logs) == {
         f"{s}_log"
@@ -293,74 +205,42 @@ async def test_logs_are_bounded(
         assert "earlier bytes cut" in text
 
 
-async def test_an_upload_the_storage_does_not_have_is_no_restore_point(
-    store: Store,
-    box: SecretBox,
-    clock: ManualClock,
-    go_agent: GoAgentStandIn,
-    s3_settings: S3Settings,
-    make_runner: RunnerFactory,
-) -> None:
-    _, _, job = await _backup_job(store, box, go_agent, s3_settings, items=["orders"])
-    go_agent.lose_uploads = True
-    runner = make_runner()
-    await runner.run_once()
-    done = await final(store, job["_id"], clock)
+async def test_an_upload_the_storage_does_not_have_is_no_restore_point(go: GoRig) -> None:
+    _, _, job = await go.backup(items=["orders"])
+    go.agent.lose_uploads = True
+    await go.make_runner().run_once()
+    done = await go.final(job["_id"])
     assert done["status"] == "FAILED"
     assert done["reason"] == (
         "The agent reported 'orders' uploaded, but the storage has no such object."
     )
-    assert await store.restore_points.count_documents({}) == 0
+    assert await go.store.restore_points.count_documents({}) == 0
 
 
-async def test_retention_runs_after_each_successful_backup(
-    store: Store,
-    box: SecretBox,
-    clock: ManualClock,
-    go_agent: GoAgentStandIn,
-    s3_server: SeaweedS3,
-    s3_settings: S3Settings,
-    make_runner: RunnerFactory,
-) -> None:
-    instance = await seed_instance(store, box, agent_url=go_agent.url)
-    plan = await seed_plan(
-        store,
-        box,
-        instance,
-        s3_settings,
-        items=["orders"],
-        retention={"style": "FILES", "period": 1},
-    )
-    runner = make_runner()
-    first = await jobs.start_backup(store, plan)
+async def test_retention_runs_after_each_successful_backup(go: GoRig, s3_server: SeaweedS3) -> None:
+    _, plan, first = await go.backup(items=["orders"], retention={"style": "FILES", "period": 1})
+    runner = go.make_runner()
     await runner.run_once()
-    assert (await final(store, first["_id"], clock))["status"] == "SUCCEEDED"
+    assert (await go.final(first["_id"]))["status"] == "SUCCEEDED"
     await runner.idle()
-    await clock.advance(60)  # the agent names files by the minute
-    go_agent.payload = b"second backup\n"
-    second = await jobs.start_backup(store, plan)
+    await go.clock.advance(60)  # the agent names files by the minute
+    go.agent.payload = b"second backup\n"
+    second = await jobs.start_backup(go.store, plan)
     await runner.run_once()
-    assert (await final(store, second["_id"], clock))["status"] == "SUCCEEDED"
+    assert (await go.final(second["_id"]))["status"] == "SUCCEEDED"
     await runner.idle()  # the sweep of the plan runs right after the backup
-    points = await store.restore_points.find({}).to_list()
+    points = await go.store.restore_points.find({}).to_list()
     assert [p["_id"] for p in points] == [second["_id"]]
-    assert s3_server.keys(s3_settings.bucket) == [points[0]["items"][0]["key"]]
+    assert s3_server.keys(go.s3.bucket) == [points[0]["items"][0]["key"]]
 
 
-async def test_concurrency_limit_per_replica(
-    store: Store,
-    box: SecretBox,
-    clock: ManualClock,
-    go_agent: GoAgentStandIn,
-    s3_settings: S3Settings,
-    make_runner: RunnerFactory,
-) -> None:
-    queued = [(await _backup_job(store, box, go_agent, s3_settings))[2] for _ in range(3)]
-    go_agent.hold()
-    one, other = make_runner("one", concurrency=2), make_runner("other", concurrency=2)
+async def test_concurrency_limit_per_replica(go: GoRig) -> None:
+    queued = [(await go.backup())[2] for _ in range(3)]
+    go.agent.hold()
+    one, other = go.make_runner("one", concurrency=2), go.make_runner("other", concurrency=2)
     assert await one.run_once() == 2
     assert await one.run_once() == 0  # full
     assert await other.run_once() == 1
-    go_agent.let_go()
+    go.agent.let_go()
     for job in queued:
-        assert (await final(store, job["_id"], clock))["status"] == "SUCCEEDED"
+        assert (await go.final(job["_id"]))["status"] == "SUCCEEDED"

@@ -9,11 +9,8 @@ import pytest
 
 from backup import jobs
 from backup.clock import ManualClock
-from backup.secrets import SecretBox
 from backup.store import Store
-from storage import S3Settings
-from tests.runner.conftest import RunnerFactory, item_started, seed_instance, seed_plan, until
-from tests.runner.go_agent import GoAgentStandIn
+from tests.runner.conftest import GoRig, until
 
 
 async def _queue(store: Store, instance_id: str, n: int = 1, **fields) -> list[str]:
@@ -138,30 +135,21 @@ async def test_cancelled_and_final_jobs_are_not_claimed(store: Store, clock: Man
     assert await jobs.claimable(store, clock.now(), limit=10) == []
 
 
-async def test_a_replica_that_loses_its_lease_stops_driving(
-    store: Store,
-    box: SecretBox,
-    clock: ManualClock,
-    go_agent: GoAgentStandIn,
-    s3_settings: S3Settings,
-    make_runner: RunnerFactory,
-) -> None:
-    instance = await seed_instance(store, box, agent_url=go_agent.url)
-    plan = await seed_plan(store, box, instance, s3_settings)
-    job = await jobs.start_backup(store, plan)
-    go_agent.hold()
-    runner = make_runner("replica-a", poll_seconds=3600)
+async def test_a_replica_that_loses_its_lease_stops_driving(go: GoRig) -> None:
+    _, _, job = await go.backup()
+    go.agent.hold()
+    runner = go.make_runner("replica-a", poll_seconds=3600)
     await runner.start()
-    await until(lambda: item_started(go_agent, f"{job['_id']}-0"), clock=clock)
+    await go.started(job)
     assert runner.active == 1
     # another replica took it over (as if this one had been paused past its lease)
-    await store.jobs.update_one(
+    await go.store.jobs.update_one(
         {"_id": job["_id"]}, {"$set": {"lease_owner": "replica-b"}, "$inc": {"attempts": 1}}
     )
 
     async def stopped() -> bool:
         return runner.active == 0
 
-    await until(stopped, clock=clock, step=5)
-    doc = await store.jobs.find_one({"_id": job["_id"]})
+    await until(stopped, clock=go.clock, step=5)
+    doc = await go.store.jobs.find_one({"_id": job["_id"]})
     assert doc["status"] == "RUNNING" and doc["lease_owner"] == "replica-b"
