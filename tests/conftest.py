@@ -13,6 +13,7 @@ pytest_plugins = [
     "tests.servers.broker",
     "tests.servers.s3",
     "tests.servers.swift",
+    "tests.agent.helpers",  # make_agent: agent processes
 ]
 
 IN_CI = os.environ.get("CI", "").lower() == "true"

@@ -7,15 +7,18 @@ import contextlib
 import http.client
 import json
 import os
-import signal
 import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.servers.ports import free_port, wait_listening
+from tests.servers.process import terminate
 
 USER, PASSWORD = "agent-user", "agent-pa55word-XYZ"
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +31,9 @@ def write_script(directory: Path, name: str, body: str) -> Path:
     return path
 
 
-def tracing_scripts(directory: Path, *, backup_body: str | None = None) -> None:
+def tracing_scripts(
+    directory: Path, *, backup_body: str | None = None, restore_body: str | None = None
+) -> None:
     """A script set that records each stage and its arguments in $TRACE, and the environment
     of the backup and restore stages in ``$TRACE.<stage>.env``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -45,6 +50,8 @@ def tracing_scripts(directory: Path, *, backup_body: str | None = None) -> None:
     for stage in stages:
         dump = f' env > "$TRACE.{stage}.env";' if stage == "restore" else ""
         write_script(directory, stage, f'echo "{stage} $*" >> "$TRACE";{dump} echo out-{stage}')
+    if restore_body:
+        write_script(directory, "restore", restore_body)
     write_script(
         directory,
         "backup.sh",
@@ -106,13 +113,8 @@ class AgentProcess:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            terminate(self.proc, 20)
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -181,6 +183,34 @@ class AgentProcess:
         raise TimeoutError(f"{kind} {job_id} never reached {state}")
 
 
+@pytest.fixture
+def make_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """``make_agent(scripts=None, backup_body=None, restore_body=None, **env)``: an agent
+    process in a directory of its own with the given env overrides, running ``scripts`` (else
+    the tracing set, with these bodies); every agent started is killed at teardown."""
+    started: list[AgentProcess] = []
+
+    def make(
+        scripts: Path | None = None,
+        *,
+        backup_body: str | None = None,
+        restore_body: str | None = None,
+        **env: Any,
+    ) -> AgentProcess:
+        base = tmp_path / f"agent{len(started)}"
+        base.mkdir()
+        if scripts is None:
+            scripts = base / "scripts"
+            tracing_scripts(scripts, backup_body=backup_body, restore_body=restore_body)
+        agent = AgentProcess(base, scripts, **env)
+        started.append(agent)
+        return agent.start()
+
+    yield make
+    for agent in started:
+        agent.kill()
+
+
 def backup_request(job_id: str, **overrides: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": job_id,
@@ -205,18 +235,18 @@ def backup_request(job_id: str, **overrides: Any) -> dict[str, Any]:
             "parameters": [],
         },
     }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(body.get(key), dict):
-            body[key] = {**body[key], **value}
-        else:
-            body[key] = value
-    return body
+    return _overridden(body, overrides)
 
 
 def restore_request(job_id: str, **overrides: Any) -> dict[str, Any]:
     body = backup_request(job_id)
     body["restore"] = body.pop("backup")
     body["destination"]["filename"] = "2026_01_01_00_00_127.0.0.1_mydb.txt"
+    return _overridden(body, overrides)
+
+
+def _overridden(body: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``body`` with ``overrides``: a dict merged into the section of that name, else set."""
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(body.get(key), dict):
             body[key] = {**body[key], **value}

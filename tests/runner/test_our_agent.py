@@ -5,7 +5,8 @@ that gets the original bytes back, and the agent killed in the middle of a job."
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,67 +14,88 @@ import pytest
 
 import tests.agent.helpers as helpers
 from backup import jobs
+from backup.runner import JobRunner
 from backup.secrets import SecretBox
-from backup.store import Store
+from backup.store import Document, Store
 from storage import S3Settings, SwiftSettings, open_store
-from tests.agent.helpers import PASSWORD, USER, AgentProcess, tracing_scripts, write_script
+from tests.agent.helpers import PASSWORD, USER, AgentProcess
 from tests.runner.conftest import RunnerFactory, final, seed_instance, seed_plan, until
 from tests.servers.s3 import SeaweedS3
 
 PAYLOAD = "row;" * 5000  # compressible, and recognisable in plaintext
+BACKUP = (
+    f'echo "backup $*" >> "$TRACE"; env > "$TRACE.backup.env"; printf "{PAYLOAD}" > '
+    '"$BACKUP_DIRECTORY/$BACKUP_FILENAME.txt"; echo out-backup'
+)
+HANGING_BACKUP = 'echo "backup $*" >> "$TRACE"; sleep 60'
+RESTORE = 'echo "restore $*" >> "$TRACE"; cat "$RESTORE_FILE" > "$TRACE.$BACKUP_DATABASE"'
 
 
 def _read(path: str) -> str:
     return Path(path).read_text()
 
 
+@dataclass
+class Ours:
+    """A runner test with our agent as a real process: the database, the secret box, and
+    agents and runners (on the real clock) made on demand."""
+
+    store: Store
+    box: SecretBox
+    make_agent: Callable[..., AgentProcess]
+    make_runner: RunnerFactory
+
+    def agent(self, backup: str = BACKUP) -> AgentProcess:
+        return self.make_agent(backup_body=backup, restore_body=RESTORE)
+
+    async def backup(
+        self, agent: AgentProcess, settings: S3Settings | SwiftSettings, **plan_fields: Any
+    ) -> tuple[Document, Document, Document]:
+        """(instance, plan, job): a backup queued for a new instance of ``agent``."""
+        url = f"http://127.0.0.1:{agent.port}"
+        instance = await seed_instance(
+            self.store, self.box, agent_url=url, username=USER, password=PASSWORD
+        )
+        plan = await seed_plan(self.store, self.box, instance, settings, **plan_fields)
+        return instance, plan, await jobs.start_backup(self.store, plan)
+
+    def runner(self, **settings: Any) -> JobRunner:
+        """A runner polling the agent often."""
+        return self.make_runner(
+            clock=None, agent_poll_min_seconds=0.2, agent_poll_max_seconds=0.5, **settings
+        )
+
+
 @pytest.fixture
-def make_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
-    started: list[AgentProcess] = []
+def ours(
+    store: Store,
+    box: SecretBox,
+    make_agent: Callable[..., AgentProcess],
+    make_runner: RunnerFactory,
+) -> Ours:
+    return Ours(store, box, make_agent, make_runner)
 
-    def make(backup_body: str | None = None, **env: Any) -> AgentProcess:
-        base = tmp_path / f"agent{len(started)}"
-        scripts = base / "scripts"
-        tracing_scripts(
-            scripts,
-            backup_body=backup_body
-            or f'echo "backup $*" >> "$TRACE"; env > "$TRACE.backup.env"; printf "{PAYLOAD}" > '
-            '"$BACKUP_DIRECTORY/$BACKUP_FILENAME.txt"; echo out-backup',
-        )
-        write_script(
-            scripts,
-            "restore",
-            'echo "restore $*" >> "$TRACE"; cat "$RESTORE_FILE" > "$TRACE.$BACKUP_DATABASE"',
-        )
-        agent = AgentProcess(base, scripts, **env)
-        started.append(agent)
-        return agent.start()
 
-    yield make
-    for agent in started:
-        agent.kill()
+async def _backing_up(agent: AgentProcess) -> None:
+    """Wait until the agent runs the backup script."""
+
+    async def running() -> bool:
+        return any(line.startswith("backup ") for line in agent.trace_lines())
+
+    await until(running)
 
 
 async def test_backup_and_restore_with_our_agent(
-    store: Store,
-    box: SecretBox,
-    s3_server: SeaweedS3,
-    s3_settings: S3Settings,
-    make_agent: Callable[..., AgentProcess],
-    make_runner: RunnerFactory,
+    ours: Ours, s3_server: SeaweedS3, s3_settings: S3Settings
 ) -> None:
-    agent = make_agent()
-    instance = await seed_instance(
-        store, box, agent_url=f"http://127.0.0.1:{agent.port}", username=USER, password=PASSWORD
-    )
-    plan = await seed_plan(store, box, instance, s3_settings, encryption=True, compression=True)
-    job = await jobs.start_backup(store, plan)
-    runner = make_runner(clock=None, agent_poll_min_seconds=0.2, agent_poll_max_seconds=0.5)
+    agent = ours.agent()
+    instance, plan, job = await ours.backup(agent, s3_settings, encryption=True, compression=True)
+    runner = ours.runner()
     assert await runner.run_once() == 1
-    done = await final(store, job["_id"])
+    done = await final(ours.store, job["_id"])
     assert done["status"] == "SUCCEEDED", (done["reason"], done["items"])
     assert done["agent"]["kind"] == "ours" and done["agent"]["version"]
-    point = await store.restore_points.find_one({"_id": job["_id"]})
+    point = await ours.store.restore_points.find_one({"_id": job["_id"]})
     client = s3_server.client()
     for item in point["items"]:
         assert item["compression"] == "zstd" and item["encryption"] == "aes-256-gcm-stream-v1"
@@ -88,9 +110,9 @@ async def test_backup_and_restore_with_our_agent(
     assert env["AGENT_TRANSFORM_COMPRESSION"] == "zstd" and env["COMPRESSION"] == "false"
     assert "ENCRYPTION_KEY" not in env
 
-    restore = await jobs.start_restore(store, point, None)
+    restore = await jobs.start_restore(ours.store, point, None)
     assert await runner.run_once() == 1
-    done = await final(store, restore["_id"])
+    done = await final(ours.store, restore["_id"])
     assert done["status"] == "SUCCEEDED", (done["reason"], done["items"])
     for name in ("orders", "customers"):
         assert _read(f"{agent.trace}.{name}") == PAYLOAD
@@ -98,35 +120,26 @@ async def test_backup_and_restore_with_our_agent(
 
 
 async def test_a_restore_whose_stored_object_changed_fails_before_the_restore_script(
-    store: Store,
-    box: SecretBox,
-    s3_server: SeaweedS3,
-    s3_settings: S3Settings,
-    make_agent: Callable[..., AgentProcess],
-    make_runner: RunnerFactory,
+    ours: Ours, s3_server: SeaweedS3, s3_settings: S3Settings
 ) -> None:
     """The runner sends the restore point's checksum; our agent verifies the download
     against it, so a stored object replaced behind the manager's back is never restored."""
-    agent = make_agent()
-    instance = await seed_instance(
-        store, box, agent_url=f"http://127.0.0.1:{agent.port}", username=USER, password=PASSWORD
-    )
+    agent = ours.agent()
     # stored as the script wrote it: a changed object decodes, only its checksum tells
-    plan = await seed_plan(
-        store, box, instance, s3_settings, items=["orders"], compression=False, encryption=False
+    _, _, job = await ours.backup(
+        agent, s3_settings, items=["orders"], compression=False, encryption=False
     )
-    job = await jobs.start_backup(store, plan)
-    runner = make_runner(clock=None, agent_poll_min_seconds=0.2, agent_poll_max_seconds=0.5)
+    runner = ours.runner()
     await runner.run_once()
-    assert (await final(store, job["_id"]))["status"] == "SUCCEEDED"
-    point = await store.restore_points.find_one({"_id": job["_id"]})
+    assert (await final(ours.store, job["_id"]))["status"] == "SUCCEEDED"
+    point = await ours.store.restore_points.find_one({"_id": job["_id"]})
     (item,) = point["items"]
     s3_server.client().put_object(
         Bucket=s3_settings.bucket, Key=item["key"], Body=b"not the backup that was taken"
     )
-    restore = await jobs.start_restore(store, point, None)
+    restore = await jobs.start_restore(ours.store, point, None)
     await runner.run_once()
-    done = await final(store, restore["_id"])
+    done = await final(ours.store, restore["_id"])
     assert done["status"] == "FAILED", (done["reason"], done["items"])
     assert "checksum" in (done["items"][0]["error"] or "").lower(), done["items"][0]
     assert not any(line.startswith("restore ") for line in agent.trace_lines())
@@ -134,92 +147,52 @@ async def test_a_restore_whose_stored_object_changed_fails_before_the_restore_sc
 
 
 async def test_agent_killed_mid_job_and_restarted_ends_failed_with_its_reason(
-    store: Store,
-    box: SecretBox,
-    s3_settings: S3Settings,
-    make_agent: Callable[..., AgentProcess],
-    make_runner: RunnerFactory,
-    monkeypatch: pytest.MonkeyPatch,
+    ours: Ours, s3_settings: S3Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    agent = make_agent(backup_body='echo "backup $*" >> "$TRACE"; sleep 60')
-    instance = await seed_instance(
-        store, box, agent_url=f"http://127.0.0.1:{agent.port}", username=USER, password=PASSWORD
-    )
-    plan = await seed_plan(store, box, instance, s3_settings, items=["orders"])
-    job = await jobs.start_backup(store, plan)
-    runner = make_runner(clock=None, agent_poll_min_seconds=0.2, agent_poll_max_seconds=0.5)
-    await runner.run_once()
-
-    async def backing_up() -> bool:
-        return any(line.startswith("backup ") for line in agent.trace_lines())
-
-    await until(backing_up)
+    agent = ours.agent(HANGING_BACKUP)
+    _, _, job = await ours.backup(agent, s3_settings, items=["orders"])
+    await ours.runner().run_once()
+    await _backing_up(agent)
     agent.kill()
     monkeypatch.setattr(helpers, "free_port", lambda: agent.port)  # come back where it was
     agent.start()
-    done = await final(store, job["_id"])
+    done = await final(ours.store, job["_id"])
     assert done["status"] == "FAILED"
     assert "agent restarted while the job was running" in done["reason"]
     assert any(line.startswith("post-backup-unlock") for line in agent.trace_lines())
-    assert await store.restore_points.count_documents({}) == 0
+    assert await ours.store.restore_points.count_documents({}) == 0
 
 
 async def test_agent_killed_mid_job_and_gone_ends_failed_after_the_bound(
-    store: Store,
-    box: SecretBox,
-    s3_settings: S3Settings,
-    make_agent: Callable[..., AgentProcess],
-    make_runner: RunnerFactory,
+    ours: Ours, s3_settings: S3Settings
 ) -> None:
-    agent = make_agent(backup_body='echo "backup $*" >> "$TRACE"; sleep 60')
-    instance = await seed_instance(
-        store, box, agent_url=f"http://127.0.0.1:{agent.port}", username=USER, password=PASSWORD
-    )
-    plan = await seed_plan(store, box, instance, s3_settings, items=["orders"])
-    job = await jobs.start_backup(store, plan)
-    runner = make_runner(
-        clock=None,
-        agent_poll_min_seconds=0.2,
-        agent_poll_max_seconds=0.5,
-        agent_unreachable_seconds=3,
-    )
-    await runner.run_once()
-
-    async def backing_up() -> bool:
-        return any(line.startswith("backup ") for line in agent.trace_lines())
-
-    await until(backing_up)
+    agent = ours.agent(HANGING_BACKUP)
+    _, _, job = await ours.backup(agent, s3_settings, items=["orders"])
+    await ours.runner(agent_unreachable_seconds=3).run_once()
+    await _backing_up(agent)
     agent.kill()
-    done = await final(store, job["_id"])
+    done = await final(ours.store, job["_id"])
     assert done["status"] == "FAILED" and "cannot be reached" in done["reason"]
     assert "no answer for 3 s" in done["reason"]
     assert done["items"][0]["status"] == "FAILED"
 
 
 async def test_backup_and_restore_to_swift_with_our_agent(
-    store: Store,
-    box: SecretBox,
-    swift_settings: SwiftSettings,
-    make_agent: Callable[..., AgentProcess],
-    make_runner: RunnerFactory,
+    ours: Ours, swift_settings: SwiftSettings
 ) -> None:
-    agent = make_agent()
-    instance = await seed_instance(
-        store, box, agent_url=f"http://127.0.0.1:{agent.port}", username=USER, password=PASSWORD
-    )
-    plan = await seed_plan(store, box, instance, swift_settings, items=["orders"])
-    job = await jobs.start_backup(store, plan)
-    runner = make_runner(clock=None, agent_poll_min_seconds=0.2, agent_poll_max_seconds=0.5)
+    agent = ours.agent()
+    instance, plan, job = await ours.backup(agent, swift_settings, items=["orders"])
+    runner = ours.runner()
     await runner.run_once()
-    done = await final(store, job["_id"])
+    done = await final(ours.store, job["_id"])
     assert done["status"] == "SUCCEEDED", (done["reason"], done["items"])
-    point = await store.restore_points.find_one({"_id": job["_id"]})
+    point = await ours.store.restore_points.find_one({"_id": job["_id"]})
     (item,) = point["items"]
     assert item["key"].startswith(f"{instance['_id']}/{plan['_id']}/") and item["checksum"]
     async with open_store(swift_settings) as objects:
         assert [o.key async for o in objects.list()] == [item["key"]]
-    restore = await jobs.start_restore(store, point, None)
+    restore = await jobs.start_restore(ours.store, point, None)
     await runner.run_once()
-    done = await final(store, restore["_id"])
+    done = await final(ours.store, restore["_id"])
     assert done["status"] == "SUCCEEDED", (done["reason"], done["items"])
     assert _read(f"{agent.trace}.orders") == PAYLOAD
