@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -120,17 +120,35 @@ async def start_api(
     return Api(await start_service(mongo_url, tmp_path), stand_in, cc)
 
 
+ApiFactory = Callable[..., Awaitable[Api]]
+
+
 @pytest.fixture
-async def api(
+async def make_api(
     mongo_url: str,
     tmp_path: Any,
     monkeypatch: pytest.MonkeyPatch,
     uaa: Uaa,  # noqa: F811
     cloud_controller: CloudController,  # noqa: F811
-) -> AsyncIterator[Api]:
-    a = await start_api(mongo_url, tmp_path, monkeypatch, uaa, cloud_controller)
-    yield a
-    await stop_service(a.service)
+) -> AsyncIterator[ApiFactory]:
+    """``await make_api(**env)``: a service with these settings (environment names) on top of
+    the tests' defaults, against the test's stand-ins; every one is stopped at teardown."""
+    started: list[Api] = []
+
+    async def make(**env: str) -> Api:
+        started.append(
+            await start_api(mongo_url, tmp_path, monkeypatch, uaa, cloud_controller, **env)
+        )
+        return started[-1]
+
+    yield make
+    for a in started:
+        await stop_service(a.service)
+
+
+@pytest.fixture
+async def api(make_api: ApiFactory) -> Api:
+    return await make_api()
 
 
 @pytest.fixture
@@ -141,6 +159,16 @@ async def instance(api: Api) -> str:
 @pytest.fixture
 async def destination(api: Api, instance: str) -> dict[str, Any]:
     status, body = await api.call("POST", "/destinations", instance=instance, json=S3_BODY)
+    assert status == 201, body
+    return body
+
+
+@pytest.fixture
+async def plan(api: Api, instance: str, destination: dict[str, Any]) -> dict[str, Any]:
+    """``instance``'s plan backing up nightly to ``destination``, created through the API."""
+    status, body = await api.call(
+        "POST", "/plans", instance=instance, json=plan_body(destination["id"])
+    )
     assert status == 201, body
     return body
 

@@ -21,16 +21,15 @@ from tests.api.conftest import (
     ITEMS,
     S3_BODY,
     Api,
+    ApiFactory,
     add_instance,
     plan_body,
     sample_body,
     seed,
-    start_api,
 )
-from tests.servers.broker import BROKER_PASSWORD, BROKER_USER, stop_service
-from tests.servers.cloud_controller import CloudController
+from tests.servers.broker import BROKER_PASSWORD, BROKER_USER
 from tests.servers.ports import free_port
-from tests.servers.uaa import Uaa, rsa_key
+from tests.servers.uaa import rsa_key
 
 
 async def test_no_or_bad_credentials_get_401_with_challenge(api: Api, instance: str) -> None:
@@ -78,9 +77,8 @@ async def test_user_sees_only_instances_the_cloud_controller_grants(api: Api) ->
 
 
 async def test_read_only_user_cannot_change_anything(
-    api: Api, instance: str, destination: dict
+    api: Api, instance: str, destination: dict, plan: dict
 ) -> None:
-    _, plan = await api.call("POST", "/plans", instance=instance, json=plan_body(destination["id"]))
     api.cc.grant("auditor", instance, read=True, manage=False)
     token = api.uaa.token("auditor")
     for path in (
@@ -204,28 +202,17 @@ async def test_user_without_cloud_controller_grant_on_unknown_instance(api: Api)
     assert status == 404
 
 
-async def test_unknown_kids_do_not_hammer_the_issuer(
-    mongo_url: str,
-    tmp_path: Any,
-    monkeypatch: pytest.MonkeyPatch,
-    uaa: Uaa,
-    cloud_controller: CloudController,
-) -> None:
-    api = await start_api(
-        mongo_url, tmp_path, monkeypatch, uaa, cloud_controller, JWKS_MIN_REFRESH_SECONDS="60"
-    )
-    try:
-        inst = await add_instance(api.store)
-        cloud_controller.grant("alice", inst)
-        assert (await api.call("GET", "/plans", instance=inst, token=uaa.token("alice")))[0] == 200
-        fetched = uaa.jwks_requests
-        forged = rsa_key()
-        for n in range(10):
-            token = uaa.token("alice", key=forged, kid=f"forged-{n}")
-            assert (await api.call("GET", "/plans", instance=inst, token=token))[0] == 401
-        assert uaa.jwks_requests == fetched
-    finally:
-        await stop_service(api.service)
+async def test_unknown_kids_do_not_hammer_the_issuer(make_api: ApiFactory) -> None:
+    api = await make_api(JWKS_MIN_REFRESH_SECONDS="60")
+    inst = await add_instance(api.store)
+    api.cc.grant("alice", inst)
+    assert (await api.call("GET", "/plans", instance=inst, token=api.uaa.token("alice")))[0] == 200
+    fetched = api.uaa.jwks_requests
+    forged = rsa_key()
+    for n in range(10):
+        token = api.uaa.token("alice", key=forged, kid=f"forged-{n}")
+        assert (await api.call("GET", "/plans", instance=inst, token=token))[0] == 401
+    assert api.uaa.jwks_requests == fetched
 
 
 def test_bad_api_configuration_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -234,35 +221,20 @@ def test_bad_api_configuration_names_the_variable(monkeypatch: pytest.MonkeyPatc
         load_api_settings()
 
 
-async def test_unreachable_issuer_or_cloud_controller_is_503(
-    mongo_url: str,
-    tmp_path: Any,
-    monkeypatch: pytest.MonkeyPatch,
-    uaa: Uaa,
-    cloud_controller: CloudController,
-) -> None:
+async def test_unreachable_issuer_or_cloud_controller_is_503(make_api: ApiFactory) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
-    api = await start_api(
-        mongo_url, tmp_path, monkeypatch, uaa, cloud_controller, CLOUD_CONTROLLER_URL=closed
-    )
-    try:
-        inst = await add_instance(api.store)
-        status, body = await api.call("GET", "/plans", instance=inst, token=uaa.token("alice"))
-        assert status == 503 and body["error"] == "authorization_unavailable"
-    finally:
-        await stop_service(api.service)
-    api = await start_api(
-        mongo_url, tmp_path, monkeypatch, uaa, cloud_controller, OIDC_ISSUER=closed + "/oauth/token"
-    )
-    try:
-        inst = await add_instance(api.store)
-        token = uaa.token("alice", issuer=closed + "/oauth/token")
-        status, body = await api.call("GET", "/plans", instance=inst, token=token)
-        assert status == 503 and body["error"] == "identity_provider_unavailable"
-        # Basic auth does not depend on them
-        assert (await api.call("GET", "/plans", instance=inst))[0] == 200
-    finally:
-        await stop_service(api.service)
+    api = await make_api(CLOUD_CONTROLLER_URL=closed)
+    inst = await add_instance(api.store)
+    status, body = await api.call("GET", "/plans", instance=inst, token=api.uaa.token("alice"))
+    assert status == 503 and body["error"] == "authorization_unavailable"
+
+    api = await make_api(OIDC_ISSUER=closed + "/oauth/token")
+    inst = await add_instance(api.store)
+    token = api.uaa.token("alice", issuer=closed + "/oauth/token")
+    status, body = await api.call("GET", "/plans", instance=inst, token=token)
+    assert status == 503 and body["error"] == "identity_provider_unavailable"
+    # Basic auth does not depend on them
+    assert (await api.call("GET", "/plans", instance=inst))[0] == 200
 
 
 # --- every operation, derived from the registry, so a new endpoint is covered too -----------
@@ -390,95 +362,49 @@ async def test_unseen_and_unknown_instances_answer_alike_on_any_path(api: Api) -
 
 
 async def test_operator_basic_credentials(
-    mongo_url: str,
-    tmp_path: Any,
-    monkeypatch: pytest.MonkeyPatch,
-    uaa: Uaa,
-    cloud_controller: CloudController,
+    make_api: ApiFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    api = await start_api(
-        mongo_url,
-        tmp_path,
-        monkeypatch,
-        uaa,
-        cloud_controller,
-        OPERATOR_USERNAME="ops",
-        OPERATOR_PASSWORD="ops-password-123",
+    api = await make_api(OPERATOR_USERNAME="ops", OPERATOR_PASSWORD="ops-password-123")
+    inst = await add_instance(api.store)
+    status, _ = await api.call(
+        "POST", "/destinations", instance=inst, basic=("ops", "ops-password-123"), json=S3_BODY
     )
-    try:
-        inst = await add_instance(api.store)
-        status, _ = await api.call(
-            "POST", "/destinations", instance=inst, basic=("ops", "ops-password-123"), json=S3_BODY
-        )
-        assert status == 201
-        for wrong in (("ops", "nope"), ("ops", BROKER_PASSWORD), (BROKER_USER, "ops-password-123")):
-            assert (await api.call("GET", "/plans", instance=inst, basic=wrong))[0] == 401
-        assert (await api.call("GET", "/plans", instance=inst))[0] == 200  # broker too
-    finally:
-        await stop_service(api.service)
+    assert status == 201
+    for wrong in (("ops", "nope"), ("ops", BROKER_PASSWORD), (BROKER_USER, "ops-password-123")):
+        assert (await api.call("GET", "/plans", instance=inst, basic=wrong))[0] == 401
+    assert (await api.call("GET", "/plans", instance=inst))[0] == 200  # broker too
+
     monkeypatch.setenv("OPERATOR_PASSWORD", "")
     with pytest.raises(ConfigError, match="together"):
         load_api_settings()
 
 
 async def test_retired_signing_keys_stop_working_after_the_maximum_age(
-    mongo_url: str,
-    tmp_path: Any,
-    monkeypatch: pytest.MonkeyPatch,
-    uaa: Uaa,
-    cloud_controller: CloudController,
+    make_api: ApiFactory,
 ) -> None:
-    api = await start_api(
-        mongo_url,
-        tmp_path,
-        monkeypatch,
-        uaa,
-        cloud_controller,
-        JWKS_MIN_REFRESH_SECONDS="3600",
-        JWKS_MAX_AGE_SECONDS="0.3",
-    )
-    try:
-        inst = await add_instance(api.store)
-        cloud_controller.grant("alice", inst)
-        old = uaa.token("alice")
-        assert (await api.call("GET", "/plans", instance=inst, token=old))[0] == 200
-        uaa.keys = {"key-2": rsa_key()}  # the issuer rotated and retired key-1
-        deadline = time.monotonic() + 30
-        status = 200
-        while status == 200 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-            status, body = await api.call("GET", "/plans", instance=inst, token=old)
-        assert status == 401, body
-        new = uaa.token("alice", kid="key-2")
-        assert (await api.call("GET", "/plans", instance=inst, token=new))[0] == 200
-    finally:
-        await stop_service(api.service)
+    api = await make_api(JWKS_MIN_REFRESH_SECONDS="3600", JWKS_MAX_AGE_SECONDS="0.3")
+    inst = await add_instance(api.store)
+    api.cc.grant("alice", inst)
+    old = api.uaa.token("alice")
+    assert (await api.call("GET", "/plans", instance=inst, token=old))[0] == 200
+    api.uaa.keys = {"key-2": rsa_key()}  # the issuer rotated and retired key-1
+    deadline = time.monotonic() + 30
+    status = 200
+    while status == 200 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        status, body = await api.call("GET", "/plans", instance=inst, token=old)
+    assert status == 401, body
+    new = api.uaa.token("alice", kid="key-2")
+    assert (await api.call("GET", "/plans", instance=inst, token=new))[0] == 200
 
 
-async def test_issuer_down_is_503_every_time_not_401(
-    mongo_url: str,
-    tmp_path: Any,
-    monkeypatch: pytest.MonkeyPatch,
-    uaa: Uaa,
-    cloud_controller: CloudController,
-) -> None:
+async def test_issuer_down_is_503_every_time_not_401(make_api: ApiFactory) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
-    api = await start_api(
-        mongo_url,
-        tmp_path,
-        monkeypatch,
-        uaa,
-        cloud_controller,
-        OIDC_JWKS_URL=closed + "/token_keys",
-        JWKS_MIN_REFRESH_SECONDS="3600",
-    )
-    try:
-        inst = await add_instance(api.store)
-        for _ in range(3):
-            status, body = await api.call("GET", "/plans", instance=inst, token=uaa.token("alice"))
-            assert (status, body["error"]) == (503, "identity_provider_unavailable"), body
-    finally:
-        await stop_service(api.service)
+    api = await make_api(OIDC_JWKS_URL=closed + "/token_keys", JWKS_MIN_REFRESH_SECONDS="3600")
+    inst = await add_instance(api.store)
+    for _ in range(3):
+        status, body = await api.call("GET", "/plans", instance=inst, token=api.uaa.token("alice"))
+        assert (status, body["error"]) == (503, "identity_provider_unavailable"), body
 
 
 async def test_a_binding_made_through_osb_gives_the_application_its_instance(api: Api) -> None:

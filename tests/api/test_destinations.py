@@ -117,13 +117,9 @@ async def test_patch_changing_type_needs_the_new_type_fields(
 
 
 async def test_delete_refused_while_a_plan_uses_it(
-    api: Api, instance: str, destination: dict
+    api: Api, instance: str, destination: dict, plan: dict
 ) -> None:
     path = f"/destinations/{destination['id']}"
-    status, plan = await api.call(
-        "POST", "/plans", instance=instance, json=plan_body(destination["id"])
-    )
-    assert status == 201, plan
     status, body = await api.call("DELETE", path, instance=instance)
     assert status == 409 and body["error"] == "destination_in_use"
     assert "nightly" in body["description"]

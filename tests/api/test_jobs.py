@@ -7,21 +7,18 @@ import json
 from typing import Any
 
 import aiohttp
-import pytest
 
 from backup import jobs
 from tests.api.conftest import (
     ITEMS,
     Api,
+    ApiFactory,
     add_instance,
     insert_job,
     insert_restore_point,
     plan_body,
-    start_api,
 )
-from tests.servers.broker import BROKER_PASSWORD, BROKER_USER, stop_service
-from tests.servers.cloud_controller import CloudController
-from tests.servers.uaa import Uaa
+from tests.servers.broker import BROKER_PASSWORD, BROKER_USER
 
 JOB_FIELDS = {
     "_id", "instance_id", "type", "plan_id", "destination_id", "trigger", "scheduled_for",
@@ -273,38 +270,27 @@ async def test_restore_points_list_read_and_failed_delete(
     assert (await api.call("DELETE", "/restore_points/nope", instance=instance))[0] == 404
 
 
-async def test_a_job_with_many_items_answers_within_a_bounded_size(
-    mongo_url: str,
-    tmp_path: Any,
-    monkeypatch: pytest.MonkeyPatch,
-    uaa: Uaa,
-    cloud_controller: CloudController,
-) -> None:
-    api = await start_api(
-        mongo_url, tmp_path, monkeypatch, uaa, cloud_controller, JOB_LOGS_TOTAL_MAX_BYTES="65536"
-    )
-    try:
-        instance = await add_instance(api.store)
-        log = "".join(f"line {n}\n" for n in range(2000))  # ~16 KB a stage
-        items = [
-            jobs.new_item(f"db{n}", logs={"backup": log, "unlock": f"unlocked db{n}"})
-            for n in range(200)
-        ]
-        job_id = await _job(api, instance, status="FAILED", items=items)
-        async with api.service.http.get(
-            api.base(instance) + f"/jobs/{job_id}",
-            headers={"Authorization": aiohttp.encode_basic_auth(BROKER_USER, BROKER_PASSWORD)},
-        ) as r:
-            raw = await r.read()
-        assert r.status == 200
-        # 400 logs share 64 KiB: each keeps its last 256 bytes (not JOB_LOG_MAX_BYTES=1024)
-        job = json.loads(raw)
-        assert len(job["items"]) == 200
-        assert len(raw) < 200 * 500 + 400 * (256 + 60), len(raw)
-        for item in job["items"]:
-            assert len(item["logs"]["backup"].encode()) <= 256 + 60
-            assert item["logs"]["backup"].endswith("line 1999\n")
-            assert "earlier bytes cut" in item["logs"]["backup"]
-            assert item["logs"]["unlock"] == f"unlocked {item['name']}"
-    finally:
-        await stop_service(api.service)
+async def test_a_job_with_many_items_answers_within_a_bounded_size(make_api: ApiFactory) -> None:
+    api = await make_api(JOB_LOGS_TOTAL_MAX_BYTES="65536")
+    instance = await add_instance(api.store)
+    log = "".join(f"line {n}\n" for n in range(2000))  # ~16 KB a stage
+    items = [
+        jobs.new_item(f"db{n}", logs={"backup": log, "unlock": f"unlocked db{n}"})
+        for n in range(200)
+    ]
+    job_id = await _job(api, instance, status="FAILED", items=items)
+    async with api.service.http.get(
+        api.base(instance) + f"/jobs/{job_id}",
+        headers={"Authorization": aiohttp.encode_basic_auth(BROKER_USER, BROKER_PASSWORD)},
+    ) as r:
+        raw = await r.read()
+    assert r.status == 200
+    # 400 logs share 64 KiB: each keeps its last 256 bytes (not JOB_LOG_MAX_BYTES=1024)
+    job = json.loads(raw)
+    assert len(job["items"]) == 200
+    assert len(raw) < 200 * 500 + 400 * (256 + 60), len(raw)
+    for item in job["items"]:
+        assert len(item["logs"]["backup"].encode()) <= 256 + 60
+        assert item["logs"]["backup"].endswith("line 1999\n")
+        assert "earlier bytes cut" in item["logs"]["backup"]
+        assert item["logs"]["unlock"] == f"unlocked {item['name']}"

@@ -79,10 +79,7 @@ async def test_name_unique_per_instance(api: Api, instance: str, destination: di
     assert status == 409 and answer["error"] == "duplicate_name"
 
 
-async def test_patch_merges_and_validates_the_whole(
-    api: Api, instance: str, destination: dict
-) -> None:
-    _, plan = await api.call("POST", "/plans", instance=instance, json=plan_body(destination["id"]))
+async def test_patch_merges_and_validates_the_whole(api: Api, instance: str, plan: dict) -> None:
     path = f"/plans/{plan['id']}"
     status, body = await api.call(
         "PATCH",
@@ -146,9 +143,8 @@ async def test_encryption_key_is_generated_sealed_and_never_replaced(
 
 
 async def test_delete_keeps_restore_points_and_cancels_queued_jobs(
-    api: Api, instance: str, destination: dict
+    api: Api, instance: str, plan: dict
 ) -> None:
-    _, plan = await api.call("POST", "/plans", instance=instance, json=plan_body(destination["id"]))
     status, job = await api.call("POST", f"/plans/{plan['id']}/backups", instance=instance)
     assert status == 202
     await api.store.restore_points.insert_one(
@@ -161,8 +157,7 @@ async def test_delete_keeps_restore_points_and_cancels_queued_jobs(
     assert stored["status"] == "CANCELLED" and stored["ended_at"] is not None
 
 
-async def test_plan_shows_its_last_job(api: Api, instance: str, destination: dict) -> None:
-    _, plan = await api.call("POST", "/plans", instance=instance, json=plan_body(destination["id"]))
+async def test_plan_shows_its_last_job(api: Api, instance: str, plan: dict) -> None:
     _, job = await api.call("POST", f"/plans/{plan['id']}/backups", instance=instance)
     _status, body = await api.call("GET", "/plans", instance=instance)
     last = body["items"][0]["last_job"]

@@ -14,7 +14,13 @@ from backup.secrets import SecretBox
 from backup.store import Document, Store
 from scheduler import Scheduler, SchedulerSettings
 from storage import S3Settings
-from tests.api.conftest import api, destination, instance  # noqa: F401 - fixtures (HTTP tests)
+from tests.api.conftest import (  # noqa: F401 - fixtures (HTTP tests)
+    api,
+    destination,
+    instance,
+    make_api,
+    plan,
+)
 from tests.servers import seed
 from tests.servers.cloud_controller import cloud_controller  # noqa: F401
 from tests.servers.uaa import uaa  # noqa: F401

@@ -33,12 +33,8 @@ async def jobs_of(api: Api, instance: str, plan_id: str) -> list[dict[str, Any]]
 
 
 async def test_a_paused_plan_fires_nothing_and_resuming_schedules_from_now(
-    api: Api, instance: str, destination: dict
+    api: Api, instance: str, plan: dict
 ) -> None:
-    status, plan = await api.call(
-        "POST", "/plans", instance=instance, json=plan_body(destination["id"])
-    )
-    assert status == 201, plan
     fire = at(plan["next_run_at"])
     status, paused = await api.call(
         "PATCH", f"/plans/{plan['id']}", instance=instance, json={"paused": True}
@@ -68,12 +64,8 @@ async def test_a_paused_plan_fires_nothing_and_resuming_schedules_from_now(
 
 
 async def test_changing_frequency_or_zone_reschedules_at_once(
-    api: Api, instance: str, destination: dict
+    api: Api, instance: str, plan: dict
 ) -> None:
-    status, plan = await api.call(
-        "POST", "/plans", instance=instance, json=plan_body(destination["id"])
-    )
-    assert status == 201, plan
     old = at(plan["next_run_at"])  # 03:00 Berlin
     status, changed = await api.call(
         "PATCH",
