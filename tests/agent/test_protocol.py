@@ -26,24 +26,11 @@ from tests.agent.helpers import (
     write_script,
 )
 from tests.agent.storage_support import destination_for, read_object, secrets_of
+from tests.runner.go_agent import BACKUP_STAGES, RESTORE_STAGES
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00$")
-BACKUP_LOGS = {
-    f"{s}_{k}"
-    for s in (
-        "pre_backup_lock",
-        "pre_backup_check",
-        "backup",
-        "backup_cleanup",
-        "post_backup_unlock",
-    )
-    for k in ("log", "errorlog")
-}
-RESTORE_LOGS = {
-    f"{s}_{k}"
-    for s in ("pre_restore_lock", "restore", "restore_cleanup", "post_restore_unlock")
-    for k in ("log", "errorlog")
-}
+BACKUP_LOGS = {f"{s}_{k}" for s in BACKUP_STAGES for k in ("log", "errorlog")}
+RESTORE_LOGS = {f"{s}_{k}" for s in RESTORE_STAGES for k in ("log", "errorlog")}
 # The Go agent's BackupResponse / RestoreResponse fields (without the omitempty ones) ...
 GO_BACKUP = {
     "status", "message", "state", "type", "compression", "skip_storage", "skipSSL",

@@ -28,6 +28,7 @@ from storage import S3Settings, open_store
 from tests.servers.ports import free_port
 
 USER, PASSWORD = "go-agent", "go-agent-PW-7781"
+# The stages the Go agent runs and reports a log of (``<stage>_log``, ``<stage>_errorlog``).
 BACKUP_STAGES = (
     "pre_backup_lock",
     "pre_backup_check",

@@ -7,7 +7,7 @@ import json
 
 from backup import jobs, restore_points
 from tests.runner.conftest import GoRig, until
-from tests.runner.go_agent import GoAgentStandIn
+from tests.runner.go_agent import BACKUP_STAGES, GoAgentStandIn
 from tests.servers.s3 import SeaweedS3
 from tests.servers.seed import DB_PASSWORD, ITEMS
 
@@ -190,16 +190,7 @@ async def test_logs_are_bounded(go: GoRig) -> None:
     await go.make_runner(log_max_bytes=2048).run_once()
     done = await go.final(job["_id"])
     logs = done["items"][0]["logs"]
-    assert set(logs) == {
-        f"{s}_log"
-        for s in (
-            "pre_backup_lock",
-            "pre_backup_check",
-            "backup",
-            "backup_cleanup",
-            "post_backup_unlock",
-        )
-    }
+    assert set(logs) == {f"{s}_log" for s in BACKUP_STAGES}
     for text in logs.values():
         assert len(text.encode()) < 2048 + 64 and text.endswith("line 19999\n")
         assert "earlier bytes cut" in text
