@@ -12,6 +12,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
+
 from backup import jobs, plans, schedule
 from backup.clock import ManualClock
 from backup.secrets import SecretBox
@@ -237,49 +239,69 @@ async def _fires_through(
     return [j["scheduled_for"] for j in got]
 
 
-async def test_a_0230_plan_fires_once_on_the_spring_forward_day(
-    store: Store, box: SecretBox, make_scheduler: SchedulerFactory
+@pytest.mark.parametrize(
+    ("frequency", "tz", "start", "days", "expected"),
+    [
+        pytest.param(
+            "30 2 * * *",
+            "Europe/Berlin",
+            utc(2026, 3, 27),
+            4,
+            [
+                utc(2026, 3, 27, 1, 30),
+                utc(2026, 3, 28, 1, 30),
+                utc(2026, 3, 29, 1, 0),  # 02:30 does not exist: once, at 03:00 CEST
+                utc(2026, 3, 30, 0, 30),
+            ],
+            id="berlin-spring-forward",
+        ),
+        pytest.param(
+            "30 2 * * *",
+            "Europe/Berlin",
+            utc(2026, 10, 23),
+            4,
+            [
+                utc(2026, 10, 23, 0, 30),
+                utc(2026, 10, 24, 0, 30),
+                utc(2026, 10, 25, 0, 30),  # 02:30 happens twice: once, in the first pass
+                utc(2026, 10, 26, 1, 30),
+            ],
+            id="berlin-fall-back",
+        ),
+        pytest.param(
+            "30 2 * * *",
+            "America/New_York",
+            utc(2026, 3, 7, 12),
+            2,
+            [utc(2026, 3, 8, 7, 0), utc(2026, 3, 9, 6, 30)],
+            id="new-york-spring-forward",
+        ),
+        pytest.param(
+            "30 1 * * *",
+            "America/New_York",
+            utc(2026, 10, 31, 12),
+            2,
+            [utc(2026, 11, 1, 5, 30), utc(2026, 11, 2, 6, 30)],
+            id="new-york-fall-back",
+        ),
+    ],
+)
+async def test_a_daily_plan_fires_once_a_day_across_a_clock_change(
+    store: Store,
+    box: SecretBox,
+    make_scheduler: SchedulerFactory,
+    frequency: str,
+    tz: str,
+    start: datetime,
+    days: int,
+    expected: list[datetime],
 ) -> None:
-    got = await _fires_through(
-        store, box, make_scheduler, "30 2 * * *", "Europe/Berlin", utc(2026, 3, 27), 4
+    got = await _fires_through(store, box, make_scheduler, frequency, tz, start, days)
+    assert got == expected
+    local = ZoneInfo(tz)
+    assert Counter(t.astimezone(local).date() for t in got) == Counter(
+        {d: 1 for d in (t.astimezone(local).date() for t in got)}
     )
-    assert got == [
-        utc(2026, 3, 27, 1, 30),
-        utc(2026, 3, 28, 1, 30),
-        utc(2026, 3, 29, 1, 0),  # 02:30 does not exist: once, at 03:00 CEST
-        utc(2026, 3, 30, 0, 30),
-    ]
-
-
-async def test_a_0230_plan_fires_once_on_the_fall_back_day(
-    store: Store, box: SecretBox, make_scheduler: SchedulerFactory
-) -> None:
-    got = await _fires_through(
-        store, box, make_scheduler, "30 2 * * *", "Europe/Berlin", utc(2026, 10, 23), 4
-    )
-    assert got == [
-        utc(2026, 10, 23, 0, 30),
-        utc(2026, 10, 24, 0, 30),
-        utc(2026, 10, 25, 0, 30),  # 02:30 happens twice: once, in the first pass
-        utc(2026, 10, 26, 1, 30),
-    ]
-    berlin = ZoneInfo("Europe/Berlin")
-    assert Counter(t.astimezone(berlin).date() for t in got) == Counter(
-        {d: 1 for d in (t.astimezone(berlin).date() for t in got)}
-    )
-
-
-async def test_new_york_changes_fire_once_each_day(
-    store: Store, box: SecretBox, make_scheduler: SchedulerFactory
-) -> None:
-    spring = await _fires_through(
-        store, box, make_scheduler, "30 2 * * *", "America/New_York", utc(2026, 3, 7, 12), 2
-    )
-    assert spring == [utc(2026, 3, 8, 7, 0), utc(2026, 3, 9, 6, 30)]
-    autumn = await _fires_through(
-        store, box, make_scheduler, "30 1 * * *", "America/New_York", utc(2026, 10, 31, 12), 2
-    )
-    assert autumn == [utc(2026, 11, 1, 5, 30), utc(2026, 11, 2, 6, 30)]
 
 
 # ---------------------------------------------------------------- misfires
