@@ -372,10 +372,11 @@ async def test_a_fire_late_because_the_running_replica_was_busy_is_no_misfire(
     await idle(s)
     # The clock runs on to 01:10 while the loop is held up (a burst, a slow database): the
     # 01:00 fire is handled 10 minutes late by a scheduler that was running all along.
-    before = s.stats.passes
     await clock.advance(to=utc(2026, 3, 1, 1, 10))
-    await idle(s, before)
-    [job] = await jobs_of(store, plan["_id"])
+    # On its way to 01:10 the manual clock wakes the loop's 00:05 sleeper: that pass may still
+    # read 00:05 and go back to sleep for a whole poll. Wake it: its next look is at 01:10.
+    s.wake()
+    [job] = await until(lambda: jobs_of(store, plan["_id"]))
     assert job["scheduled_for"] == utc(2026, 3, 1, 1) and job["trigger"] == "SCHEDULE"
     assert job["status"] == "QUEUED" and s.stats.catch_ups == 0
 
