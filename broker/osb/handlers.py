@@ -18,7 +18,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from backup import bindings
-from backup.instances import DELETED, Instances, ProvisionRequest, UpdateRequest
+from backup.instances import DELETED, Instances, Outcome, ProvisionRequest, UpdateRequest
 from backup.registration import Registration
 from backup.store import Document
 from broker.context import SETTINGS, STORE
@@ -225,6 +225,22 @@ def _json(body: Any, status: int = 200) -> web.Response:
     return web.json_response(body, status=status)
 
 
+def _acting_user() -> str | None:
+    """The platform's user behind the request (its originating identity), if it said."""
+    return structlog.contextvars.get_contextvars().get("acting_user")
+
+
+def _maintenance(info: MaintenanceInfo | None) -> dict[str, str] | None:
+    return {"version": info.version} if info is not None else None
+
+
+def _operation_answer(outcome: Outcome) -> web.Response:
+    """202 with the operation while it goes on (the platform polls last_operation), else 200."""
+    if outcome.status == "accepted":
+        return _json({"operation": outcome.operation}, 202)
+    return _json({}, 200)
+
+
 def _credentials(request: web.Request, instance_id: str, key: str | None) -> Document:
     base = request.app[SETTINGS].base_url
     creds: Document = {
@@ -268,16 +284,12 @@ async def provision(request: web.Request) -> web.Response:
             context=body.context or {},
             organization_guid=body.organization_guid,
             space_guid=body.space_guid,
-            maintenance_info=(
-                {"version": body.maintenance_info.version} if body.maintenance_info else None
-            ),
-            acting_user=structlog.contextvars.get_contextvars().get("acting_user"),
+            maintenance_info=_maintenance(body.maintenance_info),
+            acting_user=_acting_user(),
         ),
         accepts_incomplete=accepts,
     )
-    if outcome.status == "accepted":
-        return _json({"operation": outcome.operation}, 202)
-    return _json({}, 200)
+    return _operation_answer(outcome)
 
 
 def _instance_view(doc: Document) -> Document:
@@ -340,16 +352,12 @@ async def update(request: web.Request) -> web.Response:
             parameters=body.parameters,
             delete_backups_default=plan.delete_backups_default,
             context=body.context,
-            maintenance_info=(
-                {"version": body.maintenance_info.version} if body.maintenance_info else None
-            ),
-            acting_user=structlog.contextvars.get_contextvars().get("acting_user"),
+            maintenance_info=_maintenance(body.maintenance_info),
+            acting_user=_acting_user(),
         ),
         accepts_incomplete=accepts,
     )
-    if outcome.status == "accepted":
-        return _json({"operation": outcome.operation}, 202)
-    return _json({}, 200)
+    return _operation_answer(outcome)
 
 
 @osb_endpoint
@@ -361,11 +369,9 @@ async def deprovision(request: web.Request) -> web.Response:
     outcome = await request.app[INSTANCES].deprovision(
         instance_id,
         accepts_incomplete=accepts,
-        acting_user=structlog.contextvars.get_contextvars().get("acting_user"),
+        acting_user=_acting_user(),
     )
-    if outcome.status == "accepted":
-        return _json({"operation": outcome.operation}, 202)
-    return _json({}, 200)
+    return _operation_answer(outcome)
 
 
 @osb_endpoint
@@ -406,7 +412,7 @@ async def bind(request: web.Request) -> web.Response:
             parameters=params,
             context=body.context or {},
             bind_resource=resource or None,
-            acting_user=structlog.contextvars.get_contextvars().get("acting_user"),
+            acting_user=_acting_user(),
         ),
     )
     credentials = _credentials(request, instance_id, outcome.key)
