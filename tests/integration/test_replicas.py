@@ -6,42 +6,17 @@ storage."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import urllib.request
-import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from backup.secrets import SecretBox, generate_master_key_spec, parse_master_keys
-from backup.store import connect
 from storage import S3Settings
 from tests.agent.helpers import PASSWORD, USER, AgentProcess, tracing_scripts
-from tests.integration.conftest import ManagerProcess
 from tests.runner.conftest import seed_instance, until
-from tests.servers.log_audit import audit_secret
+from tests.servers.managers import ManagerProcess, SharedDatabase
 from tests.servers.s3 import SeaweedS3
-
-BROKER_USER, BROKER_PASSWORD = "replica-test", "replica-broker-PW-4417"
-audit_secret(BROKER_PASSWORD)
-
-
-def _call(m: ManagerProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    token = base64.b64encode(f"{BROKER_USER}:{BROKER_PASSWORD}".encode()).decode()
-    req = urllib.request.Request(  # noqa: S310 - loopback
-        m.url + path,
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:  # noqa: S310
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
 
 
 @pytest.mark.slow
@@ -49,16 +24,12 @@ def _call(m: ManagerProcess, method: str, path: str, body: Any = None) -> tuple[
 async def test_another_replica_finishes_the_backup_of_one_that_stopped(
     how: str,
     tmp_path: Path,
-    mongo_url: str,
+    shared_database: SharedDatabase,
     s3_server: SeaweedS3,
     s3_settings: S3Settings,
     managers: Callable[..., list[ManagerProcess]],
 ) -> None:
-    keys = generate_master_key_spec()
-    audit_secret(keys)
-    box = SecretBox(parse_master_keys(keys))
-    database = f"replicas_{uuid.uuid4().hex[:10]}"
-    store = connect(mongo_url, database)
+    store, box = shared_database.store, shared_database.box
     scripts = tmp_path / "scripts"
     tracing_scripts(
         scripts,
@@ -74,37 +45,15 @@ async def test_another_replica_finishes_the_backup_of_one_that_stopped(
         replicas = await asyncio.to_thread(
             managers,
             3,
-            MONGODB_URL=mongo_url,
-            MONGODB_DATABASE=database,
-            BROKER_USERNAME=BROKER_USER,
-            BROKER_PASSWORD=BROKER_PASSWORD,
-            SECRETS_MASTER_KEYS=keys,
+            **shared_database.env,
             RUNNER_LEASE_SECONDS="3",
             RUNNER_POLL_SECONDS="0.5",
             RUNNER_AGENT_POLL_MIN_SECONDS="0.2",
             RUNNER_AGENT_POLL_MAX_SECONDS="0.5",
         )
         base = f"/v1/service_instances/{instance['_id']}"
-        status, dest = await asyncio.to_thread(
-            _call,
-            replicas[0],
-            "POST",
-            f"{base}/destinations",
-            {
-                "type": "S3",
-                "name": "primary",
-                "endpoint": s3_settings.endpoint,
-                "bucket": s3_settings.bucket,
-                "region": s3_settings.region,
-                "access_key_id": s3_settings.access_key_id,
-                "secret_access_key": s3_settings.secret_access_key.get_secret_value(),
-                "addressing_style": "path",
-            },
-        )
-        assert status == 201, dest
-        status, plan = await asyncio.to_thread(
-            _call,
-            replicas[1],
+        dest = await replicas[0].create_s3_destination(instance["_id"], s3_settings)
+        status, plan = await replicas[1].api(
             "POST",
             f"{base}/plans",
             {
@@ -117,9 +66,7 @@ async def test_another_replica_finishes_the_backup_of_one_that_stopped(
             },
         )
         assert status == 201, plan
-        status, job = await asyncio.to_thread(
-            _call, replicas[2], "POST", f"{base}/plans/{plan['id']}/backups"
-        )
+        status, job = await replicas[2].api("POST", f"{base}/plans/{plan['id']}/backups")
         assert status == 202, job
 
         async def running() -> dict | None:
@@ -157,18 +104,9 @@ async def test_another_replica_finishes_the_backup_of_one_that_stopped(
             i["key"] for i in points[0]["items"]
         )
         survivors = [m for m in replicas if m is not holder]
-        finished_by = [
-            m
-            for m in survivors
-            if any(
-                e.get("event") == "job_finished" and e.get("job_id") == job["id"]
-                for e in m.log_events()
-            )
-        ]
+        finished_by = [m for m in survivors if m.logged("job_finished", job_id=job["id"])]
         assert len(finished_by) == 1
         if how == "SIGTERM":
-            assert any(e.get("event") == "lease_released" for e in holder.log_events())
+            assert holder.logged("lease_released")
     finally:
         agent.kill()
-        await store.client.drop_database(database)
-        await store.close()

@@ -6,30 +6,23 @@ and every job runs once on its agent."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
-import urllib.error
-import urllib.request
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from backup import schedule
-from backup.secrets import SecretBox, generate_master_key_spec, parse_master_keys
-from backup.store import connect
 from storage import S3Settings
 from tests.agent.helpers import PASSWORD, USER, AgentProcess, tracing_scripts
-from tests.integration.conftest import ManagerProcess, managers  # noqa: F401
 from tests.runner.conftest import seed_instance, until
-from tests.servers.log_audit import audit_secret
+from tests.servers.managers import (  # noqa: F401 - fixtures
+    ManagerProcess,
+    SharedDatabase,
+    managers,
+    shared_database,
+)
 from tests.servers.s3 import SeaweedS3
-
-BROKER_USER, BROKER_PASSWORD = "sched-replicas", "sched-broker-PW-9921"
-audit_secret(BROKER_PASSWORD)
 
 SCHEDULES = [
     ("* * * * *", "UTC"),
@@ -37,21 +30,6 @@ SCHEDULES = [
     ("*/2 * * * *", "Asia/Kolkata"),
     ("* * * * *", "America/New_York"),
 ]
-
-
-def _call(m: ManagerProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    token = base64.b64encode(f"{BROKER_USER}:{BROKER_PASSWORD}".encode()).decode()
-    req = urllib.request.Request(  # noqa: S310 - loopback
-        m.url + path,
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:  # noqa: S310
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
 
 
 async def _sleep_until(at: datetime) -> None:
@@ -65,16 +43,12 @@ def _minute_after(at: datetime) -> datetime:
 @pytest.mark.slow
 async def test_every_fire_has_exactly_one_job_across_three_replicas(
     tmp_path: Path,
-    mongo_url: str,
+    shared_database: SharedDatabase,  # noqa: F811
     s3_server: SeaweedS3,
     s3_settings: S3Settings,
     managers: Callable[..., list[ManagerProcess]],  # noqa: F811
 ) -> None:
-    keys = generate_master_key_spec()
-    audit_secret(keys)
-    box = SecretBox(parse_master_keys(keys))
-    database = f"sched_replicas_{uuid.uuid4().hex[:10]}"
-    store = connect(mongo_url, database)
+    store, box = shared_database.store, shared_database.box
     agents: list[AgentProcess] = []
     try:
         instances = []
@@ -93,11 +67,7 @@ async def test_every_fire_has_exactly_one_job_across_three_replicas(
                 )
             )
         env = {
-            "MONGODB_URL": mongo_url,
-            "MONGODB_DATABASE": database,
-            "BROKER_USERNAME": BROKER_USER,
-            "BROKER_PASSWORD": BROKER_PASSWORD,
-            "SECRETS_MASTER_KEYS": keys,
+            **shared_database.env,
             "MIN_PLAN_INTERVAL_SECONDS": "0",
             "SCHEDULER_POLL_SECONDS": "2",
             "RUNNER_LEASE_SECONDS": "5",
@@ -111,27 +81,9 @@ async def test_every_fire_has_exactly_one_job_across_three_replicas(
         plans = []
         for n, instance in enumerate(instances):
             base = f"/v1/service_instances/{instance['_id']}"
-            status, dest = await asyncio.to_thread(
-                _call,
-                replicas[n % 3],
-                "POST",
-                f"{base}/destinations",
-                {
-                    "type": "S3",
-                    "name": "primary",
-                    "endpoint": s3_settings.endpoint,
-                    "bucket": s3_settings.bucket,
-                    "region": s3_settings.region,
-                    "access_key_id": s3_settings.access_key_id,
-                    "secret_access_key": s3_settings.secret_access_key.get_secret_value(),
-                    "addressing_style": "path",
-                },
-            )
-            assert status == 201, dest
+            dest = await replicas[n % 3].create_s3_destination(instance["_id"], s3_settings)
             for k, (frequency, tz) in enumerate(SCHEDULES):
-                status, plan = await asyncio.to_thread(
-                    _call,
-                    replicas[(n + k) % 3],
+                status, plan = await replicas[(n + k) % 3].api(
                     "POST",
                     f"{base}/plans",
                     {
@@ -199,14 +151,8 @@ async def test_every_fire_has_exactly_one_job_across_three_replicas(
                 {"instance_id": instance["_id"], "status": "SUCCEEDED"}
             )
             assert len(ran) == 2 * jobs_here, (len(ran), jobs_here)
-        fired_by = {
-            m.index
-            for m in [*replicas, *replacement]
-            if any(e.get("event") == "scheduler_fired" for e in m.log_events())
-        }
+        fired_by = {m.index for m in [*replicas, *replacement] if m.logged("scheduler_fired")}
         print(f"{total} fires; replicas that queued jobs: {sorted(fired_by)}")
     finally:
         for agent in agents:
             agent.kill()
-        await store.client.drop_database(database)
-        await store.close()
