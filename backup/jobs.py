@@ -447,3 +447,38 @@ async def finish(
 async def cancel_requested(store: Store, job_id: str) -> bool:
     doc = await store.jobs.find_one({"_id": job_id}, {"cancel_requested": 1})
     return bool(doc and doc.get("cancel_requested"))
+
+
+async def prune_history(store: Store, *, ended_before: datetime, batch: int = 1000) -> int:
+    """Delete the records of jobs that ended before ``ended_before``; answers how many.
+
+    Without this the history grows with every fire, forever (an hourly plan writes 8,760
+    jobs a year), and so does the cost of listing an instance's jobs. Kept whatever their
+    age: active jobs, each plan's last job (its plan shows it), and failed jobs whose
+    uploaded files still wait to be deleted (``pending_deletes``: the record is what leads
+    the retention sweep to them). Restore points do not depend on their job's record."""
+    last = {
+        d["last_job_id"]
+        for d in await store.plans.find(
+            {"last_job_id": {"$type": "string"}}, {"last_job_id": 1}
+        ).to_list()
+    }
+    query: dict[str, Any] = {
+        "status": {"$in": list(FINAL)},
+        "ended_at": {"$lt": ended_before},
+        "pending_deletes.destination_id": {"$exists": False},
+    }
+    deleted = 0
+    while True:
+        ids = [
+            d["_id"]
+            for d in await store.jobs.find(query, {"_id": 1}).limit(batch + len(last)).to_list()
+            if d["_id"] not in last
+        ][:batch]
+        if not ids:
+            return deleted
+        # The query again, so that a job changed since it was read is left alone.
+        result = await store.jobs.delete_many({"_id": {"$in": ids}, **query})
+        deleted += result.deleted_count
+        if len(ids) < batch:
+            return deleted

@@ -18,6 +18,9 @@ through the storage package, then the record. A storage failure leaves the recor
 The sweep also deletes the files that failed or cancelled backup jobs uploaded (recorded on
 the job as ``pending_deletes`` when they could not be deleted at once), so that no file is
 left in storage without a record that leads to it.
+
+Last, it deletes the records of jobs that ended more than ``job_history_days`` ago (see
+:func:`backup.jobs.prune_history` for what is kept whatever its age).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 
 import structlog
 
-from backup import restore_points
+from backup import jobs, restore_points
 from backup.clock import Clock, SystemClock
 from backup.restore_points import AVAILABLE, DELETING, StoreOpener
 from backup.secrets import SecretBox, SecretKeyError
@@ -85,6 +88,7 @@ class SweepResult:
     failed: int = 0
     skipped: int = 0
     orphans_deleted: int = 0
+    jobs_pruned: int = 0
     errors: list[str] = field(default_factory=list)
 
     def add(self, other: SweepResult) -> None:
@@ -93,6 +97,7 @@ class SweepResult:
         self.failed += other.failed
         self.skipped += other.skipped
         self.orphans_deleted += other.orphans_deleted
+        self.jobs_pruned += other.jobs_pruned
         self.errors.extend(other.errors)
 
 
@@ -118,6 +123,7 @@ class RetentionSweeper:
         observer: Observer | None = None,
         resolver: Resolver | None = None,
         abandon_after: float = 7 * 86400.0,
+        job_history_days: float = 90.0,
     ) -> None:
         self.store = store
         self.box = box
@@ -128,6 +134,7 @@ class RetentionSweeper:
         self.observer = observer
         self.resolver = resolver
         self.abandon_after = timedelta(seconds=abandon_after)
+        self.job_history = timedelta(days=job_history_days) if job_history_days > 0 else None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -170,6 +177,10 @@ class RetentionSweeper:
             for plan_id in plan_ids:
                 result.add(await self._sweep_plan(plan_id))
             result.add(await self._delete_pending())
+            if self.job_history is not None:
+                result.jobs_pruned = await jobs.prune_history(
+                    self.store, ended_before=self.clock.now() - self.job_history
+                )
         self._report(result)
         return result
 
@@ -181,7 +192,7 @@ class RetentionSweeper:
         return result
 
     def _report(self, result: SweepResult) -> None:
-        if result.deleted or result.failed or result.orphans_deleted:
+        if result.deleted or result.failed or result.orphans_deleted or result.jobs_pruned:
             log.info(
                 "retention_swept",
                 deleted=result.deleted,
@@ -189,6 +200,7 @@ class RetentionSweeper:
                 failed=result.failed,
                 skipped=result.skipped,
                 orphans_deleted=result.orphans_deleted,
+                jobs_pruned=result.jobs_pruned,
             )
         if self.observer is not None:
             self.observer(result)

@@ -59,6 +59,7 @@ INDEXES: dict[str, list[IndexModel]] = {
         # database refuses a second claim, whatever the number of replicas); failed jobs
         # whose uploaded files still wait to be deleted.
         IndexModel([("status", ASCENDING), ("created_at", ASCENDING)]),
+        IndexModel([("status", ASCENDING), ("ended_at", ASCENDING)]),  # history pruning
         IndexModel(
             [("instance_id", ASCENDING)],
             unique=True,

@@ -126,6 +126,11 @@ class Metrics(RunnerObserver):
             "Objects uploaded by failed or cancelled backups, deleted by the sweep.",
             registry=r,
         )
+        self.jobs_pruned = Counter(
+            "backup_job_records_pruned_total",
+            "Records of jobs ended longer ago than JOB_HISTORY_DAYS, deleted by the sweep.",
+            registry=r,
+        )
         self.scheduler_fires = Counter(
             "backup_scheduler_fires_total",
             "Jobs this replica's scheduler queued for plan fires (SCHEDULE, CATCH_UP).",
@@ -209,6 +214,7 @@ class Metrics(RunnerObserver):
         self.retention_deleted_bytes.inc(result.deleted_bytes)
         self.retention_failures.inc(result.failed)
         self.orphans_deleted.inc(result.orphans_deleted)
+        self.jobs_pruned.inc(result.jobs_pruned)
 
     # -- scrape
 

@@ -198,3 +198,88 @@ async def test_an_object_two_points_name_is_deleted_with_the_last_of_them(
     assert (await sweeper.run_once()).deleted == 1
     assert await _left(store) == ["job-0"]
     assert shared in s3_server.keys(s3_settings.bucket)
+
+
+# ------------------------------------------------------------------------- job history
+
+
+async def _job(store: Store, status: str, ended_days_ago: float | None, **fields: object) -> str:
+    doc = jobs.new_job(
+        instance_id="instance-h",
+        type=jobs.BACKUP,
+        plan_id=str(fields.pop("plan_id", "plan-h")),
+        destination_id="dest-h",
+        trigger=jobs.SCHEDULE,
+        items=[jobs.new_item("orders")],
+        compression=True,
+        encryption={"enabled": False},
+        status=status,
+    )
+    doc["created_at"] = NOW - timedelta(days=(ended_days_ago or 0) + 1)
+    doc["ended_at"] = None if ended_days_ago is None else NOW - timedelta(days=ended_days_ago)
+    doc.update(fields)
+    await store.jobs.insert_one(doc)
+    return doc["_id"]
+
+
+async def test_the_sweep_prunes_old_job_records_but_keeps_what_still_matters(
+    store: Store, box: SecretBox
+) -> None:
+    closed = S3Settings(  # storage that is down: the failed job's file stays to be deleted
+        endpoint="http://127.0.0.1:9", bucket="bkt", access_key_id="a", secret_access_key="s"
+    )
+    dest = await seed_destination(store, box, "instance-h", closed)
+    pruned = [
+        await _job(store, jobs.SUCCEEDED, 91),
+        await _job(store, jobs.FAILED, 400),
+        await _job(store, jobs.MISSED, 90.01),
+        await _job(store, jobs.CANCELLED, 200),
+    ]
+    kept = [
+        await _job(store, jobs.SUCCEEDED, 89.9),  # younger than the history
+        await _job(store, jobs.RUNNING, None, created_at=NOW - timedelta(days=300)),
+        await _job(store, jobs.QUEUED, None, created_at=NOW - timedelta(days=300)),
+        # its uploaded file still waits to be deleted: the record leads the sweep to it
+        await _job(
+            store,
+            jobs.FAILED,
+            300,
+            pending_deletes=[{"destination_id": dest["_id"], "key": "k"}],
+        ),
+        await _job(store, jobs.SUCCEEDED, 365, plan_id="quiet-plan"),  # that plan's last job
+    ]
+    await store.plans.insert_one({"_id": "quiet-plan", "last_job_id": kept[-1]})
+    point = {
+        "_id": "p-h",
+        "plan_id": "plan-h",
+        "job_id": pruned[0],
+        "state": "available",
+        "created_at": NOW - timedelta(days=91),
+        "retention": None,
+    }
+    await store.restore_points.insert_one(point)
+
+    # 0 keeps the whole history
+    result = await RetentionSweeper(
+        store, box, clock=ManualClock(NOW), job_history_days=0
+    ).run_once()
+    assert result.jobs_pruned == 0
+    assert await store.jobs.count_documents({}) == len(pruned) + len(kept)
+
+    sweeper = RetentionSweeper(store, box, clock=ManualClock(NOW), storage_timeout=5)  # 90 days
+    result = await sweeper.run_once()
+    assert result.failed == 1  # the failed job's file, still in storage
+    assert result.jobs_pruned == len(pruned)
+    left = {d["_id"] for d in await store.jobs.find({}, {"_id": 1}).to_list()}
+    assert left == set(kept)
+    assert await store.restore_points.find_one({"_id": "p-h"}) is not None  # not its job's
+
+
+async def test_pruning_goes_through_a_long_history_in_batches(store: Store) -> None:
+    for n in range(7):
+        await _job(store, jobs.SUCCEEDED, 100 + n)
+    last = await _job(store, jobs.SUCCEEDED, 120, plan_id="p-last")
+    await store.plans.insert_one({"_id": "p-last", "last_job_id": last})
+    deleted = await jobs.prune_history(store, ended_before=NOW - timedelta(days=90), batch=2)
+    assert deleted == 7
+    assert [d["_id"] for d in await store.jobs.find({}).to_list()] == [last]
