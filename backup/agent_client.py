@@ -2,9 +2,10 @@
 kinds: the Go ``osb-backup-agent`` and ours (``agent/``), told apart by ``GET /status``.
 
 This module only speaks HTTP and builds request bodies; *what* to run and *when* is the job
-runner's (``backup.runner``). Secrets (agent password, database password, encryption key,
-destination keys) live in request bodies and in the Basic header only: no exception message,
-log line or repr here ever contains them, and the agent URL is shown without user info.
+runner's (``backup.runner``, each job driven by ``backup.job_run``). Secrets (agent password,
+database password, encryption key, destination keys) live in request bodies and in the Basic
+header only: no exception message, log line or repr here ever contains them, and the agent URL
+is shown without user info.
 """
 
 from __future__ import annotations
