@@ -140,6 +140,13 @@ class RunnerSettings(BaseSettings):
         description="Period of the full retention sweep (each plan is also swept after each "
         "of its successful backups).",
     )
+    job_history_days: float = Field(
+        default=90.0,
+        ge=0,
+        validation_alias="JOB_HISTORY_DAYS",
+        description="The sweep deletes the records of jobs that ended longer ago (0: keep "
+        "them all); active jobs, each plan's last job and restore points are kept.",
+    )
 
     @model_validator(mode="after")
     def _coherent(self) -> RunnerSettings:
@@ -222,6 +229,7 @@ class JobRunner:
             storage_timeout=settings.storage_timeout_seconds,
             clock=self.clock,
             opener=opener,
+            job_history_days=settings.job_history_days,
         )
         if self.sweeper.resolver is None:
             self.sweeper.resolver = self.resolve_abandoned

@@ -11,6 +11,7 @@ import pytest
 from backup import jobs
 from backup.clock import ManualClock
 from backup.retention import RetentionSweeper, expires_at, select_expired
+from backup.runner import JobRunner, load_runner_settings
 from backup.secrets import SecretBox
 from backup.store import Store
 from storage import S3Settings
@@ -283,3 +284,18 @@ async def test_pruning_goes_through_a_long_history_in_batches(store: Store) -> N
     deleted = await jobs.prune_history(store, ended_before=NOW - timedelta(days=90), batch=2)
     assert deleted == 7
     assert [d["_id"] for d in await store.jobs.find({}).to_list()] == [last]
+
+
+@pytest.mark.parametrize(("value", "kept"), [("0", None), ("30", timedelta(days=30))])
+async def test_the_runner_sweeps_with_the_configured_history(
+    store: Store, box: SecretBox, monkeypatch: pytest.MonkeyPatch, value: str, kept: object
+) -> None:
+    monkeypatch.setenv("JOB_HISTORY_DAYS", value)
+    runner = JobRunner(store, box, load_runner_settings(), replica_id="r")
+    assert runner.sweeper.job_history == kept
+
+
+def test_a_negative_history_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JOB_HISTORY_DAYS", "-1")
+    with pytest.raises(ValueError, match="JOB_HISTORY_DAYS"):
+        load_runner_settings()
