@@ -395,6 +395,15 @@ async def renew(store: Store, lease: Lease, *, at: datetime, lease_seconds: floa
     return result.matched_count == 1
 
 
+async def ended_under(store: Store, lease: Lease) -> bool:
+    """Whether the job ended while ``lease`` held it (only its holder can end a running job:
+    :func:`finish` is fenced on the lease's token, which a takeover increments)."""
+    doc = await store.jobs.find_one(
+        {"_id": lease.job_id, "attempts": lease.token, "status": {"$in": list(FINAL)}}, {"_id": 1}
+    )
+    return doc is not None
+
+
 async def release(store: Store, lease: Lease, *, at: datetime) -> bool:
     """Give the job up without ending it: its lease expires now, so any replica (this one
     after a restart too) resumes it at once."""

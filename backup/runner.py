@@ -42,7 +42,7 @@ from storage import open_store
 
 log = structlog.get_logger(__name__)
 
-CLAIM_SPACING = 5  # a claim pass starts at least this many times its predecessor's duration later
+CLAIM_SPACING = 5  # passes start at least this many times their queue read's duration apart
 
 
 class RunnerSettings(BaseSettings):
@@ -236,6 +236,7 @@ class JobRunner:
         self.stores = StoreCache(opener)
         self._held: dict[str, _Held] = {}
         self._wake = asyncio.Event()
+        self._queue_read_seconds = 0.0  # the last pass's read of the queue (claim spacing)
         self._loops: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._session: aiohttp.ClientSession | None = None
@@ -325,6 +326,7 @@ class JobRunner:
             return 0
         now = self.clock.now()
         candidates = await jobs.claimable(self.store, now, limit=free + len(self._held))
+        self._queue_read_seconds = (self.clock.now() - now).total_seconds()
         claimed = 0
         tried: set[str] = set()
         for cand in candidates:
@@ -376,15 +378,17 @@ class JobRunner:
                 log.warning("claim_failed", error=type(exc).__name__)
             except Exception:
                 log.exception("claim_failed")
-            # A pass reads the queue, and on the embedded database that costs time in
+            # A pass reads the queue, and on the embedded database that read costs time in
             # proportion to the queue's length (0.3 s at 8,000 queued jobs), while every job
-            # that ends asks for a pass: back to back, passes would take the database from
+            # that ends asks for a pass: back to back, reads would take the database from
             # the scheduler and from the jobs running. So the next pass waits until
-            # CLAIM_SPACING times this one's duration has passed: ending jobs are claimed
-            # together, and claiming takes at most about a fifth of the database's time
-            # however long the queue (on MongoDB a pass takes milliseconds: no wait).
+            # CLAIM_SPACING times this read's duration has passed since this pass began:
+            # ending jobs are claimed together, and reading the queue takes at most about a
+            # fifth of the database's time however long the queue. The claims themselves are
+            # not counted: they are the work (on MongoDB the read takes milliseconds).
             spent = (self.clock.now() - started).total_seconds()
-            spacing = min(CLAIM_SPACING * spent, self.settings.poll_seconds) - spent
+            spacing = min(CLAIM_SPACING * self._queue_read_seconds, self.settings.poll_seconds)
+            spacing -= spent
             if spacing > 0:
                 await self.clock.sleep(spacing)
             await self.clock.wait(self._wake, self.settings.poll_seconds)
@@ -393,23 +397,38 @@ class JobRunner:
         interval = self.settings.lease_seconds / 3
         while True:
             await self.clock.sleep(interval)
-            for job_id, held in list(self._held.items()):
-                now = self.clock.now()
-                try:
-                    ok: bool | None = await jobs.renew(
-                        self.store, held.lease, at=now, lease_seconds=self.settings.lease_seconds
-                    )
-                except PyMongoError:
-                    ok = None
-                if ok:
-                    held.renewed_until = now + _delta(self.settings.lease_seconds)
-                    continue
-                lapsed = held.renewed_until is not None and self.clock.now() >= held.renewed_until
-                if ok is False or lapsed:
-                    # Someone else holds it now (or may, once our lease ran out): stop at once.
-                    log.warning("lease_lost", job_id=job_id, replica=self.replica_id)
-                    if held.task is not None:
-                        held.task.cancel()
+            await self.renew_once()
+
+    async def renew_once(self) -> None:
+        """Renew the lease of every job held; stop driving those whose lease was lost."""
+        for job_id, held in list(self._held.items()):
+            now = self.clock.now()
+            try:
+                ok: bool | None = await jobs.renew(
+                    self.store, held.lease, at=now, lease_seconds=self.settings.lease_seconds
+                )
+            except PyMongoError:
+                ok = None
+            if ok:
+                held.renewed_until = now + _delta(self.settings.lease_seconds)
+                continue
+            if ok is False and await self._ended_by_us(held):
+                continue  # its task is finishing (forgetting the agent job, retention)
+            lapsed = held.renewed_until is not None and self.clock.now() >= held.renewed_until
+            if ok is False or lapsed:
+                # Someone else holds it now (or may, once our lease ran out): stop at once.
+                log.warning("lease_lost", job_id=job_id, replica=self.replica_id)
+                if held.task is not None:
+                    held.task.cancel()
+
+    async def _ended_by_us(self, held: _Held) -> bool:
+        """Whether a renewal failed only because the job just ended under this lease (the
+        renewal raced the job's last write): cancelling its task then would cut short what
+        follows the end, and it would be reported as a lost lease."""
+        try:
+            return await jobs.ended_under(self.store, held.lease)
+        except PyMongoError:
+            return False
 
     # ------------------------------------------------------------------ driving
 

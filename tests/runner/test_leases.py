@@ -6,6 +6,7 @@ import asyncio
 from datetime import timedelta
 
 import pytest
+from structlog.testing import capture_logs
 
 from backup import jobs
 from backup.clock import ManualClock
@@ -153,3 +154,37 @@ async def test_a_replica_that_loses_its_lease_stops_driving(go: GoRig) -> None:
     await until(stopped, clock=go.clock, step=5)
     doc = await go.store.jobs.find_one({"_id": job["_id"]})
     assert doc["status"] == "RUNNING" and doc["lease_owner"] == "replica-b"
+
+
+async def test_a_job_that_just_ended_is_not_taken_for_a_lost_lease(go: GoRig) -> None:
+    """A renewal can race the job's last write: it then fails because the job ended, under
+    this very lease. The job's task must finish what follows (forgetting the agent job,
+    retention), not be cancelled as if another replica held the job."""
+    _, _, job = await go.backup()
+    go.agent.hold()
+    runner = go.make_runner("replica-a", poll_seconds=3600)
+    await runner.start()
+    await go.started(job)
+    doc = await go.store.jobs.find_one({"_id": job["_id"]})
+    lease = jobs.Lease(job["_id"], doc["lease_owner"], doc["attempts"])
+    await jobs.finish(go.store, lease, jobs.SUCCEEDED, None, at=go.clock.now())
+    with capture_logs() as logs:
+        await runner.renew_once()
+        await asyncio.sleep(0.1)
+    assert runner.active == 1  # its task goes on
+    assert "lease_lost" not in [e["event"] for e in logs]
+
+    # whereas a job another replica took over is given up at the next renewal
+    _, _, other = await go.backup()
+    runner2 = go.make_runner("replica-c", poll_seconds=3600)
+    await runner2.start()
+    await go.started(other)
+    await go.store.jobs.update_one(
+        {"_id": other["_id"]}, {"$set": {"lease_owner": "replica-b"}, "$inc": {"attempts": 1}}
+    )
+    with capture_logs() as logs:
+        await runner2.renew_once()
+        await asyncio.sleep(0.1)
+    assert runner2.active == 0
+    assert "lease_lost" in [e["event"] for e in logs]
+    go.agent.let_go()
