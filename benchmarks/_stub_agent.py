@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
-import hmac
 import os
 import sys
 import time
@@ -42,6 +40,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from storage import ObjectStore, S3Settings, StorageError, open_store
+from tests.servers.basic_auth import basic_auth
 
 STAGES = ("pre_backup_lock", "pre_backup_check", "backup", "backup_cleanup", "post_backup_unlock")
 
@@ -52,7 +51,7 @@ def _iso() -> str:
 
 class StubAgent:
     def __init__(self, user: str, password: str, delay: float, payload: bytes) -> None:
-        self._credentials = f"{user}:{password}".encode()
+        self.credentials = (user, password)
         self.delay = delay
         self.payload = payload
         self.jobs: dict[str, dict[str, Any]] = {}
@@ -63,17 +62,6 @@ class StubAgent:
         self.failures = 0
         self._stores: dict[tuple[str, str, str], ObjectStore] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-
-    @web.middleware
-    async def auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        header = request.headers.get("Authorization", "")
-        given = b""
-        if header.startswith("Basic "):
-            with contextlib.suppress(ValueError):
-                given = base64.b64decode(header[6:])
-        if not hmac.compare_digest(given, self._credentials):
-            return web.json_response({"message": "Unauthorised."}, status=401)
-        return await handler(request)
 
     async def status(self, request: web.Request) -> web.Response:
         self.requests["status"] += 1
@@ -214,7 +202,7 @@ def main() -> None:
     if not password:
         parser.error("set AGENT_PASSWORD in the environment")
     agent = StubAgent(args.user, password, args.delay, os.urandom(args.payload_bytes))
-    app = web.Application(middlewares=[agent.auth], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[basic_auth(*agent.credentials)], client_max_size=1024 * 1024)
     app.add_routes(
         [
             web.get("/status", agent.status),

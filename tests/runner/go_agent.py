@@ -15,9 +15,7 @@ record what the manager sent.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hmac
 from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from storage import S3Settings, open_store
+from tests.servers.basic_auth import basic_auth
 from tests.servers.ports import free_port
 
 USER, PASSWORD = "go-agent", "go-agent-PW-7781"
@@ -73,7 +72,7 @@ class GoAgentStandIn:
         self.release.set()
 
     async def start(self) -> GoAgentStandIn:
-        app = web.Application(middlewares=[self._auth])
+        app = web.Application(middlewares=[basic_auth(USER, PASSWORD)])
         app.add_routes(
             [
                 web.get("/status", self._status),
@@ -108,17 +107,6 @@ class GoAgentStandIn:
         await self.start()
 
     # ------------------------------------------------------------ HTTP
-
-    @web.middleware
-    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        header = request.headers.get("Authorization", "")
-        given = b""
-        if header.startswith("Basic "):
-            with contextlib.suppress(ValueError):
-                given = base64.b64decode(header[6:])
-        if not hmac.compare_digest(given, f"{USER}:{PASSWORD}".encode()):
-            return web.json_response({"message": "Unauthorised."}, status=401)
-        return await handler(request)
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response({"message": "Client is running"})
