@@ -474,6 +474,9 @@ async def prune_history(store: Store, *, ended_before: datetime, batch: int = 10
     }
     query: dict[str, Any] = {
         "status": {"$in": list(FINAL)},
+        # created_at bounds the scan on the (status, created_at) index (a job is created
+        # before it ends); an index of its own for ended_at would cost every job write.
+        "created_at": {"$lt": ended_before},
         "ended_at": {"$lt": ended_before},
         "pending_deletes.destination_id": {"$exists": False},
     }
