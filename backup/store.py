@@ -59,7 +59,6 @@ INDEXES: dict[str, list[IndexModel]] = {
         # database refuses a second claim, whatever the number of replicas); failed jobs
         # whose uploaded files still wait to be deleted.
         IndexModel([("status", ASCENDING), ("created_at", ASCENDING)]),
-        IndexModel([("status", ASCENDING), ("ended_at", ASCENDING)]),  # history pruning
         IndexModel(
             [("instance_id", ASCENDING)],
             unique=True,
@@ -68,6 +67,7 @@ INDEXES: dict[str, list[IndexModel]] = {
         ),
         IndexModel([("pending_deletes.destination_id", ASCENDING)], sparse=True),
     ],
+    "leases": [],  # _id is the lease's name (scheduler/leadership.py)
     "restore_points": [
         IndexModel([("instance_id", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)]),
         IndexModel([("plan_id", ASCENDING), ("created_at", DESCENDING)]),
@@ -96,6 +96,7 @@ class Store:
     plans: AsyncCollection[Document]
     jobs: AsyncCollection[Document]
     restore_points: AsyncCollection[Document]
+    leases: AsyncCollection[Document]
 
     async def ping(self) -> bool:
         try:

@@ -48,6 +48,7 @@ from backup import events, jobs, schedule
 from backup.clock import Clock, SystemClock
 from backup.errors import InvalidInput
 from backup.store import Document, Store
+from scheduler.leadership import Leadership
 from scheduler.settings import SchedulerSettings
 
 log = structlog.get_logger(__name__)
@@ -141,6 +142,16 @@ class Scheduler:
         self._stale = True  # the known fire times must be read again
         self._healthy_since: datetime | None = None  # since when the loop's passes succeed
         self._handled_until: datetime | None = None  # the last pass read all plans due by then
+        self.leadership: Leadership | None = None
+        if settings.lease_seconds > 0:
+            self.leadership = Leadership(
+                store,
+                name="scheduler",
+                owner=replica_id,
+                seconds=settings.lease_seconds,
+                clock=self.clock,
+                on_gain=self._leading,
+            )
         """When the loop will look again unless woken (None while it works)."""
 
     # ------------------------------------------------------------------ lifecycle
@@ -150,23 +161,43 @@ class Scheduler:
             return
         events.plans_changed.connect(self.wake)
         self._wake.set()  # first pass at once: fires due while no replica ran
+        if self.leadership is not None:
+            await self.leadership.start()
         self._task = asyncio.create_task(self._loop(), name=f"scheduler:{self.replica_id}")
-        log.info("scheduler_started", replica=self.replica_id)
+        log.info(
+            "scheduler_started",
+            replica=self.replica_id,
+            leading=self.leadership.held if self.leadership is not None else None,
+        )
 
     async def stop(self) -> None:
         events.plans_changed.disconnect(self.wake)
         task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        log.info("scheduler_stopped", replica=self.replica_id)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.leadership is not None:
+            await self.leadership.stop()  # after the loop: no pass runs without the lease
+        if task is not None:
+            log.info("scheduler_stopped", replica=self.replica_id)
 
     def wake(self) -> None:
         """Look at the plans again at once (a plan was created, changed or deleted)."""
         self._stale = True
         self._wake.set()
+
+    def _leading(self) -> None:
+        """This replica just became the leader: what it knew of the plans may be stale, and
+        its passes count as healthy only from its first one as leader."""
+        self._healthy_since = None
+        self._horizon = None
+        self.wake()
+
+    @property
+    def leading(self) -> bool:
+        """Whether this replica's loop schedules (it holds the lease, or there is none)."""
+        return self.leadership is None or self.leadership.held
 
     @property
     def running(self) -> bool:
@@ -175,6 +206,10 @@ class Scheduler:
     async def _loop(self) -> None:
         while True:
             self._wake.clear()  # a change during the pass triggers another pass at once
+            if not self.leading:
+                # Standing by: becoming the leader wakes the loop (Leadership.on_gain).
+                await self.clock.wait(self._wake, None)
+                continue
             started = self.clock.now()
             try:
                 await self.run_once()

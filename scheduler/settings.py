@@ -18,6 +18,16 @@ class SchedulerSettings(BaseSettings):
         description="Run the scheduler on this replica. Any number of replicas may run it: "
         "the database makes sure each fire gets exactly one job.",
     )
+    lease_seconds: float = Field(
+        default=15.0,
+        ge=0.0,
+        le=600.0,
+        validation_alias="SCHEDULER_LEASE_SECONDS",
+        description="One replica's scheduler leads (reads due plans, writes their jobs) under "
+        "a lease of this length in the database; the others stand by and one takes over at "
+        "most this long after the leader stops renewing. 0: no leader, every replica "
+        "schedules (still one job per fire, at the price of refused duplicate writes).",
+    )
     poll_seconds: float = Field(
         default=5.0,
         gt=0,
