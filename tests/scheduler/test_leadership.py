@@ -9,12 +9,12 @@ from datetime import timedelta
 
 from backup.clock import ManualClock
 from backup.secrets import SecretBox
-from backup.store import Store
+from backup.store import Document, Store
 from scheduler import Scheduler
 from tests.scheduler.conftest import START, SchedulerFactory, jobs_of, seed_plan
-from tests.scheduler.test_scheduler import finish_queued, follow, idle, until
+from tests.scheduler.test_scheduler import finish_queued, follow, idle
 
-LEASE = 15.0
+LEASE = 30.0  # renewed every 10 s; the loop never moves the clock more than 5 s at once
 
 
 async def minutes(clock: ManualClock, s: Scheduler, store: Store, first: int, last: int) -> None:
@@ -34,14 +34,36 @@ async def crash(s: Scheduler) -> None:
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def test_one_replica_leads_and_a_clean_stop_hands_over_at_once(
+async def until_leading(clock: ManualClock, s: Scheduler, most: float) -> timedelta:
+    """Move the clock second by second until ``s`` leads; how long that took (clock time).
+    Each step leaves time for the attempt it may trigger (a database round trip)."""
+    start = clock.now()
+    while not s.leading:
+        assert clock.now() - start <= timedelta(seconds=most), f"{s.replica_id} never led"
+        await clock.advance(1)
+        for _ in range(20):
+            if s.leading:
+                break
+            await asyncio.sleep(0.01)
+    return clock.now() - start
+
+
+async def two_replicas(
     store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
-) -> None:
+) -> tuple[Document, Scheduler, Scheduler]:
+    """A minute-frequency plan, and schedulers a then b started on it (a leads)."""
     _, plan = await seed_plan(store, box, frequency="* * * * *", at=clock.now())
     a = make_scheduler("replica-a", lease_seconds=LEASE)
     b = make_scheduler("replica-b", lease_seconds=LEASE)
     await a.start()
     await b.start()
+    return plan, a, b
+
+
+async def test_one_replica_leads_and_a_clean_stop_hands_over_at_once(
+    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+) -> None:
+    plan, a, b = await two_replicas(store, box, clock, make_scheduler)
     assert a.leading and not b.leading
     await minutes(clock, a, store, 1, 3)
     assert len(await jobs_of(store, plan["_id"])) == 3
@@ -49,8 +71,8 @@ async def test_one_replica_leads_and_a_clean_stop_hands_over_at_once(
     assert b.stats.passes == 0  # standing by: not even a read of the plans
 
     await a.stop()  # gives the lease up
-    await clock.advance(LEASE / 3)  # b's next attempt, well before the lease would expire
-    await until(lambda: b.leading)
+    # b leads at its next attempt (every third of the lease), not once the lease expires
+    assert await until_leading(clock, b, LEASE) <= timedelta(seconds=LEASE / 3 + 1)
     await minutes(clock, b, store, 4, 5)
     got = await jobs_of(store, plan["_id"])
     assert [j["scheduled_for"] for j in got] == [START + timedelta(minutes=m) for m in range(1, 6)]
@@ -60,23 +82,14 @@ async def test_one_replica_leads_and_a_clean_stop_hands_over_at_once(
 async def test_a_dead_leader_is_replaced_within_the_lease_and_no_fire_is_missed(
     store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
-    _, plan = await seed_plan(store, box, frequency="* * * * *", at=clock.now())
-    a = make_scheduler("replica-a", lease_seconds=LEASE)
-    b = make_scheduler("replica-b", lease_seconds=LEASE)
-    await a.start()
-    await b.start()
+    plan, a, b = await two_replicas(store, box, clock, make_scheduler)
     await minutes(clock, a, store, 1, 1)
     await follow(clock, a, START + timedelta(minutes=1, seconds=59))
     await crash(a)  # a second before the next fire
 
-    for _ in range(int(LEASE) + 10):  # second by second, as time goes
-        if b.leading:
-            break
-        await clock.advance(1)
-        await asyncio.sleep(0.01)
-    assert b.leading
-    taken_over = clock.now()
-    assert taken_over - (START + timedelta(minutes=1, seconds=59)) <= timedelta(seconds=LEASE + 5)
+    crashed_at = clock.now()
+    await until_leading(clock, b, LEASE + 10)
+    assert clock.now() - crashed_at <= timedelta(seconds=LEASE + 5)
     await idle(b, 0)
     got = await jobs_of(store, plan["_id"])
     assert [j["scheduled_for"] for j in got] == [START + timedelta(minutes=m) for m in (1, 2)]
