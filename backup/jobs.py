@@ -473,6 +473,7 @@ async def prune_history(store: Store, *, ended_before: datetime, batch: int = 10
         ).to_list()
     }
     query: dict[str, Any] = {
+        "_id": {"$nin": sorted(last)},
         "status": {"$in": list(FINAL)},
         # created_at bounds the scan on the (status, created_at) index (a job is created
         # before it ends); an index of its own for ended_at would cost every job write.
@@ -482,15 +483,11 @@ async def prune_history(store: Store, *, ended_before: datetime, batch: int = 10
     }
     deleted = 0
     while True:
-        ids = [
-            d["_id"]
-            for d in await store.jobs.find(query, {"_id": 1}).limit(batch + len(last)).to_list()
-            if d["_id"] not in last
-        ][:batch]
+        ids = [d["_id"] for d in await store.jobs.find(query, {"_id": 1}).limit(batch).to_list()]
         if not ids:
             return deleted
         # The query again, so that a job changed since it was read is left alone.
-        result = await store.jobs.delete_many({"_id": {"$in": ids}, **query})
+        result = await store.jobs.delete_many({**query, "_id": {"$in": ids}})
         deleted += result.deleted_count
         if len(ids) < batch:
             return deleted

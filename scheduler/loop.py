@@ -150,7 +150,7 @@ class Scheduler:
                 owner=replica_id,
                 seconds=settings.lease_seconds,
                 clock=self.clock,
-                on_gain=self._leading,
+                on_gain=self._became_leader,
             )
         """When the loop will look again unless woken (None while it works)."""
 
@@ -187,7 +187,7 @@ class Scheduler:
         self._stale = True
         self._wake.set()
 
-    def _leading(self) -> None:
+    def _became_leader(self) -> None:
         """This replica just became the leader: what it knew of the plans may be stale, and
         its passes count as healthy only from its first one as leader."""
         self._healthy_since = None
@@ -407,6 +407,10 @@ class Scheduler:
             + (f", scheduled for {_local(since, plan['timezone'])}" if since else "")
             + ") had not started yet; it will back up the same data."
         )
+        return self._missed_fire(plan, fire, reason)
+
+    def _missed_fire(self, plan: Document, fire: datetime, reason: str) -> Document:
+        """The MISSED job of one fire of ``plan``, saying why it did not run."""
         return self._job(
             plan,
             fire,
@@ -502,14 +506,7 @@ class Scheduler:
             f"{plan.get('timezone')!r}) cannot be evaluated: {exc.description} The plan is "
             "stopped until its frequency or time zone is corrected."
         )
-        doc = self._job(
-            plan,
-            fire,
-            jobs.SCHEDULE,
-            status=jobs.MISSED,
-            reason=reason,
-            missed={"first": fire, "last": fire, "count": 1, "exact": True},
-        )
+        doc = self._missed_fire(plan, fire, reason)
         new = await self._insert_many([doc])
         await self.store.plans.update_one(
             {"_id": plan["_id"], "next_run_at": fire},
