@@ -114,6 +114,7 @@ class JobRun:
         self.kind: agent_client.Kind = "backup" if job["type"] == BACKUP else "restore"
         self.log = log.bind(job_id=job["_id"], instance_id=job["instance_id"], type=job["type"])
         self.p: _Prepared | None = None
+        self._unwritten: dict[str, Any] = {}  # goes with the next write (one write, not two)
 
     # ------------------------------------------------------------------ top level
 
@@ -147,7 +148,7 @@ class JobRun:
                 raise JobEnd(FAILED, f"Item {item['name']!r} failed: {item.get('error')}")
         self.p = await self._prepare()
         self.p.info = await self._agent_info()
-        await self._write({"agent": {"kind": self.p.info.kind, "version": self.p.info.version}})
+        self._unwritten["agent"] = {"kind": self.p.info.kind, "version": self.p.info.version}
         for index, item in enumerate(self.items):
             if item.get("status") == SUCCEEDED:
                 continue
@@ -320,19 +321,21 @@ class JobRun:
         state: AgentJob | None = None
         if item.get("status") != RUNNING:
             # Not known to have reached the agent: (re)send it. The same id answers 409 with
-            # its state if an earlier holder's request did reach it.
+            # its state if an earlier holder's request did reach it, so the item is written
+            # once it is on the agent: a holder that dies before that write leaves a job
+            # that the next one re-sends under the same (derived) id and attaches to.
             item.update(
                 agent_job_id=agent_job_id, started_at=item.get("started_at") or self.clock.now()
             )
+            state = await self._start_on_agent(agent_job_id, request)
+            item["status"] = RUNNING
             await self._write(
                 {
                     f"items.{index}.agent_job_id": agent_job_id,
                     f"items.{index}.started_at": item["started_at"],
+                    f"items.{index}.status": RUNNING,
                 }
             )
-            state = await self._start_on_agent(agent_job_id, request)
-            item["status"] = RUNNING
-            await self._write({f"items.{index}.status": RUNNING})
             self.log.info(
                 "agent_job_started" if state is None else "agent_job_attached",
                 agent_job_id=agent_job_id,
@@ -511,8 +514,10 @@ class JobRun:
             encryption_key=p.encryption_key if encrypted else None,
             agent={"kind": p.info.kind, "version": p.info.version} if p.info else None,
         )
-        # Fence first: a holder that lost its lease must not add a restore point.
-        await self._write({"items": self.items})
+        # Fence first: a holder that lost its lease must not add a restore point. (Every
+        # item is already recorded, so a read of the lease does it, not a write.)
+        if not await jobs.holds(self.store, self.lease):
+            raise LeaseLost(self.lease.job_id)
         await restore_points.record(self.store, point)
         reason = None
         if p.cancel_seen:
@@ -622,7 +627,9 @@ class JobRun:
         self, status: str, reason: str | None, *, fields: dict[str, Any] | None = None
     ) -> None:
         now = self.clock.now()
+        fields = {**self._unwritten, **(fields or {})}
         await jobs.finish(self.store, self.lease, status, reason, at=now, fields=fields)
+        self._unwritten = {}
         started = self.job.get("started_at")
         self.r.observer.job_finished(
             self.job["type"], status, _seconds(now - started) if started else None
@@ -632,7 +639,8 @@ class JobRun:
     # ------------------------------------------------------------------ helpers
 
     async def _write(self, fields: dict[str, Any]) -> None:
-        await jobs.update_held(self.store, self.lease, fields)
+        await jobs.update_held(self.store, self.lease, {**self._unwritten, **fields})
+        self._unwritten = {}
 
     async def _point_exists(self) -> bool:
         return (

@@ -7,12 +7,12 @@ directly. A RUNNING job is cancelled by setting ``cancel_requested``; the runner
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pymongo import ASCENDING
 from pymongo.errors import DuplicateKeyError
 
 from backup import events
@@ -34,6 +34,7 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, MISSED = (
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, MISSED)
 ACTIVE = (QUEUED, RUNNING)
 FINAL = (SUCCEEDED, FAILED, CANCELLED, MISSED)
+BUSY, TAKEN = "busy", "taken"  # why a claim was refused (try_claim)
 
 
 def new_item(name: str, **fields: Any) -> Document:
@@ -300,48 +301,131 @@ def _expired(at: datetime) -> dict[str, Any]:
     return {"lease_expires_at": {"$not": {"$gt": at}}}
 
 
+_CANDIDATE_FIELDS = {
+    "_id": 1,
+    "instance_id": 1,
+    "status": 1,
+    "attempts": 1,
+    "created_at": 1,
+    "type": 1,
+    "trigger": 1,
+    "scheduled_for": 1,
+    "lease_expires_at": 1,
+}
+
+
+_NEVER = datetime(1970, 1, 1, tzinfo=UTC)  # a lease without expiry: expired
+
+
+def _queue_order(doc: Document) -> tuple[datetime, str]:
+    return doc["created_at"], doc["_id"]
+
+
+class QueueView:
+    """One replica's view of the queue, kept between claim passes: which jobs to try to
+    claim next, in the order they should run.
+
+    Every pass reads the RUNNING jobs (few: at most the replicas' concurrency): those whose
+    holder stopped renewing come first, and the instances of the others are busy. The QUEUED
+    jobs are not read at every pass: the embedded database reads every match of a query
+    before it applies a limit, so that read grows with the queue (0.45 s of its one core at
+    10,000 queued), and back to back it would take the database from the scheduler. The
+    view reads the whole queue once every ``refresh_seconds`` (less often if that read
+    would then take more than ``full_read_share`` of the time), and in between, when
+    asked, only the jobs queued since the newest it has seen, less ``overlap_seconds``
+    (jobs written meanwhile with an older clock: another replica's, or a batch whose write
+    took that long), an index range.
+
+    An entry goes stale when another replica claims its job or the job is cancelled: the
+    claim's compare-and-set then fails and :meth:`forget` drops it. A job that no partial
+    read caught is found by the next full read: late, never lost.
+    """
+
+    def __init__(
+        self,
+        *,
+        refresh_seconds: float = 30.0,
+        overlap_seconds: float = 5.0,
+        full_read_share: float = 0.01,
+    ) -> None:
+        self.refresh_seconds = refresh_seconds
+        self.overlap_seconds = overlap_seconds
+        self.full_read_share = full_read_share
+        self.read_seconds = 0.0  # the last pass's reads, for the runner's claim spacing
+        self._queued: dict[str, Document] = {}
+        self._order: list[Document] | None = []  # None: to sort again
+        self._newest: datetime | None = None
+        self._full_at: datetime | None = None
+        self._full_seconds = 0.0
+
+    def forget(self, job_id: str) -> None:
+        """The job is no longer QUEUED (claimed, here or by another replica, or cancelled)."""
+        if self._queued.pop(job_id, None) is not None:
+            self._order = None
+
+    def full_read_due(self, at: datetime) -> bool:
+        if self._full_at is None:
+            return True
+        period = max(self.refresh_seconds, self._full_seconds / self.full_read_share)
+        return (at - self._full_at).total_seconds() >= period
+
+    async def candidates(
+        self, store: Store, at: datetime, *, limit: int, new_jobs: bool = True
+    ) -> list[Document]:
+        """Up to ``limit`` jobs to try: RUNNING jobs whose lease expired (oldest expiry
+        first: they hold their instance), then QUEUED jobs, oldest first, one per instance
+        and none of an instance with a RUNNING job (the index would refuse it anyway).
+        ``new_jobs``: jobs may have been queued since the last pass (else the queue is
+        read only when a full read is due)."""
+        started = time.monotonic()
+        running = await store.jobs.find({"status": RUNNING}, _CANDIDATE_FIELDS).to_list()
+        busy = {d["instance_id"] for d in running}
+        # A RUNNING job nobody holds (no expiry) or whose holder stopped renewing.
+        orphans = sorted(
+            (d for d in running if (d.get("lease_expires_at") or _NEVER) <= at),
+            key=lambda d: d.get("lease_expires_at") or _NEVER,
+        )[:limit]
+        if self.full_read_due(at):
+            full_started = time.monotonic()
+            docs = await store.jobs.find({"status": QUEUED}, _CANDIDATE_FIELDS).to_list()
+            self._full_seconds = time.monotonic() - full_started
+            self._full_at = at
+            self._queued = {d["_id"]: d for d in docs}
+            self._order = None
+            self._newest = max((d["created_at"] for d in docs), default=self._newest)
+        elif new_jobs:
+            query: dict[str, Any] = {"status": QUEUED}
+            if self._newest is not None:
+                since = self._newest - timedelta(seconds=self.overlap_seconds)
+                query["created_at"] = {"$gte": since}
+            for d in await store.jobs.find(query, _CANDIDATE_FIELDS).to_list():
+                if d["_id"] not in self._queued:
+                    self._queued[d["_id"]] = d
+                    self._order = None
+                if self._newest is None or d["created_at"] > self._newest:
+                    self._newest = d["created_at"]
+        self.read_seconds = time.monotonic() - started
+        if self._order is None:
+            self._order = sorted(self._queued.values(), key=_queue_order)
+        queued: list[Document] = []
+        seen: set[str] = set()
+        for doc in self._order:
+            if doc["instance_id"] in busy or doc["instance_id"] in seen:
+                continue
+            seen.add(doc["instance_id"])  # an instance's oldest job goes first
+            queued.append(doc)
+            if len(queued) >= limit:
+                break
+        return orphans + queued
+
+
 async def claimable(store: Store, at: datetime, *, limit: int) -> list[Document]:
-    """Candidates to claim, in the order they should run: first RUNNING jobs whose holder
-    stopped renewing (they hold their instance), then QUEUED jobs oldest first, skipping
-    instances that have a RUNNING job (the index would refuse them anyway)."""
-    fields = {
-        "_id": 1,
-        "instance_id": 1,
-        "status": 1,
-        "attempts": 1,
-        "created_at": 1,
-        "type": 1,
-        "trigger": 1,
-        "scheduled_for": 1,
-    }
-    orphans = (
-        await store.jobs.find({"status": RUNNING, **_expired(at)}, fields)
-        .sort([("lease_expires_at", ASCENDING)])
-        .limit(limit)
-        .to_list()
-    )
-    busy = {
-        d["instance_id"]
-        for d in await store.jobs.find({"status": RUNNING}, {"instance_id": 1}).to_list()
-    }
-    queued: list[Document] = []
-    seen: set[str] = set()
-    # Several queued jobs of one busy instance must not hide the others: scan a wider window.
-    async for doc in (
-        store.jobs.find({"status": QUEUED}, fields)
-        .sort([("created_at", ASCENDING), ("_id", ASCENDING)])
-        .limit(max(limit * 10, 50))
-    ):
-        if doc["instance_id"] in busy or doc["instance_id"] in seen:
-            continue
-        seen.add(doc["instance_id"])  # an instance's oldest job goes first
-        queued.append(doc)
-        if len(queued) >= limit:
-            break
-    return orphans + queued
+    """Candidates to claim now, from a full read of the queue (see :class:`QueueView`,
+    which the runner keeps between passes)."""
+    return await QueueView().candidates(store, at, limit=limit)
 
 
-async def claim(
+async def try_claim(
     store: Store,
     candidate: Document,
     *,
@@ -349,9 +433,10 @@ async def claim(
     at: datetime,
     lease_seconds: float,
     deadline_seconds: float,
-) -> Lease | None:
-    """Claim ``candidate`` (from :func:`claimable`) for ``owner``; None when another replica
-    was faster or the job's instance is busy."""
+) -> Lease | str:
+    """Claim ``candidate`` (from :func:`claimable`) for ``owner``: its :class:`Lease`, or
+    why not: BUSY (another job of its instance is RUNNING; the candidate still waits) or
+    TAKEN (it is no longer as read: claimed by another replica, cancelled, or ended)."""
     token = int(candidate.get("attempts") or 0) + 1
     expires = at + timedelta(seconds=lease_seconds)
     if candidate["status"] == QUEUED:
@@ -381,10 +466,31 @@ async def claim(
     try:
         result = await store.jobs.update_one(query, update)
     except DuplicateKeyError:
-        return None  # another job of this instance is RUNNING
+        return BUSY
     if result.modified_count != 1:
-        return None
+        return TAKEN
     return Lease(candidate["_id"], owner, token)
+
+
+async def claim(
+    store: Store,
+    candidate: Document,
+    *,
+    owner: str,
+    at: datetime,
+    lease_seconds: float,
+    deadline_seconds: float,
+) -> Lease | None:
+    """:func:`try_claim`, None when it was refused."""
+    result = await try_claim(
+        store,
+        candidate,
+        owner=owner,
+        at=at,
+        lease_seconds=lease_seconds,
+        deadline_seconds=deadline_seconds,
+    )
+    return result if isinstance(result, Lease) else None
 
 
 async def renew(store: Store, lease: Lease, *, at: datetime, lease_seconds: float) -> bool:
@@ -402,6 +508,11 @@ async def ended_under(store: Store, lease: Lease) -> bool:
         {"_id": lease.job_id, "attempts": lease.token, "status": {"$in": list(FINAL)}}, {"_id": 1}
     )
     return doc is not None
+
+
+async def holds(store: Store, lease: Lease) -> bool:
+    """Whether ``lease`` still holds its job (a read: it fences nothing by itself)."""
+    return await store.jobs.find_one(lease.filter(), {"_id": 1}) is not None
 
 
 async def release(store: Store, lease: Lease, *, at: datetime) -> bool:

@@ -28,7 +28,7 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo.errors import PyMongoError
 
-from backup import jobs
+from backup import jobs, priority
 from backup.agent_client import AgentClient, AgentError
 from backup.clock import Clock, SystemClock
 from backup.job_run import JobEnd, JobRun, object_key
@@ -61,6 +61,15 @@ class RunnerSettings(BaseSettings):
         le=256,
         validation_alias="RUNNER_CONCURRENCY",
         description="Jobs this replica drives at once (over all instances).",
+    )
+    db_connections: int = Field(
+        default=2,
+        ge=1,
+        le=100,
+        validation_alias="RUNNER_DB_CONNECTIONS",
+        description="Database operations the runner and the retention sweep of this replica "
+        "have in flight at most (their own connection pool), however many jobs run: the "
+        "database's time left is the scheduler's and the API's.",
     )
     lease_seconds: float = Field(
         default=30.0,
@@ -236,7 +245,10 @@ class JobRunner:
         self.stores = StoreCache(opener)
         self._held: dict[str, _Held] = {}
         self._wake = asyncio.Event()
-        self._queue_read_seconds = 0.0  # the last pass's read of the queue (claim spacing)
+        self.queue = jobs.QueueView(refresh_seconds=max(30.0, 6 * settings.poll_seconds))
+        self._new_jobs = True  # jobs may have been queued since the last pass read the queue
+        self._queue_read_at = self.clock.now()
+        self._yielding_since: datetime | None = None  # claims wait for the scheduler since
         self._loops: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._session: aiohttp.ClientSession | None = None
@@ -304,6 +316,8 @@ class JobRunner:
         log.info("runner_stopped", replica=self.replica_id, released=len(held))
 
     def wake(self) -> None:
+        """Jobs were queued (on this replica): claim at once."""
+        self._new_jobs = True
         self._wake.set()
 
     async def idle(self) -> None:
@@ -319,14 +333,22 @@ class JobRunner:
 
     # ------------------------------------------------------------------ claiming
 
-    async def run_once(self) -> int:
-        """Claim what this replica may take now and start driving it; returns how many."""
+    async def run_once(self, *, looking: bool = True) -> int:
+        """Claim what this replica may take now and start driving it; returns how many.
+        ``looking=False`` (the claim loop's passes between polls, when this replica queued
+        nothing): claim from the queue as last read, without looking for new jobs."""
         free = self.settings.concurrency - len(self._held)
         if free <= 0 or self._stopping:
             return 0
         now = self.clock.now()
-        candidates = await jobs.claimable(self.store, now, limit=free + len(self._held))
-        self._queue_read_seconds = (self.clock.now() - now).total_seconds()
+        # Other replicas' new jobs are looked for every poll; this one's as it queues them.
+        polled = (now - self._queue_read_at).total_seconds() >= self.settings.poll_seconds
+        new_jobs, self._new_jobs = looking or self._new_jobs or polled, False
+        if new_jobs:
+            self._queue_read_at = now
+        candidates = await self.queue.candidates(
+            self.store, now, limit=free + len(self._held), new_jobs=new_jobs
+        )
         claimed = 0
         tried: set[str] = set()
         for cand in candidates:
@@ -335,7 +357,7 @@ class JobRunner:
             if cand["_id"] in self._held or cand["instance_id"] in tried:
                 continue
             tried.add(cand["instance_id"])
-            lease = await jobs.claim(
+            lease = await jobs.try_claim(
                 self.store,
                 cand,
                 owner=self.replica_id,
@@ -343,7 +365,9 @@ class JobRunner:
                 lease_seconds=self.settings.lease_seconds,
                 deadline_seconds=self.settings.job_deadline_seconds,
             )
-            if lease is None:
+            if lease != jobs.BUSY:
+                self.queue.forget(cand["_id"])
+            if not isinstance(lease, Lease):
                 continue
             claimed += 1
             if cand["status"] == QUEUED:
@@ -366,28 +390,57 @@ class JobRunner:
             )
         return claimed
 
+    async def _yield_to_scheduler(self) -> bool:
+        """Whether the scheduler asked runners to wait (``backup.priority``): if so, wait
+        as asked, at most ``MAX_YIELD_SECONDS`` in a row, and say so."""
+        now = self.clock.now()
+        if self._yielding_since is not None and (
+            (now - self._yielding_since).total_seconds() >= priority.MAX_YIELD_SECONDS
+        ):
+            self._yielding_since = None  # claim once now, whatever the notice says
+            return False
+        try:
+            until = await priority.yield_until(self.store, now)
+        except PyMongoError:
+            until = None
+        if until is None:
+            if self._yielding_since is not None:
+                log.info(
+                    "runner_resumed",
+                    replica=self.replica_id,
+                    yielded_seconds=round((now - self._yielding_since).total_seconds(), 2),
+                )
+            self._yielding_since = None
+            return False
+        if self._yielding_since is None:
+            self._yielding_since = now
+            log.info("runner_yielding_to_scheduler", replica=self.replica_id)
+        await self.clock.sleep(min((until - now).total_seconds(), priority.HOLD_SECONDS))
+        return True
+
     async def _claim_loop(self) -> None:
         while True:
             self._wake.clear()
             started = self.clock.now()
             try:
-                await self.run_once()
+                if await self._yield_to_scheduler():
+                    continue
+                await self.run_once(looking=False)
             except asyncio.CancelledError:
                 raise
             except PyMongoError as exc:
                 log.warning("claim_failed", error=type(exc).__name__)
             except Exception:
                 log.exception("claim_failed")
-            # A pass reads the queue, and on the embedded database that read costs time in
-            # proportion to the queue's length (0.3 s at 8,000 queued jobs), while every job
-            # that ends asks for a pass: back to back, reads would take the database from
-            # the scheduler and from the jobs running. So the next pass waits until
-            # CLAIM_SPACING times this read's duration has passed since this pass began:
-            # ending jobs are claimed together, and reading the queue takes at most about a
-            # fifth of the database's time however long the queue. The claims themselves are
-            # not counted: they are the work (on MongoDB the read takes milliseconds).
+            # Every job that ends asks for a pass, and a pass reads (the RUNNING jobs, and
+            # the queue when a full read is due: on the embedded database that one costs
+            # time in proportion to the queue's length). Back to back, reads would take the
+            # database from the scheduler and from the jobs running, so the next pass waits
+            # until CLAIM_SPACING times this pass's reads has passed since it began: ending
+            # jobs are claimed together, and reading takes at most about a fifth of the
+            # database's time. The claims are not counted: they are the work.
             spent = (self.clock.now() - started).total_seconds()
-            spacing = min(CLAIM_SPACING * self._queue_read_seconds, self.settings.poll_seconds)
+            spacing = min(CLAIM_SPACING * self.queue.read_seconds, self.settings.poll_seconds)
             spacing -= spent
             if spacing > 0:
                 await self.clock.sleep(spacing)

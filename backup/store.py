@@ -7,7 +7,7 @@ start-up. Every document carries ``schema_version``. Writes are acknowledged by 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -97,6 +97,8 @@ class Store:
     jobs: AsyncCollection[Document]
     restore_points: AsyncCollection[Document]
     leases: AsyncCollection[Document]
+    _url: str = field(default="", repr=False)  # holds the password, if any
+    _timeout_ms: int = 10_000
 
     async def ping(self) -> bool:
         try:
@@ -113,13 +115,27 @@ class Store:
     async def close(self) -> None:
         await self.client.close()
 
+    def pool(self, max_size: int) -> Store:
+        """The same database through a client of its own with at most ``max_size``
+        connections, so at most that many operations at once (the caller closes it).
 
-def connect(url: str, database: str, *, timeout_ms: int = 10_000) -> Store:
+        The job runner uses one: however many jobs run, its operations then cannot crowd
+        out the scheduler's and the API's on a database that serves its requests by
+        turns (the embedded one shares one core among all its connections)."""
+        return connect(self._url, self.db.name, timeout_ms=self._timeout_ms, max_pool_size=max_size)
+
+
+def connect(
+    url: str, database: str, *, timeout_ms: int = 10_000, max_pool_size: int = 100
+) -> Store:
+    """A store on ``database`` with the product's write and read concerns (majority,
+    journaled); ``max_pool_size`` bounds the operations in flight (pymongo's default: 100)."""
     client: AsyncMongoClient[Document] = AsyncMongoClient(
         url,
         tz_aware=True,
         serverSelectionTimeoutMS=timeout_ms,
         connectTimeoutMS=timeout_ms,
+        maxPoolSize=max_pool_size,
         appname="osb-backup-manager",
     )
     db = client.get_database(
@@ -129,4 +145,5 @@ def connect(url: str, database: str, *, timeout_ms: int = 10_000) -> Store:
     )
     store = Store.__new__(Store)
     store.client, store.db = client, db
+    store._url, store._timeout_ms = url, timeout_ms  # for pool()
     return store

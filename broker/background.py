@@ -94,8 +94,11 @@ def setup(app: web.Application) -> None:
 
         store, box = app[STORE], app[SECRETS]
         opener = app.get(OPENER, open_store)
+        # The runner's and sweeper's own pool: however many jobs run, they cannot take every
+        # turn of the database from the scheduler (see RUNNER_DB_CONNECTIONS).
+        work_store = store.pool(settings.db_connections)
         sweeper = RetentionSweeper(
-            store,
+            work_store,
             box,
             interval=settings.retention_sweep_seconds,
             storage_timeout=settings.storage_timeout_seconds,
@@ -103,7 +106,7 @@ def setup(app: web.Application) -> None:
             observer=observer.swept,
         )
         runner = JobRunner(
-            store,
+            work_store,
             box,
             settings,
             replica_id=replica_id,
@@ -146,6 +149,7 @@ def setup(app: web.Application) -> None:
             events.jobs_queued.disconnect(runner.wake)
             await runner.stop()
             await sweeper.stop()
+            await work_store.close()
             log.info("background_stopped", replica=replica_id)
 
     app.cleanup_ctx.append(loops)

@@ -42,9 +42,9 @@ from datetime import datetime, timedelta
 
 import structlog
 from pymongo import UpdateOne
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
-from backup import events, jobs, schedule
+from backup import events, jobs, priority, schedule
 from backup.clock import Clock, SystemClock
 from backup.errors import InvalidInput
 from backup.store import Document, Store
@@ -142,6 +142,7 @@ class Scheduler:
         self._stale = True  # the known fire times must be read again
         self._healthy_since: datetime | None = None  # since when the loop's passes succeed
         self._handled_until: datetime | None = None  # the last pass read all plans due by then
+        self._behind_until: datetime | None = None  # runners were told to wait until then
         self.leadership: Leadership | None = None
         if settings.lease_seconds > 0:
             self.leadership = Leadership(
@@ -297,6 +298,9 @@ class Scheduler:
             if not due:
                 break
             self._busy = True
+            oldest = min(p["next_run_at"] for p in due)
+            if (now - oldest).total_seconds() > priority.BEHIND_SECONDS:
+                await self._behind(now)
             n = await self._fire_batch(due, now)
             queued += n
             if n:
@@ -313,6 +317,19 @@ class Scheduler:
                 already_recorded=self.stats.already_recorded - recorded_before,
             )
         return queued
+
+    async def _behind(self, now: datetime) -> None:
+        """Fires wait: ask every replica's runner to start no job for a moment
+        (``backup.priority``), renewing the notice while it still has over half to run."""
+        hold = timedelta(seconds=priority.HOLD_SECONDS / 2)
+        if self._behind_until is not None and self._behind_until - now > hold:
+            return
+        try:
+            self._behind_until = await priority.announce_behind(
+                self.store, at=now, replica=self.replica_id
+            )
+        except PyMongoError as exc:  # the fires matter more than the notice
+            log.warning("scheduler_behind_notice_failed", error=type(exc).__name__)
 
     def _on_time(self, fire: datetime, now: datetime) -> bool:
         """Whether a fire is handled as on time. A fire is a misfire only when no scheduler

@@ -8,10 +8,10 @@ from datetime import timedelta
 import pytest
 from structlog.testing import capture_logs
 
-from backup import jobs
+from backup import jobs, priority
 from backup.clock import ManualClock
 from backup.store import Store
-from tests.runner.conftest import GoRig, until
+from tests.runner.conftest import GoRig, job_in, until
 
 
 async def _queue(store: Store, instance_id: str, n: int = 1, **fields) -> list[str]:
@@ -187,4 +187,91 @@ async def test_a_job_that_just_ended_is_not_taken_for_a_lost_lease(go: GoRig) ->
         await asyncio.sleep(0.1)
     assert runner2.active == 0
     assert "lease_lost" in [e["event"] for e in logs]
+    go.agent.let_go()
+
+
+async def test_the_queue_view_reads_new_jobs_drops_stale_ones_and_refreshes(
+    store: Store, clock: ManualClock
+) -> None:
+    view = jobs.QueueView(refresh_seconds=30, overlap_seconds=5, full_read_share=1.0)
+    first, second = await _queue(store, "i1") + await _queue(store, "i2")
+    assert [c["_id"] for c in await view.candidates(store, clock.now(), limit=10)] == [
+        first,
+        second,
+    ]
+    # a pass that looks for nothing new claims from what it read
+    (third,) = await _queue(store, "i3")
+    listed = await view.candidates(store, clock.now(), limit=10, new_jobs=False)
+    assert [c["_id"] for c in listed] == [first, second]
+    listed = await view.candidates(store, clock.now(), limit=10, new_jobs=True)
+    assert [c["_id"] for c in listed] == [first, second, third]
+    # another replica claims one: the claim here is refused, and the entry goes
+    taken = await jobs.claim(
+        store, listed[0], owner="other", at=clock.now(), lease_seconds=3600, deadline_seconds=7200
+    )
+    assert taken is not None
+    refused = await jobs.try_claim(
+        store, listed[0], owner="me", at=clock.now(), lease_seconds=30, deadline_seconds=60
+    )
+    assert refused == jobs.TAKEN
+    view.forget(first)
+    listed = await view.candidates(store, clock.now(), limit=10, new_jobs=False)
+    assert [c["_id"] for c in listed] == [second, third]
+    # a job written with a clock far behind the newest seen is out of reach of the reads
+    # of new jobs; the next full read finds it, in its place
+    newest = (await store.jobs.find_one({"_id": third}))["created_at"]
+    (late,) = await _queue(store, "i4", created_at=newest - timedelta(minutes=1))
+    listed = await view.candidates(store, clock.now(), limit=10, new_jobs=True)
+    assert late not in [c["_id"] for c in listed]
+    await clock.advance(30)
+    listed = await view.candidates(store, clock.now(), limit=10, new_jobs=False)
+    assert [c["_id"] for c in listed] == [late, second, third]
+    # a job of an instance with a RUNNING job waits; the instance's next job is not skipped to
+    (busy_next,) = await _queue(store, "i1")
+    listed = await view.candidates(store, clock.now(), limit=10, new_jobs=True)
+    assert busy_next not in [c["_id"] for c in listed]
+    refused = await jobs.try_claim(
+        store,
+        await store.jobs.find_one({"_id": busy_next}),
+        owner="me",
+        at=clock.now(),
+        lease_seconds=30,
+        deadline_seconds=60,
+    )
+    assert refused == jobs.BUSY
+
+
+async def test_runners_start_nothing_while_the_scheduler_is_behind(go: GoRig) -> None:
+    """backup.priority: a notice from a scheduler that is behind holds every runner's claims
+    until it lapses, and never longer than MAX_YIELD_SECONDS in a row."""
+    go.agent.hold()
+    await priority.announce_behind(go.store, at=go.clock.now(), replica="leader")
+    _, _, job = await go.backup()
+    runner = go.make_runner("replica-a", poll_seconds=3600)
+    await runner.start()
+    for _ in range(3):
+        await asyncio.sleep(0.2)
+        await go.clock.advance(0.5)
+    assert (await go.store.jobs.find_one({"_id": job["_id"]}))["status"] == "QUEUED"
+    await go.clock.advance(priority.HOLD_SECONDS)  # the notice lapsed: claimed at once
+    await until(lambda: job_in(go.store, job["_id"], "RUNNING"), what="the claim")
+
+    # a scheduler that stays behind holds a runner back at most MAX_YIELD_SECONDS in a row
+    _, _, other = await go.backup()
+    runner2 = go.make_runner("replica-b", poll_seconds=3600)
+    await priority.announce_behind(go.store, at=go.clock.now(), replica="leader")
+    await runner2.start()
+    waited = 0.0
+    while waited < priority.MAX_YIELD_SECONDS - 1:
+        await priority.announce_behind(go.store, at=go.clock.now(), replica="leader")
+        await asyncio.sleep(0.05)
+        await go.clock.advance(1)
+        waited += 1
+        assert (await go.store.jobs.find_one({"_id": other["_id"]}))["status"] == "QUEUED"
+
+    async def claimed() -> bool:
+        await priority.announce_behind(go.store, at=go.clock.now(), replica="leader")
+        return await job_in(go.store, other["_id"], "RUNNING") is not None
+
+    await until(claimed, clock=go.clock, step=1, what="a claim despite the notice")
     go.agent.let_go()

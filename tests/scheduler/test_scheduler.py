@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from backup import jobs, plans, schedule
+from backup import jobs, plans, priority, schedule
 from backup.clock import ManualClock
 from backup.secrets import SecretBox
 from backup.store import Document, Store
@@ -106,6 +106,27 @@ async def test_a_fire_creates_one_job_and_moves_the_plan_on(
     moved = await plan_doc(store, plan["_id"])
     assert moved["next_run_at"] == utc(2026, 3, 2, 3) and moved["last_job_id"] == job["_id"]
     assert queued_signal.count == 1  # the runner was told
+
+
+async def test_a_scheduler_behind_its_fires_holds_the_runners_back(
+    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+) -> None:
+    """backup.priority: fires found due for longer than BEHIND_SECONDS make the scheduler ask
+    the runners to start nothing for HOLD_SECONDS; fires handled on time ask nothing."""
+    _, on_time = await seed_plan(store, box, frequency="0 3 * * *", at=clock.now())
+    _, late = await seed_plan(store, box, frequency="0 4 * * *", at=clock.now())
+    s = make_scheduler()
+    await clock.advance(to=utc(2026, 3, 1, 3))
+    assert await s.run_once() == 1
+    assert await priority.yield_until(store, clock.now()) is None
+    assert await store.leases.find_one({"_id": priority.DOC_ID}) is None
+    await clock.advance(to=utc(2026, 3, 1, 4, 0, 1))  # one second late: behind
+    assert await s.run_once() == 1
+    assert await priority.yield_until(store, clock.now()) == utc(2026, 3, 1, 4, 0, 3)
+    await clock.advance(priority.HOLD_SECONDS)
+    assert await priority.yield_until(store, clock.now()) is None  # it lapses by itself
+    assert len(await jobs_of(store, late["_id"])) == 1
+    assert len(await jobs_of(store, on_time["_id"])) == 1
 
 
 async def test_the_loop_sleeps_until_the_earliest_fire_not_on_a_tick(
