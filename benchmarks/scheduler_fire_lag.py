@@ -126,6 +126,10 @@ def scheduler_worker(url: str, database: str, replica: str) -> None:
     asyncio.run(main())
 
 
+_WRITES = ("insert", "update", "delete", "findAndModify")
+_COUNTED = (*_WRITES, "find", "getMore", "aggregate", "count", "distinct")
+
+
 def app_worker() -> None:
     """One manager replica as the product runs it (``--app-worker``): the application of
     ``python -m broker``, configured from the environment, served on its port, with the
@@ -133,6 +137,7 @@ def app_worker() -> None:
     closes, stops like a SIGTERM would (scheduler first, then the runner releases its
     leases), then prints the scheduler's stats and lags as one JSON line on stdout."""
     from aiohttp import web
+    from pymongo import monitoring
 
     from broker.app import create_app
     from broker.background import SCHEDULER
@@ -140,6 +145,23 @@ def app_worker() -> None:
     from broker.logging import configure_logging
     from scheduler import SchedulerObserver
 
+    ops: Counter[str] = Counter()
+
+    class Ops(monitoring.CommandListener):
+        """Counts the replica's database commands by name and collection."""
+
+        def started(self, event: monitoring.CommandStartedEvent) -> None:
+            target = event.command.get(event.command_name)
+            if event.command_name in _COUNTED:
+                ops[f"{event.command_name} {target if isinstance(target, str) else ''}"] += 1
+
+        def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+            pass
+
+        def failed(self, event: monitoring.CommandFailedEvent) -> None:
+            pass
+
+    monitoring.register(Ops())  # before any client is made
     settings = load_settings()
     app = create_app(settings)
     configure_logging(settings.log_level, stream=sys.stderr)
@@ -166,7 +188,7 @@ def app_worker() -> None:
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
         stats = asdict(scheduler.stats)
         await runner.cleanup()
-        print(json.dumps({"stats": stats, "lags": lags}), flush=True)
+        print(json.dumps({"stats": stats, "lags": lags, "ops": ops}), flush=True)
 
     asyncio.run(main())
 
@@ -452,8 +474,8 @@ async def scheduler_scenario(
 
 async def runner_scenario(
     server: EmbeddedMongo, tmp: Path, rig: Rig, rig_ps: list[psutil.Process], *, replicas: int,
-    plans: int, instances: int, window: float, concurrency: int, keys: str, broker_pw: str,
-    drain_timeout: float,
+    plans: int, instances: int, window: float, concurrency: int, db_connections: int | None,
+    keys: str, broker_pw: str, drain_timeout: float,
 ) -> dict[str, Any]:  # fmt: skip
     """Whole replicas (scheduler, runner, retention) driving the stub agent, spread fires."""
     database = f"bench_run_{uuid.uuid4().hex[:8]}"
@@ -467,6 +489,7 @@ async def runner_scenario(
         "SECRETS_MASTER_KEYS": keys,
         "LOG_LEVEL": "INFO",
         "RUNNER_CONCURRENCY": str(concurrency),
+        **({"RUNNER_DB_CONNECTIONS": str(db_connections)} if db_connections else {}),
     }
     group = app_replicas(env, database, replicas, tmp)
     db_ps = psutil.Process(server._proc.pid) if server._proc else None  # type: ignore[attr-defined]
@@ -522,8 +545,12 @@ async def runner_scenario(
     bad = [d for d in docs if d["status"] not in ("SUCCEEDED", "MISSED")]
     fires = fired["fires"]
     stats = [r["stats"] for r in results]
+    ops: Counter[str] = Counter()
+    for r in results:
+        ops.update(r.get("ops", {}))
     return {
         "mode": "runner",
+        "ops": ops,
         "kind": "spread",
         "replicas": replicas,
         "plans": plans,
@@ -664,6 +691,16 @@ def report_runner(rows: list[dict[str, Any]]) -> None:
             print(
                 f"{'':>8}  unfinished: {r['unfinished_by_status']}; e.g. {r['unfinished_reason']!r}"
             )
+    for r in rows:
+        jobs = max(1, r["succeeded"])
+        writes = {k: n for k, n in r["ops"].items() if k.split()[0] in _WRITES}
+        reads = sum(r["ops"].values()) - sum(writes.values())
+        top = ", ".join(f"{k} {n / jobs:.2f}" for k, n in Counter(writes).most_common(4))
+        print(
+            f"{r['replicas']:>8} replica(s), database commands per succeeded job (all the "
+            f"replicas did, scheduler included): {sum(writes.values()) / jobs:.2f} writes "
+            f"({top}), {reads / jobs:.2f} reads"
+        )
 
 
 # ----------------------------------------------------------------------------- main
@@ -719,6 +756,7 @@ async def main(args: argparse.Namespace) -> int:
                         instances=args.instances,
                         window=args.window,
                         concurrency=args.concurrency,
+                        db_connections=args.db_connections,
                         keys=keys,
                         broker_pw=broker_pw,
                         drain_timeout=args.drain_timeout,
@@ -841,6 +879,12 @@ if __name__ == "__main__":
     parser.add_argument("--no-herd", action="store_true", help="skip the herd scenario")
     parser.add_argument(
         "--concurrency", type=int, default=50, help="RUNNER_CONCURRENCY of each replica"
+    )
+    parser.add_argument(
+        "--db-connections",
+        type=int,
+        default=None,
+        help="RUNNER_DB_CONNECTIONS of each replica (default: the product's)",
     )
     parser.add_argument(
         "--agent-delay", type=float, default=0.5, help="seconds a backup takes on the stub"
