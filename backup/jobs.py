@@ -472,24 +472,9 @@ async def try_claim(
     return Lease(candidate["_id"], owner, token)
 
 
-async def claim(
-    store: Store,
-    candidate: Document,
-    *,
-    owner: str,
-    at: datetime,
-    lease_seconds: float,
-    deadline_seconds: float,
-) -> Lease | None:
-    """:func:`try_claim`, None when it was refused."""
-    result = await try_claim(
-        store,
-        candidate,
-        owner=owner,
-        at=at,
-        lease_seconds=lease_seconds,
-        deadline_seconds=deadline_seconds,
-    )
+async def claim(store: Store, candidate: Document, **options: Any) -> Lease | None:
+    """:func:`try_claim` (same options), None when it was refused."""
+    result = await try_claim(store, candidate, **options)
     return result if isinstance(result, Lease) else None
 
 

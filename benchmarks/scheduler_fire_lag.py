@@ -5,7 +5,7 @@ on a stub agent that stores a real object in S3.
 
     .venv/bin/python benchmarks/scheduler_fire_lag.py [--plans 10000] [--instances 1000]
         [--window 60] [--replicas 1,3] [--modes scheduler|runner|scheduler,runner] [--no-herd]
-        [--concurrency 50] [--agent-delay 0.5] [--drain-timeout 1200]
+        [--concurrency 50] [--db-connections N] [--agent-delay 0.5] [--drain-timeout 1200]
 
 What is measured, exactly:
 
@@ -872,9 +872,9 @@ if __name__ == "__main__":
         default=["scheduler"],
         help="scheduler (default: the scheduler only), runner (whole replicas running the "
         "backups on a stub agent), or both. On the embedded database the runner mode drains "
-        "about 8 to 13 backups a second, so 10,000 plans take about 22 minutes and may not "
-        "all drain within the default --drain-timeout; a shorter run: --modes runner "
-        "--plans 3000 --instances 300 --window 30",
+        "about 6 to 20 backups a second (fewer as the collections grow), so 10,000 plans take "
+        "about 20 minutes and may not all drain within the default --drain-timeout; a shorter "
+        "run: --modes runner --plans 2000 --instances 200 --window 20",
     )
     parser.add_argument("--no-herd", action="store_true", help="skip the herd scenario")
     parser.add_argument(
