@@ -11,9 +11,9 @@ database: one document, ``leases/scheduler_behind``, whose ``until`` is ``HOLD_S
 ahead, renewed while the scheduler stays behind. Every runner reads it (by ``_id``) before
 each claim pass and claims nothing until then: the jobs running go on, none starts, and the
 database's load falls within a job's length. The notice lapses by itself, so a scheduler
-that dies holds no runner back for longer than ``HOLD_SECONDS``, and a runner claims at least
-once every ``MAX_YIELD_SECONDS`` whatever the notice says (a database too slow for the fires
-alone must not stop every backup).
+that dies holds no runner back for longer than ``HOLD_SECONDS``; and while it lasts, a
+runner starts one job every ``MAX_YIELD_SECONDS`` (a database too slow for the fires alone
+must not stop every backup, and a burst of claims each time would deepen the backlog).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from backup.store import Store
 DOC_ID = "scheduler_behind"
 BEHIND_SECONDS = 0.5  # a due fire older than this: the scheduler is behind
 HOLD_SECONDS = 2.0  # how long one notice holds the runners back
-MAX_YIELD_SECONDS = 10.0  # a runner yields at most this long in a row
+MAX_YIELD_SECONDS = 10.0  # while held back, a runner starts one job this often
 
 
 async def announce_behind(store: Store, *, at: datetime, replica: str) -> datetime:

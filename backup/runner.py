@@ -335,11 +335,14 @@ class JobRunner:
 
     # ------------------------------------------------------------------ claiming
 
-    async def run_once(self, *, looking: bool = True) -> int:
+    async def run_once(self, *, looking: bool = True, most: int | None = None) -> int:
         """Claim what this replica may take now and start driving it; returns how many.
         ``looking=False`` (the claim loop's passes between polls, when this replica queued
-        nothing): claim from the queue as last read, without looking for new jobs."""
+        nothing): claim from the queue as last read, without looking for new jobs.
+        ``most``: claim at most that many (while a scheduler is behind)."""
         free = self.settings.concurrency - len(self._held)
+        if most is not None:
+            free = min(free, most)
         if free <= 0 or self._stopping:
             return 0
         now = self.clock.now()
@@ -399,15 +402,17 @@ class JobRunner:
             )
         return claimed
 
-    async def _yield_to_scheduler(self) -> bool:
-        """Whether the scheduler asked runners to wait (``backup.priority``): if so, wait
-        as asked, at most ``MAX_YIELD_SECONDS`` in a row, and say so."""
+    async def _yield_to_scheduler(self) -> int | None:
+        """How many jobs this pass may claim: None (any number: no scheduler is behind),
+        0 (a scheduler asked runners to wait, ``backup.priority``: this waited as asked),
+        or 1 (one job every ``MAX_YIELD_SECONDS`` while the notice lasts: a backlog of
+        fires must not stop every backup, and a burst of claims would deepen it)."""
         now = self.clock.now()
         if self._yielding_since is not None and (
             (now - self._yielding_since).total_seconds() >= priority.MAX_YIELD_SECONDS
         ):
-            self._yielding_since = None  # claim once now, whatever the notice says
-            return False
+            self._yielding_since = now
+            return 1
         try:
             until = await priority.yield_until(self.store, now)
         except PyMongoError:
@@ -420,21 +425,22 @@ class JobRunner:
                     yielded_seconds=round((now - self._yielding_since).total_seconds(), 2),
                 )
             self._yielding_since = None
-            return False
+            return None
         if self._yielding_since is None:
             self._yielding_since = now
             log.info("runner_yielding_to_scheduler", replica=self.replica_id)
         await self.clock.sleep(min((until - now).total_seconds(), priority.HOLD_SECONDS))
-        return True
+        return 0
 
     async def _claim_loop(self) -> None:
         while True:
             self._wake.clear()
             started = self.clock.now()
             try:
-                if await self._yield_to_scheduler():
+                most = await self._yield_to_scheduler()
+                if most == 0:
                     continue
-                await self.run_once(looking=False)
+                await self.run_once(looking=False, most=most)
             except asyncio.CancelledError:
                 raise
             except PyMongoError as exc:
