@@ -486,23 +486,6 @@ async def renew(store: Store, lease: Lease, *, at: datetime, lease_seconds: floa
     return result.matched_count == 1
 
 
-async def renew_all(
-    store: Store, leases: list[Lease], *, at: datetime, lease_seconds: float
-) -> bool:
-    """Extend every lease of one owner in one write; False unless all were still held
-    (then some, none or all were extended: renew them one by one to know which)."""
-    if not leases:
-        return True
-    owners = {lease.owner for lease in leases}
-    if len(owners) != 1:
-        raise ValueError("renew_all takes the leases of one owner")
-    result = await store.jobs.update_many(
-        {"_id": {"$in": [lease.job_id for lease in leases]}, "lease_owner": owners.pop()},
-        {"$set": {"lease_expires_at": at + timedelta(seconds=lease_seconds)}},
-    )
-    return result.matched_count == len(leases)
-
-
 async def ended_under(store: Store, lease: Lease) -> bool:
     """Whether the job ended while ``lease`` held it (only its holder can end a running job:
     :func:`finish` is fenced on the lease's token, which a takeover increments)."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import socket
 import uuid
 from dataclasses import dataclass
@@ -44,7 +43,6 @@ from storage import open_store
 log = structlog.get_logger(__name__)
 
 CLAIM_SPACING = 5  # passes start at least this many times their queue read's duration apart
-CLAIM_SPREAD = 4  # a pass with n free slots picks among the n * CLAIM_SPREAD oldest candidates
 
 
 class RunnerSettings(BaseSettings):
@@ -352,15 +350,8 @@ class JobRunner:
         if new_jobs:
             self._queue_read_at = now
         candidates = await self.queue.candidates(
-            self.store, now, limit=CLAIM_SPREAD * free + len(self._held), new_jobs=new_jobs
+            self.store, now, limit=free + len(self._held), new_jobs=new_jobs
         )
-        # Every replica reads the same queue in the same order: each tries the oldest few
-        # (instances' oldest jobs, so an instance's own order holds) in an order of its own,
-        # or they would all race for the same jobs, and each lost race costs the database
-        # a write. Jobs whose holder stopped renewing still go first.
-        queued = [c for c in candidates if c["status"] == QUEUED]
-        random.shuffle(queued)
-        candidates = [c for c in candidates if c["status"] != QUEUED] + queued
         claimed = 0
         tried: set[str] = set()
         for cand in candidates:
@@ -468,28 +459,8 @@ class JobRunner:
             await self.renew_once()
 
     async def renew_once(self) -> None:
-        """Renew the lease of every job held; stop driving those whose lease was lost.
-
-        All of them in one write when all are still held (the usual case: 50 jobs held
-        would otherwise be 5 writes a second, as many as the jobs' own); one by one
-        otherwise, to tell which were lost."""
-        held_now = list(self._held.items())
-        if not held_now:
-            return
-        now = self.clock.now()
-        try:
-            if await jobs.renew_all(
-                self.store,
-                [h.lease for _, h in held_now],
-                at=now,
-                lease_seconds=self.settings.lease_seconds,
-            ):
-                for _, held in held_now:
-                    held.renewed_until = now + _delta(self.settings.lease_seconds)
-                return
-        except PyMongoError:
-            pass  # renewed one by one below, where a lapse is noticed
-        for job_id, held in held_now:
+        """Renew the lease of every job held; stop driving those whose lease was lost."""
+        for job_id, held in list(self._held.items()):
             now = self.clock.now()
             try:
                 ok: bool | None = await jobs.renew(

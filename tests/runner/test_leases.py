@@ -282,25 +282,3 @@ async def test_runners_start_nothing_while_the_scheduler_is_behind(go: GoRig) ->
     await asyncio.sleep(0.3)
     assert len(await running()) == 1  # one, though two instances wait and slots are free
     go.agent.let_go()
-
-
-async def test_a_replica_renews_all_its_leases_in_one_write(
-    store: Store, clock: ManualClock
-) -> None:
-    await _queue(store, "i1")
-    await _queue(store, "i2")
-    one, two = await _claim_all(store, clock, "a")
-    await clock.advance(20)
-    assert await jobs.renew_all(store, [one, two], at=clock.now(), lease_seconds=30)
-    for lease in (one, two):
-        doc = await store.jobs.find_one({"_id": lease.job_id})
-        assert doc["lease_expires_at"] == clock.now() + timedelta(seconds=30)
-    # one was taken over: the batch says so, and one by one tells which
-    await store.jobs.update_one(
-        {"_id": two.job_id}, {"$set": {"lease_owner": "b"}, "$inc": {"attempts": 1}}
-    )
-    assert not await jobs.renew_all(store, [one, two], at=clock.now(), lease_seconds=30)
-    assert await jobs.renew(store, one, at=clock.now(), lease_seconds=30)
-    assert not await jobs.renew(store, two, at=clock.now(), lease_seconds=30)
-    with pytest.raises(ValueError):
-        await jobs.renew_all(store, [one, jobs.Lease("x", "b", 1)], at=clock.now(), lease_seconds=1)
