@@ -359,9 +359,10 @@ class QueueView:
         self._full_seconds = 0.0
 
     def forget(self, job_id: str) -> None:
-        """The job is no longer QUEUED (claimed, here or by another replica, or cancelled)."""
-        if self._queued.pop(job_id, None) is not None:
-            self._order = None
+        """The job is no longer QUEUED (claimed, here or by another replica, or cancelled).
+        Its place in the sorted order stays until the order is next rebuilt (new jobs, a
+        full read): sorting the whole queue again at every claim would cost more."""
+        self._queued.pop(job_id, None)
 
     def full_read_due(self, at: datetime) -> bool:
         if self._full_at is None:
@@ -410,6 +411,8 @@ class QueueView:
         queued: list[Document] = []
         seen: set[str] = set()
         for doc in self._order:
+            if doc["_id"] not in self._queued:
+                continue  # forgotten
             if doc["instance_id"] in busy or doc["instance_id"] in seen:
                 continue
             seen.add(doc["instance_id"])  # an instance's oldest job goes first

@@ -249,6 +249,7 @@ class JobRunner:
         self._new_jobs = True  # jobs may have been queued since the last pass read the queue
         self._queue_read_at = self.clock.now()
         self._yielding_since: datetime | None = None  # claims wait for the scheduler since
+        self._trickled_at: datetime | None = None  # the last job started while waiting
         self._loops: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._session: aiohttp.ClientSession | None = None
@@ -399,10 +400,11 @@ class JobRunner:
         or 1 (one job every ``MAX_YIELD_SECONDS`` while the notice lasts: a backlog of
         fires must not stop every backup, and a burst of claims would deepen it)."""
         now = self.clock.now()
-        if self._yielding_since is not None and (
-            (now - self._yielding_since).total_seconds() >= priority.MAX_YIELD_SECONDS
+        last_start = self._trickled_at or self._yielding_since
+        if last_start is not None and (
+            (now - last_start).total_seconds() >= priority.MAX_YIELD_SECONDS
         ):
-            self._yielding_since = now
+            self._trickled_at = now
             return 1
         try:
             until = await priority.yield_until(self.store, now)
@@ -415,7 +417,7 @@ class JobRunner:
                     replica=self.replica_id,
                     yielded_seconds=round((now - self._yielding_since).total_seconds(), 2),
                 )
-            self._yielding_since = None
+            self._yielding_since = self._trickled_at = None
             return None
         if self._yielding_since is None:
             self._yielding_since = now
