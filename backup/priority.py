@@ -14,6 +14,15 @@ database's load falls within a job's length. The notice lapses by itself, so a s
 that dies holds no runner back for longer than ``HOLD_SECONDS``; and while it lasts, a
 runner starts one job every ``MAX_YIELD_SECONDS`` (a database too slow for the fires alone
 must not stop every backup, and a burst of claims each time would deepen the backlog).
+
+Holding new claims leaves the jobs already running, and they are the load: three replicas
+each claiming its whole ``RUNNER_CONCURRENCY`` the moment the notice lapses put the scheduler
+behind again at once. So each runner also keeps a :class:`ClaimWindow`, how many jobs it
+drives at most right now: it starts at ``START_JOBS``, opens by ``GROWTH_PER_SECOND`` while
+it is full and no scheduler is behind, and halves each time one is (additive increase,
+multiplicative decrease, as TCP shares a link): the replicas together settle near what the
+database can take beside the scheduler, whatever their number, instead of each swinging
+between nothing and everything.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ DOC_ID = "scheduler_behind"
 BEHIND_SECONDS = 0.5  # a due fire older than this: the scheduler is behind
 HOLD_SECONDS = 2.0  # how long one notice holds the runners back
 MAX_YIELD_SECONDS = 10.0  # while held back, a runner starts one job this often
+START_JOBS = 4  # a runner's window at first (the default concurrency: no slower by default)
+GROWTH_PER_SECOND = 1.0  # a full window opens by this many jobs a second
 
 
 async def announce_behind(store: Store, *, at: datetime, replica: str) -> datetime:
@@ -42,3 +53,32 @@ async def yield_until(store: Store, at: datetime) -> datetime | None:
     doc = await store.leases.find_one({"_id": DOC_ID}, {"until": 1})
     until = doc.get("until") if doc else None
     return until if until is not None and until > at else None
+
+
+class ClaimWindow:
+    """How many jobs one runner may drive at once right now, at most ``limit``
+    (``RUNNER_CONCURRENCY``). See the module's notes."""
+
+    def __init__(self, limit: int, *, start: float = START_JOBS) -> None:
+        self.limit = limit
+        self.size = float(max(1, min(limit, start)))
+        self._since: datetime | None = None  # when it was last opened or halved
+
+    @property
+    def jobs(self) -> int:
+        """Jobs the runner may drive at once now."""
+        return int(self.size)
+
+    def open(self, at: datetime, *, full: bool) -> None:
+        """No scheduler is behind at ``at``: open the window for the time since the last
+        call if it was ``full`` (a window that was not in use has shown nothing about the
+        database, so it does not grow while idle)."""
+        if full and self._since is not None and at > self._since:
+            grown = GROWTH_PER_SECOND * (at - self._since).total_seconds()
+            self.size = min(float(self.limit), self.size + grown)
+        self._since = at
+
+    def halve(self, at: datetime) -> None:
+        """A scheduler is behind at ``at``: half as many jobs from now on (at least one)."""
+        self.size = max(1.0, self.size / 2)
+        self._since = at

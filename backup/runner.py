@@ -246,6 +246,8 @@ class JobRunner:
         self._held: dict[str, _Held] = {}
         self._wake = asyncio.Event()
         self.queue = jobs.QueueView(refresh_seconds=max(30.0, 6 * settings.poll_seconds))
+        self.window = priority.ClaimWindow(settings.concurrency)
+        self._window_full = False  # the last pass claimed all its window let it
         self._new_jobs = True  # jobs may have been queued since the last pass read the queue
         self._queue_read_at = self.clock.now()
         self._yielding_since: datetime | None = None  # claims wait for the scheduler since
@@ -338,10 +340,13 @@ class JobRunner:
         """Claim what this replica may take now and start driving it; returns how many.
         ``looking=False`` (the claim loop's passes between polls, when this replica queued
         nothing): claim from the queue as last read, without looking for new jobs.
-        ``most``: claim at most that many (while a scheduler is behind)."""
-        free = self.settings.concurrency - len(self._held)
-        if most is not None:
-            free = min(free, most)
+        ``most``: claim at most that many, whatever the claim window (while a scheduler is
+        behind: ``backup.priority``)."""
+        if most is None:
+            free = self.window.jobs - len(self._held)
+        else:
+            free = min(self.settings.concurrency - len(self._held), most)
+        self._window_full = most is None and free <= 0
         if free <= 0 or self._stopping:
             return 0
         now = self.clock.now()
@@ -357,6 +362,7 @@ class JobRunner:
         tried: set[str] = set()
         for cand in candidates:
             if claimed >= free:
+                self._window_full = most is None
                 break
             if cand["_id"] in self._held or cand["instance_id"] in tried:
                 continue
@@ -421,7 +427,10 @@ class JobRunner:
             return None
         if self._yielding_since is None:
             self._yielding_since = now
-            log.info("runner_yielding_to_scheduler", replica=self.replica_id)
+            self.window.halve(now)
+            log.info(
+                "runner_yielding_to_scheduler", replica=self.replica_id, window=self.window.jobs
+            )
         await self.clock.sleep(min((until - now).total_seconds(), priority.HOLD_SECONDS))
         return 0
 
@@ -433,6 +442,9 @@ class JobRunner:
                 most = await self._yield_to_scheduler()
                 if most == 0:
                     continue
+                if most is None:
+                    # full: the last pass left jobs waiting for want of room in the window
+                    self.window.open(self.clock.now(), full=self._window_full)
                 await self.run_once(looking=False, most=most)
             except asyncio.CancelledError:
                 raise
