@@ -443,7 +443,8 @@ class JobRunner:
                 if most == 0:
                     continue
                 if most is None:
-                    # full: the last pass left jobs waiting for want of room in the window
+                    # full: the last pass had less room in the window than jobs to claim
+                    # (or none at all)
                     self.window.open(self.clock.now(), full=self._window_full)
                 await self.run_once(looking=False, most=most)
             except asyncio.CancelledError:

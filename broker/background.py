@@ -115,6 +115,7 @@ def setup(app: web.Application) -> None:
             sweeper=sweeper,
         )
         observer.runner_active = lambda: runner.active
+        observer.runner_window = lambda: runner.window.jobs
         scheduler = None
         if scheduler_settings is not None:
             scheduler = Scheduler(

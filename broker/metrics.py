@@ -172,12 +172,19 @@ class Metrics(RunnerObserver):
         self.active = Gauge(
             "backup_runner_active_jobs", "Jobs this replica drives now.", registry=r
         )
+        self.window = Gauge(
+            "backup_runner_claim_window",
+            "Jobs this replica may drive at once now: its claim window, at most "
+            "RUNNER_CONCURRENCY, halved each time the scheduler is behind.",
+            registry=r,
+        )
         self.db_up = Gauge(
             "backup_metrics_database_up",
             "1 if the database answered the last scrape's queries.",
             registry=r,
         )
         self.runner_active = lambda: 0
+        self.runner_window = lambda: 0
 
     # -- RunnerObserver
 
@@ -220,6 +227,7 @@ class Metrics(RunnerObserver):
 
     async def refresh(self, store: Store, timeout: float) -> None:
         self.active.set(self.runner_active())
+        self.window.set(self.runner_window())
         try:
             async with asyncio.timeout(timeout):
                 counts = await asyncio.gather(

@@ -83,6 +83,8 @@ async def test_the_runner_runs_what_the_api_queues_and_metrics_count_it(
         )
         assert samples[("backup_metrics_database_up", ())] == 1
         assert samples[("backup_runner_active_jobs", ())] == 0
+        # RUNNER_CONCURRENCY at its default (4), the window never halved: 4
+        assert samples[("backup_runner_claim_window", ())] == 4
         # a scheduled fire: how late it started is observed
         scheduled = jobs.new_job(
             instance_id=instance["_id"],
