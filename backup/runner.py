@@ -247,7 +247,7 @@ class JobRunner:
         self._wake = asyncio.Event()
         self.queue = jobs.QueueView(refresh_seconds=max(30.0, 6 * settings.poll_seconds))
         self.window = priority.ClaimWindow(settings.concurrency)
-        self._window_full = False  # the last pass claimed all its window let it
+        self._window_full = False  # the last pass had less room in the window than jobs
         self._new_jobs = True  # jobs may have been queued since the last pass read the queue
         self._queue_read_at = self.clock.now()
         self._yielding_since: datetime | None = None  # claims wait for the scheduler since
