@@ -63,22 +63,27 @@ class ClaimWindow:
         self.limit = limit
         self.size = float(max(1, min(limit, start)))
         self._since: datetime | None = None  # when it was last opened or halved
+        self._full = False  # a claim pass since then had less room than jobs to claim
 
     @property
     def jobs(self) -> int:
         """Jobs the runner may drive at once now."""
         return int(self.size)
 
-    def open(self, at: datetime, *, full: bool) -> None:
+    def filled(self) -> None:
+        """A claim pass found less room in the window than jobs to claim (or none)."""
+        self._full = True
+
+    def open(self, at: datetime) -> None:
         """No scheduler is behind at ``at``: open the window for the time since the last
-        call if it was ``full`` (a window that was not in use has shown nothing about the
+        call if it was full meanwhile (a window not in use has shown nothing about the
         database, so it does not grow while idle)."""
-        if full and self._since is not None and at > self._since:
+        if self._full and self._since is not None and at > self._since:
             grown = GROWTH_PER_SECOND * (at - self._since).total_seconds()
             self.size = min(float(self.limit), self.size + grown)
-        self._since = at
+        self._since, self._full = at, False
 
     def halve(self, at: datetime) -> None:
         """A scheduler is behind at ``at``: half as many jobs from now on (at least one)."""
         self.size = max(1.0, self.size / 2)
-        self._since = at
+        self._since, self._full = at, False

@@ -247,7 +247,6 @@ class JobRunner:
         self._wake = asyncio.Event()
         self.queue = jobs.QueueView(refresh_seconds=max(30.0, 6 * settings.poll_seconds))
         self.window = priority.ClaimWindow(settings.concurrency)
-        self._window_full = False  # the last pass had less room in the window than jobs
         self._new_jobs = True  # jobs may have been queued since the last pass read the queue
         self._queue_read_at = self.clock.now()
         self._yielding_since: datetime | None = None  # claims wait for the scheduler since
@@ -346,7 +345,8 @@ class JobRunner:
             free = self.window.jobs - len(self._held)
         else:
             free = min(self.settings.concurrency - len(self._held), most)
-        self._window_full = most is None and free <= 0
+        if most is None and free <= 0:
+            self.window.filled()
         if free <= 0 or self._stopping:
             return 0
         now = self.clock.now()
@@ -362,7 +362,8 @@ class JobRunner:
         tried: set[str] = set()
         for cand in candidates:
             if claimed >= free:
-                self._window_full = most is None
+                if most is None:
+                    self.window.filled()
                 break
             if cand["_id"] in self._held or cand["instance_id"] in tried:
                 continue
@@ -443,9 +444,7 @@ class JobRunner:
                 if most == 0:
                     continue
                 if most is None:
-                    # full: the last pass had less room in the window than jobs to claim
-                    # (or none at all)
-                    self.window.open(self.clock.now(), full=self._window_full)
+                    self.window.open(self.clock.now())
                 await self.run_once(looking=False, most=most)
             except asyncio.CancelledError:
                 raise

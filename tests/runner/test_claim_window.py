@@ -4,10 +4,12 @@ no scheduler is behind, multiplicative decrease each time one is."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from backup import priority
 from backup.priority import ClaimWindow
+from backup.runner import JobRunner
 from tests.runner.conftest import GoRig, until
 
 T0 = datetime(2026, 3, 1, 4, 0, tzinfo=UTC)
@@ -20,14 +22,18 @@ def at(seconds: float) -> datetime:
 def test_a_window_starts_small_and_opens_only_while_full() -> None:
     window = ClaimWindow(50)
     assert window.jobs == priority.START_JOBS
-    window.open(at(0), full=True)  # the first call only starts the clock
+    window.filled()
+    window.open(at(0))  # the first call only starts the clock
     assert window.jobs == priority.START_JOBS
-    window.open(at(3), full=True)
+    window.filled()
+    window.open(at(3))
     assert window.jobs == priority.START_JOBS + 3 * priority.GROWTH_PER_SECOND
-    window.open(at(60), full=False)  # idle for a minute: it showed nothing, so no growth
-    window.open(at(61.5), full=True)
+    window.open(at(60))  # idle for a minute: it showed nothing, so no growth
+    window.filled()
+    window.open(at(61.5))
     assert window.jobs == int(priority.START_JOBS + 4.5 * priority.GROWTH_PER_SECOND)
-    window.open(at(3600), full=True)
+    window.filled()
+    window.open(at(3600))
     assert window.jobs == 50  # never beyond RUNNER_CONCURRENCY
 
 
@@ -35,12 +41,14 @@ def test_a_window_halves_when_the_scheduler_is_behind_down_to_one_job() -> None:
     window = ClaimWindow(50, start=40)
     window.halve(at(0))
     assert window.jobs == 20
-    window.open(at(2), full=True)  # grows from the halving on, not from before it
+    window.filled()
+    window.open(at(2))  # grows from the halving on, not from before it
     assert window.jobs == 22
     for i in range(10):
         window.halve(at(3 + i))
     assert window.jobs == 1
-    window.open(at(20), full=True)  # 8 s after the last halving
+    window.filled()
+    window.open(at(20))  # 8 s after the last halving
     assert window.jobs == 1 + 8 * priority.GROWTH_PER_SECOND
 
 
@@ -77,9 +85,9 @@ async def test_a_runner_claims_within_its_window_and_halves_it_for_the_scheduler
     go.agent.let_go()
 
 
-async def _at_least(count, n: int) -> bool:
+async def _at_least(count: Callable[[], Awaitable[int]], n: int) -> bool:
     return await count() >= n
 
 
-async def _smaller(runner, size: int) -> bool:
+async def _smaller(runner: JobRunner, size: int) -> bool:
     return runner.window.jobs < size
