@@ -23,17 +23,21 @@ from pydantic import (
     Field,
     SecretStr,
     TypeAdapter,
+    ValidationError,
     ValidationInfo,
     field_validator,
 )
+import structlog
 from pymongo.errors import DuplicateKeyError
 
-from backup.errors import Conflict, NotFound, Unavailable, Unprocessable
+from backup.errors import Conflict, InvalidInput, NotFound, Unavailable, Unprocessable
 from backup.pagination import Page, now, paginate
 from backup.secrets import SecretBox
 from backup.store import SCHEMA_VERSION, Document, Store
 from storage import StorageError, ValidationReport, ValidationStep, open_store
 from storage.settings import S3Settings, SwiftSettings
+
+log = structlog.get_logger(__name__)
 
 AnySettings = S3Settings | SwiftSettings
 SECRET_FIELD = {"S3": "secret_access_key", "SWIFT": "password"}
@@ -272,6 +276,60 @@ def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+# What decides where a destination's secret is sent, and how safely. Changing any of these
+# while keeping the stored secret would let a caller who may edit the destination, but does
+# not know its secret, have the secret sent to a host of their choosing.
+_SWIFT_ROUTE = (
+    "auth_url",
+    "auth_version",
+    "username",
+    "user_domain_name",
+    "project_name",
+    "project_domain_name",
+    "region_name",
+)
+
+
+def _s3_route(endpoint: str | None) -> tuple[str | None, int | None]:
+    if endpoint is None:
+        return None, None
+    parts = urlsplit(endpoint)
+    return parts.hostname, parts.port or (80 if parts.scheme == "http" else 443)
+
+
+def _route_changes(before: AnySettings, after: AnySettings) -> list[str]:
+    """The fields whose change in ``after`` would send the secret elsewhere, or less safely."""
+    changed: list[str] = []
+    if isinstance(before, S3Settings) and isinstance(after, S3Settings):
+        if _s3_route(before.endpoint) != _s3_route(after.endpoint):
+            changed.append("endpoint")
+        elif (before.endpoint or "").startswith("https:") and (after.endpoint or "").startswith(
+            "http:"
+        ):
+            changed.append("plain_http")
+    elif isinstance(before, SwiftSettings) and isinstance(after, SwiftSettings):
+        changed += [f for f in _SWIFT_ROUTE if getattr(before, f) != getattr(after, f)]
+    if before.verify_tls and not after.verify_tls:
+        changed.append("verify_tls")
+    return changed
+
+
+def _require_secret_for_moves(
+    current: Document, box: SecretBox, patch: dict[str, Any], after: AnySettings
+) -> None:
+    secret = SECRET_FIELD[after.type]
+    if current["type"] != after.type or patch.get(secret) is not None:
+        return  # a change of type, or the secret sent again: the caller knows it
+    changed = _route_changes(settings_for(current, box), after)
+    if changed:
+        raise InvalidInput(
+            f"Changing {', '.join(changed)} changes where or how the stored {secret} is sent; "
+            f"send {secret} again in the same request.",
+            code="secret_required",
+            field=secret,
+        )
+
+
 def _merged(current: Document, box: SecretBox, patch: dict[str, Any]) -> dict[str, Any]:
     """The destination after ``patch``: a change of ``type`` starts afresh (keeping the name);
     otherwise the stored fields merged with the patch. The secret is kept unless sent."""
@@ -291,6 +349,17 @@ def _merged(current: Document, box: SecretBox, patch: dict[str, Any]) -> dict[st
     return merged
 
 
+def _changed(
+    current: Document, box: SecretBox, patch: dict[str, Any]
+) -> tuple[S3DestinationSpec | SwiftDestinationSpec, AnySettings]:
+    """The destination ``current`` after ``patch``, validated, with its settings; refused when
+    the patch moves the stored secret without sending it."""
+    spec = parse(_merged(current, box, patch))
+    settings = spec.settings()
+    _require_secret_for_moves(current, box, patch, settings)
+    return spec, settings
+
+
 async def update(
     store: Store,
     box: SecretBox,
@@ -303,9 +372,8 @@ async def update(
     """Apply a JSON merge patch; the merged destination is validated as a whole (and with
     ``verify_timeout`` checked against the storage) before anything is stored."""
     current = await get(store, instance_id, dest_id)
-    spec = parse(_merged(current, box, patch))
+    spec, settings = _changed(current, box, patch)
     await _check_name(store, instance_id, spec.name, dest_id)
-    settings = spec.settings()
     if verify_timeout is not None:
         await _verified(settings, verify_timeout)
     secret = SECRET_FIELD[settings.type]
@@ -471,6 +539,12 @@ async def _probe(settings: AnySettings, timeout: float) -> ValidationReport:
             False,
             [ValidationStep("connect", False, "storage_timeout", f"no answer in {timeout:g} s")],
         )
+    except Exception as exc:  # a client failing in a way nobody foresaw: still an answer
+        log.error("destination_check_failed", error=type(exc).__name__)
+        return ValidationReport(
+            False,
+            [ValidationStep("connect", False, "storage_error", "the storage client failed")],
+        )
 
 
 async def check(settings: AnySettings, timeout: float) -> CheckResult:
@@ -495,10 +569,31 @@ async def check(settings: AnySettings, timeout: float) -> CheckResult:
 
 
 async def check_stored(
-    store: Store, box: SecretBox, instance_id: str, dest_id: str, timeout: float
+    store: Store,
+    box: SecretBox,
+    instance_id: str,
+    dest_id: str,
+    timeout: float,
+    patch: dict[str, Any] | None = None,
 ) -> CheckResult:
+    """Check a stored destination, or (``patch``) the result of changing it, which is not
+    saved: a change that moves the secret needs the secret, as :func:`update` does."""
     doc = await get(store, instance_id, dest_id)
-    return await check(settings_for(doc, box), timeout)
+    if patch:
+        return await check(_changed(doc, box, patch)[1], timeout)
+    try:
+        settings = settings_for(doc, box)
+    except ValidationError as exc:
+        # Stored before today's rules on endpoints and regions: say so, connect nowhere.
+        problem = exc.errors(include_url=False, include_input=False)[0]
+        name = ".".join(str(p) for p in problem["loc"]) or "settings"
+        return CheckResult(
+            False,
+            "destination_invalid",
+            f"The stored settings of this destination are no longer accepted ({name}: "
+            f"{problem['msg']}); correct them with PATCH.",
+        )
+    return await check(settings, timeout)
 
 
 async def _verified(settings: AnySettings, timeout: float) -> None:

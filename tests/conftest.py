@@ -14,6 +14,7 @@ pytest_plugins = [
     "tests.servers.s3",
     "tests.servers.swift",
     "tests.agent.helpers",  # make_agent: agent processes
+    "tests.servers.recorder",  # recorder: a stand-in for a host an attacker controls
 ]
 
 IN_CI = os.environ.get("CI", "").lower() == "true"

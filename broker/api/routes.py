@@ -87,6 +87,7 @@ class Operation:
     manage: bool
     status: int = 200
     body: Any = None
+    body_required: bool = True
     response: Any = None
     query: type[BaseModel] | None = None
     errors: tuple[int, ...] = ()
@@ -123,6 +124,7 @@ def op(
     tag: str,
     status: int = 200,
     body: Any = None,
+    body_required: bool = True,
     response: Any = None,
     query: type[BaseModel] | None = None,
     errors: tuple[int, ...] = (),
@@ -141,6 +143,7 @@ def op(
                 manage=method != "GET",
                 status=status,
                 body=body,
+                body_required=body_required,
                 response=response,
                 query=query,
                 errors=errors,
@@ -294,13 +297,22 @@ async def delete_destination(c: Ctx) -> Any:
 @op(
     "POST",
     "/destinations/{destination_id}/validate",
-    summary="Check a stored destination: write, read back and delete a probe object",
+    summary="Check a stored destination: write, read back and delete a probe object (with a "
+    "JSON merge patch as body: check that change without saving it)",
     tag="destinations",
+    body=m.DestinationPatch,
+    body_required=False,
     response=m.ValidationOut,
 )
 async def validate_destination(c: Ctx) -> Any:
+    patch = await c.raw_body() if c.request.body_exists else None
     result = await destinations.check_stored(
-        c.store, c.box, c.instance_id, c.param("destination_id"), c.api.validate_timeout_seconds
+        c.store,
+        c.box,
+        c.instance_id,
+        c.param("destination_id"),
+        c.api.validate_timeout_seconds,
+        patch,
     )
     return _check(result)
 
