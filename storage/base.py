@@ -63,6 +63,18 @@ class TransientStorageError(StorageError):
     transient = True
 
 
+class EgressDenied(StorageError):
+    """The service's egress policy does not let it connect to the host a tenant named
+    (``EGRESS_DENY_NETWORKS`` / ``EGRESS_ALLOW_NETWORKS``); raised before any connection."""
+
+    code = "egress_denied"
+
+    def __init__(self, message: str, *, host: str, setting: str, step: str | None = None) -> None:
+        super().__init__(message, step=step)
+        self.host = host
+        self.setting = setting
+
+
 class InvalidKey(StorageError):
     """An object key that is empty, too long, or would escape its prefix."""
 
