@@ -133,6 +133,20 @@ class Outcome:
     operation: str | None = None
 
 
+def _over_tls(url: str) -> bool:
+    return url.lower().startswith("https://")
+
+
+def _cleartext_warning(url: str) -> str:
+    if _over_tls(url):
+        return ""
+    return (
+        " Warning: the agent is reached over plain http://, which carries the agent's and the "
+        "database's passwords in the clear; give it an https:// URL (the operator's "
+        "AGENT_REQUIRE_TLS refuses http://)."
+    )
+
+
 # --------------------------------------------------------------------------- the service
 
 
@@ -153,6 +167,7 @@ class Instances:
         clock: Clock | None = None,
         owner: str | None = None,
         probe_timeout: float = 300.0,
+        require_agent_tls: bool = False,
         job_wait: float = 600.0,
         lease_seconds: float = 60.0,
         tombstone_seconds: float = 3600.0,
@@ -163,6 +178,7 @@ class Instances:
         self.store, self.box = store, box
         self.clock: Clock = clock or SystemClock()
         self.probe_timeout = probe_timeout
+        self.require_agent_tls = require_agent_tls
         self.job_wait = job_wait
         self.opener = opener
         self.agent_request_timeout = agent_request_timeout
@@ -298,7 +314,18 @@ class Instances:
             return False
         return stored.same_as(req.registration)
 
+    def _check_transport(self, reg: Registration) -> None:
+        if self.require_agent_tls and not _over_tls(reg.agent.url):
+            raise InvalidInput(
+                "Invalid parameters: parameters.agent.url: must be an https:// URL; this broker "
+                "refuses agents reached over plain HTTP (AGENT_REQUIRE_TLS), which would carry "
+                "the agent's and the database's passwords in the clear.",
+                code="InvalidParameters",
+                field="parameters.agent.url",
+            )
+
     async def provision(self, req: ProvisionRequest, *, accepts_incomplete: bool) -> Outcome:
+        self._check_transport(req.registration)
         for _ in range(5):
             existing = await self.get_document(req.instance_id)
             state = existing.get("state") if existing else None
@@ -373,6 +400,8 @@ class Instances:
                 )
             current = registration_of(doc, self.box, doc["_id"])
             new = merge_registration(current, req.parameters or {})
+            if new.agent.url != current.agent.url:
+                self._check_transport(new)
             plan_id = req.plan_id or doc["plan_id"]
             if state == UPDATING:
                 return self._update_repeat(doc, plan_id, new)
@@ -580,6 +609,7 @@ class Instances:
                 "last_operation.state": SUCCEEDED,
                 "last_operation.description": (
                     f"Registered for backup; the agent answered ({self._describe_agent(info)})."
+                    + _cleartext_warning(reg.agent.url)
                 ),
                 **self._agent_fields(info, "agent."),
             },
@@ -608,6 +638,7 @@ class Instances:
                 "last_operation.state": SUCCEEDED,
                 "last_operation.description": (
                     f"Updated; the new agent answered ({self._describe_agent(info)})."
+                    + _cleartext_warning(reg.agent.url)
                 ),
             },
         )

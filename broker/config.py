@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         validation_alias="AGENT_PROBE_TIMEOUT_SECONDS",
         description="How long provisioning keeps trying to reach the agent before it fails.",
     )
+    agent_require_tls: bool = Field(
+        default=False,
+        validation_alias="AGENT_REQUIRE_TLS",
+        description="Refuse agent URLs with http://: they carry the agent's and the database's "
+        "passwords in the clear.",
+    )
     deprovision_job_wait: float = Field(
         default=600.0,
         ge=0,

@@ -43,6 +43,7 @@ def setup(app: web.Application) -> None:
             app[STORE],
             app[SECRETS],
             probe_timeout=settings.agent_probe_timeout,
+            require_agent_tls=settings.agent_require_tls,
             job_wait=settings.deprovision_job_wait,
             lease_seconds=settings.operation_lease_seconds,
             tombstone_seconds=settings.tombstone_seconds,
