@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import structlog
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -27,7 +28,6 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
-import structlog
 from pymongo.errors import DuplicateKeyError
 
 from backup.errors import Conflict, InvalidInput, NotFound, Unavailable, Unprocessable

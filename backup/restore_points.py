@@ -20,6 +20,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+import structlog
+from pydantic import ValidationError
 from pymongo.errors import DuplicateKeyError
 
 from backup import destinations
@@ -28,6 +30,8 @@ from backup.pagination import Page, paginate
 from backup.secrets import SecretBox
 from backup.store import SCHEMA_VERSION, Document, Store
 from storage import ObjectStore, StorageError, open_store
+
+log = structlog.get_logger(__name__)
 
 StoreOpener = Callable[[destinations.AnySettings], ObjectStore]
 AVAILABLE, DELETING = "available", "deleting"
@@ -191,12 +195,29 @@ async def delete(
             "files cannot be deleted.",
             code="destination_missing",
         )
+    try:
+        object_settings(dest, box)
+    except ValidationError as exc:
+        # Stored before today's rules on endpoints and regions: nothing can be reached with
+        # them, so the point is left as it was rather than marked for a delete that must fail.
+        problem = exc.errors(include_url=False, include_input=False)[0]
+        field = ".".join(str(p) for p in problem["loc"]) or "settings"
+        raise Conflict(
+            f"The destination holding this restore point's files has settings that are no "
+            f"longer accepted ({field}: {problem['msg']}); correct the destination, then "
+            "delete the restore point again.",
+            code="destination_invalid",
+        ) from None
     await store.restore_points.update_one(
         {"_id": point_id, "instance_id": instance_id}, {"$set": {"state": DELETING}}
     )
     try:
         await purge(store, box, point, dest, opener=opener, timeout=timeout)
-    except (StorageError, TimeoutError, OSError, ImportError) as exc:
+    except Exception as exc:
+        # Whatever failed, the point stays 'deleting': an honest state that a retry (or the
+        # next retention sweep) finishes, never a 500 that leaves it unexplained.
+        if not isinstance(exc, StorageError | TimeoutError | OSError | ImportError):
+            log.error("restore_point_delete_failed", point=point_id, error=type(exc).__name__)
         raise Unavailable(
             f"Deleting the stored files failed ({storage_failure(exc)}); the restore point is "
             "kept in state 'deleting': retry the delete later.",

@@ -3,11 +3,71 @@ a repr, a log line or an exception."""
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 _Prefix = Annotated[str, Field(default="", max_length=512)]
+
+# What the S3 client (botocore) accepts as a region: one DNS label, not all digits. Anything
+# else makes it raise while building its client, so it is refused here, naming the field.
+_REGION = re.compile(r"^(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)$")
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$", re.IGNORECASE)
+
+
+def _check_region(value: str) -> str:
+    if not _REGION.match(value):
+        raise ValueError(
+            "must be a region name made of letters, digits and '-' (such as us-east-1)"
+        )
+    return value
+
+
+def check_url(value: str, *, path: bool = True) -> str:
+    """``value`` if it is an http(s) URL whose host is a DNS name (ASCII: IDNA names in their
+    xn-- form), an IPv4 address or a bracketed IPv6 address, with a valid port, no user info,
+    query or fragment (and no path unless ``path``); else ``ValueError`` saying what is wrong.
+
+    The clients (botocore, requests, keystoneauth) raise on such URLs while building a
+    request, where no input may fail with anything but a clear refusal."""
+    if any(c in value for c in "\t\r\n ") or not value.isascii() or not value.isprintable():
+        raise ValueError(
+            "must be an http(s) URL without spaces or control characters (write a "
+            "non-ASCII host name in its xn-- form)"
+        )
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise ValueError("must be an http(s) URL with a port between 1 and 65535") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must start with http:// or https://")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise ValueError("must not hold a user name or password")
+    if parts.query or parts.fragment or "?" in value or "#" in value:
+        raise ValueError("must not have a query or fragment")
+    if not path and parts.path.strip("/"):
+        raise ValueError("must be only scheme, host and port")
+    if (port is not None and not 1 <= port <= 65535) or parts.netloc.endswith(":"):
+        raise ValueError("must have a port between 1 and 65535")
+    host = parts.hostname or ""
+    if parts.netloc.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("has an invalid IPv6 address") from None
+        if "%" in host:
+            raise ValueError("must not name an IPv6 zone")
+        return value
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253 or not all(map(_HOST_LABEL.match, name.split("."))):
+        raise ValueError(
+            "must name a host made of letters, digits, '-' and '.' (a DNS name), or an IP address"
+        )
+    return value
 
 
 def _check_prefix(value: str) -> str:
@@ -37,6 +97,12 @@ class S3Settings(BaseModel):
     prefix: _Prefix = ""
 
     _prefix = field_validator("prefix")(classmethod(lambda cls, v: _check_prefix(v)))
+    _region = field_validator("region")(classmethod(lambda cls, v: _check_region(v)))
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return None if value is None else check_url(value)
 
 
 class SwiftSettings(BaseModel):
@@ -59,6 +125,7 @@ class SwiftSettings(BaseModel):
     prefix: _Prefix = ""
 
     _prefix = field_validator("prefix")(classmethod(lambda cls, v: _check_prefix(v)))
+    _auth_url = field_validator("auth_url")(classmethod(lambda cls, v: check_url(v)))
 
 
 DestinationSettings = Annotated[S3Settings | SwiftSettings, Field(discriminator="type")]
