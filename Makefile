@@ -5,9 +5,11 @@ SWIFT_VENV := .venv-swift
 
 .PHONY: run test install install-test lint bench clean
 
+# A venv starts with the pip and setuptools its Python bundles (setuptools 65.5 on 3.11, which
+# has a known advisory fixed in 70): both are upgraded before anything else is installed.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet --upgrade pip 'setuptools>=70'
 	$(VENV)/bin/pip install --quiet -e .
 	touch $@
 
@@ -18,7 +20,7 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 # OpenStack Swift brings eventlet, so its server lives in a virtual environment of its own.
 $(SWIFT_VENV)/.installed:
 	$(PYTHON) -m venv $(SWIFT_VENV)
-	$(SWIFT_VENV)/bin/pip install --quiet --upgrade pip
+	$(SWIFT_VENV)/bin/pip install --quiet --upgrade pip 'setuptools>=70'
 	$(SWIFT_VENV)/bin/pip install --quiet swift==2.38.3 python-swiftclient==4.11.0
 	touch $@
 

@@ -2,18 +2,37 @@
 
 Used when no ``MONGODB_URL`` is configured, so that one command runs everything on a fresh
 machine, and by the test suite. Production points ``MONGODB_URL`` at a real replica set.
+
+On a data directory the server accepts only its owner: it runs with ``--auth`` (SCRAM-SHA-256)
+and has one user, ``manager``, whose password is generated on first start into
+``<state_dir>/database-password`` (mode 0600). SecantusDB offers no Unix socket, and its own
+way to create the first user is to start it once without authentication; instead the user is
+written into the stopped database's files directly (:func:`provision_user`), so the server
+is never reachable without authentication, not even on first start or when a data directory
+of an earlier version (no user) is first started again. The server never sees the password
+(only the SCRAM keys derived from it), and nothing about it is put on a command line: the
+server reads its settings from a file. The directories are 0700 and the files 0600.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
+
+USER = "manager"
+PASSWORD_FILE = "database-password"
+CONFIG_FILE = "database.toml"
+_MECHANISM = "SCRAM-SHA-256"
 
 
 def _free_port() -> int:
@@ -31,36 +50,174 @@ def _server_command() -> list[str]:
     return [exe]
 
 
-class EmbeddedMongo:
-    """A SecantusDB server on loopback with its data in ``data_dir`` (``None``: in memory)."""
+def _private_dir(path: Path) -> None:
+    """``path`` created if missing, and readable by its owner only (also when it existed)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
 
-    def __init__(self, data_dir: str | os.PathLike[str] | None, port: int | None = None) -> None:
+
+def _restrict_tree(root: Path) -> None:
+    """Take group and other permissions off everything under ``root``: data directories
+    written by earlier versions (before the server ran with umask 077) are 0644."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            path = Path(dirpath, name)
+            mode = path.lstat().st_mode
+            if not stat.S_ISLNK(mode) and mode & 0o077:
+                path.chmod(stat.S_IMODE(mode) & 0o700)
+
+
+def _read_or_create_password(path: Path) -> str:
+    if path.exists():
+        path.chmod(0o600)
+        value = path.read_text().strip()
+        if value:
+            return value
+        path.unlink()
+    value = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value
+
+
+def provision_user(storage_path: Path, user: str, password: str) -> bool:
+    """Make ``user`` (role ``root``) with ``password`` exist in the stopped database at
+    ``storage_path``, writing its record into the data files directly. Whether it had to be
+    written (missing, or another password).
+
+    This uses SecantusDB's storage layer (``Storage.add_user``) and the record that its
+    ``createUser`` command writes, because the server offers no other way to create a user
+    that does not leave it open without authentication for a moment. The version is pinned
+    in pyproject.toml, and the tests start a manager on it, so a change shows at once."""
+    from secantus.auth import StoredCredentials, derive_credentials
+    from secantus.storage import Storage
+
+    old_umask = os.umask(0o077)  # the database files it creates on first start: 0600
+    try:
+        db = Storage(
+            str(storage_path),
+            durable=True,
+            enable_oplog=False,
+            ttl_sweep_seconds=0,
+            cache_size="32M",
+        )
+    finally:
+        os.umask(old_umask)
+    try:
+        record = db.get_user("admin", user)
+        if record is not None and _MECHANISM in (record.get("credentials") or {}):
+            stored = StoredCredentials.from_doc(record["credentials"], mechanism=_MECHANISM)
+            again = derive_credentials(
+                password,
+                iterations=stored.iteration_count,
+                salt=stored.salt,
+                mechanism=_MECHANISM,
+                username=user,
+            )
+            if secrets.compare_digest(again.stored_key, stored.stored_key) and any(
+                r.get("role") == "root" for r in record.get("roles") or []
+            ):
+                return False
+        credentials = derive_credentials(password, mechanism=_MECHANISM, username=user)
+        db.add_user(
+            "admin",
+            user,
+            {
+                "_id": f"admin.{user}",
+                "user": user,
+                "db": "admin",
+                "credentials": credentials.to_doc(),
+                "roles": [{"role": "root", "db": "admin"}],
+                "mechanisms": [_MECHANISM],
+            },
+            replace=True,
+        )
+        return True
+    finally:
+        db.close()
+
+
+class EmbeddedMongo:
+    """A SecantusDB server on loopback with its data in ``data_dir`` (``None``: in memory,
+    without authentication: for benchmarks only).
+
+    ``state_dir`` holds the generated password and the server's configuration file; it
+    defaults to ``data_dir``. The manager keeps them in ``DATA_DIR`` (its data in
+    ``DATA_DIR/db``)."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str] | None,
+        port: int | None = None,
+        *,
+        state_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.state_dir = Path(state_dir) if state_dir is not None else self.data_dir
         self.port = port or _free_port()
+        self.password: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
+        """The connection string, with the credential when the server requires one: keep it
+        out of logs."""
+        base = f"127.0.0.1:{self.port}/?directConnection=true"
+        if self.password is None:
+            return f"mongodb://{base}"
+        return (
+            f"mongodb://{USER}:{quote(self.password, safe='')}@{base}"
+            f"&authSource=admin&authMechanism={_MECHANISM}"
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _configure(self) -> list[str]:
+        """Directories, password, user and configuration file; the server's command line."""
+        if self.data_dir is None:
+            return [
+                *_server_command(),
+                "--host", "127.0.0.1",
+                "--port", str(self.port),
+                "--storage-path", ":memory:",
+                "--log-level", "WARNING",
+            ]  # fmt: skip
+        assert self.state_dir is not None
+        _private_dir(self.state_dir)
+        _private_dir(self.data_dir)
+        _restrict_tree(self.data_dir)
+        self.password = _read_or_create_password(self.state_dir / PASSWORD_FILE)
+        provision_user(self.data_dir, USER, self.password)
+        # All settings in a file of ours: an explicit --config also turns off the server's
+        # search for ./secantusd.toml, ~/.secantus/ and /etc/secantus/, whose settings could
+        # otherwise weaken these.
+        config = self.state_dir / CONFIG_FILE
+        text = (
+            "[server]\n"
+            'host = "127.0.0.1"\n'
+            f"port = {self.port}\n"
+            f"storage_path = {json.dumps(str(self.data_dir.resolve()))}\n"
+            'log_level = "WARNING"\n'
+            "auth = true\n"
+        )
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        config.chmod(0o600)
+        return [*_server_command(), "--config", str(config)]
 
     def start(self, timeout: float = 30.0) -> None:
-        storage = ":memory:"
-        if self.data_dir is not None:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            storage = str(self.data_dir)
-        cmd = [
-            *_server_command(),
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--storage-path", storage,
-            "--log-level", "WARNING",
-        ]  # fmt: skip
+        cmd = self._configure()
         self._proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE if os.environ.get("EMBEDDED_DB_QUIET") else None,
             cwd=str(self.data_dir) if self.data_dir else None,
+            umask=0o077,  # data files readable by their owner only
             start_new_session=True,  # a Ctrl-C to us is handled by us, then we stop it
         )
         deadline = time.monotonic() + timeout

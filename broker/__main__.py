@@ -31,7 +31,7 @@ def main() -> int:
     credentials_file = settings.data_dir / "broker-password" if settings.embedded_database else None
     try:
         if settings.embedded_database:
-            embedded = EmbeddedMongo(settings.data_dir / "db")
+            embedded = EmbeddedMongo(settings.data_dir / "db", state_dir=settings.data_dir)
             embedded.start()
             settings.mongodb_url = SecretStr(embedded.url)
             log.info(

@@ -192,7 +192,9 @@ class Settings(BaseSettings):
                 f"{' and '.join(missing)} must be set when MONGODB_URL points at a shared "
                 "database (generated local values would differ between replicas)"
             )
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Readable by the service's user only: it holds the secrets and the database files.
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)
         if self.broker_password is None:
             self.broker_password = SecretStr(
                 _read_or_create(

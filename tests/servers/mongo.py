@@ -11,7 +11,10 @@ from backup.embedded_db import EmbeddedMongo
 
 @pytest.fixture(scope="session")
 def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedMongo]:
-    server = EmbeddedMongo(tmp_path_factory.mktemp("mongo"))
+    # As the manager runs it: authentication required, the password generated into the
+    # directory (the log audit finds it on the server's ``password`` attribute).
+    home = tmp_path_factory.mktemp("mongo")
+    server = EmbeddedMongo(home / "db", state_dir=home)
     server.start()
     yield server
     server.stop()

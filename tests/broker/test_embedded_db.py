@@ -1,0 +1,172 @@
+"""The embedded database of ``python -m broker`` (no ``MONGODB_URL``) serves the manager only.
+
+Real processes: the manager as an operator starts it, its embedded SecantusDB, and another
+local process (a pymongo client in the test) that knows the database's port, as any process
+on the machine can (``ss -ltn``), but not its password."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pymongo
+import pytest
+from pymongo.errors import OperationFailure
+
+from backup.embedded_db import USER
+from tests.broker.conftest import STANDARD, go_parameters, provision_body
+from tests.broker.test_process import BrokerProcess, osb_headers, wait_succeeded
+from tests.runner.go_agent import GoAgentStandIn
+from tests.servers.log_audit import audit_secret
+from tests.servers.ports import free_port, wait_listening
+
+
+@pytest.fixture
+def processes() -> Iterator[list[BrokerProcess]]:
+    started: list[BrokerProcess] = []
+    yield started
+    for p in started:
+        if p.proc is not None and p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
+
+
+def database_port(broker: BrokerProcess) -> int:
+    started = next(x for x in broker.log_lines() if x["event"] == "embedded_database_started")
+    return int(started["port"])
+
+
+def assert_refuses_strangers(port: int) -> None:
+    """A client without the password is refused every command that reads or writes data."""
+    stranger = pymongo.MongoClient(
+        f"mongodb://127.0.0.1:{port}/?directConnection=true", serverSelectionTimeoutMS=5000
+    )
+    try:
+        attempts = {
+            "listDatabases": lambda: stranger.list_database_names(),
+            "find": lambda: list(stranger.backup_manager.instances.find()),
+            "insert": lambda: stranger.backup_manager.instances.insert_one({"_id": "forged"}),
+            "createUser": lambda: stranger.admin.command(
+                "createUser", "intruder", pwd="intruder-PW-1", roles=["root"]
+            ),
+            "usersInfo": lambda: stranger.admin.command("usersInfo"),
+        }
+        for name, attempt in attempts.items():
+            with pytest.raises(OperationFailure) as refused:
+                attempt()
+            assert refused.value.code == 13, name  # Unauthorized
+        # A wrong password is no better than none.
+        guesser = pymongo.MongoClient(
+            f"mongodb://{USER}:not-the-password@127.0.0.1:{port}/?directConnection=true",
+            serverSelectionTimeoutMS=5000,
+        )
+        with pytest.raises(OperationFailure) as refused:
+            guesser.list_database_names()
+        assert refused.value.code == 18  # AuthenticationFailed
+        guesser.close()
+    finally:
+        stranger.close()
+
+
+def assert_private(data_dir: Path) -> None:
+    """Nothing in DATA_DIR is readable, writable or searchable by group or others."""
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    for dirpath, dirnames, filenames in os.walk(data_dir):
+        for name in (*dirnames, *filenames):
+            mode = stat.S_IMODE(Path(dirpath, name).lstat().st_mode)
+            assert mode & 0o077 == 0, f"{Path(dirpath, name)} is {oct(mode)}"
+    assert stat.S_IMODE((data_dir / "database-password").stat().st_mode) == 0o600
+
+
+def database_password(data_dir: Path) -> str:
+    return audit_secret((data_dir / "database-password").read_text().strip())
+
+
+def assert_password_on_no_command_line(broker: BrokerProcess, password: str) -> None:
+    assert broker.proc is not None
+    family = psutil.Process(broker.proc.pid)
+    for p in [family, *family.children(recursive=True)]:
+        assert not any(password in arg for arg in p.cmdline()), p.cmdline()
+        assert not any(password in v for v in p.environ().values())
+
+
+async def test_only_the_manager_reaches_its_embedded_database(
+    tmp_path: Path, processes: list[BrokerProcess], go_agent: GoAgentStandIn
+) -> None:
+    data = tmp_path / "data"
+    broker = BrokerProcess(data, tmp_path / "broker.log")
+    processes.append(broker.start())
+    iid = str(uuid.uuid4())
+    async with aiohttp.ClientSession(headers=osb_headers()) as http:
+        url = f"{broker.url}/v2/service_instances/{iid}?accepts_incomplete=true"
+        async with http.put(url, json=provision_body(go_parameters(go_agent))) as r:
+            assert r.status == 202, await r.text()
+        await wait_succeeded(http, broker.url, iid)
+
+    port = database_port(broker)
+    assert_refuses_strangers(port)
+    assert_private(data)
+    password = database_password(data)
+    assert_password_on_no_command_line(broker, password)
+    assert password not in broker.log.read_text()
+    assert broker.stop() == 0
+
+    # Started again on the same data directory: same password, the instance is there.
+    again = BrokerProcess(data, tmp_path / "broker-2.log")
+    processes.append(again.start())
+    async with aiohttp.ClientSession(headers=osb_headers()) as http:
+        async with http.get(f"{again.url}/v2/service_instances/{iid}") as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["plan_id"] == STANDARD
+    assert database_password(data) == password
+    assert_refuses_strangers(database_port(again))
+    assert_private(data)
+    assert again.stop() == 0
+
+
+def test_a_data_directory_of_an_earlier_version_is_closed_on_first_start(
+    tmp_path: Path, processes: list[BrokerProcess]
+) -> None:
+    """Before this version the database had no user and its files were 0644: the manager
+    adds the user while the database is stopped, then starts it with authentication."""
+    data = tmp_path / "data"
+    (data / "db").mkdir(parents=True)
+    data.chmod(0o755)
+    port = free_port()
+    command = [
+        str(Path(sys.executable).parent / "secantusd-py"),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--storage-path", str(data / "db"),
+        "--log-level", "WARNING",
+    ]  # fmt: skip
+    old = subprocess.Popen(command, umask=0o022, stdout=subprocess.DEVNULL)
+    try:
+        wait_listening(port, 30, old)
+        client = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true")
+        client.backup_manager.legacy.insert_one({"_id": "kept"})
+        client.close()
+    finally:
+        old.terminate()
+        assert old.wait(30) == 0
+    assert any(p.stat().st_mode & 0o044 for p in (data / "db").iterdir())
+
+    broker = BrokerProcess(data, tmp_path / "broker.log")
+    processes.append(broker.start())
+    db_port = database_port(broker)
+    assert_refuses_strangers(db_port)
+    assert_private(data)
+    owner = pymongo.MongoClient(
+        f"mongodb://{USER}:{database_password(data)}@127.0.0.1:{db_port}/"
+        "?directConnection=true&authSource=admin"
+    )
+    assert owner.backup_manager.legacy.find_one({"_id": "kept"}) == {"_id": "kept"}
+    owner.close()
+    assert broker.stop() == 0
