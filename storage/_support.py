@@ -101,6 +101,11 @@ _PLAIN_REASONS = (
     ("server disconnected", "the server closed the connection"),
     ("remote end closed", "the server closed the connection"),
     ("not enough data", "the answer was cut short"),
+    ("badstatusline", "the answer was not HTTP"),
+    ("bad status line", "the answer was not HTTP"),
+    ("invalid http", "the answer was not HTTP"),
+    ("invalid status", "the answer was not HTTP"),
+    ("invalid constant string", "the answer was not HTTP"),
 )
 
 
@@ -145,18 +150,19 @@ def _causes(exc: BaseException) -> list[object]:
 
 
 def plain_reason(exc: BaseException, secrets: Iterable[str | None] = ()) -> str:
-    """What went wrong with a connection, in a few words rather than a client's traceback."""
-    text = str(exc)
+    """What went wrong with a connection, in a few words of ours rather than a client's text:
+    that text may quote what the server sent (a status line, a body), so it is only searched
+    for a known cause, never repeated. ``secrets`` is kept for callers; nothing is echoed."""
     causes = _causes(exc)
     for cause in causes:
         for kind, words in _PLAIN_ERRORS:
             if isinstance(cause, kind):
                 return words
-    lowered = " ".join(str(c) for c in causes).lower()
+    lowered = " ".join(f"{type(c).__name__} {c}" for c in causes).lower()
     for hint, words in _PLAIN_REASONS:
         if hint in lowered:
             return words
-    return short(redact(text, secrets), 200) or type(exc).__name__
+    return f"the connection failed: {type(exc).__name__}"
 
 
 class PartReader:

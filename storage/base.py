@@ -75,6 +75,18 @@ class EgressDenied(StorageError):
         self.setting = setting
 
 
+class NotAnObjectStore(StorageError):
+    """The endpoint answers, but not like the object store it was said to be (S3 or Swift)."""
+
+    code = "storage_not_object_store"
+
+
+class InvalidSettings(StorageError):
+    """The storage client refused the destination's settings before sending anything."""
+
+    code = "storage_invalid_settings"
+
+
 class InvalidKey(StorageError):
     """An object key that is empty, too long, or would escape its prefix."""
 
@@ -149,6 +161,11 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     async def stat(self, key: str) -> ObjectInfo:
         """Size and metadata of one object; :class:`ObjectNotFound` if absent."""
+
+    @abc.abstractmethod
+    async def check_server(self) -> None:
+        """Make sure, without writing anything, that the endpoint speaks this store's protocol
+        (:class:`NotAnObjectStore` if not): the validation probe writes only after it."""
 
     @abc.abstractmethod
     async def validate(self) -> ValidationReport:

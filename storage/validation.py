@@ -14,7 +14,8 @@ VALIDATION_ATTEMPTS = 2
 
 async def probe(store: ObjectStore, key: str) -> ValidationReport:
     """Run the three steps on ``store``; a failed step ends the check (a probe that was written
-    is still deleted) and says which step failed, with the storage's classified error."""
+    is still deleted) and says which step failed, with the storage's classified error. The
+    write step first checks, by reading, that the server speaks the store's protocol."""
     body = b"osb-backup-manager destination probe\n" + os.urandom(64)
     steps: list[ValidationStep] = []
     token = ATTEMPTS.set(VALIDATION_ATTEMPTS)
@@ -24,6 +25,9 @@ async def probe(store: ObjectStore, key: str) -> ValidationReport:
             yield body
 
         try:
+            # Nothing is written to a server that does not answer like the store it is said
+            # to be (an internal web service, a filer): it may keep what it is sent.
+            await store.check_server()
             stored = await store.upload(key, chunks())
         except StorageError as exc:
             steps.append(ValidationStep("write", False, exc.code, exc.message))
