@@ -243,7 +243,9 @@ class Instances:
 
     async def last_operation(self, instance_id: str, operation: str | None) -> Document:
         """``{state, description, ...}`` of the instance's last (or named) operation; Gone for
-        an unknown instance or an expired tombstone."""
+        an unknown instance or an expired tombstone. An ``operation`` that is not one of the
+        recorded ids (a platform's own word such as ``provision``, or one older than the
+        history) is ignored: the answer is then the latest operation's, as without one."""
         doc = await self.store.instances.find_one(
             {"_id": instance_id},
             {"state": 1, "tombstone_expires_at": 1, "last_operation": 1, "previous_operations": 1},
@@ -256,11 +258,7 @@ class Instances:
                 raise Gone(f"Service instance {instance_id!r} has been deleted.", code="Gone")
         op = find_operation(doc, operation)
         if op is None and operation is not None:
-            raise InvalidInput(
-                f"Operation {operation[:200]!r} is not known for this instance.",
-                code="UnknownOperation",
-                field="operation",
-            )
+            op = find_operation(doc, None)
         if op is None:  # registered before operations were recorded
             return {"state": SUCCEEDED, "description": "The instance is registered."}
         out: Document = {"state": op["state"], "description": op.get("description") or ""}

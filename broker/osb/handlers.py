@@ -39,6 +39,7 @@ _MAX_ID = 256
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=BaseModel)
+OSB_MINOR = web.RequestKey("osb_minor", int)  # the x of the platform's X-Broker-API-Version 2.x
 
 
 # --------------------------------------------------------------------------- the checks
@@ -126,6 +127,7 @@ def osb_endpoint(handler: Handler) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         _authenticate(request)
         version = _check_version(request)
+        request[OSB_MINOR] = int(version.split(".")[1])
         user = originating_identity(request.headers.get("X-Broker-API-Originating-Identity"))
         structlog.contextvars.bind_contextvars(acting_user=user, osb_version=version)
         return await handler(request)
@@ -187,7 +189,8 @@ async def _body(request: web.Request, model: type[M]) -> M:
     if not isinstance(data, dict):
         raise ApiError(400, "BadRequest", "The request body must be a JSON object.")
     try:
-        return model.model_validate(data)
+        # The version decides which fields exist (maintenance_info from 2.15): broker.osb.models.
+        return model.model_validate(data, context={"osb_minor": request.get(OSB_MINOR)})
     except ValidationError as exc:
         err = from_validation(exc)
         err.error = "BadRequest"
@@ -377,6 +380,7 @@ async def deprovision(request: web.Request) -> web.Response:
 @osb_endpoint
 async def instance_last_operation(request: web.Request) -> web.Response:
     instance_id = _path_id(request, "instance_id")
+    # An operation this broker did not hand out (the osb-checker sends "provision") is ignored.
     operation = request.query.get("operation") or None
     body = await request.app[INSTANCES].last_operation(instance_id, operation)
     response = _json(body)
