@@ -5,13 +5,13 @@ from __future__ import annotations
 import sys
 
 import structlog
-from aiohttp import web
 from pydantic import SecretStr
 
 from backup.embedded_db import EmbeddedMongo
-from broker.app import create_app
+from broker.app import create_app, server_limits
 from broker.config import ConfigError, load_settings
 from broker.logging import configure_logging
+from webguard.server import run as run_guarded
 
 log = structlog.get_logger("broker")
 
@@ -45,16 +45,16 @@ def main() -> int:
             broker_username=settings.broker_username,
             credentials_file=str(credentials_file) if credentials_file else None,
         )
-        # run_app turns SIGTERM/SIGINT into a graceful stop: stop accepting, let in-flight
+        # run_app with aiohttp's protocol guarded against slow and oversized requests
+        # (webguard.server). SIGTERM/SIGINT stop gracefully: stop accepting, let in-flight
         # requests finish (up to shutdown_timeout), then run the cleanup contexts (the OSB
         # worker and the job runner release their leases; the database client closes).
-        web.run_app(
+        run_guarded(
             app,
             host=settings.host,
             port=settings.port,
+            limits=server_limits(settings),
             shutdown_timeout=settings.shutdown_timeout,
-            access_log=None,
-            print=None,
         )
     finally:
         if embedded is not None:

@@ -14,11 +14,42 @@ from backup.store import Store, connect
 from broker import health
 from broker.config import Settings
 from broker.context import REQUEST_ID, SECRETS, SETTINGS, STORE
-from broker.errors import Handler, error_middleware
+from broker.errors import ApiError, Handler, error_middleware
+from broker.throttling import AUTH_THROTTLE
+from webguard.middleware import (
+    UNSUPPORTED_DESCRIPTION,
+    cors_middleware,
+    parse_origins,
+    unsupported_body,
+)
+from webguard.server import ServerLimits
+from webguard.throttle import Throttle
 
 log = structlog.get_logger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
+CORS_ALLOW_HEADERS = (
+    "Authorization, Content-Type, X-Request-Id, X-Broker-API-Version, "
+    "X-Broker-API-Request-Identity, X-Broker-API-Originating-Identity"
+)
+
+
+@web.middleware
+async def json_bodies(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bodies of changes are JSON (a cross-site form cannot send that without a preflight)."""
+    if unsupported_body(request):
+        raise ApiError(415, "unsupported_media_type", UNSUPPORTED_DESCRIPTION)
+    return await handler(request)
+
+
+def server_limits(settings: Settings) -> ServerLimits:
+    """What one client may hold of this process (see webguard.server)."""
+    return ServerLimits(
+        header_timeout=settings.http_header_timeout,
+        body_timeout=settings.http_body_timeout,
+        keepalive_timeout=settings.http_keepalive_timeout,
+        max_connections=settings.http_max_connections,
+    )
 
 
 @web.middleware
@@ -48,10 +79,18 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
 def create_app(settings: Settings, *, store: Store | None = None) -> web.Application:
     """The service. Without ``store`` it connects to ``settings.mongodb_url`` on start-up."""
     settings.resolve_local_secrets()
+    origins = parse_origins(settings.cors_allowed_origins)
+    cors = (
+        [cors_middleware(origins, allow_headers=CORS_ALLOW_HEADERS, expose_headers="X-Request-Id")]
+        if origins
+        else []
+    )
     app = web.Application(
-        middlewares=[request_context, error_middleware], client_max_size=MAX_BODY_BYTES
+        middlewares=[request_context, *cors, error_middleware, json_bodies],
+        client_max_size=MAX_BODY_BYTES,
     )
     app[SETTINGS] = settings
+    app[AUTH_THROTTLE] = Throttle(settings.auth_failure_limit, settings.auth_failure_window)
     app[SECRETS] = SecretBox(settings.master_keys())
 
     async def database(app: web.Application) -> AsyncIterator[None]:

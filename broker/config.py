@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backup.secrets import MasterKey, generate_master_key_spec, parse_master_keys
+from webguard.middleware import parse_origins
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yml"
 
@@ -109,6 +110,65 @@ class Settings(BaseSettings):
         description="A replica working on an OSB operation renews its claim this often (x3); "
         "another replica resumes the operation when the claim lapses.",
     )
+    # HTTP hardening (webguard): slow clients, connection count, password guessing, CORS.
+    http_header_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        validation_alias="HTTP_HEADER_TIMEOUT_SECONDS",
+        description="A connection whose request headers are not complete this long after it "
+        "opened (or after the request began) is closed.",
+    )
+    http_body_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        validation_alias="HTTP_BODY_TIMEOUT_SECONDS",
+        description="A request body not complete this long after its headers: 408, closed.",
+    )
+    http_keepalive_timeout: float = Field(
+        default=120.0,
+        gt=0,
+        le=3600,
+        validation_alias="HTTP_KEEPALIVE_TIMEOUT_SECONDS",
+        description="An idle keep-alive connection is closed after this long.",
+    )
+    http_max_connections: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        validation_alias="HTTP_MAX_CONNECTIONS",
+        description="Open connections per process; beyond it a new one gets 503 and is closed.",
+    )
+    auth_failure_limit: int = Field(
+        default=10,
+        ge=0,
+        le=100_000,
+        validation_alias="AUTH_FAILURE_LIMIT",
+        description="Failed logins per client address (and per user name) within the window "
+        "after which attempts are held back (429); 0 turns throttling off.",
+    )
+    auth_failure_window: float = Field(
+        default=60.0,
+        gt=0,
+        le=86400,
+        validation_alias="AUTH_FAILURE_WINDOW_SECONDS",
+        description="The window of AUTH_FAILURE_LIMIT, in seconds.",
+    )
+    trusted_proxy_hops: int | None = Field(
+        default=None,
+        ge=0,
+        le=10,
+        validation_alias="TRUSTED_PROXY_HOPS",
+        description="Proxies in front of the service that append to X-Forwarded-For (the "
+        "client address counted by the throttle); unset: 1 on Cloud Foundry, else 0.",
+    )
+    cors_allowed_origins: str = Field(
+        default="",
+        validation_alias="CORS_ALLOWED_ORIGINS",
+        description="Comma-separated exact origins whose pages may call the API; none: no "
+        "CORS headers at all.",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -129,6 +189,12 @@ class Settings(BaseSettings):
             raise ValueError("must be an IP address or host name, such as 0.0.0.0")
         return v
 
+    @field_validator("cors_allowed_origins")
+    @classmethod
+    def _origins(cls, v: str) -> str:
+        parse_origins(v)
+        return v
+
     @field_validator("catalog_path")
     @classmethod
     def _catalog_exists(cls, v: Path) -> Path:
@@ -147,6 +213,8 @@ class Settings(BaseSettings):
     def _cloud_foundry(self) -> Settings:
         if os.environ.get("VCAP_APPLICATION") and "LISTEN_HOST" not in os.environ:
             self.host = "0.0.0.0"
+        if self.trusted_proxy_hops is None:
+            self.trusted_proxy_hops = 1 if os.environ.get("VCAP_APPLICATION") else 0
         if self.mongodb_url is None and (url := _mongodb_from_vcap()):
             self.mongodb_url = SecretStr(url)
         if not self.mongodb_database:

@@ -75,7 +75,8 @@ def from_validation(exc: ValidationError, what: str = "request body") -> ApiErro
 
 
 async def read_json(request: web.Request) -> Any:
-    """The request's JSON body, or a 400 that says what is wrong with it."""
+    """The request's JSON body, or a 400 that says what is wrong with it. That the body is
+    JSON at all (``Content-Type``) is checked before, for every change (broker.app)."""
     if not request.body_exists:
         raise ApiError(400, "invalid_input", "A JSON request body is required.")
     raw = await request.read()
@@ -85,6 +86,8 @@ async def read_json(request: web.Request) -> Any:
         raise ApiError(
             400, "malformed_json", f"The request body is not valid JSON: {exc}."
         ) from None
+    except (ValueError, RecursionError):  # an integer too long, nesting too deep
+        raise ApiError(400, "malformed_json", "The request body is not valid JSON.") from None
 
 
 def json_error(err: ApiError) -> web.Response:
@@ -128,6 +131,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 _HTTP_ERRORS = {
     404: ("not_found", "There is no endpoint {method} {path}."),
     405: ("method_not_allowed", "{path} does not accept {method}; see the Allow header."),
+    408: ("request_timeout", "The request body did not arrive in time."),
     413: ("request_too_large", "The request body is larger than the 1 MiB accepted."),
 }
 

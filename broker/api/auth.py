@@ -33,6 +33,7 @@ from backup.store import Document, Store
 from broker.api.settings import ApiSettings
 from broker.config import Settings
 from broker.errors import ApiError
+from broker.throttling import LoginGuard
 
 log = structlog.get_logger(__name__)
 
@@ -170,11 +171,31 @@ class Authorizer:
     # --- who is calling --------------------------------------------------------------------
 
     async def authenticate(self, request: web.Request) -> Principal:
+        """The caller, or 401; 429 once an address (or a Basic user name) has failed too
+        often (broker.throttling). A request without credentials is not a failed login."""
         header = request.headers.get("Authorization", "")
-        scheme, _, credentials = header.partition(" ")
-        credentials = credentials.strip()
         if not header:
             raise unauthenticated("Send credentials: a bearer token or HTTP Basic.")
+        guard = LoginGuard(request, _basic_user(header), self._accounts())
+        guard.check()
+        try:
+            principal = await self._authenticate(header)
+        except ApiError as err:
+            if err.status == 401:
+                guard.failed()
+            raise
+        guard.succeeded()
+        return principal
+
+    def _accounts(self) -> tuple[str, ...]:
+        names = [self.settings.broker_username]
+        if self.api.operator_username:
+            names.append(self.api.operator_username)
+        return tuple(names)
+
+    async def _authenticate(self, header: str) -> Principal:
+        scheme, _, credentials = header.partition(" ")
+        credentials = credentials.strip()
         if not header.isascii() or len(header) > 16384:
             raise unauthenticated("The Authorization header is malformed.")
         if scheme.lower() == "basic":
@@ -322,6 +343,19 @@ class Authorizer:
                 "developer or manager.",
             )
         return instance
+
+
+def _basic_user(header: str) -> str | None:
+    """The user name of an HTTP Basic header, if it has a readable one."""
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() != "basic" or not header.isascii() or len(header) > 16384:
+        return None
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    user, sep, _ = decoded.partition(":")
+    return user[:256] if sep else None
 
 
 def _scopes(claims: dict[str, Any]) -> set[str]:

@@ -21,7 +21,9 @@ _STATUS_TEXT = {
     403: "You may read but not change this instance's backups.",
     404: "No such instance (or not one you may access), or no such object.",
     409: "Conflicts with what is stored (duplicate name, in use, already ended...).",
+    415: "The body is not sent as Content-Type: application/json.",
     422: "Well formed, but the storage check failed: nothing was saved.",
+    429: "Too many failed logins from this address (or user name); see Retry-After.",
     503: "A dependency (storage, token issuer, Cloud Controller) is unavailable; retry.",
 }
 
@@ -68,7 +70,8 @@ def document() -> dict[str, Any]:
         responses[str(op.status)] = ok
         for code, text in op.also.items():
             responses[str(code)] = {**ok, "description": text}
-        for code in sorted({400, 401, 404, 503, *op.errors} | ({403} if op.manage else set())):
+        codes = {400, 401, 404, 429, 503, *op.errors} | ({403} if op.manage else set())
+        for code in sorted(codes | ({415} if op.body is not None else set())):
             responses[str(code)] = {
                 "description": _STATUS_TEXT[code],
                 "content": {

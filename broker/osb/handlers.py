@@ -25,6 +25,7 @@ from broker.context import SETTINGS, STORE
 from broker.errors import ApiError, from_validation
 from broker.osb.catalog import Catalog, Plan, check_parameters
 from broker.osb.models import BindBody, MaintenanceInfo, ProvisionBody, UpdateBody
+from broker.throttling import LoginGuard
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +61,15 @@ def _authenticate(request: web.Request) -> None:
         else:
             if not sep:
                 user = None
+    # A request without credentials is not a failed login; every other is counted, and an
+    # address (or user name) that failed too often is held back before anything is checked.
+    guard = (
+        LoginGuard(request, user[:256] if user is not None else None, (settings.broker_username,))
+        if header
+        else None
+    )
+    if guard is not None:
+        guard.check()
     expected = settings.broker_password
     ok = (
         user is not None
@@ -68,6 +78,10 @@ def _authenticate(request: web.Request) -> None:
         and hmac.compare_digest(user.encode(), settings.broker_username.encode())
         & hmac.compare_digest(password.encode(), expected.get_secret_value().encode())
     )
+    if guard is not None and ok:
+        guard.succeeded()
+    elif guard is not None:
+        guard.failed()
     if not ok:
         raise ApiError(
             401,

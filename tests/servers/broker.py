@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -81,6 +82,10 @@ async def start_service(
     environment name (``AGENT_PROBE_TIMEOUT_SECONDS=5``...). The scheduler, runner and
     retention loops run only with ``loops=True``."""
     master_keys = overrides.pop("SECRETS_MASTER_KEYS", None) or generate_master_key_spec()
+    # Tests of refusals send many wrong credentials from one address; the throttle has its
+    # own tests (tests/api/test_http_hardening.py), which set a small limit.
+    if "AUTH_FAILURE_LIMIT" not in os.environ:
+        overrides.setdefault("AUTH_FAILURE_LIMIT", 100_000)
     for spec in master_keys.split(","):
         audit_secret(spec.partition(":")[2].strip(), "a master key of start_service")
     settings = load_settings(
