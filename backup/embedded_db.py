@@ -16,6 +16,7 @@ server reads its settings from a file. The directories are 0700 and the files 06
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import secrets
@@ -25,7 +26,9 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -33,6 +36,12 @@ USER = "manager"
 PASSWORD_FILE = "database-password"
 CONFIG_FILE = "database.toml"
 _MECHANISM = "SCRAM-SHA-256"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+class EmbeddedDatabaseError(RuntimeError):
+    """The embedded database could not be started; the message says why and what to do, in
+    one line."""
 
 
 def _free_port() -> int:
@@ -102,6 +111,13 @@ def provision_user(storage_path: Path, user: str, password: str) -> bool:
             ttl_sweep_seconds=0,
             cache_size="32M",
         )
+    except Exception as exc:  # WiredTiger's errors have no common class
+        reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ""
+        raise EmbeddedDatabaseError(
+            f"the database files in {storage_path} cannot be opened ({type(exc).__name__}: "
+            f"{reason}); if another process uses them, stop it, else restore the directory "
+            "from a copy"
+        ) from None
     finally:
         os.umask(old_umask)
     try:
@@ -138,6 +154,127 @@ def provision_user(storage_path: Path, user: str, password: str) -> bool:
         db.close()
 
 
+def _storage_path(data_dir: Path) -> Path:
+    """Where the data files are. Earlier versions ran the server in ``data_dir`` with the same
+    relative path, so with the default ``DATA_DIR`` (``data``) they wrote to
+    ``data/db/data/db``: that is kept where it is, rather than starting on an empty one."""
+    if not data_dir.is_absolute():
+        legacy = data_dir / data_dir
+        if (legacy / "WiredTiger").exists() and not (data_dir / "WiredTiger").exists():
+            return legacy.resolve()
+    return data_dir.resolve()
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send SIGTERM to the child when the thread that
+    starts it (the main thread: ``start`` only asks from there) dies, ``kill -9`` included,
+    so that the database never outlives the manager and keeps its data directory locked.
+    Linux only; elsewhere the next start finds and stops a database left running."""
+    if not sys.platform.startswith("linux") or (
+        threading.current_thread() is not threading.main_thread()
+    ):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+def _proc_args(pid: int) -> list[str]:
+    raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _parent_and_state(pid: int) -> tuple[int, str]:
+    stat_line = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat_line.rsplit(")", 1)[1].split()
+    return int(fields[1]), fields[0]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return _parent_and_state(pid)[1] not in ("Z", "X")
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+def _servers_on(storage: Path, config: Path) -> list[int]:
+    """Pids of SecantusDB servers running on ``storage`` (started with our configuration file,
+    or by earlier versions with ``--storage-path``). Read from ``/proc``; elsewhere none."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    targets = {os.path.realpath(storage), os.path.realpath(config)}
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            args = _proc_args(int(entry.name))
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if not any(Path(a).name.startswith("secantusd") for a in args[:2]):
+            continue
+        for flag in ("--config", "--storage-path"):
+            if flag in args[:-1]:
+                value = args[args.index(flag) + 1]
+                if os.path.realpath(os.path.join(cwd, value)) in targets:
+                    found.append(int(entry.name))
+                    break
+    return found
+
+
+def _a_manager(pid: int) -> bool:
+    """Whether ``pid`` is a running manager (``python -m broker``, ``osb-backup-manager``)."""
+    try:
+        args = _proc_args(pid)
+    except OSError:
+        return False
+    return "osb-backup-manager" in " ".join(args) or any(
+        a == "broker" and args[i - 1] == "-m" for i, a in enumerate(args) if i
+    )
+
+
+def _stop_left_running(storage: Path, config: Path, grace: float = 15.0) -> list[int]:
+    """Stop the servers a manager that died left running on ``storage`` (SIGTERM, then
+    SIGKILL after ``grace`` seconds), so that the data files can be opened again. One whose
+    parent is a manager still running is that manager's: refused, not stopped."""
+    leftovers = _servers_on(storage, config)
+    for pid in leftovers:
+        try:
+            parent, _ = _parent_and_state(pid)
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent != os.getpid() and _a_manager(parent):
+            raise EmbeddedDatabaseError(
+                f"the database in {storage} is in use by another running manager "
+                f"(pid {parent}): stop it first, or give this one a data directory of its own"
+            )
+    for pid in leftovers:
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not _alive(pid):
+                break
+        if _alive(pid):
+            raise EmbeddedDatabaseError(
+                f"a database left running on {storage} (pid {pid}) does not stop: "
+                "stop it by hand, then start again"
+            )
+    return leftovers
+
+
 class EmbeddedMongo:
     """A SecantusDB server on loopback with its data in ``data_dir`` (``None``: in memory,
     without authentication: for benchmarks only).
@@ -157,6 +294,9 @@ class EmbeddedMongo:
         self.state_dir = Path(state_dir) if state_dir is not None else self.data_dir
         self.port = port or _free_port()
         self.password: str | None = None
+        self.storage_path: Path | None = None
+        # Pids of databases a previous manager left running here, stopped by start().
+        self.stopped_leftovers: list[int] = []
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -189,17 +329,19 @@ class EmbeddedMongo:
         _private_dir(self.state_dir)
         _private_dir(self.data_dir)
         _restrict_tree(self.data_dir)
+        self.storage_path = storage = _storage_path(self.data_dir)
+        config = (self.state_dir / CONFIG_FILE).resolve()
+        self.stopped_leftovers = _stop_left_running(storage, config)
         self.password = _read_or_create_password(self.state_dir / PASSWORD_FILE)
-        provision_user(self.data_dir, USER, self.password)
+        provision_user(storage, USER, self.password)
         # All settings in a file of ours: an explicit --config also turns off the server's
         # search for ./secantusd.toml, ~/.secantus/ and /etc/secantus/, whose settings could
         # otherwise weaken these.
-        config = self.state_dir / CONFIG_FILE
         text = (
             "[server]\n"
             'host = "127.0.0.1"\n'
             f"port = {self.port}\n"
-            f"storage_path = {json.dumps(str(self.data_dir.resolve()))}\n"
+            f"storage_path = {json.dumps(str(storage))}\n"
             'log_level = "WARNING"\n'
             "auth = true\n"
         )
@@ -210,29 +352,72 @@ class EmbeddedMongo:
         return [*_server_command(), "--config", str(config)]
 
     def start(self, timeout: float = 30.0) -> None:
-        cmd = self._configure()
-        self._proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE if os.environ.get("EMBEDDED_DB_QUIET") else None,
-            cwd=str(self.data_dir) if self.data_dir else None,
-            umask=0o077,  # data files readable by their owner only
-            start_new_session=True,  # a Ctrl-C to us is handled by us, then we stop it
-        )
+        """Start the server and wait until it answers (authenticated, so it is ours), or
+        :class:`EmbeddedDatabaseError`."""
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        try:
+            cmd = self._configure()
+        except OSError as exc:
+            raise EmbeddedDatabaseError(
+                f"cannot prepare the database directory {exc.filename or self.data_dir} "
+                f"({exc.strerror or type(exc).__name__}): check that it is a directory this "
+                "user owns and can write"
+            ) from None
+        try:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE if os.environ.get("EMBEDDED_DB_QUIET") else None,
+                cwd=str(self.data_dir) if self.data_dir else None,
+                umask=0o077,  # data files readable by their owner only
+                start_new_session=True,  # a Ctrl-C to us is handled by us, then we stop it
+                preexec_fn=_die_with_parent(),
+            )
+        except OSError as exc:
+            raise EmbeddedDatabaseError(
+                f"cannot run the database server {cmd[0]} ({exc.strerror}): install the "
+                "service again (make install)"
+            ) from None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"embedded database exited with code {self._proc.returncode} on start"
+                code, self._proc = self._proc.returncode, None
+                raise EmbeddedDatabaseError(
+                    f"the database server stopped on start (exit status {code}; its own "
+                    "messages are above): see them, and check that the port is free and the "
+                    "data directory intact"
                 )
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
+            if self._answers():
+                return
+            time.sleep(0.05)
         self.stop()
-        raise TimeoutError(f"embedded database did not listen on port {self.port} in {timeout}s")
+        raise EmbeddedDatabaseError(
+            f"the database server did not answer on 127.0.0.1:{self.port} within "
+            f"{timeout:.0f} s: see its messages above, and check the machine's load"
+        )
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                pass
+        except OSError:
+            return False
+        if self.password is None:
+            return True
+        import pymongo  # the manager's driver; only needed here
+
+        client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(
+            self.url, serverSelectionTimeoutMS=2000, connectTimeoutMS=2000
+        )
+        try:
+            client.admin.command("ping")
+            return True
+        except pymongo.errors.PyMongoError:
+            return False
+        finally:
+            client.close()
 
     def stop(self, timeout: float = 15.0) -> None:
         proc, self._proc = self._proc, None

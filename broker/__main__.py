@@ -7,7 +7,7 @@ import sys
 import structlog
 from pydantic import SecretStr
 
-from backup.embedded_db import EmbeddedMongo
+from backup.embedded_db import EmbeddedDatabaseError, EmbeddedMongo
 from broker.app import create_app, server_limits
 from broker.config import ConfigError, load_settings
 from broker.logging import configure_logging
@@ -32,10 +32,22 @@ def main() -> int:
     try:
         if settings.embedded_database:
             embedded = EmbeddedMongo(settings.data_dir / "db", state_dir=settings.data_dir)
-            embedded.start()
+            try:
+                embedded.start()
+            except EmbeddedDatabaseError as exc:
+                embedded = None  # one line, no traceback: what failed and what to do
+                print(f"osb-backup-manager: embedded database: {exc}", file=sys.stderr)
+                return 1
+            if embedded.stopped_leftovers:
+                log.warning(
+                    "embedded_database_left_running_stopped", pids=embedded.stopped_leftovers
+                )
             settings.mongodb_url = SecretStr(embedded.url)
             log.info(
-                "embedded_database_started", port=embedded.port, data_dir=str(embedded.data_dir)
+                "embedded_database_started",
+                port=embedded.port,
+                pid=embedded.pid,
+                data_dir=str(embedded.storage_path),
             )
         log.info(
             "starting",

@@ -7,9 +7,13 @@ on the machine can (``ss -ltn``), but not its password."""
 from __future__ import annotations
 
 import os
+import re
+import signal
 import stat
 import subprocess
 import sys
+import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +26,7 @@ from pymongo.errors import OperationFailure
 
 from backup.embedded_db import USER
 from tests.broker.conftest import STANDARD, go_parameters, provision_body
-from tests.broker.test_process import BrokerProcess, osb_headers, wait_succeeded
+from tests.broker.test_process import ROOT, BrokerProcess, osb_headers, wait_succeeded
 from tests.runner.go_agent import GoAgentStandIn
 from tests.servers.log_audit import audit_secret
 from tests.servers.ports import free_port, wait_listening
@@ -170,3 +174,181 @@ def test_a_data_directory_of_an_earlier_version_is_closed_on_first_start(
     assert owner.backup_manager.legacy.find_one({"_id": "kept"}) == {"_id": "kept"}
     owner.close()
     assert broker.stop() == 0
+
+
+# ---------------------------------------------------------------- a manager that crashes
+
+
+def database_pid(broker: BrokerProcess) -> int:
+    started = [x for x in broker.log_lines() if x["event"] == "embedded_database_started"]
+    return int(started[-1]["pid"])
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    try:
+        psutil.Process(pid).wait(seconds)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.TimeoutExpired:
+        return False
+    return True
+
+
+def databases_on(data: Path) -> list[psutil.Process]:
+    """SecantusDB servers whose configuration file is the one in ``data``."""
+    config = str((data / "database.toml").resolve())
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmdline = p.info["cmdline"] or []
+        if any("secantusd" in a for a in cmdline[:2]) and config in cmdline:
+            found.append(p)
+    return found
+
+
+def start_timed(broker: BrokerProcess) -> float:
+    began = time.monotonic()
+    broker.start()
+    return time.monotonic() - began
+
+
+async def assert_instance_kept(broker: BrokerProcess, iid: str) -> None:
+    async with aiohttp.ClientSession(headers=osb_headers()) as http:
+        async with http.get(f"{broker.url}/v2/service_instances/{iid}") as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["plan_id"] == STANDARD
+
+
+async def test_the_database_never_outlives_the_manager(
+    tmp_path: Path, processes: list[BrokerProcess], go_agent: GoAgentStandIn
+) -> None:
+    data = tmp_path / "data"
+    broker = BrokerProcess(data, tmp_path / "broker.log")
+    processes.append(broker.start())
+    iid = str(uuid.uuid4())
+    async with aiohttp.ClientSession(headers=osb_headers()) as http:
+        url = f"{broker.url}/v2/service_instances/{iid}?accepts_incomplete=true"
+        async with http.put(url, json=provision_body(go_parameters(go_agent))) as r:
+            assert r.status == 202, await r.text()
+        await wait_succeeded(http, broker.url, iid)
+
+    # kill -9 of the manager alone (an out-of-memory kill): its database goes with it.
+    assert broker.proc is not None
+    db = database_pid(broker)
+    broker.proc.kill()
+    broker.proc.wait()
+    assert gone_within(db, 10), "the embedded database outlived the manager"
+    again = BrokerProcess(data, tmp_path / "broker-2.log")
+    processes.append(again)
+    assert start_timed(again) < 10
+    await assert_instance_kept(again, iid)
+
+    # kill -9 of both (a crashed host, or a supervisor killing the whole group).
+    assert again.proc is not None
+    db = database_pid(again)
+    os.kill(db, signal.SIGKILL)
+    again.proc.kill()
+    again.proc.wait()
+    assert gone_within(db, 10)
+    third = BrokerProcess(data, tmp_path / "broker-3.log")
+    processes.append(third)
+    assert start_timed(third) < 10
+    await assert_instance_kept(third, iid)
+
+    # A clean stop leaves nothing holding the data directory.
+    assert third.stop() == 0
+    assert not databases_on(data)
+
+
+def test_a_database_left_running_is_stopped_before_another_starts(
+    tmp_path: Path, processes: list[BrokerProcess]
+) -> None:
+    """A database whose manager died without taking it along (a manager of an earlier
+    version, or on a system without Linux's parent-death signal) is found and stopped."""
+    data = tmp_path / "data"
+    first = BrokerProcess(data, tmp_path / "broker.log")
+    processes.append(first.start())
+    assert first.stop() == 0
+    config = data / "database.toml"
+    port = int(re.search(r"port = (\d+)", config.read_text()).group(1))  # type: ignore[union-attr]
+    with (tmp_path / "orphan.log").open("ab") as out:
+        orphan = subprocess.Popen(
+            [str(Path(sys.executable).parent / "secantusd-py"), "--config", str(config)],
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    try:
+        wait_listening(port, 30, orphan)
+        owner = pymongo.MongoClient(
+            f"mongodb://{USER}:{database_password(data)}@127.0.0.1:{port}/"
+            "?directConnection=true&authSource=admin"
+        )
+        owner.backup_manager.marker.insert_one({"_id": "kept"})
+        owner.close()
+
+        broker = BrokerProcess(data, tmp_path / "broker-2.log")
+        processes.append(broker)
+        assert start_timed(broker) < 25  # includes the orphan's own graceful stop
+        assert orphan.wait(5) is not None
+        events = [
+            x for x in broker.log_lines() if x["event"] == "embedded_database_left_running_stopped"
+        ]
+        assert events and events[0]["pids"] == [orphan.pid]
+        db_port = database_port(broker)
+        owner = pymongo.MongoClient(
+            f"mongodb://{USER}:{database_password(data)}@127.0.0.1:{db_port}/"
+            "?directConnection=true&authSource=admin"
+        )
+        assert owner.backup_manager.marker.find_one({"_id": "kept"}) == {"_id": "kept"}
+        owner.close()
+        assert broker.stop() == 0
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+
+
+def run_manager(data: Path, **env: str) -> subprocess.CompletedProcess[bytes]:
+    environ = {
+        **{k: v for k, v in os.environ.items() if k not in ("MONGODB_URL", "VCAP_SERVICES")},
+        "DATA_DIR": str(data),
+        "PORT": str(free_port()),
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "broker"], cwd=ROOT, env=environ, capture_output=True, timeout=60
+    )
+
+
+def assert_one_clear_line(result: subprocess.CompletedProcess[bytes], *words: str) -> None:
+    err = result.stderr.decode(errors="replace")
+    assert result.returncode == 1, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("osb-backup-manager: embedded database: "), err
+    for word in words:
+        assert word in last, last
+
+
+def test_the_database_of_another_running_manager_is_left_alone(
+    tmp_path: Path, processes: list[BrokerProcess]
+) -> None:
+    data = tmp_path / "data"
+    first = BrokerProcess(data, tmp_path / "broker.log")
+    processes.append(first.start())
+    db = database_pid(first)
+
+    assert first.proc is not None
+    assert_one_clear_line(run_manager(data), "another running manager", str(first.proc.pid))
+    assert psutil.pid_exists(db)
+    assert_refuses_strangers(database_port(first))
+    with urllib.request.urlopen(first.url + "/ready", timeout=10) as r:  # noqa: S310
+        assert r.status == 200
+    assert first.stop() == 0
+
+
+def test_a_start_up_failure_is_one_line_without_traceback(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "db").write_text("not a directory")
+    assert_one_clear_line(run_manager(data), "cannot prepare the database directory")
