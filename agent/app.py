@@ -134,6 +134,9 @@ async def _start(request: web.Request, kind: Kind) -> web.Response:
         req = model.model_validate(data)
     except ValidationError as exc:
         return _rejected(kind, describe_errors(exc))
+    refused = agent.refused_parameter(req)  # this agent's allowed_parameters
+    if refused is not None:
+        return _rejected(kind, f"{kind}.parameters: {refused}")
     dest = req.destination
     missing: list[str] = []
     if not agent.skip_storage(dest):

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from agent.environment import parse_patterns
+
 
 class AgentConfig(BaseSettings):
     """Every field is read from the environment variable of the same name (case-insensitive).
@@ -50,6 +52,14 @@ class AgentConfig(BaseSettings):
     s3_max_concurrency: int = Field(default=4, ge=1, le=32)
     """Parts in flight at once: peak memory is about part size x (this + 1), plus copies in
     socket buffers, whatever the backup's size."""
+    allowed_parameters: str | None = None
+    """Comma-separated names or fnmatch patterns (any case), e.g. ``PG*,MYSQL_*``: when set, a
+    request parameter outside them is refused (400); set but empty, none passes. Names
+    refused anyway stay refused."""
+    script_env_path: str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    """``PATH`` of the scripts (they never inherit the agent's environment)."""
+    script_env_passthrough: str = ""
+    """Comma-separated names of the agent's own environment variables the scripts also see."""
 
     @model_validator(mode="after")
     def _check(self) -> AgentConfig:
@@ -59,7 +69,18 @@ class AgentConfig(BaseSettings):
             self.state_directory = self.directory_backup / ".agent-state"
         if self.default_s3_endpoint == "":
             self.default_s3_endpoint = None
+        if {n.lower() for n in self.passthrough_names} & {"client_password", "client_username"}:
+            raise ValueError("script_env_passthrough must not name the agent's credentials")
         return self
+
+    @property
+    def passthrough_names(self) -> list[str]:
+        return [n.strip() for n in self.script_env_passthrough.split(",") if n.strip()]
+
+    @property
+    def allowed_parameter_patterns(self) -> tuple[str, ...] | None:
+        """The allow list, upper-cased; ``None`` when there is none."""
+        return None if self.allowed_parameters is None else parse_patterns(self.allowed_parameters)
 
     @property
     def state_dir(self) -> Path:

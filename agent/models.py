@@ -15,8 +15,9 @@ from pydantic import (
     field_validator,
 )
 
+from agent.environment import FROM_MANAGER, describe, refusal
+
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
 NO_KEY = "none"
 
@@ -150,8 +151,10 @@ class DatabaseSection(_Model):
             if len(item) != 1:
                 raise ValueError("each parameter must be an object with exactly one key")
             ((name, value),) = item.items()
-            if not _ENV_NAME.match(name):
-                raise ValueError(f"parameter name {name!r} is not a valid environment variable")
+            # Tenant input: a name a shell, the loader or the agent acts on would run code.
+            reason = refusal(name, allow=FROM_MANAGER)
+            if reason is not None:
+                raise ValueError(describe(name, reason))
             if isinstance(value, str) and "\x00" in value:
                 raise ValueError(f"parameter {name} must not contain NUL")
         return v

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from agent import transforms
 from agent.config import AgentConfig
 from agent.destinations import to_settings, transfer_settings
+from agent.environment import FROM_MANAGER, allowed, describe, refusal
 from agent.jobs import RESTART_REASON, JobState, Kind, StateStore
 from agent.models import (
     NO_KEY,
@@ -48,11 +49,14 @@ UNLOCK = {"backup": "post-backup-unlock", "restore": "post-restore-unlock"}
 PLACEHOLDER = "-"
 READ_BLOCK = 4 * 1024 * 1024
 SECRET_NAMES = frozenset({"BACKUP_PASSWORD", "ENCRYPTION_KEY", "S3_AUTHSECRET", "SWIFT_PASSWORD"})
-# Variables of the agent's own environment that scripts must never see (compared lower-case).
+# Variables of the agent's own environment that scripts must never see (compared lower-case),
+# even when the operator lists them in script_env_passthrough.
 _HIDDEN_ENV = frozenset(
     {"client_password", "client_username", "agent_secrets_file", "agent_secrets_fd"}
     | {n.lower() for n in SECRET_NAMES}
 )
+# The operator's own settings of these reach the scripts (never a tenant's: refused names).
+_INHERITED = ("HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -142,8 +146,9 @@ class Agent:
         self._finish(job, error)
 
     def _recovery_env(self, job: JobState, sealed: dict[str, Any]) -> ScriptEnv:
-        plain = self._base_env()
-        plain.update(sealed.get("parameters") or {})
+        # Sealed by this or an older agent: checked again, as a request's are.
+        plain = self._parameters(sealed.get("parameters") or {})
+        plain.update(self._base_env())
         plain.update(
             JOB_ID=job.id,
             BACKUP_HOST=job.host,
@@ -260,8 +265,43 @@ class Agent:
 
     # ---------------------------------------------------------------- scripts
 
+    def refused_parameter(self, req: BackupRequest | RestoreRequest) -> str | None:
+        """Why a request's parameter may not reach the scripts under this agent's
+        ``allowed_parameters`` (the names refused everywhere the request model refuses)."""
+        patterns = self.cfg.allowed_parameter_patterns
+        if patterns is None:
+            return None
+        for name in req.section.env():
+            if name.upper() not in FROM_MANAGER and not allowed(name, patterns):
+                return describe(
+                    name,
+                    f"this agent's allowed_parameters ({self.cfg.allowed_parameters}) "
+                    "does not list it",
+                )
+        return None
+
+    def _parameters(self, params: dict[str, str]) -> dict[str, str]:
+        """The parameters that may reach a script; the others are dropped (a request's were
+        refused already: this guards what was sealed before, by an older agent)."""
+        patterns = self.cfg.allowed_parameter_patterns
+        out = {}
+        for name, value in params.items():
+            if refusal(name, allow=FROM_MANAGER) is not None:
+                continue
+            if patterns is not None and name.upper() not in FROM_MANAGER:
+                if not allowed(name, patterns):
+                    continue
+            out[name] = value
+        return out
+
     def _base_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k.lower() not in _HIDDEN_ENV}
+        """A clean environment, not the agent's: a fixed ``PATH``, the operator's home, locale,
+        time zone and temporary directory, and what ``script_env_passthrough`` names."""
+        env = {"PATH": self.cfg.script_env_path, "HOME": os.environ.get("HOME") or "/"}
+        env["LANG"] = os.environ.get("LANG") or "C.UTF-8"
+        for name in (*_INHERITED, *self.cfg.passthrough_names):
+            if name in os.environ and name.lower() not in _HIDDEN_ENV:
+                env[name] = os.environ[name]
         env["directory_backup"] = str(self.cfg.directory_backup)
         env["directory_restore"] = str(self.cfg.directory_restore)
         return env
@@ -270,8 +310,8 @@ class Agent:
         self, job: JobState, req: BackupRequest | RestoreRequest, **extra: str
     ) -> ScriptEnv:
         sec = req.section
-        plain = self._base_env()
-        plain.update(sec.env())  # the request extends the agent's environment
+        plain = self._parameters(sec.env())  # the request's, then what the agent sets
+        plain.update(self._base_env())
         plain.update(
             JOB_ID=job.id,
             BACKUP_HOST=sec.host,

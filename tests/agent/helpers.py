@@ -91,6 +91,8 @@ class AgentProcess:
             "state_directory": str(base / "state"),
             "scripts_path": str(scripts),
             "TRACE": str(self.trace),
+            # Scripts get a clean environment: the tracing scripts need TRACE let through.
+            "script_env_passthrough": "TRACE",
         }
         self.env.update({k: str(v) for k, v in env.items()})
         self.proc: subprocess.Popen[bytes] | None = None

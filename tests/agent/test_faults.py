@@ -224,7 +224,11 @@ def test_secrets_in_no_ps_output_and_no_log(make_agent, tmp_path: Path) -> None:
         f'echo "$AGENT_SIDE $EXTRA $FLAG" > {out}/vars; touch {out}/ready; sleep 3; '
         'echo x > "$BACKUP_DIRECTORY/f"'
     )
-    agent = make_agent(scripts=scripts_with(tmp_path, backup=body), AGENT_SIDE="kept")
+    agent = make_agent(
+        scripts=scripts_with(tmp_path, backup=body),
+        AGENT_SIDE="kept",
+        script_env_passthrough="TRACE,AGENT_SIDE",  # the operator lets it through
+    )
     assert agent.request("POST", "/backup", _leaky_request("sec"))[0] == 201
     wait_for(out / "ready")
     listing = _scripts_ps(agent, "")
