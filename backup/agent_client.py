@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 from pydantic import SecretStr
 
+from backup.registration import parameter_refusal
 from storage.settings import S3Settings, SwiftSettings
 
 Kind = Literal["backup", "restore"]
@@ -352,13 +353,15 @@ def database_section(
 ) -> dict[str, Any]:
     """The ``backup``/``restore`` section. ``parameters`` (a mapping or the protocol's list of
     single-key objects) become environment variables of the scripts; the instance's port is
-    exported as ``BACKUP_PORT`` unless a parameter sets it."""
+    exported as ``BACKUP_PORT``. A name a tenant may not set (stored before it was refused)
+    is never sent: a Go agent would hand it to its scripts unchecked."""
     params: list[dict[str, Any]] = []
     if isinstance(parameters, dict):
         params = [{str(k): v} for k, v in parameters.items()]
     elif isinstance(parameters, list):
         params = [dict(p) for p in parameters if isinstance(p, dict) and len(p) == 1]
-    if port is not None and not any("BACKUP_PORT" in p for p in params):
+    params = [p for p in params if parameter_refusal(next(iter(p))) is None]
+    if port is not None:
         params.append({"BACKUP_PORT": str(port)})
     return {
         "host": host,

@@ -16,11 +16,14 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+# The one list of names a script parameter may not have, shared with the agent that enforces
+# it too. The domain imports nothing else of the agent: agent.environment is a pure module of
+# constants and functions (standard library only).
+from agent.environment import FROM_MANAGER, describe, refusal
 from backup.secrets import SecretBox
 from backup.store import Document
 
 _URL = re.compile(r"^https?://[^/@\s]+(/\S*)?$", re.IGNORECASE)
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 ItemName = Annotated[str, Field(min_length=1, max_length=256)]
 
 
@@ -56,10 +59,20 @@ class DatabaseSpec(BaseModel):
     @field_validator("parameters")
     @classmethod
     def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        bad = next((k for k in v if not _ENV_NAME.match(k)), None)
-        if bad is not None:
-            raise ValueError(f"{bad[:64]!r} is not an environment variable name")
+        for name in v:
+            reason = parameter_refusal(name)
+            if reason is not None:
+                raise ValueError(describe(name, reason))
         return v
+
+
+def parameter_refusal(name: str) -> str | None:
+    """Why a tenant may not set the script parameter ``name`` (``None``: it may). Besides
+    what the agent refuses, the names the manager adds itself (``BACKUP_PORT``, from
+    ``database.port``)."""
+    if name.upper() in FROM_MANAGER:
+        return "the manager sets it from database.port; set that instead"
+    return refusal(name)
 
 
 class Registration(BaseModel):
@@ -126,6 +139,12 @@ def registration_of(part: Document, box: SecretBox, instance_id: str) -> Registr
     opened = box.open_map(part.get("secrets") or {}, secrets_context(instance_id))
     agent = part.get("agent") or {}
     db = dict(part.get("database") or {})
+    if isinstance(db.get("parameters"), dict):
+        # Names stored before they were refused are dropped (never sent to an agent either),
+        # so that such an instance can still be updated, deprovisioned or backed up.
+        db["parameters"] = {
+            k: v for k, v in db["parameters"].items() if parameter_refusal(k) is None
+        }
     data: Document = {
         "agent": {
             "url": agent.get("url", ""),

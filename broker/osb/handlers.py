@@ -215,15 +215,19 @@ def _registration(params: dict[str, Any]) -> Registration:
     try:
         return Registration.model_validate(params)
     except ValidationError as exc:
-        err = from_validation(exc, "parameters")
-        field = f"parameters.{err.extra['field']}"
-        problem = err.extra["problems"][0]["message"]
-        raise ApiError(
-            400,
-            "InvalidParameters",
-            f"Invalid parameters: {field}: {problem}.",
-            extra={"field": field},
-        ) from None
+        raise _invalid_parameters(exc) from None
+
+
+def _invalid_parameters(exc: ValidationError) -> ApiError:
+    err = from_validation(exc, "parameters")
+    field = f"parameters.{err.extra['field']}"
+    problem = err.extra["problems"][0]["message"]
+    return ApiError(
+        400,
+        "InvalidParameters",
+        f"Invalid parameters: {field}: {problem}.",
+        extra={"field": field},
+    )
 
 
 def _check_maintenance(plan: Plan, info: MaintenanceInfo | None) -> None:
@@ -361,19 +365,22 @@ async def update(request: web.Request) -> web.Response:
         _check_maintenance(plan, body.maintenance_info)
     if body.parameters is not None:
         check_parameters(plan.update, body.parameters)
-    outcome = await instances.update(
-        UpdateRequest(
-            instance_id=instance_id,
-            service_id=body.service_id,
-            plan_id=body.plan_id,
-            parameters=body.parameters,
-            delete_backups_default=plan.delete_backups_default,
-            context=body.context,
-            maintenance_info=_maintenance(body.maintenance_info),
-            acting_user=_acting_user(),
-        ),
-        accepts_incomplete=accepts,
-    )
+    try:
+        outcome = await instances.update(
+            UpdateRequest(
+                instance_id=instance_id,
+                service_id=body.service_id,
+                plan_id=body.plan_id,
+                parameters=body.parameters,
+                delete_backups_default=plan.delete_backups_default,
+                context=body.context,
+                maintenance_info=_maintenance(body.maintenance_info),
+                acting_user=_acting_user(),
+            ),
+            accepts_incomplete=accepts,
+        )
+    except ValidationError as exc:  # the merged parameters (the plan's schema passed them)
+        raise _invalid_parameters(exc) from None
     return _operation_answer(outcome)
 
 
