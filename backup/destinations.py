@@ -34,7 +34,7 @@ from backup.errors import Conflict, InvalidInput, NotFound, Unavailable, Unproce
 from backup.pagination import Page, now, paginate
 from backup.secrets import SecretBox
 from backup.store import SCHEMA_VERSION, Document, Store
-from storage import StorageError, ValidationReport, ValidationStep, open_store
+from storage import StorageError, TransferSettings, ValidationReport, ValidationStep, open_store
 from storage.settings import S3Settings, SwiftSettings
 
 log = structlog.get_logger(__name__)
@@ -502,8 +502,8 @@ def advice(code: str | None, settings: AnySettings, step: str | None, detail: st
         ),
         "storage_auth_failed": f"{where} refused the credentials{doing}: check the {secret}.",
         "storage_permission_denied": (
-            f"The credentials are valid but may not use the {what}{doing}: grant them read, "
-            "write and delete on it."
+            f"The credentials are valid but may not use the {what} at {where}{doing}: grant "
+            "them read, write and delete on it."
         ),
         "storage_unreachable": (
             f"{where} cannot be reached{doing}: check the host name and port, and that the "
@@ -513,6 +513,14 @@ def advice(code: str | None, settings: AnySettings, step: str | None, detail: st
             f"{where} failed temporarily{doing} (timeout, throttling or server error); retry."
         ),
         "storage_timeout": f"{where} did not answer in time{doing}; check it and retry.",
+        "storage_not_object_store": (
+            f"{where} does not answer like an {'S3' if settings.type == 'S3' else 'Swift'} "
+            f"server{doing}, so nothing was written to it: check the "
+            f"{'endpoint' if settings.type == 'S3' else 'auth_url'}."
+        ),
+        "storage_invalid_settings": (
+            f"The storage client cannot use these settings{doing}: check the endpoint and region."
+        ),
     }.get(code or "", f"The storage check of the {what} at {where} failed{doing}.")
 
 
@@ -520,10 +528,21 @@ def _words(text: str) -> set[str]:
     return set(re.findall(r"[\w'./:-]+", text.lower().replace(".", " ")))
 
 
+def _probe_transfer(timeout: float) -> TransferSettings:
+    """Request timeouts that fit in the check's ``timeout``: each request may take at most
+    half of it (a quarter to connect), so that a server that never answers is given up on by
+    the request itself, not only by the check's deadline, and frees its thread in time."""
+    default = TransferSettings()
+    return TransferSettings(
+        connect_timeout=min(default.connect_timeout, timeout / 4),
+        read_timeout=min(default.read_timeout, timeout / 2),
+    )
+
+
 async def _probe(settings: AnySettings, timeout: float) -> ValidationReport:
     try:
         async with asyncio.timeout(timeout):
-            async with open_store(settings) as objects:
+            async with open_store(settings, _probe_transfer(timeout)) as objects:
                 return await objects.validate()
     except StorageError as exc:
         return ValidationReport(

@@ -696,19 +696,29 @@ class S3Store(ObjectStore):
         """A listing of the bucket must come back as S3's ListBucketResult (which names the
         bucket): a web server, a filer or a metadata service answers otherwise, and is sent
         nothing to keep."""
-        answer = await self._call(
-            "list objects",
-            None,
-            lambda c: c.list_objects_v2(
-                Bucket=self.settings.bucket, Prefix=self._prefix + PROBE_PREFIX, MaxKeys=1
-            ),
+        refusal = NotAnObjectStore(
+            f"{self._where} does not answer like an S3 server (a listing of the bucket "
+            f"{self.settings.bucket!r} did not come back as S3's): check the endpoint.",
+            step="list",
         )
+
+        async def listing(c: Any) -> dict[str, Any]:
+            try:
+                return await c.list_objects_v2(
+                    Bucket=self.settings.bucket, Prefix=self._prefix + PROBE_PREFIX, MaxKeys=1
+                )
+            except bx.ClientError as exc:
+                # S3 explains every refused listing with an <Error><Code>; without one (botocore
+                # then uses the status as the code, and turns a 200 it cannot parse into a 500)
+                # the answer was not S3's.
+                code = str((exc.response.get("Error") or {}).get("Code") or "")
+                if not code or code.isdigit():
+                    raise refusal from None
+                raise
+
+        answer = await self._call("list objects", None, listing)
         if answer.get("Name") != self.settings.bucket:
-            raise NotAnObjectStore(
-                f"{self._where} does not answer like an S3 server (a listing of the bucket "
-                f"{self.settings.bucket!r} did not come back as S3's): check the endpoint.",
-                step="list",
-            )
+            raise refusal
 
     async def validate(self) -> ValidationReport:
         return await probe(self, PROBE_PREFIX + uuid.uuid4().hex)
