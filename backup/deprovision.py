@@ -11,6 +11,12 @@ a tombstone (:meth:`backup.operations.Operations.bury`).
 Every step renews the operation's lease and says where it is (``last_operation``'s
 description), and raises :class:`~backup.operations.LeaseLost` as soon as another replica
 took the operation over.
+
+The steps also run on their own, outside an operation and on an instance that stays
+registered (:class:`InstanceCleanup`), for brokers that clean up an instance's backups in
+three calls of their own before they delete it (``broker/compat.py``): stopping its jobs,
+removing its plans, and removing its storage (restore points as the instance says, then
+the job records and the destinations).
 """
 
 from __future__ import annotations
@@ -22,10 +28,10 @@ from typing import Any
 
 import structlog
 
-from backup import events, restore_points
+from backup import destinations, events, plans, restore_points
 from backup.clock import Clock
-from backup.errors import BackupError, Conflict, NotFound
-from backup.operations import OperationFailed, Operations, human_duration
+from backup.errors import BackupError, Conflict, NotFound, Unavailable
+from backup.operations import DELETED, OperationFailed, Operations, human_duration
 from backup.retention import RetentionSweeper
 from backup.secrets import SecretBox
 from backup.store import Document, Store
@@ -34,6 +40,7 @@ from storage import ObjectStore
 log = structlog.get_logger(__name__)
 
 StoreOpener = Callable[[Any], ObjectStore]
+Progress = Callable[[str], Awaitable[None]]
 
 
 class _StorageRetry(Exception):
@@ -63,53 +70,44 @@ async def nothing_to_wait_for(store: Store, doc: Document) -> bool:
     return True
 
 
+async def _quietly(_: str) -> None:
+    return None
+
+
 @dataclass
-class Deprovision:
-    """One run of a deprovision operation on ``doc`` (as read when the worker claimed it)."""
+class Steps:
+    """The steps of a deprovision, each safe to repeat. ``progress`` is told where a step is
+    (an operation's heartbeat, which also stops the work when its lease is lost); a storage
+    failure that outlasts the retries raises ``failure(description)``."""
 
     store: Store
     box: SecretBox
-    ops: Operations
     clock: Clock
     opener: StoreOpener
-    job_wait: float  # how long running jobs are waited for, from the request
-    storage_attempts: int  # per restore point (or job's leftovers), before the operation fails
+    storage_attempts: int  # per restore point (or job's leftovers), before the step fails
     storage_retry_delay: float  # doubled after each attempt
+    progress: Progress = _quietly
+    failure: Callable[[str], Exception] = OperationFailed
+    retry: str = "delete the instance again to retry."  # how the caller repeats the step
 
-    async def run(self, doc: Document) -> None:
-        iid = doc["_id"]
-        removed = await self.store.plans.delete_many({"instance_id": iid})
-        if removed.deleted_count:
-            events.plans_changed.fire()
-        abandoned = await self._stop_jobs(doc)
+    async def remove_plans(self, iid: str) -> int:
+        """Delete the instance's plans (nothing new is scheduled; their queued jobs are
+        cancelled); returns how many were removed."""
+        removed = 0
+        for plan in await self.store.plans.find({"instance_id": iid}, {"_id": 1}).to_list():
+            try:
+                await plans.delete(self.store, iid, plan["_id"])
+            except NotFound:
+                continue  # removed concurrently: the same outcome
+            removed += 1
+        return removed
 
-        await self._delete_failed_uploads(doc)
-        kept_files = 0
-        if doc.get("delete_backups_on_deprovision"):
-            await self._delete_stored_backups(doc)
-        else:
-            kept_files = await self.store.restore_points.count_documents({"instance_id": iid})
-
-        await self.ops.heartbeat(doc, "Removing the instance's records.")
-        for coll in ("restore_points", "jobs", "plans", "destinations", "bindings"):
-            await getattr(self.store, coll).delete_many({"instance_id": iid})
-        description = "Deleted."
-        if kept_files:
-            description += (
-                f" The files of {kept_files} restore point(s) were kept in their storage."
-            )
-        if abandoned:
-            description += f" {abandoned} running job(s) were abandoned."
-        if await self.ops.bury(doc, description, unset={"secrets": ""}):
-            log.info("instance_deprovisioned", kept_files=kept_files, abandoned=abandoned)
-
-    async def _stop_jobs(self, doc: Document) -> int:
+    async def stop_jobs(self, iid: str, deadline: datetime, job_wait: float) -> int:
         """Cancel the queued jobs, ask the running ones to stop and wait for them until
-        ``job_wait`` after the request; returns how many were abandoned then."""
-        iid, jobs = doc["_id"], self.store.jobs
-        await self.ops.heartbeat(doc, "Cancelling the instance's jobs.")
-        started: datetime = doc["last_operation"]["started_at"]
-        deadline = started + timedelta(seconds=self.job_wait)
+        ``deadline``; returns how many were abandoned then (marked CANCELLED: their agent may
+        still finish them on its own). ``job_wait`` is how long that was, for the reason."""
+        jobs = self.store.jobs
+        await self.progress("Cancelling the instance's jobs.")
         while True:
             now = self.clock.now()
             await jobs.update_many(
@@ -141,7 +139,7 @@ class Deprovision:
                             "status": "CANCELLED",
                             "reason": (
                                 "Abandoned: the service instance was deleted while this job "
-                                f"ran and it did not stop within {human_duration(self.job_wait)}"
+                                f"ran and it did not stop within {human_duration(job_wait)}"
                                 "; the agent may still finish it on its own."
                             ),
                             "ended_at": now,
@@ -150,11 +148,11 @@ class Deprovision:
                     },
                 )
                 return gave_up.modified_count
-            await self.ops.heartbeat(doc, f"Waiting for {running} running job(s) to stop.")
+            await self.progress(f"Waiting for {running} running job(s) to stop.")
             await self.clock.sleep(min(1.0, max((deadline - now).total_seconds(), 0.0)))
 
-    async def _delete_stored_backups(self, doc: Document) -> None:
-        iid = doc["_id"]
+    async def delete_stored_backups(self, iid: str) -> int:
+        """Delete every restore point of the instance, files first; returns how many."""
         points = await self.store.restore_points.find({"instance_id": iid}, {"_id": 1}).to_list()
         total = len(points)
         for n, point in enumerate(points, 1):
@@ -172,18 +170,17 @@ class Deprovision:
                     log.warning("restore_point_files_unreachable", point=point_id, code=exc.code)
 
             await self._with_storage_retries(
-                doc,
                 progress,
                 delete,
                 f"Stored backups could not be deleted: {{error}} {total - n + 1} restore "
-                "point(s) remain; delete the instance again to retry.",
+                "point(s) remain; {retry}",
             )
+        return total
 
-    async def _delete_failed_uploads(self, doc: Document) -> None:
+    async def delete_failed_uploads(self, iid: str) -> None:
         """Files that failed or cancelled backups uploaded are not backups: whatever was chosen
         for the backups, they go with the instance, because the job records about to be deleted
         are the only trace of them (see backup/retention.py, ``pending_deletes``)."""
-        iid = doc["_id"]
         sweeper = RetentionSweeper(self.store, self.box, clock=self.clock, opener=self.opener)
         jobs = await self.store.jobs.find(
             {"instance_id": iid, "pending_deletes.0": {"$exists": True}}, {"pending_deletes": 1}
@@ -199,25 +196,19 @@ class Deprovision:
                     raise _StorageRetry(result.errors[0])
 
             await self._with_storage_retries(
-                doc,
                 f"Deleting files of failed backups ({n} of {len(jobs)})",
                 delete,
-                "Files left by failed backups could not be deleted: {error}; delete the "
-                "instance again to retry.",
+                "Files left by failed backups could not be deleted: {error}; {retry}",
             )
 
     async def _with_storage_retries(
-        self,
-        doc: Document,
-        progress: str,
-        attempt: Callable[[], Awaitable[None]],
-        failure: str,
+        self, progress: str, attempt: Callable[[], Awaitable[None]], failure: str
     ) -> None:
         """Run ``attempt`` until it succeeds, retrying a storage failure with a doubling delay
-        up to ``storage_attempts``; then fail the operation with ``failure`` (``{error}`` is
-        the last failure, in words)."""
+        up to ``storage_attempts``; then raise ``self.failure`` with ``failure`` filled in
+        (``{error}``: the last failure, in words; ``{retry}``: how to repeat the step)."""
         attempts, delay = 0, self.storage_retry_delay
-        await self.ops.heartbeat(doc, progress + ".")
+        await self.progress(progress + ".")
         while True:
             try:
                 await attempt()
@@ -225,7 +216,180 @@ class Deprovision:
             except (BackupError, _StorageRetry) as exc:
                 attempts += 1
                 if attempts >= self.storage_attempts:
-                    raise OperationFailed(failure.format(error=_describe(exc))) from None
-                await self.ops.heartbeat(doc, f"{progress}: retrying.")
+                    raise self.failure(
+                        failure.format(error=_describe(exc), retry=self.retry)
+                    ) from None
+                await self.progress(f"{progress}: retrying.")
                 await self.clock.sleep(delay)
                 delay *= 2
+
+
+@dataclass
+class Deprovision:
+    """One run of a deprovision operation on ``doc`` (as read when the worker claimed it)."""
+
+    store: Store
+    box: SecretBox
+    ops: Operations
+    clock: Clock
+    opener: StoreOpener
+    job_wait: float  # how long running jobs are waited for, from the request
+    storage_attempts: int  # per restore point (or job's leftovers), before the operation fails
+    storage_retry_delay: float  # doubled after each attempt
+
+    async def run(self, doc: Document) -> None:
+        iid = doc["_id"]
+
+        async def heartbeat(description: str) -> None:
+            await self.ops.heartbeat(doc, description)
+
+        steps = Steps(
+            self.store,
+            self.box,
+            self.clock,
+            self.opener,
+            self.storage_attempts,
+            self.storage_retry_delay,
+            progress=heartbeat,
+        )
+        await steps.remove_plans(iid)
+        started: datetime = doc["last_operation"]["started_at"]
+        deadline = started + timedelta(seconds=self.job_wait)
+        abandoned = await steps.stop_jobs(iid, deadline, self.job_wait)
+
+        await steps.delete_failed_uploads(iid)
+        kept_files = 0
+        if doc.get("delete_backups_on_deprovision"):
+            await steps.delete_stored_backups(iid)
+        else:
+            kept_files = await self.store.restore_points.count_documents({"instance_id": iid})
+
+        await self.ops.heartbeat(doc, "Removing the instance's records.")
+        for coll in ("restore_points", "jobs", "plans", "destinations", "bindings"):
+            await getattr(self.store, coll).delete_many({"instance_id": iid})
+        description = "Deleted."
+        if kept_files:
+            description += (
+                f" The files of {kept_files} restore point(s) were kept in their storage."
+            )
+        if abandoned:
+            description += f" {abandoned} running job(s) were abandoned."
+        if await self.ops.bury(doc, description, unset={"secrets": ""}):
+            log.info("instance_deprovisioned", kept_files=kept_files, abandoned=abandoned)
+
+
+@dataclass
+class CleanupResult:
+    """What one cleanup step did."""
+
+    stopped_jobs: int = 0  # queued jobs cancelled and running ones stopped
+    abandoned_jobs: int = 0  # running jobs that did not stop in time
+    plans: int = 0
+    deleted_points: int = 0  # restore points deleted with their files
+    kept_points: int = 0  # restore points whose files were kept in their storage
+    destinations: int = 0
+
+
+def _unavailable(description: str) -> Unavailable:
+    return Unavailable(description, code="storage_unavailable")
+
+
+@dataclass
+class InstanceCleanup:
+    """The deprovision's steps for one instance that stays registered, each a call of its own,
+    each safe to repeat and a no-op for an unknown or deleted instance. Nothing here waits
+    longer than ``job_wait`` for a running job (the caller is waiting for an answer), and a
+    storage failure that outlasts the retries is :class:`~backup.errors.Unavailable`
+    (``storage_unavailable``) with nothing lost: repeating the call resumes.
+
+    Restore points follow the instance's ``delete_backups_on_deprovision`` exactly as in a
+    deprovision: deleted with their files when it is true; when it is false, their files stay
+    in the bucket or container and their records go with the destinations that address them,
+    so no restore point is ever left pointing at a destination that no longer exists.
+    """
+
+    store: Store
+    box: SecretBox
+    clock: Clock
+    opener: StoreOpener
+    job_wait: float
+    storage_attempts: int = 4
+    storage_retry_delay: float = 1.0
+
+    def _steps(self) -> Steps:
+        return Steps(
+            self.store,
+            self.box,
+            self.clock,
+            self.opener,
+            self.storage_attempts,
+            self.storage_retry_delay,
+            failure=_unavailable,
+            retry="repeat the request to retry.",
+        )
+
+    async def _instance(self, iid: str) -> Document | None:
+        doc = await self.store.instances.find_one(
+            {"_id": iid}, {"state": 1, "delete_backups_on_deprovision": 1}
+        )
+        return None if doc is None or doc.get("state") == DELETED else doc
+
+    async def stop_jobs(self, iid: str) -> CleanupResult:
+        """Queued jobs cancelled, running ones asked to stop and waited for up to
+        ``job_wait``, then abandoned; the job records stay until :meth:`remove_storage`
+        (the files of failed backups they list are deleted from the destinations first)."""
+        if await self._instance(iid) is None:
+            return CleanupResult()
+        active = await self.store.jobs.count_documents(
+            {"instance_id": iid, "status": {"$in": ["QUEUED", "RUNNING"]}}
+        )
+        deadline = self.clock.now() + timedelta(seconds=self.job_wait)
+        abandoned = await self._steps().stop_jobs(iid, deadline, self.job_wait)
+        result = CleanupResult(stopped_jobs=active - abandoned, abandoned_jobs=abandoned)
+        log.info("instance_jobs_stopped", instance_id=iid, **_counts(result))
+        return result
+
+    async def remove_plans(self, iid: str) -> CleanupResult:
+        """The instance's plans deleted: nothing new is scheduled, their queued jobs are
+        cancelled. Restore points stay (they outlive their plan)."""
+        if await self._instance(iid) is None:
+            return CleanupResult()
+        result = CleanupResult(plans=await self._steps().remove_plans(iid))
+        log.info("instance_plans_removed", instance_id=iid, **_counts(result))
+        return result
+
+    async def remove_storage(self, iid: str) -> CleanupResult:
+        """Everything that addresses the instance's destinations, then the destinations: jobs
+        stopped again (one may have started since), the files of failed backups deleted, the
+        restore points deleted or their files kept as the instance says, the job records
+        removed, and each destination deleted (:func:`backup.destinations.delete`, whose
+        checks then find nothing in use)."""
+        doc = await self._instance(iid)
+        if doc is None:
+            return CleanupResult()
+        steps = self._steps()
+        deadline = self.clock.now() + timedelta(seconds=self.job_wait)
+        result = CleanupResult(abandoned_jobs=await steps.stop_jobs(iid, deadline, self.job_wait))
+        await steps.delete_failed_uploads(iid)
+        if doc.get("delete_backups_on_deprovision"):
+            result.deleted_points = await steps.delete_stored_backups(iid)
+        else:
+            # As a deprovision does: the files stay under the keys the runner wrote; the
+            # records go with the destinations they would otherwise point at.
+            forgotten = await self.store.restore_points.delete_many({"instance_id": iid})
+            result.kept_points = forgotten.deleted_count
+        await self.store.jobs.delete_many(
+            {"instance_id": iid, "status": {"$nin": ["QUEUED", "RUNNING"]}}
+        )
+        for dest in await self.store.destinations.find({"instance_id": iid}, {"_id": 1}).to_list():
+            try:
+                await destinations.delete(self.store, iid, dest["_id"])
+            except NotFound:
+                continue
+            result.destinations += 1
+        log.info("instance_storage_removed", instance_id=iid, **_counts(result))
+        return result
+
+
+def _counts(result: CleanupResult) -> dict[str, int]:
+    return {k: v for k, v in vars(result).items() if v}

@@ -108,9 +108,10 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
 
     app.cleanup_ctx.append(database)
     health.setup(app)
-    from broker import api, background, osb
+    from broker import api, background, compat, osb
 
     osb.setup(app)
     api.setup(app)
+    compat.setup(app)  # evoila osb-core brokers' deprovision calls (docs/osb.md)
     background.setup(app)
     return app
