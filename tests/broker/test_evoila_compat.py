@@ -19,8 +19,11 @@ from tests.broker.conftest import TRANSIENT, Osb, parameters
 from tests.broker.test_deprovision import exists, records, seed_backups
 from tests.broker.test_instances import running_job
 from tests.servers.broker import BROKER_PASSWORD, BROKER_USER, Service, start_service, stop_service
+from tests.servers.cloud_controller import CloudController, cloud_controller  # noqa: F401
 from tests.servers.log_audit import audit_secret
 from tests.servers.ports import free_port
+from tests.servers.seed import seed_instance
+from tests.servers.uaa import Uaa, uaa  # noqa: F401
 
 CALLS = ("backupJobs", "backupPlans", "fileDestinations")
 BROKER = (BROKER_USER, BROKER_PASSWORD)
@@ -263,5 +266,36 @@ async def test_operator_credentials_are_accepted(
         operator = ("ops", password)
         for what in CALLS:
             assert await call(service, what, str(uuid.uuid4()), auth=operator) == (204, None)
+    finally:
+        await stop_service(service)
+
+
+async def test_a_user_token_is_refused_and_an_operator_token_accepted(
+    mongo_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    uaa: Uaa,  # noqa: F811
+    cloud_controller: CloudController,  # noqa: F811
+) -> None:
+    """A space developer who may manage the instance's backups through /v1 still may not
+    make the broker's cleanup calls; a token with the operator scope may."""
+    monkeypatch.setenv("OIDC_ISSUER", uaa.issuer)
+    monkeypatch.setenv("OIDC_AUDIENCE", "backup_manager")
+    monkeypatch.setenv("CLOUD_CONTROLLER_URL", cloud_controller.url)
+    monkeypatch.setenv("OPERATOR_SCOPE", "backup_manager.admin")
+    service = await start_service(mongo_url, tmp_path)
+    try:
+        doc = await seed_instance(service.store)
+        iid = doc["_id"]
+        cloud_controller.grant("alice", iid, read=True, manage=True)
+        await service.store.plans.insert_one({"_id": "p1", "instance_id": iid, "name": "n"})
+        user = {"Authorization": f"Bearer {uaa.token('alice')}"}
+        for what in CALLS:
+            status, body = await call(service, what, iid, auth=None, headers=user)
+            assert status == 403 and body["error"] == "forbidden", (what, body)
+        assert await service.store.plans.count_documents({"instance_id": iid}) == 1
+        admin = {"Authorization": f"Bearer {uaa.token('ops', scope=['backup_manager.admin'])}"}
+        assert await call(service, "backupPlans", iid, auth=None, headers=admin) == (204, None)
+        assert await service.store.plans.count_documents({"instance_id": iid}) == 0
     finally:
         await stop_service(service)
