@@ -8,10 +8,10 @@ import ssl
 import sys
 
 import structlog
-from aiohttp import web
 from pydantic import ValidationError
 
 from agent.config import describe_errors, load_config
+from webguard.server import run as run_guarded
 
 
 def configure_logging() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
     except ValidationError as exc:
         print(f"osb-backup-agent: invalid configuration: {describe_errors(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
-    from agent.app import make_app
+    from agent.app import error_body, make_app, server_limits
 
     ssl_ctx = None
     if cfg.tls_cert_file and cfg.tls_key_file:
@@ -67,14 +67,15 @@ def main() -> None:
         scripts_path=str(cfg.scripts_path),
         max_job_number=cfg.max_job_number,
     )
-    web.run_app(
+    # web.run_app with aiohttp's protocol guarded against slow and oversized requests.
+    run_guarded(
         make_app(cfg),
         host=cfg.client_host,
         port=cfg.client_port,
+        limits=server_limits(cfg),
         ssl_context=ssl_ctx,
-        print=None,
-        access_log=None,
         shutdown_timeout=10,
+        error_body=error_body,
     )
 
 

@@ -24,6 +24,9 @@ from agent.models import (
     safe_error,
 )
 from agent.service import Agent
+from webguard.middleware import UNSUPPORTED_DESCRIPTION, unsupported_body
+from webguard.server import ServerLimits
+from webguard.throttle import Throttle, client_address, user_label
 
 log = structlog.get_logger("agent")
 
@@ -46,16 +49,40 @@ def _json(status: int, body: dict[str, Any]) -> web.Response:
 def _error(http_status: int, code: str, description: str, **extra: Any) -> web.Response:
     """Go agent clients read ``message`` (and ``state`` / ``error_message`` where it sets
     them); ours read the stable ``error`` code and the ``description``."""
-    body = {"message": description, **extra, "error": code, "description": description}
+    body = {**error_body(code, description), **extra, "error": code, "description": description}
     return _json(http_status, body)
 
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+def error_body(code: str, description: str) -> dict[str, Any]:
+    """The body of :func:`_error`, also for requests refused before the app sees them."""
+    return {"message": description, "error": code, "description": description}
+
+
+def server_limits(cfg: AgentConfig) -> ServerLimits:
+    """What one client may hold of the agent (see webguard.server)."""
+    return ServerLimits(
+        header_timeout=cfg.http_header_timeout_seconds,
+        body_timeout=cfg.http_body_timeout_seconds,
+        keepalive_timeout=cfg.http_keepalive_timeout_seconds,
+        max_connections=cfg.http_max_connections,
+    )
+
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "body_too_large",
+}
 
 
 def _auth_middleware(cfg: AgentConfig) -> Any:
     user = cfg.client_username.encode()
     password = cfg.client_password.get_secret_value().encode()
+    # Failed logins are counted per client address and per user name: an address (or, from
+    # addresses it has not logged in from, a user name) that failed auth_failure_limit times
+    # in auth_failure_window_seconds is answered 429 before its credentials are looked at.
+    throttle = Throttle(cfg.auth_failure_limit, cfg.auth_failure_window_seconds)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -67,15 +94,41 @@ def _auth_middleware(cfg: AgentConfig) -> Any:
                 given_user, _, given_pw = decoded.partition(b":")
             except (binascii.Error, ValueError):
                 pass
+        address = client_address(request)
+        name = given_user.decode(errors="replace")[:256] if given_user else None
+        if header:  # a request without credentials is not a failed login
+            refusal = throttle.check(address, name)
+            if refusal is not None:
+                if refusal.new:
+                    log.warning(
+                        "auth_throttled",
+                        scope=refusal.scope,
+                        client=address,
+                        retry_after=refusal.retry_after,
+                        **(user_label(name, (cfg.client_username,)) if name else {}),
+                    )
+                whom = "from this address" if refusal.scope == "address" else "for this user"
+                response = _error(
+                    429,
+                    "too_many_attempts",
+                    f"too many failed logins {whom}; retry in {refusal.retry_after} seconds",
+                )
+                response.headers["Retry-After"] = str(refusal.retry_after)
+                return response
         # Both comparisons always run so timing reveals neither which part was wrong.
         ok_user = hmac.compare_digest(given_user, user)
         ok_pw = hmac.compare_digest(given_pw, password)
         if not (ok_user and ok_pw):
+            if header:
+                throttle.failed(address, name)
             return web.json_response(
                 {"message": "Unauthorised."},
                 status=401,
                 headers={"WWW-Authenticate": 'Basic realm="osb-backup-agent"'},
             )
+        throttle.succeeded(address, name)
+        if unsupported_body(request):
+            return _error(415, "unsupported_media_type", UNSUPPORTED_DESCRIPTION)
         try:
             return await handler(request)
         except web.HTTPException as exc:
@@ -92,7 +145,7 @@ def _auth_middleware(cfg: AgentConfig) -> Any:
 async def _body(request: web.Request) -> dict[str, Any] | web.Response:
     try:
         data = await request.json(loads=json.loads)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
         return _error(400, "invalid_request", "the request body must be a JSON object")
     if not isinstance(data, dict):
         return _error(400, "invalid_request", "the request body must be a JSON object")

@@ -61,6 +61,20 @@ class AgentConfig(BaseSettings):
     script_env_passthrough: str = ""
     """Comma-separated names of the agent's own environment variables the scripts also see."""
 
+    # HTTP hardening (webguard): slow clients, connection count, password guessing.
+    http_header_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """A connection whose request headers are not complete this long after it opened (or
+    after the request began) is closed."""
+    http_body_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+    """A request body not complete this long after its headers: 408, connection closed."""
+    http_keepalive_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
+    http_max_connections: int = Field(default=100, ge=1, le=100_000)
+    """Open connections; beyond it a new one gets 503 and is closed."""
+    auth_failure_limit: int = Field(default=10, ge=0, le=100_000)
+    """Failed logins per client address (and per user name) within the window after which
+    attempts are held back (429); 0 turns throttling off."""
+    auth_failure_window_seconds: float = Field(default=60.0, gt=0, le=86400)
+
     @model_validator(mode="after")
     def _check(self) -> AgentConfig:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

@@ -95,6 +95,7 @@ class GuardedRequestHandler(web.RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._body: Any = None
+        self._refused = False
 
     # --- connections ---------------------------------------------------------------------
 
@@ -115,9 +116,14 @@ class GuardedRequestHandler(web.RequestHandler):
                 f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
             ).encode()
             assert isinstance(transport, asyncio.WriteTransport)
+            self._refused = True
             with suppress(Exception):
                 transport.write(head + body)
-            transport.close()
+                if transport.can_write_eof():
+                    transport.write_eof()
+            # Close a moment later, discarding what the client sends meanwhile: closing with
+            # its request unread would reset the connection and lose the answer.
+            self._loop.call_later(1.0, transport.close)
             if self._guard_on_busy is not None:
                 self._guard_on_busy()
             return
@@ -137,6 +143,8 @@ class GuardedRequestHandler(web.RequestHandler):
     # --- deadlines -----------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         parsed = self._request_count
         super().data_received(data)
         if self._request_count != parsed:  # a request's headers are complete

@@ -91,6 +91,9 @@ class AgentProcess:
             "state_directory": str(base / "state"),
             "scripts_path": str(scripts),
             "TRACE": str(self.trace),
+            # Tests of refusals send many wrong credentials from one address; the throttle has
+            # its own tests (tests/agent/test_http_hardening.py), which set a small limit.
+            "auth_failure_limit": "100000",
             # Scripts get a clean environment: the tracing scripts need TRACE let through.
             "script_env_passthrough": "TRACE",
         }
