@@ -82,7 +82,10 @@ async def seed_instance(store: Store, box: SecretBox) -> Document:
     the API write them; nothing a scheduler test reaches listens at their addresses."""
     doc = await seed.seed_instance(store, box)
     settings = S3Settings(
-        endpoint="127.0.0.1:9", bucket="backups", access_key_id="AKIA-sched", secret_access_key="s"
+        endpoint="http://127.0.0.1:9",
+        bucket="backups",
+        access_key_id="AKIA-sched",
+        secret_access_key="s",
     )
     dest = await seed.seed_destination(store, box, doc["_id"], settings, name="primary")
     return doc | {"destination_id": dest["_id"]}
