@@ -65,7 +65,11 @@ async def test_invalid_destination_bodies(api: Api, instance: str) -> None:
         assert answer["error"] == "invalid_input"
         assert field in answer["description"], answer
     status, answer = await api.call(
-        "POST", "/destinations", instance=instance, data=b"{nope", headers={"Content-Type": "x"}
+        "POST",
+        "/destinations",
+        instance=instance,
+        data=b"{nope",
+        headers={"Content-Type": "application/json"},
     )
     assert status == 400 and answer["error"] == "malformed_json"
     assert await api.store.destinations.count_documents({}) == 0
