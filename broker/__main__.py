@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 
 import structlog
@@ -68,6 +70,17 @@ def main() -> int:
             limits=server_limits(settings),
             shutdown_timeout=settings.shutdown_timeout,
         )
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise
+        # The listening socket could not be opened: one line, no traceback.
+        print(
+            f"osb-backup-manager: cannot listen on {settings.host}:{settings.port} "
+            f"({os.strerror(exc.errno)}): stop the process that uses it, or set another "
+            "PORT or LISTEN_HOST",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         if embedded is not None:
             embedded.stop()

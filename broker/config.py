@@ -261,8 +261,14 @@ class Settings(BaseSettings):
                 "database (generated local values would differ between replicas)"
             )
         # Readable by the service's user only: it holds the secrets and the database files.
-        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.data_dir.chmod(0o700)
+        try:
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.data_dir.chmod(0o700)
+        except OSError as exc:
+            raise ConfigError(
+                f"DATA_DIR: cannot use {self.data_dir} ({exc.strerror}): it must be a "
+                "directory that this user owns, or a path where it can create one"
+            ) from None
         if self.broker_password is None:
             self.broker_password = SecretStr(
                 _read_or_create(

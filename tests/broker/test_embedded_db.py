@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -313,6 +314,7 @@ def run_manager(data: Path, **env: str) -> subprocess.CompletedProcess[bytes]:
         **{k: v for k, v in os.environ.items() if k not in ("MONGODB_URL", "VCAP_SERVICES")},
         "DATA_DIR": str(data),
         "PORT": str(free_port()),
+        "BROKER_PASSWORD": "unused-in-these-starts-1",
         **env,
     }
     return subprocess.run(
@@ -320,12 +322,17 @@ def run_manager(data: Path, **env: str) -> subprocess.CompletedProcess[bytes]:
     )
 
 
-def assert_one_clear_line(result: subprocess.CompletedProcess[bytes], *words: str) -> None:
+def assert_one_clear_line(
+    result: subprocess.CompletedProcess[bytes],
+    *words: str,
+    prefix: str = "osb-backup-manager: embedded database: ",
+    status: int = 1,
+) -> None:
     err = result.stderr.decode(errors="replace")
-    assert result.returncode == 1, err
+    assert result.returncode == status, err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("osb-backup-manager: embedded database: "), err
+    assert last.startswith(prefix), err
     for word in words:
         assert word in last, last
 
@@ -352,3 +359,20 @@ def test_a_start_up_failure_is_one_line_without_traceback(tmp_path: Path) -> Non
     data.mkdir()
     (data / "db").write_text("not a directory")
     assert_one_clear_line(run_manager(data), "cannot prepare the database directory")
+
+    # DATA_DIR itself unusable: a configuration error (status 2).
+    assert_one_clear_line(
+        run_manager(data / "db"), "DATA_DIR", prefix="osb-backup-manager: ", status=2
+    )
+
+    # The manager's own port taken: after the database started, so that is stopped again.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # (Background loops off: their stop right after a start can hang, a separate bug.)
+        result = run_manager(tmp_path / "fresh", PORT=str(port), BACKGROUND_ENABLED="false")
+    assert_one_clear_line(
+        result, "cannot listen on", "PORT", prefix="osb-backup-manager: ", status=1
+    )
+    assert not databases_on(tmp_path / "fresh")
