@@ -23,6 +23,7 @@ from tests.agent.helpers import (
     tracing_scripts,
     write_script,
 )
+from tests.agent.test_e2e_databases import ENGINES, EXAMPLES, _require
 
 DB_PASSWORD = "db-PASSW0RD-123"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -237,3 +238,24 @@ def test_every_agent_setting_is_a_refused_name() -> None:
     its settings (including one added later) is refused."""
     for name in AgentConfig.model_fields:
         assert refusal(name) is not None, f"add {name} to agent/environment.py"
+
+
+@pytest.mark.parametrize(
+    ("engine", "option"),
+    [("postgresql", "--file"), ("mariadb", "--tee"), ("mariadb", "--result-file")],
+)
+def test_the_example_scripts_take_no_option_from_a_database_name(
+    make_agent: Callable[..., AgentProcess], tmp_path: Path, engine: str, option: str
+) -> None:
+    """An item (database) name is tenant input too: the example scripts pass it as an
+    option's value, never where the client would read it as one of its own options (which
+    would write the dump, or the session, to a file of the tenant's choice)."""
+    db = ENGINES[engine]()
+    _require(db.port, engine)
+    target = tmp_path / "written-by-the-client"
+    agent = make_agent(scripts=EXAMPLES / engine, skip_storage="true")
+    section = {"host": "127.0.0.1", "username": db.user, "password": ""}
+    body = backup_request("inj", backup={**section, "database": f"{option}={target}"})
+    assert agent.request("POST", "/backup", body)[0] == 201
+    assert agent.wait_job("backup", "inj")["status"] == "FAILED"
+    assert not target.exists()
