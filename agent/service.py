@@ -268,11 +268,8 @@ class Agent:
     def refused_parameter(self, req: BackupRequest | RestoreRequest) -> str | None:
         """Why a request's parameter may not reach the scripts under this agent's
         ``allowed_parameters`` (the names refused everywhere the request model refuses)."""
-        patterns = self.cfg.allowed_parameter_patterns
-        if patterns is None:
-            return None
         for name in req.section.env():
-            if name.upper() not in FROM_MANAGER and not allowed(name, patterns):
+            if not self._operator_allows(name):
                 return describe(
                     name,
                     f"this agent's allowed_parameters ({self.cfg.allowed_parameters}) "
@@ -280,19 +277,18 @@ class Agent:
                 )
         return None
 
+    def _operator_allows(self, name: str) -> bool:
+        patterns = self.cfg.allowed_parameter_patterns
+        return patterns is None or name.upper() in FROM_MANAGER or allowed(name, patterns)
+
     def _parameters(self, params: dict[str, str]) -> dict[str, str]:
         """The parameters that may reach a script; the others are dropped (a request's were
         refused already: this guards what was sealed before, by an older agent)."""
-        patterns = self.cfg.allowed_parameter_patterns
-        out = {}
-        for name, value in params.items():
-            if refusal(name, allow=FROM_MANAGER) is not None:
-                continue
-            if patterns is not None and name.upper() not in FROM_MANAGER:
-                if not allowed(name, patterns):
-                    continue
-            out[name] = value
-        return out
+        return {
+            name: value
+            for name, value in params.items()
+            if refusal(name, allow=FROM_MANAGER) is None and self._operator_allows(name)
+        }
 
     def _base_env(self) -> dict[str, str]:
         """A clean environment, not the agent's: a fixed ``PATH``, the operator's home, locale,
