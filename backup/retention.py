@@ -163,6 +163,11 @@ class RetentionSweeper:
                 raise
             except Exception:
                 log.exception("retention_sweep_failed")
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A cancel that arrived during the sweep can be swallowed by the database
+                # driver; honour it here, or stop() would wait a whole interval for the loop.
+                raise asyncio.CancelledError
             await self.clock.wait(self._wake, self.interval)
             self._wake.clear()
 
