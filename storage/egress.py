@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 import requests
 import requests.adapters
+from aiobotocore.httpsession import AIOHTTPSession
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -253,6 +254,41 @@ def connector_args(policy: EgressPolicy | None) -> dict[str, Any]:
     if policy is None:
         return {}
     return {"resolver": EgressResolver(policy), "socket_factory": policy.socket_factory}
+
+
+# ---------------------------------------------------------------------- aiobotocore
+
+
+class _NoRedirects:
+    """An aiohttp session whose requests never follow a redirect."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["allow_redirects"] = False
+        return self._session.request(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
+class NoRedirectAIOHTTPSession(AIOHTTPSession):
+    """aiobotocore's HTTP session (``AioConfig(http_session_cls=...)``), except that a 3xx
+    answer is handed to botocore as it is (an error) instead of being followed with the
+    request's signed headers."""
+
+    async def _get_session(self, proxy_url: Any) -> Any:
+        return _NoRedirects(await super()._get_session(proxy_url))
+
+
+def no_region_redirect(context: dict[str, Any], **_: Any) -> None:
+    """A ``before-call.s3`` handler: botocore's S3 region redirector sends a request again,
+    to an endpoint built from the region a 301/302/307 answer names; marking the request as
+    already redirected makes such an answer an error instead."""
+    redirect = context.get("s3_redirect")
+    if isinstance(redirect, dict):
+        redirect["redirected"] = True
 
 
 # ---------------------------------------------------------------------- requests / urllib3

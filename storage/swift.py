@@ -22,7 +22,6 @@ import functools
 import hashlib
 import io
 import json
-import logging
 import re
 import threading
 import time
@@ -37,6 +36,7 @@ import swiftclient.client as swift_client
 import urllib3
 from swiftclient.exceptions import ClientException
 
+from storage import egress
 from storage._support import (
     ATTEMPTS,
     PROBE_PREFIX,
@@ -47,6 +47,8 @@ from storage._support import (
     full_key,
     normalise_prefix,
     plain_reason,
+    redact,
+    short,
     tls_reason,
     with_retries,
 )
@@ -74,18 +76,11 @@ log = structlog.get_logger("storage.swift")
 # X-Auth-Token / X-Auth-Key: reveal none.
 swift_client.logger_settings["redact_sensitive_headers"] = True
 swift_client.logger_settings["reveal_sensitive_prefix"] = 0
-# At INFO it logs every failed answer's reason phrase, headers and body: text the remote server
-# chose, which no log line of ours repeats.
-logging.getLogger("swiftclient").setLevel(logging.WARNING)
 
 T = TypeVar("T")
 
 DOWNLOAD_CHUNK = 1024 * 1024
 DEFAULT_MAX_MANIFEST_SEGMENTS = 1000
-MAX_THREADS = 32
-"""Worker threads for blocking Swift requests in this process, shared by every store: however
-many stores are open at once (a validation, a backup, a restore each open one), at most this
-many requests are in flight; the others wait their turn."""
 LISTING_LIMIT = 1000
 OCTETS = "application/octet-stream"
 
@@ -104,15 +99,7 @@ class _V1Auth:
     def _fetch(self) -> tuple[str, str]:
         with self._lock:
             if self._url is None or self._token is None:
-                s = self._settings
-                self._url, self._token = swift_client.get_auth_1_0(
-                    s.auth_url,
-                    s.username,
-                    s.password.get_secret_value(),
-                    cacert=s.ca_bundle,
-                    insecure=not s.verify_tls,
-                    timeout=self._timeout,
-                )
+                self._url, self._token = _get_auth_1_0(self._settings, self._timeout)
             return self._url, self._token
 
     def get_endpoint(self, **_: Any) -> str:
@@ -156,7 +143,11 @@ class _KeystoneAuth:
 class _Connection(swift_client.Connection):
     """swiftclient's connection, except that a body may be sent again after the token was
     renewed (with ``retries=0`` swiftclient refuses to), and that it does not hold on to the
-    last body it sent."""
+    last body it sent; its connections are guarded (egress policy, no redirect)."""
+
+    def http_connection(self, url: str | None = None) -> tuple[Any, swift_client.HTTPConnection]:
+        parsed, conn = super().http_connection(url)
+        return parsed, _guarded(conn)
 
     def put_object(self, container: str, obj: str, contents: Any, **kwargs: Any) -> Any:
         try:
@@ -182,6 +173,35 @@ def _rewind(contents: io.BytesIO, *_: Any, **__: Any) -> None:
     contents.seek(0)
 
 
+def _guarded(conn: swift_client.HTTPConnection) -> swift_client.HTTPConnection:
+    """``conn`` connecting only where the egress policy allows, following no redirect (a 3xx
+    is an error: followed, it would carry the token or key to wherever it points)."""
+    egress.guard_session(conn.request_session, egress.installed())
+    conn.requests_args["allow_redirects"] = False
+    return conn
+
+
+def _get_auth_1_0(settings: SwiftSettings, timeout: tuple[float, float]) -> tuple[str, str]:
+    """swiftclient's ``get_auth_1_0`` on a guarded connection (see :func:`_guarded`)."""
+    s = settings
+    parsed, conn = swift_client.http_connection(
+        s.auth_url, cacert=s.ca_bundle, insecure=not s.verify_tls, timeout=timeout
+    )
+    _guarded(conn)
+    try:
+        headers = {"X-Auth-User": s.username, "X-Auth-Key": s.password.get_secret_value()}
+        conn.request("GET", parsed.path, "", headers)
+        resp = conn.getresponse()
+        body = resp.read()
+        resp.close()
+    finally:
+        conn.close()
+    url = resp.getheader("x-storage-url")
+    if resp.status < 200 or resp.status >= 300 or (body and not url):
+        raise ClientException.from_response(resp, "Auth GET failed", body)
+    return url, resp.getheader("x-storage-token", resp.getheader("x-auth-token"))
+
+
 def _keystone_session(settings: SwiftSettings, transfer: TransferSettings) -> Any:
     from keystoneauth1 import session as ks_session
     from keystoneauth1.identity import v3
@@ -199,7 +219,13 @@ def _keystone_session(settings: SwiftSettings, transfer: TransferSettings) -> An
         project_domain_name=settings.project_domain_name or "Default",
     )
     verify: bool | str = (settings.ca_bundle or True) if settings.verify_tls else False
-    return ks_session.Session(auth=auth, verify=verify, timeout=transfer.read_timeout)
+    return ks_session.Session(
+        auth=auth,
+        verify=verify,
+        timeout=transfer.read_timeout,
+        session=egress.guard_session(requests.Session(), egress.installed()),
+        redirect=False,  # a 3xx is an error: followed, it would carry the password along
+    )
 
 
 class SwiftStore(ObjectStore):
@@ -219,8 +245,9 @@ class SwiftStore(ObjectStore):
             if settings.auth_version == "1"
             else _KeystoneAuth(settings, t)
         )
-        self._pool = _shared_pool()
-        self._futures: set[concurrent.futures.Future[Any]] = set()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=t.max_concurrency + 2, thread_name_prefix="swift"
+        )
         self._local = threading.local()
         self._connections: list[swift_client.Connection] = []
         self._connections_lock = threading.Lock()
@@ -284,8 +311,6 @@ class SwiftStore(ObjectStore):
             if self._closed:
                 raise StorageError("The storage connection is closed.")
             future = self._pool.submit(in_thread)
-            self._futures.add(future)
-            future.add_done_callback(self._futures.discard)
             if tracker is not None:
                 tracker.add(future)
             try:
@@ -302,13 +327,8 @@ class SwiftStore(ObjectStore):
     ) -> StorageError:
         try:
             return self._classify(exc, doing, key, missing)
-        except Exception as failure:  # a client raising something unforeseen: still explained
-            # Types only: a traceback would carry text the remote server chose.
-            log.error(
-                "swift_unclassified_error",
-                error=type(exc).__name__,
-                classifier_error=type(failure).__name__,
-            )
+        except Exception:  # a client raising something unforeseen must still be explained
+            log.exception("swift_unclassified_error", error=type(exc).__name__)
             return StorageError(
                 f"Unexpected failure while trying to {doing} on Swift ({type(exc).__name__}).",
                 step=_step(doing),
@@ -321,8 +341,8 @@ class SwiftStore(ObjectStore):
         step = _step(doing)
         if isinstance(exc, ClientException):
             status = exc.http_status
-            # The reason phrase and body are the server's words: only the status is repeated.
-            said = f"HTTP status {status}" if status else "no usable answer"
+            reason = short(redact(exc.http_reason or exc.msg or "", self._secrets), 120)
+            said = f"{status} {reason}".strip() if status else short(redact(exc.msg, self._secrets))
             if exc.msg and exc.msg.startswith("Auth GET failed"):
                 if status == 401:
                     return AuthenticationFailed(
@@ -827,11 +847,6 @@ class SwiftStore(ObjectStore):
             },
         )
 
-    async def check_server(self) -> None:
-        """Nothing to add: authentication is the handshake (auth v1's storage URL and token,
-        Keystone's token and catalog), so a server that is not Swift fails before the probe
-        writes anything."""
-
     async def validate(self) -> ValidationReport:
         """The probe, then the same in the segments container (creating it if need be): large
         backups write there, and a destination that can take only small ones is not valid."""
@@ -862,31 +877,14 @@ class SwiftStore(ObjectStore):
         if self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
         self._closed = True
-        # Requests not started are dropped. One still running ends by its own timeouts in its
-        # thread: waiting for it here would hold the caller that long again (a server that
-        # never answers held a cancelled validation for the whole read timeout).
-        for future in list(self._futures):
-            future.cancel()
+        await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self._pool.shutdown, wait=True, cancel_futures=True)
+        )
         with self._connections_lock:
             connections, self._connections = self._connections, []
         for conn in connections:
             with contextlib.suppress(Exception):
                 conn.close()
-
-
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _shared_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """The process's pool for blocking Swift requests (see :data:`MAX_THREADS`)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = concurrent.futures.ThreadPoolExecutor(
-                max_workers=MAX_THREADS, thread_name_prefix="swift"
-            )
-        return _POOL
 
 
 def _is_slo(headers: dict[str, str]) -> bool:
@@ -972,12 +970,12 @@ def _keystone_error(
     status = getattr(exc, "http_status", None)
     if isinstance(status, int) and status >= 500:
         return TransientStorageError(
-            f"The identity service {where} failed temporarily (HTTP status {status}).", step=step
+            f"The identity service {where} failed temporarily ({status}).", step=step
         )
-    # Keystone's error text is the server's words: the status and the kind of failure only.
-    said = f"HTTP status {status}" if isinstance(status, int) else type(exc).__name__
     return StorageError(
-        f"Authentication at {where} failed ({said}); is it a Keystone v3 URL?", step=step
+        f"Authentication at {where} failed ({type(exc).__name__}: "
+        f"{short(redact(str(exc), secrets), 200)}); is it a Keystone v3 URL?",
+        step=step,
     )
 
 
