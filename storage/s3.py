@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import io
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -23,6 +24,7 @@ import aiohttp
 import structlog
 from aiobotocore.config import AioConfig
 from botocore import exceptions as bx
+from botocore.parsers import ResponseParserError
 
 from storage import egress
 from storage._support import (
@@ -34,7 +36,6 @@ from storage._support import (
     full_key,
     normalise_prefix,
     plain_reason,
-    redact,
     short,
     tls_reason,
     with_retries,
@@ -43,6 +44,8 @@ from storage.base import (
     AuthenticationFailed,
     ContainerNotFound,
     EndpointUnreachable,
+    InvalidSettings,
+    NotAnObjectStore,
     ObjectInfo,
     ObjectNotFound,
     ObjectStore,
@@ -95,6 +98,36 @@ _TRANSIENT_CODES = {
     "EC2ThrottledException",
 }
 _REGION_CODES = {"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraint"}
+_KNOWN_CODES = {
+    *_AUTH_CODES,
+    *_DENIED_CODES,
+    *_MISSING_BUCKET_CODES,
+    *_MISSING_KEY_CODES,
+    *_TRANSIENT_CODES,
+    *_REGION_CODES,
+    "InvalidRange",
+    "PreconditionFailed",
+    "NoSuchUpload",
+    "InvalidArgument",
+    "InvalidRequest",
+    "InvalidBucketName",
+    "InvalidPart",
+    "InvalidPartOrder",
+    "EntityTooLarge",
+    "EntityTooSmall",
+    "BadDigest",
+    "InvalidDigest",
+    "MalformedXML",
+    "MissingContentLength",
+    "XAmzContentSHA256Mismatch",
+    "KeyTooLongError",
+    "InvalidObjectState",
+    "NotImplemented",
+    "MethodNotAllowed",
+    "QuotaExceeded",
+}
+"""Error codes S3 documents: the only words of an error answer repeated in a description."""
+_AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
 
 
 def part_size_for(number: int, base: int, growth_every: int) -> int:
@@ -180,7 +213,17 @@ class S3Store(ObjectStore):
         """One request, classified and retried on transient failures."""
 
         async def once() -> T:
-            client = await self._s3()
+            try:
+                client = await self._s3()
+            except StorageError:
+                raise
+            except Exception as exc:  # botocore refusing an endpoint or region, say
+                log.warning("s3_client_refused_settings", error=type(exc).__name__)
+                raise InvalidSettings(
+                    f"The S3 client cannot be set up for {self._where} with these settings "
+                    f"({type(exc).__name__}): check the endpoint and region.",
+                    step=_step(doing),
+                ) from None
             try:
                 return await op(client)
             except StorageError:
@@ -193,8 +236,13 @@ class S3Store(ObjectStore):
     def _safely_classified(self, exc: BaseException, doing: str, key: str | None) -> StorageError:
         try:
             return self._classify(exc, doing, key)
-        except Exception:  # a client raising something unforeseen must still be explained
-            log.exception("s3_unclassified_error", error=type(exc).__name__)
+        except Exception as failure:  # a client raising something unforeseen: still explained
+            # Types only: a traceback would carry text the remote server chose.
+            log.error(
+                "s3_unclassified_error",
+                error=type(exc).__name__,
+                classifier_error=type(failure).__name__,
+            )
             return StorageError(
                 f"Unexpected failure while trying to {doing} on {self._where} "
                 f"({type(exc).__name__}).",
@@ -208,8 +256,11 @@ class S3Store(ObjectStore):
             error = exc.response.get("Error", {}) or {}
             code = str(error.get("Code") or "")
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            said = short(redact(str(error.get("Message") or "") or code, self._secrets))
-            said = f"{code}: {said}" if code and not said.startswith(code) else said
+            # The server chose the message, the reason phrase and the code: only a code S3
+            # documents is repeated, with the status.
+            said = ", ".join(
+                [*([code] if code in _KNOWN_CODES else []), f"HTTP status {status or 'unknown'}"]
+            )
             if code in _MISSING_BUCKET_CODES:
                 return ContainerNotFound(
                     f"The bucket {bucket!r} does not exist at {self._where}.", step=step
@@ -223,7 +274,8 @@ class S3Store(ObjectStore):
                 region = (exc.response.get("ResponseMetadata", {}).get("HTTPHeaders") or {}).get(
                     "x-amz-bucket-region"
                 )
-                hint = f"; it is in region {region!r}" if region else ""
+                # A header the server chose: named only if it has the shape of an AWS region.
+                hint = f"; it is in region {region!r}" if _AWS_REGION.match(region or "") else ""
                 return StorageError(
                     f"The bucket {bucket!r} is not in region {self.settings.region!r}{hint}: "
                     f"set the destination's region ({said}).",
@@ -272,6 +324,12 @@ class S3Store(ObjectStore):
                 f"({plain_reason(exc, self._secrets)}).",
                 step=step,
             )
+        if isinstance(exc, ResponseParserError):
+            return NotAnObjectStore(
+                f"{self._where} does not answer like an S3 server while trying to {doing} (its "
+                "answer is not S3's XML): check the endpoint.",
+                step=step,
+            )
         if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
             return AuthenticationFailed("No S3 credentials were given.", step=step)
         if isinstance(exc, bx.ParamValidationError | bx.InvalidS3AddressingStyleError):
@@ -279,8 +337,7 @@ class S3Store(ObjectStore):
                 f"The S3 request to {doing} was invalid: {short(str(exc))}", step=step
             )
         return StorageError(
-            f"Unexpected failure while trying to {doing} on {self._where} "
-            f"({type(exc).__name__}: {short(redact(str(exc), self._secrets))}).",
+            f"Unexpected failure while trying to {doing} on {self._where} ({type(exc).__name__}).",
             step=step,
         )
 
@@ -642,6 +699,34 @@ class S3Store(ObjectStore):
             etag=(head.get("ETag") or "").strip('"') or None,
             metadata=dict(head.get("Metadata") or {}),
         )
+
+    async def check_server(self) -> None:
+        """A listing of the bucket must come back as S3's ListBucketResult (which names the
+        bucket): a web server, a filer or a metadata service answers otherwise, and is sent
+        nothing to keep."""
+        refusal = NotAnObjectStore(
+            f"{self._where} does not answer like an S3 server (a listing of the bucket "
+            f"{self.settings.bucket!r} did not come back as S3's): check the endpoint.",
+            step="list",
+        )
+
+        async def listing(c: Any) -> dict[str, Any]:
+            try:
+                return await c.list_objects_v2(
+                    Bucket=self.settings.bucket, Prefix=self._prefix + PROBE_PREFIX, MaxKeys=1
+                )
+            except bx.ClientError as exc:
+                # S3 explains every refused listing with an <Error><Code>; without one (botocore
+                # then uses the status as the code, and turns a 200 it cannot parse into a 500)
+                # the answer was not S3's.
+                code = str((exc.response.get("Error") or {}).get("Code") or "")
+                if not code or code.isdigit():
+                    raise refusal from None
+                raise
+
+        answer = await self._call("list objects", None, listing)
+        if answer.get("Name") != self.settings.bucket:
+            raise refusal
 
     async def validate(self) -> ValidationReport:
         return await probe(self, PROBE_PREFIX + uuid.uuid4().hex)

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import re
 import threading
 import time
@@ -47,8 +48,6 @@ from storage._support import (
     full_key,
     normalise_prefix,
     plain_reason,
-    redact,
-    short,
     tls_reason,
     with_retries,
 )
@@ -76,11 +75,18 @@ log = structlog.get_logger("storage.swift")
 # X-Auth-Token / X-Auth-Key: reveal none.
 swift_client.logger_settings["redact_sensitive_headers"] = True
 swift_client.logger_settings["reveal_sensitive_prefix"] = 0
+# At INFO it logs every failed answer's reason phrase, headers and body: text the remote server
+# chose, which no log line of ours repeats.
+logging.getLogger("swiftclient").setLevel(logging.WARNING)
 
 T = TypeVar("T")
 
 DOWNLOAD_CHUNK = 1024 * 1024
 DEFAULT_MAX_MANIFEST_SEGMENTS = 1000
+MAX_THREADS = 32
+"""Worker threads for blocking Swift requests in this process, shared by every store: however
+many stores are open at once (a validation, a backup, a restore each open one), at most this
+many requests are in flight; the others wait their turn."""
 LISTING_LIMIT = 1000
 OCTETS = "application/octet-stream"
 
@@ -245,9 +251,8 @@ class SwiftStore(ObjectStore):
             if settings.auth_version == "1"
             else _KeystoneAuth(settings, t)
         )
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=t.max_concurrency + 2, thread_name_prefix="swift"
-        )
+        self._pool = _shared_pool()
+        self._futures: set[concurrent.futures.Future[Any]] = set()
         self._local = threading.local()
         self._connections: list[swift_client.Connection] = []
         self._connections_lock = threading.Lock()
@@ -311,6 +316,8 @@ class SwiftStore(ObjectStore):
             if self._closed:
                 raise StorageError("The storage connection is closed.")
             future = self._pool.submit(in_thread)
+            self._futures.add(future)
+            future.add_done_callback(self._futures.discard)
             if tracker is not None:
                 tracker.add(future)
             try:
@@ -327,8 +334,13 @@ class SwiftStore(ObjectStore):
     ) -> StorageError:
         try:
             return self._classify(exc, doing, key, missing)
-        except Exception:  # a client raising something unforeseen must still be explained
-            log.exception("swift_unclassified_error", error=type(exc).__name__)
+        except Exception as failure:  # a client raising something unforeseen: still explained
+            # Types only: a traceback would carry text the remote server chose.
+            log.error(
+                "swift_unclassified_error",
+                error=type(exc).__name__,
+                classifier_error=type(failure).__name__,
+            )
             return StorageError(
                 f"Unexpected failure while trying to {doing} on Swift ({type(exc).__name__}).",
                 step=_step(doing),
@@ -341,8 +353,8 @@ class SwiftStore(ObjectStore):
         step = _step(doing)
         if isinstance(exc, ClientException):
             status = exc.http_status
-            reason = short(redact(exc.http_reason or exc.msg or "", self._secrets), 120)
-            said = f"{status} {reason}".strip() if status else short(redact(exc.msg, self._secrets))
+            # The reason phrase and body are the server's words: only the status is repeated.
+            said = f"HTTP status {status}" if status else "no usable answer"
             if exc.msg and exc.msg.startswith("Auth GET failed"):
                 if status == 401:
                     return AuthenticationFailed(
@@ -847,6 +859,11 @@ class SwiftStore(ObjectStore):
             },
         )
 
+    async def check_server(self) -> None:
+        """Nothing to add: authentication is the handshake (auth v1's storage URL and token,
+        Keystone's token and catalog), so a server that is not Swift fails before the probe
+        writes anything."""
+
     async def validate(self) -> ValidationReport:
         """The probe, then the same in the segments container (creating it if need be): large
         backups write there, and a destination that can take only small ones is not valid."""
@@ -877,14 +894,31 @@ class SwiftStore(ObjectStore):
         if self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
         self._closed = True
-        await asyncio.get_running_loop().run_in_executor(
-            None, functools.partial(self._pool.shutdown, wait=True, cancel_futures=True)
-        )
+        # Requests not started are dropped. One still running ends by its own timeouts in its
+        # thread: waiting for it here would hold the caller that long again (a server that
+        # never answers held a cancelled validation for the whole read timeout).
+        for future in list(self._futures):
+            future.cancel()
         with self._connections_lock:
             connections, self._connections = self._connections, []
         for conn in connections:
             with contextlib.suppress(Exception):
                 conn.close()
+
+
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _shared_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's pool for blocking Swift requests (see :data:`MAX_THREADS`)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = concurrent.futures.ThreadPoolExecutor(
+                max_workers=MAX_THREADS, thread_name_prefix="swift"
+            )
+        return _POOL
 
 
 def _is_slo(headers: dict[str, str]) -> bool:
@@ -970,12 +1004,12 @@ def _keystone_error(
     status = getattr(exc, "http_status", None)
     if isinstance(status, int) and status >= 500:
         return TransientStorageError(
-            f"The identity service {where} failed temporarily ({status}).", step=step
+            f"The identity service {where} failed temporarily (HTTP status {status}).", step=step
         )
+    # Keystone's error text is the server's words: the status and the kind of failure only.
+    said = f"HTTP status {status}" if isinstance(status, int) else type(exc).__name__
     return StorageError(
-        f"Authentication at {where} failed ({type(exc).__name__}: "
-        f"{short(redact(str(exc), secrets), 200)}); is it a Keystone v3 URL?",
-        step=step,
+        f"Authentication at {where} failed ({said}); is it a Keystone v3 URL?", step=step
     )
 
 
