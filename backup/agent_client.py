@@ -19,6 +19,8 @@ import aiohttp
 from pydantic import SecretStr
 
 from backup.registration import parameter_refusal
+from storage import egress
+from storage.base import EgressDenied
 from storage.settings import S3Settings, SwiftSettings
 
 Kind = Literal["backup", "restore"]
@@ -33,7 +35,8 @@ BY_SCRIPT = "script"
 
 class AgentError(Exception):
     """A failed exchange with an agent. ``reason`` is a stable word (``unreachable``,
-    ``unauthorized``, ``rejected``, ``busy``, ``not_found``, ``bad_response``); the message is
+    ``unauthorized``, ``rejected``, ``busy``, ``not_found``, ``bad_response``,
+    ``egress_denied``); the message is
     a sentence safe to store in a job and to log."""
 
     def __init__(self, reason: str, message: str, *, status: int | None = None) -> None:
@@ -164,6 +167,13 @@ def _message(body: Any) -> str:
     return ""
 
 
+def agent_session(**connector: Any) -> aiohttp.ClientSession:
+    """An HTTP session for agents that connects only where the egress policy in force allows
+    (a refusal is :class:`AgentError` ``egress_denied``); ``connector``: TCPConnector limits."""
+    guard = egress.connector_args(egress.installed())
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(**connector, **guard))
+
+
 class AgentClient:
     """One agent, reached with HTTP Basic credentials. Share ``session`` across clients."""
 
@@ -207,6 +217,8 @@ class AgentClient:
             raise AgentError(
                 "unreachable", f"the agent at {self.where} did not answer in time"
             ) from None
+        except EgressDenied as exc:  # the session's connector refused the address
+            raise AgentError("egress_denied", exc.message) from None
         except aiohttp.ClientError as exc:
             # The exception text may quote the URL; name only its class.
             raise AgentError(

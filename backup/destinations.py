@@ -578,6 +578,10 @@ async def check(settings: AnySettings, timeout: float) -> CheckResult:
             f"A probe object was written, read back and deleted in the {what} at {where}.",
             list(report.steps),
         )
+    if failure is not None and failure.error_code == "egress_denied":
+        # Not the destination failing, but this manager refusing to go there (storage.egress).
+        field = "endpoint" if isinstance(settings, S3Settings) else "auth_url"
+        raise Unprocessable(failure.message or "", code="egress_denied", field=field)
     code = failure.error_code if failure and failure.error_code else "storage_error"
     detail = (failure.message or "") if failure else ""
     text = advice(code, settings, failure.name if failure else None, detail)

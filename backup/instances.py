@@ -38,7 +38,7 @@ import structlog
 from pydantic import SecretStr
 from pymongo.errors import DuplicateKeyError
 
-from backup.agent_client import AgentClient, AgentError, AgentInfo
+from backup.agent_client import AgentClient, AgentError, AgentInfo, agent_session
 from backup.clock import Clock, SystemClock
 from backup.deprovision import Deprovision, StoreOpener, nothing_to_wait_for
 from backup.errors import BackupError, Conflict, Gone, InvalidInput, NotFound, Unprocessable
@@ -61,7 +61,7 @@ from backup.registration import (
 )
 from backup.secrets import SecretBox, SecretKeyError
 from backup.store import SCHEMA_VERSION, Document, Store
-from storage import open_store
+from storage import egress, open_store
 
 log = structlog.get_logger(__name__)
 
@@ -203,7 +203,7 @@ class Instances:
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        self._http = aiohttp.ClientSession()
+        self._http = agent_session()
         self.ops.start()
 
     async def close(self, grace: float = 0.5) -> None:
@@ -318,6 +318,12 @@ class Instances:
                 "Invalid parameters: parameters.agent.url: must be an https:// URL; this broker "
                 "refuses agents reached over plain HTTP (AGENT_REQUIRE_TLS), which would carry "
                 "the agent's and the database's passwords in the clear.",
+                code="InvalidParameters",
+                field="parameters.agent.url",
+            )
+        if refusal := egress.literal_refusal(reg.agent.url):
+            raise InvalidInput(
+                f"Invalid parameters: parameters.agent.url: {refusal.message}",
                 code="InvalidParameters",
                 field="parameters.agent.url",
             )
@@ -565,6 +571,10 @@ class Instances:
                 return await client.status()
             except AgentError as exc:
                 now = self.clock.now()
+                if exc.reason == "egress_denied":
+                    raise OperationFailed(
+                        f"The agent cannot be used: {exc.message} Check agent.url."
+                    ) from None
                 if exc.reason == "unauthorized":
                     raise OperationFailed(
                         f"The agent at {client.where} refused the registered credentials "

@@ -29,7 +29,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo.errors import PyMongoError
 
 from backup import jobs, priority
-from backup.agent_client import AgentClient, AgentError
+from backup.agent_client import AgentClient, AgentError, agent_session
 from backup.clock import Clock, SystemClock
 from backup.job_run import JobEnd, JobRun, object_key
 from backup.jobs import FAILED, QUEUED, RUNNING, SUCCEEDED, Lease, LeaseLost
@@ -261,9 +261,7 @@ class JobRunner:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=64, limit_per_host=4),
-            )
+            self._session = agent_session(limit=64, limit_per_host=4)
         return self._session
 
     @property

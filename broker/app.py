@@ -16,6 +16,7 @@ from broker.config import Settings
 from broker.context import REQUEST_ID, SECRETS, SETTINGS, STORE
 from broker.errors import ApiError, Handler, error_middleware
 from broker.throttling import AUTH_THROTTLE
+from storage import egress
 from webguard.middleware import (
     UNSUPPORTED_DESCRIPTION,
     cors_middleware,
@@ -107,6 +108,14 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
             await app[STORE].close()
 
     app.cleanup_ctx.append(database)
+
+    async def egress_policy(app: web.Application) -> AsyncIterator[None]:
+        # Every store and agent session checks it from now on (storage.egress).
+        previous = egress.install(settings.egress_policy())
+        yield
+        egress.install(previous)
+
+    app.cleanup_ctx.append(egress_policy)
     health.setup(app)
     from broker import api, background, compat, osb
 

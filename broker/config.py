@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backup.secrets import MasterKey, generate_master_key_spec, parse_master_keys
+from storage.egress import EgressPolicy, parse_networks
 from webguard.middleware import parse_origins
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yml"
@@ -94,6 +95,18 @@ class Settings(BaseSettings):
         validation_alias="AGENT_REQUIRE_TLS",
         description="Refuse agent URLs with http://: they carry the agent's and the database's "
         "passwords in the clear.",
+    )
+    egress_deny_networks: str | None = Field(
+        default=None,
+        validation_alias="EGRESS_DENY_NETWORKS",
+        description="CIDRs the service never connects to on a tenant's behalf (destinations, "
+        "agents); unset: loopback, link-local (cloud metadata), unspecified, multicast and "
+        "broadcast; empty: none.",
+    )
+    egress_allow_networks: str = Field(
+        default="",
+        validation_alias="EGRESS_ALLOW_NETWORKS",
+        description="CIDRs the service may connect to on a tenant's behalf; empty: all not denied.",
     )
     deprovision_job_wait: float = Field(
         default=600.0,
@@ -201,6 +214,17 @@ class Settings(BaseSettings):
         if not v.is_file():
             raise ValueError(f"no catalog file at {v}")
         return v
+
+    @field_validator("egress_deny_networks", "egress_allow_networks")
+    @classmethod
+    def _networks(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_networks(v)
+        return v
+
+    def egress_policy(self) -> EgressPolicy:
+        """Where the service may connect on a tenant's behalf (see storage.egress)."""
+        return EgressPolicy.from_settings(self.egress_deny_networks, self.egress_allow_networks)
 
     @field_validator("master_keys_spec")
     @classmethod

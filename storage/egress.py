@@ -89,8 +89,9 @@ def _network(text: str) -> Network:
 DEFAULT_DENY_NETWORKS: tuple[Network, ...] = tuple(_network(n) for n in DEFAULT_DENY)
 
 
-def parse_networks(text: str, setting: str) -> tuple[Network, ...]:
-    """Comma-separated CIDRs (a bare address is one host); ``ValueError`` naming the entry."""
+def parse_networks(text: str, setting: str = "") -> tuple[Network, ...]:
+    """Comma-separated CIDRs (a bare address is one host); ``ValueError`` naming the entry
+    (and ``setting``)."""
     nets = []
     for item in text.split(","):
         item = item.strip()
@@ -99,7 +100,8 @@ def parse_networks(text: str, setting: str) -> tuple[Network, ...]:
         try:
             nets.append(_network(item))
         except ValueError:
-            raise ValueError(f"{setting}: {item!r} is not a network such as 10.0.0.0/8") from None
+            where = f"{setting}: " if setting else ""
+            raise ValueError(f"{where}{item!r} is not a network such as 10.0.0.0/8") from None
     return tuple(nets)
 
 
@@ -195,6 +197,18 @@ class EgressPolicy:
         family, type_, proto, _, sockaddr = addr_info
         self.check(str(sockaddr[0]), str(sockaddr[0]))
         return socket.socket(family=family, type=type_, proto=proto)
+
+
+def literal_refusal(url: str) -> EgressDenied | None:
+    """The refusal of ``url`` by the policy in force when its host is written as an IP address
+    (known without a lookup, so it can be refused while the request is checked); else None."""
+    policy = installed()
+    try:
+        host = urlsplit(url).hostname
+        setting = policy.refused_by(host) if policy is not None and host else None
+    except ValueError:
+        return None  # a name, or not a URL: left to the connection
+    return denied(host, setting) if host and setting else None
 
 
 def denied(host: str, setting: str) -> EgressDenied:

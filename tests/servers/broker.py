@@ -19,11 +19,15 @@ from backup.secrets import generate_master_key_spec
 from backup.store import Store, connect
 from broker.app import create_app
 from broker.config import Settings, load_settings
+from storage.egress import DEFAULT_DENY, networks_except
 from tests.servers.log_audit import audit_secret
 
 BROKER_USER = "test-broker"
 BROKER_PASSWORD = "broker-pw-Zq8Vx3"  # the log audit looks for it (tests/servers/log_audit.py)
 OSB_HEADERS = {"X-Broker-API-Version": "2.17"}
+TEST_EGRESS = {"EGRESS_DENY_NETWORKS": ",".join(networks_except(DEFAULT_DENY, "127.0.0.1"))}
+"""The egress policy of the services under test: the default deny list except 127.0.0.1, where
+the test servers (agents, S3, Swift) listen; 127.0.0.2 and ::1 stay denied for attack tests."""
 
 audit_secret(BROKER_PASSWORD, "tests.servers.broker.BROKER_PASSWORD")
 audit_secret(
@@ -80,7 +84,10 @@ async def start_service(
 ) -> Service:
     """Start the service on ``database`` (default: a fresh one). ``overrides`` are settings by
     environment name (``AGENT_PROBE_TIMEOUT_SECONDS=5``...). The scheduler, runner and
-    retention loops run only with ``loops=True``."""
+    retention loops run only with ``loops=True``. The egress policy is :data:`TEST_EGRESS`
+    unless given (here or in the environment)."""
+    if "EGRESS_DENY_NETWORKS" not in os.environ:  # a test may set its own (monkeypatch)
+        overrides = {**TEST_EGRESS, **overrides}
     master_keys = overrides.pop("SECRETS_MASTER_KEYS", None) or generate_master_key_spec()
     # Tests of refusals send many wrong credentials from one address; the throttle has its
     # own tests (tests/api/test_http_hardening.py), which set a small limit.

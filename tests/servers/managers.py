@@ -35,6 +35,7 @@ import pytest
 from backup.secrets import SecretBox, generate_master_key_spec, parse_master_keys
 from backup.store import Store, connect
 from storage import S3Settings
+from tests.servers.broker import TEST_EGRESS
 from tests.servers.log_audit import audit_secret
 from tests.servers.ports import free_port, wait_listening
 
@@ -62,6 +63,7 @@ class ManagerProcess:
             LISTEN_HOST="127.0.0.1",
             PUBLIC_URL=self.url,
             DATA_DIR=str(self.data_dir),
+            **TEST_EGRESS,
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
