@@ -211,6 +211,20 @@ def literal_refusal(url: str) -> EgressDenied | None:
     return denied(host, setting) if host and setting else None
 
 
+def refusal_in(exc: BaseException | None) -> EgressDenied | None:
+    """The :class:`EgressDenied` a client wrapped on its way up (aiobotocore wraps what the
+    resolver raised in ``HTTPClientError(error=...)``), if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, EgressDenied):
+            return exc
+        seen.add(id(exc))
+        kwargs = getattr(exc, "kwargs", None)
+        inner = kwargs.get("error") if isinstance(kwargs, dict) else None
+        exc = inner if isinstance(inner, BaseException) else (exc.__cause__ or exc.__context__)
+    return None
+
+
 def denied(host: str, setting: str) -> EgressDenied:
     why = (
         f"its address is in none of the networks of {ALLOW_SETTING}"

@@ -229,7 +229,8 @@ class S3Store(ObjectStore):
             except StorageError:
                 raise
             except Exception as exc:
-                raise self._safely_classified(exc, doing, key) from None
+                denied = egress.refusal_in(exc)  # the resolver refused a name (DNS rebinding)
+                raise denied or self._safely_classified(exc, doing, key) from None
 
         return await with_retries(self.transfer, doing, once)
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
+from botocore.exceptions import HTTPClientError
 
 from storage.base import EgressDenied
 from storage.egress import (
@@ -10,9 +14,12 @@ from storage.egress import (
     DEFAULT_DENY,
     DENY_SETTING,
     EgressPolicy,
+    EgressResolver,
+    denied,
     networks_except,
     normalise,
     parse_networks,
+    refusal_in,
 )
 
 DEFAULT = EgressPolicy()
@@ -119,3 +126,41 @@ def test_filter_keeps_allowed_addresses_and_refuses_when_none_is() -> None:
 def test_resolving_localhost_is_refused_by_default() -> None:
     with pytest.raises(EgressDenied, match="localhost"):
         DEFAULT.resolve("localhost", 80)
+
+
+class _Rebinding(AbstractResolver):
+    """A name server that answers what the test says (a rebinding one, say)."""
+
+    def __init__(self, *addresses: str) -> None:
+        self.addresses = addresses
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            ResolveResult(hostname=host, host=a, port=port, family=family, proto=0, flags=0)
+            for a in self.addresses
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_the_resolver_keeps_allowed_addresses_and_refuses_when_none_is() -> None:
+    mixed = EgressResolver(DEFAULT, _Rebinding("169.254.169.254", "10.0.0.7"))
+    assert [r["host"] for r in await mixed.resolve("store.example", 443)] == ["10.0.0.7"]
+    with pytest.raises(EgressDenied, match=r"store\.example"):
+        await EgressResolver(DEFAULT, _Rebinding("127.0.0.1", "::1")).resolve("store.example")
+
+
+def test_a_refusal_wrapped_by_a_client_is_found() -> None:
+    refusal = denied("h", DENY_SETTING)
+    assert refusal_in(HTTPClientError(error=refusal)) is refusal
+    try:
+        try:
+            raise refusal
+        except EgressDenied as exc:
+            raise RuntimeError("wrapped") from exc
+    except RuntimeError as outer:
+        assert refusal_in(outer) is refusal
+    assert refusal_in(RuntimeError("other")) is None
