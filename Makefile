@@ -29,8 +29,11 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test $(SWIFT_VENV)/.installed
 
 ## Install and start the service on its embedded defaults (embedded database, no config).
+## The egress policy's default list denies loopback; the README's example agent listens on
+## 127.0.0.1, so `make run` allows that one address (unless EGRESS_DENY_NETWORKS is set).
 run: install
-	$(VENV)/bin/python -m broker
+	EGRESS_DENY_NETWORKS="$${EGRESS_DENY_NETWORKS-$$($(VENV)/bin/python -m storage.egress except 127.0.0.1)}" \
+		$(VENV)/bin/python -m broker
 
 ## Install what the tests need and run the whole suite.
 test: install-test

@@ -23,6 +23,7 @@ import pytest
 
 from tests.broker.conftest import SERVICE_ID, STANDARD, go_parameters, provision_body
 from tests.runner.go_agent import GoAgentStandIn
+from tests.servers.broker import TEST_EGRESS
 from tests.servers.log_audit import audit_secret
 from tests.servers.ports import free_port, wait_listening
 from tests.servers.process import terminate
@@ -42,6 +43,7 @@ class BrokerProcess:
             "BROKER_PASSWORD": PASSWORD,
             "DATA_DIR": str(data_dir),
             "SHUTDOWN_TIMEOUT": "30",
+            **TEST_EGRESS,  # the agents and storage of these tests listen on 127.0.0.1
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None
