@@ -3,9 +3,15 @@ one on the instance's agent, its results recorded.
 
 A job always ends: every wait is bounded (agent unreachable, agent busy, the job's
 deadline), an agent that forgets a job fails it, and a replica that keeps crashing on one job
-fails it after ``RUNNER_MAX_ATTEMPTS`` take-overs. The agent runs its unlock scripts by itself
-whatever the manager does; the manager cannot abort a script, so a cancelled or timed-out job
-ends here while the agent finishes on its own (see docs/jobs.md).
+fails it after ``RUNNER_MAX_ATTEMPTS`` take-overs. The manager cannot abort a script, so a
+cancelled or timed-out job ends here while the agent finishes on its own; what then happens to
+the unlock script depends on the agent kind, and every reason says which (:func:`after_agent`,
+docs/jobs.md).
+
+While an item runs, its ``stage``, ``last_heard_at`` and stage logs are written as the agent
+reports them, so what finished before a failure stays on the job; an agent that stops
+answering is logged once when it starts (``agent_unreachable``) and once when it answers
+again or the job gives up, and shows on the job as ``agent_unreachable_since``.
 
 A backup is SUCCEEDED only when every item is and every object is confirmed in storage; its
 restore point (id = job id) is written before the job is marked SUCCEEDED, so a crash between
@@ -25,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from backup import agent_client, destinations, jobs, restore_points
-from backup.agent_client import GO, AgentClient, AgentError, AgentInfo, AgentJob
+from backup.agent_client import GO, OURS, AgentClient, AgentError, AgentInfo, AgentJob
 from backup.jobs import BACKUP, CANCELLED, FAILED, FINAL, RUNNING, SUCCEEDED, Lease, LeaseLost
 from backup.retention import expires_at
 from backup.secrets import SecretKeyError
@@ -38,6 +44,55 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 STAGES_PER_ITEM = 10  # log entries an agent job reports at most (5 stages, stdout + stderr)
+UNLOCK_SCRIPT = {"backup": "post-backup-unlock", "restore": "post-restore-unlock"}
+
+
+def after_agent(kind: str | None, job: str, event: str) -> str:
+    """What happens on the agent to a job the manager stopped following, true of the agent's
+    kind (ours keeps its jobs across a restart and always unlocks after a successful lock; the
+    Go agent keeps nothing across a restart and skips the unlock after a failed stage), and
+    what the operator must check. ``job``: ``backup`` or ``restore``; ``event``:
+    ``abandoned`` (still running when the job ended), ``forgotten`` (the agent answered 404)
+    or ``silent`` (no answer)."""
+    unlock = UNLOCK_SCRIPT.get(job, "unlock")
+    check = "check that the database is not still locked"
+    if event == "forgotten":
+        if kind == GO:
+            return (
+                "the Go agent keeps no job across a restart: if it restarted while this job "
+                f"ran, the job stopped there and its unlock script ({unlock}) did not run; " + check
+            )
+        if kind == OURS:
+            return (
+                "our agent keeps its jobs across a restart, so it lost its job records (a new "
+                "state directory, or another agent at this address); whether its unlock "
+                f"script ({unlock}) ran is unknown; " + check
+            )
+        return f"whether the agent ran its unlock script ({unlock}) is unknown; " + check
+    if event == "silent":
+        if kind == OURS:
+            return (
+                "if our agent stopped, it runs the unlock script "
+                f"({unlock}) of a job it had locked when it starts again; until then the "
+                "database may be locked"
+            )
+        if kind == GO:
+            return (
+                "if the Go agent stopped or restarted, the job stopped there and its unlock "
+                f"script ({unlock}) did not run; " + check
+            )
+        return f"whether the agent ran its unlock script ({unlock}) is unknown; " + check
+    if kind == OURS:
+        return (
+            "our agent finishes it on its own and runs its unlock script "
+            f"({unlock}) after a successful lock, also if it restarts meanwhile"
+        )
+    if kind == GO:
+        return (
+            "the Go agent finishes it on its own, but skips its unlock script "
+            f"({unlock}) when a stage fails and forgets the job if it restarts; " + check
+        )
+    return f"whether the agent runs its unlock script ({unlock}) is unknown; " + check
 
 
 class JobEnd(Exception):
@@ -115,6 +170,9 @@ class JobRun:
         self.log = log.bind(job_id=job["_id"], instance_id=job["instance_id"], type=job["type"])
         self.p: _Prepared | None = None
         self._unwritten: dict[str, Any] = {}  # goes with the next write (one write, not two)
+        # Since when the agent has not answered (kept on the job: a new holder goes on).
+        self._silent_since: datetime | None = job.get("agent_unreachable_since")
+        self._heard_written: dict[int, datetime] = {}  # last ``last_heard_at`` written per item
 
     # ------------------------------------------------------------------ top level
 
@@ -161,6 +219,10 @@ class JobRun:
                 raise JobEnd(FAILED, f"Item {item['name']!r} failed: {exc.message}") from None
             except _Deadline:
                 raise JobEnd(FAILED, self._deadline_reason(index)) from None
+        if self.p.cancel_seen and await self._instance_going():
+            # A deprovision asked: nothing more for an instance being deleted, not even the
+            # restore point of a backup whose last item completed (its files are deleted).
+            raise JobEnd(CANCELLED, await self._cancel_reason())
         if self.job["type"] == BACKUP:
             await self._complete_backup()
         else:
@@ -234,23 +296,28 @@ class JobRun:
         delay = self.s.agent_poll_min_seconds
         while True:
             try:
-                return await self.p.client.status()
+                info = await self.p.client.status()
+                await self._heard()
+                return info
             except AgentError as exc:
                 self.r.observer.agent_error(exc.reason)
                 waited = (self.clock.now() - since).total_seconds()
                 if not exc.transient:
                     raise JobEnd(FAILED, f"{_sentence(exc.message)}.") from None
+                await self._silent(exc)
                 if waited >= self.s.agent_unreachable_seconds:
+                    kind = (self.job.get("agent") or {}).get("kind")
                     raise JobEnd(
                         FAILED,
                         f"{_sentence(exc.message)}; still so after "
-                        f"{_human(self.s.agent_unreachable_seconds)}.",
+                        f"{_human(self.s.agent_unreachable_seconds)}"
+                        + self._running_note(kind, "silent")
+                        + ".",
                     ) from None
                 if self._past_deadline():
                     raise JobEnd(FAILED, self._deadline_reason(None)) from None
                 if await self._cancel_requested():
                     raise JobEnd(CANCELLED, await self._cancel_reason()) from None
-                self.log.info("agent_unreachable", error=exc.reason, waited=round(waited, 1))
             await self.clock.sleep(delay)
             delay = min(delay * 2, self.s.agent_poll_max_seconds)
 
@@ -327,13 +394,23 @@ class JobRun:
             item.update(
                 agent_job_id=agent_job_id, started_at=item.get("started_at") or self.clock.now()
             )
-            state = await self._start_on_agent(agent_job_id, request)
+            try:
+                state = await self._start_on_agent(agent_job_id, request)
+            except _ItemFailed:
+                # A refused request (400) may still be kept by the agent (the Go agent keeps
+                # the failed job): the manager is done with it either way.
+                await self._forget(agent_job_id)
+                raise
             item["status"] = RUNNING
+            now = self.clock.now()
+            item["last_heard_at"] = now
+            self._heard_written[index] = now
             await self._write(
                 {
                     f"items.{index}.agent_job_id": agent_job_id,
                     f"items.{index}.started_at": item["started_at"],
                     f"items.{index}.status": RUNNING,
+                    f"items.{index}.last_heard_at": now,
                 }
             )
             self.log.info(
@@ -366,11 +443,14 @@ class JobRun:
         delay = self.s.agent_poll_min_seconds
         while True:
             try:
-                return await self.p.client.start(self.kind, request)
+                started = await self.p.client.start(self.kind, request)
+                await self._heard()
+                return started
             except AgentError as exc:
                 self.r.observer.agent_error(exc.reason)
                 if not exc.transient:
                     raise _ItemFailed(exc.message) from None
+                await self._silent(exc)
                 waited = (self.clock.now() - since).total_seconds()
                 if waited >= self.s.agent_unreachable_seconds:
                     raise _ItemFailed(
@@ -393,7 +473,8 @@ class JobRun:
         assert self.p is not None
         delay = self.s.agent_poll_min_seconds
         unreachable_since: datetime | None = None
-        last_stage = self.items[index].get("stage")
+        info = self.p.info
+        kind = info.kind if info is not None else None
         while state is None or not state.finished:
             if self._past_deadline():
                 raise _Deadline()
@@ -405,45 +486,100 @@ class JobRun:
             try:
                 state = await self.p.client.get(self.kind, agent_job_id)
                 unreachable_since = None
+                await self._heard()
             except AgentError as exc:
                 self.r.observer.agent_error(exc.reason)
                 if exc.reason == "not_found":
                     raise _ItemFailed(
-                        f"{exc.message}; its outcome is unknown, and the agent runs its unlock "
-                        "script on its own"
+                        f"{exc.message}; {after_agent(kind, self.kind, 'forgotten')}"
                     ) from None
                 if not exc.transient:
                     raise _ItemFailed(exc.message) from None
+                await self._silent(exc)
                 now = self.clock.now()
                 unreachable_since = unreachable_since or now
                 waited = (now - unreachable_since).total_seconds()
                 if waited >= self.s.agent_unreachable_seconds:
                     raise _ItemFailed(
-                        f"{exc.message}; no answer for {_human(self.s.agent_unreachable_seconds)}"
+                        f"{exc.message}; no answer for {_human(self.s.agent_unreachable_seconds)}; "
+                        + after_agent(kind, self.kind, "silent")
                     ) from None
                 state = None
                 continue
-            if state.state and state.state != last_stage and not state.finished:
-                last_stage = state.state
-                self.items[index]["stage"] = state.state
-                await self._write({f"items.{index}.stage": state.state})
+            if not state.finished:
+                await self._progress(index, state)
         return state
+
+    async def _progress(self, index: int, state: AgentJob) -> None:
+        """Record what a running agent job reports: its stage and its stage logs as they
+        arrive (what finished before a failure stays visible after it), and when the agent
+        was last heard from (written when something changed, else at most every
+        ``RUNNER_AGENT_POLL_MAX_SECONDS``: a write per poll would cost more than it tells)."""
+        item = self.items[index]
+        now = self.clock.now()
+        fields: dict[str, Any] = {}
+        if state.state and state.state != item.get("stage"):
+            item["stage"] = state.state
+            fields[f"items.{index}.stage"] = state.state
+        if state.logs and state.logs != (item.get("logs") or {}):
+            item["logs"] = dict(state.logs)
+            fields[f"items.{index}.logs"] = item["logs"]
+        last = self._heard_written.get(index)
+        stale = last is None or (now - last).total_seconds() >= self.s.agent_poll_max_seconds
+        item["last_heard_at"] = now
+        if fields or stale:
+            fields[f"items.{index}.last_heard_at"] = now
+            self._heard_written[index] = now
+            await self._write(fields)
+
+    async def _silent(self, exc: AgentError) -> None:
+        """The agent did not answer (or answered 5xx): logged and put on the job once, when
+        it starts (a busy agent answers: that is no silence)."""
+        if exc.reason == "busy" or self._silent_since is not None:
+            return
+        self._silent_since = self.clock.now()
+        self.log.warning(
+            "agent_unreachable",
+            agent=self.p.client.where if self.p else None,
+            error=exc.reason,
+            since=self._silent_since.isoformat(),
+        )
+        await self._write({"agent_unreachable_since": self._silent_since})
+
+    async def _heard(self) -> None:
+        """The agent answered: if it had been silent, say once that it is back."""
+        if self._silent_since is None:
+            return
+        silent = (self.clock.now() - self._silent_since).total_seconds()
+        self._silent_since = None
+        self.log.info(
+            "agent_reachable_again",
+            agent=self.p.client.where if self.p else None,
+            unreachable_seconds=round(silent, 1),
+        )
+        await self._write({"agent_unreachable_since": None})
 
     async def _record(self, index: int, item: Document, agent_job_id: str, state: AgentJob) -> None:
         p = self.p
         assert p is not None and p.info is not None
         now = self.clock.now()
-        item.update(logs=state.logs, ended_at=now, stage=state.state)
+        item.update(logs=state.logs or item.get("logs") or {}, ended_at=now, stage=state.state)
         if state.status != SUCCEEDED:
             message = state.error_message or state.message or "the agent reported a failure"
             item.update(status=FAILED, error=_cap(message, 2000))
             await self._write({f"items.{index}": item})
             raise _ItemFailed(_cap(message, 2000))
+        compression, encryption = p.extra.get(agent_job_id) or (None, None)
         if self.kind == "restore":
-            item.update(status=SUCCEEDED, error=None)
+            # What the restore undid: the restore point's record of how it was stored.
+            item.update(
+                status=SUCCEEDED,
+                error=None,
+                compression=compression or state.compression,
+                encryption=encryption or state.encryption,
+            )
             await self._write({f"items.{index}": item})
             return
-        compression, encryption = p.extra.get(agent_job_id) or (None, None)
         key = object_key(p.info.kind, p.settings.type, self._item_prefix(agent_job_id), state)
         stored_size = state.stored_size
         if stored_size is None and not (state.compression or state.encryption):
@@ -585,12 +721,12 @@ class JobRun:
             return
         now = self.clock.now()
         pending: list[Document] = []
+        kind = self._agent_kind()
         for index, item in enumerate(self.items):
             st = item.get("status")
             if st == RUNNING:
-                note = (
-                    "still running on the agent when the job ended; the agent finishes it "
-                    "on its own and runs its unlock script"
+                note = "still running on the agent when the job ended; " + after_agent(
+                    kind, self.kind, "abandoned"
                 )
                 item.update(
                     status=FAILED if status == FAILED else CANCELLED, error=note, ended_at=now
@@ -629,6 +765,13 @@ class JobRun:
         now = self.clock.now()
         fields = {**self._unwritten, **(fields or {})}
         await jobs.finish(self.store, self.lease, status, reason, at=now, fields=fields)
+        if self._silent_since is not None:
+            self.log.warning(
+                "agent_unreachable_gave_up",
+                agent=self.p.client.where if self.p else None,
+                unreachable_seconds=round((now - self._silent_since).total_seconds(), 1),
+                status=status,
+            )
         self._unwritten = {}
         started = self.job.get("started_at")
         self.r.observer.job_finished(
@@ -651,12 +794,26 @@ class JobRun:
     async def _cancel_requested(self) -> bool:
         return await jobs.cancel_requested(self.store, self.job["_id"])
 
-    async def _cancel_reason(self) -> str:
-        done = [i["name"] for i in self.items if i.get("status") == SUCCEEDED]
+    async def _instance_going(self) -> bool:
+        """Whether the instance is being (or has been) deleted."""
         instance = await self.store.instances.find_one(
             {"_id": self.job["instance_id"]}, {"state": 1}
         )
-        if instance is None or instance.get("state") in ("deprovisioning", "deleted"):
+        return instance is None or instance.get("state") in ("deprovisioning", "deleted")
+
+    def _agent_kind(self) -> str | None:
+        if self.p is not None and self.p.info is not None:
+            return self.p.info.kind
+        return (self.job.get("agent") or {}).get("kind")
+
+    def _running_note(self, kind: str | None, event: str) -> str:
+        """For a job ending while an item is RUNNING on the agent: what the agent does."""
+        running = [i for i in self.items if i.get("status") == RUNNING]
+        return f"; {after_agent(kind, self.kind, event)}" if running else ""
+
+    async def _cancel_reason(self) -> str:
+        done = [i["name"] for i in self.items if i.get("status") == SUCCEEDED]
+        if await self._instance_going():
             text = "Cancelled: the service instance is being deleted"
         else:
             text = "Cancelled by a user"
@@ -681,8 +838,8 @@ class JobRun:
         text = f"The job did not end within its deadline ({_human(self.s.job_deadline_seconds)})"
         if index is not None:
             text += (
-                f"; item {self.items[index]['name']!r} was still running on the agent, which "
-                "finishes it on its own and runs its unlock script"
+                f"; item {self.items[index]['name']!r} was still running on the agent: "
+                + after_agent(self._agent_kind(), self.kind, "abandoned")
             )
         return text + "."
 

@@ -265,14 +265,33 @@ class JobItemOut(BaseModel):
     error: str | None = None
     started_at: datetime | None = None
     ended_at: datetime | None = None
+    stage: str | None = Field(
+        default=None,
+        description="The agent's current stage while the item runs (e.g. pre-backup-lock, "
+        "backup), its last one once it ended.",
+    )
+    last_heard_at: datetime | None = Field(
+        default=None,
+        description="When the agent last answered about this item (updated at least every "
+        "RUNNER_AGENT_POLL_MAX_SECONDS while it answers).",
+    )
     logs: dict[str, str] | None = Field(
         default=None,
-        description="Stage logs (only when reading one job), each cut to its last bytes.",
+        description="Stage logs (only when reading one job), each cut to its last bytes; kept "
+        "as they arrive, so the stages finished before a failure stay visible.",
     )
 
 
 class JobEncryptionOut(BaseModel):
     enabled: bool = False
+
+
+class JobAgentOut(BaseModel):
+    model_config = _OUT
+    kind: str | None = Field(
+        default=None, description="ours or go: what the job's agent is (its GET /status)."
+    )
+    version: str | None = None
 
 
 class MissedOut(BaseModel):
@@ -306,6 +325,14 @@ class JobOut(BaseModel):
     ended_at: datetime | None = None
     deadline_at: datetime | None = None
     attempts: int = 0
+    agent: JobAgentOut | None = Field(
+        default=None, description="The agent that ran it, once the runner reached it."
+    )
+    agent_unreachable_since: datetime | None = Field(
+        default=None,
+        description="Set while the agent does not answer (or answers 5xx): since when. "
+        "Cleared when it answers again; kept on a job that gave up.",
+    )
 
 
 class JobPage(_PageOut):

@@ -57,6 +57,9 @@ class GoAgentStandIn:
         self.fail_stage: str | None = None
         self.fail_database: str | None = None  # with fail_stage: only this item fails
         self.busy = 0
+        # Refuse the next start with this message: 400 with a FAILED job that the Go agent
+        # keeps in memory (under the request's id) until it is deleted.
+        self.refuse: str | None = None
         self.lose_uploads = False  # report success without storing anything
         self.uploaded: list[str] = []
         self.forgotten: list[str] = []
@@ -122,6 +125,16 @@ class GoAgentStandIn:
             return web.json_response(
                 {"message": "body is missing essential fields: encryption_key"}, status=400
             )
+        if self.refuse:
+            failed = {
+                "status": "FAILED",
+                "message": f"{kind} failed",
+                "state": "Body Deserialization",
+                "error_message": self.refuse,
+            }
+            self.refuse = None
+            self.jobs[key] = failed
+            return web.json_response(failed, status=400)
         if self.busy > 0:
             self.busy -= 1
             return web.Response(status=429)
