@@ -239,6 +239,10 @@ class Instances:
             raise concurrency_error(
                 "The instance is being updated; fetch it again once the update has finished."
             )
+        if state == DEPROVISIONING:  # as while updating (OSB: 422 ConcurrencyError)
+            raise concurrency_error(
+                "The instance is being deleted; poll last_operation for the outcome."
+            )
         return doc
 
     async def last_operation(self, instance_id: str, operation: str | None) -> Document:

@@ -580,6 +580,10 @@ class JobRunner:
             return GONE if exc.reason == "not_found" else None
         if not state.finished:
             return None
+        # Its outcome is known now: the agent may forget the job (the Go agent keeps every job
+        # in memory until told so). Best effort: a failure only leaves it there.
+        with contextlib.suppress(AgentError):
+            await client.forget("backup", entry["agent_job_id"])
         if state.status != SUCCEEDED:
             return GONE
         return (
