@@ -46,6 +46,7 @@ from benchmarks._harness import (
 )
 from broker.config import DEFAULT_CATALOG
 from broker.osb.catalog import Catalog
+from storage.egress import DEFAULT_DENY, networks_except
 
 SERVICE_ID = "a2cc3ad7-d439-406d-9c62-e2be817c72fe"
 PLAN_ID = "969e6b3d-4200-4f87-b552-cbc6882e7c95"
@@ -119,6 +120,8 @@ async def main(concurrency: int, seconds: float) -> None:
         "BROKER_PASSWORD": BROKER_PASSWORD,
         "SECRETS_MASTER_KEYS": generate_master_key_spec(),
         "LOG_LEVEL": "INFO",
+        # The agent listens on 127.0.0.1, which the default egress policy denies.
+        "EGRESS_DENY_NETWORKS": ",".join(networks_except(DEFAULT_DENY, "127.0.0.1")),
     }
     catalog_file = tmp / "catalog.json"
     catalog_file.write_bytes(Catalog.load(DEFAULT_CATALOG).body)

@@ -81,6 +81,7 @@ import psutil  # noqa: E402
 
 from backup.embedded_db import EmbeddedMongo  # noqa: E402
 from backup.store import Document, Store, connect  # noqa: E402
+from storage.egress import DEFAULT_DENY, networks_except  # noqa: E402
 
 ZONES = ["UTC", "Europe/Berlin", "America/New_York", "Asia/Tokyo"]
 FAR = datetime(2099, 1, 1, tzinfo=UTC)
@@ -490,6 +491,8 @@ async def runner_scenario(
         "LOG_LEVEL": "INFO",
         "RUNNER_CONCURRENCY": str(concurrency),
         **({"RUNNER_DB_CONNECTIONS": str(db_connections)} if db_connections else {}),
+        # The stub agent and storage listen on 127.0.0.1, which the default policy denies.
+        "EGRESS_DENY_NETWORKS": ",".join(networks_except(DEFAULT_DENY, "127.0.0.1")),
     }
     group = app_replicas(env, database, replicas, tmp)
     db_ps = psutil.Process(server._proc.pid) if server._proc else None  # type: ignore[attr-defined]
