@@ -24,6 +24,7 @@ import aiohttp
 import structlog
 from aiobotocore.config import AioConfig
 from botocore import exceptions as bx
+from botocore.handlers import add_expect_header
 from botocore.parsers import ResponseParserError
 
 from storage import egress
@@ -206,6 +207,10 @@ class S3Store(ObjectStore):
                         config=config,
                     )
                 )
+                # botocore asks for "100 Continue" before every PUT body, and aiohttp waits for
+                # it without any timeout: a server that never answers held an upload forever.
+                # Without it, the read timeout bounds the wait for the answer.
+                self._client.meta.events.unregister("before-call.s3", add_expect_header)
                 self._client.meta.events.register("before-call.s3", egress.no_region_redirect)
         return self._client
 

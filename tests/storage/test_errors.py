@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -11,8 +12,10 @@ from storage import (
     AuthenticationFailed,
     ContainerNotFound,
     EndpointUnreachable,
+    InvalidSettings,
     ObjectNotFound,
     PermissionDenied,
+    S3Settings,
     StorageError,
     TransferSettings,
     open_store,
@@ -130,3 +133,66 @@ async def test_validate_leaves_no_probe(backend: Backend) -> None:
         report = await store.validate()
         assert report.ok and [s.name for s in report.steps] == ["write", "read", "delete"]
         assert [o.key async for o in store.list()] == []
+
+
+async def test_settings_the_client_refuses_are_classified() -> None:
+    """Settings that bypassed validation (built without it, or stored before today's rules)
+    still fail as a StorageError the API can explain, never as botocore's ValueError."""
+    settings = S3Settings.model_construct(
+        **{
+            **S3Settings(bucket="bkt", access_key_id="a", secret_access_key="s" * 10).__dict__,
+            "endpoint": "http://bad_host:9",
+            "region": "bad region!",
+        }
+    )
+    async with open_store(settings, FAST) as store:
+        with pytest.raises(InvalidSettings) as caught:
+            await store.upload("k", stream(1))
+        assert "check the endpoint and region" in caught.value.message
+        report = await store.validate()
+        assert report.failure is not None
+        assert report.failure.error_code == "storage_invalid_settings"
+
+
+async def test_closing_does_not_wait_for_a_silent_server(backend: Backend) -> None:
+    """A request stuck on a server that never answers ends by its own read timeout; a store
+    closed meanwhile (a validation past its deadline) returns at once."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        while await reader.read(65536):
+            pass
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    if backend.kind == "s3":
+        settings = backend.changed(endpoint=url)
+    else:
+        settings = backend.changed(auth_url=f"{url}/auth/v1.0")
+    slow = TransferSettings(read_timeout=30, max_attempts=1)
+    try:
+        store = open_store(settings, slow)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(store.validate(), 1)
+        started = time.monotonic()
+        await store.aclose()
+        assert time.monotonic() - started < 5  # not the 30 s read timeout
+        # Given its own time, a validation ends by the request timeouts.
+        quick = TransferSettings(connect_timeout=1, read_timeout=1, max_attempts=2)
+        started = time.monotonic()
+        async with open_store(settings, quick) as store:
+            report = await store.validate()
+        assert report.failure is not None and report.failure.error_code == "storage_transient"
+        assert time.monotonic() - started < 15  # 2 attempts x (1 + 1) s, plus backoff
+        # An upload too (S3 waited forever for a "100 Continue" that never came).
+        started = time.monotonic()
+        async with open_store(settings, quick) as store:
+            with pytest.raises(StorageError) as caught:
+                await asyncio.wait_for(store.upload("k", stream(10)), 60)
+        assert caught.value.transient
+        assert time.monotonic() - started < 15
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
