@@ -344,7 +344,7 @@ class _Checked:
                 sock = socket.socket(family, type_, proto)
                 for opt in self.socket_options or ():
                     sock.setsockopt(*opt)
-                if self.timeout is not None and self.timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:  # type: ignore[attr-defined]
+                if isinstance(self.timeout, int | float):  # else a default sentinel
                     sock.settimeout(self.timeout)
                 if self.source_address:
                     sock.bind(self.source_address)
