@@ -38,7 +38,7 @@ import structlog
 from pydantic import SecretStr
 from pymongo.errors import DuplicateKeyError
 
-from backup.agent_client import AgentClient, AgentError, AgentInfo, agent_session
+from backup.agent_client import GO, AgentClient, AgentError, AgentInfo, agent_session
 from backup.clock import Clock, SystemClock
 from backup.deprovision import Deprovision, StoreOpener, nothing_to_wait_for
 from backup.errors import BackupError, Conflict, Gone, InvalidInput, NotFound, Unprocessable
@@ -410,6 +410,16 @@ class Instances:
             new = merge_registration(current, req.parameters or {})
             if new.agent.url != current.agent.url:
                 self._check_transport(new)
+            # The same agent, already known to be a Go one: refused now (a new agent is
+            # checked once its kind is known, in _update_work).
+            if not new.agent_changed(current) and (
+                needs := self._go_agent_needs((doc.get("agent") or {}).get("kind"), new)
+            ):
+                raise InvalidInput(
+                    f"Invalid parameters: {needs}",
+                    code="InvalidParameters",
+                    field="parameters.database",
+                )
             plan_id = req.plan_id or doc["plan_id"]
             if state == UPDATING:
                 return self._update_repeat(doc, plan_id, new)
@@ -595,6 +605,33 @@ class Instances:
                 delay = min(delay * 2, 15.0)
             await self.clock.sleep(max(wait, 0.0))
 
+    @staticmethod
+    def _go_agent_needs(kind: str | None, reg: Registration) -> str | None:
+        """What a Go agent lacks in this registration, or None. It answers 400 to every
+        backup and restore whose database username or password is empty, which the
+        registration allows (our agent accepts both: trust authentication, Redis without
+        AUTH), so such an instance could never be backed up."""
+        if kind != GO:
+            return None
+        password = reg.database.password
+        missing = [
+            name
+            for name, value in (
+                ("parameters.database.username", reg.database.username),
+                ("parameters.database.password", password and password.get_secret_value()),
+            )
+            if not value
+        ]
+        if not missing:
+            return None
+        return (
+            "The agent is a Go osb-backup-agent, which refuses every backup and restore "
+            "without a database username and password; set "
+            + " and ".join(missing)
+            + " (for a database without authentication, any non-empty values: the scripts "
+            "may ignore them)."
+        )
+
     def _agent_fields(self, info: AgentInfo, prefix: str) -> Document:
         return {
             f"{prefix}kind": info.kind,
@@ -614,6 +651,8 @@ class Instances:
         info = await self._probe(
             doc, reg.agent.url, reg.agent.username, reg.agent.password.get_secret_value()
         )
+        if needs := self._go_agent_needs(info.kind, reg):
+            raise OperationFailed(f"{needs} Then provision again.")
         done = await self.ops.finish(
             doc,
             {
@@ -635,6 +674,8 @@ class Instances:
         info = await self._probe(
             doc, reg.agent.url, reg.agent.username, reg.agent.password.get_secret_value()
         )
+        if needs := self._go_agent_needs(info.kind, reg):
+            raise OperationFailed(f"{needs} Nothing was changed.")
         applied = {k: v for k, v in pending.items() if k != "agent"}
         applied["agent"] = {
             "url": reg.agent.url,
