@@ -344,6 +344,11 @@ class EmbeddedMongo:
             f"storage_path = {json.dumps(str(storage))}\n"
             'log_level = "WARNING"\n'
             "auth = true\n"
+            # Every commit's log synced before it is acknowledged, not only the writes that
+            # ask for j:true (the service's do): a power loss loses no acknowledged write. On
+            # the service's writes it costs nothing measurable (benchmarks/embedded_durability.py).
+            "[storage]\n"
+            "sync_on_commit = true\n"
         )
         fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

@@ -208,6 +208,8 @@ async def test_a_backup_running_when_the_manager_is_killed_ends_succeeded_once(
     first = Manager(data, tmp_path / "manager-1.log")
     processes.append(first.process)
     first.start_until_ready()
+    # Acknowledged writes are on disk: the database syncs its log on every commit.
+    assert "sync_on_commit = true" in (data / "database.toml").read_text()
     iid, plan = await setup(first, agent, s3_settings)
 
     # 1. kill -9 of the manager alone, mid-backup.
