@@ -161,10 +161,18 @@ async def purge(
     await store.restore_points.delete_one({"_id": point["_id"], "state": DELETING})
 
 
+def invalid_field(exc: ValidationError) -> str:
+    """``field: problem`` of the first error of a destination's stored settings."""
+    problem = exc.errors(include_url=False, include_input=False)[0]
+    return f"{'.'.join(str(p) for p in problem['loc']) or 'settings'}: {problem['msg']}"
+
+
 def storage_failure(exc: BaseException) -> str:
     """Why a storage operation failed, in words safe to show (no credentials)."""
     if isinstance(exc, StorageError):
         return exc.message
+    if isinstance(exc, ValidationError):
+        return f"the destination's settings are no longer accepted ({invalid_field(exc)})"
     if isinstance(exc, TimeoutError):
         return "the storage did not answer in time"
     if isinstance(exc, ImportError):
@@ -200,12 +208,10 @@ async def delete(
     except ValidationError as exc:
         # Stored before today's rules on endpoints and regions: nothing can be reached with
         # them, so the point is left as it was rather than marked for a delete that must fail.
-        problem = exc.errors(include_url=False, include_input=False)[0]
-        field = ".".join(str(p) for p in problem["loc"]) or "settings"
         raise Conflict(
             f"The destination holding this restore point's files has settings that are no "
-            f"longer accepted ({field}: {problem['msg']}); correct the destination, then "
-            "delete the restore point again.",
+            f"longer accepted ({invalid_field(exc)}); correct the destination, then delete the "
+            "restore point again.",
             code="destination_invalid",
         ) from None
     await store.restore_points.update_one(

@@ -33,6 +33,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
 from backup import jobs, restore_points
 from backup.clock import Clock, SystemClock
@@ -276,7 +277,14 @@ class RetentionSweeper:
                 opener=self.opener,
                 timeout=self.storage_timeout,
             )
-        except (StorageError, TimeoutError, OSError, ImportError, SecretKeyError) as exc:
+        except (
+            StorageError,
+            TimeoutError,
+            OSError,
+            ImportError,
+            SecretKeyError,
+            ValidationError,  # settings stored before today's checks: this one fails
+        ) as exc:
             reason = (
                 "a secret cannot be opened"
                 if isinstance(exc, SecretKeyError)
@@ -366,7 +374,14 @@ class RetentionSweeper:
                             await st.delete(key)
                             keys.remove(key)
                             result.orphans_deleted += 1
-            except (StorageError, TimeoutError, OSError, ImportError, SecretKeyError) as exc:
+            except (
+                StorageError,
+                TimeoutError,
+                OSError,
+                ImportError,
+                SecretKeyError,
+                ValidationError,  # settings stored before today's checks: this one fails
+            ) as exc:
                 reason = restore_points.storage_failure(exc)
                 result.failed += 1
                 result.errors.append(f"job {job_id}: {reason}")

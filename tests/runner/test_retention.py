@@ -329,3 +329,19 @@ async def test_stop_ends_the_loop_even_when_a_sweep_swallowed_the_cancel(
     if not done:  # leave nothing running behind a failed test
         loop_task.cancel()
     assert done and loop_task.done(), "stop() waited for the sweep interval"
+
+
+async def test_a_destination_no_client_accepts_does_not_stop_the_sweep(
+    store: Store, box: SecretBox, s3_server: SeaweedS3, s3_settings: S3Settings
+) -> None:
+    """Settings stored before today's checks (an endpoint botocore cannot build a client for)
+    fail that destination's deletes, not the whole sweep (issue 14)."""
+    bad_dest, _, _ = await _seed(store, box, s3_settings, [1, 2], {"style": "FILES", "period": 1})
+    _, _, good = await _seed(store, box, s3_settings, [1, 2], {"style": "FILES", "period": 1})
+    await store.destinations.update_one(
+        {"_id": bad_dest["_id"]}, {"$set": {"endpoint": "http://bad_host:9"}}
+    )
+    result = await RetentionSweeper(store, box, clock=ManualClock(NOW)).run_once()
+    assert (result.deleted, result.failed) == (1, 1), result
+    assert any("no longer accepted" in e for e in result.errors), result.errors
+    assert await store.restore_points.find_one({"_id": good[1]["_id"]}) is None
