@@ -1,4 +1,14 @@
-"""Request bodies of the agent protocol; field names exactly as the Go agent's."""
+"""The agent protocol's messages (docs/agent-protocol.md), modelled once for both sides; field
+names exactly as the Go agent's.
+
+The agent validates the requests it receives with these models; the manager
+(``backup/agent_client.py``) builds its requests with the same models and reads the agents'
+job states with :class:`JobStatus`. They stay here, beside the agent, rather than in a third
+package: this is a pure module (pydantic, the standard library and ``agent.environment``,
+itself pure), so the manager importing it takes on none of the agent's machinery (no
+aiohttp app, no storage, no scripts), and the dependency stays one module of models. The
+names a script parameter may not have are ``agent.environment``'s, which both sides check.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidatorFunctionWrapHandler,
     field_validator,
 )
 
@@ -248,6 +259,86 @@ class RestoreRequest(_Job):
 
 class DeleteRequest(_Model):
     id: str = Field(min_length=1)
+
+
+class FileSize(BaseModel):
+    size: int | None = Field(default=None, ge=0, strict=True)
+    unit: str = "byte"
+
+
+class TransformDone(BaseModel):
+    """(ours) What the agent itself did to the stream."""
+
+    compression: str | None = None
+    encryption: str | None = None
+
+
+JOB_STATUSES = ("RUNNING", "SUCCEEDED", "FAILED")
+
+
+class JobStatus(BaseModel):
+    """A job state as ``GET /backup/{id}`` and ``GET /restore/{id}`` answer it, for both agent
+    kinds. Read leniently, since it comes from another program: a field of an unexpected
+    type, or an empty string, counts as absent, and a status other than the three (the Go
+    agent answers an empty one for a moment after the start) as ``RUNNING``. The stage logs
+    (``<stage>_log``, ``<stage>_errorlog``) are the extra fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: str = "RUNNING"
+    state: str | None = None
+    message: str | None = None
+    error_message: str | None = None
+    filename: str | None = None
+    filenamePrefix: str | None = None
+    filesize: FileSize | None = None
+    # (ours)
+    stored_size: int | None = Field(default=None, ge=0, strict=True)
+    stored_key: str | None = None
+    checksum: str | None = None
+    transform: TransformDone | None = None
+    # The Go agent echoes the request's boolean; older versions of ours named the format
+    # (and the encryption) here instead of in ``transform``.
+    compression: bool | str | None = None
+    encryption: str | None = None
+
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _lenient(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if value == "":
+            return None
+        try:
+            return handler(value)
+        except ValidationError:
+            return None
+
+    @field_validator("status", mode="after")
+    @classmethod
+    def _status(cls, value: str | None) -> str:
+        upper = (value or "").upper()
+        return upper if upper in JOB_STATUSES else "RUNNING"
+
+    @property
+    def size(self) -> int | None:
+        return self.filesize.size if self.filesize else None
+
+    @property
+    def stream_compression(self) -> str | None:
+        """The format the agent compressed the stream with, if it did (ours)."""
+        done = self.transform.compression if self.transform else self.compression
+        return done if isinstance(done, str) else None
+
+    @property
+    def stream_encryption(self) -> str | None:
+        return self.transform.encryption if self.transform else self.encryption
+
+    def logs(self) -> dict[str, str]:
+        """The stage logs that are not empty."""
+        return {
+            k: v
+            for k, v in (self.model_extra or {}).items()
+            if (k.endswith("_log") or k.endswith("_errorlog")) and isinstance(v, str) and v
+        }
 
 
 def describe_errors(exc: ValidationError) -> str:

@@ -1,5 +1,9 @@
-"""The manager's side of the agent protocol (/work/shared/agent-protocol.md), for both agent
-kinds: the Go ``osb-backup-agent`` and ours (``agent/``), told apart by ``GET /status``.
+"""The manager's side of the agent protocol (docs/agent-protocol.md), for both agent kinds:
+the Go ``osb-backup-agent`` and ours (``agent/``), told apart by ``GET /status``.
+
+Requests are built, and job states read, with the protocol's models in ``agent/models.py``,
+the ones the agent validates with: a pure module of pydantic models (see its docstring), so
+the domain takes on none of the agent's machinery by importing it.
 
 This module only speaks HTTP and builds request bodies; *what* to run and *when* is the job
 runner's (``backup.runner``, each job driven by ``backup.job_run``). Secrets (agent password,
@@ -11,19 +15,31 @@ is shown without user info.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr, ValidationError
 
+from agent.models import (
+    NO_KEY,
+    BackupRequest,
+    DatabaseSection,
+    Destination,
+    JobStatus,
+    RestoreRequest,
+    Transform,
+    describe_errors,
+)
 from backup.registration import parameter_refusal
 from storage import egress
 from storage.base import EgressDenied
 from storage.settings import S3Settings, SwiftSettings
 
 Kind = Literal["backup", "restore"]
+_M = TypeVar("_M", bound=BaseModel)
 OURS, GO = "ours", "go"
 # The stream format our agent names in /status and in job states.
 ENCRYPTION_CAPABILITY = "encryption:aes-256-gcm-stream-v1"
@@ -97,47 +113,22 @@ class AgentJob:
     def parse(cls, body: Any, *, log_limit: int) -> AgentJob:
         if not isinstance(body, dict):
             raise AgentError("bad_response", "the agent answered a job state that is not an object")
-        status = str(body.get("status") or "RUNNING").upper()
-        if status not in ("RUNNING", "SUCCEEDED", "FAILED"):
-            # The Go agent registers a job before its goroutine sets a status.
-            status = "RUNNING"
-        filesize = body.get("filesize")
-        size = filesize.get("size") if isinstance(filesize, dict) else None
-        logs = {
-            k: tail(v, log_limit)
-            for k, v in body.items()
-            if isinstance(k, str)
-            and (k.endswith("_log") or k.endswith("_errorlog"))
-            and isinstance(v, str)
-            and v
-        }
-        # What our agent did to the stream: ``transform`` {compression, encryption} (older
-        # versions named them at top level); the Go agent only echoes a boolean compression.
-        done = body.get("transform") if isinstance(body.get("transform"), dict) else body
-        compression = done.get("compression")
+        state = JobStatus.model_validate(body)
         return cls(
-            status=status,
-            state=_str(body.get("state")),
-            message=_str(body.get("message")),
-            error_message=_str(body.get("error_message")),
-            filename=_str(body.get("filename")),
-            filename_prefix=_str(body.get("filenamePrefix")),
-            size=_int(size),
-            stored_size=_int(body.get("stored_size")),
-            stored_key=_str(body.get("stored_key")),
-            checksum=_str(body.get("checksum")),
-            compression=compression if isinstance(compression, str) else None,
-            encryption=_str(done.get("encryption")),
-            logs=logs,
+            status=state.status,
+            state=state.state,
+            message=state.message,
+            error_message=state.error_message,
+            filename=state.filename,
+            filename_prefix=state.filenamePrefix,
+            size=state.size,
+            stored_size=state.stored_size,
+            stored_key=state.stored_key,
+            checksum=state.checksum,
+            compression=state.stream_compression,
+            encryption=state.stream_encryption,
+            logs={k: tail(v, log_limit) for k, v in state.logs().items()},
         )
-
-
-def _str(v: Any) -> str | None:
-    return v if isinstance(v, str) and v else None
-
-
-def _int(v: Any) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
 def tail(text: str, limit: int) -> str:
@@ -310,48 +301,72 @@ class AgentClient:
 # --------------------------------------------------------------------- request bodies
 
 
+def _wire(model: BaseModel) -> dict[str, Any]:
+    """A model as sent: the fields that were set, under the protocol's names."""
+    return model.model_dump(mode="json", exclude_unset=True)
+
+
+def _built(what: str, build: Callable[[], _M]) -> _M:
+    """A model built from the manager's (already validated) data. A refusal is not expected;
+    it is an AgentError that names the fields, never pydantic's text, which quotes the
+    input (passwords, keys)."""
+    try:
+        return build()
+    except ValidationError as exc:
+        raise AgentError(
+            "rejected", f"the {what} cannot be built: {describe_errors(exc)}"
+        ) from None
+
+
 def destination(
     settings: S3Settings | SwiftSettings,
     *,
     filename_prefix: str,
     filename: str | None = None,
 ) -> dict[str, Any]:
-    """The protocol's ``destination`` object for a destination's opened settings.
+    """The protocol's ``destination`` object (:class:`agent.models.Destination`) for a
+    destination's opened settings.
 
     ``filename_prefix`` is the object-name prefix within the bucket/container (the
     destination's own prefix already included) and ends with ``/``. It carries the
     credentials: never log it.
     """
+    extra: dict[str, Any] = {} if filename is None else {"filename": filename}
     if isinstance(settings, S3Settings):
         endpoint = settings.endpoint
-        plain = bool(endpoint) and str(endpoint).startswith("http://")
-        out: dict[str, Any] = {
-            "type": "S3",
-            "bucket": settings.bucket,
-            "region": settings.region,
-            "authKey": settings.access_key_id,
-            "authSecret": settings.secret_access_key.get_secret_value(),
-            "skipSSL": plain,
-            "skipStorage": False,
-            "filenamePrefix": filename_prefix,
-        }
         if endpoint:
-            out["endpoint"] = endpoint
+            extra["endpoint"] = endpoint
+        model = _built(
+            "destination",
+            lambda: Destination(
+                type="S3",
+                bucket=settings.bucket,
+                region=settings.region or "",
+                authKey=settings.access_key_id,
+                authSecret=settings.secret_access_key.get_secret_value(),
+                skipSSL=bool(endpoint) and str(endpoint).startswith("http://"),
+                skipStorage=False,
+                filenamePrefix=filename_prefix,
+                **extra,
+            ),
+        )
     else:
-        out = {
-            "type": "SWIFT",
-            "authUrl": settings.auth_url,
-            "domain": settings.user_domain_name or settings.project_domain_name or "Default",
-            "container_name": settings.container,
-            "project_name": settings.project_name or "",
-            "username": settings.username,
-            "password": settings.password.get_secret_value(),
-            "skipStorage": False,
-            "filenamePrefix": filename_prefix,
-        }
-    if filename is not None:
-        out["filename"] = filename
-    return out
+        model = _built(
+            "destination",
+            lambda: Destination(
+                type="SWIFT",
+                authUrl=settings.auth_url,
+                domain=settings.user_domain_name or settings.project_domain_name or "Default",
+                container_name=settings.container,
+                project_name=settings.project_name or "",
+                username=settings.username,
+                password=settings.password.get_secret_value(),
+                skipStorage=False,
+                filenamePrefix=filename_prefix,
+                **extra,
+            ),
+        )
+    return _wire(model)
 
 
 def database_section(
@@ -363,10 +378,11 @@ def database_section(
     port: int | None,
     parameters: Any,
 ) -> dict[str, Any]:
-    """The ``backup``/``restore`` section. ``parameters`` (a mapping or the protocol's list of
-    single-key objects) become environment variables of the scripts; the instance's port is
-    exported as ``BACKUP_PORT``. A name a tenant may not set (stored before it was refused)
-    is never sent: a Go agent would hand it to its scripts unchecked."""
+    """The ``backup``/``restore`` section (:class:`agent.models.DatabaseSection`).
+    ``parameters`` (a mapping or the protocol's list of single-key objects) become
+    environment variables of the scripts; the instance's port is exported as
+    ``BACKUP_PORT``. A name a tenant may not set (stored before it was refused) is never
+    sent: a Go agent would hand it to its scripts unchecked."""
     params: list[dict[str, Any]] = []
     if isinstance(parameters, dict):
         params = [{str(k): v} for k, v in parameters.items()]
@@ -375,13 +391,13 @@ def database_section(
     params = [p for p in params if parameter_refusal(next(iter(p))) is None]
     if port is not None:
         params.append({"BACKUP_PORT": str(port)})
-    return {
-        "host": host,
-        "username": username,
-        "password": password,
-        "database": database,
-        "parameters": params,
-    }
+    section = _built(
+        "database section",
+        lambda: DatabaseSection(
+            host=host, username=username, password=password, database=database, parameters=params
+        ),
+    )
+    return _wire(section)
 
 
 def backup_modes(info: AgentInfo, compress: bool, encrypt: bool) -> tuple[str | None, str | None]:
@@ -433,16 +449,28 @@ def job_request(
     object's ``sha256:<hex>``) is sent to an agent that lists ``checksum:sha256``, which
     verifies the download against it before the restore script runs.
     """
-    body: dict[str, Any] = {"id": agent_job_id, "destination": destination, kind: section}
-    transform: dict[str, Any] = {}
+    done_by_agent: dict[str, Any] = {}  # what our agent does itself (transform)
     if compression not in (None, BY_SCRIPT):
-        transform["compression"] = compression
+        done_by_agent["compression"] = compression
     if encryption == ENCRYPTION_NAME:
-        transform["encryption"] = True
-    body["compression"] = compression is not None
-    body["encryption_key"] = encryption_key if encryption and encryption_key else "none"
-    if info.kind == OURS and transform:
-        body["transform"] = transform
-    if kind == "restore" and checksum and CHECKSUM_CAPABILITY in info.capabilities:
-        body["checksum"] = checksum
-    return body
+        done_by_agent["encryption"] = True
+    verify = kind == "restore" and checksum and CHECKSUM_CAPABILITY in info.capabilities
+
+    def build() -> BackupRequest | RestoreRequest:
+        fields: dict[str, Any] = {
+            "id": agent_job_id,
+            "compression": compression is not None,
+            "encryption_key": encryption_key if encryption and encryption_key else NO_KEY,
+            "destination": Destination.model_validate(destination),
+        }
+        if info.kind == OURS and done_by_agent:
+            fields["transform"] = Transform(**done_by_agent)
+        db = DatabaseSection.model_validate(section)
+        if kind == "backup":
+            return BackupRequest(**fields, backup=db)
+        if verify:
+            fields["checksum"] = checksum
+        return RestoreRequest(**fields, restore=db)
+
+    request = _built(f"{kind} request", build)
+    return _wire(request)

@@ -1,5 +1,5 @@
 """A stub agent for benchmarks: one small, fast HTTP server in its own process that speaks the
-agent protocol (/work/shared/agent-protocol.md) for any number of instances.
+agent protocol (docs/agent-protocol.md) for any number of instances.
 
     AGENT_PASSWORD=... python benchmarks/_stub_agent.py --port PORT [--user U] [--delay 0.5]
 
