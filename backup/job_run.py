@@ -29,6 +29,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from pydantic import ValidationError
 
 from backup import agent_client, destinations, jobs, restore_points
 from backup.agent_client import GO, OURS, AgentClient, AgentError, AgentInfo, AgentJob
@@ -249,6 +250,12 @@ class JobRun:
                 FAILED,
                 "Stored credentials cannot be opened with the configured master keys "
                 "(SECRETS_MASTER_KEYS).",
+            ) from None
+        except ValidationError as exc:  # stored before today's checks of endpoint and region
+            raise JobEnd(
+                FAILED,
+                f"The destination's settings are no longer accepted "
+                f"({restore_points.invalid_field(exc)}); correct the destination.",
             ) from None
         budget = self.s.job_log_budget_bytes // max(1, len(self.items) * STAGES_PER_ITEM)
         client = self.r.client_for(instance, log_limit=max(1024, min(self.s.log_max_bytes, budget)))
