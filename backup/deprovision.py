@@ -31,6 +31,7 @@ import structlog
 from backup import destinations, events, plans, restore_points
 from backup.clock import Clock
 from backup.errors import BackupError, Conflict, NotFound, Unavailable
+from backup.job_run import after_agent
 from backup.operations import DELETED, OperationFailed, Operations, human_duration
 from backup.retention import RetentionSweeper
 from backup.secrets import SecretBox
@@ -132,22 +133,33 @@ class Steps:
             if not running:
                 return 0
             if now >= deadline:
-                gave_up = await jobs.update_many(
-                    {"instance_id": iid, "status": "RUNNING"},
-                    {
-                        "$set": {
-                            "status": "CANCELLED",
-                            "reason": (
-                                "Abandoned: the service instance was deleted while this job "
-                                f"ran and it did not stop within {human_duration(job_wait)}"
-                                "; the agent may still finish it on its own."
-                            ),
-                            "ended_at": now,
+                abandoned = 0
+                running_jobs = await jobs.find(
+                    {"instance_id": iid, "status": "RUNNING"}, {"type": 1, "agent": 1}
+                ).to_list()
+                for job in running_jobs:
+                    # The reason says what the job's agent does next (by its kind).
+                    kind = (job.get("agent") or {}).get("kind")
+                    what = "restore" if job.get("type") == "RESTORE" else "backup"
+                    gave_up = await jobs.update_one(
+                        {"_id": job["_id"], "status": "RUNNING"},
+                        {
+                            "$set": {
+                                "status": "CANCELLED",
+                                "reason": (
+                                    "Abandoned: the service instance was deleted while this "
+                                    "job ran and it did not stop within "
+                                    f"{human_duration(job_wait)}; "
+                                    + after_agent(kind, what, "abandoned")
+                                    + "."
+                                ),
+                                "ended_at": now,
+                            },
+                            "$inc": {"version": 1},
                         },
-                        "$inc": {"version": 1},
-                    },
-                )
-                return gave_up.modified_count
+                    )
+                    abandoned += gave_up.modified_count
+                return abandoned
             await self.progress(f"Waiting for {running} running job(s) to stop.")
             await self.clock.sleep(min(1.0, max((deadline - now).total_seconds(), 0.0)))
 

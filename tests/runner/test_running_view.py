@@ -324,3 +324,22 @@ async def test_our_agent_killed_keeps_the_logs_and_says_what_it_does_on_restart(
     assert "our agent stopped, it runs the unlock script (post-backup-unlock)" in item["error"]
     assert len(events(logs, "agent_unreachable")) == 1
     assert len(events(logs, "agent_unreachable_gave_up")) == 1
+
+
+async def test_a_deprovision_that_abandons_a_go_agent_job_says_what_to_check(go: GoRig) -> None:
+    instance, _, job = await go.backup(items=["orders"])
+    go.agent.hold()
+    await go.make_runner().run_once()
+    await go.started(job)
+
+    async def attached() -> bool:
+        return bool((await doc_of(go.store, job["_id"])).get("agent"))
+
+    await until(attached, clock=go.clock)
+    steps = Steps(go.store, go.box, go.clock, open_store, 3, 0.1)
+    assert await steps.stop_jobs(instance["_id"], go.clock.now(), 0) == 1
+    done = await doc_of(go.store, job["_id"])
+    assert done["status"] == "CANCELLED" and done["reason"].startswith("Abandoned")
+    assert "the Go agent finishes it on its own, but skips its unlock script" in done["reason"]
+    assert "check that the database is not still locked" in done["reason"]
+    go.agent.let_go()
