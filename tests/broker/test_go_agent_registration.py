@@ -7,10 +7,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import aiohttp
 import pytest
 
 from tests.broker.conftest import SERVICE_ID, Osb, go_parameters, parameters, provision_body
-from tests.runner.go_agent import GoAgentStandIn
+from tests.runner.go_agent import PASSWORD, USER, GoAgentStandIn
 from tests.servers.broker import Service
 
 
@@ -99,3 +100,24 @@ async def test_moving_to_a_go_agent_without_them_fails_and_keeps_the_old_agent(
     after = await broker.store.instances.find_one({"_id": iid})
     assert after["agent"] == before["agent"] and after["state"] == "ready"
     assert after["secrets"] == before["secrets"]
+
+
+async def test_why_the_go_agent_stand_in_refuses_such_a_job(go_agent: GoAgentStandIn) -> None:
+    """What such an instance would meet at its first backup: the Go agent's 400 with a failed
+    job kept under the id."""
+    body = {
+        "id": "job-1-0",
+        "compression": False,
+        "encryption_key": "none",
+        "destination": {"type": "S3", "bucket": "b", "region": "r", "authKey": "k"},
+        "backup": {"host": "127.0.0.1", "username": "postgres", "password": "", "database": "d"},
+    }
+    headers = {"Authorization": aiohttp.encode_basic_auth(USER, PASSWORD)}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.post(f"{go_agent.url}/backup", json=body) as r:
+            assert r.status == 400
+            state = await r.json()
+        assert state["state"] == "Body Deserialization"
+        assert state["error_message"].endswith("backup(password)")
+        async with http.get(f"{go_agent.url}/backup/job-1-0") as r:
+            assert r.status == 200 and (await r.json())["status"] == "FAILED"

@@ -125,6 +125,12 @@ class GoAgentStandIn:
             return web.json_response(
                 {"message": "body is missing essential fields: encryption_key"}, status=400
             )
+        # Like the Go agent: an empty database username or password is a missing field (a
+        # failed job kept under the id), which is why the manager refuses such a registration.
+        section = body.get(kind) if isinstance(body.get(kind), dict) else {}
+        missing = [f for f in ("username", "password") if not section.get(f)]
+        if missing and not self.refuse:
+            self.refuse = f"body is missing essential fields: {kind}({' '.join(missing)})"
         if self.refuse:
             failed = {
                 "status": "FAILED",
