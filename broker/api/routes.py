@@ -241,6 +241,7 @@ async def create_destination(c: Ctx) -> Any:
     tag="destinations",
     body=m.DestinationIn,
     response=m.ValidationOut,
+    errors=(422,),  # egress_denied: the host may not be connected to
 )
 async def validate_new_destination(c: Ctx) -> Any:
     raw = await c.raw_body()
@@ -303,6 +304,7 @@ async def delete_destination(c: Ctx) -> Any:
     body=m.DestinationPatch,
     body_required=False,
     response=m.ValidationOut,
+    errors=(422,),  # egress_denied: the host may not be connected to
 )
 async def validate_destination(c: Ctx) -> Any:
     patch = await c.raw_body() if c.request.body_exists else None

@@ -212,3 +212,80 @@ async def test_no_500_and_refusals_change_nothing(
         assert after == before, context
         if who not in ("broker", "reader"):
             assert status in (401, 404), context
+
+
+# --- destination validation with arbitrary endpoints ------------------------------------------
+#
+# Every address below is closed (refused at once) or denied by the test suite's egress policy
+# (refused before any connection), and no generated host is a DNS name other than localhost:
+# the hunt opens no slow connection and asks no resolver.
+
+_HOSTS = st.sampled_from(
+    [
+        "127.0.0.1", "localhost", "[::1]", "[::ffff:127.0.0.1]", "127.0.0.2", "0.0.0.0",
+        "169.254.169.254", "[fd00:ec2::254]", "224.0.0.1", "[::]", "bad_host", "b\u00fccher.de",
+        "[fe80::1%25eth0]", "[::1", "::1", "-a.b", "a..b", "", " ", "x" * 300, "127.1",
+        "2130706433", "0x7f.1", "user:pw@127.0.0.1", "127.0.0.1#frag", "127.0.0.1?q=1",
+        "[2001:db8::1]", "\u0661\u0662\u0667.0.0.1", "127.0.0.1\t", "%31%32%37.0.0.1",
+    ]
+) | st.text(max_size=20).filter(lambda t: not re.fullmatch(r"[A-Za-z0-9.-]*", t))  # fmt: skip
+_PORTS = st.sampled_from(["", ":9", ":1", ":0", ":65535", ":65536", ":-1", ":abc", ":", ":09"])
+_SCHEMES = st.sampled_from(["http://", "https://", "", "HTTP://", "ftp://", "s3://", "//"])
+_PATHS = st.sampled_from(["", "/", "/auth/v1.0", "/v3", "/v2.0", "/%00", "/../x", "/a b"])
+_REGIONS = st.sampled_from(["us-east-1", "RegionOne", "bad region!", "", "1", "-x", "\u00e9"]) | (
+    st.text(max_size=70)
+)
+_URLS = st.builds(lambda *p: "".join(p), _SCHEMES, _HOSTS, _PORTS, _PATHS) | st.text(max_size=40)
+
+
+def _destination(kind: str, url: str, region: str, plain: bool | None) -> dict[str, Any]:
+    if kind == "S3":
+        body: dict[str, Any] = {**S3_BODY, "endpoint": url, "region": region}
+        body.pop("plain_http")
+        if plain is not None:
+            body["plain_http"] = plain
+        return body
+    return {**SWIFT_BODY, "auth_url": url, "region_name": region or None,
+            "auth_version": "1" if plain else "3", "project_name": "p"}  # fmt: skip
+
+
+@settings(
+    max_examples=2 * EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    kind=st.sampled_from(["S3", "SWIFT"]),
+    url=_URLS,
+    region=_REGIONS,
+    plain=st.none() | st.booleans(),
+    create=st.booleans(),
+)
+async def test_validating_arbitrary_endpoints_never_fails_with_500(
+    fuzz_env: tuple[Api, Seeded, dict[str, str | None]],
+    kind: str,
+    url: str,
+    region: str,
+    plain: bool | None,
+    create: bool,
+) -> None:
+    """Validation and creation with ?validate=true: whatever the endpoint, auth URL or region,
+    a documented answer with the error contract, never a 500 (botocore raised while building
+    its client for some of them), and nothing stored."""
+    api, seeded, _ = fuzz_env
+    body = _destination(kind, url, region, plain)
+    operation = "create_destination" if create else "validate_new_destination"
+    path = "/destinations?validate=true" if create else "/destinations/validate"
+    before = await _snapshot(api)
+    status, answer = await api.call("POST", path, instance=seeded.instance, json=body)
+    context = (operation, body, status, answer)
+    assert status < 500, context
+    assert str(status) in OPERATIONS[operation][2]["responses"], context
+    assert isinstance(answer, dict), context
+    if status >= 400:
+        assert isinstance(answer.get("error"), str), context
+        assert isinstance(answer.get("description"), str) and answer["description"], context
+    else:
+        assert status == 200 and answer["ok"] is False, context  # nothing answers there
+    assert await _snapshot(api) == before, context
