@@ -333,12 +333,14 @@ class JobRun:
     def _request(self, index: int, item: Document, agent_job_id: str) -> dict[str, Any]:
         p = self.p
         assert p is not None and p.info is not None
+        # The job's instance is the one whose database changes: for a restore, the target
+        # (possibly another instance than the restore point's), into the item's ``target``.
         db = p.instance.get("database") or {}
         section = agent_client.database_section(
             host=str(db.get("host") or ""),
             username=str(db.get("username") or ""),
             password=p.db_password,
-            database=item["name"],
+            database=str(item.get("target") or item["name"]),
             port=db.get("port"),
             parameters=db.get("parameters"),
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -135,15 +136,37 @@ async def start_backup(store: Store, plan: Document, trigger: str = MANUAL) -> D
     return job
 
 
-async def start_restore(store: Store, point: Document, items: list[str] | None) -> Document:
-    """Queue a restore of ``point`` (all its items, or the ``items`` subset)."""
+async def start_restore(
+    store: Store,
+    point: Document,
+    items: Sequence[str | tuple[str, str | None]] | None,
+    *,
+    target: Document | None = None,
+) -> Document:
+    """Queue a restore of ``point`` (all its items, or the ``items`` subset) into ``target``
+    (an instance document; default: the point's own instance, the caller having checked that
+    it may change it). An item is a name of the point, or (name, target item): the target
+    instance's item to restore it into (default: the same name).
+
+    The job belongs to the target instance, whose data it changes: it is listed there, runs
+    on the target's agent with the target's database, and one restore at a time runs per
+    target. A restore into another instance records ``source_instance_id``; the restore
+    point stays with its source. A target item other than the source's own item must be one
+    of the target's registered items."""
     if point.get("state") != "available":
         raise Conflict(
             "This restore point is being deleted and cannot be restored.",
             code="restore_point_deleting",
         )
+    source_id = point["instance_id"]
+    target_id = str(target["_id"]) if target is not None else source_id
+    registered = set(target.get("items") or []) if target is not None else None
     stored = {i["name"]: i for i in point.get("items") or []}
-    names = list(items) if items is not None else list(stored)
+    pairs = [
+        (entry, None) if isinstance(entry, str) else entry
+        for entry in (items if items is not None else list(stored))
+    ]
+    names = [name for name, _ in pairs]
     if not names:
         raise InvalidInput("Name at least one item to restore.", field="items")
     if len(set(names)) != len(names):
@@ -155,14 +178,38 @@ async def start_restore(store: Store, point: Document, items: list[str] | None) 
             code="unknown_item",
             field="items",
         )
+    targets = [into or name for name, into in pairs]
+    if len(set(targets)) != len(targets):
+        raise InvalidInput(
+            "Two items would be restored into the same target item; name a different "
+            "target for each.",
+            field="items",
+        )
+    for name, dest in zip(names, targets, strict=True):
+        # Restoring an item into itself on its own instance needs no registration (as
+        # before targets existed: an item may have been unregistered since its backup);
+        # anything else writes to a database the target's registration must name.
+        if dest == name and target_id == source_id:
+            continue
+        if registered is None:
+            own = await store.instances.find_one({"_id": target_id}, {"items": 1}) or {}
+            registered = set(own.get("items") or [])
+        if dest not in registered:
+            known = ", ".join(sorted(registered)) or "none"
+            raise InvalidInput(
+                f"{dest!r} is not an item of the target instance (its items: {known}); "
+                "restore only into a registered item.",
+                code="unknown_item",
+                field="items",
+            )
     await _refuse_if_active(
         store,
-        {"instance_id": point["instance_id"], "type": RESTORE},
+        {"instance_id": target_id, "type": RESTORE},
         "A restore of this instance is already under way",
     )
     chosen = [stored[n] for n in names]
     job = new_job(
-        instance_id=point["instance_id"],
+        instance_id=target_id,
         type=RESTORE,
         plan_id=point.get("plan_id"),
         destination_id=point["destination_id"],
@@ -170,18 +217,21 @@ async def start_restore(store: Store, point: Document, items: list[str] | None) 
         items=[
             new_item(
                 i["name"],
+                target=dest,
                 filename=i.get("filename"),
                 key=i.get("key"),
                 size=i.get("size"),
                 stored_size=i.get("stored_size"),
                 checksum=i.get("checksum"),
             )
-            for i in chosen
+            for i, dest in zip(chosen, targets, strict=True)
         ],
         compression=any(bool(i.get("compression")) for i in chosen),
         encryption={"enabled": any(bool(i.get("encryption")) for i in chosen)},
         restore_point_id=point["_id"],
     )
+    if target_id != source_id:
+        job["source_instance_id"] = source_id
     await store.jobs.insert_one(job)
     events.jobs_queued.fire()
     return job

@@ -50,6 +50,10 @@ class Principal:
     instance_id: str | None = None  # bindings: the one instance the key is for
 
 
+_PRINCIPAL = web.RequestKey("api_principal", Principal)
+"""The caller :meth:`Authorizer.authorize` let in, for checks of a second instance."""
+
+
 def unauthenticated(description: str) -> ApiError:
     return ApiError(401, "unauthorized", description, headers={"WWW-Authenticate": _CHALLENGE})
 
@@ -325,6 +329,35 @@ class Authorizer:
     async def authorize(self, request: web.Request, instance_id: str, manage: bool) -> Document:
         """The live instance if the caller may act on it, else 401/403/404."""
         principal = await self.authenticate(request)
+        request[_PRINCIPAL] = principal
+        return await self.instance_for(principal, instance_id, manage)
+
+    async def authorize_also(self, request: web.Request, instance_id: str) -> Document:
+        """A second instance the request changes (a restore's target), for the caller that
+        :meth:`authorize` already let in: the live instance if it may manage it, the same 404
+        as an unknown one if it may not see it, 403 if it may only read it."""
+        principal = request.get(_PRINCIPAL)
+        if principal is None:
+            principal = await self.authenticate(request)
+        return await self.instance_for(
+            principal,
+            instance_id,
+            True,
+            forbidden="You may read the target instance's backups but not change them, so "
+            "you may not restore into it; ask a space developer or manager.",
+        )
+
+    async def instance_for(
+        self,
+        principal: Principal,
+        instance_id: str,
+        manage: bool,
+        *,
+        forbidden: str = "You may read this instance's backups but not change them; ask a "
+        "space developer or manager.",
+    ) -> Document:
+        """The live instance if ``principal`` may read it (and manage it, if ``manage``);
+        404 when it may not see it or there is none (never telling which), else 403."""
         if len(instance_id) > 256:
             raise instance_not_found(instance_id)
         may_read, may_manage = await self.permissions(principal, instance_id)
@@ -336,12 +369,7 @@ class Authorizer:
         if instance is None:
             raise instance_not_found(instance_id)
         if manage and not may_manage:
-            raise ApiError(
-                403,
-                "forbidden",
-                "You may read this instance's backups but not change them; ask a space "
-                "developer or manager.",
-            )
+            raise ApiError(403, "forbidden", forbidden)
         return instance
 
 

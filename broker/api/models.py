@@ -251,6 +251,11 @@ class PlanPage(_PageOut):
 class JobItemOut(BaseModel):
     model_config = _OUT
     name: str
+    target: str | None = Field(
+        default=None,
+        description="A restore: the item (database) restored into; name is the restore "
+        "point's item.",
+    )
     status: str | None = None
     filename: str | None = None
     size: int | None = Field(default=None, description="Bytes the scripts produced.")
@@ -317,6 +322,11 @@ class JobOut(BaseModel):
     reason: str | None = Field(default=None, description="Why it ended as it did.")
     items: list[JobItemOut] = []
     restore_point_id: str | None = None
+    source_instance_id: str | None = Field(
+        default=None,
+        description="A restore into another instance: the instance whose restore point it "
+        "restores (the job is this, the target's, job).",
+    )
     compression: bool = False
     encryption: JobEncryptionOut = Field(default_factory=JobEncryptionOut)
     cancel_requested: bool = False
@@ -344,12 +354,45 @@ class BackupIn(BaseModel):
     plan_id: Id = Field(description="The plan to back up now.")
 
 
+class RestoreItemIn(BaseModel):
+    """One item to restore, and where to."""
+
+    model_config = _IN
+    name: Text = Field(description="An item of the restore point.")
+    target: Text | None = Field(
+        default=None,
+        description="The target instance's item (database) to restore it into; default: the "
+        "same name. Unless it is the item itself on its own instance, it must be one of the "
+        "target instance's registered items (GET .../items), else 400 unknown_item.",
+    )
+
+
 class RestoreIn(BaseModel):
+    """A restore of a restore point of this instance: into the same databases by default, or
+    into other items of this instance or of another instance the caller may manage."""
+
     model_config = _IN
     restore_point_id: Id
-    items: list[Text] | None = Field(
-        default=None, max_length=1000, description="A subset of the restore point's items."
+    target_instance_id: Text | None = Field(
+        default=None,
+        description="The instance to restore into; default: this one. The caller must be "
+        "allowed to manage it too (a binding key: only its own instance); one it may not see "
+        "answers 404 instance_not_found, one it may only read 403. The job is recorded and "
+        "listed under the target, whose agent runs it with the target's database; the "
+        "restore point stays with this instance.",
     )
+    items: list[Text | RestoreItemIn] | None = Field(
+        default=None,
+        max_length=1000,
+        description="A subset of the restore point's items (default: all), each a name "
+        "(restored into the item of the same name) or {name, target}.",
+    )
+
+    def pairs(self) -> list[tuple[str, str | None]] | None:
+        """The items as (restore point item, target item or None) pairs."""
+        if self.items is None:
+            return None
+        return [(i, None) if isinstance(i, str) else (i.name, i.target) for i in self.items]
 
 
 # --- restore points -------------------------------------------------------------------------

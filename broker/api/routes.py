@@ -433,7 +433,9 @@ async def start_plan_backup(c: Ctx) -> Any:
 @op(
     "POST",
     "/restores",
-    summary="Restore: queue a restore job of a restore point (all or some of its items)",
+    summary="Restore: queue a restore job of a restore point (all or some of its items), "
+    "into this instance or another one the caller may manage (target_instance_id), each item "
+    "into itself or another registered item (target)",
     tag="jobs",
     status=202,
     body=m.RestoreIn,
@@ -442,8 +444,13 @@ async def start_plan_backup(c: Ctx) -> Any:
 )
 async def start_restore(c: Ctx) -> Any:
     spec = await c.body(m.RestoreIn)
+    target = None
+    if spec.target_instance_id is not None and spec.target_instance_id != c.instance_id:
+        # Before the restore point is looked at: a target the caller may not manage answers
+        # the same whatever the point, and one it may not see exactly like an unknown one.
+        target = await c.request.app[AUTHORIZER].authorize_also(c.request, spec.target_instance_id)
     point = await restore_points.get(c.store, c.instance_id, spec.restore_point_id)
-    job = await jobs.start_restore(c.store, point, spec.items)
+    job = await jobs.start_restore(c.store, point, spec.pairs(), target=target)
     return out(m.JobOut, views.job(job, None))
 
 
