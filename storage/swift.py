@@ -55,6 +55,7 @@ from storage.base import (
     AuthenticationFailed,
     ContainerNotFound,
     EndpointUnreachable,
+    NotAnObjectStore,
     ObjectInfo,
     ObjectNotFound,
     ObjectStore,
@@ -203,9 +204,17 @@ def _get_auth_1_0(settings: SwiftSettings, timeout: tuple[float, float]) -> tupl
     finally:
         conn.close()
     url = resp.getheader("x-storage-url")
-    if resp.status < 200 or resp.status >= 300 or (body and not url):
+    token = resp.getheader("x-storage-token", resp.getheader("x-auth-token"))
+    if resp.status < 200 or resp.status >= 300:
         raise ClientException.from_response(resp, "Auth GET failed", body)
-    return url, resp.getheader("x-storage-token", resp.getheader("x-auth-token"))
+    if not url or not token:
+        # A web page or anything else that answers 200: saying "refused" would mislead.
+        raise NotAnObjectStore(
+            f"{parsed.netloc} answered the auth v1 request without a storage URL and token: it "
+            "does not speak Swift's auth v1; check auth_url and auth_version.",
+            step="connect",
+        )
+    return url, token
 
 
 def _keystone_session(settings: SwiftSettings, transfer: TransferSettings) -> Any:

@@ -273,6 +273,11 @@ def _v1_auth_fails(status: int) -> Handler:
     return handler
 
 
+async def _v1_auth_answers_nothing(r: Remote, _: web.Request) -> web.Response:
+    """A 200 with neither storage URL nor token: not Swift's auth."""
+    return web.Response(status=200, reason=f"{r.canary} Reason")
+
+
 def _v1_storage_fails(status: int) -> Handler:
     """Auth succeeds and points back here; every storage request fails with ``status``."""
 
@@ -298,8 +303,19 @@ def _v1_storage_fails(status: int) -> Handler:
         (_v1_storage_fails(403), "storage_permission_denied"),
         (_v1_storage_fails(409), "storage_error"),
         (_v1_storage_fails(503), "storage_transient"),
+        (_v1_auth_fails(200), "storage_not_object_store"),
+        (_v1_auth_answers_nothing, "storage_not_object_store"),
     ],
-    ids=["auth-401", "auth-403", "auth-500", "storage-403", "storage-409", "storage-503"],
+    ids=[
+        "auth-401",
+        "auth-403",
+        "auth-500",
+        "storage-403",
+        "storage-409",
+        "storage-503",
+        "auth-200-page",
+        "auth-200-empty",
+    ],
 )
 async def test_swift_v1_answers_are_classified_not_echoed(
     api: Api,
