@@ -1,4 +1,4 @@
-"""What both backends share: key rules, cutting a byte stream into parts, retries, redaction.
+"""What both backends share: key rules, cutting a byte stream into parts, retries, plain reasons.
 
 Nothing here talks to a server.
 """
@@ -71,14 +71,6 @@ def full_key(prefix: str, key: str) -> str:
 def check_list_prefix(prefix: str) -> None:
     if not isinstance(prefix, str) or prefix.startswith("/") or ".." in prefix.split("/"):
         raise InvalidKey("A listing prefix must be relative and must not contain '..'.")
-
-
-def redact(text: str, secrets: Iterable[str | None]) -> str:
-    """``text`` with every secret replaced; servers sometimes echo what they were sent."""
-    for secret in secrets:
-        if secret and len(secret) >= 3:
-            text = text.replace(secret, "***")
-    return text
 
 
 def short(text: str, limit: int = 300) -> str:
