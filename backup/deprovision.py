@@ -108,34 +108,41 @@ class Steps:
         ``deadline``; returns how many were abandoned then (marked CANCELLED: their agent may
         still finish them on its own). ``job_wait`` is how long that was, for the reason."""
         jobs = self.store.jobs
+        # Also restores from its restore points into other instances (recorded under their
+        # target): they keep its points, whose files may be deleted next, in use.
+        mine: dict[str, Any] = {"$or": [{"instance_id": iid}, {"source_instance_id": iid}]}
         await self.progress("Cancelling the instance's jobs.")
         while True:
             now = self.clock.now()
-            await jobs.update_many(
-                {"instance_id": iid, "status": "QUEUED"},
-                {
-                    "$set": {
-                        "status": "CANCELLED",
-                        "cancel_requested": True,
-                        "reason": "Cancelled: the service instance is being deleted.",
-                        "ended_at": now,
+            for query, why in (
+                ({"instance_id": iid}, "the service instance is being deleted"),
+                ({"source_instance_id": iid}, "the instance of its restore point is being deleted"),
+            ):
+                await jobs.update_many(
+                    {**query, "status": "QUEUED"},
+                    {
+                        "$set": {
+                            "status": "CANCELLED",
+                            "cancel_requested": True,
+                            "reason": f"Cancelled: {why}.",
+                            "ended_at": now,
+                        },
+                        "$inc": {"version": 1},
                     },
-                    "$inc": {"version": 1},
-                },
-            )
+                )
             asked = await jobs.update_many(
-                {"instance_id": iid, "status": "RUNNING", "cancel_requested": {"$ne": True}},
+                {**mine, "status": "RUNNING", "cancel_requested": {"$ne": True}},
                 {"$set": {"cancel_requested": True}, "$inc": {"version": 1}},
             )
             if asked.modified_count:
                 events.jobs_queued.fire()  # wakes this replica's runner to act on it
-            running = await jobs.count_documents({"instance_id": iid, "status": "RUNNING"})
+            running = await jobs.count_documents({**mine, "status": "RUNNING"})
             if not running:
                 return 0
             if now >= deadline:
                 abandoned = 0
                 running_jobs = await jobs.find(
-                    {"instance_id": iid, "status": "RUNNING"}, {"type": 1, "agent": 1}
+                    {**mine, "status": "RUNNING"}, {"type": 1, "agent": 1}
                 ).to_list()
                 for job in running_jobs:
                     # The reason says what the job's agent does next (by its kind).
@@ -353,7 +360,10 @@ class InstanceCleanup:
         if await self._instance(iid) is None:
             return CleanupResult()
         active = await self.store.jobs.count_documents(
-            {"instance_id": iid, "status": {"$in": ["QUEUED", "RUNNING"]}}
+            {
+                "$or": [{"instance_id": iid}, {"source_instance_id": iid}],
+                "status": {"$in": ["QUEUED", "RUNNING"]},
+            }
         )
         deadline = self.clock.now() + timedelta(seconds=self.job_wait)
         abandoned = await self._steps().stop_jobs(iid, deadline, self.job_wait)

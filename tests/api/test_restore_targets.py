@@ -271,3 +271,18 @@ async def test_openapi_documents_the_targets(api: Api) -> None:
     assert "target_instance_id" in schemas["RestoreIn"]["properties"]
     assert set(schemas["RestoreItemIn"]["properties"]) == {"name", "target"}
     assert "source_instance_id" in schemas["JobOut"]["properties"]
+
+
+async def test_stopping_the_sources_jobs_stops_restores_from_its_points(api: Api) -> None:
+    """A deprovision of the source (here its first step, as evoila-based brokers call it)
+    stops restores from its restore points into other instances too: they would otherwise
+    keep its points, whose files it is about to delete, in use."""
+    a, point = await _source(api)
+    b = await add_instance(api.store)
+    status, job = await _restore(api, a, {"restore_point_id": point, "target_instance_id": b})
+    assert status == 202, job
+    status, _ = await api.call("DELETE", f"/backupJobs/byInstance/{a}")
+    assert status == 204
+    status, read = await api.call("GET", f"/jobs/{job['id']}", instance=b)
+    assert status == 200 and read["status"] == "CANCELLED", read
+    assert "being deleted" in read["reason"]
