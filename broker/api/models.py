@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
 
 from backup import pagination
 from backup.destinations import DestinationSpec, S3DestinationSpec, SwiftDestinationSpec
@@ -367,6 +367,23 @@ class RestoreItemIn(BaseModel):
     )
 
 
+def _restore_item_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "name"
+    return "item" if isinstance(value, dict | RestoreItemIn) else None
+
+
+# A name or an object, told apart by type, so that an error names only what was meant.
+RestoreItemChoice = Annotated[
+    Annotated[Text, Tag("name")] | Annotated[RestoreItemIn, Tag("item")],
+    Discriminator(
+        _restore_item_kind,
+        custom_error_type="restore_item",
+        custom_error_message="An item is a name or an object {name, target}",
+    ),
+]
+
+
 class RestoreIn(BaseModel):
     """A restore of a restore point of this instance: into the same databases by default, or
     into other items of this instance or of another instance the caller may manage."""
@@ -381,7 +398,7 @@ class RestoreIn(BaseModel):
         "listed under the target, whose agent runs it with the target's database; the "
         "restore point stays with this instance.",
     )
-    items: list[Text | RestoreItemIn] | None = Field(
+    items: list[RestoreItemChoice] | None = Field(
         default=None,
         max_length=1000,
         description="A subset of the restore point's items (default: all), each a name "
