@@ -278,7 +278,9 @@ async def delete(store: Store, instance_id: str, plan_id: str) -> None:
     events.plans_changed.fire()
     at = now()
     await store.jobs.update_many(
-        {"plan_id": plan_id, "status": "QUEUED"},
+        # This instance's jobs only: a restore of one of its points into another instance
+        # is that instance's job (backup/jobs.py start_restore).
+        {"plan_id": plan_id, "instance_id": instance_id, "status": "QUEUED"},
         {
             "$set": {"status": "CANCELLED", "reason": "The plan was deleted.", "ended_at": at},
             "$inc": {"version": 1},

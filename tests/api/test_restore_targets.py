@@ -286,3 +286,16 @@ async def test_stopping_the_sources_jobs_stops_restores_from_its_points(api: Api
     status, read = await api.call("GET", f"/jobs/{job['id']}", instance=b)
     assert status == 200 and read["status"] == "CANCELLED", read
     assert "being deleted" in read["reason"]
+
+
+async def test_deleting_the_sources_plan_leaves_the_targets_restore_alone(api: Api) -> None:
+    """The source's plan deletion cancels the plan's own queued jobs, not a restore queued
+    under another instance (whose managers the source's need not be)."""
+    a, point = await _source(api)
+    b = await add_instance(api.store)
+    status, job = await _restore(api, a, {"restore_point_id": point, "target_instance_id": b})
+    assert status == 202, job
+    status, _ = await api.call("DELETE", f"/plans/{job['plan_id']}", instance=a)
+    assert status == 204
+    status, read = await api.call("GET", f"/jobs/{job['id']}", instance=b)
+    assert status == 200 and read["status"] == "QUEUED", read
