@@ -17,6 +17,7 @@ from agent.config import AgentConfig
 from agent.destinations import to_settings
 from agent.jobs import Kind
 from agent.models import (
+    CANCEL_CAPABILITY,
     BackupRequest,
     DeleteRequest,
     RestoreRequest,
@@ -39,6 +40,7 @@ CAPABILITIES = [
     "persistent-jobs",  # job state survives a restart; interrupted jobs end FAILED
     "unlock-always",  # the unlock script runs whenever the lock script succeeded
     "secrets-in-env",  # passwords and keys never on a command line
+    CANCEL_CAPABILITY,  # POST /<kind>/{id}/cancel: stop at the next stage boundary
 ]
 
 
@@ -271,6 +273,36 @@ async def _delete(request: web.Request, kind: Kind) -> web.Response:
     return _json(200, {"message": f"{kind} job {req.id} deleted"})
 
 
+async def _cancel(request: web.Request, kind: Kind) -> web.Response:
+    """(ours) Stop a running job at its next stage boundary: 202 and its state while it
+    runs (also when asked again), 200 once it has ended cancelled, 409 ``job_finished`` with
+    its state when it ended before the cancel reached it."""
+    agent = request.app[AGENT_KEY]
+    job_id = request.match_info["id"]
+    job = agent.get(kind, job_id)
+    if job is None:
+        return _error(404, "job_not_found", f"no {kind} job with this id")
+    if job.status != "RUNNING":
+        if job.cancelled:
+            return _json(200, job.public())
+        return _error(
+            409,
+            "job_finished",
+            f"the job had already finished ({job.status}) when the cancel arrived",
+            job=job.public(),
+        )
+    agent.cancel(kind, job_id)
+    return _json(202, job.public())
+
+
+async def cancel_backup(request: web.Request) -> web.Response:
+    return await _cancel(request, "backup")
+
+
+async def cancel_restore(request: web.Request) -> web.Response:
+    return await _cancel(request, "restore")
+
+
 async def delete_backup(request: web.Request) -> web.Response:
     return await _delete(request, "backup")
 
@@ -297,9 +329,11 @@ def make_app(cfg: AgentConfig) -> web.Application:
             web.get("/status", status),
             web.post("/backup", start_backup),
             web.get("/backup/{id}", get_backup),
+            web.post("/backup/{id}/cancel", cancel_backup),
             web.delete("/backup", delete_backup),
             web.put("/restore", start_restore),
             web.get("/restore/{id}", get_restore),
+            web.post("/restore/{id}/cancel", cancel_restore),
             web.delete("/restore", delete_restore),
         ]
     )

@@ -66,11 +66,17 @@ class JobState(BaseModel):
     upload_key: str | None = None
     upload_in_progress: bool = False
     script_pid: int | None = None
+    # (ours) A cancel the manager asked for (kept across a restart), and whether the job
+    # ended because of it: the protocol's states stay the three, a cancelled job is FAILED.
+    cancel_requested: bool = False
+    cancelled: bool = False
 
     def finish(self, ok: bool, error: str = "") -> None:
         noun = self.kind
         self.status = "SUCCEEDED" if ok else "FAILED"
         self.message = f"{noun} successfully carried out" if ok else f"{noun} failed"
+        if self.cancelled:
+            self.message = f"{noun} cancelled"
         self.error_message = error
         self.state = "finished"
         self.end_time = now_iso()
@@ -110,6 +116,7 @@ class JobState(BaseModel):
             body[f"{key}_errorlog"] = out.get("errorlog", "")
         # (ours)
         body["transform"] = self.transform
+        body.update(cancel_requested=self.cancel_requested, cancelled=self.cancelled)
         if self.kind == "backup":
             body.update(
                 checksum=self.checksum, stored_size=self.stored_size, stored_key=self.stored_key

@@ -31,6 +31,10 @@ from agent.environment import FROM_MANAGER, describe, refusal
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
 NO_KEY = "none"
+# (ours) ``POST /backup/{id}/cancel`` and ``POST /restore/{id}/cancel``: the running job stops
+# at its next stage boundary and ends FAILED with ``cancelled: true`` and this error_message.
+CANCEL_CAPABILITY = "cancel"
+CANCELLED_MESSAGE = "cancelled by the manager"
 
 
 def check_name(value: str, what: str) -> str:
@@ -301,6 +305,8 @@ class JobStatus(BaseModel):
     # (and the encryption) here instead of in ``transform``.
     compression: bool | str | None = None
     encryption: str | None = None
+    # (ours) the job ended because the manager cancelled it (``POST .../{id}/cancel``)
+    cancelled: bool | None = Field(default=None, strict=True)
 
     @field_validator("*", mode="wrap")
     @classmethod

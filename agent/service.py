@@ -24,6 +24,7 @@ from agent.destinations import to_settings, transfer_settings
 from agent.environment import FROM_MANAGER, allowed, describe, refusal
 from agent.jobs import RESTART_REASON, JobState, Kind, StateStore
 from agent.models import (
+    CANCELLED_MESSAGE,
     NO_KEY,
     BackupRequest,
     Destination,
@@ -62,6 +63,13 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 class JobFailed(Exception):
     """A step failed; the message is safe to show and to log."""
+
+
+class JobCancelled(JobFailed):
+    """The manager cancelled the job: no further data stage starts (cleanup and unlock do)."""
+
+    def __init__(self) -> None:
+        super().__init__(CANCELLED_MESSAGE)
 
 
 @dataclass(slots=True)
@@ -117,6 +125,9 @@ class Agent:
 
     async def _finish_interrupted(self, job: JobState) -> None:
         error = f"{RESTART_REASON} (stage {job.state})"
+        if job.cancel_requested:  # asked before the restart: the job ends cancelled
+            job.cancelled = True
+            error = f"{CANCELLED_MESSAGE}; {error}"
         try:
             if job.script_pid and kill_leftover_group(job.script_pid):
                 log.warning("leftover_script_killed", job_id=job.id, pid=job.script_pid)
@@ -207,6 +218,17 @@ class Agent:
 
     def get(self, kind: Kind, job_id: str) -> JobState | None:
         return self.jobs[kind].get(job_id)
+
+    def cancel(self, kind: Kind, job_id: str) -> JobState | None:
+        """Ask a running job to stop at its next stage boundary (persisted: a restart ends it
+        cancelled too). The stage running now finishes, unless it is the agent's own upload or
+        download, which stops at its next block; cleanup and unlock still run. Idempotent."""
+        job = self.jobs[kind].get(job_id)
+        if job is not None and job.status == "RUNNING" and not job.cancel_requested:
+            job.cancel_requested = True
+            self.store.save(job)
+            log.info("job_cancel_requested", job_id=job_id, kind=kind, stage=job.state)
+        return job
 
     def forget(self, kind: Kind, job_id: str) -> None:
         self.jobs[kind].pop(job_id, None)
@@ -423,6 +445,19 @@ class Agent:
             return f"{error}; {failure}" if error else failure
         return error
 
+    def _checkpoint(self, job: JobState) -> None:
+        """A stage boundary: a cancelled job starts no further data stage."""
+        if job.cancel_requested:
+            raise JobCancelled()
+
+    def _cancelled_at_end(self, job: JobState, error: str | None) -> str | None:
+        """A cancel that arrived during the last stages still ends the job cancelled (its
+        upload is then deleted): an accepted cancel never ends in a success."""
+        if job.cancel_requested and not error:
+            job.cancelled = True
+            return CANCELLED_MESSAGE
+        return error
+
     def _finish(self, job: JobState, error: str | None) -> None:
         job.finish(not error, error or "")
         self.store.save(job)
@@ -457,21 +492,30 @@ class Agent:
         prepared = backup_started = cleanup_ran = False
         try:
             try:
+                self._checkpoint(job)
                 self._prepare_dir(work)
                 prepared = True
                 await self._must(job, "pre-backup-lock", [sec.database], env)
                 job.lock_succeeded = True
                 self.store.save(job)
+                self._checkpoint(job)
                 await self._must(job, "pre-backup-check", [sec.database], env)
+                self._checkpoint(job)
                 backup_started = True
                 await self._must(job, "backup", self._db_args(req, base_name, job.id), env)
+                self._checkpoint(job)
                 produced = _single_file(work)
                 job.filesize = produced.stat().st_size
                 job.filename = produced.name
                 if not job.skip_storage:
                     await self._upload(job, req, produced)
+                self._checkpoint(job)
                 cleanup_ran = True
                 await self._must(job, "backup-cleanup", [sec.database, job.id], env)
+            except JobCancelled as exc:
+                job.cancelled = True
+                error = str(exc)
+                log.info("job_cancelled", job_id=job.id, kind=job.kind, after=job.state)
             except JobFailed as exc:
                 error = str(exc)
             except asyncio.CancelledError:
@@ -483,6 +527,7 @@ class Agent:
                 await self._best_effort(job, "backup-cleanup", [sec.database, job.id], env)
             if job.lock_succeeded:
                 error = await self._unlock(job, env, error)
+            error = self._cancelled_at_end(job, error)
             if prepared and not job.skip_storage:
                 shutil.rmtree(work, ignore_errors=True)
             if error and job.stored_key:
@@ -503,7 +548,7 @@ class Agent:
         transfer = transfer_settings(self.cfg, job.filesize)
         store = self._open_store(req.destination, transfer)
         try:
-            chunks: AsyncIterator[bytes] = _file_chunks(path, READ_BLOCK)
+            chunks: AsyncIterator[bytes] = _until_cancelled(job, _file_chunks(path, READ_BLOCK))
             if compression or passphrase:
                 chunks = transforms.transform_stream(
                     chunks, lambda: transforms.encoder(compression, passphrase)
@@ -513,6 +558,8 @@ class Agent:
             # The storage layer aborted the multipart upload: nothing is left to clean up.
             job.upload_in_progress = False
             self.store.save(job)
+            if job.cancel_requested:  # stopped by _until_cancelled, or failing meanwhile
+                raise JobCancelled() from None
             raise JobFailed(f"upload of {key} failed: {_storage_error(exc)}") from None
         finally:
             with contextlib.suppress(Exception):
@@ -562,10 +609,12 @@ class Agent:
         restore_started = cleanup_ran = False
         try:
             try:
+                self._checkpoint(job)
                 work.mkdir(parents=True, exist_ok=True)
                 await self._must(job, "pre-restore-lock", [job.id], env)
                 job.lock_succeeded = True
                 self.store.save(job)
+                self._checkpoint(job)
                 if not job.skip_storage:
                     if target.exists():
                         if not self.cfg.allowed_to_delete_files:
@@ -576,10 +625,16 @@ class Agent:
                         target.unlink()
                     created = True
                     await self._download(job, req, target, compression, passphrase)
+                    self._checkpoint(job)
                 restore_started = True
                 await self._must(job, "restore", self._db_args(req, local_name, job.id), env)
+                self._checkpoint(job)
                 cleanup_ran = True
                 await self._must(job, "restore-cleanup", [job.id], env)
+            except JobCancelled as exc:
+                job.cancelled = True
+                error = str(exc)
+                log.info("job_cancelled", job_id=job.id, kind=job.kind, after=job.state)
             except JobFailed as exc:
                 error = str(exc)
             except asyncio.CancelledError:
@@ -591,6 +646,7 @@ class Agent:
                 await self._best_effort(job, "restore-cleanup", [job.id], env)
             if job.lock_succeeded:
                 error = await self._unlock(job, env, error)
+            error = self._cancelled_at_end(job, error)
             if created and not job.skip_storage:
                 shutil.rmtree(work, ignore_errors=True)
         finally:
@@ -621,15 +677,16 @@ class Agent:
             f = await asyncio.to_thread(open, part, "wb")
             try:
                 async for chunk in chunks:
+                    self._checkpoint(job)  # the partial file is removed below
                     size += len(chunk)
                     await asyncio.to_thread(f.write, chunk)
             finally:
                 await asyncio.to_thread(f.close)
             os.replace(part, target)
-        except transforms.TransformError as exc:
-            raise JobFailed(f"cannot decode {key}: {exc}") from None
         except JobFailed:
             raise
+        except transforms.TransformError as exc:
+            raise JobFailed(f"cannot decode {key}: {exc}") from None
         except Exception as exc:
             raise JobFailed(f"download of {key} failed: {_storage_error(exc)}") from None
         finally:
@@ -676,6 +733,15 @@ def _strip_suffixes(name: str, compression: str | None, encrypted: bool) -> str:
     if suffix and name.endswith(suffix):
         name = name[: -len(suffix)]
     return name or "restore"
+
+
+async def _until_cancelled(job: JobState, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The chunks of an upload, which stops at the next block once the job is cancelled (the
+    storage layer then aborts the multipart upload, as after any failure)."""
+    async for chunk in chunks:
+        if job.cancel_requested:
+            raise JobCancelled()
+        yield chunk
 
 
 async def _file_chunks(path: Path, size: int) -> AsyncIterator[bytes]:

@@ -43,8 +43,9 @@ GO_RESTORE = {
 # ... its omitempty destination fields, and ours.
 S3_FIELDS = {"region", "endpoint", "bucket"}
 SWIFT_FIELDS = {"authUrl", "domain", "container_name", "project_name"}
-OURS_BACKUP = {"transform", "checksum", "stored_size", "stored_key"}
-OURS_RESTORE = {"transform", "filename"}
+OURS_CANCEL = {"cancel_requested", "cancelled"}  # tests/agent/test_cancel.py
+OURS_BACKUP = {"transform", "checksum", "stored_size", "stored_key"} | OURS_CANCEL
+OURS_RESTORE = {"transform", "filename"} | OURS_CANCEL
 DB_PASSWORD = "db-PASSW0RD-123"
 
 
