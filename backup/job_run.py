@@ -3,8 +3,10 @@ one on the instance's agent, its results recorded.
 
 A job always ends: every wait is bounded (agent unreachable, agent busy, the job's
 deadline), an agent that forgets a job fails it, and a replica that keeps crashing on one job
-fails it after ``RUNNER_MAX_ATTEMPTS`` take-overs. The manager cannot abort a script, so a
-cancelled or timed-out job ends here while the agent finishes on its own; what then happens to
+fails it after ``RUNNER_MAX_ATTEMPTS`` take-overs. The manager cannot abort a script. A
+cancel asks an agent that lists ``cancel`` (ours) to stop the running item at its next stage
+boundary and follows it to its end (unlock included); with the Go agent the item runs to its
+end. A timed-out job ends here while the agent finishes on its own; what then happens to
 the unlock script depends on the agent kind, and every reason says which (:func:`after_agent`,
 docs/jobs.md).
 
@@ -153,6 +155,7 @@ class _Prepared:
     db_password: str = field(default="", repr=False)
     prefix: str = ""
     cancel_seen: bool = False
+    cancel_sent: bool = False  # the agent was asked to stop the running item
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -430,6 +433,10 @@ class JobRun:
         else:
             self.log.info("agent_job_resumed", agent_job_id=agent_job_id, item=index)
         state = await self._poll(index, agent_job_id, state)
+        if state.cancelled and self.p is not None and self.p.cancel_seen:
+            await self._cancelled_on_agent(index, item, agent_job_id, state)
+            await self._forget(agent_job_id)
+            raise JobEnd(CANCELLED, await self._cancel_reason())
         try:
             await self._record(index, item, agent_job_id, state)
         except _ItemFailed:
@@ -490,6 +497,9 @@ class JobRun:
             if not self.p.cancel_seen and await self._cancel_requested():
                 self.p.cancel_seen = True
                 self.log.info("cancel_noted", item=index)
+            if self.p.cancel_seen and not self.p.cancel_sent and info is not None and info.cancels:
+                if await self._cancel_on_agent(index, agent_job_id):
+                    delay = self.s.agent_poll_min_seconds  # its end comes soon: see it soon
             await self.clock.sleep(delay)
             delay = min(delay * 1.5, self.s.agent_poll_max_seconds)
             try:
@@ -518,6 +528,49 @@ class JobRun:
             if not state.finished:
                 await self._progress(index, state)
         return state
+
+    async def _cancel_on_agent(self, index: int, agent_job_id: str) -> bool:
+        """Ask our agent to stop the running item at its next stage boundary; whether it was
+        asked. A transient failure is tried again at the next poll; the item's end (the
+        cancelled state, or its outcome if the cancel came too late) is seen by polling."""
+        assert self.p is not None
+        try:
+            await self.p.client.cancel(self.kind, agent_job_id)
+        except AgentError as exc:
+            self.r.observer.agent_error(exc.reason)
+            if exc.transient:
+                return False
+            # Refused or forgotten: the poll meets the item's end (or the 404) itself.
+            self.log.info("agent_cancel_refused", agent_job_id=agent_job_id, error=exc.reason)
+        else:
+            self.log.info("agent_cancel_sent", agent_job_id=agent_job_id, item=index)
+        self.p.cancel_sent = True
+        return True
+
+    async def _cancelled_on_agent(
+        self, index: int, item: Document, agent_job_id: str, state: AgentJob
+    ) -> None:
+        """The agent stopped the item as asked: the stage running then finished, no later
+        data stage ran, cleanup and unlock did. A stored object the agent could not delete
+        is kept on the item, so that ending the job deletes it."""
+        p = self.p
+        assert p is not None and p.info is not None
+        detail = state.error_message or "cancelled"
+        item.update(
+            logs=state.logs or item.get("logs") or {},
+            ended_at=self.clock.now(),
+            status=CANCELLED,
+            error=_cap(
+                f"stopped by the agent at its next stage boundary after the cancel ({detail}); "
+                "its cleanup and unlock scripts ran after a successful lock",
+                2000,
+            ),
+        )
+        if self.kind == "backup" and state.stored_key:
+            item["key"] = object_key(
+                p.info.kind, p.settings.type, self._item_prefix(agent_job_id), state
+            )
+        await self._write({f"items.{index}": item})
 
     async def _progress(self, index: int, state: AgentJob) -> None:
         """Record what a running agent job reports: its stage and its stage logs as they
@@ -756,7 +809,7 @@ class JobRun:
                 item.update(
                     status=CANCELLED, error="not run: the job ended before it", ended_at=now
                 )
-            elif st == SUCCEEDED and self.job["type"] == BACKUP and item.get("key"):
+            elif st in (SUCCEEDED, CANCELLED) and self.job["type"] == BACKUP and item.get("key"):
                 pending.append({"destination_id": self.job["destination_id"], "key": item["key"]})
         left = pending
         if pending:
@@ -803,10 +856,10 @@ class JobRun:
     async def _cancel_requested(self) -> bool:
         return await jobs.cancel_requested(self.store, self.job["_id"])
 
-    async def _instance_going(self) -> bool:
-        """Whether the instance is being (or has been) deleted."""
+    async def _instance_going(self, instance_id: str | None = None) -> bool:
+        """Whether the job's instance (or ``instance_id``) is being (or has been) deleted."""
         instance = await self.store.instances.find_one(
-            {"_id": self.job["instance_id"]}, {"state": 1}
+            {"_id": instance_id or self.job["instance_id"]}, {"state": 1}
         )
         return instance is None or instance.get("state") in ("deprovisioning", "deleted")
 
@@ -822,8 +875,12 @@ class JobRun:
 
     async def _cancel_reason(self) -> str:
         done = [i["name"] for i in self.items if i.get("status") == SUCCEEDED]
+        source = self.job.get("source_instance_id")
         if await self._instance_going():
             text = "Cancelled: the service instance is being deleted"
+        elif source and await self._instance_going(source):
+            # A restore from another instance's point, stopped by that one's deprovision.
+            text = "Cancelled: the instance of its restore point is being deleted"
         else:
             text = "Cancelled by a user"
         if done and self.job["type"] == BACKUP:
