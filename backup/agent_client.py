@@ -24,6 +24,7 @@ import aiohttp
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from agent.models import (
+    CANCEL_CAPABILITY,
     NO_KEY,
     BackupRequest,
     DatabaseSection,
@@ -86,6 +87,12 @@ class AgentInfo:
     def encrypts(self) -> bool:
         return ENCRYPTION_CAPABILITY in self.capabilities
 
+    @property
+    def cancels(self) -> bool:
+        """Our agent can stop a running job at its next stage boundary (the Go agent cannot:
+        its jobs run to their end)."""
+        return CANCEL_CAPABILITY in self.capabilities
+
 
 @dataclass
 class AgentJob:
@@ -103,6 +110,7 @@ class AgentJob:
     checksum: str | None = None
     compression: str | None = None
     encryption: str | None = None
+    cancelled: bool = False  # (ours) ended because the manager cancelled it
     logs: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -127,6 +135,7 @@ class AgentJob:
             checksum=state.checksum,
             compression=state.stream_compression,
             encryption=state.stream_encryption,
+            cancelled=state.cancelled is True,
             logs={k: tail(v, log_limit) for k, v in state.logs().items()},
         )
 
@@ -289,6 +298,27 @@ class AgentClient:
         raise AgentError(
             "bad_response" if code >= 500 else "rejected",
             f"the agent at {self.where} answered {code} to GET /{kind}/{job_id}",
+            status=code,
+        )
+
+    async def cancel(self, kind: Kind, job_id: str) -> AgentJob:
+        """Ask our agent to stop a running job at its next stage boundary (only for an agent
+        whose ``/status`` lists ``cancel``). Returns the job's state: still ``RUNNING`` while
+        it finishes its stage, cleanup and unlock; already final when it ended before the
+        cancel arrived (then possibly not cancelled)."""
+        path = f"/{kind}/{job_id}/cancel"
+        code, body = await self._call("POST", path)
+        if code in (200, 202):
+            return AgentJob.parse(body, log_limit=self.log_limit)
+        if code == 409 and isinstance(body, dict) and isinstance(body.get("job"), dict):
+            return AgentJob.parse(body["job"], log_limit=self.log_limit)
+        if code == 404:
+            raise AgentError(
+                "not_found", f"the agent no longer knows {kind} job {job_id}", status=code
+            )
+        raise AgentError(
+            "bad_response" if code >= 500 else "rejected",
+            f"the agent at {self.where} answered {code} to POST {path}",
             status=code,
         )
 
