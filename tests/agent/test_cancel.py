@@ -160,3 +160,26 @@ def test_cancel_survives_a_restart(make_agent, tmp_path: Path) -> None:
         "backup.sh",
         "post-backup-unlock",
     ]
+
+
+def test_cancel_during_the_upload_aborts_it(
+    s3_settings, s3_server, make_agent, tmp_path: Path
+) -> None:
+    """The agent's own upload is the one stage stopped mid-way: at its next block, the S3
+    multipart upload aborted, nothing stored; cleanup and unlock still run."""
+    body = 'truncate -s 400M "$BACKUP_DIRECTORY/$BACKUP_FILENAME.bin"'  # sparse: quick to make
+    agent = make_agent(scripts=scripts_with(tmp_path, **{"backup.sh": body}))
+    dest = destination_for(s3_settings)
+    assert agent.request("POST", "/backup", backup_request("up", destination=dest))[0] == 201
+    agent.wait_state("backup", "up", "upload")
+    status, body = agent.request("POST", "/backup/up/cancel")
+    assert status == 202 and body["state"] == "upload"
+    result = agent.wait_job("backup", "up")
+    assert result["status"] == "FAILED" and result["cancelled"] is True
+    assert result["error_message"] == CANCELLED_MESSAGE
+    assert result["stored_key"] is None
+    assert stages(agent)[-2:] == ["backup-cleanup", "post-backup-unlock"]
+    assert list_keys(s3_settings, dest["filenamePrefix"]) == []
+    uploads = s3_server.client().list_multipart_uploads(Bucket=s3_settings.bucket)
+    assert not uploads.get("Uploads")  # aborted, no parts left behind
+    assert '"event": "uploaded"' not in agent.logs()
