@@ -125,9 +125,6 @@ class Agent:
 
     async def _finish_interrupted(self, job: JobState) -> None:
         error = f"{RESTART_REASON} (stage {job.state})"
-        if job.cancel_requested:  # asked before the restart: the job ends cancelled
-            job.cancelled = True
-            error = f"{CANCELLED_MESSAGE}; {error}"
         try:
             if job.script_pid and kill_leftover_group(job.script_pid):
                 log.warning("leftover_script_killed", job_id=job.id, pid=job.script_pid)
@@ -154,6 +151,9 @@ class Agent:
             log.error("recovery_failed", job_id=job.id, **safe_error(exc))
         base = self.cfg.directory_backup if job.kind == "backup" else self.cfg.directory_restore
         shutil.rmtree(base / job.id, ignore_errors=True)
+        if job.cancel_requested:  # asked before the restart, or while this recovery ran
+            job.cancelled = True
+            error = f"{CANCELLED_MESSAGE}; {error}"
         self._finish(job, error)
 
     def _recovery_env(self, job: JobState, sealed: dict[str, Any]) -> ScriptEnv:
