@@ -183,3 +183,27 @@ def test_cancel_during_the_upload_aborts_it(
     uploads = s3_server.client().list_multipart_uploads(Bucket=s3_settings.bucket)
     assert not uploads.get("Uploads")  # aborted, no parts left behind
     assert '"event": "uploaded"' not in agent.logs()
+
+
+def test_cancel_during_the_download_skips_the_restore(
+    s3_settings, make_agent, tmp_path: Path
+) -> None:
+    """A restore cancelled while the agent downloads: the download stops, its partial file is
+    removed, the restore script never runs (the database is untouched), the unlock runs."""
+    body = 'truncate -s 300M "$BACKUP_DIRECTORY/$BACKUP_FILENAME.bin"'
+    agent = make_agent(scripts=scripts_with(tmp_path, **{"backup.sh": body}))
+    dest = destination_for(s3_settings)
+    assert agent.request("POST", "/backup", backup_request("src", destination=dest))[0] == 201
+    stored = agent.wait_job("backup", "src", timeout=120)
+    assert stored["status"] == "SUCCEEDED", stored
+    request = restore_request("rd", destination={**dest, "filename": stored["filename"]})
+    assert agent.request("PUT", "/restore", request)[0] == 201
+    agent.wait_state("restore", "rd", "download")
+    status, body = agent.request("POST", "/restore/rd/cancel")
+    assert status == 202 and body["state"] == "download"
+    result = agent.wait_job("restore", "rd")
+    assert result["status"] == "FAILED" and result["cancelled"] is True
+    assert result["error_message"] == CANCELLED_MESSAGE
+    restore_stages = [s for s in stages(agent) if "restore" in s]
+    assert restore_stages == ["pre-restore-lock", "post-restore-unlock"]
+    assert not (agent.base / "restore" / "rd").exists()  # the partial download is gone
