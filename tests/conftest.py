@@ -14,7 +14,8 @@ pytest_plugins = [
     "tests.servers.s3",
     "tests.servers.swift",
     "tests.agent.helpers",  # make_agent: agent processes
-    "tests.servers.recorder",  # recorder: a stand-in for a host an attacker controls
+    "tests.servers.recorder",  # recorder: an HTTP stand-in for a host an attacker controls
+    "tests.servers.listener",  # denied, allowed, second: TCP listeners that count connections
 ]
 
 IN_CI = os.environ.get("CI", "").lower() == "true"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,27 +19,6 @@ from tests.api.conftest import S3_BODY, SWIFT_BODY, Api, ApiFactory, add_instanc
 from tests.servers.listener import Listener, start_listener
 
 SECRETS = (S3_BODY["secret_access_key"], SWIFT_BODY["password"])
-
-
-@pytest.fixture
-async def denied() -> AsyncIterator[Listener]:
-    listener = await start_listener("127.0.0.2")
-    yield listener
-    await listener.close()
-
-
-@pytest.fixture
-async def allowed() -> AsyncIterator[Listener]:
-    listener = await start_listener("127.0.0.1")
-    yield listener
-    await listener.close()
-
-
-@pytest.fixture
-async def second() -> AsyncIterator[Listener]:
-    listener = await start_listener("127.0.0.1")
-    yield listener
-    await listener.close()
 
 
 @pytest.fixture

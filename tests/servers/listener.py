@@ -9,7 +9,10 @@ reached it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+
+import pytest
 
 
 @dataclass
@@ -71,3 +74,29 @@ class Listener:
 
 async def start_listener(host: str = "127.0.0.1") -> Listener:
     return await Listener(host).start()
+
+
+# Fixtures for every test (tests/conftest.py): the suite's egress policy allows 127.0.0.1 only.
+
+
+@pytest.fixture
+async def denied() -> AsyncIterator[Listener]:
+    """The attacker's host on a loopback address the egress policy denies."""
+    listener = await start_listener("127.0.0.2")
+    yield listener
+    await listener.close()
+
+
+@pytest.fixture
+async def allowed() -> AsyncIterator[Listener]:
+    listener = await start_listener("127.0.0.1")
+    yield listener
+    await listener.close()
+
+
+@pytest.fixture
+async def second() -> AsyncIterator[Listener]:
+    """Where a redirect points: allowed too, so only the redirect rule keeps requests away."""
+    listener = await start_listener("127.0.0.1")
+    yield listener
+    await listener.close()

@@ -9,7 +9,7 @@ list except 127.0.0.1, so that 127.0.0.2 (and ``localhost``'s ::1) stay denied w
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,29 +32,6 @@ def policy() -> Iterator[egress.EgressPolicy]:
     previous = egress.install(policy)
     yield policy
     egress.install(previous)
-
-
-@pytest.fixture
-async def denied() -> AsyncIterator[Listener]:
-    """The attacker's host on a denied loopback address."""
-    listener = await start_listener("127.0.0.2")
-    yield listener
-    await listener.close()
-
-
-@pytest.fixture
-async def allowed() -> AsyncIterator[Listener]:
-    listener = await start_listener("127.0.0.1")
-    yield listener
-    await listener.close()
-
-
-@pytest.fixture
-async def second() -> AsyncIterator[Listener]:
-    """Where a redirect points: allowed too, so only the redirect rule keeps requests away."""
-    listener = await start_listener("127.0.0.1")
-    yield listener
-    await listener.close()
 
 
 def s3(endpoint: str) -> S3Settings:
