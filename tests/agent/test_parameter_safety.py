@@ -259,3 +259,23 @@ def test_the_example_scripts_take_no_option_from_a_database_name(
     assert agent.request("POST", "/backup", body)[0] == 201
     assert agent.wait_job("backup", "inj")["status"] == "FAILED"
     assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["dbname=postgres", "postgresql://127.0.0.1/postgres", "dbname='postgres' x=\\'"]
+)
+def test_a_postgresql_database_name_is_never_read_as_a_connection_string(
+    make_agent: Callable[..., AgentProcess], name: str
+) -> None:
+    """libpq reads a database name with '=' or a URI prefix as a whole connection string, which
+    could name another database, host, or client files (passfile=, sslkey=) on the agent's
+    host. The example scripts pass the name as a quoted dbname= value: the job looks for a
+    database literally named so, which does not exist."""
+    db = ENGINES["postgresql"]()
+    _require(db.port, "postgresql")
+    agent = make_agent(scripts=EXAMPLES / "postgresql", skip_storage="true")
+    section = {"host": "127.0.0.1", "username": db.user, "password": ""}
+    body = backup_request("conninfo", backup={**section, "database": name})
+    assert agent.request("POST", "/backup", body)[0] == 201
+    job = agent.wait_job("backup", "conninfo")
+    assert job["status"] == "FAILED", job
