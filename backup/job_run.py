@@ -222,7 +222,8 @@ class JobRun:
                 await self._item_ended(index, FAILED, exc.message)
                 raise JobEnd(FAILED, f"Item {item['name']!r} failed: {exc.message}") from None
             except _Deadline:
-                raise JobEnd(FAILED, self._deadline_reason(index)) from None
+                stopping = await self._stop_overdue(index, item)
+                raise JobEnd(FAILED, self._deadline_reason(index, stopping)) from None
         if self.p.cancel_seen and await self._instance_going():
             # A deprovision asked: nothing more for an instance being deleted, not even the
             # restore point of a backup whose last item completed (its files are deleted).
@@ -545,6 +546,26 @@ class JobRun:
         else:
             self.log.info("agent_cancel_sent", agent_job_id=agent_job_id, item=index)
         self.p.cancel_sent = True
+        return True
+
+    async def _stop_overdue(self, index: int, item: Document) -> bool:
+        """Ask our agent to stop an item still running at the job's deadline at its next
+        stage boundary, so that an overdue backup does not go on for hours unwatched; whether
+        the agent has been asked (once, best effort: the job ends now either way)."""
+        p = self.p
+        if p is None or p.info is None or not p.info.cancels:
+            return False
+        if p.cancel_sent:
+            return True
+        agent_job_id = item.get("agent_job_id") or f"{self.job['_id']}-{index}"
+        try:
+            await p.client.cancel(self.kind, agent_job_id)
+        except AgentError as exc:
+            self.r.observer.agent_error(exc.reason)
+            self.log.info("agent_cancel_refused", agent_job_id=agent_job_id, error=exc.reason)
+            return False
+        self.log.info("agent_cancel_sent", agent_job_id=agent_job_id, item=index, why="deadline")
+        p.cancel_sent = True
         return True
 
     async def _cancelled_on_agent(
@@ -900,9 +921,16 @@ class JobRun:
         deadline = self.job.get("deadline_at")
         return deadline is not None and self.clock.now() >= deadline
 
-    def _deadline_reason(self, index: int | None) -> str:
+    def _deadline_reason(self, index: int | None, stopping: bool = False) -> str:
         text = f"The job did not end within its deadline ({_human(self.s.job_deadline_seconds)})"
-        if index is not None:
+        if index is not None and stopping:
+            text += (
+                f"; item {self.items[index]['name']!r} was still running on the agent, which was "
+                "asked to stop it at its next stage boundary: the stage running then finishes, "
+                f"no later data stage runs, and its unlock script "
+                f"({UNLOCK_SCRIPT.get(self.kind, 'unlock')}) runs after a successful lock"
+            )
+        elif index is not None:
             text += (
                 f"; item {self.items[index]['name']!r} was still running on the agent: "
                 + after_agent(self._agent_kind(), self.kind, "abandoned")

@@ -175,3 +175,51 @@ async def test_the_go_agent_has_no_cancel_its_item_runs_to_its_end(go: GoRig) ->
     (item,) = done["items"]
     assert item["status"] == "SUCCEEDED"
     assert item["logs"]["backup_log"] and item["logs"]["post_backup_unlock_log"]
+
+
+async def test_at_its_deadline_our_agents_item_is_asked_to_stop_not_left_running(
+    store: Store,
+    box: Any,
+    make_agent: Callable[..., AgentProcess],
+    make_runner: RunnerFactory,
+    s3_settings: S3Settings,
+    s3_server: SeaweedS3,
+    tmp_path: Path,
+) -> None:
+    """A job that outlives its deadline ends FAILED at once; an item still running on our
+    agent is asked to stop at its next stage boundary rather than left to run its remaining
+    stages unwatched (the backup script would take a minute here): the unlock still runs."""
+    agent = _agent(make_agent, tmp_path)
+    _, job = await _ours_backup(store, box, agent, s3_settings)
+    runner = make_runner(
+        clock=None,
+        agent_poll_min_seconds=0.2,
+        agent_poll_max_seconds=0.5,
+        agent_timeout_seconds=2.0,
+        agent_unreachable_seconds=30,
+        job_deadline_seconds=3,  # passes while the check waits for the test's go
+    )
+    await runner.run_once()
+    await _check_started(tmp_path)
+    done = await final(store, job["_id"], timeout=30)
+    assert done["status"] == "FAILED", done
+    assert "did not end within its deadline" in done["reason"]
+    assert "asked to stop it at its next stage boundary" in done["reason"]
+    assert "post-backup-unlock" in done["reason"]
+
+    async def agent_asked() -> bool:
+        _, body = await asyncio.to_thread(agent.request, "GET", f"/backup/{job['_id']}-0")
+        return bool(body.get("cancel_requested"))
+
+    await until(agent_asked, what="the agent to be asked")
+    release(tmp_path, "check")
+
+    async def agent_done() -> bool:
+        _, body = await asyncio.to_thread(agent.request, "GET", f"/backup/{job['_id']}-0")
+        return body.get("status") in ("SUCCEEDED", "FAILED")
+
+    await until(agent_done, what="the agent's job to end", timeout=30)
+    _, body = await asyncio.to_thread(agent.request, "GET", f"/backup/{job['_id']}-0")
+    assert body["status"] == "FAILED" and body.get("cancelled") is True, body
+    assert stages(agent) == ["pre-backup-lock", "pre-backup-check", "check", "post-backup-unlock"]
+    assert s3_server.keys(s3_settings.bucket) == []
