@@ -378,8 +378,8 @@ class QueueView:
     Every pass reads the RUNNING jobs (few: at most the replicas' concurrency): those whose
     holder stopped renewing come first, and the instances of the others are busy. The QUEUED
     jobs are not read at every pass: the embedded database reads every match of a query
-    before it applies a limit, so that read grows with the queue (0.45 s of its one core at
-    10,000 queued), and back to back it would take the database from the scheduler. The
+    before it applies a limit, so that read grows with the queue (docs/jobs.md), and back to
+    back it would take the database from the scheduler. The
     view reads the whole queue once every ``refresh_seconds`` (less often if that read
     would then take more than ``full_read_share`` of the time), and in between, when
     asked, only the jobs queued since the newest it has seen, less ``overlap_seconds``

@@ -4,7 +4,7 @@ Recording each fire on time is a promise the scheduler makes (fire lag under a s
 backup that starts a few seconds later breaks none. But when the database is what limits
 (the embedded one serves every connection from one core), the runners of every replica ask
 it for as much as their running jobs need, and the scheduler's writes wait in line behind
-theirs: at 10,000 plans firing within a minute, that put the fire lag at 12 s.
+theirs, and the fires fall behind (docs/scheduling.md has the figures).
 
 So a scheduler that finds fires due for longer than ``BEHIND_SECONDS`` says so in the
 database: one document, ``leases/scheduler_behind``, whose ``until`` is ``HOLD_SECONDS``

@@ -25,7 +25,7 @@ class StoreCache:
     """Object stores kept open across jobs, one per distinct destination settings
     (credentials included, in memory only), for the runner's checks of uploaded objects.
 
-    Opening a store builds a storage client: on S3 that costs 10 to 140 ms of CPU (botocore
+    Opening a store builds a storage client: on S3 that costs milliseconds of CPU (botocore
     reads its service models), spent on the event loop that the replica's scheduler shares,
     once per backup. Reused, it costs one request. Bounded: beyond ``size`` the least
     recently used store not in use is closed. A store whose use raised is closed once free
