@@ -530,43 +530,42 @@ class JobRun:
                 await self._progress(index, state)
         return state
 
-    async def _cancel_on_agent(self, index: int, agent_job_id: str) -> bool:
-        """Ask our agent to stop the running item at its next stage boundary; whether it was
-        asked. A transient failure is tried again at the next poll; the item's end (the
-        cancelled state, or its outcome if the cancel came too late) is seen by polling."""
+    async def _send_cancel(self, index: int, agent_job_id: str) -> bool | None:
+        """Ask our agent to stop the item at its next stage boundary: True if it accepted,
+        False if it refused or forgot the job, None on a transient failure."""
         assert self.p is not None
         try:
             await self.p.client.cancel(self.kind, agent_job_id)
         except AgentError as exc:
             self.r.observer.agent_error(exc.reason)
             if exc.transient:
-                return False
-            # Refused or forgotten: the poll meets the item's end (or the 404) itself.
+                return None
             self.log.info("agent_cancel_refused", agent_job_id=agent_job_id, error=exc.reason)
-        else:
-            self.log.info("agent_cancel_sent", agent_job_id=agent_job_id, item=index)
+            return False
+        self.log.info("agent_cancel_sent", agent_job_id=agent_job_id, item=index)
+        return True
+
+    async def _cancel_on_agent(self, index: int, agent_job_id: str) -> bool:
+        """Ask our agent to stop the running item; whether it was asked. A transient failure
+        is tried again at the next poll; the item's end (the cancelled state, its outcome if
+        the cancel came too late, or the 404 of a refusal) is seen by polling."""
+        assert self.p is not None
+        if await self._send_cancel(index, agent_job_id) is None:
+            return False
         self.p.cancel_sent = True
         return True
 
     async def _stop_overdue(self, index: int, item: Document) -> bool:
-        """Ask our agent to stop an item still running at the job's deadline at its next
-        stage boundary, so that an overdue backup does not go on for hours unwatched; whether
-        the agent has been asked (once, best effort: the job ends now either way)."""
+        """Ask our agent to stop an item still running at the job's deadline, so that an
+        overdue backup does not go on unwatched; whether it has been asked (once, best
+        effort: the job ends now either way)."""
         p = self.p
         if p is None or p.info is None or not p.info.cancels:
             return False
         if p.cancel_sent:
             return True
         agent_job_id = item.get("agent_job_id") or f"{self.job['_id']}-{index}"
-        try:
-            await p.client.cancel(self.kind, agent_job_id)
-        except AgentError as exc:
-            self.r.observer.agent_error(exc.reason)
-            self.log.info("agent_cancel_refused", agent_job_id=agent_job_id, error=exc.reason)
-            return False
-        self.log.info("agent_cancel_sent", agent_job_id=agent_job_id, item=index, why="deadline")
-        p.cancel_sent = True
-        return True
+        return bool(await self._send_cancel(index, agent_job_id))
 
     async def _cancelled_on_agent(
         self, index: int, item: Document, agent_job_id: str, state: AgentJob
