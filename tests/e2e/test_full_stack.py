@@ -13,7 +13,6 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from storage import S3Settings, SwiftSettings, open_store
 from tests.agent.helpers import PASSWORD as AGENT_PASSWORD
 from tests.agent.helpers import ROOT, USER, AgentProcess
 from tests.conftest import skip_unless_available
-from tests.servers.broker import BROKER_PASSWORD, BROKER_USER, Service, start_service, stop_service
+from tests.servers.broker import BROKER_PASSWORD, BROKER_USER, Service
 from tests.servers.log_audit import audit_secret
 
 SERVICE_ID = "a2cc3ad7-d439-406d-9c62-e2be817c72fe"
@@ -181,17 +180,6 @@ class Client:
                 return job
             assert time.monotonic() < deadline, job
             await asyncio.sleep(0.3)
-
-
-@pytest.fixture
-async def service(
-    mongo_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[Service]:
-    monkeypatch.setenv("RUNNER_AGENT_POLL_MIN_SECONDS", "0.2")
-    monkeypatch.setenv("RUNNER_AGENT_POLL_MAX_SECONDS", "0.5")
-    svc = await start_service(mongo_url, tmp_path, loops=True)
-    yield svc
-    await stop_service(svc)
 
 
 @pytest.mark.parametrize(

@@ -18,12 +18,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from storage import S3Settings
 from tests.agent.helpers import PASSWORD as AGENT_PASSWORD
@@ -39,7 +37,7 @@ from tests.e2e.test_full_stack import (
     _require,
     _sh,
 )
-from tests.servers.broker import BROKER_PASSWORD, BROKER_USER, Service, start_service, stop_service
+from tests.servers.broker import BROKER_PASSWORD, BROKER_USER, Service
 from tests.servers.log_audit import audit_secret
 
 BROKER = {"Authorization": aiohttp.encode_basic_auth(BROKER_USER, BROKER_PASSWORD)}
@@ -133,17 +131,6 @@ class Calls:
                 return job
             assert time.monotonic() < deadline, job
             await asyncio.sleep(0.3)
-
-
-@pytest.fixture
-async def service(
-    mongo_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[Service]:
-    monkeypatch.setenv("RUNNER_AGENT_POLL_MIN_SECONDS", "0.2")
-    monkeypatch.setenv("RUNNER_AGENT_POLL_MAX_SECONDS", "0.5")
-    svc = await start_service(mongo_url, tmp_path, loops=True)
-    yield svc
-    await stop_service(svc)
 
 
 async def test_restore_into_another_database_and_into_another_instance(
