@@ -41,14 +41,25 @@ async def _ours_backup(
     return instance, await jobs.start_backup(store, plan)
 
 
-def _runner(make_runner: RunnerFactory) -> Any:
+def _runner(make_runner: RunnerFactory, **settings: Any) -> Any:
     return make_runner(
         clock=None,
         agent_poll_min_seconds=0.2,
         agent_poll_max_seconds=0.5,
         agent_timeout_seconds=2.0,
         agent_unreachable_seconds=30,
+        **settings,
     )
+
+
+async def _agent_asked(agent: AgentProcess, job: Document) -> None:
+    """Until our agent has been asked to cancel the job's first item."""
+
+    async def asked() -> bool:
+        _, body = await asyncio.to_thread(agent.request, "GET", f"/backup/{job['_id']}-0")
+        return bool(body.get("cancel_requested"))
+
+    await until(asked, what="the agent to be asked")
 
 
 def _agent(make_agent: Callable[..., AgentProcess], tmp_path: Path) -> AgentProcess:
@@ -93,11 +104,7 @@ async def test_a_users_cancel_stops_our_agent_at_the_next_stage_boundary(
         asked = await jobs.cancel(store, instance["_id"], job["_id"])
         assert asked["status"] == "RUNNING" and asked["cancel_requested"] is True
 
-        async def agent_asked() -> bool:
-            _, body = await asyncio.to_thread(agent.request, "GET", f"/backup/{job['_id']}-0")
-            return bool(body.get("cancel_requested"))
-
-        await until(agent_asked, what="the agent to be asked")
+        await _agent_asked(agent, job)
         release(tmp_path, "check")
         began = time.monotonic()
         done = await final(store, job["_id"], timeout=30)
@@ -139,11 +146,7 @@ async def test_a_deprovision_stops_our_agents_backup_at_the_next_stage_boundary(
         steps.stop_jobs(instance["_id"], clock.now() + timedelta(seconds=60), 60)
     )
 
-    async def agent_asked() -> bool:
-        _, body = await asyncio.to_thread(agent.request, "GET", f"/backup/{job['_id']}-0")
-        return bool(body.get("cancel_requested"))
-
-    await until(agent_asked, what="the agent to be asked")
+    await _agent_asked(agent, job)
     release(tmp_path, "check")
     began = time.monotonic()
     abandoned = await asyncio.wait_for(waiting, 30)
@@ -191,15 +194,8 @@ async def test_at_its_deadline_our_agents_item_is_asked_to_stop_not_left_running
     stages unwatched (the backup script would take a minute here): the unlock still runs."""
     agent = _agent(make_agent, tmp_path)
     _, job = await _ours_backup(store, box, agent, s3_settings)
-    runner = make_runner(
-        clock=None,
-        agent_poll_min_seconds=0.2,
-        agent_poll_max_seconds=0.5,
-        agent_timeout_seconds=2.0,
-        agent_unreachable_seconds=30,
-        job_deadline_seconds=3,  # passes while the check waits for the test's go
-    )
-    await runner.run_once()
+    # The deadline passes while the check waits for the test's go.
+    await _runner(make_runner, job_deadline_seconds=3).run_once()
     await _check_started(tmp_path)
     done = await final(store, job["_id"], timeout=30)
     assert done["status"] == "FAILED", done
@@ -207,11 +203,7 @@ async def test_at_its_deadline_our_agents_item_is_asked_to_stop_not_left_running
     assert "asked to stop it at its next stage boundary" in done["reason"]
     assert "post-backup-unlock" in done["reason"]
 
-    async def agent_asked() -> bool:
-        _, body = await asyncio.to_thread(agent.request, "GET", f"/backup/{job['_id']}-0")
-        return bool(body.get("cancel_requested"))
-
-    await until(agent_asked, what="the agent to be asked")
+    await _agent_asked(agent, job)
     release(tmp_path, "check")
 
     async def agent_done() -> bool:
