@@ -41,6 +41,8 @@ test: install-test
 
 lint: install-test
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 bench: install-test
 	$(VENV)/bin/python -m benchmarks

@@ -21,6 +21,7 @@ import structlog
 from pymongo.errors import DuplicateKeyError
 
 from backup.clock import Clock, SystemClock
+from backup.database import SCHEMA_VERSION, Database, Document
 from backup.errors import Conflict, Gone, InvalidInput, NotFound
 from backup.instances import (
     DELETED,
@@ -32,7 +33,6 @@ from backup.instances import (
     instance_not_found,
 )
 from backup.operations import SUCCEEDED
-from backup.store import SCHEMA_VERSION, Document, Store
 
 log = structlog.get_logger(__name__)
 
@@ -81,7 +81,7 @@ def _same(doc: Document, req: BindRequest) -> bool:
     )
 
 
-async def bind(store: Store, req: BindRequest, *, clock: Clock | None = None) -> BindOutcome:
+async def bind(store: Database, req: BindRequest, *, clock: Clock | None = None) -> BindOutcome:
     instance = await store.instances.find_one(
         {"_id": req.instance_id}, {"state": 1, "service_id": 1, "plan_id": 1}
     )
@@ -156,7 +156,7 @@ def _repeat(existing: Document, req: BindRequest) -> BindOutcome:
     return BindOutcome(False, existing)
 
 
-async def get(store: Store, instance_id: str, binding_id: str) -> Document:
+async def get(store: Database, instance_id: str, binding_id: str) -> Document:
     doc = await store.bindings.find_one({"_id": binding_id, "instance_id": instance_id})
     if doc is None or doc.get("state") == DELETED:
         raise NotFound(
@@ -166,7 +166,7 @@ async def get(store: Store, instance_id: str, binding_id: str) -> Document:
     return doc
 
 
-async def unbind(store: Store, instance_id: str, binding_id: str) -> None:
+async def unbind(store: Database, instance_id: str, binding_id: str) -> None:
     """Delete the binding (its key stops working at once); Gone when there is none, so that
     a repeated DELETE (orphan mitigation) is harmless."""
     result = await store.bindings.delete_one({"_id": binding_id, "instance_id": instance_id})
@@ -175,7 +175,7 @@ async def unbind(store: Store, instance_id: str, binding_id: str) -> None:
     log.info("binding_deleted", instance_id=instance_id, binding_id=binding_id)
 
 
-async def last_operation(store: Store, instance_id: str, binding_id: str) -> Document:
+async def last_operation(store: Database, instance_id: str, binding_id: str) -> Document:
     doc = await store.bindings.find_one({"_id": binding_id, "instance_id": instance_id})
     if doc is None:
         raise Gone(f"Service binding {binding_id!r} does not exist for this instance.", code="Gone")

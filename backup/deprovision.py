@@ -28,14 +28,14 @@ from typing import Any
 
 import structlog
 
-from backup import destinations, events, plans, restore_points
+from backup import destinations, plans, restore_points
 from backup.clock import Clock
+from backup.database import Database, Document
 from backup.errors import BackupError, Conflict, NotFound, Unavailable
 from backup.job_run import after_agent
 from backup.operations import DELETED, OperationFailed, Operations, human_duration
 from backup.retention import RetentionSweeper
 from backup.secrets import SecretBox
-from backup.store import Document, Store
 from storage import ObjectStore
 
 log = structlog.get_logger(__name__)
@@ -52,7 +52,7 @@ def _describe(exc: Exception) -> str:
     return exc.description if isinstance(exc, BackupError) else str(exc)
 
 
-async def nothing_to_wait_for(store: Store, doc: Document) -> bool:
+async def nothing_to_wait_for(store: Database, doc: Document) -> bool:
     """Whether deleting the instance can be done within the request: no running job, no
     file of a failed backup to delete, and no stored backup to delete."""
     running = await store.jobs.find_one(
@@ -81,7 +81,7 @@ class Steps:
     (an operation's heartbeat, which also stops the work when its lease is lost); a storage
     failure that outlasts the retries raises ``failure(description)``."""
 
-    store: Store
+    db: Database
     box: SecretBox
     clock: Clock
     opener: StoreOpener
@@ -95,9 +95,9 @@ class Steps:
         """Delete the instance's plans (nothing new is scheduled; their queued jobs are
         cancelled); returns how many were removed."""
         removed = 0
-        for plan in await self.store.plans.find({"instance_id": iid}, {"_id": 1}).to_list():
+        for plan in await self.db.plans.find({"instance_id": iid}, {"_id": 1}).to_list():
             try:
-                await plans.delete(self.store, iid, plan["_id"])
+                await plans.delete(self.db, iid, plan["_id"])
             except NotFound:
                 continue  # removed concurrently: the same outcome
             removed += 1
@@ -107,7 +107,7 @@ class Steps:
         """Cancel the queued jobs, ask the running ones to stop and wait for them until
         ``deadline``; returns how many were abandoned then (marked CANCELLED: their agent may
         still finish them on its own). ``job_wait`` is how long that was, for the reason."""
-        jobs = self.store.jobs
+        jobs = self.db.jobs
         # Also restores from its restore points into other instances (recorded under their
         # target): they keep its points, whose files may be deleted next, in use.
         mine: dict[str, Any] = {"$or": [{"instance_id": iid}, {"source_instance_id": iid}]}
@@ -135,7 +135,7 @@ class Steps:
                 {"$set": {"cancel_requested": True}, "$inc": {"version": 1}},
             )
             if asked.modified_count:
-                events.jobs_queued.fire()  # wakes this replica's runner to act on it
+                self.db.events.jobs_queued.fire()  # wakes this replica's runner to act on it
             running = await jobs.count_documents({**mine, "status": "RUNNING"})
             if not running:
                 return 0
@@ -172,7 +172,7 @@ class Steps:
 
     async def delete_stored_backups(self, iid: str) -> int:
         """Delete every restore point of the instance, files first; returns how many."""
-        points = await self.store.restore_points.find({"instance_id": iid}, {"_id": 1}).to_list()
+        points = await self.db.restore_points.find({"instance_id": iid}, {"_id": 1}).to_list()
         total = len(points)
         for n, point in enumerate(points, 1):
             progress = f"Deleting stored backups ({n} of {total})"
@@ -180,7 +180,7 @@ class Steps:
             async def delete(point_id: str = point["_id"]) -> None:
                 try:
                     await restore_points.delete(
-                        self.store, self.box, iid, point_id, opener=self.opener
+                        self.db, self.box, iid, point_id, opener=self.opener
                     )
                 except NotFound:
                     pass
@@ -200,14 +200,14 @@ class Steps:
         """Files that failed or cancelled backups uploaded are not backups: whatever was chosen
         for the backups, they go with the instance, because the job records about to be deleted
         are the only trace of them (see backup/retention.py, ``pending_deletes``)."""
-        sweeper = RetentionSweeper(self.store, self.box, clock=self.clock, opener=self.opener)
-        jobs = await self.store.jobs.find(
+        sweeper = RetentionSweeper(self.db, self.box, clock=self.clock, opener=self.opener)
+        jobs = await self.db.jobs.find(
             {"instance_id": iid, "pending_deletes.0": {"$exists": True}}, {"pending_deletes": 1}
         ).to_list()
         for n, job in enumerate(jobs, 1):
 
             async def delete(job_id: str = job["_id"]) -> None:
-                current = await self.store.jobs.find_one({"_id": job_id}, {"pending_deletes": 1})
+                current = await self.db.jobs.find_one({"_id": job_id}, {"pending_deletes": 1})
                 result = await sweeper.delete_job_files(
                     job_id, (current or {}).get("pending_deletes") or []
                 )
@@ -247,7 +247,7 @@ class Steps:
 class Deprovision:
     """One run of a deprovision operation on ``doc`` (as read when the worker claimed it)."""
 
-    store: Store
+    db: Database
     box: SecretBox
     ops: Operations
     clock: Clock
@@ -263,7 +263,7 @@ class Deprovision:
             await self.ops.heartbeat(doc, description)
 
         steps = Steps(
-            self.store,
+            self.db,
             self.box,
             self.clock,
             self.opener,
@@ -281,11 +281,11 @@ class Deprovision:
         if doc.get("delete_backups_on_deprovision"):
             await steps.delete_stored_backups(iid)
         else:
-            kept_files = await self.store.restore_points.count_documents({"instance_id": iid})
+            kept_files = await self.db.restore_points.count_documents({"instance_id": iid})
 
         await self.ops.heartbeat(doc, "Removing the instance's records.")
         for coll in ("restore_points", "jobs", "plans", "destinations", "bindings"):
-            await getattr(self.store, coll).delete_many({"instance_id": iid})
+            await getattr(self.db, coll).delete_many({"instance_id": iid})
         description = "Deleted."
         if kept_files:
             description += (
@@ -327,7 +327,7 @@ class InstanceCleanup:
     so no restore point is ever left pointing at a destination that no longer exists.
     """
 
-    store: Store
+    db: Database
     box: SecretBox
     clock: Clock
     opener: StoreOpener
@@ -337,7 +337,7 @@ class InstanceCleanup:
 
     def _steps(self) -> Steps:
         return Steps(
-            self.store,
+            self.db,
             self.box,
             self.clock,
             self.opener,
@@ -348,7 +348,7 @@ class InstanceCleanup:
         )
 
     async def _instance(self, iid: str) -> Document | None:
-        doc = await self.store.instances.find_one(
+        doc = await self.db.instances.find_one(
             {"_id": iid}, {"state": 1, "delete_backups_on_deprovision": 1}
         )
         return None if doc is None or doc.get("state") == DELETED else doc
@@ -359,7 +359,7 @@ class InstanceCleanup:
         (the files of failed backups they list are deleted from the destinations first)."""
         if await self._instance(iid) is None:
             return CleanupResult()
-        active = await self.store.jobs.count_documents(
+        active = await self.db.jobs.count_documents(
             {
                 "$or": [{"instance_id": iid}, {"source_instance_id": iid}],
                 "status": {"$in": ["QUEUED", "RUNNING"]},
@@ -398,14 +398,14 @@ class InstanceCleanup:
         else:
             # As a deprovision does: the files stay under the keys the runner wrote; the
             # records go with the destinations they would otherwise point at.
-            forgotten = await self.store.restore_points.delete_many({"instance_id": iid})
+            forgotten = await self.db.restore_points.delete_many({"instance_id": iid})
             result.kept_points = forgotten.deleted_count
-        await self.store.jobs.delete_many(
+        await self.db.jobs.delete_many(
             {"instance_id": iid, "status": {"$nin": ["QUEUED", "RUNNING"]}}
         )
-        for dest in await self.store.destinations.find({"instance_id": iid}, {"_id": 1}).to_list():
+        for dest in await self.db.destinations.find({"instance_id": iid}, {"_id": 1}).to_list():
             try:
-                await destinations.delete(self.store, iid, dest["_id"])
+                await destinations.delete(self.db, iid, dest["_id"])
             except NotFound:
                 continue
             result.destinations += 1

@@ -30,10 +30,10 @@ from pydantic import (
 )
 from pymongo.errors import DuplicateKeyError
 
+from backup.database import SCHEMA_VERSION, Database, Document
 from backup.errors import Conflict, InvalidInput, NotFound, Unavailable, Unprocessable
 from backup.pagination import Page, now, paginate
 from backup.secrets import SecretBox
-from backup.store import SCHEMA_VERSION, Document, Store
 from storage import StorageError, TransferSettings, ValidationReport, ValidationStep, open_store
 from storage.settings import S3Settings, SwiftSettings
 
@@ -204,7 +204,7 @@ def _duplicate(name: str) -> Conflict:
     )
 
 
-async def _check_name(store: Store, instance_id: str, name: str, own_id: str | None) -> None:
+async def _check_name(store: Database, instance_id: str, name: str, own_id: str | None) -> None:
     other = await store.destinations.find_one(
         {"instance_id": instance_id, "name": name, "_id": {"$ne": own_id}}, {"_id": 1}
     )
@@ -213,7 +213,7 @@ async def _check_name(store: Store, instance_id: str, name: str, own_id: str | N
 
 
 async def create(
-    store: Store,
+    store: Database,
     box: SecretBox,
     instance_id: str,
     spec: S3DestinationSpec | SwiftDestinationSpec,
@@ -248,7 +248,7 @@ async def create(
     return doc
 
 
-async def get(store: Store, instance_id: str, dest_id: str) -> Document:
+async def get(store: Database, instance_id: str, dest_id: str) -> Document:
     doc = await store.destinations.find_one({"_id": dest_id, "instance_id": instance_id})
     if doc is None:
         raise NotFound(
@@ -257,7 +257,7 @@ async def get(store: Store, instance_id: str, dest_id: str) -> Document:
     return doc
 
 
-async def list_page(store: Store, instance_id: str, limit: int, cursor: str | None) -> Page:
+async def list_page(store: Database, instance_id: str, limit: int, cursor: str | None) -> Page:
     return await paginate(
         store.destinations, {"instance_id": instance_id}, limit=limit, cursor=cursor
     )
@@ -361,7 +361,7 @@ def _changed(
 
 
 async def update(
-    store: Store,
+    store: Database,
     box: SecretBox,
     instance_id: str,
     dest_id: str,
@@ -409,7 +409,7 @@ async def update(
     return await get(store, instance_id, dest_id)
 
 
-async def delete(store: Store, instance_id: str, dest_id: str) -> None:
+async def delete(store: Database, instance_id: str, dest_id: str) -> None:
     """Delete a destination nothing refers to: no plan stores its backups there, no restore
     point's files are there, no job is writing or waiting to delete files there."""
     await get(store, instance_id, dest_id)
@@ -592,7 +592,7 @@ async def check(settings: AnySettings, timeout: float) -> CheckResult:
 
 
 async def check_stored(
-    store: Store,
+    store: Database,
     box: SecretBox,
     instance_id: str,
     dest_id: str,

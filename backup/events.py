@@ -1,24 +1,31 @@
-"""In-process notifications between the domain and a replica's background loops.
+"""Notifications between the domain and a replica's background loops.
 
 The domain fires them after a committed write (a plan created, changed or deleted; a job
 queued) so that this replica's scheduler and job runner react at once instead of on their next
 poll. They are hints only: other replicas learn of the same changes from the database, and a
 missed notification costs latency, never correctness.
+
+They belong to one database handle (:attr:`backup.database.Database.events`), as a session's
+events do in an ORM: the writes made through a handle wake the loops that read through it,
+and two applications in one process (the tests run several) never wake each other.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import structlog
+
+log = structlog.get_logger(__name__)
+
 
 class Signal:
-    """A set of callbacks, each called with no argument; a failing callback is not the
-    writer's problem, so errors are swallowed after being counted."""
+    """A set of callbacks, each called with no argument. A failing callback is logged and
+    skipped: the write that fired it has been committed and must not be reported as failed."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._listeners: list[Callable[[], None]] = []
-        self.errors = 0
 
     def connect(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
@@ -31,12 +38,15 @@ class Signal:
         for listener in list(self._listeners):
             try:
                 listener()
-            except Exception:  # a listener must never break a committed write
-                self.errors += 1
+            except Exception:
+                log.exception("event_listener_failed", signal=self.name)
 
 
-plans_changed = Signal("plans_changed")
-"""A plan was created, changed (frequency, time zone, paused...) or deleted."""
+class Events:
+    """The signals of one application."""
 
-jobs_queued = Signal("jobs_queued")
-"""A job was queued (manually, by the scheduler) or asked to cancel."""
+    def __init__(self) -> None:
+        self.plans_changed = Signal("plans_changed")
+        """A plan was created, changed (frequency, time zone, paused...) or deleted."""
+        self.jobs_queued = Signal("jobs_queued")
+        """A job was queued (manually, by the scheduler) or asked to cancel."""

@@ -40,6 +40,7 @@ from pymongo.errors import DuplicateKeyError
 
 from backup.agent_client import GO, AgentClient, AgentError, AgentInfo, agent_session
 from backup.clock import Clock, SystemClock
+from backup.database import SCHEMA_VERSION, Database, Document
 from backup.deprovision import Deprovision, StoreOpener, nothing_to_wait_for
 from backup.errors import BackupError, Conflict, Gone, InvalidInput, NotFound, Unprocessable
 from backup.operations import (
@@ -60,7 +61,6 @@ from backup.registration import (
     secrets_context,
 )
 from backup.secrets import SecretBox, SecretKeyError
-from backup.store import SCHEMA_VERSION, Document, Store
 from storage import egress, open_store
 
 log = structlog.get_logger(__name__)
@@ -161,7 +161,7 @@ class Instances:
 
     def __init__(
         self,
-        store: Store,
+        store: Database,
         box: SecretBox,
         *,
         clock: Clock | None = None,
@@ -175,7 +175,7 @@ class Instances:
         agent_request_timeout: float = 10.0,
         max_parallel: int = 16,
     ) -> None:
-        self.store, self.box = store, box
+        self.db, self.box = store, box
         self.clock: Clock = clock or SystemClock()
         self.probe_timeout = probe_timeout
         self.require_agent_tls = require_agent_tls
@@ -223,7 +223,7 @@ class Instances:
     # ---------------------------------------------------------------- queries
 
     async def get_document(self, instance_id: str) -> Document | None:
-        return await self.store.instances.find_one({"_id": instance_id})
+        return await self.db.instances.find_one({"_id": instance_id})
 
     async def fetch(self, instance_id: str) -> Document:
         """The instance as ``GET /v2/service_instances/:id`` shows it (OSB semantics)."""
@@ -250,7 +250,7 @@ class Instances:
         an unknown instance or an expired tombstone. An ``operation`` that is not one of the
         recorded ids (a platform's own word such as ``provision``, or one older than the
         history) is ignored: the answer is then the latest operation's, as without one."""
-        doc = await self.store.instances.find_one(
+        doc = await self.db.instances.find_one(
             {"_id": instance_id},
             {"state": 1, "tombstone_expires_at": 1, "last_operation": 1, "previous_operations": 1},
         )
@@ -346,14 +346,14 @@ class Instances:
             doc = self._new_document(req, op, at)
             if existing is None:
                 try:
-                    await self.store.instances.insert_one(doc)
+                    await self.db.instances.insert_one(doc)
                 except DuplicateKeyError:
                     continue  # a concurrent provision won: compare with it
             else:
                 # A tombstone or a failed provision is replaced by the new registration.
                 doc["version"] = existing["version"] + 1
                 doc["previous_operations"] = history_after(existing, PROVISION)
-                result = await self.store.instances.replace_one(
+                result = await self.db.instances.replace_one(
                     {"_id": req.instance_id, "version": existing["version"]}, doc
                 )
                 if result.matched_count != 1:
@@ -503,7 +503,7 @@ class Instances:
                     raise async_required("The deletion under way")
                 return Outcome("accepted", doc, op_now.get("id"))
             inline = not accepts_incomplete
-            if inline and not await nothing_to_wait_for(self.store, doc):
+            if inline and not await nothing_to_wait_for(self.db, doc):
                 raise async_required(
                     "Deleting this instance waits for its running jobs or deletes its stored "
                     "backups; it"
@@ -556,7 +556,7 @@ class Instances:
 
     async def _deprovision(self, doc: Document, *, job_wait: float) -> None:
         await Deprovision(
-            self.store,
+            self.db,
             self.box,
             self.ops,
             self.clock,
@@ -710,7 +710,7 @@ class Instances:
             for where in ("secrets", "pending_update.secrets")
             for field in ("agent_password", "database_password")
         ]
-        docs = self.store.instances.find(
+        docs = self.db.instances.find(
             {"$or": stale}, {"secrets": 1, "pending_update": 1, "version": 1}
         ).limit(limit)
         done = 0
@@ -732,7 +732,7 @@ class Instances:
             except SecretKeyError:
                 log.error("instance_secrets_unreadable", instance_id=doc["_id"])
                 continue
-            result = await self.store.instances.update_one(
+            result = await self.db.instances.update_one(
                 {"_id": doc["_id"], "version": doc["version"]}, {"$set": sets}
             )
             done += result.modified_count

@@ -35,10 +35,10 @@ from pydantic import ValidationError
 
 from backup import agent_client, destinations, jobs, restore_points
 from backup.agent_client import GO, OURS, AgentClient, AgentError, AgentInfo, AgentJob
+from backup.database import Document
 from backup.jobs import BACKUP, CANCELLED, FAILED, FINAL, RUNNING, SUCCEEDED, Lease, LeaseLost
 from backup.retention import expires_at
 from backup.secrets import SecretKeyError
-from backup.store import Document
 from storage import ObjectNotFound, StorageError
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ class JobRun:
         self.r = runner
         self.s = runner.settings
         self.clock = runner.clock
-        self.store = runner.store
+        self.db = runner.db
         self.lease = lease
         self.job = job
         self.items: list[Document] = [dict(i) for i in job.get("items") or []]
@@ -240,10 +240,10 @@ class JobRun:
 
     async def _prepare(self) -> _Prepared:
         job, box = self.job, self.r.box
-        instance = await self.store.instances.find_one({"_id": job["instance_id"]})
+        instance = await self.db.instances.find_one({"_id": job["instance_id"]})
         if instance is None or instance.get("state") in ("deprovisioning", "deleted"):
             raise JobEnd(FAILED, "The service instance is no longer registered.")
-        dest = await self.store.destinations.find_one({"_id": job["destination_id"]})
+        dest = await self.db.destinations.find_one({"_id": job["destination_id"]})
         if dest is None:
             raise JobEnd(FAILED, "The job's destination no longer exists.")
         try:
@@ -267,7 +267,7 @@ class JobRun:
             instance, dest, settings, client, db_password=opened.get("database_password", "")
         )
         if job["type"] == BACKUP:
-            plan = await self.store.plans.find_one({"_id": job.get("plan_id")})
+            plan = await self.db.plans.find_one({"_id": job.get("plan_id")})
             p.plan = plan
             if (job.get("encryption") or {}).get("enabled"):
                 if plan is None:
@@ -286,7 +286,7 @@ class JobRun:
                 p.encryption_key = key
             p.prefix = f"{settings.prefix}{instance['_id']}/{job.get('plan_id') or 'manual'}/"
         else:
-            point = await self.store.restore_points.find_one({"_id": job.get("restore_point_id")})
+            point = await self.db.restore_points.find_one({"_id": job.get("restore_point_id")})
             if point is None:
                 raise JobEnd(FAILED, "The restore point to restore from no longer exists.")
             if point.get("state") != restore_points.AVAILABLE:
@@ -734,9 +734,9 @@ class JobRun:
         )
         # Fence first: a holder that lost its lease must not add a restore point. (Every
         # item is already recorded, so a read of the lease does it, not a write.)
-        if not await jobs.holds(self.store, self.lease):
+        if not await jobs.holds(self.db, self.lease):
             raise LeaseLost(self.lease.job_id)
-        await restore_points.record(self.store, point)
+        await restore_points.record(self.db, point)
         reason = None
         if p.cancel_seen:
             reason = "A cancel was requested while the last item ran; the backup had completed."
@@ -754,9 +754,9 @@ class JobRun:
     async def _lost_after_point(self, point_id: str) -> None:
         """The lease was lost between writing the restore point and ending the job: keep the
         point unless the new holder ended the job as a failure (it deletes the files then)."""
-        job = await self.store.jobs.find_one({"_id": self.job["_id"]}, {"status": 1})
+        job = await self.db.jobs.find_one({"_id": self.job["_id"]}, {"status": 1})
         if job is not None and job.get("status") in (FAILED, CANCELLED):
-            await self.store.restore_points.delete_one({"_id": point_id})
+            await self.db.restore_points.delete_one({"_id": point_id})
 
     async def _retention(self, plan_id: str) -> None:
         try:
@@ -770,7 +770,7 @@ class JobRun:
         try:
             async with asyncio.timeout(self.s.storage_timeout_seconds):
                 settings = restore_points.object_settings(p.dest, self.r.box)
-                async with self.r.stores.use(settings) as objects:
+                async with self.r.object_stores.use(settings) as objects:
                     for item in self.items:
                         try:
                             info = await objects.stat(item["key"])
@@ -846,7 +846,7 @@ class JobRun:
     ) -> None:
         now = self.clock.now()
         fields = {**self._unwritten, **(fields or {})}
-        await jobs.finish(self.store, self.lease, status, reason, at=now, fields=fields)
+        await jobs.finish(self.db, self.lease, status, reason, at=now, fields=fields)
         if self._silent_since is not None:
             self.log.warning(
                 "agent_unreachable_gave_up",
@@ -864,21 +864,20 @@ class JobRun:
     # ------------------------------------------------------------------ helpers
 
     async def _write(self, fields: dict[str, Any]) -> None:
-        await jobs.update_held(self.store, self.lease, {**self._unwritten, **fields})
+        await jobs.update_held(self.db, self.lease, {**self._unwritten, **fields})
         self._unwritten = {}
 
     async def _point_exists(self) -> bool:
         return (
-            await self.store.restore_points.find_one({"_id": self.job["_id"]}, {"_id": 1})
-            is not None
+            await self.db.restore_points.find_one({"_id": self.job["_id"]}, {"_id": 1}) is not None
         )
 
     async def _cancel_requested(self) -> bool:
-        return await jobs.cancel_requested(self.store, self.job["_id"])
+        return await jobs.cancel_requested(self.db, self.job["_id"])
 
     async def _instance_going(self, instance_id: str | None = None) -> bool:
         """Whether the job's instance (or ``instance_id``) is being (or has been) deleted."""
-        instance = await self.store.instances.find_one(
+        instance = await self.db.instances.find_one(
             {"_id": instance_id or self.job["instance_id"]}, {"state": 1}
         )
         return instance is None or instance.get("state") in ("deprovisioning", "deleted")

@@ -16,10 +16,9 @@ from typing import Any
 
 from pymongo.errors import DuplicateKeyError
 
-from backup import events
+from backup.database import SCHEMA_VERSION, Database, Document
 from backup.errors import Conflict, InvalidInput, NotFound
 from backup.pagination import Page, now, paginate
-from backup.store import SCHEMA_VERSION, Document, Store
 
 BACKUP, RESTORE = "BACKUP", "RESTORE"
 TYPES = (BACKUP, RESTORE)
@@ -102,7 +101,7 @@ def new_job(
     }
 
 
-async def _refuse_if_active(store: Store, query: dict[str, Any], what: str) -> None:
+async def _refuse_if_active(store: Database, query: dict[str, Any], what: str) -> None:
     active = await store.jobs.find_one(
         {**query, "status": {"$in": list(ACTIVE)}}, {"_id": 1, "status": 1}
     )
@@ -113,7 +112,7 @@ async def _refuse_if_active(store: Store, query: dict[str, Any], what: str) -> N
         )
 
 
-async def start_backup(store: Store, plan: Document, trigger: str = MANUAL) -> Document:
+async def start_backup(store: Database, plan: Document, trigger: str = MANUAL) -> Document:
     """Queue a backup of ``plan`` now (a plan runs one backup at a time)."""
     await _refuse_if_active(
         store,
@@ -132,12 +131,12 @@ async def start_backup(store: Store, plan: Document, trigger: str = MANUAL) -> D
     )
     await store.jobs.insert_one(job)
     await store.plans.update_one({"_id": plan["_id"]}, {"$set": {"last_job_id": job["_id"]}})
-    events.jobs_queued.fire()
+    store.events.jobs_queued.fire()
     return job
 
 
 async def start_restore(
-    store: Store,
+    store: Database,
     point: Document,
     items: Sequence[str | tuple[str, str | None]] | None,
     *,
@@ -233,11 +232,11 @@ async def start_restore(
     if target_id != source_id:
         job["source_instance_id"] = source_id
     await store.jobs.insert_one(job)
-    events.jobs_queued.fire()
+    store.events.jobs_queued.fire()
     return job
 
 
-async def get(store: Store, instance_id: str, job_id: str) -> Document:
+async def get(store: Database, instance_id: str, job_id: str) -> Document:
     doc = await store.jobs.find_one({"_id": job_id, "instance_id": instance_id})
     if doc is None:
         raise NotFound(f"This instance has no job {job_id!r}.", code="job_not_found")
@@ -245,7 +244,7 @@ async def get(store: Store, instance_id: str, job_id: str) -> Document:
 
 
 async def list_page(
-    store: Store,
+    store: Database,
     instance_id: str,
     *,
     type: str | None = None,
@@ -266,7 +265,7 @@ async def list_page(
     )
 
 
-async def last_jobs(store: Store, job_ids: list[str]) -> dict[str, Document]:
+async def last_jobs(store: Database, job_ids: list[str]) -> dict[str, Document]:
     ids = [j for j in job_ids if j]
     if not ids:
         return {}
@@ -276,7 +275,7 @@ async def last_jobs(store: Store, job_ids: list[str]) -> dict[str, Document]:
     return {d["_id"]: d for d in docs}
 
 
-async def cancel(store: Store, instance_id: str, job_id: str) -> Document:
+async def cancel(store: Database, instance_id: str, job_id: str) -> Document:
     """Cancel a queued job at once, or ask the runner to stop a running one."""
     for _ in range(3):
         job = await get(store, instance_id, job_id)
@@ -304,7 +303,7 @@ async def cancel(store: Store, instance_id: str, job_id: str) -> Document:
                 code="job_finished",
             )
         if result.matched_count == 1:
-            events.jobs_queued.fire()
+            store.events.jobs_queued.fire()
             return await get(store, instance_id, job_id)
     raise Conflict("The job keeps changing; retry.", code="concurrent_update")
 
@@ -421,7 +420,7 @@ class QueueView:
         return (at - self._full_at).total_seconds() >= period
 
     async def candidates(
-        self, store: Store, at: datetime, *, limit: int, new_jobs: bool = True
+        self, store: Database, at: datetime, *, limit: int, new_jobs: bool = True
     ) -> list[Document]:
         """Up to ``limit`` jobs to try: RUNNING jobs whose lease expired (oldest expiry
         first: they hold their instance), then QUEUED jobs, oldest first, one per instance
@@ -472,14 +471,14 @@ class QueueView:
         return orphans + queued
 
 
-async def claimable(store: Store, at: datetime, *, limit: int) -> list[Document]:
+async def claimable(store: Database, at: datetime, *, limit: int) -> list[Document]:
     """Candidates to claim now, from a full read of the queue (see :class:`QueueView`,
     which the runner keeps between passes)."""
     return await QueueView().candidates(store, at, limit=limit)
 
 
 async def try_claim(
-    store: Store,
+    store: Database,
     candidate: Document,
     *,
     owner: str,
@@ -525,13 +524,13 @@ async def try_claim(
     return Lease(candidate["_id"], owner, token)
 
 
-async def claim(store: Store, candidate: Document, **options: Any) -> Lease | None:
+async def claim(store: Database, candidate: Document, **options: Any) -> Lease | None:
     """:func:`try_claim` (same options), None when it was refused."""
     result = await try_claim(store, candidate, **options)
     return result if isinstance(result, Lease) else None
 
 
-async def renew(store: Store, lease: Lease, *, at: datetime, lease_seconds: float) -> bool:
+async def renew(store: Database, lease: Lease, *, at: datetime, lease_seconds: float) -> bool:
     """Extend the lease; False when it was lost (taken over or the job ended)."""
     result = await store.jobs.update_one(
         lease.filter(), {"$set": {"lease_expires_at": at + timedelta(seconds=lease_seconds)}}
@@ -539,7 +538,7 @@ async def renew(store: Store, lease: Lease, *, at: datetime, lease_seconds: floa
     return result.matched_count == 1
 
 
-async def ended_under(store: Store, lease: Lease) -> bool:
+async def ended_under(store: Database, lease: Lease) -> bool:
     """Whether the job ended while ``lease`` held it (only its holder can end a running job:
     :func:`finish` is fenced on the lease's token, which a takeover increments)."""
     doc = await store.jobs.find_one(
@@ -548,12 +547,12 @@ async def ended_under(store: Store, lease: Lease) -> bool:
     return doc is not None
 
 
-async def holds(store: Store, lease: Lease) -> bool:
+async def holds(store: Database, lease: Lease) -> bool:
     """Whether ``lease`` still holds its job (a read: it fences nothing by itself)."""
     return await store.jobs.find_one(lease.filter(), {"_id": 1}) is not None
 
 
-async def release(store: Store, lease: Lease, *, at: datetime) -> bool:
+async def release(store: Database, lease: Lease, *, at: datetime) -> bool:
     """Give the job up without ending it: its lease expires now, so any replica (this one
     after a restart too) resumes it at once."""
     result = await store.jobs.update_one(lease.filter(), {"$set": {"lease_expires_at": at}})
@@ -561,7 +560,7 @@ async def release(store: Store, lease: Lease, *, at: datetime) -> bool:
 
 
 async def update_held(
-    store: Store,
+    store: Database,
     lease: Lease,
     fields: dict[str, Any],
     *,
@@ -577,7 +576,7 @@ async def update_held(
 
 
 async def finish(
-    store: Store,
+    store: Database,
     lease: Lease,
     status: str,
     reason: str | None,
@@ -602,12 +601,12 @@ async def finish(
     )
 
 
-async def cancel_requested(store: Store, job_id: str) -> bool:
+async def cancel_requested(store: Database, job_id: str) -> bool:
     doc = await store.jobs.find_one({"_id": job_id}, {"cancel_requested": 1})
     return bool(doc and doc.get("cancel_requested"))
 
 
-async def prune_history(store: Store, *, ended_before: datetime, batch: int = 1000) -> int:
+async def prune_history(store: Database, *, ended_before: datetime, batch: int = 1000) -> int:
     """Delete the records of jobs that ended before ``ended_before``; answers how many.
 
     Without this the history grows with every fire, forever (an hourly plan writes 8,760

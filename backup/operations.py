@@ -42,7 +42,7 @@ import structlog
 from pymongo.errors import PyMongoError
 
 from backup.clock import Clock, SystemClock
-from backup.store import Document, Store
+from backup.database import Database, Document
 
 log = structlog.get_logger(__name__)
 
@@ -114,7 +114,7 @@ class Operations:
 
     def __init__(
         self,
-        store: Store,
+        store: Database,
         work: Work,
         failure: Callable[[str], Document],
         *,
@@ -125,7 +125,7 @@ class Operations:
         tombstone_seconds: float = 3600.0,
         max_parallel: int = 16,
     ) -> None:
-        self.store = store
+        self.db = store
         self.clock: Clock = clock or SystemClock()
         self.owner = owner or new_owner_id()
         self.lease = lease_seconds
@@ -161,7 +161,7 @@ class Operations:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         with contextlib.suppress(PyMongoError):
-            await self.store.instances.update_many(
+            await self.db.instances.update_many(
                 {"last_operation.lease_owner": self.owner, "last_operation.state": IN_PROGRESS},
                 {"$set": {"last_operation.lease_expires_at": self.clock.now()}},
             )
@@ -206,7 +206,7 @@ class Operations:
         entry = history_entry(doc.get("last_operation"), op["type"])
         if entry is not None:
             update["$push"] = {"previous_operations": {"$each": [entry], "$slice": -HISTORY}}
-        result = await self.store.instances.update_one(
+        result = await self.db.instances.update_one(
             {**(where or {}), "_id": doc["_id"], "version": doc["version"]}, update
         )
         return result.matched_count == 1
@@ -233,9 +233,7 @@ class Operations:
         }
         if description is not None:
             sets["last_operation.description"] = description
-        result = await self.store.instances.update_one(
-            self.held(doc["_id"], op["id"]), {"$set": sets}
-        )
+        result = await self.db.instances.update_one(self.held(doc["_id"], op["id"]), {"$set": sets})
         if result.matched_count != 1:
             raise LeaseLost()
 
@@ -257,7 +255,7 @@ class Operations:
         }
         if unset:
             update["$unset"] = unset
-        result = await self.store.instances.update_one(self.held(doc["_id"], op["id"]), update)
+        result = await self.db.instances.update_one(self.held(doc["_id"], op["id"]), update)
         return result.matched_count == 1
 
     async def fail(self, doc: Document, description: str) -> None:
@@ -281,7 +279,7 @@ class Operations:
         ``tombstone_seconds`` (``unset`` removed, e.g. its secrets), or is removed at once
         when tombstones are off. False when this replica no longer holds the operation."""
         if self.tombstone <= 0:
-            removed = await self.store.instances.delete_one(
+            removed = await self.db.instances.delete_one(
                 self.held(doc["_id"], doc["last_operation"]["id"])
             )
             return removed.deleted_count == 1
@@ -317,7 +315,7 @@ class Operations:
         """Run the operation (with ``work`` instead of the service's, if given) while
         renewing its lease, if this replica holds it; returns when it ended or was lost."""
         async with self._sem:
-            doc = await self.store.instances.find_one(self.held(instance_id, op_id))
+            doc = await self.db.instances.find_one(self.held(instance_id, op_id))
             if doc is None:
                 return
             kind = doc["last_operation"]["type"]
@@ -387,7 +385,7 @@ class Operations:
         the housekeeping. Returns how many operations were taken over."""
         now = self.clock.now()
         taken = 0
-        lapsed = self.store.instances.find(
+        lapsed = self.db.instances.find(
             {"last_operation.state": IN_PROGRESS, "last_operation.lease_expires_at": {"$lt": now}},
             {"last_operation": 1},
         ).limit(100)
@@ -395,7 +393,7 @@ class Operations:
             op = doc["last_operation"]
             if op["id"] in self._running:
                 continue  # still ours: its worker renews the lease or finds it lost
-            result = await self.store.instances.update_one(
+            result = await self.db.instances.update_one(
                 {
                     "_id": doc["_id"],
                     "last_operation.id": op["id"],
@@ -418,7 +416,7 @@ class Operations:
                     previous_owner=op.get("lease_owner"),
                 )
                 self.spawn(doc["_id"], op["id"])
-        await self.store.instances.delete_many(
+        await self.db.instances.delete_many(
             {"state": DELETED, "tombstone_expires_at": {"$lt": now}}
         )
         if self._housekeeping is not None:

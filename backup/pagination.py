@@ -26,8 +26,8 @@ from typing import Any
 
 from pymongo.asynchronous.collection import AsyncCollection
 
+from backup.database import Document
 from backup.errors import InvalidInput
-from backup.store import Document
 
 MAX_LIMIT = 100
 DEFAULT_LIMIT = 20

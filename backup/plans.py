@@ -15,11 +15,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pymongo.errors import DuplicateKeyError
 
-from backup import events, schedule
+from backup import schedule
+from backup.database import SCHEMA_VERSION, Database, Document
 from backup.errors import Conflict, InvalidInput, NotFound
 from backup.pagination import Page, now, paginate
 from backup.secrets import SecretBox
-from backup.store import SCHEMA_VERSION, Document, Store
 
 Name = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")]
 ItemName = Annotated[str, Field(min_length=1, max_length=256)]
@@ -80,7 +80,9 @@ def _context(plan_id: str) -> str:
     return f"plans/{plan_id}"
 
 
-async def _check(store: Store, instance: Document, spec: PlanSpec, min_interval: int) -> list[str]:
+async def _check(
+    store: Database, instance: Document, spec: PlanSpec, min_interval: int
+) -> list[str]:
     schedule.validate_frequency(spec.frequency, min_interval)
     schedule.zone(spec.timezone)
     registered: list[str] = list(instance.get("items") or [])
@@ -145,7 +147,7 @@ def _duplicate(name: str) -> Conflict:
 
 
 async def create(
-    store: Store,
+    store: Database,
     box: SecretBox,
     instance: Document,
     spec: PlanSpec,
@@ -177,18 +179,18 @@ async def create(
         await store.plans.insert_one(doc)
     except DuplicateKeyError:
         raise _duplicate(spec.name) from None
-    events.plans_changed.fire()
+    store.events.plans_changed.fire()
     return doc
 
 
-async def get(store: Store, instance_id: str, plan_id: str) -> Document:
+async def get(store: Database, instance_id: str, plan_id: str) -> Document:
     doc = await store.plans.find_one({"_id": plan_id, "instance_id": instance_id})
     if doc is None:
         raise NotFound(f"This instance has no plan {plan_id!r}.", code="plan_not_found")
     return doc
 
 
-async def list_page(store: Store, instance_id: str, limit: int, cursor: str | None) -> Page:
+async def list_page(store: Database, instance_id: str, limit: int, cursor: str | None) -> Page:
     return await paginate(store.plans, {"instance_id": instance_id}, limit=limit, cursor=cursor)
 
 
@@ -221,7 +223,7 @@ def merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 
 
 async def update(
-    store: Store,
+    store: Database,
     box: SecretBox,
     instance: Document,
     plan_id: str,
@@ -264,18 +266,18 @@ async def update(
         except DuplicateKeyError:
             raise _duplicate(spec.name) from None
         if result.matched_count == 1:
-            events.plans_changed.fire()
+            store.events.plans_changed.fire()
             return await get(store, instance["_id"], plan_id)
     raise Conflict(
         "The plan keeps changing concurrently; read it again and retry.", code="concurrent_update"
     )
 
 
-async def delete(store: Store, instance_id: str, plan_id: str) -> None:
+async def delete(store: Database, instance_id: str, plan_id: str) -> None:
     """Delete a plan; its restore points stay, its queued jobs are cancelled."""
     await get(store, instance_id, plan_id)
     await store.plans.delete_one({"_id": plan_id, "instance_id": instance_id})
-    events.plans_changed.fire()
+    store.events.plans_changed.fire()
     at = now()
     await store.jobs.update_many(
         # This instance's jobs only: a restore of one of its points into another instance

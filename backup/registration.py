@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 # it too. The domain imports nothing else of the agent: agent.environment is a pure module of
 # constants and functions (standard library only).
 from agent.environment import FROM_MANAGER, describe, refusal
+from backup.database import Document
 from backup.secrets import SecretBox
-from backup.store import Document
 
 _URL = re.compile(r"^https?://[^/@\s]+(/\S*)?$", re.IGNORECASE)
 ItemName = Annotated[str, Field(min_length=1, max_length=256)]

@@ -25,10 +25,10 @@ from pydantic import ValidationError
 from pymongo.errors import DuplicateKeyError
 
 from backup import destinations
+from backup.database import SCHEMA_VERSION, Database, Document
 from backup.errors import Conflict, NotFound, Unavailable
 from backup.pagination import Page, paginate
 from backup.secrets import SecretBox
-from backup.store import SCHEMA_VERSION, Document, Store
 from storage import ObjectStore, StorageError, open_store
 
 log = structlog.get_logger(__name__)
@@ -47,7 +47,7 @@ def object_settings(dest: Document, box: SecretBox) -> destinations.AnySettings:
     return destinations.settings_for(dest, box).model_copy(update={"prefix": ""})
 
 
-async def get(store: Store, instance_id: str, point_id: str) -> Document:
+async def get(store: Database, instance_id: str, point_id: str) -> Document:
     doc = await store.restore_points.find_one({"_id": point_id, "instance_id": instance_id})
     if doc is None:
         raise NotFound(
@@ -57,7 +57,7 @@ async def get(store: Store, instance_id: str, point_id: str) -> Document:
 
 
 async def list_page(
-    store: Store, instance_id: str, *, plan_id: str | None, limit: int, cursor: str | None
+    store: Database, instance_id: str, *, plan_id: str | None, limit: int, cursor: str | None
 ) -> Page:
     query = {"instance_id": instance_id}
     if plan_id:
@@ -95,7 +95,7 @@ def new_point(
     }
 
 
-async def record(store: Store, point: Document) -> bool:
+async def record(store: Database, point: Document) -> bool:
     """Insert a restore point; False if the job's point already exists (a replica that took
     the job over is finishing it again)."""
     try:
@@ -109,7 +109,7 @@ def encryption_key(box: SecretBox, point: Document) -> str | None:
     return box.open_map(point.get("secrets") or {}, context(point["_id"])).get("encryption_key")
 
 
-async def active_restore(store: Store, point_id: str) -> Document | None:
+async def active_restore(store: Database, point_id: str) -> Document | None:
     return await store.jobs.find_one(
         {"restore_point_id": point_id, "type": "RESTORE", "status": {"$in": ["QUEUED", "RUNNING"]}},
         {"_id": 1},
@@ -117,7 +117,7 @@ async def active_restore(store: Store, point_id: str) -> Document | None:
 
 
 async def referenced(
-    store: Store, destination_id: str, keys: list[str], *, besides: str | None = None
+    store: Database, destination_id: str, keys: list[str], *, besides: str | None = None
 ) -> set[str]:
     """Which of ``keys`` (in one destination) a restore point other than ``besides`` still
     names. Such an object must not be deleted. Only the Go agent on Swift can make two
@@ -140,7 +140,7 @@ async def referenced(
 
 
 async def purge(
-    store: Store,
+    store: Database,
     box: SecretBox,
     point: Document,
     dest: Document,
@@ -181,7 +181,7 @@ def storage_failure(exc: BaseException) -> str:
 
 
 async def delete(
-    store: Store,
+    store: Database,
     box: SecretBox,
     instance_id: str,
     point_id: str,

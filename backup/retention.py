@@ -37,9 +37,9 @@ from pydantic import ValidationError
 
 from backup import jobs, restore_points
 from backup.clock import Clock, SystemClock
+from backup.database import Database, Document
 from backup.restore_points import AVAILABLE, DELETING, StoreOpener
 from backup.secrets import SecretBox, SecretKeyError
-from backup.store import Document, Store
 from storage import StorageError, open_store
 
 log = structlog.get_logger(__name__)
@@ -114,7 +114,7 @@ class RetentionSweeper:
 
     def __init__(
         self,
-        store: Store,
+        store: Database,
         box: SecretBox,
         *,
         interval: float = 3600.0,
@@ -126,7 +126,7 @@ class RetentionSweeper:
         abandon_after: float = 7 * 86400.0,
         job_history_days: float = 90.0,
     ) -> None:
-        self.store = store
+        self.db = store
         self.box = box
         self.interval = interval
         self.storage_timeout = storage_timeout
@@ -179,13 +179,13 @@ class RetentionSweeper:
         async with self._lock:
             # Deletions that failed before first (each point is tried once per sweep).
             result = await self._retry_deleting()
-            plan_ids = await self.store.restore_points.distinct("plan_id", {"state": AVAILABLE})
+            plan_ids = await self.db.restore_points.distinct("plan_id", {"state": AVAILABLE})
             for plan_id in plan_ids:
                 result.add(await self._sweep_plan(plan_id))
             result.add(await self._delete_pending())
             if self.job_history is not None:
                 result.jobs_pruned = await jobs.prune_history(
-                    self.store, ended_before=self.clock.now() - self.job_history
+                    self.db, ended_before=self.clock.now() - self.job_history
                 )
         self._report(result)
         return result
@@ -215,13 +215,13 @@ class RetentionSweeper:
         result = SweepResult()
         if plan_id is None:
             return result
-        points = await self.store.restore_points.find(
+        points = await self.db.restore_points.find(
             {"plan_id": plan_id, "state": AVAILABLE},
             {"secrets": 0},
         ).to_list()
         if not points:
             return result
-        plan = await self.store.plans.find_one({"_id": plan_id}, {"retention": 1})
+        plan = await self.db.plans.find_one({"_id": plan_id}, {"retention": 1})
         retention = plan.get("retention") if plan else _newest_first(points)[0].get("retention")
         if not retention:
             return result
@@ -235,13 +235,13 @@ class RetentionSweeper:
         for point in points:
             expiry = expires_at(retention, point["created_at"])
             if point.get("expires_at") != expiry:
-                await self.store.restore_points.update_one(
+                await self.db.restore_points.update_one(
                     {"_id": point["_id"], "state": AVAILABLE}, {"$set": {"expires_at": expiry}}
                 )
 
     async def _retry_deleting(self) -> SweepResult:
         result = SweepResult()
-        async for point in self.store.restore_points.find({"state": DELETING}, {"secrets": 0}):
+        async for point in self.db.restore_points.find({"state": DELETING}, {"secrets": 0}):
             result.add(await self._delete_point(point, claim=False))
         return result
 
@@ -249,20 +249,20 @@ class RetentionSweeper:
         result = SweepResult()
         point_id = point["_id"]
         if claim:
-            marked = await self.store.restore_points.update_one(
+            marked = await self.db.restore_points.update_one(
                 {"_id": point_id, "state": AVAILABLE}, {"$set": {"state": DELETING}}
             )
             if marked.modified_count != 1:
                 return result  # another sweep or a user took it
-        if await restore_points.active_restore(self.store, point_id) is not None:
+        if await restore_points.active_restore(self.db, point_id) is not None:
             # A restore reads these files: keep them, try again at the next sweep.
             if claim:
-                await self.store.restore_points.update_one(
+                await self.db.restore_points.update_one(
                     {"_id": point_id, "state": DELETING}, {"$set": {"state": AVAILABLE}}
                 )
             result.skipped += 1
             return result
-        dest = await self.store.destinations.find_one({"_id": point["destination_id"]})
+        dest = await self.db.destinations.find_one({"_id": point["destination_id"]})
         if dest is None:
             result.failed += 1
             result.errors.append(f"{point_id}: its destination no longer exists")
@@ -270,7 +270,7 @@ class RetentionSweeper:
             return result
         try:
             await restore_points.purge(
-                self.store,
+                self.db,
                 self.box,
                 point,
                 dest,
@@ -307,7 +307,7 @@ class RetentionSweeper:
         """Files uploaded by backup jobs that then failed (or were cancelled) and could not
         be deleted at that moment."""
         result = SweepResult()
-        async for job in self.store.jobs.find(
+        async for job in self.db.jobs.find(
             {"pending_deletes.destination_id": {"$exists": True}, "status": {"$ne": "RUNNING"}},
             {"pending_deletes": 1},
         ):
@@ -319,9 +319,9 @@ class RetentionSweeper:
         what is still left for the next sweep."""
         result, left = await self.delete_objects(job_id, pending)
         if left:
-            await self.store.jobs.update_one({"_id": job_id}, {"$set": {"pending_deletes": left}})
+            await self.db.jobs.update_one({"_id": job_id}, {"$set": {"pending_deletes": left}})
         else:
-            await self.store.jobs.update_one({"_id": job_id}, {"$unset": {"pending_deletes": ""}})
+            await self.db.jobs.update_one({"_id": job_id}, {"$unset": {"pending_deletes": ""}})
         return result
 
     async def delete_objects(
@@ -358,11 +358,11 @@ class RetentionSweeper:
                 left.append(entry)
         for dest_id, keys in by_dest.items():
             # An object a restore point names is no orphan, whoever uploaded it.
-            kept = await restore_points.referenced(self.store, dest_id, keys)
+            kept = await restore_points.referenced(self.db, dest_id, keys)
             keys = [k for k in keys if k not in kept]
             if not keys:
                 continue
-            dest = await self.store.destinations.find_one({"_id": dest_id})
+            dest = await self.db.destinations.find_one({"_id": dest_id})
             if dest is None:
                 # Nothing can reach those files any more; say so once and let go.
                 log.warning("orphan_destination_missing", job_id=job_id, objects=len(keys))

@@ -28,15 +28,15 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo.errors import PyMongoError
 
-from backup import jobs, priority
+from backup import backpressure, jobs
 from backup.agent_client import AgentClient, AgentError, agent_session
 from backup.clock import Clock, SystemClock
+from backup.database import Database, Document
 from backup.job_run import JobEnd, JobRun, object_key
 from backup.jobs import FAILED, QUEUED, RUNNING, SUCCEEDED, Lease, LeaseLost
 from backup.restore_points import StoreOpener
 from backup.retention import GONE, RetentionSweeper
 from backup.secrets import SecretBox, SecretKeyError
-from backup.store import Document, Store
 from backup.store_cache import StoreCache
 from storage import open_store
 
@@ -214,7 +214,7 @@ class JobRunner:
 
     def __init__(
         self,
-        store: Store,
+        store: Database,
         box: SecretBox,
         settings: RunnerSettings,
         *,
@@ -224,7 +224,7 @@ class JobRunner:
         observer: RunnerObserver | None = None,
         sweeper: RetentionSweeper | None = None,
     ) -> None:
-        self.store = store
+        self.db = store
         self.box = box
         self.settings = settings
         self.replica_id = replica_id
@@ -242,11 +242,11 @@ class JobRunner:
         )
         if self.sweeper.resolver is None:
             self.sweeper.resolver = self.resolve_abandoned
-        self.stores = StoreCache(opener)
+        self.object_stores = StoreCache(opener)
         self._held: dict[str, _Held] = {}
         self._wake = asyncio.Event()
         self.queue = jobs.QueueView(refresh_seconds=max(30.0, 6 * settings.poll_seconds))
-        self.window = priority.ClaimWindow(settings.concurrency)
+        self.window = backpressure.ClaimWindow(settings.concurrency)
         self._new_jobs = True  # jobs may have been queued since the last pass read the queue
         self._queue_read_at = self.clock.now()
         self._yielding_since: datetime | None = None  # claims wait for the scheduler since
@@ -304,12 +304,12 @@ class JobRunner:
         at = self.clock.now()
         for h in held:
             try:
-                if await jobs.release(self.store, h.lease, at=at):
+                if await jobs.release(self.db, h.lease, at=at):
                     log.info("lease_released", job_id=h.lease.job_id, replica=self.replica_id)
             except PyMongoError:
                 log.warning("lease_release_failed", job_id=h.lease.job_id)
         self._held.clear()
-        await self.stores.close()
+        await self.object_stores.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -338,7 +338,7 @@ class JobRunner:
         ``looking=False`` (the claim loop's passes between polls, when this replica queued
         nothing): claim from the queue as last read, without looking for new jobs.
         ``most``: claim at most that many, whatever the claim window (while a scheduler is
-        behind: ``backup.priority``)."""
+        behind: ``backup.backpressure``)."""
         if most is None:
             free = self.window.jobs - len(self._held)
         else:
@@ -354,7 +354,7 @@ class JobRunner:
         if new_jobs:
             self._queue_read_at = now
         candidates = await self.queue.candidates(
-            self.store, now, limit=free + len(self._held), new_jobs=new_jobs
+            self.db, now, limit=free + len(self._held), new_jobs=new_jobs
         )
         claimed = 0
         tried: set[str] = set()
@@ -367,7 +367,7 @@ class JobRunner:
                 continue
             tried.add(cand["instance_id"])
             lease = await jobs.try_claim(
-                self.store,
+                self.db,
                 cand,
                 owner=self.replica_id,
                 at=now,
@@ -401,18 +401,18 @@ class JobRunner:
 
     async def _yield_to_scheduler(self) -> int | None:
         """How many jobs this pass may claim: None (any number: no scheduler is behind),
-        0 (a scheduler asked runners to wait, ``backup.priority``: this waited as asked),
+        0 (a scheduler asked runners to wait, ``backup.backpressure``: this waited as asked),
         or 1 (one job every ``MAX_YIELD_SECONDS`` while the notice lasts: a backlog of
         fires must not stop every backup, and a burst of claims would deepen it)."""
         now = self.clock.now()
         last_start = self._trickled_at or self._yielding_since
         if last_start is not None and (
-            (now - last_start).total_seconds() >= priority.MAX_YIELD_SECONDS
+            (now - last_start).total_seconds() >= backpressure.MAX_YIELD_SECONDS
         ):
             self._trickled_at = now
             return 1
         try:
-            until = await priority.yield_until(self.store, now)
+            until = await backpressure.yield_until(self.db, now)
         except PyMongoError:
             until = None
         if until is None:
@@ -430,7 +430,7 @@ class JobRunner:
             log.info(
                 "runner_yielding_to_scheduler", replica=self.replica_id, window=self.window.jobs
             )
-        await self.clock.sleep(min((until - now).total_seconds(), priority.HOLD_SECONDS))
+        await self.clock.sleep(min((until - now).total_seconds(), backpressure.HOLD_SECONDS))
         return 0
 
     async def _claim_loop(self) -> None:
@@ -476,7 +476,7 @@ class JobRunner:
             now = self.clock.now()
             try:
                 ok: bool | None = await jobs.renew(
-                    self.store, held.lease, at=now, lease_seconds=self.settings.lease_seconds
+                    self.db, held.lease, at=now, lease_seconds=self.settings.lease_seconds
                 )
             except PyMongoError:
                 ok = None
@@ -497,7 +497,7 @@ class JobRunner:
         renewal raced the job's last write): cancelling its task then would cut short what
         follows the end, and it would be reported as a lost lease."""
         try:
-            return await jobs.ended_under(self.store, held.lease)
+            return await jobs.ended_under(self.db, held.lease)
         except PyMongoError:
             return False
 
@@ -506,7 +506,7 @@ class JobRunner:
     async def _drive(self, held: _Held) -> None:
         lease = held.lease
         try:
-            job = await self.store.jobs.find_one({"_id": lease.job_id})
+            job = await self.db.jobs.find_one({"_id": lease.job_id})
             if job is not None and job.get("status") == RUNNING:
                 await JobRun(self, lease, job).run()
         except LeaseLost:
@@ -523,7 +523,7 @@ class JobRunner:
             log.exception("job_driver_failed", job_id=lease.job_id)
             with contextlib.suppress(Exception):
                 await jobs.finish(
-                    self.store,
+                    self.db,
                     lease,
                     FAILED,
                     "The manager hit an internal error while running this job; its logs "
@@ -567,7 +567,7 @@ class JobRunner:
     async def resolve_abandoned(self, entry: Document) -> str | None:
         """For the retention sweep: the object an agent job abandoned at its deadline
         uploaded in the end (its key), GONE if it uploaded nothing, None if not known yet."""
-        instance = await self.store.instances.find_one({"_id": entry.get("instance_id")})
+        instance = await self.db.instances.find_one({"_id": entry.get("instance_id")})
         if instance is None:
             return None
         try:

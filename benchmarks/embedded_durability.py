@@ -9,7 +9,7 @@ writes while it runs: stage, logs, last heard; its restore point inserted; ended
 ``jobs.finish``), ``--concurrency`` jobs at a time (``RUNNER_CONCURRENCY``'s default is 4).
 
 - ``default, j:true``: the server as the manager starts it, the client with the service's
-  write concern (``backup.store.connect``: majority, journaled). This SecantusDB honours
+  write concern (``backup.database.connect``: majority, journaled). This SecantusDB honours
   ``j: true`` per write by committing that write with ``sync=on``.
 - ``--sync-on-commit, j:true``: the server syncing its log on every commit, whatever a
   write asks (also the writes a client sends without ``j``, and the server's own).
@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 from pymongo import WriteConcern  # noqa: E402
 
 from backup import jobs  # noqa: E402
+from backup.database import Database, connect  # noqa: E402
 from backup.embedded_db import _server_command  # noqa: E402
-from backup.store import Store, connect  # noqa: E402
 from tests.servers.ports import free_port, wait_listening  # noqa: E402
 
 
@@ -60,7 +60,7 @@ class Timed:
         return result
 
 
-async def one_job(store: Store, n: int, timed: Timed) -> None:
+async def one_job(store: Database, n: int, timed: Timed) -> None:
     now = datetime.now(UTC)
     job = jobs.new_job(
         instance_id=f"instance-{n}",
@@ -104,7 +104,9 @@ async def one_job(store: Store, n: int, timed: Timed) -> None:
     await timed(jobs.finish(store, lease, jobs.SUCCEEDED, None, at=datetime.now(UTC)))
 
 
-async def measure(store: Store, first: int, n_jobs: int, concurrency: int, timed: Timed) -> float:
+async def measure(
+    store: Database, first: int, n_jobs: int, concurrency: int, timed: Timed
+) -> float:
     """Run ``n_jobs`` jobs' writes; the seconds they took."""
     queue = iter(range(first, first + n_jobs))
 
@@ -125,7 +127,7 @@ async def run(urls: list[tuple[str, bool]], args: argparse.Namespace) -> list[di
         store = connect(url, "bench")
         await store.ensure_indexes()
         if not journal:
-            store.db = store.db.with_options(write_concern=WriteConcern(w=1, j=False))
+            store.mongo = store.mongo.with_options(write_concern=WriteConcern(w=1, j=False))
         stores.append(store)
     timers = [Timed() for _ in stores]
     rates: list[list[float]] = [[] for _ in stores]

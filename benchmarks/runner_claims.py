@@ -37,11 +37,11 @@ sys.path.insert(0, str(ROOT))
 from pymongo import ASCENDING, ReturnDocument  # noqa: E402
 
 from backup import jobs  # noqa: E402
+from backup.database import Database, connect  # noqa: E402
 from backup.embedded_db import EmbeddedMongo  # noqa: E402
-from backup.store import Store, connect  # noqa: E402
 
 
-async def _queue(store: Store, n_jobs: int, n_instances: int) -> None:
+async def _queue(store: Database, n_jobs: int, n_instances: int) -> None:
     docs = []
     for n in range(n_jobs):
         doc = jobs.new_job(
@@ -59,7 +59,7 @@ async def _queue(store: Store, n_jobs: int, n_instances: int) -> None:
 
 
 async def _runner_claimer(
-    store: Store, owner: str, latencies: list[float], claimed: list[str]
+    store: Database, owner: str, latencies: list[float], claimed: list[str]
 ) -> None:
     while True:
         start = time.perf_counter()
@@ -82,7 +82,7 @@ async def _runner_claimer(
 
 
 async def _reference_claimer(
-    store: Store, owner: str, latencies: list[float], claimed: list[str]
+    store: Database, owner: str, latencies: list[float], claimed: list[str]
 ) -> None:
     while True:
         start = time.perf_counter()

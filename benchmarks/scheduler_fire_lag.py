@@ -79,8 +79,8 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
+from backup.database import Database, Document, connect  # noqa: E402
 from backup.embedded_db import EmbeddedMongo  # noqa: E402
-from backup.store import Document, Store, connect  # noqa: E402
 from storage.egress import DEFAULT_DENY, networks_except  # noqa: E402
 
 ZONES = ["UTC", "Europe/Berlin", "America/New_York", "Asia/Tokyo"]
@@ -317,7 +317,7 @@ class Rig:
         }
 
 
-async def load(store: Store, plans: int, instances: int, rig: Rig | None = None) -> None:
+async def load(store: Database, plans: int, instances: int, rig: Rig | None = None) -> None:
     at = datetime.now(UTC)
     common = {"created_at": at, "updated_at": at, "version": 1, "schema_version": 1}
     inst = []
@@ -379,7 +379,7 @@ def spread3(values: list[float]) -> tuple[float, float, float]:
 
 
 async def place_fires(
-    store: Store, kind: str, plans: int, window: float
+    store: Database, kind: str, plans: int, window: float
 ) -> tuple[datetime, datetime, bool]:
     """Give every plan its fire (``next_run_at``): evenly over ``window`` seconds from a
     moment far enough ahead that the update is surely done, or all at that moment (herd).
@@ -408,7 +408,7 @@ async def wait_until(
             return
 
 
-async def fire_accounting(store: Store, plans: int, last_fire: datetime) -> dict[str, Any]:
+async def fire_accounting(store: Database, plans: int, last_fire: datetime) -> dict[str, Any]:
     """Lost and duplicate fires, and what is still due, from the database."""
     pending = await store.plans.count_documents({"next_run_at": {"$lte": last_fire}})
     cursor = await store.jobs.aggregate(

@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
+from backup.database import Database, connect
 from backup.secrets import SecretBox
-from backup.store import Store, connect
 from broker import health
 from broker.config import Settings
-from broker.context import REQUEST_ID, SECRETS, SETTINGS, STORE
+from broker.context import DATABASE, REQUEST_ID, SECRETS, SETTINGS
 from broker.errors import ApiError, Handler, error_middleware
 from broker.throttling import AUTH_THROTTLE
 from storage import egress
@@ -77,7 +77,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
-def create_app(settings: Settings, *, store: Store | None = None) -> web.Application:
+def create_app(settings: Settings, *, store: Database | None = None) -> web.Application:
     """The service. Without ``store`` it connects to ``settings.mongodb_url`` on start-up."""
     settings.resolve_local_secrets()
     origins = parse_origins(settings.cors_allowed_origins)
@@ -98,14 +98,16 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
         own = store is None
         if own:
             assert settings.mongodb_url is not None
-            app[STORE] = connect(settings.mongodb_url.get_secret_value(), settings.mongodb_database)
+            app[DATABASE] = connect(
+                settings.mongodb_url.get_secret_value(), settings.mongodb_database
+            )
         else:
-            app[STORE] = store
-        await app[STORE].ensure_indexes()
+            app[DATABASE] = store
+        await app[DATABASE].ensure_indexes()
         log.info("database_ready", database=settings.mongodb_database)
         yield
         if own:
-            await app[STORE].close()
+            await app[DATABASE].close()
 
     app.cleanup_ctx.append(database)
 

@@ -32,12 +32,11 @@ from aiohttp import web
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from backup import events
 from backup.retention import RetentionSweeper
 from backup.runner import JobRunner, load_runner_settings, new_replica_id
 from broker import metrics
 from broker.config import ConfigError
-from broker.context import SECRETS, STORE
+from broker.context import DATABASE, SECRETS
 from scheduler import Scheduler, SchedulerSettings, load_scheduler_settings
 from storage import open_store
 
@@ -92,7 +91,7 @@ def setup(app: web.Application) -> None:
             return
         from broker.api.routes import OPENER
 
-        store, box = app[STORE], app[SECRETS]
+        store, box = app[DATABASE], app[SECRETS]
         opener = app.get(OPENER, open_store)
         # The runner's and sweeper's own pool: however many jobs run, they cannot take every
         # turn of the database from the scheduler (see RUNNER_DB_CONNECTIONS).
@@ -126,9 +125,9 @@ def setup(app: web.Application) -> None:
         app[SWEEPER], app[RUNNER] = sweeper, runner
         if scheduler is not None:
             app[SCHEDULER] = scheduler
-            await scheduler.start()  # it listens to events.plans_changed itself
+            await scheduler.start()  # it listens to the plans_changed event itself
         if settings.enabled:
-            events.jobs_queued.connect(runner.wake)
+            store.events.jobs_queued.connect(runner.wake)
             await runner.start()
         if settings.retention_enabled:
             await sweeper.start()
@@ -147,7 +146,7 @@ def setup(app: web.Application) -> None:
                     await scheduler.stop()
                 except Exception:
                     log.exception("scheduler_stop_failed")
-            events.jobs_queued.disconnect(runner.wake)
+            store.events.jobs_queued.disconnect(runner.wake)
             await runner.stop()
             await sweeper.stop()
             await work_store.close()

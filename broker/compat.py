@@ -63,7 +63,7 @@ def _instance_id(request: web.Request) -> str:
 def _cleanup(request: web.Request) -> InstanceCleanup:
     instances = request.app[INSTANCES]
     return InstanceCleanup(
-        instances.store,
+        instances.db,
         instances.box,
         instances.clock,
         instances.opener,

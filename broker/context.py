@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from backup.database import Database
 from backup.secrets import SecretBox
-from backup.store import Store
 from broker.config import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
-STORE = web.AppKey("store", Store)
+DATABASE = web.AppKey("database", Database)
 SECRETS = web.AppKey("secrets", SecretBox)
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from broker.context import STORE
+from broker.context import DATABASE
 
 
 async def health(request: web.Request) -> web.Response:
@@ -14,7 +14,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     """The database answers; a load balancer should send traffic only then."""
-    if await request.app[STORE].ping():
+    if await request.app[DATABASE].ping():
         return web.json_response({"status": "ready", "database": "ok"})
     return web.json_response(
         {

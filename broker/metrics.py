@@ -37,11 +37,11 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo.errors import PyMongoError
 
+from backup.database import Database
 from backup.jobs import STATUSES
 from backup.retention import SweepResult
 from backup.runner import RunnerObserver
-from backup.store import Store
-from broker.context import STORE
+from broker.context import DATABASE
 
 log = structlog.get_logger(__name__)
 
@@ -225,7 +225,7 @@ class Metrics(RunnerObserver):
 
     # -- scrape
 
-    async def refresh(self, store: Store, timeout: float) -> None:
+    async def refresh(self, store: Database, timeout: float) -> None:
         self.active.set(self.runner_active())
         self.window.set(self.runner_window())
         try:
@@ -286,7 +286,7 @@ async def metrics(request: web.Request) -> web.Response:
             headers={"WWW-Authenticate": 'Basic realm="metrics"'},
         )
     m = request.app[METRICS]
-    await m.refresh(request.app[STORE], settings.db_timeout_seconds)
+    await m.refresh(request.app[DATABASE], settings.db_timeout_seconds)
     return web.Response(
         body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )

@@ -28,7 +28,7 @@ import structlog
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from backup.clock import Clock
-from backup.store import Store
+from backup.database import Database
 
 log = structlog.get_logger(__name__)
 
@@ -39,7 +39,7 @@ class Leadership:
 
     def __init__(
         self,
-        store: Store,
+        store: Database,
         *,
         name: str,
         owner: str,
@@ -47,7 +47,7 @@ class Leadership:
         clock: Clock,
         on_gain: Callable[[], None] | None = None,
     ) -> None:
-        self.store = store
+        self.db = store
         self.name = name
         self.owner = owner
         self.seconds = seconds
@@ -71,7 +71,7 @@ class Leadership:
         if self.held:
             self.held = False
             with contextlib.suppress(PyMongoError):
-                await self.store.leases.update_one(
+                await self.db.leases.update_one(
                     {"_id": self.name, "owner": self.owner},
                     {"$set": {"expires_at": self.clock.now()}},
                 )
@@ -88,7 +88,7 @@ class Leadership:
         now = self.clock.now()
         until = now + timedelta(seconds=self.seconds)
         try:
-            await self.store.leases.update_one(
+            await self.db.leases.update_one(
                 {"_id": self.name, "$or": [{"owner": self.owner}, {"expires_at": {"$lte": now}}]},
                 {"$set": {"owner": self.owner, "expires_at": until}},
                 upsert=True,

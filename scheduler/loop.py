@@ -26,7 +26,7 @@ database, never assumed, so two replicas recovering at once neither double-count
 fire unaccounted for.
 
 The loop sleeps until the earliest fire it knows of (plans due within ``SCHEDULER_POLL_SECONDS``)
-or until this replica changes a plan (``events.plans_changed``), and at most
+or until this replica changes a plan (``Database.events.plans_changed``), and at most
 ``SCHEDULER_POLL_SECONDS``, which bounds how late it notices plans changed elsewhere.
 """
 
@@ -44,10 +44,10 @@ import structlog
 from pymongo import UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
-from backup import events, jobs, priority, schedule
+from backup import backpressure, jobs, schedule
 from backup.clock import Clock, SystemClock
+from backup.database import Database, Document
 from backup.errors import InvalidInput
-from backup.store import Document, Store
 from scheduler.leadership import Leadership
 from scheduler.settings import SchedulerSettings
 
@@ -119,14 +119,14 @@ class Scheduler:
 
     def __init__(
         self,
-        store: Store,
+        store: Database,
         settings: SchedulerSettings,
         *,
         replica_id: str,
         clock: Clock | None = None,
         observer: SchedulerObserver | None = None,
     ) -> None:
-        self.store = store
+        self.db = store
         self.settings = settings
         self.replica_id = replica_id
         self.clock: Clock = clock or SystemClock()
@@ -160,7 +160,7 @@ class Scheduler:
     async def start(self) -> None:
         if self._task is not None and not self._task.done():
             return
-        events.plans_changed.connect(self.wake)
+        self.db.events.plans_changed.connect(self.wake)
         self._wake.set()  # first pass at once: fires due while no replica ran
         if self.leadership is not None:
             await self.leadership.start()
@@ -172,7 +172,7 @@ class Scheduler:
         )
 
     async def stop(self) -> None:
-        events.plans_changed.disconnect(self.wake)
+        self.db.events.plans_changed.disconnect(self.wake)
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -257,7 +257,7 @@ class Scheduler:
             horizon = now + timedelta(seconds=self.settings.poll_seconds)
             times = [
                 doc["next_run_at"]
-                async for doc in self.store.plans.find(
+                async for doc in self.db.plans.find(
                     {"paused": False, "next_run_at": {"$gt": handled, "$lte": horizon}},
                     {"_id": 0, "next_run_at": 1},
                 )
@@ -291,7 +291,7 @@ class Scheduler:
             now = self.clock.now()
             self._handled_until = now  # every plan due by then is read by this loop
             due = await (
-                self.store.plans.find({"paused": False, "next_run_at": {"$lte": now}}, PLAN_FIELDS)
+                self.db.plans.find({"paused": False, "next_run_at": {"$lte": now}}, PLAN_FIELDS)
                 .limit(batch)
                 .to_list()
             )
@@ -299,12 +299,12 @@ class Scheduler:
                 break
             self._busy = True
             oldest = min(p["next_run_at"] for p in due)
-            if (now - oldest).total_seconds() > priority.BEHIND_SECONDS:
+            if (now - oldest).total_seconds() > backpressure.BEHIND_SECONDS:
                 await self._behind(now)
             n = await self._fire_batch(due, now)
             queued += n
             if n:
-                events.jobs_queued.fire()  # the runner may start on the first batches
+                self.db.events.jobs_queued.fire()  # the runner may start on the first batches
             if len(due) < batch:
                 break
         if len(self._next_cache) > 10_000:
@@ -320,13 +320,13 @@ class Scheduler:
 
     async def _behind(self, now: datetime) -> None:
         """Fires wait: ask every replica's runner to start no job for a moment
-        (``backup.priority``), renewing the notice while it still has over half to run."""
-        hold = timedelta(seconds=priority.HOLD_SECONDS / 2)
+        (``backup.backpressure``), renewing the notice while it still has over half to run."""
+        hold = timedelta(seconds=backpressure.HOLD_SECONDS / 2)
         if self._behind_until is not None and self._behind_until - now > hold:
             return
         try:
-            self._behind_until = await priority.announce_behind(
-                self.store, at=now, replica=self.replica_id
+            self._behind_until = await backpressure.announce_behind(
+                self.db, at=now, replica=self.replica_id
             )
         except PyMongoError as exc:  # the fires matter more than the notice
             log.warning("scheduler_behind_notice_failed", error=type(exc).__name__)
@@ -393,7 +393,7 @@ class Scheduler:
         """Insert jobs; returns the ids of those that were new (the others' fires were
         already recorded)."""
         try:
-            await self.store.jobs.insert_many(docs, ordered=False)
+            await self.db.jobs.insert_many(docs, ordered=False)
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors") or []
             other = [e for e in errors if e.get("code") != DUPLICATE_KEY]
@@ -408,7 +408,7 @@ class Scheduler:
         last = [p["last_job_id"] for p in plans if p.get("last_job_id")]
         if not last:
             return {}
-        docs = await self.store.jobs.find(
+        docs = await self.db.jobs.find(
             {"_id": {"$in": last}, "status": jobs.QUEUED}, {"plan_id": 1, "scheduled_for": 1}
         ).to_list()
         return {d["plan_id"]: d for d in docs}
@@ -458,7 +458,7 @@ class Scheduler:
         self.stats.already_recorded += len(docs) - len(new)
         # A skipped fire leaves last_job_id on the job that still waits, so the next fire
         # sees it too.
-        result = await self.store.plans.bulk_write(
+        result = await self.db.plans.bulk_write(
             [
                 UpdateOne(
                     {"_id": p["_id"], "next_run_at": p["next_run_at"]},
@@ -495,12 +495,12 @@ class Scheduler:
         plan_ids = [j["plan_id"] for j in new_jobs]
         alive = {
             d["_id"]
-            for d in await self.store.plans.find({"_id": {"$in": plan_ids}}, {"_id": 1}).to_list()
+            for d in await self.db.plans.find({"_id": {"$in": plan_ids}}, {"_id": 1}).to_list()
         }
         orphans = [j["_id"] for j in new_jobs if j["plan_id"] not in alive]
         if not orphans:
             return
-        result = await self.store.jobs.update_many(
+        result = await self.db.jobs.update_many(
             {"_id": {"$in": orphans}, "status": jobs.QUEUED},
             {
                 "$set": {
@@ -525,7 +525,7 @@ class Scheduler:
         )
         doc = self._missed_fire(plan, fire, reason)
         new = await self._insert_many([doc])
-        await self.store.plans.update_one(
+        await self.db.plans.update_one(
             {"_id": plan["_id"], "next_run_at": fire},
             {"$set": {"next_run_at": None, "last_job_id": doc["_id"]}},
         )
@@ -541,10 +541,10 @@ class Scheduler:
         Returns whether it is ours, and the last fire the recorded job accounts for (a
         MISSED job may cover a range)."""
         try:
-            await self.store.jobs.insert_one(doc)
+            await self.db.jobs.insert_one(doc)
             return True, (doc.get("missed") or {}).get("last") or doc["scheduled_for"]
         except DuplicateKeyError:
-            existing = await self.store.jobs.find_one(
+            existing = await self.db.jobs.find_one(
                 {"plan_id": plan["_id"], "scheduled_for": doc["scheduled_for"]}, {"missed": 1}
             )
             self.stats.already_recorded += 1
@@ -552,7 +552,7 @@ class Scheduler:
             return False, last or doc["scheduled_for"]
 
     async def _advance(self, plan: Document, fire: datetime, nxt: datetime, job_id: str) -> bool:
-        result = await self.store.plans.update_one(
+        result = await self.db.plans.update_one(
             {"_id": plan["_id"], "next_run_at": fire},
             {"$set": {"next_run_at": nxt, "last_job_id": job_id}},
         )

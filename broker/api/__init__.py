@@ -14,7 +14,7 @@ from broker.api import openapi
 from broker.api.auth import AUTHORIZER, Authorizer
 from broker.api.routes import API_SETTINGS, OPENER, add_routes
 from broker.api.settings import ApiSettings, load_api_settings
-from broker.context import SETTINGS, STORE
+from broker.context import DATABASE, SETTINGS
 from storage import open_store
 
 
@@ -24,7 +24,7 @@ def setup(app: web.Application, api_settings: ApiSettings | None = None) -> None
     app[OPENER] = open_store
 
     async def authorizer(app: web.Application) -> AsyncIterator[None]:
-        app[AUTHORIZER] = Authorizer(app[SETTINGS], app[API_SETTINGS], app[STORE])
+        app[AUTHORIZER] = Authorizer(app[SETTINGS], app[API_SETTINGS], app[DATABASE])
         yield
         await app[AUTHORIZER].close()
 

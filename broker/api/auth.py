@@ -28,8 +28,8 @@ import jwt
 import structlog
 from aiohttp import web
 
+from backup.database import Database, Document
 from backup.instances import LIVE_STATES
-from backup.store import Document, Store
 from broker.api.settings import ApiSettings
 from broker.config import Settings
 from broker.errors import ApiError
@@ -161,8 +161,8 @@ class Jwks:
 class Authorizer:
     """Authenticates requests and answers what a principal may do with an instance."""
 
-    def __init__(self, settings: Settings, api: ApiSettings, store: Store) -> None:
-        self.settings, self.api, self.store = settings, api, store
+    def __init__(self, settings: Settings, api: ApiSettings, store: Database) -> None:
+        self.settings, self.api, self.db = settings, api, store
         self.http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=api.http_timeout_seconds)
         )
@@ -232,7 +232,7 @@ class Authorizer:
 
     async def _binding(self, key: str) -> Principal:
         digest = hashlib.sha256(key.encode()).hexdigest()
-        binding = await self.store.bindings.find_one(
+        binding = await self.db.bindings.find_one(
             {"key_hash": digest}, {"instance_id": 1, "state": 1}
         )
         if binding is None or binding.get("state") == "deleted":
@@ -363,7 +363,7 @@ class Authorizer:
         may_read, may_manage = await self.permissions(principal, instance_id)
         if not may_read:
             raise instance_not_found(instance_id)
-        instance = await self.store.instances.find_one(
+        instance = await self.db.instances.find_one(
             {"_id": instance_id, "state": {"$in": list(LIVE_STATES)}}
         )
         if instance is None:

@@ -12,14 +12,14 @@ from aiohttp import web
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from backup import destinations, jobs, plans, restore_points
+from backup.database import Database, Document
 from backup.pagination import Page
 from backup.secrets import SecretBox
-from backup.store import Document, Store
 from broker.api import models as m
 from broker.api import views
 from broker.api.auth import AUTHORIZER
 from broker.api.settings import ApiSettings
-from broker.context import SECRETS, STORE
+from broker.context import DATABASE, SECRETS
 from broker.errors import ApiError, from_validation, read_json
 
 PREFIX = "/v1/service_instances/{instance_id}"
@@ -36,7 +36,7 @@ class Ctx:
 
     request: web.Request
     instance: Document
-    store: Store
+    db: Database
     box: SecretBox
     api: ApiSettings
 
@@ -210,7 +210,7 @@ async def list_items(c: Ctx) -> Any:
 )
 async def list_destinations(c: Ctx) -> Any:
     limit, cursor = c.query(m.ListQuery).window()
-    page = await destinations.list_page(c.store, c.instance_id, limit, cursor)
+    page = await destinations.list_page(c.db, c.instance_id, limit, cursor)
     return _page(m.DestinationPage, page, [views.destination(d) for d in page.items])
 
 
@@ -229,7 +229,7 @@ async def create_destination(c: Ctx) -> Any:
     check = c.query(m.CheckQuery)
     spec = destinations.parse(await c.raw_body())
     timeout = c.api.validate_timeout_seconds if check.validate_ else None
-    doc = await destinations.create(c.store, c.box, c.instance_id, spec, verify_timeout=timeout)
+    doc = await destinations.create(c.db, c.box, c.instance_id, spec, verify_timeout=timeout)
     return out(m.DestinationOut, views.destination(doc))
 
 
@@ -258,7 +258,7 @@ async def validate_new_destination(c: Ctx) -> Any:
     response=m.DestinationOut,
 )
 async def get_destination(c: Ctx) -> Any:
-    doc = await destinations.get(c.store, c.instance_id, c.param("destination_id"))
+    doc = await destinations.get(c.db, c.instance_id, c.param("destination_id"))
     return out(m.DestinationOut, views.destination(doc))
 
 
@@ -278,7 +278,7 @@ async def update_destination(c: Ctx) -> Any:
     patch = await c.raw_body()
     timeout = c.api.validate_timeout_seconds if check.validate_ else None
     doc = await destinations.update(
-        c.store, c.box, c.instance_id, c.param("destination_id"), patch, verify_timeout=timeout
+        c.db, c.box, c.instance_id, c.param("destination_id"), patch, verify_timeout=timeout
     )
     return out(m.DestinationOut, views.destination(doc))
 
@@ -292,7 +292,7 @@ async def update_destination(c: Ctx) -> Any:
     errors=(409,),
 )
 async def delete_destination(c: Ctx) -> Any:
-    await destinations.delete(c.store, c.instance_id, c.param("destination_id"))
+    await destinations.delete(c.db, c.instance_id, c.param("destination_id"))
 
 
 @op(
@@ -309,7 +309,7 @@ async def delete_destination(c: Ctx) -> Any:
 async def validate_destination(c: Ctx) -> Any:
     patch = await c.raw_body() if c.request.body_exists else None
     result = await destinations.check_stored(
-        c.store,
+        c.db,
         c.box,
         c.instance_id,
         c.param("destination_id"),
@@ -322,7 +322,7 @@ async def validate_destination(c: Ctx) -> Any:
 # --- plans ----------------------------------------------------------------------------------
 
 
-async def _plan_views(store: Store, docs: list[Document]) -> list[dict[str, Any]]:
+async def _plan_views(store: Database, docs: list[Document]) -> list[dict[str, Any]]:
     last = await jobs.last_jobs(store, [d.get("last_job_id") for d in docs])
     return [views.plan(d, last.get(d.get("last_job_id") or "")) for d in docs]
 
@@ -337,8 +337,8 @@ async def _plan_views(store: Store, docs: list[Document]) -> list[dict[str, Any]
 )
 async def list_plans(c: Ctx) -> Any:
     limit, cursor = c.query(m.ListQuery).window()
-    page = await plans.list_page(c.store, c.instance_id, limit, cursor)
-    return _page(m.PlanPage, page, await _plan_views(c.store, page.items))
+    page = await plans.list_page(c.db, c.instance_id, limit, cursor)
+    return _page(m.PlanPage, page, await _plan_views(c.db, page.items))
 
 
 @op(
@@ -353,14 +353,14 @@ async def list_plans(c: Ctx) -> Any:
 )
 async def create_plan(c: Ctx) -> Any:
     spec = await c.body(m.PlanIn)
-    doc = await plans.create(c.store, c.box, c.instance, spec, c.api.min_plan_interval_seconds)
+    doc = await plans.create(c.db, c.box, c.instance, spec, c.api.min_plan_interval_seconds)
     return out(m.PlanOut, views.plan(doc, None))
 
 
 @op("GET", "/plans/{plan_id}", summary="Read a backup plan", tag="plans", response=m.PlanOut)
 async def get_plan(c: Ctx) -> Any:
-    doc = await plans.get(c.store, c.instance_id, c.param("plan_id"))
-    return out(m.PlanOut, (await _plan_views(c.store, [doc]))[0])
+    doc = await plans.get(c.db, c.instance_id, c.param("plan_id"))
+    return out(m.PlanOut, (await _plan_views(c.db, [doc]))[0])
 
 
 @op(
@@ -377,9 +377,9 @@ async def update_plan(c: Ctx) -> Any:
     patch = await c.raw_body()
     adapter(m.PlanPatch).validate_python(patch)
     doc = await plans.update(
-        c.store, c.box, c.instance, c.param("plan_id"), patch, c.api.min_plan_interval_seconds
+        c.db, c.box, c.instance, c.param("plan_id"), patch, c.api.min_plan_interval_seconds
     )
-    return out(m.PlanOut, (await _plan_views(c.store, [doc]))[0])
+    return out(m.PlanOut, (await _plan_views(c.db, [doc]))[0])
 
 
 @op(
@@ -391,15 +391,15 @@ async def update_plan(c: Ctx) -> Any:
     status=204,
 )
 async def delete_plan(c: Ctx) -> Any:
-    await plans.delete(c.store, c.instance_id, c.param("plan_id"))
+    await plans.delete(c.db, c.instance_id, c.param("plan_id"))
 
 
 # --- backups and restores -------------------------------------------------------------------
 
 
 async def _backup_now(c: Ctx, plan_id: str) -> Any:
-    plan = await plans.get(c.store, c.instance_id, plan_id)
-    return out(m.JobOut, views.job(await jobs.start_backup(c.store, plan), None))
+    plan = await plans.get(c.db, c.instance_id, plan_id)
+    return out(m.JobOut, views.job(await jobs.start_backup(c.db, plan), None))
 
 
 @op(
@@ -449,8 +449,8 @@ async def start_restore(c: Ctx) -> Any:
         # Before the restore point is looked at: a target the caller may not manage answers
         # the same whatever the point, and one it may not see exactly like an unknown one.
         target = await c.request.app[AUTHORIZER].authorize_also(c.request, spec.target_instance_id)
-    point = await restore_points.get(c.store, c.instance_id, spec.restore_point_id)
-    job = await jobs.start_restore(c.store, point, spec.pairs(), target=target)
+    point = await restore_points.get(c.db, c.instance_id, spec.restore_point_id)
+    job = await jobs.start_restore(c.db, point, spec.pairs(), target=target)
     return out(m.JobOut, views.job(job, None))
 
 
@@ -469,7 +469,7 @@ async def list_jobs(c: Ctx) -> Any:
     q = c.query(m.JobListQuery)
     limit, cursor = q.window()
     page = await jobs.list_page(
-        c.store,
+        c.db,
         c.instance_id,
         type=q.type,
         status=q.status,
@@ -489,7 +489,7 @@ async def list_jobs(c: Ctx) -> Any:
     response=m.JobOut,
 )
 async def get_job(c: Ctx) -> Any:
-    doc = await jobs.get(c.store, c.instance_id, c.param("job_id"))
+    doc = await jobs.get(c.db, c.instance_id, c.param("job_id"))
     return out(m.JobOut, views.job(doc, c.api.job_log_max_bytes, c.api.job_logs_total_max_bytes))
 
 
@@ -504,7 +504,7 @@ async def get_job(c: Ctx) -> Any:
     also={202: "A running job was asked to stop; it ends CANCELLED shortly."},
 )
 async def cancel_job(c: Ctx) -> Any:
-    doc = await jobs.cancel(c.store, c.instance_id, c.param("job_id"))
+    doc = await jobs.cancel(c.db, c.instance_id, c.param("job_id"))
     status = 200 if doc["status"] == jobs.CANCELLED else 202
     return web.json_response(out(m.JobOut, views.job(doc, None)), status=status)
 
@@ -524,7 +524,7 @@ async def list_restore_points(c: Ctx) -> Any:
     q = c.query(m.RestorePointListQuery)
     limit, cursor = q.window()
     page = await restore_points.list_page(
-        c.store, c.instance_id, plan_id=q.plan_id, limit=limit, cursor=cursor
+        c.db, c.instance_id, plan_id=q.plan_id, limit=limit, cursor=cursor
     )
     return _page(m.RestorePointPage, page, [views.restore_point(d) for d in page.items])
 
@@ -537,7 +537,7 @@ async def list_restore_points(c: Ctx) -> Any:
     response=m.RestorePointOut,
 )
 async def get_restore_point(c: Ctx) -> Any:
-    doc = await restore_points.get(c.store, c.instance_id, c.param("restore_point_id"))
+    doc = await restore_points.get(c.db, c.instance_id, c.param("restore_point_id"))
     return out(m.RestorePointOut, views.restore_point(doc))
 
 
@@ -551,7 +551,7 @@ async def get_restore_point(c: Ctx) -> Any:
 )
 async def delete_restore_point(c: Ctx) -> Any:
     await restore_points.delete(
-        c.store,
+        c.db,
         c.box,
         c.instance_id,
         c.param("restore_point_id"),
@@ -568,7 +568,7 @@ def handler_for(operation: Operation) -> Callable[[web.Request], Awaitable[web.S
         instance = await app[AUTHORIZER].authorize(
             request, request.match_info["instance_id"], operation.manage
         )
-        ctx = Ctx(request, instance, app[STORE], app[SECRETS], app[API_SETTINGS])
+        ctx = Ctx(request, instance, app[DATABASE], app[SECRETS], app[API_SETTINGS])
         result = await operation.handler(ctx)
         if isinstance(result, web.StreamResponse):
             return result

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from backup.database import Document
 from backup.destinations import SECRET_FIELD
-from backup.store import Document
 
 
 def _sealed(doc: Document, name: str) -> bool:

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from backup.instances import Instances
-from broker.context import SECRETS, SETTINGS, STORE
+from broker.context import DATABASE, SECRETS, SETTINGS
 from broker.osb.catalog import Catalog
 from broker.osb.handlers import CATALOG, INSTANCES, add_routes
 
@@ -40,7 +40,7 @@ def setup(app: web.Application) -> None:
 
     async def operations(app: web.Application) -> AsyncIterator[None]:
         instances = Instances(
-            app[STORE],
+            app[DATABASE],
             app[SECRETS],
             probe_timeout=settings.agent_probe_timeout,
             require_agent_tls=settings.agent_require_tls,

@@ -18,10 +18,10 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from backup import bindings
+from backup.database import Document
 from backup.instances import DELETED, Instances, Outcome, ProvisionRequest, UpdateRequest
 from backup.registration import Registration
-from backup.store import Document
-from broker.context import SETTINGS, STORE
+from broker.context import DATABASE, SETTINGS
 from broker.errors import ApiError, from_validation
 from broker.osb.catalog import Catalog, Plan, check_parameters
 from broker.osb.models import BindBody, MaintenanceInfo, ProvisionBody, UpdateBody
@@ -428,7 +428,7 @@ async def bind(request: web.Request) -> web.Response:
     if body.app_guid and "app_guid" not in resource:
         resource["app_guid"] = body.app_guid
     outcome = await bindings.bind(
-        request.app[STORE],
+        request.app[DATABASE],
         bindings.BindRequest(
             instance_id=instance_id,
             binding_id=binding_id,
@@ -448,7 +448,7 @@ async def bind(request: web.Request) -> web.Response:
 async def fetch_binding(request: web.Request) -> web.Response:
     instance_id = _path_id(request, "instance_id")
     binding_id = _path_id(request, "binding_id")
-    doc = await bindings.get(request.app[STORE], instance_id, binding_id)
+    doc = await bindings.get(request.app[DATABASE], instance_id, binding_id)
     return _json(
         {
             "credentials": _credentials(request, instance_id, None),
@@ -464,7 +464,7 @@ async def unbind(request: web.Request) -> web.Response:
     _flag(request, "accepts_incomplete")
     _required_query(request, "service_id")
     _required_query(request, "plan_id")
-    await bindings.unbind(request.app[STORE], instance_id, binding_id)
+    await bindings.unbind(request.app[DATABASE], instance_id, binding_id)
     return _json({})
 
 
@@ -472,7 +472,7 @@ async def unbind(request: web.Request) -> web.Response:
 async def binding_last_operation(request: web.Request) -> web.Response:
     instance_id = _path_id(request, "instance_id")
     binding_id = _path_id(request, "binding_id")
-    body = await bindings.last_operation(request.app[STORE], instance_id, binding_id)
+    body = await bindings.last_operation(request.app[DATABASE], instance_id, binding_id)
     return _json(body)
 
 

@@ -32,8 +32,8 @@ class Api:
     cc: CloudController
 
     @property
-    def store(self) -> Any:
-        return self.service.store
+    def db(self) -> Any:
+        return self.service.db
 
     def base(self, instance_id: str) -> str:
         return f"{self.service.url}/v1/service_instances/{instance_id}"
@@ -153,7 +153,7 @@ async def api(make_api: ApiFactory) -> Api:
 
 @pytest.fixture
 async def instance(api: Api) -> str:
-    return await add_instance(api.store)
+    return await add_instance(api.db)
 
 
 @pytest.fixture
@@ -186,7 +186,7 @@ async def insert_job(api: Api, instance: str, **fields: Any) -> str:
         encryption={"enabled": False},
     )
     doc.update(fields)
-    await api.store.jobs.insert_one(doc)
+    await api.db.jobs.insert_one(doc)
     return doc["_id"]
 
 
@@ -223,7 +223,7 @@ async def insert_restore_point(
         "secrets": {},
         "schema_version": 1,
     }
-    await api.store.restore_points.insert_one(point)
+    await api.db.restore_points.insert_one(point)
     return point["_id"]
 
 
@@ -243,7 +243,7 @@ class Seeded:
 
 
 async def seed(api: Api, instance: str | None = None) -> Seeded:
-    instance = instance or await add_instance(api.store)
+    instance = instance or await add_instance(api.db)
     status, dest = await api.call("POST", "/destinations", instance=instance, json=S3_BODY)
     assert status == 201, dest
     status, plan = await api.call(

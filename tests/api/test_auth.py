@@ -55,8 +55,8 @@ async def test_no_or_bad_credentials_get_401_with_challenge(api: Api, instance: 
 
 
 async def test_user_sees_only_instances_the_cloud_controller_grants(api: Api) -> None:
-    a = await add_instance(api.store)
-    b = await add_instance(api.store)
+    a = await add_instance(api.db)
+    b = await add_instance(api.db)
     api.cc.grant("alice", a)
     token = api.uaa.token("alice")
     status, _ = await api.call("POST", "/destinations", instance=a, token=token, json=S3_BODY)
@@ -73,7 +73,7 @@ async def test_user_sees_only_instances_the_cloud_controller_grants(api: Api) ->
     )
     status, _ = await api.call("POST", "/destinations", instance=b, token=token, json=S3_BODY)
     assert status == 404
-    assert await api.store.destinations.count_documents({"instance_id": b}) == 0
+    assert await api.db.destinations.count_documents({"instance_id": b}) == 0
 
 
 async def test_read_only_user_cannot_change_anything(
@@ -104,8 +104,8 @@ async def test_read_only_user_cannot_change_anything(
     ):
         status, answer = await api.call(method, path, instance=instance, token=token, json=body)
         assert status == 403 and answer["error"] == "forbidden", (method, path, answer)
-    assert await api.store.plans.count_documents({}) == 1
-    assert await api.store.jobs.count_documents({}) == 0
+    assert await api.db.plans.count_documents({}) == 1
+    assert await api.db.jobs.count_documents({}) == 0
 
 
 async def test_bad_tokens_are_refused(api: Api, instance: str) -> None:
@@ -154,8 +154,8 @@ async def test_permissions_are_cached(api: Api, instance: str) -> None:
 
 
 async def test_operator_scope_acts_everywhere(api: Api) -> None:
-    a = await add_instance(api.store)
-    b = await add_instance(api.store)
+    a = await add_instance(api.db)
+    b = await add_instance(api.db)
     token = api.uaa.token("ops", scope=["openid", "backup_manager.admin"])
     for inst in (a, b):
         status, _ = await api.call(
@@ -163,20 +163,20 @@ async def test_operator_scope_acts_everywhere(api: Api) -> None:
         )
         assert status == 201
     assert api.cc.requests == 0
-    updating = await add_instance(api.store, state="updating")
+    updating = await add_instance(api.db, state="updating")
     assert (await api.call("GET", "/items", instance=updating, token=token))[0] == 200
     # but not on unknown or deleted instances
-    gone = await add_instance(api.store, state="deleted")
-    deprov = await add_instance(api.store, state="deprovisioning")
+    gone = await add_instance(api.db, state="deleted")
+    deprov = await add_instance(api.db, state="deprovisioning")
     for inst in ("missing", gone, deprov):
         assert (await api.call("GET", "/plans", instance=inst, token=token))[0] == 404
 
 
 async def test_binding_key_works_only_for_its_instance(api: Api) -> None:
-    a = await add_instance(api.store)
-    b = await add_instance(api.store)
+    a = await add_instance(api.db)
+    b = await add_instance(api.db)
     key = "bmk_" + "k" * 43
-    await api.store.bindings.insert_one(
+    await api.db.bindings.insert_one(
         {
             "_id": "bind-1",
             "instance_id": a,
@@ -192,7 +192,7 @@ async def test_binding_key_works_only_for_its_instance(api: Api) -> None:
     assert status == 202
     assert (await api.call("GET", "/plans", instance=b, token=key))[0] == 404
     assert (await api.call("POST", "/destinations", instance=b, token=key, json=S3_BODY))[0] == 404
-    await api.store.bindings.update_one({"_id": "bind-1"}, {"$set": {"state": "deleted"}})
+    await api.db.bindings.update_one({"_id": "bind-1"}, {"$set": {"state": "deleted"}})
     assert (await api.call("GET", "/plans", instance=a, token=key))[0] == 401
 
 
@@ -204,7 +204,7 @@ async def test_user_without_cloud_controller_grant_on_unknown_instance(api: Api)
 
 async def test_unknown_kids_do_not_hammer_the_issuer(make_api: ApiFactory) -> None:
     api = await make_api(JWKS_MIN_REFRESH_SECONDS="60")
-    inst = await add_instance(api.store)
+    inst = await add_instance(api.db)
     api.cc.grant("alice", inst)
     assert (await api.call("GET", "/plans", instance=inst, token=api.uaa.token("alice")))[0] == 200
     fetched = api.uaa.jwks_requests
@@ -224,12 +224,12 @@ def test_bad_api_configuration_names_the_variable(monkeypatch: pytest.MonkeyPatc
 async def test_unreachable_issuer_or_cloud_controller_is_503(make_api: ApiFactory) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
     api = await make_api(CLOUD_CONTROLLER_URL=closed)
-    inst = await add_instance(api.store)
+    inst = await add_instance(api.db)
     status, body = await api.call("GET", "/plans", instance=inst, token=api.uaa.token("alice"))
     assert status == 503 and body["error"] == "authorization_unavailable"
 
     api = await make_api(OIDC_ISSUER=closed + "/oauth/token")
-    inst = await add_instance(api.store)
+    inst = await add_instance(api.db)
     token = api.uaa.token("alice", issuer=closed + "/oauth/token")
     status, body = await api.call("GET", "/plans", instance=inst, token=token)
     assert status == 503 and body["error"] == "identity_provider_unavailable"
@@ -243,7 +243,7 @@ COLLECTIONS = ("instances", "bindings", "destinations", "plans", "jobs", "restor
 
 
 async def _snapshot(api: Api) -> dict[str, list[Any]]:
-    return {n: await api.store.db[n].find().sort("_id", 1).to_list() for n in COLLECTIONS}
+    return {n: await api.db.mongo[n].find().sort("_id", 1).to_list() for n in COLLECTIONS}
 
 
 def _same_answer(a: tuple[int, Any], b: tuple[int, Any], a_id: str, b_id: str) -> bool:
@@ -263,7 +263,7 @@ def _same_answer(a: tuple[int, Any], b: tuple[int, Any], a_id: str, b_id: str) -
 
 async def _add_binding(api: Api, instance: str) -> str:
     key = "bmk_" + uuid.uuid4().hex + "x" * 11
-    await api.store.bindings.insert_one(
+    await api.db.bindings.insert_one(
         {
             "_id": uuid.uuid4().hex,
             "instance_id": instance,
@@ -333,7 +333,7 @@ async def test_unseen_and_unknown_instances_answer_alike_on_any_path(api: Api) -
     """Methods a path does not accept, paths that do not exist, malformed ids: a caller that
     may not see an instance cannot tell it from one that does not exist."""
     s = await seed(api)
-    binding_of_other = await _add_binding(api, await add_instance(api.store))
+    binding_of_other = await _add_binding(api, await add_instance(api.db))
     callers: dict[str, dict[str, Any]] = {
         "stranger": {"token": api.uaa.token("mallory")},
         "other binding": {"token": binding_of_other},
@@ -365,7 +365,7 @@ async def test_operator_basic_credentials(
     make_api: ApiFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     api = await make_api(OPERATOR_USERNAME="ops", OPERATOR_PASSWORD="ops-password-123")
-    inst = await add_instance(api.store)
+    inst = await add_instance(api.db)
     status, _ = await api.call(
         "POST", "/destinations", instance=inst, basic=("ops", "ops-password-123"), json=S3_BODY
     )
@@ -383,7 +383,7 @@ async def test_retired_signing_keys_stop_working_after_the_maximum_age(
     make_api: ApiFactory,
 ) -> None:
     api = await make_api(JWKS_MIN_REFRESH_SECONDS="3600", JWKS_MAX_AGE_SECONDS="0.3")
-    inst = await add_instance(api.store)
+    inst = await add_instance(api.db)
     api.cc.grant("alice", inst)
     old = api.uaa.token("alice")
     assert (await api.call("GET", "/plans", instance=inst, token=old))[0] == 200
@@ -401,7 +401,7 @@ async def test_retired_signing_keys_stop_working_after_the_maximum_age(
 async def test_issuer_down_is_503_every_time_not_401(make_api: ApiFactory) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
     api = await make_api(OIDC_JWKS_URL=closed + "/token_keys", JWKS_MIN_REFRESH_SECONDS="3600")
-    inst = await add_instance(api.store)
+    inst = await add_instance(api.db)
     for _ in range(3):
         status, body = await api.call("GET", "/plans", instance=inst, token=api.uaa.token("alice"))
         assert (status, body["error"]) == (503, "identity_provider_unavailable"), body
@@ -414,11 +414,11 @@ async def test_a_binding_made_through_osb_gives_the_application_its_instance(api
         assert r.status == 200
         service = (await r.json())["services"][0]
     plan = next(p for p in service["plans"] if p.get("bindable", service.get("bindable")))
-    instance = await add_instance(api.store)
-    await api.store.instances.update_one(
+    instance = await add_instance(api.db)
+    await api.db.instances.update_one(
         {"_id": instance}, {"$set": {"service_id": service["id"], "plan_id": plan["id"]}}
     )
-    other = await add_instance(api.store)
+    other = await add_instance(api.db)
     path = f"/v2/service_instances/{instance}/service_bindings/app-1"
     body = {"service_id": service["id"], "plan_id": plan["id"], "app_guid": "app"}
     async with await svc.osb("PUT", path, json=body) as r:

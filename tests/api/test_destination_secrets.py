@@ -28,7 +28,7 @@ async def _swift(api: Api, instance: str, **over: Any) -> dict[str, Any]:
 
 
 async def _stored(api: Api, dest_id: str) -> dict[str, Any]:
-    doc = await api.store.destinations.find_one({"_id": dest_id})
+    doc = await api.db.destinations.find_one({"_id": dest_id})
     assert doc is not None
     return doc
 

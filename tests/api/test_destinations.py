@@ -19,7 +19,7 @@ async def test_create_s3_answers_without_the_secret(api: Api, instance: str) -> 
     assert body["secret_access_key_set"] is True
     assert "secret_access_key" not in body
     assert S3_BODY["secret_access_key"] not in str(body)
-    raw = await api.store.destinations.find_one({"_id": body["id"]})
+    raw = await api.db.destinations.find_one({"_id": body["id"]})
     assert raw["instance_id"] == instance
     assert raw["bucket"] == "backups" and raw["schema_version"] == 1 and raw["version"] == 1
     assert S3_BODY["secret_access_key"].encode() not in repr(raw).encode()
@@ -40,7 +40,7 @@ async def test_create_swift_and_list_and_read(api: Api, instance: str) -> None:
 
 
 async def test_destination_of_another_instance_is_not_found(api: Api, instance: str) -> None:
-    other = await add_instance(api.store)
+    other = await add_instance(api.db)
     _, dest = await api.call("POST", "/destinations", instance=other, json=S3_BODY)
     status, body = await api.call("GET", f"/destinations/{dest['id']}", instance=instance)
     assert status == 404 and body["error"] == "destination_not_found"
@@ -72,7 +72,7 @@ async def test_invalid_destination_bodies(api: Api, instance: str) -> None:
         headers={"Content-Type": "application/json"},
     )
     assert status == 400 and answer["error"] == "malformed_json"
-    assert await api.store.destinations.count_documents({}) == 0
+    assert await api.db.destinations.count_documents({}) == 0
 
 
 async def test_duplicate_name_is_a_conflict(api: Api, instance: str, destination: dict) -> None:
@@ -84,7 +84,7 @@ async def test_patch_keeps_the_secret_and_bumps_version(
     api: Api, instance: str, destination: dict
 ) -> None:
     path = f"/destinations/{destination['id']}"
-    before = await api.store.destinations.find_one({"_id": destination["id"]})
+    before = await api.db.destinations.find_one({"_id": destination["id"]})
     status, body = await api.call(
         "PATCH", path, instance=instance, json={"bucket": "other-bucket", "prefix": "db/"}
     )
@@ -92,7 +92,7 @@ async def test_patch_keeps_the_secret_and_bumps_version(
     assert body["bucket"] == "other-bucket" and body["prefix"] == "db/"
     assert body["secret_access_key_set"] is True and body["version"] == 2
     assert body["endpoint"] == "http://127.0.0.1:9"
-    after = await api.store.destinations.find_one({"_id": destination["id"]})
+    after = await api.db.destinations.find_one({"_id": destination["id"]})
     assert (
         after["secrets"]["secret_access_key"]["ct"] != before["secrets"]["secret_access_key"]["ct"]
     )
@@ -116,7 +116,7 @@ async def test_patch_changing_type_needs_the_new_type_fields(
     status, body = await api.call("PATCH", path, instance=instance, json=swift)
     assert status == 200, body
     assert body["type"] == "SWIFT" and body["password_set"] and body["name"] == "primary"
-    raw = await api.store.destinations.find_one({"_id": destination["id"]})
+    raw = await api.db.destinations.find_one({"_id": destination["id"]})
     assert "bucket" not in raw and set(raw["secrets"]) == {"password"}
 
 
@@ -128,12 +128,12 @@ async def test_delete_refused_while_a_plan_uses_it(
     assert status == 409 and body["error"] == "destination_in_use"
     assert "nightly" in body["description"]
     assert (await api.call("DELETE", f"/plans/{plan['id']}", instance=instance))[0] == 204
-    await api.store.restore_points.insert_one(
+    await api.db.restore_points.insert_one(
         {"_id": "rp1", "instance_id": instance, "destination_id": destination["id"]}
     )
     status, body = await api.call("DELETE", path, instance=instance)
     assert status == 409 and "restore point" in body["description"]
-    await api.store.restore_points.delete_one({"_id": "rp1"})
+    await api.db.restore_points.delete_one({"_id": "rp1"})
     status, _ = await api.call("DELETE", path, instance=instance)
     assert status == 204
     assert (await api.call("GET", path, instance=instance))[0] == 404
@@ -165,9 +165,9 @@ async def test_concurrent_creations_with_one_name_make_one_destination(
     )
     assert sorted(s for s, _ in results) == [201] + [409] * 5, results
     assert {b["error"] for s, b in results if s == 409} == {"duplicate_name"}
-    assert await api.store.destinations.count_documents({"instance_id": instance}) == 1
+    assert await api.db.destinations.count_documents({"instance_id": instance}) == 1
     # the same name in another instance is fine
-    other = await add_instance(api.store)
+    other = await add_instance(api.db)
     assert (await api.call("POST", "/destinations", instance=other, json=S3_BODY))[0] == 201
 
 
@@ -211,7 +211,7 @@ async def test_endpoint_must_be_only_scheme_host_and_port(api: Api, instance: st
 async def test_delete_refused_while_files_wait_to_be_deleted(
     api: Api, instance: str, destination: dict
 ) -> None:
-    await api.store.jobs.insert_one(
+    await api.db.jobs.insert_one(
         {
             "_id": "failed-job",
             "instance_id": instance,
@@ -226,7 +226,7 @@ async def test_delete_refused_while_files_wait_to_be_deleted(
         and body["error"] == "destination_in_use"
         and "retention" in body["description"]
     )
-    await api.store.jobs.update_one({"_id": "failed-job"}, {"$unset": {"pending_deletes": ""}})
+    await api.db.jobs.update_one({"_id": "failed-job"}, {"$unset": {"pending_deletes": ""}})
     status, _ = await api.call("DELETE", f"/destinations/{destination['id']}", instance=instance)
     assert status == 204
 

@@ -23,7 +23,7 @@ SECRETS = (S3_BODY["secret_access_key"], SWIFT_BODY["password"])
 
 @pytest.fixture
 async def inst(api: Api) -> str:
-    return await add_instance(api.store)
+    return await add_instance(api.db)
 
 
 def s3_body(url: str) -> dict[str, Any]:
@@ -83,7 +83,7 @@ async def test_a_name_that_resolves_to_a_denied_address_is_refused(
     to, and the answer names it as written."""
     monkeypatch.setenv("EGRESS_DENY_NETWORKS", ",".join(DEFAULT_DENY))
     api = await make_api()
-    inst = await add_instance(api.store)
+    inst = await add_instance(api.db)
     listener = await start_listener("127.0.0.1")
     try:
         body = BODIES[kind](f"http://localhost:{listener.port}")

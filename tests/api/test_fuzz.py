@@ -139,7 +139,7 @@ def _as_text(value: Any) -> str:
 
 
 async def _snapshot(api: Api) -> dict[str, list[Any]]:
-    return {n: await api.store.db[n].find().sort("_id", 1).to_list() for n in COLLECTIONS}
+    return {n: await api.db.mongo[n].find().sort("_id", 1).to_list() for n in COLLECTIONS}
 
 
 @pytest.fixture

@@ -126,7 +126,7 @@ async def test_no_cors_headers_without_configured_origins(api: Api, instance: st
 
 async def test_cors_only_for_the_configured_origins(make_api: ApiFactory) -> None:
     api = await make_api(CORS_ALLOWED_ORIGINS="https://dash.example, https://ops.example/")
-    instance = await add_instance(api.store)
+    instance = await add_instance(api.db)
     url = api.base(instance) + "/destinations"
     preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x"}
     status, _, h = await _raw(
@@ -218,7 +218,7 @@ async def test_password_guessing_is_throttled_per_address_and_per_user(
 
 async def test_api_keys_and_tokens_are_throttled_per_address(make_api: ApiFactory) -> None:
     api = await make_api(AUTH_FAILURE_LIMIT="3")
-    instance = await add_instance(api.store)
+    instance = await add_instance(api.db)
     url = api.base(instance) + "/destinations"
     attacker = "127.0.0.4"
     statuses = []

@@ -50,7 +50,7 @@ async def test_backup_now_queues_a_manual_job(api: Api, instance: str, destinati
     assert status == 202, job
     assert job["status"] == "QUEUED" and job["trigger"] == "MANUAL" and job["type"] == "BACKUP"
     assert [i["name"] for i in job["items"]] == ITEMS
-    raw = await api.store.jobs.find_one({"_id": job["id"]})
+    raw = await api.db.jobs.find_one({"_id": job["id"]})
     assert set(raw) == JOB_FIELDS
     assert raw["plan_id"] == plan["id"] and raw["destination_id"] == destination["id"]
     assert raw["scheduled_for"] is None and raw["encryption"] == {"enabled": True}
@@ -82,22 +82,22 @@ async def test_backups_resource_takes_the_plan_id(
     ):
         status, answer = await api.call("POST", "/backups", instance=instance, json=body)
         assert (status, answer["error"]) == (code, error), (body, answer)
-    other = await add_instance(api.store)  # a plan of another instance is not found here
+    other = await add_instance(api.db)  # a plan of another instance is not found here
     status, answer = await api.call(
         "POST", "/backups", instance=other, json={"plan_id": plan["id"]}
     )
     assert status == 404 and answer["error"] == "plan_not_found"
-    assert await api.store.jobs.count_documents({}) == 1
+    assert await api.db.jobs.count_documents({}) == 1
 
 
 async def test_list_filters_and_paginates_newest_first(api: Api, instance: str) -> None:
-    other = await add_instance(api.store)
+    other = await add_instance(api.db)
     await _job(api, other)
     for n in range(25):
         kind = "RESTORE" if n % 5 == 0 else "BACKUP"
         status = "FAILED" if n % 3 == 0 else "SUCCEEDED"
         await _job(api, instance, type=kind, status=status, plan_id=f"p{n % 2}")
-    raw = await api.store.jobs.find({"instance_id": instance}).to_list()
+    raw = await api.db.jobs.find({"instance_id": instance}).to_list()
     ids = [d["_id"] for d in sorted(raw, key=lambda d: (d["created_at"], d["_id"]), reverse=True)]
     status, page = await api.call("GET", "/jobs?limit=10", instance=instance)
     assert status == 200 and page["total"] == 25 and len(page["items"]) == 10
@@ -127,7 +127,7 @@ async def test_list_filters_and_paginates_newest_first(api: Api, instance: str) 
 async def test_numbered_pages_with_a_total_stay_stable(api: Api, instance: str) -> None:
     for n in range(23):
         await _job(api, instance, status="SUCCEEDED" if n % 2 else "FAILED")
-    raw = await api.store.jobs.find({"instance_id": instance}).to_list()
+    raw = await api.db.jobs.find({"instance_id": instance}).to_list()
     ids = [d["_id"] for d in sorted(raw, key=lambda d: (d["created_at"], d["_id"]), reverse=True)]
     status, first = await api.call("GET", "/jobs?page=1&size=10", instance=instance)
     assert status == 200, first
@@ -219,13 +219,13 @@ async def test_restore(api: Api, instance: str, destination: dict) -> None:
     assert status == 202, job
     assert job["type"] == "RESTORE" and job["status"] == "QUEUED"
     assert job["restore_point_id"] == point and [i["name"] for i in job["items"]] == ["orders"]
-    raw = await api.store.jobs.find_one({"_id": job["id"]})
+    raw = await api.db.jobs.find_one({"_id": job["id"]})
     assert set(raw) == JOB_FIELDS and raw["items"][0]["key"] == "orders.gz"
     status, body = await api.call(
         "POST", "/restores", instance=instance, json={"restore_point_id": point}
     )
     assert status == 409 and body["error"] == "job_active"
-    await api.store.jobs.update_one({"_id": job["id"]}, {"$set": {"status": "SUCCEEDED"}})
+    await api.db.jobs.update_one({"_id": job["id"]}, {"$set": {"status": "SUCCEEDED"}})
     for bad, code, expected in (
         ({"restore_point_id": point, "items": ["nope"]}, 400, "unknown_item"),
         ({"restore_point_id": point, "items": []}, 400, "invalid_input"),
@@ -257,7 +257,7 @@ async def test_restore_points_list_read_and_failed_delete(
     # the destination points at a closed port: the files cannot be deleted, the record stays
     status, body = await api.call("DELETE", f"/restore_points/{first}", instance=instance)
     assert status == 503 and body["error"] == "storage_unavailable", body
-    raw = await api.store.restore_points.find_one({"_id": first})
+    raw = await api.db.restore_points.find_one({"_id": first})
     assert raw["state"] == "deleting"
     status, body = await api.call(
         "POST", "/restores", instance=instance, json={"restore_point_id": first}
@@ -272,7 +272,7 @@ async def test_restore_points_list_read_and_failed_delete(
 
 async def test_a_job_with_many_items_answers_within_a_bounded_size(make_api: ApiFactory) -> None:
     api = await make_api(JOB_LOGS_TOTAL_MAX_BYTES="65536")
-    instance = await add_instance(api.store)
+    instance = await add_instance(api.db)
     log = "".join(f"line {n}\n" for n in range(2000))  # ~16 KB a stage
     items = [
         jobs.new_item(f"db{n}", logs={"backup": log, "unlock": f"unlocked db{n}"})

@@ -24,7 +24,7 @@ async def test_create_plan_defaults_and_next_run(
     assert plan["last_job"] is None
     expected = next_fire_time("0 3 * * *", "Europe/Berlin", datetime.now(UTC))
     assert datetime.fromisoformat(plan["next_run_at"]) == expected
-    raw = await api.store.plans.find_one({"_id": plan["id"]})
+    raw = await api.db.plans.find_one({"_id": plan["id"]})
     assert raw["next_run_at"] == expected and raw["instance_id"] == instance
     assert raw["destination_id"] == destination["id"] and raw["last_job_id"] is None
     assert raw["retention"] == {"style": "DAYS", "period": 7} and raw["version"] == 1
@@ -69,7 +69,7 @@ async def test_invalid_plans_are_refused_and_nothing_is_stored(
         assert status == 400, (body, answer)
         assert answer["error"] == code, (body, answer)
         assert field in answer.get("field", "") or field in answer["description"], answer
-    assert await api.store.plans.count_documents({}) == 0
+    assert await api.db.plans.count_documents({}) == 0
 
 
 async def test_name_unique_per_instance(api: Api, instance: str, destination: dict) -> None:
@@ -92,7 +92,7 @@ async def test_patch_merges_and_validates_the_whole(api: Api, instance: str, pla
     assert body["frequency"] == "0 4 * * *"
     expected = next_fire_time("0 4 * * *", "Europe/Berlin", datetime.now(UTC))
     assert datetime.fromisoformat(body["next_run_at"]) == expected
-    before = await api.store.plans.find_one({"_id": plan["id"]})
+    before = await api.db.plans.find_one({"_id": plan["id"]})
     for patch in (
         {"frequency": "* * * * *"},
         {"items": ["x"]},
@@ -103,7 +103,7 @@ async def test_patch_merges_and_validates_the_whole(api: Api, instance: str, pla
     ):
         status, answer = await api.call("PATCH", path, instance=instance, json=patch)
         assert status == 400, (patch, answer)
-    assert await api.store.plans.find_one({"_id": plan["id"]}) == before
+    assert await api.db.plans.find_one({"_id": plan["id"]}) == before
     # null restores a default: all items, UTC
     status, body = await api.call(
         "PATCH", path, instance=instance, json={"items": None, "timezone": None}
@@ -117,7 +117,7 @@ async def test_encryption_key_is_generated_sealed_and_never_replaced(
     body = plan_body(destination["id"], encryption={"enabled": True})
     status, plan = await api.call("POST", "/plans", instance=instance, json=body)
     assert status == 201 and plan["encryption"] == {"enabled": True, "key_set": True}
-    raw = await api.store.plans.find_one({"_id": plan["id"]})
+    raw = await api.db.plans.find_one({"_id": plan["id"]})
     assert set(raw["secrets"]) == {"encryption_key"} and raw["encryption"] == {"enabled": True}
     path = f"/plans/{plan['id']}"
     status, answer = await api.call(
@@ -136,7 +136,7 @@ async def test_encryption_key_is_generated_sealed_and_never_replaced(
         json=plan_body(destination["id"], name="p2", encryption={"enabled": True, "key": user_key}),
     )
     assert status == 201 and user_key not in str(other)
-    raw = await api.store.plans.find_one({"_id": other["id"]})
+    raw = await api.db.plans.find_one({"_id": other["id"]})
     assert user_key.encode() not in repr(raw).encode()
     box = api.service.server.app[SECRETS]
     assert box.open_map(raw["secrets"], f"plans/{other['id']}") == {"encryption_key": user_key}
@@ -147,13 +147,13 @@ async def test_delete_keeps_restore_points_and_cancels_queued_jobs(
 ) -> None:
     status, job = await api.call("POST", f"/plans/{plan['id']}/backups", instance=instance)
     assert status == 202
-    await api.store.restore_points.insert_one(
+    await api.db.restore_points.insert_one(
         {"_id": "rp", "instance_id": instance, "plan_id": plan["id"]}
     )
     assert (await api.call("DELETE", f"/plans/{plan['id']}", instance=instance))[0] == 204
     assert (await api.call("GET", f"/plans/{plan['id']}", instance=instance))[0] == 404
-    assert await api.store.restore_points.count_documents({"plan_id": plan["id"]}) == 1
-    stored = await api.store.jobs.find_one({"_id": job["id"]})
+    assert await api.db.restore_points.count_documents({"plan_id": plan["id"]}) == 1
+    stored = await api.db.jobs.find_one({"_id": job["id"]})
     assert stored["status"] == "CANCELLED" and stored["ended_at"] is not None
 
 
@@ -191,4 +191,4 @@ async def test_concurrent_creations_with_one_name_make_one_plan(
         *(api.call("POST", "/plans", instance=instance, json=body) for _ in range(8))
     )
     assert sorted(s for s, _ in results) == [201] + [409] * 7
-    assert await api.store.plans.count_documents({"name": "race"}) == 1
+    assert await api.db.plans.count_documents({"name": "race"}) == 1

@@ -76,7 +76,7 @@ async def remote() -> AsyncIterator[Callable[[Handler], Awaitable[Remote]]]:
 
 @pytest.fixture
 async def inst(api: Api) -> str:
-    return await add_instance(api.store)
+    return await add_instance(api.db)
 
 
 def _s3(url: str) -> dict[str, Any]:

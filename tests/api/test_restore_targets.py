@@ -24,7 +24,7 @@ OPERATOR_SCOPE = ["openid", "backup_manager.admin"]
 
 async def _source(api: Api) -> tuple[str, str]:
     """An instance (items orders, customers) with a restore point of both; (instance, point)."""
-    instance = await add_instance(api.store)
+    instance = await add_instance(api.db)
     status, dest = await api.call("POST", "/destinations", instance=instance, json=S3_BODY)
     assert status == 201, dest
     status, plan = await api.call("POST", "/plans", instance=instance, json=plan_body(dest["id"]))
@@ -34,7 +34,7 @@ async def _source(api: Api) -> tuple[str, str]:
 
 async def _binding_key(api: Api, instance: str) -> str:
     key = "bmk_" + uuid.uuid4().hex + "k" * 11
-    await api.store.bindings.insert_one(
+    await api.db.bindings.insert_one(
         {
             "_id": uuid.uuid4().hex,
             "instance_id": instance,
@@ -52,8 +52,8 @@ async def _restore(api: Api, instance: str, body: dict[str, Any], **kw: Any) -> 
 
 async def _no_jobs(api: Api, *instances: str) -> None:
     for instance in instances:
-        assert await api.store.jobs.count_documents({"instance_id": instance}) == 0
-        assert await api.store.jobs.count_documents({"source_instance_id": instance}) == 0
+        assert await api.db.jobs.count_documents({"instance_id": instance}) == 0
+        assert await api.db.jobs.count_documents({"source_instance_id": instance}) == 0
 
 
 def _same_404(denied: Any, unknown: Any, target: str, missing: str) -> None:
@@ -67,7 +67,7 @@ def _same_404(denied: Any, unknown: Any, target: str, missing: str) -> None:
 
 async def test_binding_key_restores_only_into_its_own_instance(api: Api) -> None:
     a, point = await _source(api)
-    b = await add_instance(api.store)
+    b = await add_instance(api.db)
     key = await _binding_key(api, a)
     body = {"restore_point_id": point, "target_instance_id": b}
     status, denied = await _restore(api, a, body, token=key)
@@ -89,8 +89,8 @@ async def test_binding_key_restores_only_into_its_own_instance(api: Api) -> None
 
 async def test_user_needs_manage_on_the_target_too(api: Api) -> None:
     a, point = await _source(api)
-    b = await add_instance(api.store)
-    c = await add_instance(api.store)
+    b = await add_instance(api.db)
+    c = await add_instance(api.db)
     api.cc.grant("alice", a)
     api.cc.grant("alice", b, read=True, manage=False)
     token = api.uaa.token("alice")
@@ -125,7 +125,7 @@ async def test_user_needs_manage_on_the_target_too(api: Api) -> None:
 async def test_a_forbidden_target_is_refused_before_the_restore_point_is_read(api: Api) -> None:
     """Whether the restore point exists is not told to a caller refused on the target."""
     a, _point = await _source(api)
-    b = await add_instance(api.store)
+    b = await add_instance(api.db)
     key = await _binding_key(api, a)
     status, body = await _restore(
         api, a, {"restore_point_id": "nope", "target_instance_id": b}, token=key
@@ -135,7 +135,7 @@ async def test_a_forbidden_target_is_refused_before_the_restore_point_is_read(ap
 
 async def test_restore_into_another_instance_is_the_targets_job(api: Api) -> None:
     a, point = await _source(api)
-    b = await add_instance(api.store, items=["orders_copy", "customers"])
+    b = await add_instance(api.db, items=["orders_copy", "customers"])
     api.cc.grant("alice", a)
     api.cc.grant("alice", b)
     token = api.uaa.token("alice")
@@ -167,7 +167,7 @@ async def test_restore_into_another_instance_is_the_targets_job(api: Api) -> Non
     # the restore point stays the source's
     assert (await api.call("GET", f"/restore_points/{point}", instance=a, token=token))[0] == 200
     assert (await api.call("GET", f"/restore_points/{point}", instance=b, token=token))[0] == 404
-    stored = await api.store.restore_points.find_one({"_id": point})
+    stored = await api.db.restore_points.find_one({"_id": point})
     assert stored["instance_id"] == a and stored["state"] == "available"
     # and it is in use: it cannot be deleted while the restore is queued
     status, body = await api.call("DELETE", f"/restore_points/{point}", instance=a, token=token)
@@ -188,7 +188,7 @@ async def test_restore_into_another_instance_is_the_targets_job(api: Api) -> Non
 
 async def test_target_items_must_be_registered_on_the_target(api: Api) -> None:
     a, point = await _source(api)
-    b = await add_instance(api.store, items=["orders_copy"])
+    b = await add_instance(api.db, items=["orders_copy"])
     ops = api.uaa.token("ops", scope=OPERATOR_SCOPE)
     unknown = "unknown_item"
     cases: list[tuple[dict[str, Any], int, str]] = [
@@ -234,7 +234,7 @@ async def test_target_items_must_be_registered_on_the_target(api: Api) -> None:
 
 async def test_another_item_of_the_same_instance(api: Api) -> None:
     """Into another registered database of the same instance; the plain list still works."""
-    a = await add_instance(api.store, items=["orders", "customers", "orders_copy"])
+    a = await add_instance(api.db, items=["orders", "customers", "orders_copy"])
     status, dest = await api.call("POST", "/destinations", instance=a, json=S3_BODY)
     _, plan = await api.call("POST", "/plans", instance=a, json=plan_body(dest["id"]))
     point = await insert_restore_point(api, a, dest["id"], plan["id"])
@@ -248,7 +248,7 @@ async def test_another_item_of_the_same_instance(api: Api) -> None:
     assert job["source_instance_id"] is None
     await api.call("POST", f"/jobs/{job['id']}/cancel", instance=a)
     # an item restored into itself needs no registration (as before targets existed)
-    await api.store.instances.update_one({"_id": a}, {"$set": {"items": ["orders_copy"]}})
+    await api.db.instances.update_one({"_id": a}, {"$set": {"items": ["orders_copy"]}})
     status, job = await _restore(api, a, {"restore_point_id": point, "items": ["orders"]})
     assert status == 202 and job["items"][0]["target"] == "orders", job
 
@@ -256,7 +256,7 @@ async def test_another_item_of_the_same_instance(api: Api) -> None:
 async def test_targets_that_are_not_live_are_unknown(api: Api) -> None:
     a, point = await _source(api)
     for state in ("deprovisioning", "deleted"):
-        gone = await add_instance(api.store, state=state)
+        gone = await add_instance(api.db, state=state)
         status, body = await _restore(
             api, a, {"restore_point_id": point, "target_instance_id": gone}
         )
@@ -278,7 +278,7 @@ async def test_stopping_the_sources_jobs_stops_restores_from_its_points(api: Api
     stops restores from its restore points into other instances too: they would otherwise
     keep its points, whose files it is about to delete, in use."""
     a, point = await _source(api)
-    b = await add_instance(api.store)
+    b = await add_instance(api.db)
     status, job = await _restore(api, a, {"restore_point_id": point, "target_instance_id": b})
     assert status == 202, job
     status, _ = await api.call("DELETE", f"/backupJobs/byInstance/{a}")
@@ -292,7 +292,7 @@ async def test_deleting_the_sources_plan_leaves_the_targets_restore_alone(api: A
     """The source's plan deletion cancels the plan's own queued jobs, not a restore queued
     under another instance (whose managers the source's need not be)."""
     a, point = await _source(api)
-    b = await add_instance(api.store)
+    b = await add_instance(api.db)
     status, job = await _restore(api, a, {"restore_point_id": point, "target_instance_id": b})
     assert status == 202, job
     status, _ = await api.call("DELETE", f"/plans/{job['plan_id']}", instance=a)

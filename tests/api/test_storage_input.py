@@ -40,7 +40,7 @@ KEYSTONE_BODY = {
 
 @pytest.fixture
 async def inst(api: Api) -> str:
-    return await add_instance(api.store)
+    return await add_instance(api.db)
 
 
 @pytest.mark.parametrize(
@@ -65,7 +65,7 @@ async def test_settings_clients_refuse_are_a_400_naming_the_field(
         status, answer = await api.call("POST", path, instance=inst, json=body)
         assert status == 400, (path, answer)
         assert answer["error"] == "invalid_input" and answer["field"] == field, answer
-    assert await api.store.destinations.count_documents({"instance_id": inst}) == 0
+    assert await api.db.destinations.count_documents({"instance_id": inst}) == 0
 
 
 async def test_a_stored_destination_refused_today_answers_without_a_500(
@@ -77,7 +77,7 @@ async def test_a_stored_destination_refused_today_answers_without_a_500(
     assert status == 201, dest
     point = await insert_restore_point(api, inst, dest["id"], "p")
     for endpoint, region in (("http://bad_host:9", "us-east-1"), (dest["endpoint"], "bad region!")):
-        await api.store.destinations.update_one(
+        await api.db.destinations.update_one(
             {"_id": dest["id"]}, {"$set": {"endpoint": endpoint, "region": region}}
         )
         status, answer = await api.call(
@@ -88,7 +88,7 @@ async def test_a_stored_destination_refused_today_answers_without_a_500(
         status, answer = await api.call("DELETE", f"/restore_points/{point}", instance=inst)
         assert status == 409 and answer["error"] == "destination_invalid", answer
         assert "correct the destination" in answer["description"]
-        stored = await api.store.restore_points.find_one({"_id": point})
+        stored = await api.db.restore_points.find_one({"_id": point})
         assert stored is not None and stored["state"] == "available"
 
 
@@ -128,7 +128,7 @@ async def quick(make_api: ApiFactory) -> Api:
 async def test_a_silent_server_is_given_up_on_in_time(
     quick: Api, silent: str, body: dict[str, Any]
 ) -> None:
-    inst = await add_instance(quick.store)
+    inst = await add_instance(quick.db)
     started = time.monotonic()
     status, answer = await quick.call(
         "POST", "/destinations/validate", instance=inst, json=_aimed_at(body, silent)
@@ -141,7 +141,7 @@ async def test_a_silent_server_is_given_up_on_in_time(
 
 
 async def test_concurrent_validations_share_a_bounded_pool(quick: Api, silent: str) -> None:
-    inst = await add_instance(quick.store)
+    inst = await add_instance(quick.db)
     body = _aimed_at(SWIFT_BODY, silent)
     most = 0
     done = asyncio.Event()

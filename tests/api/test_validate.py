@@ -21,7 +21,7 @@ from tests.servers.swift import SwiftCluster
 
 @pytest.fixture
 async def inst(api: Api) -> AsyncIterator[str]:
-    yield await add_instance(api.store)
+    yield await add_instance(api.db)
 
 
 async def _validate(api: Api, inst: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -129,7 +129,7 @@ async def test_stored_destination_and_validate_before_saving(
     status, answer = await api.call("POST", "/destinations?validate=true", instance=inst, json=bad)
     assert status == 422 and answer["error"] == "storage_auth_failed", answer
     assert "wrong-secret" not in str(answer)
-    assert await api.store.destinations.count_documents({"name": "bad"}) == 0
+    assert await api.db.destinations.count_documents({"name": "bad"}) == 0
     good = destination_body(s3_settings, name="good")
     status, _ = await api.call("POST", "/destinations?validate=true", instance=inst, json=good)
     assert status == 201
@@ -206,7 +206,7 @@ async def test_delete_restore_point_removes_files_then_record(
     await _put(settings, ["orders.gz", "customers.gz", "kept.gz"])
     status, _ = await api.call("DELETE", f"/restore_points/{point}", instance=inst)
     assert status == 204
-    assert await api.store.restore_points.count_documents({"_id": point}) == 0
+    assert await api.db.restore_points.count_documents({"_id": point}) == 0
     assert await _keys(settings) == ["kept.gz"]  # only this point's files went
     assert (await api.call("GET", f"/restore_points/{point}", instance=inst))[0] == 404
     assert (await api.call("GET", f"/restore_points/{other}", instance=inst))[0] == 200
@@ -223,7 +223,7 @@ async def test_delete_restore_point_when_storage_refuses_keeps_the_record(
     status, answer = await api.call("DELETE", f"/restore_points/{point}", instance=inst)
     assert status == 503 and answer["error"] == "storage_unavailable", answer
     assert "retry" in answer["description"] and "wrong-secret" not in str(answer)
-    stored = await api.store.restore_points.find_one({"_id": point})
+    stored = await api.db.restore_points.find_one({"_id": point})
     assert stored["state"] == "deleting"
     assert await _keys(s3_settings) == ["customers.gz", "orders.gz"]
     # fixed credentials: the retry deletes the files, then the record

@@ -32,7 +32,7 @@ async def test_required_tls_refuses_http_agents_without_contacting_them(
     assert body["error"] == "InvalidParameters" and body["field"] == "parameters.agent.url"
     assert "AGENT_REQUIRE_TLS" in body["description"]
     assert recorder.requests == []
-    assert await strict.store.instances.find_one({"_id": iid}) is None
+    assert await strict.db.instances.find_one({"_id": iid}) is None
 
 
 async def test_required_tls_refuses_an_update_to_an_http_agent(
@@ -55,12 +55,12 @@ async def test_required_tls_refuses_an_update_to_an_http_agent(
     )
     try:
         osb = Osb(strict)
-        before = await strict.store.instances.find_one({"_id": iid})
+        before = await strict.db.instances.find_one({"_id": iid})
         moved = {"service_id": SERVICE_ID, "parameters": {"agent": {"url": recorder.url}}}
         status, body = await osb.update(iid, moved)
         assert status == 400 and body["error"] == "InvalidParameters", body
         assert recorder.requests == []
-        assert await strict.store.instances.find_one({"_id": iid}) == before
+        assert await strict.db.instances.find_one({"_id": iid}) == before
         # changes that keep the agent still work
         status, body = await osb.update(
             iid, {"service_id": SERVICE_ID, "parameters": {"items": ["orders"]}}

@@ -34,7 +34,7 @@ async def test_bind_use_fetch_unbind(osb: Osb, broker: Service, agent_url: str) 
     assert creds["uri"] == f"{broker.url}/v1/service_instances/{iid}"
 
     # Stored as a hash only.
-    doc = await broker.store.bindings.find_one({"_id": bid})
+    doc = await broker.db.bindings.find_one({"_id": bid})
     assert doc["key_hash"] == hashlib.sha256(key.encode()).hexdigest()
     assert key not in str(doc)
     assert doc["bind_resource"] == {"app_guid": "app-1"} and doc["instance_id"] == iid
@@ -103,7 +103,7 @@ async def test_bind_validates_body_and_parameters(
         json={"service_id": SERVICE_ID, "plan_id": STANDARD, "bind_resource": "app"},
     )
     assert status == 400 and data["field"] == "bind_resource"
-    assert await broker.store.bindings.count_documents({}) == 0
+    assert await broker.db.bindings.count_documents({}) == 0
 
 
 async def test_concurrent_binds_with_one_id(osb: Osb, broker: Service, agent_url: str) -> None:
@@ -117,7 +117,7 @@ async def test_concurrent_binds_with_one_id(osb: Osb, broker: Service, agent_url
     for status, data in results:
         if status == 201:
             audit_secret(data["credentials"]["key"])
-    assert await broker.store.bindings.count_documents({"_id": bid}) == 1
+    assert await broker.db.bindings.count_documents({"_id": bid}) == 1
 
 
 async def test_deprovision_revokes_bindings(osb: Osb, broker: Service, agent_url: str) -> None:
@@ -129,4 +129,4 @@ async def test_deprovision_revokes_bindings(osb: Osb, broker: Service, agent_url
     assert status == 202
     assert (await osb.wait(iid, data["operation"]))["state"] == "succeeded"
     assert await api_get(broker, key, iid) == 401
-    assert await broker.store.bindings.count_documents({"instance_id": iid}) == 0
+    assert await broker.db.bindings.count_documents({"instance_id": iid}) == 0

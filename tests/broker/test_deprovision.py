@@ -58,7 +58,7 @@ async def seed_backups(broker: Service, iid: str, s3: S3Settings, *, objects: in
 
             await store.upload(key, chunks())
             keys.append(key)
-            await broker.store.restore_points.insert_one(
+            await broker.db.restore_points.insert_one(
                 {
                     "_id": uuid.uuid4().hex,
                     "instance_id": iid,
@@ -72,7 +72,7 @@ async def seed_backups(broker: Service, iid: str, s3: S3Settings, *, objects: in
                     "schema_version": 1,
                 }
             )
-    await broker.store.jobs.insert_one(
+    await broker.db.jobs.insert_one(
         {**running_job(iid, "queued-1"), "status": "QUEUED", "plan_id": plan["id"]}
     )
     return keys
@@ -89,7 +89,7 @@ async def exists(s3: S3Settings, key: str) -> bool:
 
 async def records(broker: Service, iid: str) -> dict[str, int]:
     return {
-        name: await getattr(broker.store, name).count_documents({"instance_id": iid})
+        name: await getattr(broker.db, name).count_documents({"instance_id": iid})
         for name in ("plans", "jobs", "destinations", "restore_points", "bindings")
     }
 
@@ -142,7 +142,7 @@ async def test_storage_down_fails_the_deprovision_and_a_retry_resumes(
     broker.instances.storage_retry_delay = 0.1
     # Point the destination at a port where no storage answers.
     real_endpoint = s3_settings.endpoint
-    await broker.store.destinations.update_many(
+    await broker.db.destinations.update_many(
         {"instance_id": iid}, {"$set": {"endpoint": f"http://127.0.0.1:{free_port()}"}}
     )
     status, data = await osb.deprovision(iid)
@@ -151,14 +151,14 @@ async def test_storage_down_fails_the_deprovision_and_a_retry_resumes(
     assert result["instance_usable"] is False
     assert "could not be deleted" in result["description"]
     assert "delete the instance again" in result["description"]
-    assert await broker.store.restore_points.count_documents({"instance_id": iid}) == 1
+    assert await broker.db.restore_points.count_documents({"instance_id": iid}) == 1
     assert await exists(s3_settings, keys[0])
     # Not usable meanwhile, not bindable, not updatable.
     assert (await osb.bind(iid, "b-late"))[0] == 422
     status, body = await osb.update(iid, {"service_id": SERVICE_ID, "parameters": {"items": ["a"]}})
     assert status == 422 and body["error"] == "ConcurrencyError"
     # The storage is back: deleting again finishes the job.
-    await broker.store.destinations.update_many(
+    await broker.db.destinations.update_many(
         {"instance_id": iid}, {"$set": {"endpoint": real_endpoint}}
     )
     status, data = await osb.deprovision(iid)
@@ -184,7 +184,7 @@ async def test_running_jobs_are_abandoned_after_the_wait(
 ) -> None:
     broker.instances.job_wait = 1.0
     iid = await osb.ready_instance(parameters(agent_url))
-    await broker.store.jobs.insert_one(running_job(iid))
+    await broker.db.jobs.insert_one(running_job(iid))
     status, data = await osb.deprovision(iid)
     assert status == 202
     result = await osb.wait(iid, data["operation"])
@@ -199,7 +199,7 @@ async def test_files_of_failed_backups_are_deleted_even_when_backups_are_kept(
     (``pending_deletes``); the job's record goes with the instance, so its file must too."""
     iid = await osb.ready_instance(parameters(agent_url))
     kept = await seed_backups(broker, iid, s3_settings, objects=1)
-    dest = await broker.store.destinations.find_one({"instance_id": iid})
+    dest = await broker.db.destinations.find_one({"instance_id": iid})
     orphan = f"{iid}/failed-job/dump.sql"
     async with open_store(s3_settings) as store:
 
@@ -207,7 +207,7 @@ async def test_files_of_failed_backups_are_deleted_even_when_backups_are_kept(
             yield b"half a backup"
 
         await store.upload(orphan, chunks())
-    await broker.store.jobs.insert_one(
+    await broker.db.jobs.insert_one(
         {
             **running_job(iid, "failed-1"),
             "status": "FAILED",

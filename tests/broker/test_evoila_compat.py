@@ -55,7 +55,7 @@ async def seeded_instance(
     iid = await osb.ready_instance(parameters(agent_url, **params))
     assert (await osb.bind(iid, f"b-{iid}"))[0] == 201
     keys = await seed_backups(broker, iid, s3)
-    dest = await broker.store.destinations.find_one({"instance_id": iid})
+    dest = await broker.db.destinations.find_one({"instance_id": iid})
     orphan = f"{iid}/failed-job/dump.sql"
     async with open_store(s3) as store:
 
@@ -63,14 +63,14 @@ async def seeded_instance(
             yield b"half a backup"
 
         await store.upload(orphan, chunks())
-    await broker.store.jobs.insert_one(
+    await broker.db.jobs.insert_one(
         {
             **running_job(iid, f"failed-{iid}"),
             "status": "FAILED",
             "pending_deletes": [{"destination_id": dest["_id"], "key": orphan}],
         }
     )
-    await broker.store.jobs.insert_one(running_job(iid, f"running-{iid}"))
+    await broker.db.jobs.insert_one(running_job(iid, f"running-{iid}"))
     return iid, keys, orphan
 
 
@@ -78,9 +78,9 @@ async def snapshot(broker: Service, iid: str) -> dict[str, Any]:
     """Everything of the instance a call could change."""
     out: dict[str, Any] = {}
     for name in ("plans", "jobs", "destinations", "restore_points", "bindings"):
-        docs = await getattr(broker.store, name).find({"instance_id": iid}).to_list()
+        docs = await getattr(broker.db, name).find({"instance_id": iid}).to_list()
         out[name] = sorted(docs, key=lambda d: str(d["_id"]))
-    out["instance"] = await broker.store.instances.find_one({"_id": iid})
+    out["instance"] = await broker.db.instances.find_one({"_id": iid})
     return out
 
 
@@ -92,7 +92,7 @@ async def test_the_three_calls_in_order_keep_the_backups_by_default(
 
     # 1. Jobs: the queued one cancelled, the running one asked to stop, then abandoned.
     assert await call(broker, "backupJobs", iid) == (204, None)
-    jobs = {j["_id"]: j for j in await broker.store.jobs.find({"instance_id": iid}).to_list()}
+    jobs = {j["_id"]: j for j in await broker.db.jobs.find({"instance_id": iid}).to_list()}
     assert jobs["queued-1"]["status"] == "CANCELLED"
     assert jobs[f"running-{iid}"]["status"] == "CANCELLED"
     assert "Abandoned" in jobs[f"running-{iid}"]["reason"]
@@ -125,7 +125,7 @@ async def test_the_three_calls_in_order_keep_the_backups_by_default(
     assert not await exists(s3_settings, orphan)
 
     # The instance itself stays registered (its OSB deprovision removes it) and usable.
-    doc = await broker.store.instances.find_one({"_id": iid})
+    doc = await broker.db.instances.find_one({"_id": iid})
     assert doc["state"] == "ready"
     status, body = await osb.deprovision(iid, accepts=False)
     assert (status, body) == (200, {}), "nothing left to wait for"
@@ -175,7 +175,7 @@ async def test_storage_down_is_a_503_that_loses_nothing_and_a_repeat_finishes(
     iid = await osb.ready_instance(parameters(agent_url), plan_id=TRANSIENT)
     keys = await seed_backups(broker, iid, s3_settings, objects=1)
     real = s3_settings.endpoint
-    await broker.store.destinations.update_many(
+    await broker.db.destinations.update_many(
         {"instance_id": iid}, {"$set": {"endpoint": f"http://127.0.0.1:{free_port()}"}}
     )
     assert await call(broker, "backupJobs", iid) == (204, None)
@@ -187,7 +187,7 @@ async def test_storage_down_is_a_503_that_loses_nothing_and_a_repeat_finishes(
     assert (await records(broker, iid))["destinations"] == 1
     assert (await records(broker, iid))["restore_points"] == 1
     assert await exists(s3_settings, keys[0])
-    await broker.store.destinations.update_many({"instance_id": iid}, {"$set": {"endpoint": real}})
+    await broker.db.destinations.update_many({"instance_id": iid}, {"$set": {"endpoint": real}})
     assert await call(broker, "fileDestinations", iid) == (204, None)
     assert not await exists(s3_settings, keys[0])
     assert (await records(broker, iid))["destinations"] == 0
@@ -197,7 +197,7 @@ async def test_an_unknown_instance_is_a_204(broker: Service) -> None:
     iid = str(uuid.uuid4())
     for what in CALLS:
         assert await call(broker, what, iid) == (204, None), what
-    assert await broker.store.instances.count_documents({}) == 0
+    assert await broker.db.instances.count_documents({}) == 0
 
 
 @pytest.mark.parametrize(
@@ -285,17 +285,17 @@ async def test_a_user_token_is_refused_and_an_operator_token_accepted(
     monkeypatch.setenv("OPERATOR_SCOPE", "backup_manager.admin")
     service = await start_service(mongo_url, tmp_path)
     try:
-        doc = await seed_instance(service.store)
+        doc = await seed_instance(service.db)
         iid = doc["_id"]
         cloud_controller.grant("alice", iid, read=True, manage=True)
-        await service.store.plans.insert_one({"_id": "p1", "instance_id": iid, "name": "n"})
+        await service.db.plans.insert_one({"_id": "p1", "instance_id": iid, "name": "n"})
         user = {"Authorization": f"Bearer {uaa.token('alice')}"}
         for what in CALLS:
             status, body = await call(service, what, iid, auth=None, headers=user)
             assert status == 403 and body["error"] == "forbidden", (what, body)
-        assert await service.store.plans.count_documents({"instance_id": iid}) == 1
+        assert await service.db.plans.count_documents({"instance_id": iid}) == 1
         admin = {"Authorization": f"Bearer {uaa.token('ops', scope=['backup_manager.admin'])}"}
         assert await call(service, "backupPlans", iid, auth=None, headers=admin) == (204, None)
-        assert await service.store.plans.count_documents({"instance_id": iid}) == 0
+        assert await service.db.plans.count_documents({"instance_id": iid}) == 0
     finally:
         await stop_service(service)

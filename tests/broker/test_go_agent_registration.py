@@ -71,14 +71,14 @@ async def test_an_update_that_empties_them_is_refused_for_a_go_agent(
     broker: Service, osb: Osb, go_agent: GoAgentStandIn, change: dict
 ) -> None:
     iid = await osb.ready_instance(go_parameters(go_agent))
-    before = await broker.store.instances.find_one({"_id": iid})
+    before = await broker.db.instances.find_one({"_id": iid})
     status, body = await osb.update(
         iid, {"service_id": SERVICE_ID, "parameters": {"database": change}}
     )
     assert status == 400, body
     assert body["error"] == "InvalidParameters" and body["field"] == "parameters.database"
     assert "Go osb-backup-agent" in body["description"]
-    assert await broker.store.instances.find_one({"_id": iid}) == before
+    assert await broker.db.instances.find_one({"_id": iid}) == before
     # other changes still work
     status, body = await osb.update(
         iid, {"service_id": SERVICE_ID, "parameters": {"items": ["orders"]}}
@@ -90,14 +90,14 @@ async def test_moving_to_a_go_agent_without_them_fails_and_keeps_the_old_agent(
     broker: Service, osb: Osb, agent_url: str, go_agent: GoAgentStandIn
 ) -> None:
     iid = await osb.ready_instance(parameters(agent_url, database={"host": "127.0.0.1"}))
-    before = await broker.store.instances.find_one({"_id": iid})
+    before = await broker.db.instances.find_one({"_id": iid})
     moved = {"service_id": SERVICE_ID, "parameters": {"agent": go_parameters(go_agent)["agent"]}}
     status, body = await osb.update(iid, moved)
     assert status == 202, body
     result = await osb.wait(iid, body["operation"])
     assert result["state"] == "failed", result
     assert "database username and password" in result["description"]
-    after = await broker.store.instances.find_one({"_id": iid})
+    after = await broker.db.instances.find_one({"_id": iid})
     assert after["agent"] == before["agent"] and after["state"] == "ready"
     assert after["secrets"] == before["secrets"]
 

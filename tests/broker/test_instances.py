@@ -46,7 +46,7 @@ async def test_full_lifecycle_with_our_agent(osb: Osb, broker: Service, agent_ur
     assert AGENT_PASSWORD not in text and DB_PASSWORD not in text
 
     # The stored document: what the job runner reads, the secrets sealed.
-    doc = await broker.store.instances.find_one({"_id": iid})
+    doc = await broker.db.instances.find_one({"_id": iid})
     assert doc["state"] == "ready" and doc["agent"]["kind"] == "ours"
     assert doc["agent"]["url"] == agent_url and doc["agent"]["username"] == "agent-user"
     assert doc["database"] == {
@@ -81,7 +81,7 @@ async def test_full_lifecycle_with_our_agent(osb: Osb, broker: Service, agent_ur
     assert (await osb.last_operation(iid, data["operation"])) == (200, result)
     assert (await osb.deprovision(iid))[0] == 410
     assert (await osb.deprovision(iid, accepts=False))[0] == 410
-    doc = await broker.store.instances.find_one({"_id": iid})
+    doc = await broker.db.instances.find_one({"_id": iid})
     assert doc["state"] == "deleted" and "secrets" not in doc
 
 
@@ -100,7 +100,7 @@ async def test_provision_needs_accepts_incomplete(
     status, data = await osb.provision(iid, provision_body(parameters(agent_url)), accepts=False)
     assert status == 422 and data["error"] == "AsyncRequired"
     assert "accepts_incomplete=true" in data["description"]
-    assert await broker.store.instances.count_documents({"_id": iid}) == 0
+    assert await broker.db.instances.count_documents({"_id": iid}) == 0
 
 
 async def test_wrong_agent_credentials_fail_the_provision(
@@ -189,7 +189,7 @@ async def test_concurrent_conflicting_provisions(broker: Service, osb: Osb) -> N
     statuses = sorted(s for s, _ in results)
     assert statuses == [202, 409, 409, 409, 409, 409], results
     winner = next(b for b, (s, _) in zip(bodies, results, strict=True) if s == 202)
-    doc = await broker.store.instances.find_one({"_id": iid})
+    doc = await broker.db.instances.find_one({"_id": iid})
     assert doc["items"] == winner["parameters"]["items"]
     # Identical concurrent repeats all answer 202 with one operation.
     same = await asyncio.gather(*(osb.provision(iid, winner) for _ in range(4)))
@@ -211,7 +211,7 @@ async def test_repeated_delete_while_deleting_answers_the_same_operation(
 ) -> None:
     iid = await osb.ready_instance(parameters(agent_url))
     # A running job keeps the deletion in progress until the runner stops it.
-    await broker.store.jobs.insert_one(running_job(iid))
+    await broker.db.jobs.insert_one(running_job(iid))
     status, first = await osb.deprovision(iid)
     assert status == 202
     again = await asyncio.gather(*(osb.deprovision(iid) for _ in range(3)))
@@ -223,12 +223,12 @@ async def test_repeated_delete_while_deleting_answers_the_same_operation(
     # The job was asked to stop; the runner (here: the test) ends it.
     job = await wait_for(broker, {"_id": "job-running", "cancel_requested": True})
     assert job["status"] == "RUNNING"
-    await broker.store.jobs.update_one(
+    await broker.db.jobs.update_one(
         {"_id": "job-running"}, {"$set": {"status": "CANCELLED", "reason": "stopped"}}
     )
     result = await osb.wait(iid, first["operation"])
     assert result["state"] == "succeeded"
-    assert await broker.store.jobs.count_documents({"instance_id": iid}) == 0
+    assert await broker.db.jobs.count_documents({"instance_id": iid}) == 0
 
 
 def running_job(iid: str, job_id: str = "job-running") -> dict[str, Any]:
@@ -249,7 +249,7 @@ def running_job(iid: str, job_id: str = "job-running") -> dict[str, Any]:
 async def wait_for(broker: Service, query: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        doc = await broker.store.jobs.find_one(query)
+        doc = await broker.db.jobs.find_one(query)
         if doc is not None:
             return doc
         assert asyncio.get_running_loop().time() < deadline, f"no job matches {query}"
@@ -265,7 +265,7 @@ async def test_update_parameters_synchronously(osb: Osb, broker: Service, agent_
     }
     status, data = await osb.update(iid, body, accepts=False)
     assert (status, data) == (200, {})
-    doc = await broker.store.instances.find_one({"_id": iid})
+    doc = await broker.db.instances.find_one({"_id": iid})
     assert doc["items"] == ["orders"]
     assert doc["database"]["port"] == 6432 and doc["database"]["username"] == "postgres"
     assert doc["context"]["instance_name"] == "renamed"
@@ -276,12 +276,12 @@ async def test_update_parameters_synchronously(osb: Osb, broker: Service, agent_
     # A plan change decides what happens to stored backups unless a parameter does.
     status, _ = await osb.update(iid, {"service_id": SERVICE_ID, "plan_id": TRANSIENT})
     assert status == 200
-    doc = await broker.store.instances.find_one({"_id": iid})
+    doc = await broker.db.instances.find_one({"_id": iid})
     assert doc["plan_id"] == TRANSIENT and doc["delete_backups_on_deprovision"] is True
     status, _ = await osb.update(
         iid, {"service_id": SERVICE_ID, "parameters": {"delete_backups_on_deprovision": False}}
     )
-    doc = await broker.store.instances.find_one({"_id": iid})
+    doc = await broker.db.instances.find_one({"_id": iid})
     assert doc["delete_backups_on_deprovision"] is False
 
 
@@ -303,14 +303,14 @@ async def test_update_of_the_agent_is_checked_first(
     status, error = await osb.update(iid, other)
     assert status == 422 and error["error"] == "ConcurrencyError"
     # The old agent stays in force until the new one answers; fetching must wait.
-    doc = await broker.store.instances.find_one({"_id": iid})
+    doc = await broker.db.instances.find_one({"_id": iid})
     assert doc["state"] == "updating" and doc["agent"]["url"] == agent_url
     assert (await osb.call("GET", f"/v2/service_instances/{iid}"))[0] == 422
     await go_agent.start()
     try:
         result = await osb.wait(iid, data["operation"])
         assert result["state"] == "succeeded"
-        doc = await broker.store.instances.find_one({"_id": iid})
+        doc = await broker.db.instances.find_one({"_id": iid})
         assert doc["agent"]["kind"] == "go" and doc["agent"]["url"] == go_agent.url
         assert doc["pending_update"] is None and doc["state"] == "ready"
 
@@ -323,7 +323,7 @@ async def test_update_of_the_agent_is_checked_first(
         await go_agent.stop()
     assert result["state"] == "failed" and result["instance_usable"] is True
     assert result["update_repeatable"] is True
-    doc = await broker.store.instances.find_one({"_id": iid})
+    doc = await broker.db.instances.find_one({"_id": iid})
     assert doc["agent"]["url"] == go_agent.url and doc["state"] == "ready"
     from broker.context import SECRETS
 
@@ -350,7 +350,7 @@ async def test_maintenance_info(osb: Osb, broker: Service, agent_url: str) -> No
     body = provision_body(parameters(agent_url), maintenance_info={"version": "0.9.0"})
     status, data = await osb.provision(iid, body)
     assert status == 422 and data["error"] == "MaintenanceInfoConflict"
-    assert await broker.store.instances.count_documents({"_id": iid}) == 0
+    assert await broker.db.instances.count_documents({"_id": iid}) == 0
     body["maintenance_info"] = {"version": "1.0.0"}
     status, data = await osb.provision(iid, body)
     assert status == 202
@@ -372,7 +372,7 @@ async def test_provision_parameters_are_stored_in_clear_only_without_secrets(
     osb: Osb, agent_url: str, broker: Service
 ) -> None:
     iid = await osb.ready_instance(parameters(agent_url), plan_id=TRANSIENT)
-    doc = await broker.store.instances.find_one({"_id": iid})
+    doc = await broker.db.instances.find_one({"_id": iid})
     assert doc["delete_backups_on_deprovision"] is True, "the transient plan's default"
     assert "password" not in doc["parameters"]["agent"]
     assert "password" not in doc["parameters"]["database"]

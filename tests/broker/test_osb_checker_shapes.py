@@ -101,7 +101,7 @@ async def test_the_checkers_lifecycle(
     # The checker polls with the word "provision", not the operation id it was given.
     result = await checker.wait(iid, "provision")
     assert result["state"] == "succeeded", result
-    doc = await broker.store.instances.find_one({"_id": iid})
+    doc = await broker.db.instances.find_one({"_id": iid})
     assert doc["maintenance_info"] is None, "an empty maintenance_info is none"
 
     status, body = await checker.update(iid, checker_update())
@@ -109,7 +109,7 @@ async def test_the_checkers_lifecycle(
     status, body = await checker.last_operation(iid, "update")
     assert status == 200 and body["state"] == "succeeded", body
     assert "updated" in body["description"]
-    assert (await broker.store.instances.find_one({"_id": iid}))["items"] == ["orders"]
+    assert (await broker.db.instances.find_one({"_id": iid}))["items"] == ["orders"]
 
     bid = str(uuid.uuid4())
     status, body = await checker.call(
@@ -150,7 +150,7 @@ async def test_below_2_15_maintenance_info_is_ignored_whatever_it_holds(
         )
         assert status == 202, (held, body)
         assert (await checker.wait(iid, "provision"))["state"] == "succeeded"
-        assert (await broker.store.instances.find_one({"_id": iid}))["maintenance_info"] is None
+        assert (await broker.db.instances.find_one({"_id": iid}))["maintenance_info"] is None
     # Updates too, and previous_values with it.
     for held in ({"version": "9.9.9"}, {"description": "no version"}, "text"):
         status, body = await checker.update(
@@ -160,7 +160,7 @@ async def test_below_2_15_maintenance_info_is_ignored_whatever_it_holds(
             ),
         )
         assert (status, body) == (200, {}), held
-    assert (await broker.store.instances.find_one({"_id": iid}))["maintenance_info"] is None
+    assert (await broker.db.instances.find_one({"_id": iid}))["maintenance_info"] is None
 
 
 async def test_from_2_15_maintenance_info_counts_when_it_says_something(
@@ -176,7 +176,7 @@ async def test_from_2_15_maintenance_info_counts_when_it_says_something(
         iid, checker_provision(agent_url, maintenance_info={"description": "no version"})
     )
     assert status == 400 and body["field"] == "maintenance_info.version", body
-    assert await broker.store.instances.count_documents({"_id": iid}) == 0, "4xx stores nothing"
+    assert await broker.db.instances.count_documents({"_id": iid}) == 0, "4xx stores nothing"
     status, body = await checker.provision(
         iid, checker_provision(agent_url, maintenance_info={"version": "1.0.0"})
     )
@@ -190,7 +190,7 @@ async def test_from_2_15_maintenance_info_counts_when_it_says_something(
     assert status == 422 and body["error"] == "MaintenanceInfoConflict", body
     # The empty one of the checker leaves the stored version as it was.
     assert (await checker.update(iid, checker_update()))[0] == 200
-    doc = await broker.store.instances.find_one({"_id": iid})
+    doc = await broker.db.instances.find_one({"_id": iid})
     assert doc["maintenance_info"] == {"version": "1.0.0"}
 
 
@@ -207,7 +207,7 @@ async def test_an_unknown_operation_reads_as_the_latest_one(
     # A known id still names its own operation.
     status, body = await checker.update(iid, checker_update())
     assert status == 200
-    doc = await broker.store.instances.find_one({"_id": iid})
+    doc = await broker.db.instances.find_one({"_id": iid})
     first = doc["previous_operations"][-1]["id"]
     assert first.startswith("provision-")
     status, body = await checker.last_operation(iid, first)

@@ -94,14 +94,14 @@ async def test_provision_refuses_a_dangerous_parameter(
     iid = str(uuid.uuid4())
     status, data = await osb.provision(iid, provision_body(_with_parameter(agent_url, name)))
     _assert_refused(status, data, name)
-    assert await broker.store.instances.count_documents({}) == 0
+    assert await broker.db.instances.count_documents({}) == 0
 
 
 async def test_update_refuses_a_dangerous_parameter_and_changes_nothing(
     osb: Osb, broker: Service, agent_url: str
 ) -> None:
     iid = await osb.ready_instance(parameters(agent_url))
-    before = await broker.store.instances.find_one({"_id": iid})
+    before = await broker.db.instances.find_one({"_id": iid})
     for name in REFUSED:
         for accepts in (True, False):
             body = {
@@ -110,7 +110,7 @@ async def test_update_refuses_a_dangerous_parameter_and_changes_nothing(
             }
             status, data = await osb.update(iid, body, accepts=accepts)
             _assert_refused(status, data, name)
-    assert await broker.store.instances.find_one({"_id": iid}) == before
+    assert await broker.db.instances.find_one({"_id": iid}) == before
 
 
 async def test_database_client_parameters_keep_working(
@@ -119,7 +119,7 @@ async def test_database_client_parameters_keep_working(
     params = parameters(agent_url)
     params["database"]["parameters"] = dict(ACCEPTED)
     iid = await osb.ready_instance(params)
-    doc = await broker.store.instances.find_one({"_id": iid})
+    doc = await broker.db.instances.find_one({"_id": iid})
     assert doc["database"]["parameters"] == ACCEPTED
     status, data = await osb.update(
         iid,
@@ -127,7 +127,7 @@ async def test_database_client_parameters_keep_working(
         accepts=False,
     )
     assert (status, data) == (200, {})
-    doc = await broker.store.instances.find_one({"_id": iid})
+    doc = await broker.db.instances.find_one({"_id": iid})
     assert doc["database"]["parameters"] == {"PGPORT": "1"}
 
 
@@ -138,9 +138,9 @@ async def test_an_instance_stored_with_a_refused_name_can_still_be_updated(
     agent either), so the tenant is not locked out of updating the instance."""
     iid = await osb.ready_instance(parameters(agent_url))
     legacy = {"PGSSLMODE": "disable", "BASH_ENV": ATTACK, "BACKUP_PORT": "1"}
-    await broker.store.instances.update_one({"_id": iid}, {"$set": {"database.parameters": legacy}})
+    await broker.db.instances.update_one({"_id": iid}, {"$set": {"database.parameters": legacy}})
     body = {"service_id": SERVICE_ID, "parameters": {"items": ["orders"]}}
     assert await osb.update(iid, body, accepts=False) == (200, {})
-    doc = await broker.store.instances.find_one({"_id": iid})
+    doc = await broker.db.instances.find_one({"_id": iid})
     assert doc["items"] == ["orders"]
     assert doc["database"]["parameters"] == {"PGSSLMODE": "disable"}

@@ -190,7 +190,7 @@ async def test_wrong_input_is_a_clear_400_and_nothing_is_stored(
     assert field.split("[")[0] in data["description"]
     assert AGENT_PASSWORD not in json.dumps(data) and DB_PASSWORD not in json.dumps(data)
     assert "u:p" not in json.dumps(data)
-    assert await broker.store.instances.count_documents({}) == 0
+    assert await broker.db.instances.count_documents({}) == 0
 
 
 @pytest.mark.parametrize(
@@ -211,8 +211,8 @@ async def test_malformed_bodies(osb: Osb, broker: Service, raw: bytes) -> None:
         assert status == 400, (method, raw, data)
         assert data["error"] in ("MalformedRequest", "BadRequest")
         assert data["description"]
-    assert await broker.store.instances.count_documents({}) == 0
-    assert await broker.store.bindings.count_documents({}) == 0
+    assert await broker.db.instances.count_documents({}) == 0
+    assert await broker.db.bindings.count_documents({}) == 0
 
 
 async def test_query_flags_and_required_query_parameters(osb: Osb) -> None:

@@ -41,12 +41,12 @@ async def test_restart_keeps_instances_bindings_and_operations(
         await late.start()
         result = await osb.wait(pending, accepted["operation"])
         assert result["state"] == "succeeded", result
-        pending_doc = await second.store.instances.find_one({"_id": pending})
+        pending_doc = await second.db.instances.find_one({"_id": pending})
         assert pending_doc["state"] == "ready" and pending_doc["agent"]["kind"] == "go"
         # Everything done before the restart is still there and usable.
         status, view, _ = await osb.call("GET", f"/v2/service_instances/{ready}")
         assert status == 200 and view["metadata"]["attributes"]["agent_kind"] == "go"
-        doc = await second.store.instances.find_one({"_id": ready})
+        doc = await second.db.instances.find_one({"_id": ready})
         first_op = doc["last_operation"]["id"]
         assert (await osb.last_operation(ready, first_op))[1]["state"] == "succeeded"
         status, _, _ = await osb.call(
@@ -82,7 +82,7 @@ async def test_a_crashed_replicas_operation_is_taken_over(mongo_url: str, tmp_pa
             (crashed, "crashed-replica", now - timedelta(seconds=1)),
             (alive, "live-replica", now + timedelta(hours=1)),
         ]:
-            await service.store.instances.update_one(
+            await service.db.instances.update_one(
                 {"_id": iid},
                 {
                     "$set": {
@@ -93,11 +93,11 @@ async def test_a_crashed_replicas_operation_is_taken_over(mongo_url: str, tmp_pa
             )
         await late.start()
         assert (await osb.wait(crashed, ops[crashed]))["state"] == "succeeded"
-        doc = await service.store.instances.find_one({"_id": crashed})
+        doc = await service.db.instances.find_one({"_id": crashed})
         assert doc["last_operation"]["lease_owner"] is None
         # Several sweeps later the live replica's operation is still its own.
         await asyncio.sleep(3)
-        live = await service.store.instances.find_one({"_id": alive})
+        live = await service.db.instances.find_one({"_id": alive})
         assert live["last_operation"]["state"] == "in progress", "a live lease is not stolen"
         assert live["last_operation"]["lease_owner"] == "live-replica"
     finally:
@@ -123,7 +123,7 @@ async def test_master_key_rotation(
     )
     try:
         await service.instances.reseal()  # the sweep does it too, at start and then regularly
-        doc = await service.store.instances.find_one({"_id": iid})
+        doc = await service.db.instances.find_one({"_id": iid})
         assert {v["kid"] for v in doc["secrets"].values()} == {"k2"}
     finally:
         await stop_service(service)

@@ -15,7 +15,7 @@ from tests.servers.broker import start_service, stop_service
 
 async def _purged(osb: Osb, iid: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    while (await osb.service.store.instances.count_documents({"_id": iid})) > 0:
+    while (await osb.service.db.instances.count_documents({"_id": iid})) > 0:
         assert time.monotonic() < deadline, "the tombstone was never purged"
         await asyncio.sleep(0.2)
 
@@ -57,7 +57,7 @@ async def test_without_tombstones_nothing_is_kept(
         status, data = await osb.deprovision(iid)
         assert status == 202
         assert (await osb.wait(iid, data["operation"]))["state"] == "gone"
-        assert await broker.store.instances.count_documents({"_id": iid}) == 0
+        assert await broker.db.instances.count_documents({"_id": iid}) == 0
         assert (await osb.deprovision(iid))[0] == 410
     finally:
         await stop_service(broker)

@@ -29,7 +29,7 @@ async def test_another_replica_finishes_the_backup_of_one_that_stopped(
     s3_settings: S3Settings,
     managers: Callable[..., list[ManagerProcess]],
 ) -> None:
-    store, box = shared_database.store, shared_database.box
+    store, box = shared_database.db, shared_database.box
     scripts = tmp_path / "scripts"
     tracing_scripts(
         scripts,

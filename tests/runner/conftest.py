@@ -14,9 +14,9 @@ import pytest
 
 from backup import jobs
 from backup.clock import Clock, ManualClock
+from backup.database import Database, Document
 from backup.runner import JobRunner, RunnerSettings
 from backup.secrets import SecretBox
-from backup.store import Document, Store
 from storage import S3Settings, SwiftSettings
 from tests.runner.go_agent import PASSWORD as GO_PASSWORD
 from tests.runner.go_agent import USER as GO_USER
@@ -56,7 +56,7 @@ async def go_agent() -> AsyncIterator[GoAgentStandIn]:
 
 
 async def seed_instance(
-    store: Store,
+    store: Database,
     box: SecretBox,
     *,
     agent_url: str,
@@ -72,7 +72,7 @@ async def seed_instance(
 
 
 async def seed_plan(
-    store: Store,
+    store: Database,
     box: SecretBox,
     instance: Document,
     settings: S3Settings | SwiftSettings,
@@ -93,7 +93,7 @@ RunnerFactory = Callable[..., JobRunner]
 
 @pytest.fixture
 async def make_runner(
-    store: Store, box: SecretBox, clock: ManualClock
+    store: Database, box: SecretBox, clock: ManualClock
 ) -> AsyncIterator[RunnerFactory]:
     """``make_runner(replica="a", clock=..., **settings)``; all are stopped at teardown."""
     made: list[JobRunner] = []
@@ -115,7 +115,7 @@ class GoRig:
     """A runner test against the Go agent's stand-in: the database, the secret box, the
     manual clock, the agent, settings for a fresh S3 bucket, and runners made on demand."""
 
-    store: Store
+    db: Database
     box: SecretBox
     clock: ManualClock
     agent: GoAgentStandIn
@@ -128,14 +128,14 @@ class GoRig:
         """(instance, plan, job): a backup queued for a new instance of the agent (or of
         whatever is at ``agent_url``)."""
         instance = await seed_instance(
-            self.store, self.box, agent_url=agent_url or self.agent.url, password=password
+            self.db, self.box, agent_url=agent_url or self.agent.url, password=password
         )
-        plan = await seed_plan(self.store, self.box, instance, self.s3, **plan_fields)
-        return instance, plan, await jobs.start_backup(self.store, plan)
+        plan = await seed_plan(self.db, self.box, instance, self.s3, **plan_fields)
+        return instance, plan, await jobs.start_backup(self.db, plan)
 
     async def final(self, job_id: str, **kw: Any) -> Document:
         """The job once it has ended, the manual clock moving on meanwhile."""
-        return await final(self.store, job_id, self.clock, **kw)
+        return await final(self.db, job_id, self.clock, **kw)
 
     async def started(self, job: Document, item: int = 0) -> None:
         """Wait until the agent has started the job's ``item``."""
@@ -145,7 +145,7 @@ class GoRig:
 
 @pytest.fixture
 def go(
-    store: Store,
+    store: Database,
     box: SecretBox,
     clock: ManualClock,
     go_agent: GoAgentStandIn,
@@ -177,12 +177,14 @@ async def until(
         await asyncio.sleep(0.02)
 
 
-async def job_in(store: Store, job_id: str, *statuses: str) -> Document | None:
+async def job_in(store: Database, job_id: str, *statuses: str) -> Document | None:
     doc = await store.jobs.find_one({"_id": job_id})
     return doc if doc is not None and doc["status"] in statuses else None
 
 
-async def final(store: Store, job_id: str, clock: ManualClock | None = None, **kw: Any) -> Document:
+async def final(
+    store: Database, job_id: str, clock: ManualClock | None = None, **kw: Any
+) -> Document:
     async def check() -> Document | None:
         return await job_in(store, job_id, *jobs.FINAL)
 

@@ -18,8 +18,8 @@ from structlog.testing import capture_logs
 
 from backup import jobs
 from backup.clock import SystemClock
+from backup.database import Database, Document
 from backup.deprovision import Steps
-from backup.store import Document, Store
 from storage import S3Settings, open_store
 from tests.agent.helpers import PASSWORD, USER, AgentProcess
 from tests.agent.test_cancel import pausing, release, stages
@@ -32,7 +32,7 @@ LONG_BACKUP = 'sleep 60; echo data > "$BACKUP_DIRECTORY/$BACKUP_FILENAME.txt"'
 
 
 async def _ours_backup(
-    store: Store, box: Any, agent: AgentProcess, s3: S3Settings
+    store: Database, box: Any, agent: AgentProcess, s3: S3Settings
 ) -> tuple[Document, Document]:
     instance = await seed_instance(
         store, box, agent_url=f"http://127.0.0.1:{agent.port}", username=USER, password=PASSWORD
@@ -88,7 +88,7 @@ def _assert_stopped_at_the_boundary(done: Document, agent: AgentProcess, s3: S3S
 
 
 async def test_a_users_cancel_stops_our_agent_at_the_next_stage_boundary(
-    store: Store,
+    store: Database,
     box: Any,
     make_agent: Callable[..., AgentProcess],
     make_runner: RunnerFactory,
@@ -122,7 +122,7 @@ async def test_a_users_cancel_stops_our_agent_at_the_next_stage_boundary(
 
 
 async def test_a_deprovision_stops_our_agents_backup_at_the_next_stage_boundary(
-    store: Store,
+    store: Database,
     box: Any,
     make_agent: Callable[..., AgentProcess],
     make_runner: RunnerFactory,
@@ -168,7 +168,7 @@ async def test_the_go_agent_has_no_cancel_its_item_runs_to_its_end(go: GoRig) ->
     with capture_logs() as logs:
         await go.make_runner().run_once()
         await go.started(job)
-        await jobs.cancel(go.store, instance["_id"], job["_id"])
+        await jobs.cancel(go.db, instance["_id"], job["_id"])
         await go.clock.advance(10)
         go.agent.let_go()
         done = await go.final(job["_id"])
@@ -181,7 +181,7 @@ async def test_the_go_agent_has_no_cancel_its_item_runs_to_its_end(go: GoRig) ->
 
 
 async def test_at_its_deadline_our_agents_item_is_asked_to_stop_not_left_running(
-    store: Store,
+    store: Database,
     box: Any,
     make_agent: Callable[..., AgentProcess],
     make_runner: RunnerFactory,

@@ -23,7 +23,7 @@ async def test_a_job_whose_agent_is_on_a_denied_address_fails_without_connecting
     denied = await start_listener("127.0.0.2")  # denied by the tests' policy (TEST_EGRESS)
     svc = await start_service(mongo_url, tmp_path, loops=True)
     try:
-        store, box = svc.store, svc.app[SECRETS]
+        store, box = svc.db, svc.app[SECRETS]
         # Stored as an agent registered before the policy, or whose name moved since.
         instance = await seed_instance(store, box, agent_url=denied.url)
         settings = S3Settings(

@@ -36,7 +36,7 @@ async def test_backup_then_restore_with_the_go_protocol(go: GoRig, s3_server: Se
         assert dest["filenamePrefix"] == f"{instance['_id']}/{plan['_id']}/{job['_id']}-{n}/"
         assert dest["bucket"] == go.s3.bucket and dest["skipSSL"] is True
 
-    point = await go.store.restore_points.find_one({"_id": job["_id"]})
+    point = await go.db.restore_points.find_one({"_id": job["_id"]})
     assert point is not None and point["state"] == "available"
     assert [i["name"] for i in point["items"]] == ITEMS
     for item in point["items"]:
@@ -52,8 +52,8 @@ async def test_backup_then_restore_with_the_go_protocol(go: GoRig, s3_server: Se
         assert item["agent_job_id"].startswith(job["_id"])
 
     # restore it, after the plan is gone: the key comes from the restore point
-    await go.store.plans.delete_one({"_id": plan["_id"]})
-    restore = await jobs.start_restore(go.store, point, ["customers"])
+    await go.db.plans.delete_one({"_id": plan["_id"]})
+    restore = await jobs.start_restore(go.db, point, ["customers"])
     assert await runner.run_once() == 1
     done = await go.final(restore["_id"])
     assert done["status"] == "SUCCEEDED", done["reason"]
@@ -79,7 +79,7 @@ async def test_agent_down_at_start_fails_after_the_bound(go: GoRig) -> None:
     assert "cannot be reached" in done["reason"] and "still so after 2 min" in done["reason"]
     assert (done["ended_at"] - done["started_at"]).total_seconds() >= 120
     assert [i["status"] for i in done["items"]] == ["CANCELLED", "CANCELLED"]
-    assert await go.store.restore_points.count_documents({}) == 0
+    assert await go.db.restore_points.count_documents({}) == 0
     await runner.idle()
 
 
@@ -103,7 +103,7 @@ async def test_agent_that_forgets_the_job_fails_it(go: GoRig) -> None:
     assert done["status"] == "FAILED"
     assert "Item 'orders' failed" in done["reason"] and "no longer knows" in done["reason"]
     assert done["items"][0]["status"] == "FAILED" and done["items"][1]["status"] == "CANCELLED"
-    assert await go.store.restore_points.count_documents({}) == 0
+    assert await go.db.restore_points.count_documents({}) == 0
 
 
 async def test_a_failed_item_fails_the_backup_and_its_sibling_files_are_deleted(
@@ -120,7 +120,7 @@ async def test_a_failed_item_fails_the_backup_and_its_sibling_files_are_deleted(
     assert second["status"] == "FAILED" and "shell script failed" in second["error"]
     assert second["logs"]["pre_backup_lock_log"] == "out-pre_backup_lock"
     # a failed backup is no restore point, and its uploaded file is no orphan either
-    assert await go.store.restore_points.count_documents({}) == 0
+    assert await go.db.restore_points.count_documents({}) == 0
     assert len(go.agent.uploaded) == 1 and s3_server.keys(go.s3.bucket) == []
     assert "pending_deletes" not in done
 
@@ -156,7 +156,7 @@ async def test_deadline_fails_the_job_and_the_late_upload_is_deleted_by_the_swee
     result = await runner.sweeper.run_once()
     assert result.orphans_deleted == 1
     assert s3_server.keys(go.s3.bucket) == []
-    assert "pending_deletes" not in await go.store.jobs.find_one({"_id": job["_id"]})
+    assert "pending_deletes" not in await go.db.jobs.find_one({"_id": job["_id"]})
 
 
 async def _agent_done(agent: GoAgentStandIn, agent_job_id: str) -> bool:
@@ -171,7 +171,7 @@ async def test_cancel_waits_for_the_running_item_then_discards_it(
     go.agent.hold()
     await go.make_runner().run_once()
     await go.started(job)
-    cancelled = await jobs.cancel(go.store, instance["_id"], job["_id"])
+    cancelled = await jobs.cancel(go.db, instance["_id"], job["_id"])
     assert cancelled["status"] == "RUNNING" and cancelled["cancel_requested"] is True
     await go.clock.advance(10)
     go.agent.let_go()
@@ -181,7 +181,7 @@ async def test_cancel_waits_for_the_running_item_then_discards_it(
     assert [i["status"] for i in done["items"]] == ["SUCCEEDED", "CANCELLED"]
     assert set(go.agent.starts) == {f"{job['_id']}-0"}  # the second item never started
     assert s3_server.keys(go.s3.bucket) == []
-    assert await go.store.restore_points.count_documents({}) == 0
+    assert await go.db.restore_points.count_documents({}) == 0
 
 
 async def test_logs_are_bounded(go: GoRig) -> None:
@@ -205,7 +205,7 @@ async def test_an_upload_the_storage_does_not_have_is_no_restore_point(go: GoRig
     assert done["reason"] == (
         "The agent reported 'orders' uploaded, but the storage has no such object."
     )
-    assert await go.store.restore_points.count_documents({}) == 0
+    assert await go.db.restore_points.count_documents({}) == 0
 
 
 async def test_retention_runs_after_each_successful_backup(go: GoRig, s3_server: SeaweedS3) -> None:
@@ -216,11 +216,11 @@ async def test_retention_runs_after_each_successful_backup(go: GoRig, s3_server:
     await runner.idle()
     await go.clock.advance(60)  # the agent names files by the minute
     go.agent.payload = b"second backup\n"
-    second = await jobs.start_backup(go.store, plan)
+    second = await jobs.start_backup(go.db, plan)
     await runner.run_once()
     assert (await go.final(second["_id"]))["status"] == "SUCCEEDED"
     await runner.idle()  # the sweep of the plan runs right after the backup
-    points = await go.store.restore_points.find({}).to_list()
+    points = await go.db.restore_points.find({}).to_list()
     assert [p["_id"] for p in points] == [second["_id"]]
     assert s3_server.keys(go.s3.bucket) == [points[0]["items"][0]["key"]]
 

@@ -22,7 +22,7 @@ async def test_a_backup_to_a_destination_no_client_accepts_fails_saying_why(
     monkeypatch.setenv("RUNNER_POLL_SECONDS", "3600")  # only the API's signal wakes it
     svc = await start_service(mongo_url, tmp_path, loops=True)
     try:
-        store, box = svc.store, svc.app[SECRETS]
+        store, box = svc.db, svc.app[SECRETS]
         instance = await seed_instance(store, box, agent_url="http://127.0.0.1:9")
         settings = S3Settings(
             endpoint="http://127.0.0.1:9",

@@ -8,13 +8,13 @@ from datetime import timedelta
 import pytest
 from structlog.testing import capture_logs
 
-from backup import jobs, priority
+from backup import backpressure, jobs
 from backup.clock import ManualClock
-from backup.store import Store
+from backup.database import Database
 from tests.runner.conftest import GoRig, job_in, until
 
 
-async def _queue(store: Store, instance_id: str, n: int = 1, **fields) -> list[str]:
+async def _queue(store: Database, instance_id: str, n: int = 1, **fields) -> list[str]:
     ids = []
     for _ in range(n):
         doc = jobs.new_job(
@@ -34,7 +34,7 @@ async def _queue(store: Store, instance_id: str, n: int = 1, **fields) -> list[s
     return ids
 
 
-async def _claim_all(store: Store, clock: ManualClock, owner: str) -> list[jobs.Lease]:
+async def _claim_all(store: Database, clock: ManualClock, owner: str) -> list[jobs.Lease]:
     leases = []
     for cand in await jobs.claimable(store, clock.now(), limit=10):
         lease = await jobs.claim(
@@ -45,7 +45,7 @@ async def _claim_all(store: Store, clock: ManualClock, owner: str) -> list[jobs.
     return leases
 
 
-async def test_one_claim_wins(store: Store, clock: ManualClock) -> None:
+async def test_one_claim_wins(store: Database, clock: ManualClock) -> None:
     (job_id,) = await _queue(store, "i1")
     (cand,) = await jobs.claimable(store, clock.now(), limit=5)
     leases = await asyncio.gather(
@@ -66,7 +66,7 @@ async def test_one_claim_wins(store: Store, clock: ManualClock) -> None:
     assert doc["attempts"] == 1
 
 
-async def test_one_running_job_per_instance_in_order(store: Store, clock: ManualClock) -> None:
+async def test_one_running_job_per_instance_in_order(store: Database, clock: ManualClock) -> None:
     first, second, third = await _queue(store, "busy", 3)
     (other,) = await _queue(store, "quiet")
     # three replicas race over every candidate at once
@@ -88,7 +88,7 @@ async def test_one_running_job_per_instance_in_order(store: Store, clock: Manual
     assert third not in [lease.job_id for lease in await _claim_all(store, clock, "r9")]
 
 
-async def test_leases_expire_renew_and_fence(store: Store, clock: ManualClock) -> None:
+async def test_leases_expire_renew_and_fence(store: Database, clock: ManualClock) -> None:
     (job_id,) = await _queue(store, "i1")
     (lease,) = await _claim_all(store, clock, "a")
     await clock.advance(20)
@@ -122,13 +122,17 @@ async def test_leases_expire_renew_and_fence(store: Store, clock: ManualClock) -
     assert await _claim_all(store, clock, "c") == []  # final states are never claimed
 
 
-async def test_a_running_job_nobody_holds_is_taken_over(store: Store, clock: ManualClock) -> None:
+async def test_a_running_job_nobody_holds_is_taken_over(
+    store: Database, clock: ManualClock
+) -> None:
     (job_id,) = await _queue(store, "i1", status="RUNNING", lease_expires_at=None)
     (lease,) = await _claim_all(store, clock, "a")
     assert lease.job_id == job_id and lease.token == 1
 
 
-async def test_cancelled_and_final_jobs_are_not_claimed(store: Store, clock: ManualClock) -> None:
+async def test_cancelled_and_final_jobs_are_not_claimed(
+    store: Database, clock: ManualClock
+) -> None:
     queued, *_ = await _queue(store, "i1")
     await jobs.cancel(store, "i1", queued)
     for status in ("SUCCEEDED", "FAILED", "CANCELLED", "MISSED"):
@@ -144,7 +148,7 @@ async def test_a_replica_that_loses_its_lease_stops_driving(go: GoRig) -> None:
     await go.started(job)
     assert runner.active == 1
     # another replica took it over (as if this one had been paused past its lease)
-    await go.store.jobs.update_one(
+    await go.db.jobs.update_one(
         {"_id": job["_id"]}, {"$set": {"lease_owner": "replica-b"}, "$inc": {"attempts": 1}}
     )
 
@@ -152,7 +156,7 @@ async def test_a_replica_that_loses_its_lease_stops_driving(go: GoRig) -> None:
         return runner.active == 0
 
     await until(stopped, clock=go.clock, step=5)
-    doc = await go.store.jobs.find_one({"_id": job["_id"]})
+    doc = await go.db.jobs.find_one({"_id": job["_id"]})
     assert doc["status"] == "RUNNING" and doc["lease_owner"] == "replica-b"
 
 
@@ -165,9 +169,9 @@ async def test_a_job_that_just_ended_is_not_taken_for_a_lost_lease(go: GoRig) ->
     runner = go.make_runner("replica-a", poll_seconds=3600)
     await runner.start()
     await go.started(job)
-    doc = await go.store.jobs.find_one({"_id": job["_id"]})
+    doc = await go.db.jobs.find_one({"_id": job["_id"]})
     lease = jobs.Lease(job["_id"], doc["lease_owner"], doc["attempts"])
-    await jobs.finish(go.store, lease, jobs.SUCCEEDED, None, at=go.clock.now())
+    await jobs.finish(go.db, lease, jobs.SUCCEEDED, None, at=go.clock.now())
     with capture_logs() as logs:
         await runner.renew_once()
         await asyncio.sleep(0.1)
@@ -179,7 +183,7 @@ async def test_a_job_that_just_ended_is_not_taken_for_a_lost_lease(go: GoRig) ->
     runner2 = go.make_runner("replica-c", poll_seconds=3600)
     await runner2.start()
     await go.started(other)
-    await go.store.jobs.update_one(
+    await go.db.jobs.update_one(
         {"_id": other["_id"]}, {"$set": {"lease_owner": "replica-b"}, "$inc": {"attempts": 1}}
     )
     with capture_logs() as logs:
@@ -191,7 +195,7 @@ async def test_a_job_that_just_ended_is_not_taken_for_a_lost_lease(go: GoRig) ->
 
 
 async def test_the_queue_view_reads_new_jobs_drops_stale_ones_and_refreshes(
-    store: Store, clock: ManualClock
+    store: Database, clock: ManualClock
 ) -> None:
     view = jobs.QueueView(refresh_seconds=30, overlap_seconds=5, full_read_share=1.0)
     first, second = await _queue(store, "i1") + await _queue(store, "i2")
@@ -242,40 +246,40 @@ async def test_the_queue_view_reads_new_jobs_drops_stale_ones_and_refreshes(
 
 
 async def test_runners_start_nothing_while_the_scheduler_is_behind(go: GoRig) -> None:
-    """backup.priority: a notice from a scheduler that is behind holds every runner's claims
+    """backup.backpressure: a notice from a scheduler that is behind holds every runner's claims
     until it lapses; while it lasts, one job starts every MAX_YIELD_SECONDS."""
     go.agent.hold()
-    await priority.announce_behind(go.store, at=go.clock.now(), replica="leader")
+    await backpressure.announce_behind(go.db, at=go.clock.now(), replica="leader")
     _, _, job = await go.backup()
     runner = go.make_runner("replica-a", poll_seconds=3600)
     await runner.start()
     for _ in range(3):
         await asyncio.sleep(0.2)
         await go.clock.advance(0.5)
-    assert (await go.store.jobs.find_one({"_id": job["_id"]}))["status"] == "QUEUED"
-    await go.clock.advance(priority.HOLD_SECONDS)  # the notice lapsed: claimed at once
-    await until(lambda: job_in(go.store, job["_id"], "RUNNING"), what="the claim")
+    assert (await go.db.jobs.find_one({"_id": job["_id"]}))["status"] == "QUEUED"
+    await go.clock.advance(backpressure.HOLD_SECONDS)  # the notice lapsed: claimed at once
+    await until(lambda: job_in(go.db, job["_id"], "RUNNING"), what="the claim")
 
     # a scheduler that stays behind: one job starts every MAX_YIELD_SECONDS, not a burst
     others = [(await go.backup())[2]["_id"] for _ in range(2)]
     runner2 = go.make_runner("replica-b", poll_seconds=3600)
-    await priority.announce_behind(go.store, at=go.clock.now(), replica="leader")
+    await backpressure.announce_behind(go.db, at=go.clock.now(), replica="leader")
     await runner2.start()
 
     async def running() -> list[str]:
-        docs = await go.store.jobs.find({"_id": {"$in": others}, "status": "RUNNING"}).to_list()
+        docs = await go.db.jobs.find({"_id": {"$in": others}, "status": "RUNNING"}).to_list()
         return [d["_id"] for d in docs]
 
     waited = 0.0
-    while waited < priority.MAX_YIELD_SECONDS - 1:
-        await priority.announce_behind(go.store, at=go.clock.now(), replica="leader")
+    while waited < backpressure.MAX_YIELD_SECONDS - 1:
+        await backpressure.announce_behind(go.db, at=go.clock.now(), replica="leader")
         await asyncio.sleep(0.05)
         await go.clock.advance(1)
         waited += 1
         assert await running() == []
 
     async def claimed() -> list[str]:
-        await priority.announce_behind(go.store, at=go.clock.now(), replica="leader")
+        await backpressure.announce_behind(go.db, at=go.clock.now(), replica="leader")
         return await running()
 
     await until(claimed, clock=go.clock, step=1, what="a claim despite the notice")

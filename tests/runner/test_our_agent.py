@@ -14,9 +14,9 @@ import pytest
 
 import tests.agent.helpers as helpers
 from backup import jobs
+from backup.database import Database, Document
 from backup.runner import JobRunner
 from backup.secrets import SecretBox
-from backup.store import Document, Store
 from storage import S3Settings, SwiftSettings, open_store
 from tests.agent.helpers import PASSWORD, USER, AgentProcess
 from tests.runner.conftest import RunnerFactory, final, seed_instance, seed_plan, until
@@ -40,7 +40,7 @@ class Ours:
     """A runner test with our agent as a real process: the database, the secret box, and
     agents and runners (on the real clock) made on demand."""
 
-    store: Store
+    db: Database
     box: SecretBox
     make_agent: Callable[..., AgentProcess]
     make_runner: RunnerFactory
@@ -54,10 +54,10 @@ class Ours:
         """(instance, plan, job): a backup queued for a new instance of ``agent``."""
         url = f"http://127.0.0.1:{agent.port}"
         instance = await seed_instance(
-            self.store, self.box, agent_url=url, username=USER, password=PASSWORD
+            self.db, self.box, agent_url=url, username=USER, password=PASSWORD
         )
-        plan = await seed_plan(self.store, self.box, instance, settings, **plan_fields)
-        return instance, plan, await jobs.start_backup(self.store, plan)
+        plan = await seed_plan(self.db, self.box, instance, settings, **plan_fields)
+        return instance, plan, await jobs.start_backup(self.db, plan)
 
     def runner(self, **settings: Any) -> JobRunner:
         """A runner polling the agent often."""
@@ -68,7 +68,7 @@ class Ours:
 
 @pytest.fixture
 def ours(
-    store: Store,
+    store: Database,
     box: SecretBox,
     make_agent: Callable[..., AgentProcess],
     make_runner: RunnerFactory,
@@ -92,10 +92,10 @@ async def test_backup_and_restore_with_our_agent(
     instance, plan, job = await ours.backup(agent, s3_settings, encryption=True, compression=True)
     runner = ours.runner()
     assert await runner.run_once() == 1
-    done = await final(ours.store, job["_id"])
+    done = await final(ours.db, job["_id"])
     assert done["status"] == "SUCCEEDED", (done["reason"], done["items"])
     assert done["agent"]["kind"] == "ours" and done["agent"]["version"]
-    point = await ours.store.restore_points.find_one({"_id": job["_id"]})
+    point = await ours.db.restore_points.find_one({"_id": job["_id"]})
     client = s3_server.client()
     for item in point["items"]:
         assert item["compression"] == "zstd" and item["encryption"] == "aes-256-gcm-stream-v1"
@@ -110,9 +110,9 @@ async def test_backup_and_restore_with_our_agent(
     assert env["AGENT_TRANSFORM_COMPRESSION"] == "zstd" and env["COMPRESSION"] == "false"
     assert "ENCRYPTION_KEY" not in env
 
-    restore = await jobs.start_restore(ours.store, point, None)
+    restore = await jobs.start_restore(ours.db, point, None)
     assert await runner.run_once() == 1
-    done = await final(ours.store, restore["_id"])
+    done = await final(ours.db, restore["_id"])
     assert done["status"] == "SUCCEEDED", (done["reason"], done["items"])
     for name in ("orders", "customers"):
         assert _read(f"{agent.trace}.{name}") == PAYLOAD
@@ -131,15 +131,15 @@ async def test_a_restore_whose_stored_object_changed_fails_before_the_restore_sc
     )
     runner = ours.runner()
     await runner.run_once()
-    assert (await final(ours.store, job["_id"]))["status"] == "SUCCEEDED"
-    point = await ours.store.restore_points.find_one({"_id": job["_id"]})
+    assert (await final(ours.db, job["_id"]))["status"] == "SUCCEEDED"
+    point = await ours.db.restore_points.find_one({"_id": job["_id"]})
     (item,) = point["items"]
     s3_server.client().put_object(
         Bucket=s3_settings.bucket, Key=item["key"], Body=b"not the backup that was taken"
     )
-    restore = await jobs.start_restore(ours.store, point, None)
+    restore = await jobs.start_restore(ours.db, point, None)
     await runner.run_once()
-    done = await final(ours.store, restore["_id"])
+    done = await final(ours.db, restore["_id"])
     assert done["status"] == "FAILED", (done["reason"], done["items"])
     assert "checksum" in (done["items"][0]["error"] or "").lower(), done["items"][0]
     assert not any(line.startswith("restore ") for line in agent.trace_lines())
@@ -156,11 +156,11 @@ async def test_agent_killed_mid_job_and_restarted_ends_failed_with_its_reason(
     agent.kill()
     monkeypatch.setattr(helpers, "free_port", lambda: agent.port)  # come back where it was
     agent.start()
-    done = await final(ours.store, job["_id"])
+    done = await final(ours.db, job["_id"])
     assert done["status"] == "FAILED"
     assert "agent restarted while the job was running" in done["reason"]
     assert any(line.startswith("post-backup-unlock") for line in agent.trace_lines())
-    assert await ours.store.restore_points.count_documents({}) == 0
+    assert await ours.db.restore_points.count_documents({}) == 0
 
 
 async def test_agent_killed_mid_job_and_gone_ends_failed_after_the_bound(
@@ -171,7 +171,7 @@ async def test_agent_killed_mid_job_and_gone_ends_failed_after_the_bound(
     await ours.runner(agent_unreachable_seconds=3).run_once()
     await _backing_up(agent)
     agent.kill()
-    done = await final(ours.store, job["_id"])
+    done = await final(ours.db, job["_id"])
     assert done["status"] == "FAILED" and "cannot be reached" in done["reason"]
     assert "no answer for 3 s" in done["reason"]
     assert done["items"][0]["status"] == "FAILED"
@@ -184,15 +184,15 @@ async def test_backup_and_restore_to_swift_with_our_agent(
     instance, plan, job = await ours.backup(agent, swift_settings, items=["orders"])
     runner = ours.runner()
     await runner.run_once()
-    done = await final(ours.store, job["_id"])
+    done = await final(ours.db, job["_id"])
     assert done["status"] == "SUCCEEDED", (done["reason"], done["items"])
-    point = await ours.store.restore_points.find_one({"_id": job["_id"]})
+    point = await ours.db.restore_points.find_one({"_id": job["_id"]})
     (item,) = point["items"]
     assert item["key"].startswith(f"{instance['_id']}/{plan['_id']}/") and item["checksum"]
     async with open_store(swift_settings) as objects:
         assert [o.key async for o in objects.list()] == [item["key"]]
-    restore = await jobs.start_restore(ours.store, point, None)
+    restore = await jobs.start_restore(ours.db, point, None)
     await runner.run_once()
-    done = await final(ours.store, restore["_id"])
+    done = await final(ours.db, restore["_id"])
     assert done["status"] == "SUCCEEDED", (done["reason"], done["items"])
     assert _read(f"{agent.trace}.orders") == PAYLOAD

@@ -16,7 +16,7 @@ async def test_refused_names_stored_earlier_never_reach_an_agent(go: GoRig) -> N
         "AGENT_SECRETS_FILE": "/etc/passwd",
         "BACKUP_PORT": "1",
     }
-    await go.store.instances.update_one(
+    await go.db.instances.update_one(
         {"_id": instance["_id"]}, {"$set": {"database.parameters": stored}}
     )
     runner = go.make_runner()

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from backup import jobs, restore_points
-from backup.store import Document
+from backup.database import Document
 from tests.runner.conftest import GoRig, seed_instance, until
 from tests.runner.go_agent import GoAgentStandIn
 from tests.servers.seed import DB_PASSWORD
@@ -38,16 +38,14 @@ async def _backed_up(go: GoRig) -> tuple[Document, Document, Document]:
     assert await runner.run_once() == 1
     done = await go.final(job["_id"])
     assert done["status"] == "SUCCEEDED", done["reason"]
-    point = await go.store.restore_points.find_one({"_id": job["_id"]})
+    point = await go.db.restore_points.find_one({"_id": job["_id"]})
     assert point is not None
     return instance, plan, point
 
 
 async def _target(go: GoRig, agent: GoAgentStandIn) -> Document:
-    b = await seed_instance(
-        go.store, go.box, agent_url=agent.url, items=["orders_copy", "customers"]
-    )
-    await go.store.instances.update_one({"_id": b["_id"]}, {"$set": {"database": TARGET_DB}})
+    b = await seed_instance(go.db, go.box, agent_url=agent.url, items=["orders_copy", "customers"])
+    await go.db.instances.update_one({"_id": b["_id"]}, {"$set": {"database": TARGET_DB}})
     return {**b, "database": TARGET_DB}
 
 
@@ -58,7 +56,7 @@ async def test_the_targets_agent_restores_into_the_targets_database(
     b = await _target(go, agent_b)
     sent_to_a = len(go.agent.requests)
     restore = await jobs.start_restore(
-        go.store, point, [("orders", "orders_copy"), ("customers", None)], target=b
+        go.db, point, [("orders", "orders_copy"), ("customers", None)], target=b
     )
     assert restore["instance_id"] == b["_id"] and restore["source_instance_id"] == a["_id"]
     runner = go.make_runner()
@@ -83,7 +81,7 @@ async def test_the_targets_agent_restores_into_the_targets_database(
         assert body["encryption_key"] == key
     assert agent_b.downloaded == [i["key"] for i in point["items"]]
     # the restore point is still the source's, unchanged
-    kept = await go.store.restore_points.find_one({"_id": point["_id"]})
+    kept = await go.db.restore_points.find_one({"_id": point["_id"]})
     assert kept is not None and kept["instance_id"] == a["_id"] and kept["state"] == "available"
     assert restore_points.encryption_key(go.box, kept) == key
     await runner.idle()
@@ -95,15 +93,15 @@ async def test_a_restore_stopped_because_its_source_goes_says_so(
     a, _plan, point = await _backed_up(go)
     b = await _target(go, agent_b)
     restore = await jobs.start_restore(
-        go.store, point, [("orders", "orders_copy"), ("customers", None)], target=b
+        go.db, point, [("orders", "orders_copy"), ("customers", None)], target=b
     )
     agent_b.hold()
     runner = go.make_runner()
     assert await runner.run_once() == 1
     await until(lambda: _started(agent_b, f"{restore['_id']}-0"), clock=go.clock)
     # what a deprovision of the source does (backup/deprovision.py Steps.stop_jobs)
-    await go.store.instances.update_one({"_id": a["_id"]}, {"$set": {"state": "deprovisioning"}})
-    await go.store.jobs.update_one({"_id": restore["_id"]}, {"$set": {"cancel_requested": True}})
+    await go.db.instances.update_one({"_id": a["_id"]}, {"$set": {"state": "deprovisioning"}})
+    await go.db.jobs.update_one({"_id": restore["_id"]}, {"$set": {"cancel_requested": True}})
     agent_b.let_go()
     done = await go.final(restore["_id"])
     assert done["status"] == "CANCELLED", done

@@ -12,10 +12,10 @@ import pytest
 
 from backup import jobs
 from backup.clock import ManualClock
+from backup.database import Database
 from backup.retention import RetentionSweeper, expires_at, select_expired
 from backup.runner import JobRunner, load_runner_settings
 from backup.secrets import SecretBox
-from backup.store import Store
 from storage import S3Settings
 from tests.servers.s3 import SeaweedS3
 from tests.servers.seed import seed_destination
@@ -80,7 +80,7 @@ def test_ties_on_created_at_are_ordered_by_id() -> None:
 
 
 async def _seed(
-    store: Store, box: SecretBox, s3: S3Settings, ages_hours: list[int], retention: dict
+    store: Database, box: SecretBox, s3: S3Settings, ages_hours: list[int], retention: dict
 ) -> tuple[dict, dict, list[dict]]:
     from storage import open_store
 
@@ -115,12 +115,12 @@ async def _seed(
     return dest, plan, points
 
 
-async def _left(store: Store) -> list[str]:
+async def _left(store: Database) -> list[str]:
     return sorted(p["job_id"] for p in await store.restore_points.find({}).to_list())
 
 
 async def test_sweep_deletes_files_then_records(
-    store: Store, box: SecretBox, s3_server: SeaweedS3, s3_settings: S3Settings
+    store: Database, box: SecretBox, s3_server: SeaweedS3, s3_settings: S3Settings
 ) -> None:
     clock = ManualClock(NOW)
     _, plan, points = await _seed(
@@ -146,7 +146,7 @@ async def test_sweep_deletes_files_then_records(
 
 
 async def test_a_plan_gone_keeps_following_its_recorded_retention(
-    store: Store, box: SecretBox, s3_settings: S3Settings
+    store: Database, box: SecretBox, s3_settings: S3Settings
 ) -> None:
     _, plan, _ = await _seed(store, box, s3_settings, [1, 2, 3], {"style": "FILES", "period": 2})
     await store.plans.delete_one({"_id": plan["_id"]})
@@ -155,7 +155,7 @@ async def test_a_plan_gone_keeps_following_its_recorded_retention(
 
 
 async def test_a_point_being_restored_is_kept_until_the_restore_ends(
-    store: Store, box: SecretBox, s3_settings: S3Settings
+    store: Database, box: SecretBox, s3_settings: S3Settings
 ) -> None:
     _, _, points = await _seed(store, box, s3_settings, [1, 2], {"style": "FILES", "period": 1})
     restore = await jobs.start_restore(store, points[1], None)
@@ -168,7 +168,7 @@ async def test_a_point_being_restored_is_kept_until_the_restore_ends(
 
 
 async def test_storage_down_during_retention_keeps_the_record_for_the_next_sweep(
-    store: Store, box: SecretBox, s3_private_server: SeaweedS3
+    store: Database, box: SecretBox, s3_private_server: SeaweedS3
 ) -> None:
     s3 = s3_private_server.settings()
     _, _, points = await _seed(store, box, s3, [1, 2, 3], {"style": "FILES", "period": 1})
@@ -187,7 +187,7 @@ async def test_storage_down_during_retention_keeps_the_record_for_the_next_sweep
 
 
 async def test_an_object_two_points_name_is_deleted_with_the_last_of_them(
-    store: Store, box: SecretBox, s3_server: SeaweedS3, s3_settings: S3Settings
+    store: Database, box: SecretBox, s3_server: SeaweedS3, s3_settings: S3Settings
 ) -> None:
     """The Go agent on Swift ignores the prefix and names files by the minute: two backups
     may share one object. Retention must not delete it under the newer point."""
@@ -206,7 +206,7 @@ async def test_an_object_two_points_name_is_deleted_with_the_last_of_them(
 # ------------------------------------------------------------------------- job history
 
 
-async def _job(store: Store, status: str, ended_days_ago: float | None, **fields: object) -> str:
+async def _job(store: Database, status: str, ended_days_ago: float | None, **fields: object) -> str:
     doc = jobs.new_job(
         instance_id="instance-h",
         type=jobs.BACKUP,
@@ -226,7 +226,7 @@ async def _job(store: Store, status: str, ended_days_ago: float | None, **fields
 
 
 async def test_the_sweep_prunes_old_job_records_but_keeps_what_still_matters(
-    store: Store, box: SecretBox
+    store: Database, box: SecretBox
 ) -> None:
     closed = S3Settings(  # storage that is down: the failed job's file stays to be deleted
         endpoint="http://127.0.0.1:9", bucket="bkt", access_key_id="a", secret_access_key="s"
@@ -278,7 +278,7 @@ async def test_the_sweep_prunes_old_job_records_but_keeps_what_still_matters(
     assert await store.restore_points.find_one({"_id": "p-h"}) is not None  # not its job's
 
 
-async def test_pruning_goes_through_a_long_history_in_batches(store: Store) -> None:
+async def test_pruning_goes_through_a_long_history_in_batches(store: Database) -> None:
     for n in range(7):
         await _job(store, jobs.SUCCEEDED, 100 + n)
     last = await _job(store, jobs.SUCCEEDED, 120, plan_id="p-last")
@@ -290,7 +290,7 @@ async def test_pruning_goes_through_a_long_history_in_batches(store: Store) -> N
 
 @pytest.mark.parametrize(("value", "kept"), [("0", None), ("30", timedelta(days=30))])
 async def test_the_runner_sweeps_with_the_configured_history(
-    store: Store, box: SecretBox, monkeypatch: pytest.MonkeyPatch, value: str, kept: object
+    store: Database, box: SecretBox, monkeypatch: pytest.MonkeyPatch, value: str, kept: object
 ) -> None:
     monkeypatch.setenv("JOB_HISTORY_DAYS", value)
     runner = JobRunner(store, box, load_runner_settings(), replica_id="r")
@@ -304,7 +304,7 @@ def test_a_negative_history_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_stop_ends_the_loop_even_when_a_sweep_swallowed_the_cancel(
-    store: Store, box: SecretBox
+    store: Database, box: SecretBox
 ) -> None:
     """The async database driver can swallow a cancel that lands inside one of its calls; the
     sweeper must still stop at once, not after its hour-long interval."""
@@ -332,7 +332,7 @@ async def test_stop_ends_the_loop_even_when_a_sweep_swallowed_the_cancel(
 
 
 async def test_a_destination_no_client_accepts_does_not_stop_the_sweep(
-    store: Store, box: SecretBox, s3_server: SeaweedS3, s3_settings: S3Settings
+    store: Database, box: SecretBox, s3_server: SeaweedS3, s3_settings: S3Settings
 ) -> None:
     """Settings stored before today's checks (an endpoint botocore cannot build a client for)
     fail that destination's deletes, not the whole sweep (issue 14)."""

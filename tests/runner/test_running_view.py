@@ -18,8 +18,8 @@ from typing import Any
 from structlog.testing import capture_logs
 
 from backup import jobs
+from backup.database import Database, Document
 from backup.deprovision import Steps
-from backup.store import Document, Store
 from broker.api import models as m
 from broker.api import views
 from broker.api.routes import out
@@ -45,7 +45,7 @@ def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [x for x in logs if x.get("event") == name]
 
 
-async def doc_of(store: Store, job_id: str) -> Document:
+async def doc_of(store: Database, job_id: str) -> Document:
     doc = await store.jobs.find_one({"_id": job_id})
     assert doc is not None
     return doc
@@ -70,7 +70,7 @@ async def test_go_running_item_shows_stage_and_last_heard_and_its_logs_outlive_a
     await go.started(job)
 
     async def in_backup_stage() -> Document | None:
-        doc = await doc_of(go.store, job["_id"])
+        doc = await doc_of(go.db, job["_id"])
         item = doc["items"][0]
         logs = item.get("logs") or {}
         return doc if item.get("stage") == "backup" and logs.get("pre_backup_check_log") else None
@@ -87,7 +87,7 @@ async def test_go_running_item_shows_stage_and_last_heard_and_its_logs_outlive_a
 
     # Still heard from while it waits in one stage: last_heard_at moves on.
     async def heard_again() -> bool:
-        doc = await doc_of(go.store, job["_id"])
+        doc = await doc_of(go.db, job["_id"])
         return doc["items"][0]["last_heard_at"] > heard
 
     await until(heard_again, clock=go.clock, what="last_heard_at to move")
@@ -117,7 +117,7 @@ async def test_go_agent_silent_then_back_is_logged_once_each_way(go: GoRig) -> N
         await go_silent(go.agent)
 
         async def marked() -> Document | None:
-            doc = await doc_of(go.store, job["_id"])
+            doc = await doc_of(go.db, job["_id"])
             return doc if doc.get("agent_unreachable_since") else None
 
         silent = await until(marked, clock=go.clock, what="agent_unreachable_since")
@@ -128,7 +128,7 @@ async def test_go_agent_silent_then_back_is_logged_once_each_way(go: GoRig) -> N
         await go.agent.start()
 
         async def cleared() -> bool:
-            doc = await doc_of(go.store, job["_id"])
+            doc = await doc_of(go.db, job["_id"])
             return doc.get("agent_unreachable_since") is None
 
         await until(cleared, clock=go.clock, what="agent_unreachable_since cleared")
@@ -151,7 +151,7 @@ async def test_go_agent_silent_for_good_is_logged_when_the_job_gives_up(go: GoRi
         await go.started(job)
 
         async def logged_stage() -> bool:
-            doc = await doc_of(go.store, job["_id"])
+            doc = await doc_of(go.db, job["_id"])
             return doc["items"][0].get("stage") == "backup"
 
         await until(logged_stage, clock=go.clock)
@@ -186,8 +186,8 @@ async def test_a_restore_records_what_it_undid(go: GoRig) -> None:
     runner = go.make_runner()
     await runner.run_once()
     assert (await go.final(job["_id"]))["status"] == "SUCCEEDED"
-    point = await go.store.restore_points.find_one({"_id": job["_id"]})
-    restore = await jobs.start_restore(go.store, point, None)
+    point = await go.db.restore_points.find_one({"_id": job["_id"]})
+    restore = await jobs.start_restore(go.db, point, None)
     await runner.run_once()
     done = await go.final(restore["_id"])
     assert done["status"] == "SUCCEEDED", done["reason"]
@@ -205,15 +205,15 @@ async def test_a_deprovision_cancels_a_running_backup_without_a_new_restore_poin
     await go.started(job)
     # What the deprovision does (backup/deprovision.py): the instance is in deletion, its
     # plans go, its running jobs are asked to stop and waited for.
-    await go.store.instances.update_one(
+    await go.db.instances.update_one(
         {"_id": instance["_id"]}, {"$set": {"state": "deprovisioning"}}
     )
-    steps = Steps(go.store, go.box, go.clock, open_store, 3, 0.1)
+    steps = Steps(go.db, go.box, go.clock, open_store, 3, 0.1)
     await steps.remove_plans(instance["_id"])
     waiting = _spawn(steps.stop_jobs(instance["_id"], go.clock.now() + timedelta(hours=1), 3600))
 
     async def asked() -> bool:
-        return bool((await doc_of(go.store, job["_id"])).get("cancel_requested"))
+        return bool((await doc_of(go.db, job["_id"])).get("cancel_requested"))
 
     await until(asked, clock=go.clock)
     go.agent.let_go()  # the agent's stages run to their end, the unlock included
@@ -222,7 +222,7 @@ async def test_a_deprovision_cancels_a_running_backup_without_a_new_restore_poin
     assert done["status"] == "CANCELLED", done["reason"]
     assert done["reason"].startswith("Cancelled: the service instance is being deleted")
     assert done.get("restore_point_id") is None
-    assert await go.store.restore_points.count_documents({}) == 0
+    assert await go.db.restore_points.count_documents({}) == 0
     (item,) = done["items"]
     assert item["logs"]["post_backup_unlock_log"] == "out-post_backup_unlock"
     # the file it uploaded is no backup: deleted
@@ -241,7 +241,7 @@ async def _done(task: Any) -> list[int] | None:
 
 
 async def _ours_backup(
-    store: Store, box: Any, agent: AgentProcess, s3: S3Settings
+    store: Database, box: Any, agent: AgentProcess, s3: S3Settings
 ) -> tuple[Document, Document]:
     instance = await seed_instance(
         store, box, agent_url=f"http://127.0.0.1:{agent.port}", username=USER, password=PASSWORD
@@ -260,7 +260,7 @@ def _runner(make_runner: RunnerFactory, **settings: Any) -> Any:
     )
 
 
-async def _in_stage(store: Store, job_id: str, stage: str) -> Document:
+async def _in_stage(store: Database, job_id: str, stage: str) -> Document:
     async def check() -> Document | None:
         doc = await doc_of(store, job_id)
         item = doc["items"][0]
@@ -270,7 +270,7 @@ async def _in_stage(store: Store, job_id: str, stage: str) -> Document:
 
 
 async def test_our_agent_paused_then_resumed_is_logged_once_each_way(
-    store: Store,
+    store: Database,
     box: Any,
     make_agent: Callable[..., AgentProcess],
     make_runner: RunnerFactory,
@@ -304,7 +304,7 @@ async def test_our_agent_paused_then_resumed_is_logged_once_each_way(
 
 
 async def test_our_agent_killed_keeps_the_logs_and_says_what_it_does_on_restart(
-    store: Store,
+    store: Database,
     box: Any,
     make_agent: Callable[..., AgentProcess],
     make_runner: RunnerFactory,
@@ -333,12 +333,12 @@ async def test_a_deprovision_that_abandons_a_go_agent_job_says_what_to_check(go:
     await go.started(job)
 
     async def attached() -> bool:
-        return bool((await doc_of(go.store, job["_id"])).get("agent"))
+        return bool((await doc_of(go.db, job["_id"])).get("agent"))
 
     await until(attached, clock=go.clock)
-    steps = Steps(go.store, go.box, go.clock, open_store, 3, 0.1)
+    steps = Steps(go.db, go.box, go.clock, open_store, 3, 0.1)
     assert await steps.stop_jobs(instance["_id"], go.clock.now(), 0) == 1
-    done = await doc_of(go.store, job["_id"])
+    done = await doc_of(go.db, job["_id"])
     assert done["status"] == "CANCELLED" and done["reason"].startswith("Abandoned")
     assert "the Go agent finishes it on its own, but skips its unlock script" in done["reason"]
     assert "check that the database is not still locked" in done["reason"]

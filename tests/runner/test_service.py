@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from backup import events, jobs
-from backup.store import Store
+from backup import jobs
+from backup.database import Database
 from broker.background import REPLICA_ID, RUNNER
 from broker.context import SECRETS
 from storage import S3Settings
@@ -53,7 +53,7 @@ async def test_the_runner_runs_what_the_api_queues_and_metrics_count_it(
     try:
         app = svc.server.app
         assert RUNNER in app and app[REPLICA_ID]
-        store: Store = svc.store
+        store: Database = svc.db
         box = app[SECRETS]
         instance = await seed_instance(store, box, agent_url=go_agent.url)
         plan = await seed_plan(store, box, instance, s3_settings)
@@ -98,7 +98,7 @@ async def test_the_runner_runs_what_the_api_queues_and_metrics_count_it(
             scheduled_for=datetime.now(UTC) - timedelta(seconds=5),
         )
         await store.jobs.insert_one(scheduled)
-        events.jobs_queued.fire()
+        store.events.jobs_queued.fire()
         assert (await final(store, scheduled["_id"], timeout=60))["status"] == "SUCCEEDED"
         async with svc.http.get(f"{svc.url}/metrics") as r:
             samples = _samples(await r.text())
@@ -138,11 +138,11 @@ async def test_the_in_process_test_service_leaves_jobs_queued_by_default(
     try:
         assert RUNNER not in svc.server.app
         box = svc.server.app[SECRETS]
-        instance = await seed_instance(svc.store, box, agent_url=go_agent.url)
-        plan = await seed_plan(svc.store, box, instance, s3_settings)
+        instance = await seed_instance(svc.db, box, agent_url=go_agent.url)
+        plan = await seed_plan(svc.db, box, instance, s3_settings)
         job_id = await _backup_now(svc.http, svc.url, instance["_id"], plan["_id"])
         await asyncio.sleep(1)
-        assert (await svc.store.jobs.find_one({"_id": job_id}))["status"] == "QUEUED"
+        assert (await svc.db.jobs.find_one({"_id": job_id}))["status"] == "QUEUED"
         assert not go_agent.requests
     finally:
         await stop_service(svc)

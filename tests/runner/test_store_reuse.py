@@ -37,7 +37,7 @@ class CountingOpener:
 
 def _runner(go: GoRig, opener: CountingOpener) -> JobRunner:
     return JobRunner(
-        go.store, go.box, runner_settings(), replica_id="replica-a", clock=go.clock, opener=opener
+        go.db, go.box, runner_settings(), replica_id="replica-a", clock=go.clock, opener=opener
     )
 
 
@@ -49,16 +49,16 @@ async def test_destinations_with_the_same_settings_share_one_client(
     runner = _runner(go, opener)
     try:
         queued = [(await go.backup())[2] for _ in range(3)]
-        instance = await seed_instance(go.store, go.box, agent_url=go.agent.url)
-        plan = await seed_plan(go.store, go.box, instance, other)
-        queued.append(await jobs.start_backup(go.store, plan))
+        instance = await seed_instance(go.db, go.box, agent_url=go.agent.url)
+        plan = await seed_plan(go.db, go.box, instance, other)
+        queued.append(await jobs.start_backup(go.db, plan))
         await runner.run_once()
         for job in queued:
             done = await go.final(job["_id"])
             assert done["status"] == "SUCCEEDED", done["reason"]
         assert opener.opened == {go.s3.bucket: 1, other.bucket: 1}
         assert not opener.closed  # kept open for the next backups
-        points = await go.store.restore_points.find({}).to_list()
+        points = await go.db.restore_points.find({}).to_list()
         assert len(points) == 4
         stored = set(s3_server.keys(go.s3.bucket)) | set(s3_server.keys(other.bucket))
         assert {i["key"] for p in points for i in p["items"]} <= stored
@@ -75,9 +75,9 @@ async def test_a_client_that_failed_is_not_used_again(
     opener = CountingOpener()
     runner = _runner(go, opener)
     try:
-        instance = await seed_instance(go.store, go.box, agent_url=go.agent.url)
-        plan = await seed_plan(go.store, go.box, instance, s3, items=["orders"])
-        job = await jobs.start_backup(go.store, plan)
+        instance = await seed_instance(go.db, go.box, agent_url=go.agent.url)
+        plan = await seed_plan(go.db, go.box, instance, s3, items=["orders"])
+        job = await jobs.start_backup(go.db, plan)
         await runner.run_once()
 
         async def uploaded() -> bool:
@@ -89,14 +89,14 @@ async def test_a_client_that_failed_is_not_used_again(
         done = await go.final(job["_id"])
         assert done["status"] == "FAILED"
         assert "could not be confirmed in storage" in done["reason"]
-        assert runner.stores.opened == 1
+        assert runner.object_stores.opened == 1
         assert opener.closed == opener.opened  # the failed client is closed at once
 
         s3_private_server.start()
-        job = await jobs.start_backup(go.store, plan)
+        job = await jobs.start_backup(go.db, plan)
         await runner.run_once()
         done = await go.final(job["_id"])
         assert done["status"] == "SUCCEEDED", done["reason"]
-        assert runner.stores.opened == 2  # a new client, not the failed one
+        assert runner.object_stores.opened == 2  # a new client, not the failed one
     finally:
         await runner.stop()

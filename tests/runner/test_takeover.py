@@ -21,7 +21,7 @@ async def test_a_stopping_replica_releases_and_another_resumes_at_once(
     assert await a.run_once() == 1
     await go.started(job)
     await a.stop()  # SIGTERM: the lease is released, the job stays RUNNING
-    held = await go.store.jobs.find_one({"_id": job["_id"]})
+    held = await go.db.jobs.find_one({"_id": job["_id"]})
     assert held["status"] == "RUNNING" and held["lease_expires_at"] <= go.clock.now()
     assert await b.run_once() == 1  # no need to wait for an expiry
     go.agent.let_go()
@@ -29,7 +29,7 @@ async def test_a_stopping_replica_releases_and_another_resumes_at_once(
     assert done["status"] == "SUCCEEDED", done["reason"]
     assert done["attempts"] == 2
     assert dict(go.agent.starts) == {f"{job['_id']}-0": 1, f"{job['_id']}-1": 1}
-    assert await go.store.restore_points.count_documents({}) == 1
+    assert await go.db.restore_points.count_documents({}) == 1
     assert len(s3_server.keys(go.s3.bucket)) == 2
 
 
@@ -45,8 +45,8 @@ async def test_a_dead_replicas_job_is_taken_over_after_its_lease(go: GoRig) -> N
     await go.clock.advance(31)
     assert await b.run_once() == 1
     with pytest.raises(jobs.LeaseLost):  # the dead holder's writes are fenced off
-        await jobs.update_held(go.store, stale, {"reason": "stale"})
-    assert not await jobs.renew(go.store, stale, at=go.clock.now(), lease_seconds=30)
+        await jobs.update_held(go.db, stale, {"reason": "stale"})
+    assert not await jobs.renew(go.db, stale, at=go.clock.now(), lease_seconds=30)
     go.agent.let_go()
     done = await go.final(job["_id"])
     assert done["status"] == "SUCCEEDED" and done["lease_owner"] is None
@@ -63,7 +63,7 @@ async def test_a_request_that_reached_the_agent_is_re_attached_not_restarted(go:
     await a.run_once()
     await go.started(job)
     await crash(a)
-    await go.store.jobs.update_one({"_id": job["_id"]}, {"$set": {"items.0.status": "QUEUED"}})
+    await go.db.jobs.update_one({"_id": job["_id"]}, {"$set": {"items.0.status": "QUEUED"}})
     await go.clock.advance(31)
     assert await b.run_once() == 1
     go.agent.let_go()
@@ -81,7 +81,7 @@ async def test_a_restore_point_written_before_a_crash_completes_the_job(go: GoRi
     await go.final(job["_id"])
     await crash(a)
     # as if replica-a had died right after writing the restore point
-    await go.store.jobs.update_one(
+    await go.db.jobs.update_one(
         {"_id": job["_id"]},
         {
             "$set": {
@@ -99,12 +99,12 @@ async def test_a_restore_point_written_before_a_crash_completes_the_job(go: GoRi
     done = await go.final(job["_id"])
     assert done["status"] == "SUCCEEDED" and done["restore_point_id"] == job["_id"]
     assert len(go.agent.requests) == requests  # nothing asked of the agent again
-    assert await go.store.restore_points.count_documents({}) == 1
+    assert await go.db.restore_points.count_documents({}) == 1
 
 
 async def test_a_job_whose_replicas_keep_dying_fails_after_max_attempts(go: GoRig) -> None:
     _, _, job = await go.backup()
-    await go.store.jobs.update_one(
+    await go.db.jobs.update_one(
         {"_id": job["_id"]},
         {
             "$set": {

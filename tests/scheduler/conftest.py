@@ -8,10 +8,9 @@ from typing import Any
 
 import pytest
 
-from backup import events
 from backup.clock import Clock, ManualClock
+from backup.database import Database, Document
 from backup.secrets import SecretBox
-from backup.store import Document, Store
 from scheduler import Scheduler, SchedulerSettings
 from storage import S3Settings
 from tests.api.conftest import (  # noqa: F401 - fixtures (HTTP tests)
@@ -42,7 +41,7 @@ def clock() -> ManualClock:
 
 
 class Queued:
-    """Counts ``events.jobs_queued`` (what wakes the runner)."""
+    """Counts the database handle's ``jobs_queued`` event (what wakes the runner)."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -52,18 +51,18 @@ class Queued:
 
 
 @pytest.fixture
-def queued_signal() -> Any:
+def queued_signal(store: Database) -> Any:
     listener = Queued()
-    events.jobs_queued.connect(listener)
+    store.events.jobs_queued.connect(listener)
     yield listener
-    events.jobs_queued.disconnect(listener)
+    store.events.jobs_queued.disconnect(listener)
 
 
 SchedulerFactory = Callable[..., Scheduler]
 
 
 @pytest.fixture
-async def make_scheduler(store: Store, clock: ManualClock) -> AsyncIterator[SchedulerFactory]:
+async def make_scheduler(store: Database, clock: ManualClock) -> AsyncIterator[SchedulerFactory]:
     """``make_scheduler(replica="a", clock=..., **settings)``; all are stopped at teardown."""
     made: list[Scheduler] = []
 
@@ -77,7 +76,7 @@ async def make_scheduler(store: Store, clock: ManualClock) -> AsyncIterator[Sche
         await s.stop()
 
 
-async def seed_instance(store: Store, box: SecretBox) -> Document:
+async def seed_instance(store: Database, box: SecretBox) -> Document:
     """An instance with one S3 destination (``destination_id``), as the OSB provision and
     the API write them; nothing a scheduler test reaches listens at their addresses."""
     doc = await seed.seed_instance(store, box)
@@ -92,7 +91,7 @@ async def seed_instance(store: Store, box: SecretBox) -> Document:
 
 
 async def seed_plan(
-    store: Store, box: SecretBox, *, frequency: str, at: datetime, **fields: Any
+    store: Database, box: SecretBox, *, frequency: str, at: datetime, **fields: Any
 ) -> tuple[Document, Document]:
     """(instance, plan): a plan of a new instance, created through the domain, its first
     fire computed from ``at`` (the manual clock's now)."""
@@ -103,5 +102,5 @@ async def seed_plan(
     return owner, created
 
 
-async def jobs_of(store: Store, plan_id: str) -> list[Document]:
+async def jobs_of(store: Database, plan_id: str) -> list[Document]:
     return await store.jobs.find({"plan_id": plan_id}).sort([("scheduled_for", 1)]).to_list()

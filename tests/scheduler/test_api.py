@@ -21,7 +21,7 @@ def at(text: str) -> datetime:
 async def run_at(api: Api, moment: datetime, **settings: Any) -> int:
     """One scheduler pass over the service's database, as if it were ``moment``."""
     s = Scheduler(
-        api.store, scheduler_settings(**settings), replica_id="test", clock=ManualClock(moment)
+        api.db, scheduler_settings(**settings), replica_id="test", clock=ManualClock(moment)
     )
     return await s.run_once()
 
@@ -88,7 +88,7 @@ async def test_changing_frequency_or_zone_reschedules_at_once(
 async def test_the_running_loop_wakes_on_a_change_made_through_the_api(
     api: Api, instance: str, destination: dict
 ) -> None:
-    s = Scheduler(api.store, scheduler_settings(poll_seconds=300), replica_id="loop")
+    s = Scheduler(api.db, scheduler_settings(poll_seconds=300), replica_id="loop")
     await s.start()
     try:
         await until(lambda: s.next_wake_at is not None)

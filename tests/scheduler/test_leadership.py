@@ -8,8 +8,8 @@ import asyncio
 from datetime import timedelta
 
 from backup.clock import ManualClock
+from backup.database import Database, Document
 from backup.secrets import SecretBox
-from backup.store import Document, Store
 from scheduler import Scheduler
 from tests.scheduler.conftest import START, SchedulerFactory, jobs_of, seed_plan
 from tests.scheduler.test_scheduler import finish_queued, follow, idle
@@ -17,7 +17,7 @@ from tests.scheduler.test_scheduler import finish_queued, follow, idle
 LEASE = 30.0  # renewed every 10 s; the loop never moves the clock more than 5 s at once
 
 
-async def minutes(clock: ManualClock, s: Scheduler, store: Store, first: int, last: int) -> None:
+async def minutes(clock: ManualClock, s: Scheduler, store: Database, first: int, last: int) -> None:
     """Follow ``s`` through the fires of minutes ``first`` to ``last``, each job run (ended)
     before the next fire, as a runner would (a fire whose last job waits is skipped)."""
     for m in range(first, last + 1):
@@ -49,7 +49,7 @@ async def until_leading(clock: ManualClock, s: Scheduler, most: float) -> timede
 
 
 async def two_replicas(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> tuple[Document, Scheduler, Scheduler]:
     """A minute-frequency plan, and schedulers a then b started on it (a leads)."""
     _, plan = await seed_plan(store, box, frequency="* * * * *", at=clock.now())
@@ -61,7 +61,7 @@ async def two_replicas(
 
 
 async def test_one_replica_leads_and_a_clean_stop_hands_over_at_once(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
     plan, a, b = await two_replicas(store, box, clock, make_scheduler)
     assert a.leading and not b.leading
@@ -80,7 +80,7 @@ async def test_one_replica_leads_and_a_clean_stop_hands_over_at_once(
 
 
 async def test_a_dead_leader_is_replaced_within_the_lease_and_no_fire_is_missed(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
     plan, a, b = await two_replicas(store, box, clock, make_scheduler)
     await minutes(clock, a, store, 1, 1)
@@ -99,7 +99,7 @@ async def test_a_dead_leader_is_replaced_within_the_lease_and_no_fire_is_missed(
 
 
 async def test_without_a_lease_every_replica_schedules(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
     a = make_scheduler("replica-a", lease_seconds=0)
     b = make_scheduler("replica-b", lease_seconds=0)

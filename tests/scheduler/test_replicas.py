@@ -48,7 +48,7 @@ async def test_every_fire_has_exactly_one_job_across_three_replicas(
     s3_settings: S3Settings,
     managers: Callable[..., list[ManagerProcess]],  # noqa: F811
 ) -> None:
-    store, box = shared_database.store, shared_database.box
+    store, box = shared_database.db, shared_database.box
     agents: list[AgentProcess] = []
     try:
         instances = []

@@ -14,10 +14,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from backup import jobs, plans, priority, schedule
+from backup import backpressure, jobs, plans, schedule
 from backup.clock import ManualClock
+from backup.database import Database, Document
 from backup.secrets import SecretBox
-from backup.store import Document, Store
 from scheduler import Scheduler, fire_job_id
 from tests.scheduler.conftest import (
     START,
@@ -65,12 +65,12 @@ async def follow(clock: ManualClock, s: Scheduler, target: datetime) -> None:
         await idle(s, before)
 
 
-async def finish_queued(store: Store) -> None:
+async def finish_queued(store: Database) -> None:
     """What a job runner would do between fires: run every queued job (here: end it)."""
     await store.jobs.update_many({"status": "QUEUED"}, {"$set": {"status": "SUCCEEDED"}})
 
 
-async def plan_doc(store: Store, plan_id: str) -> Document:
+async def plan_doc(store: Database, plan_id: str) -> Document:
     doc = await store.plans.find_one({"_id": plan_id})
     assert doc is not None
     return doc
@@ -80,7 +80,7 @@ async def plan_doc(store: Store, plan_id: str) -> Document:
 
 
 async def test_a_fire_creates_one_job_and_moves_the_plan_on(
-    store: Store,
+    store: Database,
     box: SecretBox,
     clock: ManualClock,
     make_scheduler: SchedulerFactory,
@@ -109,28 +109,28 @@ async def test_a_fire_creates_one_job_and_moves_the_plan_on(
 
 
 async def test_a_scheduler_behind_its_fires_holds_the_runners_back(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
-    """backup.priority: fires found due for longer than BEHIND_SECONDS make the scheduler ask
+    """backup.backpressure: fires found due for longer than BEHIND_SECONDS make the scheduler ask
     the runners to start nothing for HOLD_SECONDS; fires handled on time ask nothing."""
     _, on_time = await seed_plan(store, box, frequency="0 3 * * *", at=clock.now())
     _, late = await seed_plan(store, box, frequency="0 4 * * *", at=clock.now())
     s = make_scheduler()
     await clock.advance(to=utc(2026, 3, 1, 3))
     assert await s.run_once() == 1
-    assert await priority.yield_until(store, clock.now()) is None
-    assert await store.leases.find_one({"_id": priority.DOC_ID}) is None
+    assert await backpressure.yield_until(store, clock.now()) is None
+    assert await store.leases.find_one({"_id": backpressure.DOC_ID}) is None
     await clock.advance(to=utc(2026, 3, 1, 4, 0, 1))  # one second late: behind
     assert await s.run_once() == 1
-    assert await priority.yield_until(store, clock.now()) == utc(2026, 3, 1, 4, 0, 3)
-    await clock.advance(priority.HOLD_SECONDS)
-    assert await priority.yield_until(store, clock.now()) is None  # it lapses by itself
+    assert await backpressure.yield_until(store, clock.now()) == utc(2026, 3, 1, 4, 0, 3)
+    await clock.advance(backpressure.HOLD_SECONDS)
+    assert await backpressure.yield_until(store, clock.now()) is None  # it lapses by itself
     assert len(await jobs_of(store, late["_id"])) == 1
     assert len(await jobs_of(store, on_time["_id"])) == 1
 
 
 async def test_the_loop_sleeps_until_the_earliest_fire_not_on_a_tick(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
     _, plan = await seed_plan(store, box, frequency="30 0 * * *", at=clock.now())
     s = make_scheduler(poll_seconds=300)
@@ -144,7 +144,7 @@ async def test_the_loop_sleeps_until_the_earliest_fire_not_on_a_tick(
 
 
 async def test_a_rescheduled_plan_wakes_the_loop_at_once(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
     instance, plan = await seed_plan(store, box, frequency="0 3 * * *", at=clock.now())
     s = make_scheduler(poll_seconds=300)
@@ -168,7 +168,7 @@ async def test_a_rescheduled_plan_wakes_the_loop_at_once(
 
 
 async def test_pausing_stops_fires_at_once_and_resuming_schedules_from_now(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
     instance, plan = await seed_plan(store, box, frequency="0 * * * *", at=clock.now())
     s = make_scheduler(poll_seconds=300)
@@ -193,7 +193,7 @@ async def test_pausing_stops_fires_at_once_and_resuming_schedules_from_now(
 
 
 async def test_a_deleted_plan_fires_no_more(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
     instance, plan = await seed_plan(store, box, frequency="0 * * * *", at=clock.now())
     s = make_scheduler()
@@ -207,7 +207,7 @@ async def test_a_deleted_plan_fires_no_more(
 
 
 async def test_a_plan_deleted_while_its_fire_is_recorded_gets_its_job_cancelled(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
     """The race: the scheduler read the due plan, the user deleted it (cancelling the queued
     jobs it could see), then the scheduler wrote the fire's job."""
@@ -222,7 +222,7 @@ async def test_a_plan_deleted_while_its_fire_is_recorded_gets_its_job_cancelled(
 
 
 async def test_a_plan_whose_schedule_cannot_be_evaluated_is_stopped_visibly(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
     _, plan = await seed_plan(store, box, frequency="0 * * * *", at=clock.now())
     await store.plans.update_one({"_id": plan["_id"]}, {"$set": {"timezone": "Atlantis/Lost"}})
@@ -241,7 +241,7 @@ async def test_a_plan_whose_schedule_cannot_be_evaluated_is_stopped_visibly(
 
 
 async def _fires_through(
-    store: Store, box: SecretBox, make_scheduler: SchedulerFactory, frequency: str, tz: str,
+    store: Database, box: SecretBox, make_scheduler: SchedulerFactory, frequency: str, tz: str,
     start: datetime, days: int,
 ) -> list[datetime]:  # fmt: skip
     clock = ManualClock(start)
@@ -308,7 +308,7 @@ async def _fires_through(
     ],
 )
 async def test_a_daily_plan_fires_once_a_day_across_a_clock_change(
-    store: Store,
+    store: Database,
     box: SecretBox,
     make_scheduler: SchedulerFactory,
     frequency: str,
@@ -329,7 +329,7 @@ async def test_a_daily_plan_fires_once_a_day_across_a_clock_change(
 
 
 async def _outage(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory,
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory,
     back_at: datetime, frequency: str = "0 * * * *", **settings: Any,
 ) -> tuple[Document, list[Document], int]:  # fmt: skip
     """An hourly plan created at START (first fire 01:00); no scheduler runs until
@@ -341,7 +341,7 @@ async def _outage(
 
 
 async def test_after_an_outage_the_latest_fire_is_caught_up_and_the_rest_recorded_missed(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
     plan, got, queued = await _outage(store, box, clock, make_scheduler, utc(2026, 3, 1, 5, 30))
     assert queued == 1
@@ -362,7 +362,7 @@ async def test_after_an_outage_the_latest_fire_is_caught_up_and_the_rest_recorde
 
 
 async def test_a_fire_later_than_the_grace_is_recorded_missed_not_run(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
     plan, got, queued = await _outage(
         store, box, clock, make_scheduler, utc(2026, 3, 1, 5, 30), misfire_grace_seconds=600
@@ -375,7 +375,7 @@ async def test_a_fire_later_than_the_grace_is_recorded_missed_not_run(
 
 
 async def test_a_single_late_fire_within_the_grace_is_caught_up(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
     plan, got, queued = await _outage(store, box, clock, make_scheduler, utc(2026, 3, 1, 1, 10))
     assert queued == 1
@@ -385,7 +385,7 @@ async def test_a_single_late_fire_within_the_grace_is_caught_up(
 
 
 async def test_a_fire_late_because_the_running_replica_was_busy_is_no_misfire(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
     _, plan = await seed_plan(store, box, frequency="0 * * * *", at=clock.now())
     s = make_scheduler(poll_seconds=300)
@@ -403,7 +403,7 @@ async def test_a_fire_late_because_the_running_replica_was_busy_is_no_misfire(
 
 
 async def test_a_short_gap_within_the_threshold_is_no_misfire(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
     _, got, queued = await _outage(store, box, clock, make_scheduler, utc(2026, 3, 1, 5, 0, 30))
     missed, on_time = got
@@ -412,7 +412,7 @@ async def test_a_short_gap_within_the_threshold_is_no_misfire(
 
 
 async def test_with_no_grace_every_missed_fire_is_recorded_and_none_run(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
     _, got, queued = await _outage(
         store, box, clock, make_scheduler, utc(2026, 3, 1, 1, 10), misfire_grace_seconds=0
@@ -422,7 +422,7 @@ async def test_with_no_grace_every_missed_fire_is_recorded_and_none_run(
 
 
 async def test_a_week_long_outage_of_a_frequent_plan_is_one_bounded_record(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
     plan, got, queued = await _outage(
         store, box, clock, make_scheduler, utc(2026, 3, 8, 0, 0, 30), frequency="* * * * *"
@@ -440,7 +440,7 @@ async def test_a_week_long_outage_of_a_frequent_plan_is_one_bounded_record(
 
 
 async def test_three_schedulers_on_one_database_create_exactly_one_job_per_fire(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
     schedules = [
         ("* * * * *", "UTC"),
@@ -477,7 +477,7 @@ async def test_three_schedulers_on_one_database_create_exactly_one_job_per_fire(
 
 
 async def test_a_fire_while_the_previous_job_waits_to_start_is_skipped_not_queued(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
     """A plan's queue stays bounded when its backups cannot keep up (agent down, backups
     longer than the interval): a fire while its previous job is still QUEUED is recorded
@@ -508,7 +508,7 @@ async def test_a_fire_while_the_previous_job_waits_to_start_is_skipped_not_queue
 
 
 async def test_a_replica_that_died_between_the_two_writes_is_completed_not_duplicated(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
     _, plan = await seed_plan(store, box, frequency="0 * * * *", at=clock.now())
     await clock.advance(to=utc(2026, 3, 1, 1))
@@ -526,7 +526,7 @@ async def test_a_replica_that_died_between_the_two_writes_is_completed_not_dupli
 
 
 async def test_recovering_replicas_with_different_views_account_for_every_missed_fire_once(
-    store: Store, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
+    store: Database, box: SecretBox, clock: ManualClock, make_scheduler: SchedulerFactory
 ) -> None:
     """Replica A came back at 03:30, recorded 01:00-03:00 as missed (no grace) and died before
     advancing the plan. Replica B comes back at 05:30 with a one-hour grace: it must not

@@ -14,9 +14,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 from aiohttp.web import Application
 
+from backup.database import Database, connect
 from backup.instances import Instances
 from backup.secrets import generate_master_key_spec
-from backup.store import Store, connect
 from broker.app import create_app
 from broker.config import Settings, load_settings
 from storage.egress import DEFAULT_DENY, networks_except
@@ -42,7 +42,7 @@ class Service:
 
     url: str
     settings: Settings
-    store: Store
+    db: Database
     http: aiohttp.ClientSession
     server: TestServer
 
@@ -121,7 +121,7 @@ async def start_service(
 async def stop_service(service: Service) -> None:
     await service.http.close()
     await service.server.close()
-    await service.store.close()
+    await service.db.close()
 
 
 @pytest.fixture

@@ -32,8 +32,8 @@ from typing import Any
 
 import pytest
 
+from backup.database import Database, connect
 from backup.secrets import SecretBox, generate_master_key_spec, parse_master_keys
-from backup.store import Store, connect
 from storage import S3Settings
 from tests.servers.broker import TEST_EGRESS
 from tests.servers.log_audit import audit_secret
@@ -170,7 +170,7 @@ class ManagerProcess:
 class SharedDatabase:
     """The database the replicas of one test share, and what they need to reach it."""
 
-    store: Store
+    db: Database
     box: SecretBox
     env: dict[str, str]
 

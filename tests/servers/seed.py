@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from backup import destinations, plans
+from backup.database import Database, Document, connect
 from backup.pagination import now
 from backup.secrets import SecretBox, generate_master_key_spec, parse_master_keys
-from backup.store import Document, Store, connect
 from storage import S3Settings, SwiftSettings
 
 ITEMS = ["orders", "customers"]
@@ -29,7 +29,7 @@ NO_AGENT = "http://127.0.0.1:1"
 
 
 async def seed_instance(
-    store: Store,
+    store: Database,
     box: SecretBox | None = None,
     *,
     instance_id: str | None = None,
@@ -78,12 +78,12 @@ async def seed_instance(
 
 
 @pytest.fixture
-async def store(mongo_url: str) -> AsyncIterator[Store]:
+async def store(mongo_url: str) -> AsyncIterator[Database]:
     """A database of this test's own with the product's indexes, dropped at teardown."""
     s = connect(mongo_url, f"t_{uuid.uuid4().hex[:12]}")
     await s.ensure_indexes()
     yield s
-    await s.client.drop_database(s.db.name)
+    await s.client.drop_database(s.mongo.name)
     await s.close()
 
 
@@ -107,7 +107,7 @@ def destination_body(settings: S3Settings | SwiftSettings, **over: Any) -> dict[
 
 
 async def seed_destination(
-    store: Store,
+    store: Database,
     box: SecretBox,
     instance_id: str,
     settings: S3Settings | SwiftSettings,
@@ -137,7 +137,7 @@ async def seed_destination(
 
 
 async def seed_plan(
-    store: Store,
+    store: Database,
     box: SecretBox,
     instance: Document,
     destination_id: str,

@@ -18,6 +18,8 @@ from pymongo.errors import PyMongoError
 from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
 
+from backup.events import Events
+
 log = structlog.get_logger(__name__)
 
 SCHEMA_VERSION = 1
@@ -79,15 +81,15 @@ INDEXES: dict[str, list[IndexModel]] = {
 
 
 @dataclass
-class Store:
+class Database:
     """The database handle shared by the domain; collections are attributes by name."""
 
     client: AsyncMongoClient[Document]
-    db: AsyncDatabase[Document]
+    mongo: AsyncDatabase[Document]
 
     def __getattr__(self, name: str) -> AsyncCollection[Document]:
         if name in INDEXES:
-            return self.db[name]
+            return self.mongo[name]
         raise AttributeError(name)
 
     instances: AsyncCollection[Document]
@@ -97,6 +99,7 @@ class Store:
     jobs: AsyncCollection[Document]
     restore_points: AsyncCollection[Document]
     leases: AsyncCollection[Document]
+    events: Events = field(default_factory=Events, repr=False)
     _url: str = field(default="", repr=False)  # holds the password, if any
     _timeout_ms: int = 10_000
 
@@ -110,24 +113,26 @@ class Store:
     async def ensure_indexes(self) -> None:
         for name, indexes in INDEXES.items():
             if indexes:
-                await self.db[name].create_indexes(indexes)
+                await self.mongo[name].create_indexes(indexes)
 
     async def close(self) -> None:
         await self.client.close()
 
-    def pool(self, max_size: int) -> Store:
+    def pool(self, max_size: int) -> Database:
         """The same database through a client of its own with at most ``max_size``
         connections, so at most that many operations at once (the caller closes it).
 
         The job runner uses one: however many jobs run, its operations then cannot crowd
         out the scheduler's and the API's on a database that serves its requests by
         turns (the embedded one shares one core among all its connections)."""
-        return connect(self._url, self.db.name, timeout_ms=self._timeout_ms, max_pool_size=max_size)
+        return connect(
+            self._url, self.mongo.name, timeout_ms=self._timeout_ms, max_pool_size=max_size
+        )
 
 
 def connect(
     url: str, database: str, *, timeout_ms: int = 10_000, max_pool_size: int = 100
-) -> Store:
+) -> Database:
     """A store on ``database`` with the product's write and read concerns (majority,
     journaled); ``max_pool_size`` bounds the operations in flight (pymongo's default: 100)."""
     client: AsyncMongoClient[Document] = AsyncMongoClient(
@@ -143,7 +148,8 @@ def connect(
         write_concern=WriteConcern(w="majority", j=True),
         read_concern=ReadConcern("majority"),
     )
-    store = Store.__new__(Store)
-    store.client, store.db = client, db
-    store._url, store._timeout_ms = url, timeout_ms  # for pool()
-    return store
+    handle = Database.__new__(Database)
+    handle.client, handle.mongo = client, db
+    handle._url, handle._timeout_ms = url, timeout_ms  # for pool()
+    handle.events = Events()
+    return handle

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from backup.store import Store
+from backup.database import Database
 
 DOC_ID = "scheduler_behind"
 BEHIND_SECONDS = 0.5  # a due fire older than this: the scheduler is behind
@@ -39,7 +39,7 @@ START_JOBS = 4  # a runner's window at first (the default concurrency: no slower
 GROWTH_PER_SECOND = 1.0  # a full window opens by this many jobs a second
 
 
-async def announce_behind(store: Store, *, at: datetime, replica: str) -> datetime:
+async def announce_behind(store: Database, *, at: datetime, replica: str) -> datetime:
     """The scheduler of ``replica`` is behind at ``at``: runners wait until the time returned."""
     until = at + timedelta(seconds=HOLD_SECONDS)
     await store.leases.update_one(
@@ -48,7 +48,7 @@ async def announce_behind(store: Store, *, at: datetime, replica: str) -> dateti
     return until
 
 
-async def yield_until(store: Store, at: datetime) -> datetime | None:
+async def yield_until(store: Database, at: datetime) -> datetime | None:
     """Until when runners should claim nothing (a scheduler is behind), or None."""
     doc = await store.leases.find_one({"_id": DOC_ID}, {"until": 1})
     until = doc.get("until") if doc else None
