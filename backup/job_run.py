@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from backup import agent_client, destinations, jobs, restore_points
 from backup.agent_client import GO, OURS, AgentClient, AgentError, AgentInfo, AgentJob
 from backup.database import Document
-from backup.jobs import BACKUP, CANCELLED, FAILED, FINAL, RUNNING, SUCCEEDED, Lease, LeaseLost
+from backup.jobs import FINAL, JobStatus, JobType, Lease, LeaseLost
 from backup.retention import expires_at
 from backup.secrets import SecretKeyError
 from storage import ObjectNotFound, StorageError
@@ -170,7 +170,7 @@ class JobRun:
         self.lease = lease
         self.job = job
         self.items: list[Document] = [dict(i) for i in job.get("items") or []]
-        self.kind: agent_client.Kind = "backup" if job["type"] == BACKUP else "restore"
+        self.kind: agent_client.Kind = "backup" if job["type"] == JobType.BACKUP else "restore"
         self.log = log.bind(job_id=job["_id"], instance_id=job["instance_id"], type=job["type"])
         self.p: _Prepared | None = None
         self._unwritten: dict[str, Any] = {}  # goes with the next write (one write, not two)
@@ -188,53 +188,57 @@ class JobRun:
 
     async def _run(self) -> None:
         job = self.job
-        if job["type"] == BACKUP and await self._point_exists():
+        if job["type"] == JobType.BACKUP and await self._point_exists():
             # A previous holder wrote the restore point and died before ending the job.
             await self._finish(
-                SUCCEEDED, None, fields={"restore_point_id": job["_id"], "items": self.items}
+                JobStatus.SUCCEEDED,
+                None,
+                fields={"restore_point_id": job["_id"], "items": self.items},
             )
             return
-        on_agent = any(i.get("status") == RUNNING for i in self.items)
+        on_agent = any(i.get("status") == JobStatus.RUNNING for i in self.items)
         if not on_agent and await self._cancel_requested():  # before anything reaches it
-            raise JobEnd(CANCELLED, await self._cancel_reason())
+            raise JobEnd(JobStatus.CANCELLED, await self._cancel_reason())
         if self.lease.token > self.s.max_attempts:
             raise JobEnd(
-                FAILED,
+                JobStatus.FAILED,
                 f"The job was taken over {self.lease.token - 1} times (the replicas running "
                 "it kept stopping); it is not tried again.",
             )
         if self._past_deadline():
-            raise JobEnd(FAILED, self._deadline_reason(None))
+            raise JobEnd(JobStatus.FAILED, self._deadline_reason(None))
         for item in self.items:
-            if item.get("status") == FAILED:  # ended by an earlier holder that then died
-                raise JobEnd(FAILED, f"Item {item['name']!r} failed: {item.get('error')}")
+            if item.get("status") == JobStatus.FAILED:  # ended by an earlier holder that then died
+                raise JobEnd(JobStatus.FAILED, f"Item {item['name']!r} failed: {item.get('error')}")
         self.p = await self._prepare()
         self.p.info = await self._agent_info()
         self._unwritten["agent"] = {"kind": self.p.info.kind, "version": self.p.info.version}
         for index, item in enumerate(self.items):
-            if item.get("status") == SUCCEEDED:
+            if item.get("status") == JobStatus.SUCCEEDED:
                 continue
             if await self._cancel_requested():
-                raise JobEnd(CANCELLED, await self._cancel_reason())
+                raise JobEnd(JobStatus.CANCELLED, await self._cancel_reason())
             try:
                 await self._run_item(index, item)
             except _ItemFailed as exc:
-                await self._item_ended(index, FAILED, exc.message)
-                raise JobEnd(FAILED, f"Item {item['name']!r} failed: {exc.message}") from None
+                await self._item_ended(index, JobStatus.FAILED, exc.message)
+                raise JobEnd(
+                    JobStatus.FAILED, f"Item {item['name']!r} failed: {exc.message}"
+                ) from None
             except _Deadline:
                 stopping = await self._stop_overdue(index, item)
-                raise JobEnd(FAILED, self._deadline_reason(index, stopping)) from None
+                raise JobEnd(JobStatus.FAILED, self._deadline_reason(index, stopping)) from None
         if self.p.cancel_seen and await self._instance_going():
             # A deprovision asked: nothing more for an instance being deleted, not even the
             # restore point of a backup whose last item completed (its files are deleted).
-            raise JobEnd(CANCELLED, await self._cancel_reason())
-        if self.job["type"] == BACKUP:
+            raise JobEnd(JobStatus.CANCELLED, await self._cancel_reason())
+        if self.job["type"] == JobType.BACKUP:
             await self._complete_backup()
         else:
             reason = None
             if self.p.cancel_seen:
                 reason = "A cancel was requested while the last item ran; it had to complete."
-            await self._finish(SUCCEEDED, reason)
+            await self._finish(JobStatus.SUCCEEDED, reason)
 
     # ------------------------------------------------------------------ preparation
 
@@ -242,22 +246,22 @@ class JobRun:
         job, box = self.job, self.r.box
         instance = await self.db.instances.find_one({"_id": job["instance_id"]})
         if instance is None or instance.get("state") in ("deprovisioning", "deleted"):
-            raise JobEnd(FAILED, "The service instance is no longer registered.")
+            raise JobEnd(JobStatus.FAILED, "The service instance is no longer registered.")
         dest = await self.db.destinations.find_one({"_id": job["destination_id"]})
         if dest is None:
-            raise JobEnd(FAILED, "The job's destination no longer exists.")
+            raise JobEnd(JobStatus.FAILED, "The job's destination no longer exists.")
         try:
             settings = destinations.settings_for(dest, box)
             opened = box.open_map(instance.get("secrets") or {}, f"instances/{instance['_id']}")
         except SecretKeyError:
             raise JobEnd(
-                FAILED,
+                JobStatus.FAILED,
                 "Stored credentials cannot be opened with the configured master keys "
                 "(SECRETS_MASTER_KEYS).",
             ) from None
         except ValidationError as exc:  # stored before today's checks of endpoint and region
             raise JobEnd(
-                FAILED,
+                JobStatus.FAILED,
                 f"The destination's settings are no longer accepted "
                 f"({restore_points.invalid_field(exc)}); correct the destination.",
             ) from None
@@ -266,13 +270,13 @@ class JobRun:
         p = _Prepared(
             instance, dest, settings, client, db_password=opened.get("database_password", "")
         )
-        if job["type"] == BACKUP:
+        if job["type"] == JobType.BACKUP:
             plan = await self.db.plans.find_one({"_id": job.get("plan_id")})
             p.plan = plan
             if (job.get("encryption") or {}).get("enabled"):
                 if plan is None:
                     raise JobEnd(
-                        FAILED,
+                        JobStatus.FAILED,
                         "The plan was deleted, and with it the encryption key this backup needs.",
                     )
                 try:
@@ -282,21 +286,25 @@ class JobRun:
                 except SecretKeyError:
                     key = None
                 if not key:
-                    raise JobEnd(FAILED, "The plan's encryption key cannot be opened.")
+                    raise JobEnd(JobStatus.FAILED, "The plan's encryption key cannot be opened.")
                 p.encryption_key = key
             p.prefix = f"{settings.prefix}{instance['_id']}/{job.get('plan_id') or 'manual'}/"
         else:
             point = await self.db.restore_points.find_one({"_id": job.get("restore_point_id")})
             if point is None:
-                raise JobEnd(FAILED, "The restore point to restore from no longer exists.")
+                raise JobEnd(
+                    JobStatus.FAILED, "The restore point to restore from no longer exists."
+                )
             if point.get("state") != restore_points.AVAILABLE:
-                raise JobEnd(FAILED, "The restore point to restore from is being deleted.")
+                raise JobEnd(
+                    JobStatus.FAILED, "The restore point to restore from is being deleted."
+                )
             p.point = point
             try:
                 p.encryption_key = restore_points.encryption_key(box, point)
             except SecretKeyError:
                 raise JobEnd(
-                    FAILED, "The restore point's encryption key cannot be opened."
+                    JobStatus.FAILED, "The restore point's encryption key cannot be opened."
                 ) from None
         return p
 
@@ -314,21 +322,21 @@ class JobRun:
                 self.r.observer.agent_error(exc.reason)
                 waited = (self.clock.now() - since).total_seconds()
                 if not exc.transient:
-                    raise JobEnd(FAILED, f"{_sentence(exc.message)}.") from None
+                    raise JobEnd(JobStatus.FAILED, f"{_sentence(exc.message)}.") from None
                 await self._silent(exc)
                 if waited >= self.s.agent_unreachable_seconds:
                     kind = (self.job.get("agent") or {}).get("kind")
                     raise JobEnd(
-                        FAILED,
+                        JobStatus.FAILED,
                         f"{_sentence(exc.message)}; still so after "
                         f"{_human(self.s.agent_unreachable_seconds)}"
                         + self._running_note(kind, "silent")
                         + ".",
                     ) from None
                 if self._past_deadline():
-                    raise JobEnd(FAILED, self._deadline_reason(None)) from None
+                    raise JobEnd(JobStatus.FAILED, self._deadline_reason(None)) from None
                 if await self._cancel_requested():
-                    raise JobEnd(CANCELLED, await self._cancel_reason()) from None
+                    raise JobEnd(JobStatus.CANCELLED, await self._cancel_reason()) from None
             await self.clock.sleep(delay)
             delay = min(delay * 2, self.s.agent_poll_max_seconds)
 
@@ -399,7 +407,7 @@ class JobRun:
         agent_job_id = item.get("agent_job_id") or f"{self.job['_id']}-{index}"
         request = self._request(index, item, agent_job_id)  # holds secrets: never logged
         state: AgentJob | None = None
-        if item.get("status") != RUNNING:
+        if item.get("status") != JobStatus.RUNNING:
             # Not known to have reached the agent: (re)send it. The same id answers 409 with
             # its state if an earlier holder's request did reach it, so the item is written
             # once it is on the agent: a holder that dies before that write leaves a job
@@ -414,7 +422,7 @@ class JobRun:
                 # the failed job): the manager is done with it either way.
                 await self._forget(agent_job_id)
                 raise
-            item["status"] = RUNNING
+            item["status"] = JobStatus.RUNNING
             now = self.clock.now()
             item["last_heard_at"] = now
             self._heard_written[index] = now
@@ -422,7 +430,7 @@ class JobRun:
                 {
                     f"items.{index}.agent_job_id": agent_job_id,
                     f"items.{index}.started_at": item["started_at"],
-                    f"items.{index}.status": RUNNING,
+                    f"items.{index}.status": JobStatus.RUNNING,
                     f"items.{index}.last_heard_at": now,
                 }
             )
@@ -437,7 +445,7 @@ class JobRun:
         if state.cancelled and self.p is not None and self.p.cancel_seen:
             await self._cancelled_on_agent(index, item, agent_job_id, state)
             await self._forget(agent_job_id)
-            raise JobEnd(CANCELLED, await self._cancel_reason())
+            raise JobEnd(JobStatus.CANCELLED, await self._cancel_reason())
         try:
             await self._record(index, item, agent_job_id, state)
         except _ItemFailed:
@@ -481,7 +489,7 @@ class JobRun:
                     with contextlib.suppress(AgentError):
                         existing = await self.p.client.get(self.kind, agent_job_id)
                         return existing
-                    raise JobEnd(CANCELLED, await self._cancel_reason()) from None
+                    raise JobEnd(JobStatus.CANCELLED, await self._cancel_reason()) from None
                 self.log.info("agent_start_retry", error=exc.reason, waited=round(waited, 1))
             await self.clock.sleep(delay)
             delay = min(delay * 2, self.s.agent_poll_max_seconds)
@@ -579,7 +587,7 @@ class JobRun:
         item.update(
             logs=state.logs or item.get("logs") or {},
             ended_at=self.clock.now(),
-            status=CANCELLED,
+            status=JobStatus.CANCELLED,
             error=_cap(
                 f"stopped by the agent at its next stage boundary after the cancel ({detail}); "
                 "its cleanup and unlock scripts ran after a successful lock",
@@ -646,16 +654,16 @@ class JobRun:
         assert p is not None and p.info is not None
         now = self.clock.now()
         item.update(logs=state.logs or item.get("logs") or {}, ended_at=now, stage=state.state)
-        if state.status != SUCCEEDED:
+        if state.status != JobStatus.SUCCEEDED:
             message = state.error_message or state.message or "the agent reported a failure"
-            item.update(status=FAILED, error=_cap(message, 2000))
+            item.update(status=JobStatus.FAILED, error=_cap(message, 2000))
             await self._write({f"items.{index}": item})
             raise _ItemFailed(_cap(message, 2000))
         compression, encryption = p.extra.get(agent_job_id) or (None, None)
         if self.kind == "restore":
             # What the restore undid: the restore point's record of how it was stored.
             item.update(
-                status=SUCCEEDED,
+                status=JobStatus.SUCCEEDED,
                 error=None,
                 compression=compression or state.compression,
                 encryption=encryption or state.encryption,
@@ -684,10 +692,10 @@ class JobRun:
         elif encryption == agent_client.ENCRYPTION_NAME and state.encryption != encryption:
             problem = "the agent did not encrypt the backup although it was asked to"
         if problem:
-            item.update(status=FAILED, error=problem)
+            item.update(status=JobStatus.FAILED, error=problem)
             await self._write({f"items.{index}": item})
             raise _ItemFailed(problem)
-        item.update(status=SUCCEEDED, error=None)
+        item.update(status=JobStatus.SUCCEEDED, error=None)
         await self._write({f"items.{index}": item})
 
     async def _item_ended(self, index: int, status: str, error: str) -> None:
@@ -705,7 +713,7 @@ class JobRun:
         if self.s.verify_uploads:
             problem = await self._verify_uploads()
             if problem:
-                raise JobEnd(FAILED, problem)
+                raise JobEnd(JobStatus.FAILED, problem)
         retention = (p.plan or {}).get("retention")
         now = self.clock.now()
         point_items = [
@@ -741,7 +749,9 @@ class JobRun:
         if p.cancel_seen:
             reason = "A cancel was requested while the last item ran; the backup had completed."
         try:
-            await self._finish(SUCCEEDED, reason, fields={"restore_point_id": point["_id"]})
+            await self._finish(
+                JobStatus.SUCCEEDED, reason, fields={"restore_point_id": point["_id"]}
+            )
         except LeaseLost:
             await self._lost_after_point(point["_id"])
             raise
@@ -755,7 +765,7 @@ class JobRun:
         """The lease was lost between writing the restore point and ending the job: keep the
         point unless the new holder ended the job as a failure (it deletes the files then)."""
         job = await self.db.jobs.find_one({"_id": self.job["_id"]}, {"status": 1})
-        if job is not None and job.get("status") in (FAILED, CANCELLED):
+        if job is not None and job.get("status") in (JobStatus.FAILED, JobStatus.CANCELLED):
             await self.db.restore_points.delete_one({"_id": point_id})
 
     async def _retention(self, plan_id: str) -> None:
@@ -797,23 +807,27 @@ class JobRun:
     async def _end(self, status: str, reason: str) -> None:
         """End the job as not successful: items that did not finish say why, and the files a
         failed backup uploaded are deleted (or left on the job for the retention sweep)."""
-        if self.job["type"] == BACKUP and await self._point_exists():
+        if self.job["type"] == JobType.BACKUP and await self._point_exists():
             # Another holder completed it meanwhile (see _lost_after_point).
-            await self._finish(SUCCEEDED, None, fields={"restore_point_id": self.job["_id"]})
+            await self._finish(
+                JobStatus.SUCCEEDED, None, fields={"restore_point_id": self.job["_id"]}
+            )
             return
         now = self.clock.now()
         pending: list[Document] = []
         kind = self._agent_kind()
         for index, item in enumerate(self.items):
             st = item.get("status")
-            if st == RUNNING:
+            if st == JobStatus.RUNNING:
                 note = "still running on the agent when the job ended; " + after_agent(
                     kind, self.kind, "abandoned"
                 )
                 item.update(
-                    status=FAILED if status == FAILED else CANCELLED, error=note, ended_at=now
+                    status=JobStatus.FAILED if status == JobStatus.FAILED else JobStatus.CANCELLED,
+                    error=note,
+                    ended_at=now,
                 )
-                if self.job["type"] == BACKUP and self.p is not None:
+                if self.job["type"] == JobType.BACKUP and self.p is not None:
                     agent_id = item.get("agent_job_id") or f"{self.job['_id']}-{index}"
                     pending.append(
                         {
@@ -827,9 +841,15 @@ class JobRun:
                     )
             elif st not in FINAL:
                 item.update(
-                    status=CANCELLED, error="not run: the job ended before it", ended_at=now
+                    status=JobStatus.CANCELLED,
+                    error="not run: the job ended before it",
+                    ended_at=now,
                 )
-            elif st in (SUCCEEDED, CANCELLED) and self.job["type"] == BACKUP and item.get("key"):
+            elif (
+                st in (JobStatus.SUCCEEDED, JobStatus.CANCELLED)
+                and self.job["type"] == JobType.BACKUP
+                and item.get("key")
+            ):
                 pending.append({"destination_id": self.job["destination_id"], "key": item["key"]})
         left = pending
         if pending:
@@ -889,11 +909,11 @@ class JobRun:
 
     def _running_note(self, kind: str | None, event: str) -> str:
         """For a job ending while an item is RUNNING on the agent: what the agent does."""
-        running = [i for i in self.items if i.get("status") == RUNNING]
+        running = [i for i in self.items if i.get("status") == JobStatus.RUNNING]
         return f"; {after_agent(kind, self.kind, event)}" if running else ""
 
     async def _cancel_reason(self) -> str:
-        done = [i["name"] for i in self.items if i.get("status") == SUCCEEDED]
+        done = [i["name"] for i in self.items if i.get("status") == JobStatus.SUCCEEDED]
         source = self.job.get("source_instance_id")
         if await self._instance_going():
             text = "Cancelled: the service instance is being deleted"
@@ -902,7 +922,7 @@ class JobRun:
             text = "Cancelled: the instance of its restore point is being deleted"
         else:
             text = "Cancelled by a user"
-        if done and self.job["type"] == BACKUP:
+        if done and self.job["type"] == JobType.BACKUP:
             text += f"; the files already uploaded ({', '.join(done)}) are deleted"
         elif done:
             text += f" after restoring {', '.join(done)}"

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 from pymongo.errors import DuplicateKeyError
@@ -20,27 +21,40 @@ from backup.database import SCHEMA_VERSION, Database, Document
 from backup.errors import Conflict, InvalidInput, NotFound
 from backup.pagination import Page, now, paginate
 
-BACKUP, RESTORE = "BACKUP", "RESTORE"
-TYPES = (BACKUP, RESTORE)
-SCHEDULE, MANUAL, CATCH_UP = "SCHEDULE", "MANUAL", "CATCH_UP"
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, MISSED = (
-    "QUEUED",
-    "RUNNING",
-    "SUCCEEDED",
-    "FAILED",
-    "CANCELLED",
-    "MISSED",
-)
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, MISSED)
-ACTIVE = (QUEUED, RUNNING)
-FINAL = (SUCCEEDED, FAILED, CANCELLED, MISSED)
+
+class JobType(StrEnum):
+    BACKUP = "BACKUP"
+    RESTORE = "RESTORE"
+
+
+class Trigger(StrEnum):
+    """Why a job exists: a plan's fire, a user's request, or a fire run late after downtime."""
+
+    SCHEDULE = "SCHEDULE"
+    MANUAL = "MANUAL"
+    CATCH_UP = "CATCH_UP"
+
+
+class JobStatus(StrEnum):
+    """A job's (and an item's) state; docs/data-model.md draws the transitions."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    MISSED = "MISSED"
+
+
+ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+FINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.MISSED)
 BUSY, TAKEN = "busy", "taken"  # why a claim was refused (try_claim)
 
 
 def new_item(name: str, **fields: Any) -> Document:
     item: Document = {
         "name": name,
-        "status": QUEUED,
+        "status": JobStatus.QUEUED,
         "agent_job_id": None,
         "filename": None,
         "key": None,
@@ -68,7 +82,7 @@ def new_job(
     encryption: dict[str, Any],
     scheduled_for: datetime | None = None,
     restore_point_id: str | None = None,
-    status: str = QUEUED,
+    status: str = JobStatus.QUEUED,
     reason: str | None = None,
 ) -> Document:
     """A complete job document, every field of the data model present."""
@@ -112,16 +126,16 @@ async def _refuse_if_active(store: Database, query: dict[str, Any], what: str) -
         )
 
 
-async def start_backup(store: Database, plan: Document, trigger: str = MANUAL) -> Document:
+async def start_backup(store: Database, plan: Document, trigger: str = Trigger.MANUAL) -> Document:
     """Queue a backup of ``plan`` now (a plan runs one backup at a time)."""
     await _refuse_if_active(
         store,
-        {"plan_id": plan["_id"], "type": BACKUP},
+        {"plan_id": plan["_id"], "type": JobType.BACKUP},
         "A backup of this plan is already under way",
     )
     job = new_job(
         instance_id=plan["instance_id"],
-        type=BACKUP,
+        type=JobType.BACKUP,
         plan_id=plan["_id"],
         destination_id=plan["destination_id"],
         trigger=trigger,
@@ -203,16 +217,16 @@ async def start_restore(
             )
     await _refuse_if_active(
         store,
-        {"instance_id": target_id, "type": RESTORE},
+        {"instance_id": target_id, "type": JobType.RESTORE},
         "A restore of this instance is already under way",
     )
     chosen = [stored[n] for n in names]
     job = new_job(
         instance_id=target_id,
-        type=RESTORE,
+        type=JobType.RESTORE,
         plan_id=point.get("plan_id"),
         destination_id=point["destination_id"],
-        trigger=MANUAL,
+        trigger=Trigger.MANUAL,
         items=[
             new_item(
                 i["name"],
@@ -279,12 +293,12 @@ async def cancel(store: Database, instance_id: str, job_id: str) -> Document:
     """Cancel a queued job at once, or ask the runner to stop a running one."""
     for _ in range(3):
         job = await get(store, instance_id, job_id)
-        if job["status"] == QUEUED:
+        if job["status"] == JobStatus.QUEUED:
             result = await store.jobs.update_one(
-                {"_id": job_id, "status": QUEUED},
+                {"_id": job_id, "status": JobStatus.QUEUED},
                 {
                     "$set": {
-                        "status": CANCELLED,
+                        "status": JobStatus.CANCELLED,
                         "cancel_requested": True,
                         "reason": "Cancelled by a user before it started.",
                         "ended_at": now(),
@@ -292,9 +306,9 @@ async def cancel(store: Database, instance_id: str, job_id: str) -> Document:
                     "$inc": {"version": 1},
                 },
             )
-        elif job["status"] == RUNNING:
+        elif job["status"] == JobStatus.RUNNING:
             result = await store.jobs.update_one(
-                {"_id": job_id, "status": RUNNING},
+                {"_id": job_id, "status": JobStatus.RUNNING},
                 {"$set": {"cancel_requested": True}, "$inc": {"version": 1}},
             )
         else:
@@ -334,7 +348,7 @@ class Lease:
     def filter(self) -> dict[str, Any]:
         return {
             "_id": self.job_id,
-            "status": RUNNING,
+            "status": JobStatus.RUNNING,
             "lease_owner": self.owner,
             "attempts": self.token,
         }
@@ -428,7 +442,7 @@ class QueueView:
         ``new_jobs``: jobs may have been queued since the last pass (else the queue is
         read only when a full read is due)."""
         started = time.monotonic()
-        running = await store.jobs.find({"status": RUNNING}, _CANDIDATE_FIELDS).to_list()
+        running = await store.jobs.find({"status": JobStatus.RUNNING}, _CANDIDATE_FIELDS).to_list()
         busy = {d["instance_id"] for d in running}
         # A RUNNING job nobody holds (no expiry) or whose holder stopped renewing.
         orphans = sorted(
@@ -437,14 +451,14 @@ class QueueView:
         )[:limit]
         if self.full_read_due(at):
             full_started = time.monotonic()
-            docs = await store.jobs.find({"status": QUEUED}, _CANDIDATE_FIELDS).to_list()
+            docs = await store.jobs.find({"status": JobStatus.QUEUED}, _CANDIDATE_FIELDS).to_list()
             self._full_seconds = time.monotonic() - full_started
             self._full_at = at
             self._queued = {d["_id"]: d for d in docs}
             self._order = None
             self._newest = max((d["created_at"] for d in docs), default=self._newest)
         elif new_jobs:
-            query: dict[str, Any] = {"status": QUEUED}
+            query: dict[str, Any] = {"status": JobStatus.QUEUED}
             if self._newest is not None:
                 since = self._newest - timedelta(seconds=self.overlap_seconds)
                 query["created_at"] = {"$gte": since}
@@ -491,11 +505,11 @@ async def try_claim(
     TAKEN (it is no longer as read: claimed by another replica, cancelled, or ended)."""
     token = int(candidate.get("attempts") or 0) + 1
     expires = at + timedelta(seconds=lease_seconds)
-    if candidate["status"] == QUEUED:
-        query: dict[str, Any] = {"_id": candidate["_id"], "status": QUEUED}
+    if candidate["status"] == JobStatus.QUEUED:
+        query: dict[str, Any] = {"_id": candidate["_id"], "status": JobStatus.QUEUED}
         update: dict[str, Any] = {
             "$set": {
-                "status": RUNNING,
+                "status": JobStatus.RUNNING,
                 "started_at": at,
                 "deadline_at": at + timedelta(seconds=deadline_seconds),
                 "lease_owner": owner,
@@ -507,7 +521,7 @@ async def try_claim(
     else:
         query = {
             "_id": candidate["_id"],
-            "status": RUNNING,
+            "status": JobStatus.RUNNING,
             "attempts": token - 1,
             **_expired(at),
         }

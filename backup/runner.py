@@ -33,7 +33,7 @@ from backup.agent_client import AgentClient, AgentError, agent_session
 from backup.clock import Clock, SystemClock
 from backup.database import Database, Document
 from backup.job_run import JobEnd, JobRun, object_key
-from backup.jobs import FAILED, QUEUED, RUNNING, SUCCEEDED, Lease, LeaseLost
+from backup.jobs import JobStatus, Lease, LeaseLost
 from backup.restore_points import StoreOpener
 from backup.retention import GONE, RetentionSweeper
 from backup.secrets import SecretBox, SecretKeyError
@@ -379,7 +379,7 @@ class JobRunner:
             if not isinstance(lease, Lease):
                 continue
             claimed += 1
-            if cand["status"] == QUEUED:
+            if cand["status"] == JobStatus.QUEUED:
                 lag = None
                 if cand.get("scheduled_for") is not None:
                     lag = max(0.0, (now - cand["scheduled_for"]).total_seconds())
@@ -395,7 +395,7 @@ class JobRunner:
                 instance_id=cand["instance_id"],
                 replica=self.replica_id,
                 attempt=lease.token,
-                takeover=cand["status"] != QUEUED,
+                takeover=cand["status"] != JobStatus.QUEUED,
             )
         return claimed
 
@@ -507,7 +507,7 @@ class JobRunner:
         lease = held.lease
         try:
             job = await self.db.jobs.find_one({"_id": lease.job_id})
-            if job is not None and job.get("status") == RUNNING:
+            if job is not None and job.get("status") == JobStatus.RUNNING:
                 await JobRun(self, lease, job).run()
         except LeaseLost:
             log.warning("lease_lost", job_id=lease.job_id, replica=self.replica_id)
@@ -525,7 +525,7 @@ class JobRunner:
                 await jobs.finish(
                     self.db,
                     lease,
-                    FAILED,
+                    JobStatus.FAILED,
                     "The manager hit an internal error while running this job; its logs "
                     "name the cause.",
                     at=self.clock.now(),
@@ -544,14 +544,14 @@ class JobRunner:
         """The agent of ``instance``, with its password opened in memory only."""
         agent = instance.get("agent") or {}
         if not agent.get("url"):
-            raise JobEnd(FAILED, "The instance has no agent registered.")
+            raise JobEnd(JobStatus.FAILED, "The instance has no agent registered.")
         try:
             opened = self.box.open_map(
                 instance.get("secrets") or {}, f"instances/{instance['_id']}"
             )
         except SecretKeyError:
             raise JobEnd(
-                FAILED,
+                JobStatus.FAILED,
                 "The instance's agent credentials cannot be opened with the configured master "
                 "keys (SECRETS_MASTER_KEYS).",
             ) from None
@@ -584,7 +584,7 @@ class JobRunner:
         # in memory until told so). Best effort: a failure only leaves it there.
         with contextlib.suppress(AgentError):
             await client.forget("backup", entry["agent_job_id"])
-        if state.status != SUCCEEDED:
+        if state.status != JobStatus.SUCCEEDED:
             return GONE
         return (
             object_key(info.kind, entry.get("type", "S3"), entry.get("prefix", ""), state) or GONE

@@ -64,10 +64,10 @@ async def one_job(store: Database, n: int, timed: Timed) -> None:
     now = datetime.now(UTC)
     job = jobs.new_job(
         instance_id=f"instance-{n}",
-        type=jobs.BACKUP,
+        type=jobs.JobType.BACKUP,
         plan_id=f"plan-{n}",
         destination_id="d",
-        trigger=jobs.MANUAL,
+        trigger=jobs.Trigger.MANUAL,
         items=[jobs.new_item("orders")],
         compression=True,
         encryption={"enabled": False},
@@ -101,7 +101,7 @@ async def one_job(store: Database, n: int, timed: Timed) -> None:
         "items": [{"name": "orders", "key": f"k/{n}", "size": 1000, "checksum": "sha256:00"}],
     }
     await timed(store.restore_points.insert_one(point))
-    await timed(jobs.finish(store, lease, jobs.SUCCEEDED, None, at=datetime.now(UTC)))
+    await timed(jobs.finish(store, lease, jobs.JobStatus.SUCCEEDED, None, at=datetime.now(UTC)))
 
 
 async def measure(

@@ -38,7 +38,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo.errors import PyMongoError
 
 from backup.database import Database
-from backup.jobs import STATUSES
+from backup.jobs import JobStatus
 from backup.retention import SweepResult
 from backup.runner import RunnerObserver
 from broker.context import DATABASE
@@ -231,7 +231,7 @@ class Metrics(RunnerObserver):
         try:
             async with asyncio.timeout(timeout):
                 counts = await asyncio.gather(
-                    *(store.jobs.count_documents({"status": s}) for s in STATUSES)
+                    *(store.jobs.count_documents({"status": s}) for s in tuple(JobStatus))
                 )
                 now = datetime.now(UTC)
                 oldest = await store.jobs.find_one(
@@ -248,7 +248,7 @@ class Metrics(RunnerObserver):
             log.warning("metrics_database_unavailable", error=type(exc).__name__)
             self.db_up.set(0)
             return
-        for status, n in zip(STATUSES, counts, strict=True):
+        for status, n in zip(tuple(JobStatus), counts, strict=True):
             self.jobs.labels(status).set(n)
         age = (now - oldest["created_at"]).total_seconds() if oldest else 0.0
         self.oldest_queued.set(max(0.0, age))

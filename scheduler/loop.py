@@ -363,13 +363,13 @@ class Scheduler:
         fire: datetime,
         trigger: str,
         *,
-        status: str = jobs.QUEUED,
+        status: str = jobs.JobStatus.QUEUED,
         reason: str | None = None,
         missed: Document | None = None,
     ) -> Document:
         job = jobs.new_job(
             instance_id=plan["instance_id"],
-            type=jobs.BACKUP,
+            type=jobs.JobType.BACKUP,
             plan_id=plan["_id"],
             destination_id=plan["destination_id"],
             trigger=trigger,
@@ -409,7 +409,8 @@ class Scheduler:
         if not last:
             return {}
         docs = await self.db.jobs.find(
-            {"_id": {"$in": last}, "status": jobs.QUEUED}, {"plan_id": 1, "scheduled_for": 1}
+            {"_id": {"$in": last}, "status": jobs.JobStatus.QUEUED},
+            {"plan_id": 1, "scheduled_for": 1},
         ).to_list()
         return {d["plan_id"]: d for d in docs}
 
@@ -431,8 +432,8 @@ class Scheduler:
         return self._job(
             plan,
             fire,
-            jobs.SCHEDULE,
-            status=jobs.MISSED,
+            jobs.Trigger.SCHEDULE,
+            status=jobs.JobStatus.MISSED,
             reason=reason,
             missed={"first": fire, "last": fire, "count": 1, "exact": True},
         )
@@ -450,7 +451,7 @@ class Scheduler:
         docs = [
             self._skip(p, p["next_run_at"], waiting[p["_id"]])
             if p["_id"] in waiting
-            else self._job(p, p["next_run_at"], jobs.SCHEDULE)
+            else self._job(p, p["next_run_at"], jobs.Trigger.SCHEDULE)
             for p, _ in good
         ]
         new = await self._insert_many(docs)
@@ -464,7 +465,7 @@ class Scheduler:
                     {"_id": p["_id"], "next_run_at": p["next_run_at"]},
                     {
                         "$set": {"next_run_at": nxt}
-                        if d["status"] == jobs.MISSED
+                        if d["status"] == jobs.JobStatus.MISSED
                         else {"next_run_at": nxt, "last_job_id": d["_id"]}
                     },
                 )
@@ -474,18 +475,20 @@ class Scheduler:
         )
         for nxt in {nxt for _, nxt in good}:
             self._note(nxt)
-        queued_new = [d for d in docs if d["_id"] in new and d["status"] == jobs.QUEUED]
+        queued_new = [d for d in docs if d["_id"] in new and d["status"] == jobs.JobStatus.QUEUED]
         if queued_new and result.matched_count < len(good):
             await self._cancel_orphans(queued_new)
         for d in docs:
             if d["_id"] not in new:
                 continue
-            if d["status"] == jobs.MISSED:
+            if d["status"] == jobs.JobStatus.MISSED:
                 self.stats.skipped += 1
                 self.observer.missed(1)
                 continue
             # lag: until the job was written (acknowledged), not built
-            self.observer.fired(jobs.SCHEDULE, (written - d["scheduled_for"]).total_seconds())
+            self.observer.fired(
+                jobs.Trigger.SCHEDULE, (written - d["scheduled_for"]).total_seconds()
+            )
         self.stats.queued += len(queued_new)
         return len(queued_new)
 
@@ -501,10 +504,10 @@ class Scheduler:
         if not orphans:
             return
         result = await self.db.jobs.update_many(
-            {"_id": {"$in": orphans}, "status": jobs.QUEUED},
+            {"_id": {"$in": orphans}, "status": jobs.JobStatus.QUEUED},
             {
                 "$set": {
-                    "status": jobs.CANCELLED,
+                    "status": jobs.JobStatus.CANCELLED,
                     "reason": "The plan was deleted.",
                     "ended_at": self.clock.now(),
                 },
@@ -571,9 +574,9 @@ class Scheduler:
         grace = timedelta(seconds=self.settings.misfire_grace_seconds)
         latest = schedule.last_fire_at_or_before(freq, tz, now, not_before=fire) or fire
         if now - latest <= threshold:
-            runs: str | None = jobs.SCHEDULE  # the latest fire is not even late
+            runs: str | None = jobs.Trigger.SCHEDULE  # the latest fire is not even late
         elif now - latest <= grace:
-            runs = jobs.CATCH_UP
+            runs = jobs.Trigger.CATCH_UP
         else:
             runs = None
         if runs is not None and latest == fire:
@@ -602,7 +605,7 @@ class Scheduler:
             advanced = await self._advance(plan, fire, nxt, doc["_id"])
             if ours:
                 queued += self._account(doc)
-                if doc["status"] == jobs.QUEUED and not advanced:
+                if doc["status"] == jobs.JobStatus.QUEUED and not advanced:
                     await self._cancel_orphans([doc])
             if not advanced:
                 break  # changed elsewhere meanwhile (edited, paused, deleted, another replica)
@@ -610,7 +613,7 @@ class Scheduler:
         return queued
 
     def _account(self, doc: Document) -> int:
-        if doc["status"] == jobs.MISSED:
+        if doc["status"] == jobs.JobStatus.MISSED:
             self.stats.missed_jobs += 1
             self.stats.missed_fires += doc["missed"]["count"]
             self.observer.missed(doc["missed"]["count"])
@@ -619,12 +622,12 @@ class Scheduler:
             )
             return 0
         self.stats.queued += 1
-        if doc["trigger"] == jobs.CATCH_UP:
+        if doc["trigger"] == jobs.Trigger.CATCH_UP:
             self.stats.catch_ups += 1
         lag = (self.clock.now() - doc["scheduled_for"]).total_seconds()
         self.observer.fired(doc["trigger"], lag)
         log.info(
-            "plan_fire_caught_up" if doc["trigger"] == jobs.CATCH_UP else "plan_fired",
+            "plan_fire_caught_up" if doc["trigger"] == jobs.Trigger.CATCH_UP else "plan_fired",
             plan=doc["plan_id"],
             job=doc["_id"],
             scheduled_for=doc["scheduled_for"].isoformat(),
@@ -677,8 +680,8 @@ class Scheduler:
         return self._job(
             plan,
             first,
-            jobs.SCHEDULE,
-            status=jobs.MISSED,
+            jobs.Trigger.SCHEDULE,
+            status=jobs.JobStatus.MISSED,
             reason=reason,
             missed={"first": first, "last": last, "count": count, "exact": not more},
         )

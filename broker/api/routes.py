@@ -505,7 +505,7 @@ async def get_job(c: Ctx) -> Any:
 )
 async def cancel_job(c: Ctx) -> Any:
     doc = await jobs.cancel(c.db, c.instance_id, c.param("job_id"))
-    status = 200 if doc["status"] == jobs.CANCELLED else 202
+    status = 200 if doc["status"] == jobs.JobStatus.CANCELLED else 202
     return web.json_response(out(m.JobOut, views.job(doc, None)), status=status)
 
 

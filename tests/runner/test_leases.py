@@ -171,7 +171,7 @@ async def test_a_job_that_just_ended_is_not_taken_for_a_lost_lease(go: GoRig) ->
     await go.started(job)
     doc = await go.db.jobs.find_one({"_id": job["_id"]})
     lease = jobs.Lease(job["_id"], doc["lease_owner"], doc["attempts"])
-    await jobs.finish(go.db, lease, jobs.SUCCEEDED, None, at=go.clock.now())
+    await jobs.finish(go.db, lease, jobs.JobStatus.SUCCEEDED, None, at=go.clock.now())
     with capture_logs() as logs:
         await runner.renew_once()
         await asyncio.sleep(0.1)

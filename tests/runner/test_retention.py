@@ -209,10 +209,10 @@ async def test_an_object_two_points_name_is_deleted_with_the_last_of_them(
 async def _job(store: Database, status: str, ended_days_ago: float | None, **fields: object) -> str:
     doc = jobs.new_job(
         instance_id="instance-h",
-        type=jobs.BACKUP,
+        type=jobs.JobType.BACKUP,
         plan_id=str(fields.pop("plan_id", "plan-h")),
         destination_id="dest-h",
-        trigger=jobs.SCHEDULE,
+        trigger=jobs.Trigger.SCHEDULE,
         items=[jobs.new_item("orders")],
         compression=True,
         encryption={"enabled": False},
@@ -233,23 +233,25 @@ async def test_the_sweep_prunes_old_job_records_but_keeps_what_still_matters(
     )
     dest = await seed_destination(store, box, "instance-h", closed)
     pruned = [
-        await _job(store, jobs.SUCCEEDED, 91),
-        await _job(store, jobs.FAILED, 400),
-        await _job(store, jobs.MISSED, 90.01),
-        await _job(store, jobs.CANCELLED, 200),
+        await _job(store, jobs.JobStatus.SUCCEEDED, 91),
+        await _job(store, jobs.JobStatus.FAILED, 400),
+        await _job(store, jobs.JobStatus.MISSED, 90.01),
+        await _job(store, jobs.JobStatus.CANCELLED, 200),
     ]
     kept = [
-        await _job(store, jobs.SUCCEEDED, 89.9),  # younger than the history
-        await _job(store, jobs.RUNNING, None, created_at=NOW - timedelta(days=300)),
-        await _job(store, jobs.QUEUED, None, created_at=NOW - timedelta(days=300)),
+        await _job(store, jobs.JobStatus.SUCCEEDED, 89.9),  # younger than the history
+        await _job(store, jobs.JobStatus.RUNNING, None, created_at=NOW - timedelta(days=300)),
+        await _job(store, jobs.JobStatus.QUEUED, None, created_at=NOW - timedelta(days=300)),
         # its uploaded file still waits to be deleted: the record leads the sweep to it
         await _job(
             store,
-            jobs.FAILED,
+            jobs.JobStatus.FAILED,
             300,
             pending_deletes=[{"destination_id": dest["_id"], "key": "k"}],
         ),
-        await _job(store, jobs.SUCCEEDED, 365, plan_id="quiet-plan"),  # that plan's last job
+        await _job(
+            store, jobs.JobStatus.SUCCEEDED, 365, plan_id="quiet-plan"
+        ),  # that plan's last job
     ]
     await store.plans.insert_one({"_id": "quiet-plan", "last_job_id": kept[-1]})
     point = {
@@ -280,8 +282,8 @@ async def test_the_sweep_prunes_old_job_records_but_keeps_what_still_matters(
 
 async def test_pruning_goes_through_a_long_history_in_batches(store: Database) -> None:
     for n in range(7):
-        await _job(store, jobs.SUCCEEDED, 100 + n)
-    last = await _job(store, jobs.SUCCEEDED, 120, plan_id="p-last")
+        await _job(store, jobs.JobStatus.SUCCEEDED, 100 + n)
+    last = await _job(store, jobs.JobStatus.SUCCEEDED, 120, plan_id="p-last")
     await store.plans.insert_one({"_id": "p-last", "last_job_id": last})
     deleted = await jobs.prune_history(store, ended_before=NOW - timedelta(days=90), batch=2)
     assert deleted == 7

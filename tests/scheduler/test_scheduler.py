@@ -515,7 +515,7 @@ async def test_a_replica_that_died_between_the_two_writes_is_completed_not_dupli
     # the dead replica wrote the fire's job, then died before advancing the plan
     dead = make_scheduler("replica-dead")
     fire = utc(2026, 3, 1, 1)
-    await dead._insert_many([dead._job(plan | {"next_run_at": fire}, fire, jobs.SCHEDULE)])
+    await dead._insert_many([dead._job(plan | {"next_run_at": fire}, fire, jobs.Trigger.SCHEDULE)])
     await clock.advance(20)
     s = make_scheduler("replica-b")
     assert await s.run_once() == 0
