@@ -7,7 +7,6 @@ traceback.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,6 +16,7 @@ from pydantic import ValidationError
 
 from backup import errors as domain
 from broker.context import REQUEST_ID
+from webguard.body import BodyError, BodyProblem
 
 log = structlog.get_logger(__name__)
 
@@ -74,20 +74,18 @@ def from_validation(exc: ValidationError, what: str = "request body") -> ApiErro
     )
 
 
-async def read_json(request: web.Request) -> Any:
-    """The request's JSON body, or a 400 that says what is wrong with it. That the body is
-    JSON at all (``Content-Type``) is checked before, for every change (broker.app)."""
-    if not request.body_exists:
-        raise ApiError(400, "invalid_input", "A JSON request body is required.")
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(
-            400, "malformed_json", f"The request body is not valid JSON: {exc}."
-        ) from None
-    except (ValueError, RecursionError):  # an integer too long, nesting too deep
-        raise ApiError(400, "malformed_json", "The request body is not valid JSON.") from None
+def from_body(exc: BodyError) -> ApiError:
+    """A body that cannot be read, in the /v1 API's codes: ``malformed_json`` when it is not
+    JSON, ``invalid_input`` when it is missing or not an object."""
+    return ApiError(400, _BODY_ERRORS[exc.problem], exc.description)
+
+
+_BODY_ERRORS = {
+    BodyProblem.MISSING: "invalid_input",
+    BodyProblem.NOT_JSON: "malformed_json",
+    BodyProblem.TOO_DEEP: "malformed_json",
+    BodyProblem.NOT_OBJECT: "invalid_input",
+}
 
 
 def json_error(err: ApiError) -> web.Response:

@@ -20,7 +20,8 @@ from broker.api import views
 from broker.api.auth import AUTHORIZER
 from broker.api.settings import ApiSettings
 from broker.context import DATABASE, SECRETS
-from broker.errors import ApiError, from_validation, read_json
+from broker.errors import ApiError, from_body, from_validation
+from webguard.body import BodyError, read_json_object
 
 PREFIX = "/v1/service_instances/{instance_id}"
 API_SETTINGS = web.AppKey("api_settings", ApiSettings)
@@ -47,15 +48,12 @@ class Ctx:
     def param(self, name: str) -> str:
         return self.request.match_info[name]
 
-    async def raw_body(self) -> dict[str, Any]:
+    async def raw_body(self) -> dict[str, object]:
         """The JSON object sent, not yet validated."""
         try:
-            data = await read_json(self.request)
-        except (ValueError, RecursionError):  # an int too long, nesting too deep
-            raise ApiError(400, "malformed_json", "The request body is not valid JSON.") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "invalid_input", "The request body must be a JSON object.")
-        return data
+            return await read_json_object(self.request)
+        except BodyError as exc:
+            raise from_body(exc) from None
 
     async def body(self, model: Any) -> Any:
         return adapter(model).validate_python(await self.raw_body())
