@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from enum import StrEnum
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -39,9 +40,40 @@ from storage import egress
 from storage.base import EgressDenied
 from storage.settings import S3Settings, SwiftSettings
 
-Kind = Literal["backup", "restore"]
 _M = TypeVar("_M", bound=BaseModel)
-OURS, GO = "ours", "go"
+
+
+class AgentKind(StrEnum):
+    """Which agent answers at an instance's address, told apart by ``GET /status``."""
+
+    OURS = "ours"  # agent/ (lists its capabilities)
+    GO = "go"  # the Go osb-backup-agent
+
+
+# The names callers outside the runner import (``backup.instances``, the agent tests).
+OURS, GO = AgentKind.OURS, AgentKind.GO
+
+
+class AgentJobKind(StrEnum):
+    """An agent job's kind, also the path of its endpoints (``/backup``, ``/restore``)."""
+
+    BACKUP = "backup"
+    RESTORE = "restore"
+
+
+class AgentFailure(StrEnum):
+    """Why an exchange with an agent failed (:attr:`AgentError.reason`): stable words, also
+    the label of the metric counting them."""
+
+    UNREACHABLE = "unreachable"
+    UNAUTHORIZED = "unauthorized"
+    REJECTED = "rejected"
+    BUSY = "busy"
+    NOT_FOUND = "not_found"
+    BAD_RESPONSE = "bad_response"
+    EGRESS_DENIED = "egress_denied"
+
+
 # The stream format our agent names in /status and in job states.
 ENCRYPTION_CAPABILITY = "encryption:aes-256-gcm-stream-v1"
 ENCRYPTION_NAME = "aes-256-gcm-stream-v1"
@@ -51,12 +83,10 @@ BY_SCRIPT = "script"
 
 
 class AgentError(Exception):
-    """A failed exchange with an agent. ``reason`` is a stable word (``unreachable``,
-    ``unauthorized``, ``rejected``, ``busy``, ``not_found``, ``bad_response``,
-    ``egress_denied``); the message is
-    a sentence safe to store in a job and to log."""
+    """A failed exchange with an agent, ``reason`` saying why; the message is a sentence
+    safe to store in a job and to log."""
 
-    def __init__(self, reason: str, message: str, *, status: int | None = None) -> None:
+    def __init__(self, reason: AgentFailure, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
@@ -65,14 +95,14 @@ class AgentError(Exception):
     @property
     def transient(self) -> bool:
         """Worth retrying (within the runner's bounds) rather than failing at once."""
-        return self.reason in ("unreachable", "busy") or (
-            self.reason == "bad_response" and (self.status or 0) >= 500
+        return self.reason in (AgentFailure.UNREACHABLE, AgentFailure.BUSY) or (
+            self.reason == AgentFailure.BAD_RESPONSE and (self.status or 0) >= 500
         )
 
 
 @dataclass(frozen=True)
 class AgentInfo:
-    kind: str  # OURS or GO
+    kind: AgentKind
     version: str | None
     capabilities: frozenset[str]
 
@@ -120,7 +150,9 @@ class AgentJob:
     @classmethod
     def parse(cls, body: Any, *, log_limit: int) -> AgentJob:
         if not isinstance(body, dict):
-            raise AgentError("bad_response", "the agent answered a job state that is not an object")
+            raise AgentError(
+                AgentFailure.BAD_RESPONSE, "the agent answered a job state that is not an object"
+            )
         state = JobStatus.model_validate(body)
         return cls(
             status=state.status,
@@ -215,14 +247,15 @@ class AgentClient:
                 status = resp.status
         except TimeoutError:
             raise AgentError(
-                "unreachable", f"the agent at {self.where} did not answer in time"
+                AgentFailure.UNREACHABLE, f"the agent at {self.where} did not answer in time"
             ) from None
         except EgressDenied as exc:  # the session's connector refused the address
-            raise AgentError("egress_denied", exc.message) from None
+            raise AgentError(AgentFailure.EGRESS_DENIED, exc.message) from None
         except aiohttp.ClientError as exc:
             # The exception text may quote the URL; name only its class.
             raise AgentError(
-                "unreachable", f"the agent at {self.where} cannot be reached ({type(exc).__name__})"
+                AgentFailure.UNREACHABLE,
+                f"the agent at {self.where} cannot be reached ({type(exc).__name__})",
             ) from None
         parsed: Any = None
         if raw:
@@ -232,7 +265,7 @@ class AgentClient:
                 parsed = None
         if status == 401:
             raise AgentError(
-                "unauthorized",
+                AgentFailure.UNAUTHORIZED,
                 f"the agent at {self.where} refused the registered credentials (401)",
                 status=status,
             )
@@ -242,7 +275,7 @@ class AgentClient:
         code, body = await self._call("GET", "/status")
         if code != 200:
             raise AgentError(
-                "bad_response" if code >= 500 else "rejected",
+                AgentFailure.BAD_RESPONSE if code >= 500 else AgentFailure.REJECTED,
                 f"the agent at {self.where} answered {code} to GET /status",
                 status=code,
             )
@@ -250,16 +283,16 @@ class AgentClient:
         if isinstance(caps, list):
             version = body.get("version")
             return AgentInfo(
-                OURS,
+                AgentKind.OURS,
                 version if isinstance(version, str) else None,
                 frozenset(c for c in caps if isinstance(c, str)),
             )
-        return AgentInfo(GO, None, frozenset())
+        return AgentInfo(AgentKind.GO, None, frozenset())
 
-    async def start(self, kind: Kind, request: dict[str, Any]) -> AgentJob | None:
+    async def start(self, kind: AgentJobKind, request: dict[str, Any]) -> AgentJob | None:
         """Start a job; ``None`` when it was started now, its state when the id already
         exists on the agent (409: resumed, not started twice)."""
-        method, path = ("POST", "/backup") if kind == "backup" else ("PUT", "/restore")
+        method, path = ("POST", "/backup") if kind == AgentJobKind.BACKUP else ("PUT", "/restore")
         code, body = await self._call(method, path, request)
         if code in (200, 201, 202):
             return None
@@ -269,39 +302,41 @@ class AgentClient:
             return AgentJob(status="RUNNING")
         if code == 429:
             raise AgentError(
-                "busy", f"the agent at {self.where} runs too many jobs (429)", status=code
+                AgentFailure.BUSY,
+                f"the agent at {self.where} runs too many jobs (429)",
+                status=code,
             )
         detail = _message(body)
         if 400 <= code < 500:
             raise AgentError(
-                "rejected",
+                AgentFailure.REJECTED,
                 f"the agent refused the {kind} request ({code}"
                 + (f": {detail})" if detail else ")"),
                 status=code,
             )
         raise AgentError(
-            "bad_response",
+            AgentFailure.BAD_RESPONSE,
             f"the agent at {self.where} answered {code} to {method} {path}",
             status=code,
         )
 
-    async def get(self, kind: Kind, job_id: str) -> AgentJob:
+    async def get(self, kind: AgentJobKind, job_id: str) -> AgentJob:
         code, body = await self._call("GET", f"/{kind}/{job_id}")
         if code == 200:
             return AgentJob.parse(body, log_limit=self.log_limit)
         if code == 404:
             raise AgentError(
-                "not_found",
+                AgentFailure.NOT_FOUND,
                 f"the agent no longer knows {kind} job {job_id} (was it restarted?)",
                 status=code,
             )
         raise AgentError(
-            "bad_response" if code >= 500 else "rejected",
+            AgentFailure.BAD_RESPONSE if code >= 500 else AgentFailure.REJECTED,
             f"the agent at {self.where} answered {code} to GET /{kind}/{job_id}",
             status=code,
         )
 
-    async def cancel(self, kind: Kind, job_id: str) -> AgentJob:
+    async def cancel(self, kind: AgentJobKind, job_id: str) -> AgentJob:
         """Ask our agent to stop a running job at its next stage boundary (only for an agent
         whose ``/status`` lists ``cancel``). Returns the job's state: still ``RUNNING`` while
         it finishes its stage, cleanup and unlock; already final when it ended before the
@@ -314,15 +349,17 @@ class AgentClient:
             return AgentJob.parse(body["job"], log_limit=self.log_limit)
         if code == 404:
             raise AgentError(
-                "not_found", f"the agent no longer knows {kind} job {job_id}", status=code
+                AgentFailure.NOT_FOUND,
+                f"the agent no longer knows {kind} job {job_id}",
+                status=code,
             )
         raise AgentError(
-            "bad_response" if code >= 500 else "rejected",
+            AgentFailure.BAD_RESPONSE if code >= 500 else AgentFailure.REJECTED,
             f"the agent at {self.where} answered {code} to POST {path}",
             status=code,
         )
 
-    async def forget(self, kind: Kind, job_id: str) -> bool:
+    async def forget(self, kind: AgentJobKind, job_id: str) -> bool:
         """Ask the agent to forget a finished job (``DELETE``); False if it still runs."""
         code, _ = await self._call("DELETE", f"/{kind}", {"id": job_id})
         return code in (200, 410)
@@ -344,7 +381,7 @@ def _built(what: str, build: Callable[[], _M]) -> _M:
         return build()
     except ValidationError as exc:
         raise AgentError(
-            "rejected", f"the {what} cannot be built: {describe_errors(exc)}"
+            AgentFailure.REJECTED, f"the {what} cannot be built: {describe_errors(exc)}"
         ) from None
 
 
@@ -458,7 +495,7 @@ CHECKSUM_CAPABILITY = "checksum:sha256"
 
 
 def job_request(
-    kind: Kind,
+    kind: AgentJobKind,
     *,
     agent_job_id: str,
     info: AgentInfo,
@@ -484,7 +521,7 @@ def job_request(
         done_by_agent["compression"] = compression
     if encryption == ENCRYPTION_NAME:
         done_by_agent["encryption"] = True
-    verify = kind == "restore" and checksum and CHECKSUM_CAPABILITY in info.capabilities
+    verify = kind == AgentJobKind.RESTORE and checksum and CHECKSUM_CAPABILITY in info.capabilities
 
     def build() -> BackupRequest | RestoreRequest:
         fields: dict[str, Any] = {
@@ -493,10 +530,10 @@ def job_request(
             "encryption_key": encryption_key if encryption and encryption_key else NO_KEY,
             "destination": Destination.model_validate(destination),
         }
-        if info.kind == OURS and done_by_agent:
+        if info.kind == AgentKind.OURS and done_by_agent:
             fields["transform"] = Transform(**done_by_agent)
         db = DatabaseSection.model_validate(section)
-        if kind == "backup":
+        if kind == AgentJobKind.BACKUP:
             return BackupRequest(**fields, backup=db)
         if verify:
             fields["checksum"] = checksum

@@ -28,15 +28,23 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 from pydantic import ValidationError
 
 from backup import agent_client, destinations, jobs, restore_points
-from backup.agent_client import GO, OURS, AgentClient, AgentError, AgentInfo, AgentJob
+from backup.agent_client import (
+    AgentClient,
+    AgentError,
+    AgentFailure,
+    AgentInfo,
+    AgentJob,
+    AgentJobKind,
+    AgentKind,
+)
 from backup.database import Document
-from backup.jobs import FINAL, JobStatus, JobType, Lease, LeaseLost
+from backup.jobs import FINAL, JobStatus, JobType, Lease, LeaseLost, RestorePointState
 from backup.retention import expires_at
 from backup.secrets import SecretKeyError
 from storage import ObjectNotFound, StorageError
@@ -47,25 +55,32 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 STAGES_PER_ITEM = 10  # log entries an agent job reports at most (5 stages, stdout + stderr)
-UNLOCK_SCRIPT = {"backup": "post-backup-unlock", "restore": "post-restore-unlock"}
+UNLOCK_SCRIPT = {
+    AgentJobKind.BACKUP: "post-backup-unlock",
+    AgentJobKind.RESTORE: "post-restore-unlock",
+}
 
 
-def after_agent(kind: str | None, job: str, event: str) -> str:
+# What became of an agent job the manager stopped following (see :func:`after_agent`).
+AgentEvent = Literal["abandoned", "forgotten", "silent"]
+
+
+def after_agent(kind: str | None, job: AgentJobKind, event: AgentEvent) -> str:
     """What happens on the agent to a job the manager stopped following, true of the agent's
     kind (ours keeps its jobs across a restart and always unlocks after a successful lock; the
     Go agent keeps nothing across a restart and skips the unlock after a failed stage), and
-    what the operator must check. ``job``: ``backup`` or ``restore``; ``event``:
-    ``abandoned`` (still running when the job ended), ``forgotten`` (the agent answered 404)
-    or ``silent`` (no answer)."""
+    what the operator must check. ``kind``: the agent's (:class:`AgentKind`, None if
+    unknown); ``event``: ``abandoned`` (still running when the job ended), ``forgotten``
+    (the agent answered 404) or ``silent`` (no answer)."""
     unlock = UNLOCK_SCRIPT.get(job, "unlock")
     check = "check that the database is not still locked"
     if event == "forgotten":
-        if kind == GO:
+        if kind == AgentKind.GO:
             return (
                 "the Go agent keeps no job across a restart: if it restarted while this job "
                 f"ran, the job stopped there and its unlock script ({unlock}) did not run; " + check
             )
-        if kind == OURS:
+        if kind == AgentKind.OURS:
             return (
                 "our agent keeps its jobs across a restart, so it lost its job records (a new "
                 "state directory, or another agent at this address); whether its unlock "
@@ -73,24 +88,24 @@ def after_agent(kind: str | None, job: str, event: str) -> str:
             )
         return f"whether the agent ran its unlock script ({unlock}) is unknown; " + check
     if event == "silent":
-        if kind == OURS:
+        if kind == AgentKind.OURS:
             return (
                 "if our agent stopped, it runs the unlock script "
                 f"({unlock}) of a job it had locked when it starts again; until then the "
                 "database may be locked"
             )
-        if kind == GO:
+        if kind == AgentKind.GO:
             return (
                 "if the Go agent stopped or restarted, the job stopped there and its unlock "
                 f"script ({unlock}) did not run; " + check
             )
         return f"whether the agent ran its unlock script ({unlock}) is unknown; " + check
-    if kind == OURS:
+    if kind == AgentKind.OURS:
         return (
             "our agent finishes it on its own and runs its unlock script "
             f"({unlock}) after a successful lock, also if it restarts meanwhile"
         )
-    if kind == GO:
+    if kind == AgentKind.GO:
         return (
             "the Go agent finishes it on its own, but skips its unlock script "
             f"({unlock}) when a stage fails and forgets the job if it restarts; " + check
@@ -137,7 +152,7 @@ def object_key(info_kind: str, dest_type: str, sent_prefix: str, state: AgentJob
         return state.stored_key
     if not state.filename:
         return None
-    if info_kind == GO and dest_type == "SWIFT":
+    if info_kind == AgentKind.GO and dest_type == "SWIFT":
         return state.filename
     return (state.filename_prefix or sent_prefix) + state.filename
 
@@ -170,7 +185,7 @@ class JobRun:
         self.lease = lease
         self.job = job
         self.items: list[Document] = [dict(i) for i in job.get("items") or []]
-        self.kind: agent_client.Kind = "backup" if job["type"] == JobType.BACKUP else "restore"
+        self.kind = AgentJobKind.BACKUP if job["type"] == JobType.BACKUP else AgentJobKind.RESTORE
         self.log = log.bind(job_id=job["_id"], instance_id=job["instance_id"], type=job["type"])
         self.p: _Prepared | None = None
         self._unwritten: dict[str, Any] = {}  # goes with the next write (one write, not two)
@@ -295,7 +310,7 @@ class JobRun:
                 raise JobEnd(
                     JobStatus.FAILED, "The restore point to restore from no longer exists."
                 )
-            if point.get("state") != restore_points.AVAILABLE:
+            if point.get("state") != RestorePointState.AVAILABLE:
                 raise JobEnd(
                     JobStatus.FAILED, "The restore point to restore from is being deleted."
                 )
@@ -357,7 +372,7 @@ class JobRun:
             parameters=db.get("parameters"),
         )
         checksum = None  # of the stored object: a restore has the agent verify its download
-        if self.kind == "backup":
+        if self.kind == AgentJobKind.BACKUP:
             compression, encryption = agent_client.backup_modes(
                 p.info,
                 bool(self.job.get("compression")),
@@ -517,7 +532,7 @@ class JobRun:
                 await self._heard()
             except AgentError as exc:
                 self.r.observer.agent_error(exc.reason)
-                if exc.reason == "not_found":
+                if exc.reason == AgentFailure.NOT_FOUND:
                     raise _ItemFailed(
                         f"{exc.message}; {after_agent(kind, self.kind, 'forgotten')}"
                     ) from None
@@ -594,7 +609,7 @@ class JobRun:
                 2000,
             ),
         )
-        if self.kind == "backup" and state.stored_key:
+        if self.kind == AgentJobKind.BACKUP and state.stored_key:
             item["key"] = object_key(
                 p.info.kind, p.settings.type, self._item_prefix(agent_job_id), state
             )
@@ -625,7 +640,7 @@ class JobRun:
     async def _silent(self, exc: AgentError) -> None:
         """The agent did not answer (or answered 5xx): logged and put on the job once, when
         it starts (a busy agent answers: that is no silence)."""
-        if exc.reason == "busy" or self._silent_since is not None:
+        if exc.reason == AgentFailure.BUSY or self._silent_since is not None:
             return
         self._silent_since = self.clock.now()
         self.log.warning(
@@ -660,7 +675,7 @@ class JobRun:
             await self._write({f"items.{index}": item})
             raise _ItemFailed(_cap(message, 2000))
         compression, encryption = p.extra.get(agent_job_id) or (None, None)
-        if self.kind == "restore":
+        if self.kind == AgentJobKind.RESTORE:
             # What the restore undid: the restore point's record of how it was stored.
             item.update(
                 status=JobStatus.SUCCEEDED,
@@ -907,7 +922,7 @@ class JobRun:
             return self.p.info.kind
         return (self.job.get("agent") or {}).get("kind")
 
-    def _running_note(self, kind: str | None, event: str) -> str:
+    def _running_note(self, kind: str | None, event: AgentEvent) -> str:
         """For a job ending while an item is RUNNING on the agent: what the agent does."""
         running = [i for i in self.items if i.get("status") == JobStatus.RUNNING]
         return f"; {after_agent(kind, self.kind, event)}" if running else ""

@@ -48,7 +48,21 @@ class JobStatus(StrEnum):
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 FINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.MISSED)
-BUSY, TAKEN = "busy", "taken"  # why a claim was refused (try_claim)
+
+
+class ClaimRefusal(StrEnum):
+    """Why :func:`try_claim` did not claim a job."""
+
+    BUSY = "busy"  # another job of its instance is RUNNING; the candidate still waits
+    TAKEN = "taken"  # no longer as read: claimed by another replica, cancelled, or ended
+
+
+class RestorePointState(StrEnum):
+    """A restore point's state (``backup.restore_points``): defined beside the job enums,
+    which ``restore_points`` uses, so that the two modules import one way."""
+
+    AVAILABLE = "available"
+    DELETING = "deleting"  # its files are being deleted; the record goes last
 
 
 def new_item(name: str, **fields: Any) -> Document:
@@ -166,7 +180,7 @@ async def start_restore(
     target. A restore into another instance records ``source_instance_id``; the restore
     point stays with its source. A target item other than the source's own item must be one
     of the target's registered items."""
-    if point.get("state") != "available":
+    if point.get("state") != RestorePointState.AVAILABLE:
         raise Conflict(
             "This restore point is being deleted and cannot be restored.",
             code="restore_point_deleting",
@@ -499,10 +513,9 @@ async def try_claim(
     at: datetime,
     lease_seconds: float,
     deadline_seconds: float,
-) -> Lease | str:
+) -> Lease | ClaimRefusal:
     """Claim ``candidate`` (from :func:`claimable`) for ``owner``: its :class:`Lease`, or
-    why not: BUSY (another job of its instance is RUNNING; the candidate still waits) or
-    TAKEN (it is no longer as read: claimed by another replica, cancelled, or ended)."""
+    why not (:class:`ClaimRefusal`)."""
     token = int(candidate.get("attempts") or 0) + 1
     expires = at + timedelta(seconds=lease_seconds)
     if candidate["status"] == JobStatus.QUEUED:
@@ -532,9 +545,9 @@ async def try_claim(
     try:
         result = await store.jobs.update_one(query, update)
     except DuplicateKeyError:
-        return BUSY
+        return ClaimRefusal.BUSY
     if result.modified_count != 1:
-        return TAKEN
+        return ClaimRefusal.TAKEN
     return Lease(candidate["_id"], owner, token)
 
 

@@ -25,8 +25,10 @@ from pydantic import ValidationError
 from pymongo.errors import DuplicateKeyError
 
 from backup import destinations
+from backup.agent_client import AgentKind
 from backup.database import SCHEMA_VERSION, Database, Document
 from backup.errors import Conflict, NotFound, Unavailable
+from backup.jobs import ACTIVE, JobType, RestorePointState
 from backup.pagination import Page, paginate
 from backup.secrets import SecretBox
 from storage import ObjectStore, StorageError, open_store
@@ -34,7 +36,6 @@ from storage import ObjectStore, StorageError, open_store
 log = structlog.get_logger(__name__)
 
 StoreOpener = Callable[[destinations.AnySettings], ObjectStore]
-AVAILABLE, DELETING = "available", "deleting"
 
 
 def context(point_id: str) -> str:
@@ -89,7 +90,7 @@ def new_point(
         "retention": retention,
         "items": items,
         "agent": agent,
-        "state": AVAILABLE,
+        "state": RestorePointState.AVAILABLE,
         "secrets": box.seal_map({"encryption_key": encryption_key}, context(point_id)),
         "schema_version": SCHEMA_VERSION,
     }
@@ -111,7 +112,7 @@ def encryption_key(box: SecretBox, point: Document) -> str | None:
 
 async def active_restore(store: Database, point_id: str) -> Document | None:
     return await store.jobs.find_one(
-        {"restore_point_id": point_id, "type": "RESTORE", "status": {"$in": ["QUEUED", "RUNNING"]}},
+        {"restore_point_id": point_id, "type": JobType.RESTORE, "status": {"$in": list(ACTIVE)}},
         {"_id": 1},
     )
 
@@ -128,7 +129,7 @@ async def referenced(
     query: dict[str, Any] = {
         "destination_id": destination_id,
         "items.key": {"$in": keys},
-        "agent.kind": "go",
+        "agent.kind": AgentKind.GO,
     }
     if besides is not None:
         query["_id"] = {"$ne": besides}
@@ -158,7 +159,9 @@ async def purge(
             for key in keys:
                 if key not in shared:
                     await objects.delete(key)
-    await store.restore_points.delete_one({"_id": point["_id"], "state": DELETING})
+    await store.restore_points.delete_one(
+        {"_id": point["_id"], "state": RestorePointState.DELETING}
+    )
 
 
 def invalid_field(exc: ValidationError) -> str:
@@ -215,7 +218,8 @@ async def delete(
             code="destination_invalid",
         ) from None
     await store.restore_points.update_one(
-        {"_id": point_id, "instance_id": instance_id}, {"$set": {"state": DELETING}}
+        {"_id": point_id, "instance_id": instance_id},
+        {"$set": {"state": RestorePointState.DELETING}},
     )
     try:
         await purge(store, box, point, dest, opener=opener, timeout=timeout)

@@ -30,6 +30,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 import structlog
@@ -38,13 +39,20 @@ from pydantic import ValidationError
 from backup import jobs, restore_points
 from backup.clock import Clock, SystemClock
 from backup.database import Database, Document
-from backup.restore_points import AVAILABLE, DELETING, StoreOpener
+from backup.jobs import RestorePointState
+from backup.restore_points import StoreOpener
 from backup.secrets import SecretBox, SecretKeyError
 from storage import StorageError, open_store
 
 log = structlog.get_logger(__name__)
 
-DAYS, HOURS, FILES = "DAYS", "HOURS", "FILES"
+
+class RetentionStyle(StrEnum):
+    """How a plan's retention counts (its ``style``)."""
+
+    DAYS = "DAYS"
+    HOURS = "HOURS"
+    FILES = "FILES"
 
 
 def expires_at(retention: dict[str, Any] | None, created_at: datetime) -> datetime | None:
@@ -52,9 +60,9 @@ def expires_at(retention: dict[str, Any] | None, created_at: datetime) -> dateti
     if not retention:
         return None
     period = int(retention["period"])
-    if retention["style"] == DAYS:
+    if retention["style"] == RetentionStyle.DAYS:
         return created_at + timedelta(days=period)
-    if retention["style"] == HOURS:
+    if retention["style"] == RetentionStyle.HOURS:
         return created_at + timedelta(hours=period)
     return None
 
@@ -72,7 +80,7 @@ def select_expired(
         return []
     ordered = _newest_first(points)
     older = ordered[1:]
-    if retention["style"] == FILES:
+    if retention["style"] == RetentionStyle.FILES:
         return older[max(0, int(retention["period"]) - 1) :]
     out = []
     for point in older:
@@ -179,7 +187,9 @@ class RetentionSweeper:
         async with self._lock:
             # Deletions that failed before first (each point is tried once per sweep).
             result = await self._retry_deleting()
-            plan_ids = await self.db.restore_points.distinct("plan_id", {"state": AVAILABLE})
+            plan_ids = await self.db.restore_points.distinct(
+                "plan_id", {"state": RestorePointState.AVAILABLE}
+            )
             for plan_id in plan_ids:
                 result.add(await self._sweep_plan(plan_id))
             result.add(await self._delete_pending())
@@ -216,7 +226,7 @@ class RetentionSweeper:
         if plan_id is None:
             return result
         points = await self.db.restore_points.find(
-            {"plan_id": plan_id, "state": AVAILABLE},
+            {"plan_id": plan_id, "state": RestorePointState.AVAILABLE},
             {"secrets": 0},
         ).to_list()
         if not points:
@@ -236,12 +246,15 @@ class RetentionSweeper:
             expiry = expires_at(retention, point["created_at"])
             if point.get("expires_at") != expiry:
                 await self.db.restore_points.update_one(
-                    {"_id": point["_id"], "state": AVAILABLE}, {"$set": {"expires_at": expiry}}
+                    {"_id": point["_id"], "state": RestorePointState.AVAILABLE},
+                    {"$set": {"expires_at": expiry}},
                 )
 
     async def _retry_deleting(self) -> SweepResult:
         result = SweepResult()
-        async for point in self.db.restore_points.find({"state": DELETING}, {"secrets": 0}):
+        async for point in self.db.restore_points.find(
+            {"state": RestorePointState.DELETING}, {"secrets": 0}
+        ):
             result.add(await self._delete_point(point, claim=False))
         return result
 
@@ -250,7 +263,8 @@ class RetentionSweeper:
         point_id = point["_id"]
         if claim:
             marked = await self.db.restore_points.update_one(
-                {"_id": point_id, "state": AVAILABLE}, {"$set": {"state": DELETING}}
+                {"_id": point_id, "state": RestorePointState.AVAILABLE},
+                {"$set": {"state": RestorePointState.DELETING}},
             )
             if marked.modified_count != 1:
                 return result  # another sweep or a user took it
@@ -258,7 +272,8 @@ class RetentionSweeper:
             # A restore reads these files: keep them, try again at the next sweep.
             if claim:
                 await self.db.restore_points.update_one(
-                    {"_id": point_id, "state": DELETING}, {"$set": {"state": AVAILABLE}}
+                    {"_id": point_id, "state": RestorePointState.DELETING},
+                    {"$set": {"state": RestorePointState.AVAILABLE}},
                 )
             result.skipped += 1
             return result

@@ -29,7 +29,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo.errors import PyMongoError
 
 from backup import backpressure, jobs
-from backup.agent_client import AgentClient, AgentError, agent_session
+from backup.agent_client import (
+    AgentClient,
+    AgentError,
+    AgentFailure,
+    AgentJobKind,
+    agent_session,
+)
 from backup.clock import Clock, SystemClock
 from backup.database import Database, Document
 from backup.job_run import JobEnd, JobRun, object_key
@@ -374,7 +380,7 @@ class JobRunner:
                 lease_seconds=self.settings.lease_seconds,
                 deadline_seconds=self.settings.job_deadline_seconds,
             )
-            if lease != jobs.BUSY:
+            if lease != jobs.ClaimRefusal.BUSY:
                 self.queue.forget(cand["_id"])
             if not isinstance(lease, Lease):
                 continue
@@ -573,17 +579,17 @@ class JobRunner:
         try:
             client = self.client_for(instance, log_limit=256)
             info = await client.status()
-            state = await client.get("backup", entry["agent_job_id"])
+            state = await client.get(AgentJobKind.BACKUP, entry["agent_job_id"])
         except JobEnd:
             return None
         except AgentError as exc:
-            return GONE if exc.reason == "not_found" else None
+            return GONE if exc.reason == AgentFailure.NOT_FOUND else None
         if not state.finished:
             return None
         # Its outcome is known now: the agent may forget the job (the Go agent keeps every job
         # in memory until told so). Best effort: a failure only leaves it there.
         with contextlib.suppress(AgentError):
-            await client.forget("backup", entry["agent_job_id"])
+            await client.forget(AgentJobKind.BACKUP, entry["agent_job_id"])
         if state.status != JobStatus.SUCCEEDED:
             return GONE
         return (

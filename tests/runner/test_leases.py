@@ -217,7 +217,7 @@ async def test_the_queue_view_reads_new_jobs_drops_stale_ones_and_refreshes(
     refused = await jobs.try_claim(
         store, listed[0], owner="me", at=clock.now(), lease_seconds=30, deadline_seconds=60
     )
-    assert refused == jobs.TAKEN
+    assert refused == jobs.ClaimRefusal.TAKEN
     view.forget(first)
     listed = await view.candidates(store, clock.now(), limit=10, new_jobs=False)
     assert [c["_id"] for c in listed] == [second, third]
@@ -242,7 +242,7 @@ async def test_the_queue_view_reads_new_jobs_drops_stale_ones_and_refreshes(
         lease_seconds=30,
         deadline_seconds=60,
     )
-    assert refused == jobs.BUSY
+    assert refused == jobs.ClaimRefusal.BUSY
 
 
 async def test_runners_start_nothing_while_the_scheduler_is_behind(go: GoRig) -> None:
