@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -59,7 +60,7 @@ def parse_origins(raw: str | Iterable[str] | None) -> frozenset[str]:
 
 def cors_middleware(
     origins: frozenset[str], *, allow_headers: str, expose_headers: str = ""
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+) -> Middleware:
     """Answers preflights of ``origins`` and lets them read answers. Never
     ``Access-Control-Allow-Credentials``: callers authenticate with an Authorization header
     they set themselves, not with cookies a browser would add."""
