@@ -32,6 +32,7 @@ from pymongo.errors import DuplicateKeyError
 
 from backup.database import SCHEMA_VERSION, Database, Document
 from backup.errors import Conflict, InvalidInput, NotFound, Unavailable, Unprocessable
+from backup.merge_patch import merge_patch
 from backup.pagination import Page, now, paginate
 from backup.secrets import SecretBox
 from storage import StorageError, TransferSettings, ValidationReport, ValidationStep, open_store
@@ -261,19 +262,6 @@ async def list_page(store: Database, instance_id: str, limit: int, cursor: str |
     return await paginate(
         store.destinations, {"instance_id": instance_id}, limit=limit, cursor=cursor
     )
-
-
-def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    """JSON merge patch (RFC 7396): objects merge, null removes, anything else replaces."""
-    out = dict(target)
-    for k, v in patch.items():
-        if v is None:
-            out.pop(k, None)
-        elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge_patch(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 # What decides where a destination's secret is sent, and how safely. Changing any of these

@@ -18,6 +18,7 @@ from pymongo.errors import DuplicateKeyError
 from backup import schedule
 from backup.database import SCHEMA_VERSION, Database, Document
 from backup.errors import Conflict, InvalidInput, NotFound
+from backup.merge_patch import merge_patch
 from backup.pagination import Page, now, paginate
 from backup.secrets import SecretBox
 
@@ -209,19 +210,6 @@ def spec_of(doc: Document) -> dict[str, Any]:
     }
 
 
-def merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    """JSON merge patch (RFC 7396): objects merge, null removes, anything else replaces."""
-    out = dict(target)
-    for k, v in patch.items():
-        if v is None:
-            out.pop(k, None)
-        elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 async def update(
     store: Database,
     box: SecretBox,
@@ -236,7 +224,7 @@ async def update(
     the scheduler or runner touched the plan meanwhile."""
     for _ in range(5):
         current = await get(store, instance["_id"], plan_id)
-        spec = PlanSpec.model_validate(merge(spec_of(current), patch))
+        spec = PlanSpec.model_validate(merge_patch(spec_of(current), patch))
         items = await _check(store, instance, spec, min_interval)
         sealed = dict(current.get("secrets") or {})
         new_key = spec.encryption.key.get_secret_value() if spec.encryption.key else None
