@@ -39,8 +39,8 @@ _SORT = [("created_at", -1), ("_id", -1)]
 
 def now() -> datetime:
     """Aware UTC now, cut to the millisecond MongoDB keeps, so cursors compare exactly."""
-    t = datetime.now(UTC)
-    return t.replace(microsecond=t.microsecond // 1000 * 1000)
+    moment = datetime.now(UTC)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
 @dataclass

@@ -71,10 +71,10 @@ class PlanSpec(BaseModel):
 
     @field_validator("name")
     @classmethod
-    def _strip(cls, v: str) -> str:
-        if not v.strip():
+    def _strip(cls, value: str) -> str:
+        if not value.strip():
             raise ValueError("must not be blank")
-        return v.strip()
+        return value.strip()
 
 
 def _context(plan_id: str) -> str:
