@@ -192,10 +192,10 @@ def safe_url(url: str) -> str:
 
 def _message(body: Any) -> str:
     if isinstance(body, dict):
-        for k in ("error_message", "message"):
-            v = body.get(k)
-            if isinstance(v, str) and v:
-                return v[:500]
+        for key in ("error_message", "message"):
+            text = body.get(key)
+            if isinstance(text, str) and text:
+                return text[:500]
     return ""
 
 

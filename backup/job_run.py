@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import structlog
 from pydantic import ValidationError
@@ -43,14 +44,13 @@ from backup.agent_client import (
     AgentJobKind,
     AgentKind,
 )
-from backup.database import Document
+from backup.clock import Clock
+from backup.database import Database, Document
 from backup.jobs import FINAL, JobStatus, JobType, Lease, LeaseLost, RestorePointState
-from backup.retention import expires_at
-from backup.secrets import SecretKeyError
+from backup.retention import RetentionSweeper, expires_at
+from backup.secrets import SecretBox, SecretKeyError
+from backup.store_cache import StoreCache
 from storage import ObjectNotFound, StorageError
-
-if TYPE_CHECKING:
-    from backup.runner import JobRunner
 
 log = structlog.get_logger(__name__)
 
@@ -161,7 +161,7 @@ def object_key(info_kind: str, dest_type: str, sent_prefix: str, state: AgentJob
 class _Prepared:
     instance: Document
     dest: Document
-    settings: destinations.AnySettings
+    dest_settings: destinations.AnySettings
     client: AgentClient
     info: AgentInfo | None = None
     plan: Document | None = None
@@ -174,20 +174,69 @@ class _Prepared:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """The runner settings a job run reads (``backup.runner.RunnerSettings`` names them)."""
+
+    max_attempts: int
+    job_deadline_seconds: float
+    agent_poll_min_seconds: float
+    agent_poll_max_seconds: float
+    agent_unreachable_seconds: float
+    log_max_bytes: int
+    job_log_budget_bytes: int
+    verify_uploads: bool
+    storage_timeout_seconds: float
+    retention_enabled: bool
+
+
+class RunRecorder(Protocol):
+    """What a job run reports for metrics (``backup.runner.RunnerObserver`` is one)."""
+
+    def job_finished(self, job_type: str, status: str, seconds: float | None) -> None: ...
+
+    def agent_error(self, reason: str) -> None: ...
+
+    def bytes_stored(self, nbytes: int) -> None: ...
+
+
+class AgentOpener(Protocol):
+    """The agent of an instance, its password opened in memory only; raises :class:`JobEnd`
+    when the instance has no agent or its credentials cannot be opened."""
+
+    def __call__(self, instance: Document, *, log_limit: int) -> AgentClient: ...
+
+
+@dataclass(frozen=True)
+class JobRunContext:
+    """What a job run uses of the replica running it, built once by the runner."""
+
+    db: Database
+    box: SecretBox
+    clock: Clock
+    settings: RunSettings
+    agent_for: AgentOpener
+    object_stores: StoreCache  # storage clients kept open across jobs (upload checks)
+    sweeper: RetentionSweeper  # retention after a backup; deleting a failed one's files
+    recorder: RunRecorder
+    # Starts a side task (retention after a backup) that the runner stops and waits for.
+    spawn: Callable[[Coroutine[Any, Any, None], str], None]
+
+
 class JobRun:
     """One claim of one job, from its current state to a final one."""
 
-    def __init__(self, runner: JobRunner, lease: Lease, job: Document) -> None:
-        self.r = runner
-        self.s = runner.settings
-        self.clock = runner.clock
-        self.db = runner.db
+    def __init__(self, context: JobRunContext, lease: Lease, job: Document) -> None:
+        self.context = context
+        self.settings = context.settings
+        self.clock = context.clock
+        self.db = context.db
         self.lease = lease
         self.job = job
         self.items: list[Document] = [dict(i) for i in job.get("items") or []]
         self.kind = AgentJobKind.BACKUP if job["type"] == JobType.BACKUP else AgentJobKind.RESTORE
         self.log = log.bind(job_id=job["_id"], instance_id=job["instance_id"], type=job["type"])
-        self.p: _Prepared | None = None
+        self.prepared: _Prepared | None = None
         self._unwritten: dict[str, Any] = {}  # goes with the next write (one write, not two)
         # Since when the agent has not answered (kept on the job: a new holder goes on).
         self._silent_since: datetime | None = job.get("agent_unreachable_since")
@@ -214,7 +263,7 @@ class JobRun:
         on_agent = any(i.get("status") == JobStatus.RUNNING for i in self.items)
         if not on_agent and await self._cancel_requested():  # before anything reaches it
             raise JobEnd(JobStatus.CANCELLED, await self._cancel_reason())
-        if self.lease.token > self.s.max_attempts:
+        if self.lease.token > self.settings.max_attempts:
             raise JobEnd(
                 JobStatus.FAILED,
                 f"The job was taken over {self.lease.token - 1} times (the replicas running "
@@ -225,9 +274,12 @@ class JobRun:
         for item in self.items:
             if item.get("status") == JobStatus.FAILED:  # ended by an earlier holder that then died
                 raise JobEnd(JobStatus.FAILED, f"Item {item['name']!r} failed: {item.get('error')}")
-        self.p = await self._prepare()
-        self.p.info = await self._agent_info()
-        self._unwritten["agent"] = {"kind": self.p.info.kind, "version": self.p.info.version}
+        self.prepared = await self._prepare()
+        self.prepared.info = await self._agent_info()
+        self._unwritten["agent"] = {
+            "kind": self.prepared.info.kind,
+            "version": self.prepared.info.version,
+        }
         for index, item in enumerate(self.items):
             if item.get("status") == JobStatus.SUCCEEDED:
                 continue
@@ -243,7 +295,7 @@ class JobRun:
             except _Deadline:
                 stopping = await self._stop_overdue(index, item)
                 raise JobEnd(JobStatus.FAILED, self._deadline_reason(index, stopping)) from None
-        if self.p.cancel_seen and await self._instance_going():
+        if self.prepared.cancel_seen and await self._instance_going():
             # A deprovision asked: nothing more for an instance being deleted, not even the
             # restore point of a backup whose last item completed (its files are deleted).
             raise JobEnd(JobStatus.CANCELLED, await self._cancel_reason())
@@ -251,14 +303,14 @@ class JobRun:
             await self._complete_backup()
         else:
             reason = None
-            if self.p.cancel_seen:
+            if self.prepared.cancel_seen:
                 reason = "A cancel was requested while the last item ran; it had to complete."
             await self._finish(JobStatus.SUCCEEDED, reason)
 
     # ------------------------------------------------------------------ preparation
 
     async def _prepare(self) -> _Prepared:
-        job, box = self.job, self.r.box
+        job, box = self.job, self.context.box
         instance = await self.db.instances.find_one({"_id": job["instance_id"]})
         if instance is None or instance.get("state") in ("deprovisioning", "deleted"):
             raise JobEnd(JobStatus.FAILED, "The service instance is no longer registered.")
@@ -266,7 +318,7 @@ class JobRun:
         if dest is None:
             raise JobEnd(JobStatus.FAILED, "The job's destination no longer exists.")
         try:
-            settings = destinations.settings_for(dest, box)
+            dest_settings = destinations.settings_for(dest, box)
             opened = box.open_map(instance.get("secrets") or {}, f"instances/{instance['_id']}")
         except SecretKeyError:
             raise JobEnd(
@@ -280,14 +332,16 @@ class JobRun:
                 f"The destination's settings are no longer accepted "
                 f"({restore_points.invalid_field(exc)}); correct the destination.",
             ) from None
-        budget = self.s.job_log_budget_bytes // max(1, len(self.items) * STAGES_PER_ITEM)
-        client = self.r.client_for(instance, log_limit=max(1024, min(self.s.log_max_bytes, budget)))
-        p = _Prepared(
-            instance, dest, settings, client, db_password=opened.get("database_password", "")
+        budget = self.settings.job_log_budget_bytes // max(1, len(self.items) * STAGES_PER_ITEM)
+        client = self.context.agent_for(
+            instance, log_limit=max(1024, min(self.settings.log_max_bytes, budget))
+        )
+        prepared = _Prepared(
+            instance, dest, dest_settings, client, db_password=opened.get("database_password", "")
         )
         if job["type"] == JobType.BACKUP:
             plan = await self.db.plans.find_one({"_id": job.get("plan_id")})
-            p.plan = plan
+            prepared.plan = plan
             if (job.get("encryption") or {}).get("enabled"):
                 if plan is None:
                     raise JobEnd(
@@ -302,8 +356,10 @@ class JobRun:
                     key = None
                 if not key:
                     raise JobEnd(JobStatus.FAILED, "The plan's encryption key cannot be opened.")
-                p.encryption_key = key
-            p.prefix = f"{settings.prefix}{instance['_id']}/{job.get('plan_id') or 'manual'}/"
+                prepared.encryption_key = key
+            prepared.prefix = (
+                f"{dest_settings.prefix}{instance['_id']}/{job.get('plan_id') or 'manual'}/"
+            )
         else:
             point = await self.db.restore_points.find_one({"_id": job.get("restore_point_id")})
             if point is None:
@@ -314,37 +370,37 @@ class JobRun:
                 raise JobEnd(
                     JobStatus.FAILED, "The restore point to restore from is being deleted."
                 )
-            p.point = point
+            prepared.point = point
             try:
-                p.encryption_key = restore_points.encryption_key(box, point)
+                prepared.encryption_key = restore_points.encryption_key(box, point)
             except SecretKeyError:
                 raise JobEnd(
                     JobStatus.FAILED, "The restore point's encryption key cannot be opened."
                 ) from None
-        return p
+        return prepared
 
     async def _agent_info(self) -> AgentInfo:
         """``GET /status``, retried while the agent is unreachable (bounded)."""
-        assert self.p is not None
+        assert self.prepared is not None
         since = self.clock.now()
-        delay = self.s.agent_poll_min_seconds
+        delay = self.settings.agent_poll_min_seconds
         while True:
             try:
-                info = await self.p.client.status()
+                info = await self.prepared.client.status()
                 await self._heard()
                 return info
             except AgentError as exc:
-                self.r.observer.agent_error(exc.reason)
+                self.context.recorder.agent_error(exc.reason)
                 waited = (self.clock.now() - since).total_seconds()
                 if not exc.transient:
                     raise JobEnd(JobStatus.FAILED, f"{_sentence(exc.message)}.") from None
                 await self._silent(exc)
-                if waited >= self.s.agent_unreachable_seconds:
+                if waited >= self.settings.agent_unreachable_seconds:
                     kind = (self.job.get("agent") or {}).get("kind")
                     raise JobEnd(
                         JobStatus.FAILED,
                         f"{_sentence(exc.message)}; still so after "
-                        f"{_human(self.s.agent_unreachable_seconds)}"
+                        f"{_human(self.settings.agent_unreachable_seconds)}"
                         + self._running_note(kind, "silent")
                         + ".",
                     ) from None
@@ -353,20 +409,20 @@ class JobRun:
                 if await self._cancel_requested():
                     raise JobEnd(JobStatus.CANCELLED, await self._cancel_reason()) from None
             await self.clock.sleep(delay)
-            delay = min(delay * 2, self.s.agent_poll_max_seconds)
+            delay = min(delay * 2, self.settings.agent_poll_max_seconds)
 
     # ------------------------------------------------------------------ items
 
     def _request(self, index: int, item: Document, agent_job_id: str) -> dict[str, Any]:
-        p = self.p
-        assert p is not None and p.info is not None
+        prepared = self.prepared
+        assert prepared is not None and prepared.info is not None
         # The job's instance is the one whose database changes: for a restore, the target
         # (possibly another instance than the restore point's), into the item's ``target``.
-        db = p.instance.get("database") or {}
+        db = prepared.instance.get("database") or {}
         section = agent_client.database_section(
             host=str(db.get("host") or ""),
             username=str(db.get("username") or ""),
-            password=p.db_password,
+            password=prepared.db_password,
             database=str(item.get("target") or item["name"]),
             port=db.get("port"),
             parameters=db.get("parameters"),
@@ -374,18 +430,18 @@ class JobRun:
         checksum = None  # of the stored object: a restore has the agent verify its download
         if self.kind == AgentJobKind.BACKUP:
             compression, encryption = agent_client.backup_modes(
-                p.info,
+                prepared.info,
                 bool(self.job.get("compression")),
                 bool((self.job.get("encryption") or {}).get("enabled")),
             )
             dest = agent_client.destination(
-                p.settings, filename_prefix=self._item_prefix(agent_job_id)
+                prepared.dest_settings, filename_prefix=self._item_prefix(agent_job_id)
             )
         else:
             stored = self._point_item(item["name"])
             compression, encryption = stored.get("compression"), stored.get("encryption")
             checksum = stored.get("checksum")
-            missing = agent_client.missing_capabilities(p.info, compression, encryption)
+            missing = agent_client.missing_capabilities(prepared.info, compression, encryption)
             if missing:
                 raise _ItemFailed(
                     "the agent cannot reverse how this backup was stored (it lacks "
@@ -396,24 +452,27 @@ class JobRun:
             if not filename:
                 raise _ItemFailed("the restore point does not record the stored object's name")
             dest = agent_client.destination(
-                p.settings, filename_prefix=f"{head}/" if head else "", filename=filename
+                prepared.dest_settings,
+                filename_prefix=f"{head}/" if head else "",
+                filename=filename,
             )
-        p.extra[agent_job_id] = (compression, encryption)
+        prepared.extra[agent_job_id] = (compression, encryption)
         return agent_client.job_request(
             self.kind,
             agent_job_id=agent_job_id,
-            info=p.info,
+            info=prepared.info,
             compression=compression,
             encryption=encryption,
-            encryption_key=p.encryption_key,
+            encryption_key=prepared.encryption_key,
             destination=dest,
             section=section,
             checksum=checksum,
         )
 
     def _point_item(self, name: str) -> Document:
-        assert self.p is not None and self.p.point is not None
-        for stored in self.p.point.get("items") or []:
+        assert self.prepared is not None and self.prepared.point is not None
+        stored_items: list[Document] = self.prepared.point.get("items") or []
+        for stored in stored_items:
             if stored.get("name") == name:
                 return stored
         raise _ItemFailed(f"the restore point has no item {name!r}")
@@ -457,7 +516,7 @@ class JobRun:
         else:
             self.log.info("agent_job_resumed", agent_job_id=agent_job_id, item=index)
         state = await self._poll(index, agent_job_id, state)
-        if state.cancelled and self.p is not None and self.p.cancel_seen:
+        if state.cancelled and self.prepared is not None and self.prepared.cancel_seen:
             await self._cancelled_on_agent(index, item, agent_job_id, state)
             await self._forget(agent_job_id)
             raise JobEnd(JobStatus.CANCELLED, await self._cancel_reason())
@@ -471,30 +530,31 @@ class JobRun:
     async def _forget(self, agent_job_id: str) -> None:
         """Once an item's outcome is recorded, the agent may forget its job: the Go agent
         keeps every job in memory until told so. Best effort."""
-        assert self.p is not None
+        assert self.prepared is not None
         try:
-            await self.p.client.forget(self.kind, agent_job_id)
+            await self.prepared.client.forget(self.kind, agent_job_id)
         except AgentError as exc:
             self.log.info("agent_forget_failed", agent_job_id=agent_job_id, error=exc.reason)
 
     async def _start_on_agent(self, agent_job_id: str, request: dict[str, Any]) -> AgentJob | None:
-        assert self.p is not None
+        assert self.prepared is not None
         since = self.clock.now()
-        delay = self.s.agent_poll_min_seconds
+        delay = self.settings.agent_poll_min_seconds
         while True:
             try:
-                started = await self.p.client.start(self.kind, request)
+                started = await self.prepared.client.start(self.kind, request)
                 await self._heard()
                 return started
             except AgentError as exc:
-                self.r.observer.agent_error(exc.reason)
+                self.context.recorder.agent_error(exc.reason)
                 if not exc.transient:
                     raise _ItemFailed(exc.message) from None
                 await self._silent(exc)
                 waited = (self.clock.now() - since).total_seconds()
-                if waited >= self.s.agent_unreachable_seconds:
+                if waited >= self.settings.agent_unreachable_seconds:
                     raise _ItemFailed(
-                        f"{exc.message}; still so after {_human(self.s.agent_unreachable_seconds)}"
+                        f"{exc.message}; still so after "
+                        f"{_human(self.settings.agent_unreachable_seconds)}"
                     ) from None
                 if self._past_deadline():
                     raise _Deadline() from None
@@ -502,36 +562,41 @@ class JobRun:
                     # The request may have reached the agent before its answer was lost; it
                     # is asked once more below so that a started job is seen, not forgotten.
                     with contextlib.suppress(AgentError):
-                        existing = await self.p.client.get(self.kind, agent_job_id)
+                        existing = await self.prepared.client.get(self.kind, agent_job_id)
                         return existing
                     raise JobEnd(JobStatus.CANCELLED, await self._cancel_reason()) from None
                 self.log.info("agent_start_retry", error=exc.reason, waited=round(waited, 1))
             await self.clock.sleep(delay)
-            delay = min(delay * 2, self.s.agent_poll_max_seconds)
+            delay = min(delay * 2, self.settings.agent_poll_max_seconds)
 
     async def _poll(self, index: int, agent_job_id: str, state: AgentJob | None) -> AgentJob:
-        assert self.p is not None
-        delay = self.s.agent_poll_min_seconds
+        assert self.prepared is not None
+        delay = self.settings.agent_poll_min_seconds
         unreachable_since: datetime | None = None
-        info = self.p.info
+        info = self.prepared.info
         kind = info.kind if info is not None else None
         while state is None or not state.finished:
             if self._past_deadline():
                 raise _Deadline()
-            if not self.p.cancel_seen and await self._cancel_requested():
-                self.p.cancel_seen = True
+            if not self.prepared.cancel_seen and await self._cancel_requested():
+                self.prepared.cancel_seen = True
                 self.log.info("cancel_noted", item=index)
-            if self.p.cancel_seen and not self.p.cancel_sent and info is not None and info.cancels:
+            if (
+                self.prepared.cancel_seen
+                and not self.prepared.cancel_sent
+                and info is not None
+                and info.cancels
+            ):
                 if await self._cancel_on_agent(index, agent_job_id):
-                    delay = self.s.agent_poll_min_seconds  # its end comes soon: see it soon
+                    delay = self.settings.agent_poll_min_seconds  # its end comes soon: see it soon
             await self.clock.sleep(delay)
-            delay = min(delay * 1.5, self.s.agent_poll_max_seconds)
+            delay = min(delay * 1.5, self.settings.agent_poll_max_seconds)
             try:
-                state = await self.p.client.get(self.kind, agent_job_id)
+                state = await self.prepared.client.get(self.kind, agent_job_id)
                 unreachable_since = None
                 await self._heard()
             except AgentError as exc:
-                self.r.observer.agent_error(exc.reason)
+                self.context.recorder.agent_error(exc.reason)
                 if exc.reason == AgentFailure.NOT_FOUND:
                     raise _ItemFailed(
                         f"{exc.message}; {after_agent(kind, self.kind, 'forgotten')}"
@@ -542,9 +607,10 @@ class JobRun:
                 now = self.clock.now()
                 unreachable_since = unreachable_since or now
                 waited = (now - unreachable_since).total_seconds()
-                if waited >= self.s.agent_unreachable_seconds:
+                if waited >= self.settings.agent_unreachable_seconds:
                     raise _ItemFailed(
-                        f"{exc.message}; no answer for {_human(self.s.agent_unreachable_seconds)}; "
+                        f"{exc.message}; no answer for "
+                        f"{_human(self.settings.agent_unreachable_seconds)}; "
                         + after_agent(kind, self.kind, "silent")
                     ) from None
                 state = None
@@ -556,11 +622,11 @@ class JobRun:
     async def _send_cancel(self, index: int, agent_job_id: str) -> bool | None:
         """Ask our agent to stop the item at its next stage boundary: True if it accepted,
         False if it refused or forgot the job, None on a transient failure."""
-        assert self.p is not None
+        assert self.prepared is not None
         try:
-            await self.p.client.cancel(self.kind, agent_job_id)
+            await self.prepared.client.cancel(self.kind, agent_job_id)
         except AgentError as exc:
-            self.r.observer.agent_error(exc.reason)
+            self.context.recorder.agent_error(exc.reason)
             if exc.transient:
                 return None
             self.log.info("agent_cancel_refused", agent_job_id=agent_job_id, error=exc.reason)
@@ -572,20 +638,20 @@ class JobRun:
         """Ask our agent to stop the running item; whether it was asked. A transient failure
         is tried again at the next poll; the item's end (the cancelled state, its outcome if
         the cancel came too late, or the 404 of a refusal) is seen by polling."""
-        assert self.p is not None
+        assert self.prepared is not None
         if await self._send_cancel(index, agent_job_id) is None:
             return False
-        self.p.cancel_sent = True
+        self.prepared.cancel_sent = True
         return True
 
     async def _stop_overdue(self, index: int, item: Document) -> bool:
         """Ask our agent to stop an item still running at the job's deadline, so that an
         overdue backup does not go on unwatched; whether it has been asked (once, best
         effort: the job ends now either way)."""
-        p = self.p
-        if p is None or p.info is None or not p.info.cancels:
+        prepared = self.prepared
+        if prepared is None or prepared.info is None or not prepared.info.cancels:
             return False
-        if p.cancel_sent:
+        if prepared.cancel_sent:
             return True
         agent_job_id = item.get("agent_job_id") or f"{self.job['_id']}-{index}"
         return bool(await self._send_cancel(index, agent_job_id))
@@ -596,8 +662,8 @@ class JobRun:
         """The agent stopped the item as asked: the stage running then finished, no later
         data stage ran, cleanup and unlock did. A stored object the agent could not delete
         is kept on the item, so that ending the job deletes it."""
-        p = self.p
-        assert p is not None and p.info is not None
+        prepared = self.prepared
+        assert prepared is not None and prepared.info is not None
         detail = state.error_message or "cancelled"
         item.update(
             logs=state.logs or item.get("logs") or {},
@@ -611,7 +677,10 @@ class JobRun:
         )
         if self.kind == AgentJobKind.BACKUP and state.stored_key:
             item["key"] = object_key(
-                p.info.kind, p.settings.type, self._item_prefix(agent_job_id), state
+                prepared.info.kind,
+                prepared.dest_settings.type,
+                self._item_prefix(agent_job_id),
+                state,
             )
         await self._write({f"items.{index}": item})
 
@@ -630,7 +699,7 @@ class JobRun:
             item["logs"] = dict(state.logs)
             fields[f"items.{index}.logs"] = item["logs"]
         last = self._heard_written.get(index)
-        stale = last is None or (now - last).total_seconds() >= self.s.agent_poll_max_seconds
+        stale = last is None or (now - last).total_seconds() >= self.settings.agent_poll_max_seconds
         item["last_heard_at"] = now
         if fields or stale:
             fields[f"items.{index}.last_heard_at"] = now
@@ -645,7 +714,7 @@ class JobRun:
         self._silent_since = self.clock.now()
         self.log.warning(
             "agent_unreachable",
-            agent=self.p.client.where if self.p else None,
+            agent=self.prepared.client.where if self.prepared else None,
             error=exc.reason,
             since=self._silent_since.isoformat(),
         )
@@ -659,14 +728,14 @@ class JobRun:
         self._silent_since = None
         self.log.info(
             "agent_reachable_again",
-            agent=self.p.client.where if self.p else None,
+            agent=self.prepared.client.where if self.prepared else None,
             unreachable_seconds=round(silent, 1),
         )
         await self._write({"agent_unreachable_since": None})
 
     async def _record(self, index: int, item: Document, agent_job_id: str, state: AgentJob) -> None:
-        p = self.p
-        assert p is not None and p.info is not None
+        prepared = self.prepared
+        assert prepared is not None and prepared.info is not None
         now = self.clock.now()
         item.update(logs=state.logs or item.get("logs") or {}, ended_at=now, stage=state.state)
         if state.status != JobStatus.SUCCEEDED:
@@ -674,7 +743,7 @@ class JobRun:
             item.update(status=JobStatus.FAILED, error=_cap(message, 2000))
             await self._write({f"items.{index}": item})
             raise _ItemFailed(_cap(message, 2000))
-        compression, encryption = p.extra.get(agent_job_id) or (None, None)
+        compression, encryption = prepared.extra.get(agent_job_id) or (None, None)
         if self.kind == AgentJobKind.RESTORE:
             # What the restore undid: the restore point's record of how it was stored.
             item.update(
@@ -685,7 +754,9 @@ class JobRun:
             )
             await self._write({f"items.{index}": item})
             return
-        key = object_key(p.info.kind, p.settings.type, self._item_prefix(agent_job_id), state)
+        key = object_key(
+            prepared.info.kind, prepared.dest_settings.type, self._item_prefix(agent_job_id), state
+        )
         stored_size = state.stored_size
         if stored_size is None and not (state.compression or state.encryption):
             stored_size = state.size  # the script's file was uploaded as it was
@@ -723,13 +794,13 @@ class JobRun:
     # ------------------------------------------------------------------ success
 
     async def _complete_backup(self) -> None:
-        p = self.p
-        assert p is not None
-        if self.s.verify_uploads:
+        prepared = self.prepared
+        assert prepared is not None
+        if self.settings.verify_uploads:
             problem = await self._verify_uploads()
             if problem:
                 raise JobEnd(JobStatus.FAILED, problem)
-        retention = (p.plan or {}).get("retention")
+        retention = (prepared.plan or {}).get("retention")
         now = self.clock.now()
         point_items = [
             {
@@ -746,14 +817,16 @@ class JobRun:
         ]
         encrypted = any(i.get("encryption") for i in point_items)
         point = restore_points.new_point(
-            self.r.box,
+            self.context.box,
             self.job,
             items=point_items,
             created_at=now,
             expires_at=expires_at(retention, now),
             retention=retention,
-            encryption_key=p.encryption_key if encrypted else None,
-            agent={"kind": p.info.kind, "version": p.info.version} if p.info else None,
+            encryption_key=prepared.encryption_key if encrypted else None,
+            agent={"kind": prepared.info.kind, "version": prepared.info.version}
+            if prepared.info
+            else None,
         )
         # Fence first: a holder that lost its lease must not add a restore point. (Every
         # item is already recorded, so a read of the lease does it, not a write.)
@@ -761,7 +834,7 @@ class JobRun:
             raise LeaseLost(self.lease.job_id)
         await restore_points.record(self.db, point)
         reason = None
-        if p.cancel_seen:
+        if prepared.cancel_seen:
             reason = "A cancel was requested while the last item ran; the backup had completed."
         try:
             await self._finish(
@@ -770,11 +843,11 @@ class JobRun:
         except LeaseLost:
             await self._lost_after_point(point["_id"])
             raise
-        self.r.observer.bytes_stored(
+        self.context.recorder.bytes_stored(
             sum(int(i.get("stored_size") or i.get("size") or 0) for i in point_items)
         )
-        if self.s.retention_enabled and self.job.get("plan_id"):
-            self.r.spawn(self._retention(self.job["plan_id"]), f"retention-{self.job['_id']}")
+        if self.settings.retention_enabled and self.job.get("plan_id"):
+            self.context.spawn(self._retention(self.job["plan_id"]), f"retention-{self.job['_id']}")
 
     async def _lost_after_point(self, point_id: str) -> None:
         """The lease was lost between writing the restore point and ending the job: keep the
@@ -785,17 +858,17 @@ class JobRun:
 
     async def _retention(self, plan_id: str) -> None:
         try:
-            await self.r.sweeper.sweep_plan(plan_id)
+            await self.context.sweeper.sweep_plan(plan_id)
         except Exception:
             self.log.exception("retention_after_backup_failed", plan_id=plan_id)
 
     async def _verify_uploads(self) -> str | None:
-        p = self.p
-        assert p is not None
+        prepared = self.prepared
+        assert prepared is not None
         try:
-            async with asyncio.timeout(self.s.storage_timeout_seconds):
-                settings = restore_points.object_settings(p.dest, self.r.box)
-                async with self.r.object_stores.use(settings) as objects:
+            async with asyncio.timeout(self.settings.storage_timeout_seconds):
+                settings = restore_points.object_settings(prepared.dest, self.context.box)
+                async with self.context.object_stores.use(settings) as objects:
                     for item in self.items:
                         try:
                             info = await objects.stat(item["key"])
@@ -832,8 +905,8 @@ class JobRun:
         pending: list[Document] = []
         kind = self._agent_kind()
         for index, item in enumerate(self.items):
-            st = item.get("status")
-            if st == JobStatus.RUNNING:
+            item_status = item.get("status")
+            if item_status == JobStatus.RUNNING:
                 note = "still running on the agent when the job ended; " + after_agent(
                     kind, self.kind, "abandoned"
                 )
@@ -842,33 +915,33 @@ class JobRun:
                     error=note,
                     ended_at=now,
                 )
-                if self.job["type"] == JobType.BACKUP and self.p is not None:
+                if self.job["type"] == JobType.BACKUP and self.prepared is not None:
                     agent_id = item.get("agent_job_id") or f"{self.job['_id']}-{index}"
                     pending.append(
                         {
                             "destination_id": self.job["destination_id"],
                             "instance_id": self.job["instance_id"],
                             "agent_job_id": agent_id,
-                            "type": self.p.settings.type,
+                            "type": self.prepared.dest_settings.type,
                             "prefix": self._item_prefix(agent_id),
                             "since": now,
                         }
                     )
-            elif st not in FINAL:
+            elif item_status not in FINAL:
                 item.update(
                     status=JobStatus.CANCELLED,
                     error="not run: the job ended before it",
                     ended_at=now,
                 )
             elif (
-                st in (JobStatus.SUCCEEDED, JobStatus.CANCELLED)
+                item_status in (JobStatus.SUCCEEDED, JobStatus.CANCELLED)
                 and self.job["type"] == JobType.BACKUP
                 and item.get("key")
             ):
                 pending.append({"destination_id": self.job["destination_id"], "key": item["key"]})
         left = pending
         if pending:
-            result, left = await self.r.sweeper.delete_objects(self.job["_id"], pending)
+            result, left = await self.context.sweeper.delete_objects(self.job["_id"], pending)
             if result.orphans_deleted:
                 self.log.info("failed_backup_files_deleted", objects=result.orphans_deleted)
         fields: dict[str, Any] = {"items": self.items}
@@ -885,13 +958,13 @@ class JobRun:
         if self._silent_since is not None:
             self.log.warning(
                 "agent_unreachable_gave_up",
-                agent=self.p.client.where if self.p else None,
+                agent=self.prepared.client.where if self.prepared else None,
                 unreachable_seconds=round((now - self._silent_since).total_seconds(), 1),
                 status=status,
             )
         self._unwritten = {}
         started = self.job.get("started_at")
-        self.r.observer.job_finished(
+        self.context.recorder.job_finished(
             self.job["type"], status, _seconds(now - started) if started else None
         )
         self.log.info("job_finished", status=status, reason=_cap(reason or "", 300) or None)
@@ -918,8 +991,8 @@ class JobRun:
         return instance is None or instance.get("state") in ("deprovisioning", "deleted")
 
     def _agent_kind(self) -> str | None:
-        if self.p is not None and self.p.info is not None:
-            return self.p.info.kind
+        if self.prepared is not None and self.prepared.info is not None:
+            return self.prepared.info.kind
         return (self.job.get("agent") or {}).get("kind")
 
     def _running_note(self, kind: str | None, event: AgentEvent) -> str:
@@ -947,15 +1020,16 @@ class JobRun:
         """Where an item's file goes: ``<destination prefix><instance>/<plan>/<agent job id>/``.
         Agents name files by the minute: a folder per agent job keeps two backups of one
         plan in one minute (a manual one after a scheduled one) from overwriting each other."""
-        assert self.p is not None
-        return f"{self.p.prefix}{agent_job_id}/"
+        assert self.prepared is not None
+        return f"{self.prepared.prefix}{agent_job_id}/"
 
     def _past_deadline(self) -> bool:
         deadline = self.job.get("deadline_at")
         return deadline is not None and self.clock.now() >= deadline
 
     def _deadline_reason(self, index: int | None, stopping: bool = False) -> str:
-        text = f"The job did not end within its deadline ({_human(self.s.job_deadline_seconds)})"
+        deadline = _human(self.settings.job_deadline_seconds)
+        text = f"The job did not end within its deadline ({deadline})"
         if index is not None and stopping:
             text += (
                 f"; item {self.items[index]['name']!r} was still running on the agent, which was "

@@ -18,13 +18,14 @@ import contextlib
 import os
 import socket
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import aiohttp
 import structlog
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo.errors import PyMongoError
 
@@ -38,11 +39,12 @@ from backup.agent_client import (
 )
 from backup.clock import Clock, SystemClock
 from backup.database import Database, Document
-from backup.job_run import JobEnd, JobRun, object_key
+from backup.job_run import JobEnd, JobRun, JobRunContext, RunSettings, object_key
 from backup.jobs import JobStatus, Lease, LeaseLost
 from backup.restore_points import StoreOpener
 from backup.retention import GONE, RetentionSweeper
 from backup.secrets import SecretBox, SecretKeyError
+from backup.settings import load_settings
 from backup.store_cache import StoreCache
 from storage import open_store
 
@@ -171,15 +173,8 @@ class RunnerSettings(BaseSettings):
 
 
 def load_runner_settings() -> RunnerSettings:
-    """The runner settings from the environment, or ``ValueError`` naming each bad one."""
-    try:
-        return RunnerSettings()
-    except ValidationError as exc:
-        lines = [
-            f"{'.'.join(str(p) for p in err['loc']).upper() or 'RUNNER'}: {err['msg']}"
-            for err in exc.errors(include_input=False)
-        ]
-        raise ValueError("invalid runner configuration:\n  " + "\n  ".join(lines)) from None
+    """The runner settings from the environment (``backup.settings.ConfigError`` if bad)."""
+    return load_settings(RunnerSettings, part="runner")
 
 
 def new_replica_id() -> str:
@@ -249,6 +244,28 @@ class JobRunner:
         if self.sweeper.resolver is None:
             self.sweeper.resolver = self.resolve_abandoned
         self.object_stores = StoreCache(opener)
+        self._run_context = JobRunContext(
+            db=store,
+            box=box,
+            clock=self.clock,
+            settings=RunSettings(
+                max_attempts=settings.max_attempts,
+                job_deadline_seconds=settings.job_deadline_seconds,
+                agent_poll_min_seconds=settings.agent_poll_min_seconds,
+                agent_poll_max_seconds=settings.agent_poll_max_seconds,
+                agent_unreachable_seconds=settings.agent_unreachable_seconds,
+                log_max_bytes=settings.log_max_bytes,
+                job_log_budget_bytes=settings.job_log_budget_bytes,
+                verify_uploads=settings.verify_uploads,
+                storage_timeout_seconds=settings.storage_timeout_seconds,
+                retention_enabled=settings.retention_enabled,
+            ),
+            agent_for=self.client_for,
+            object_stores=self.object_stores,
+            sweeper=self.sweeper,
+            recorder=self.observer,
+            spawn=self.spawn,
+        )
         self._held: dict[str, _Held] = {}
         self._wake = asyncio.Event()
         self.queue = jobs.QueueView(refresh_seconds=max(30.0, 6 * settings.poll_seconds))
@@ -514,7 +531,7 @@ class JobRunner:
         try:
             job = await self.db.jobs.find_one({"_id": lease.job_id})
             if job is not None and job.get("status") == JobStatus.RUNNING:
-                await JobRun(self, lease, job).run()
+                await JobRun(self._run_context, lease, job).run()
         except LeaseLost:
             log.warning("lease_lost", job_id=lease.job_id, replica=self.replica_id)
         except asyncio.CancelledError:
@@ -540,7 +557,7 @@ class JobRunner:
             self._held.pop(lease.job_id, None)
             self._wake.set()
 
-    def spawn(self, coro: Any, name: str) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """A side task (retention after a backup) that ``stop`` and ``idle`` account for."""
         task = asyncio.create_task(coro, name=name)
         self._side_tasks.add(task)

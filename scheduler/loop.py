@@ -39,6 +39,7 @@ import random
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 import structlog
 from pymongo import UpdateOne
@@ -92,14 +93,24 @@ class SchedulerStats:
     errors: int = 0
 
 
-class SchedulerObserver:
-    """Hook for metrics; this default does nothing."""
+class SchedulerObserver(Protocol):
+    """What the scheduler reports for metrics (``broker.metrics.Metrics`` is one)."""
 
     def fired(self, trigger: str, lag_seconds: float) -> None:
         """This replica queued a job (SCHEDULE or CATCH_UP) ``lag_seconds`` after its fire."""
 
     def missed(self, fires: int) -> None:
         """This replica recorded ``fires`` missed fires (in one MISSED job)."""
+
+
+class _Unobserved:
+    """The observer of a scheduler given none: reports nothing."""
+
+    def fired(self, trigger: str, lag_seconds: float) -> None:
+        pass
+
+    def missed(self, fires: int) -> None:
+        pass
 
 
 def _local(at: datetime, timezone: str) -> str:
@@ -130,7 +141,7 @@ class Scheduler:
         self.settings = settings
         self.replica_id = replica_id
         self.clock: Clock = clock or SystemClock()
-        self.observer = observer or SchedulerObserver()
+        self.observer: SchedulerObserver = observer or _Unobserved()
         self.stats = SchedulerStats()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -273,9 +284,9 @@ class Scheduler:
     def _note(self, fire: datetime) -> None:
         """Remember a fire this replica just scheduled if it falls in the known window."""
         if self._horizon is not None and fire <= self._horizon:
-            i = bisect.bisect_left(self._upcoming, fire)
-            if i == len(self._upcoming) or self._upcoming[i] != fire:
-                self._upcoming.insert(i, fire)
+            position = bisect.bisect_left(self._upcoming, fire)
+            if position == len(self._upcoming) or self._upcoming[position] != fire:
+                self._upcoming.insert(position, fire)
 
     # ------------------------------------------------------------------ one pass
 
@@ -301,9 +312,9 @@ class Scheduler:
             oldest = min(p["next_run_at"] for p in due)
             if (now - oldest).total_seconds() > backpressure.BEHIND_SECONDS:
                 await self._behind(now)
-            n = await self._fire_batch(due, now)
-            queued += n
-            if n:
+            batch_queued = await self._fire_batch(due, now)
+            queued += batch_queued
+            if batch_queued:
                 self.db.events.jobs_queued.fire()  # the runner may start on the first batches
             if len(due) < batch:
                 break
