@@ -35,6 +35,7 @@ from agent.models import (
     Transform,
     describe_errors,
 )
+from backup import jobs
 from backup.registration import parameter_refusal
 from storage import egress
 from storage.base import EgressDenied
@@ -128,7 +129,7 @@ class AgentInfo:
 class AgentJob:
     """An agent's answer to ``GET /backup/{id}`` or ``GET /restore/{id}``, both kinds."""
 
-    status: str  # RUNNING, SUCCEEDED or FAILED
+    status: str  # RUNNING, SUCCEEDED or FAILED (as a job's, ``backup.jobs.JobStatus``)
     state: str | None = None
     message: str | None = None
     error_message: str | None = None
@@ -145,7 +146,7 @@ class AgentJob:
 
     @property
     def finished(self) -> bool:
-        return self.status in ("SUCCEEDED", "FAILED")
+        return self.status in (jobs.JobStatus.SUCCEEDED, jobs.JobStatus.FAILED)
 
     @classmethod
     def parse(cls, body: Any, *, log_limit: int) -> AgentJob:
@@ -299,7 +300,7 @@ class AgentClient:
         if code == 409:
             if isinstance(body, dict) and body.get("status"):
                 return AgentJob.parse(body, log_limit=self.log_limit)
-            return AgentJob(status="RUNNING")
+            return AgentJob(status=jobs.JobStatus.RUNNING)
         if code == 429:
             raise AgentError(
                 AgentFailure.BUSY,

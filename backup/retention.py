@@ -323,7 +323,10 @@ class RetentionSweeper:
         be deleted at that moment."""
         result = SweepResult()
         async for job in self.db.jobs.find(
-            {"pending_deletes.destination_id": {"$exists": True}, "status": {"$ne": "RUNNING"}},
+            {
+                "pending_deletes.destination_id": {"$exists": True},
+                "status": {"$ne": jobs.JobStatus.RUNNING},
+            },
             {"pending_deletes": 1},
         ):
             result.add(await self.delete_job_files(job["_id"], job.get("pending_deletes") or []))
