@@ -16,28 +16,33 @@ import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import structlog
 from pymongo.errors import DuplicateKeyError
 
 from backup.clock import Clock, SystemClock
 from backup.database import SCHEMA_VERSION, Database, Document
-from backup.errors import Conflict, Gone, InvalidInput, NotFound
-from backup.instances import (
-    DELETED,
-    DEPROVISIONING,
-    FAILED,
-    LIVE_STATES,
-    PROVISIONING,
-    concurrency_error,
-    instance_not_found,
+from backup.errors import (
+    AlreadyExists,
+    BindingGone,
+    ConcurrentOperation,
+    ServiceMismatch,
+    UnknownBinding,
 )
-from backup.operations import SUCCEEDED
+from backup.instances import LIVE_STATES, instance_not_found
+from backup.operations import InstanceState, OperationState, OperationStatus
 
 log = structlog.get_logger(__name__)
 
 KEY_PREFIX = "bmk_"
-READY = "ready"
+
+
+class BindingState(StrEnum):
+    """A binding document's ``state``: binding is synchronous, and unbinding deletes it."""
+
+    READY = "ready"
+    DELETED = "deleted"  # never written (unbinding deletes the document): read as absent
 
 
 def new_key() -> str:
@@ -86,20 +91,17 @@ async def bind(store: Database, req: BindRequest, *, clock: Clock | None = None)
         {"_id": req.instance_id}, {"state": 1, "service_id": 1, "plan_id": 1}
     )
     state = instance.get("state") if instance else None
-    if instance is None or state == DELETED:
+    if instance is None or state == InstanceState.DELETED:
         raise instance_not_found(req.instance_id)
-    if state == FAILED:
+    if state == InstanceState.FAILED:
         raise instance_not_found(req.instance_id, "failed to provision")
-    if state in (PROVISIONING, DEPROVISIONING):
-        raise concurrency_error(
-            f"The instance is being {'provisioned' if state == PROVISIONING else 'deleted'}; "
-            "bind once that has finished."
-        )
+    if state in (InstanceState.PROVISIONING, InstanceState.DEPROVISIONING):
+        doing = "provisioned" if state == InstanceState.PROVISIONING else "deleted"
+        raise ConcurrentOperation(f"The instance is being {doing}; bind once that has finished.")
     assert state in LIVE_STATES, state
     if req.service_id != instance.get("service_id"):
-        raise InvalidInput(
+        raise ServiceMismatch(
             f"service_id {req.service_id!r} is not the service of this instance.",
-            code="BadRequest",
             field="service_id",
         )
     existing = await store.bindings.find_one({"_id": req.binding_id})
@@ -116,11 +118,11 @@ async def bind(store: Database, req: BindRequest, *, clock: Clock | None = None)
         "parameters": req.parameters or {},
         "context": req.context or {},
         "bind_resource": req.bind_resource,
-        "state": READY,
+        "state": BindingState.READY,
         "last_operation": {
             "id": f"bind-{uuid.uuid4().hex}",
             "type": "bind",
-            "state": SUCCEEDED,
+            "state": OperationState.SUCCEEDED,
             "description": "Bound.",
             "updated_at": at,
         },
@@ -136,7 +138,7 @@ async def bind(store: Database, req: BindRequest, *, clock: Clock | None = None)
         # A concurrent bind with the same id won (a key hash collision is not credible).
         existing = await store.bindings.find_one({"_id": req.binding_id})
         if existing is None:
-            raise concurrency_error("The binding keeps changing; retry.") from None
+            raise ConcurrentOperation("The binding keeps changing; retry.") from None
         return _repeat(existing, req)
     log.info(
         "binding_created",
@@ -149,20 +151,16 @@ async def bind(store: Database, req: BindRequest, *, clock: Clock | None = None)
 
 def _repeat(existing: Document, req: BindRequest) -> BindOutcome:
     if not _same(existing, req):
-        raise Conflict(
-            f"Service binding {req.binding_id!r} already exists with different attributes.",
-            code="Conflict",
+        raise AlreadyExists(
+            f"Service binding {req.binding_id!r} already exists with different attributes."
         )
     return BindOutcome(False, existing)
 
 
 async def get(store: Database, instance_id: str, binding_id: str) -> Document:
     doc = await store.bindings.find_one({"_id": binding_id, "instance_id": instance_id})
-    if doc is None or doc.get("state") == DELETED:
-        raise NotFound(
-            f"Service binding {binding_id!r} does not exist for this instance.",
-            code="BindingNotFound",
-        )
+    if doc is None or doc.get("state") == BindingState.DELETED:
+        raise UnknownBinding(f"Service binding {binding_id!r} does not exist for this instance.")
     return doc
 
 
@@ -171,13 +169,15 @@ async def unbind(store: Database, instance_id: str, binding_id: str) -> None:
     a repeated DELETE (orphan mitigation) is harmless."""
     result = await store.bindings.delete_one({"_id": binding_id, "instance_id": instance_id})
     if result.deleted_count != 1:
-        raise Gone(f"Service binding {binding_id!r} does not exist for this instance.", code="Gone")
+        raise BindingGone(f"Service binding {binding_id!r} does not exist for this instance.")
     log.info("binding_deleted", instance_id=instance_id, binding_id=binding_id)
 
 
-async def last_operation(store: Database, instance_id: str, binding_id: str) -> Document:
+async def last_operation(store: Database, instance_id: str, binding_id: str) -> OperationStatus:
     doc = await store.bindings.find_one({"_id": binding_id, "instance_id": instance_id})
     if doc is None:
-        raise Gone(f"Service binding {binding_id!r} does not exist for this instance.", code="Gone")
+        raise BindingGone(f"Service binding {binding_id!r} does not exist for this instance.")
     op = doc.get("last_operation") or {}
-    return {"state": op.get("state", SUCCEEDED), "description": op.get("description", "Bound.")}
+    return OperationStatus(
+        OperationState(op.get("state", OperationState.SUCCEEDED)), op.get("description", "Bound.")
+    )

@@ -29,11 +29,13 @@ from typing import Any
 import structlog
 
 from backup import destinations, plans, restore_points
+from backup.agent_client import AgentJobKind
 from backup.clock import Clock
 from backup.database import Database, Document
 from backup.errors import BackupError, Conflict, NotFound, Unavailable
 from backup.job_run import after_agent
-from backup.operations import DELETED, OperationFailed, Operations, human_duration
+from backup.jobs import JobType
+from backup.operations import InstanceState, OperationFailed, Operations, human_duration
 from backup.retention import RetentionSweeper
 from backup.secrets import SecretBox
 from storage import ObjectStore
@@ -147,7 +149,11 @@ class Steps:
                 for job in running_jobs:
                     # The reason says what the job's agent does next (by its kind).
                     kind = (job.get("agent") or {}).get("kind")
-                    what = "restore" if job.get("type") == "RESTORE" else "backup"
+                    what = (
+                        AgentJobKind.RESTORE
+                        if job.get("type") == JobType.RESTORE
+                        else AgentJobKind.BACKUP
+                    )
                     gave_up = await jobs.update_one(
                         {"_id": job["_id"], "status": "RUNNING"},
                         {
@@ -351,7 +357,7 @@ class InstanceCleanup:
         doc = await self.db.instances.find_one(
             {"_id": iid}, {"state": 1, "delete_backups_on_deprovision": 1}
         )
-        return None if doc is None or doc.get("state") == DELETED else doc
+        return None if doc is None or doc.get("state") == InstanceState.DELETED else doc
 
     async def stop_jobs(self, iid: str) -> CleanupResult:
         """Queued jobs cancelled, running ones asked to stop and waited for up to

@@ -1,4 +1,4 @@
-"""Service instances registered for backup through the OSB API: the OSB semantics of their
+"""Service instances registered for backup through the OSB API: the rules of their
 operations and the work of provision and update.
 
 A data-service broker registers one of its instances by provisioning an instance of the
@@ -11,7 +11,7 @@ Operations and where they run:
 
 - provision: asynchronous (``GET /status`` on the agent, retried until
   ``probe_timeout``: an agent deployed with the data service may not answer yet); without
-  ``accepts_incomplete`` the request is refused with ``AsyncRequired``.
+  ``accepts_incomplete`` the request is refused (:class:`~backup.errors.AsynchronousOnly`).
 - update: synchronous unless the agent's URL or credentials change, which are checked on the
   agent first (asynchronous; the old settings stay in force until the check passes).
 - deprovision: asynchronous (:mod:`backup.deprovision`: plans removed, jobs cancelled and
@@ -19,19 +19,21 @@ Operations and where they run:
   needs waiting for (no running job, no file to delete) and the platform did not accept an
   asynchronous answer.
 
-Here is what the platform sees: identical repeats (202 with the same operation, or 200 once
-done), conflicts (409), ``AsyncRequired``, and ``ConcurrencyError`` for a second change while
-one is in progress. How an operation lives in the instance document (compare-and-set start,
-leases, fenced finish, resumption by another replica, tombstones) is
-:mod:`backup.operations`; :class:`Instances` gives it the work to run.
+An identical repeat is answered as the first request was (the same operation, or done); a
+different one is :class:`~backup.errors.AlreadyExists`, and a second change while one is in
+progress :class:`~backup.errors.ConcurrentOperation` (broker/osb/errors.py says how a platform
+is told). The plan-change rule is here too (:meth:`Instances.update`). How an operation lives
+in the instance document (compare-and-set start, leases, fenced finish, resumption by another
+replica, tombstones) is :mod:`backup.operations`; :class:`Instances` gives it the work to run.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
 import aiohttp
 import structlog
@@ -42,14 +44,24 @@ from backup.agent_client import GO, AgentClient, AgentError, AgentInfo, agent_se
 from backup.clock import Clock, SystemClock
 from backup.database import SCHEMA_VERSION, Database, Document
 from backup.deprovision import Deprovision, StoreOpener, nothing_to_wait_for
-from backup.errors import BackupError, Conflict, Gone, InvalidInput, NotFound, Unprocessable
+from backup.errors import (
+    AlreadyExists,
+    AsynchronousOnly,
+    BackupError,
+    ConcurrentOperation,
+    InstanceGone,
+    InvalidRegistration,
+    PlanChangeNotAllowed,
+    ServiceMismatch,
+    UnknownInstance,
+)
 from backup.operations import (
-    DELETED,
-    IN_PROGRESS,
-    OP_FAILED,
-    SUCCEEDED,
+    InstanceState,
     OperationFailed,
+    OperationKind,
     Operations,
+    OperationState,
+    OperationStatus,
     find_operation,
     history_after,
     human_duration,
@@ -65,33 +77,56 @@ from storage import egress, open_store
 
 log = structlog.get_logger(__name__)
 
-PROVISIONING, READY, UPDATING, DEPROVISIONING, FAILED = (
-    "provisioning",
-    "ready",
-    "updating",
-    "deprovisioning",
-    "failed",
-)  # and DELETED, a tombstone: defined by backup.operations, whose sweep purges them
-LIVE_STATES = (READY, UPDATING)
-PROVISION, UPDATE, DEPROVISION = "provision", "update", "deprovision"
+LIVE_STATES = (InstanceState.READY, InstanceState.UPDATING)  # whose backups can be managed
 
 
 # --------------------------------------------------------------------------- errors
 
 
-def async_required(what: str) -> Unprocessable:
-    return Unprocessable(
-        f"{what} is asynchronous: repeat the request with accepts_incomplete=true.",
-        code="AsyncRequired",
+def _asynchronous_only(what: str) -> AsynchronousOnly:
+    return AsynchronousOnly(
+        f"{what} is asynchronous: repeat the request with accepts_incomplete=true."
     )
 
 
-def concurrency_error(description: str) -> Unprocessable:
-    return Unprocessable(description, code="ConcurrencyError")
+def instance_not_found(instance_id: str, why: str = "does not exist") -> UnknownInstance:
+    return UnknownInstance(f"Service instance {instance_id!r} {why}.")
 
 
-def instance_not_found(instance_id: str, why: str = "does not exist") -> NotFound:
-    return NotFound(f"Service instance {instance_id!r} {why}.", code="InstanceNotFound")
+def _keeps_changing() -> ConcurrentOperation:
+    return ConcurrentOperation("The instance keeps changing under this request; retry it.")
+
+
+# --------------------------------------------------------------------------- plans
+
+
+class PlanTerms(Protocol):
+    """What an update needs to know of a catalog plan (the OSB layer's catalog has them)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def plan_updateable(self) -> bool: ...  # whether an instance may leave it for another
+
+    @property
+    def delete_backups_default(self) -> bool: ...
+
+
+PlanT = TypeVar("PlanT", bound=PlanTerms)
+PlanT_co = TypeVar("PlanT_co", bound=PlanTerms, covariant=True)
+
+
+class PlanBook(Protocol[PlanT_co]):
+    """The plans an update may name."""
+
+    def plan(self, service_id: str, plan_id: str) -> PlanT_co:
+        """The plan; raises the book's own error for one it does not offer."""
+        ...
+
+    def find(self, service_id: str, plan_id: str) -> PlanT_co | None:
+        """The plan, or None when the book does not list it (any more)."""
+        ...
 
 
 # --------------------------------------------------------------------------- requests
@@ -115,9 +150,8 @@ class ProvisionRequest:
 class UpdateRequest:
     instance_id: str
     service_id: str
-    plan_id: str | None
-    parameters: Document | None  # raw update parameters, already schema-checked
-    delete_backups_default: bool  # of the plan in force after the update
+    plan_id: str | None  # None: the plan stays
+    parameters: Document | None  # raw update parameters, checked by the caller's ``admit``
     context: Document | None = None
     maintenance_info: Document | None = None
     acting_user: str | None = None
@@ -228,25 +262,25 @@ class Instances:
     async def fetch(self, instance_id: str) -> Document:
         """The instance as ``GET /v2/service_instances/:id`` shows it (OSB semantics)."""
         doc = await self.get_document(instance_id)
-        if doc is None or doc.get("state") == DELETED:
+        if doc is None or doc.get("state") == InstanceState.DELETED:
             raise instance_not_found(instance_id)
         state = doc.get("state")
-        if state == PROVISIONING:
+        if state == InstanceState.PROVISIONING:
             raise instance_not_found(instance_id, "is still being provisioned")
-        if state == FAILED:
+        if state == InstanceState.FAILED:
             raise instance_not_found(instance_id, "failed to provision; delete it")
-        if state == UPDATING:
-            raise concurrency_error(
+        if state == InstanceState.UPDATING:
+            raise ConcurrentOperation(
                 "The instance is being updated; fetch it again once the update has finished."
             )
-        if state == DEPROVISIONING:  # as while updating (OSB: 422 ConcurrencyError)
-            raise concurrency_error(
+        if state == InstanceState.DEPROVISIONING:  # as while updating
+            raise ConcurrentOperation(
                 "The instance is being deleted; poll last_operation for the outcome."
             )
         return doc
 
-    async def last_operation(self, instance_id: str, operation: str | None) -> Document:
-        """``{state, description, ...}`` of the instance's last (or named) operation; Gone for
+    async def last_operation(self, instance_id: str, operation: str | None) -> OperationStatus:
+        """Where the instance's last (or named) operation stands; :class:`InstanceGone` for
         an unknown instance or an expired tombstone. An ``operation`` that is not one of the
         recorded ids (a platform's own word such as ``provision``, or one older than the
         history) is ignored: the answer is then the latest operation's, as without one."""
@@ -255,23 +289,24 @@ class Instances:
             {"state": 1, "tombstone_expires_at": 1, "last_operation": 1, "previous_operations": 1},
         )
         if doc is None:
-            raise Gone(f"Service instance {instance_id!r} does not exist.", code="Gone")
-        if doc.get("state") == DELETED:
+            raise InstanceGone(f"Service instance {instance_id!r} does not exist.")
+        if doc.get("state") == InstanceState.DELETED:
             expires = doc.get("tombstone_expires_at")
             if expires is None or expires <= self.clock.now():
-                raise Gone(f"Service instance {instance_id!r} has been deleted.", code="Gone")
+                raise InstanceGone(f"Service instance {instance_id!r} has been deleted.")
         op = find_operation(doc, operation)
         if op is None and operation is not None:
             op = find_operation(doc, None)
         if op is None:  # registered before operations were recorded
-            return {"state": SUCCEEDED, "description": "The instance is registered."}
-        out: Document = {"state": op["state"], "description": op.get("description") or ""}
-        if op["state"] == OP_FAILED and op.get("type") == UPDATE:
-            out["instance_usable"] = True
-            out["update_repeatable"] = True
-        elif op["state"] == OP_FAILED and op.get("type") == DEPROVISION:
-            out["instance_usable"] = False
-        return out
+            return OperationStatus(OperationState.SUCCEEDED, "The instance is registered.")
+        state = OperationState(op["state"])
+        description = op.get("description") or ""
+        if state == OperationState.FAILED and op.get("type") == OperationKind.UPDATE:
+            # a failed update leaves the old settings in force (_failure)
+            return OperationStatus(state, description, instance_usable=True, update_repeatable=True)
+        if state == OperationState.FAILED and op.get("type") == OperationKind.DEPROVISION:
+            return OperationStatus(state, description, instance_usable=False)
+        return OperationStatus(state, description)
 
     # ---------------------------------------------------------------- provision
 
@@ -295,7 +330,7 @@ class Instances:
             "delete_backups_on_deprovision": (
                 req.delete_backups_default if delete is None else delete
             ),
-            "state": PROVISIONING,
+            "state": InstanceState.PROVISIONING,
             "last_operation": op,
             "previous_operations": [],
             "pending_update": None,
@@ -318,17 +353,15 @@ class Instances:
 
     def _check_transport(self, reg: Registration) -> None:
         if self.require_agent_tls and not _over_tls(reg.agent.url):
-            raise InvalidInput(
+            raise InvalidRegistration(
                 "Invalid parameters: parameters.agent.url: must be an https:// URL; this broker "
                 "refuses agents reached over plain HTTP (AGENT_REQUIRE_TLS), which would carry "
                 "the agent's and the database's passwords in the clear.",
-                code="InvalidParameters",
                 field="parameters.agent.url",
             )
         if refusal := egress.literal_refusal(reg.agent.url):
-            raise InvalidInput(
+            raise InvalidRegistration(
                 f"Invalid parameters: parameters.agent.url: {refusal.message}",
-                code="InvalidParameters",
                 field="parameters.agent.url",
             )
 
@@ -337,12 +370,12 @@ class Instances:
         for _ in range(5):
             existing = await self.get_document(req.instance_id)
             state = existing.get("state") if existing else None
-            if existing is not None and state not in (DELETED, FAILED):
+            if existing is not None and state not in (InstanceState.DELETED, InstanceState.FAILED):
                 return self._provision_repeat(existing, req)
             if not accepts_incomplete:
-                raise async_required("Provisioning checks the agent first; it")
+                raise _asynchronous_only("Provisioning checks the agent first; it")
             at = self.clock.now()
-            op = self.ops.new(PROVISION, "Checking the agent.", at)
+            op = self.ops.new(OperationKind.PROVISION, "Checking the agent.", at)
             doc = self._new_document(req, op, at)
             if existing is None:
                 try:
@@ -352,7 +385,7 @@ class Instances:
             else:
                 # A tombstone or a failed provision is replaced by the new registration.
                 doc["version"] = existing["version"] + 1
-                doc["previous_operations"] = history_after(existing, PROVISION)
+                doc["previous_operations"] = history_after(existing, OperationKind.PROVISION)
                 result = await self.db.instances.replace_one(
                     {"_id": req.instance_id, "version": existing["version"]}, doc
                 )
@@ -367,44 +400,55 @@ class Instances:
             )
             self.ops.spawn(req.instance_id, op["id"])
             return Outcome("accepted", doc, op["id"])
-        raise concurrency_error("The instance keeps changing under this request; retry it.")
+        raise _keeps_changing()
 
     def _provision_repeat(self, doc: Document, req: ProvisionRequest) -> Outcome:
         state = doc["state"]
-        if state == DEPROVISIONING:
-            raise concurrency_error(
+        if state == InstanceState.DEPROVISIONING:
+            raise ConcurrentOperation(
                 "An instance with this id is being deleted; provision again once it is gone."
             )
         if not self._identical_provision(doc, req):
-            raise Conflict(
-                f"Service instance {req.instance_id!r} already exists with different attributes.",
-                code="Conflict",
+            raise AlreadyExists(
+                f"Service instance {req.instance_id!r} already exists with different attributes."
             )
         op = doc.get("last_operation") or {}
-        if state == PROVISIONING:
+        if state == InstanceState.PROVISIONING:
             return Outcome("accepted", doc, op.get("id"))
         return Outcome("exists", doc)
 
     # ---------------------------------------------------------------- update
 
-    async def update(self, req: UpdateRequest, *, accepts_incomplete: bool) -> Outcome:
+    async def update(
+        self,
+        req: UpdateRequest,
+        *,
+        accepts_incomplete: bool,
+        plans: PlanBook[PlanT],
+        admit: Callable[[PlanT], None] | None = None,
+    ) -> Outcome:
+        """Update the instance. ``plans`` are the plans it may be on; ``admit`` checks the
+        request against the plan in force after the update (the caller's own rules, such as
+        the plan's parameter schema), once the instance and so its plan are known."""
         for _ in range(5):
             doc = await self.get_document(req.instance_id)
-            if doc is None or doc.get("state") == DELETED:
+            if doc is None or doc.get("state") == InstanceState.DELETED:
                 raise instance_not_found(req.instance_id)
+            plan = self._plan_after_update(doc, req, plans)
+            if admit is not None:
+                admit(plan)
             if doc.get("service_id") != req.service_id:
-                raise InvalidInput(
+                raise ServiceMismatch(
                     f"service_id {req.service_id!r} is not the service of this instance.",
-                    code="BadRequest",
                     field="service_id",
                 )
             state = doc["state"]
-            if state == FAILED:
+            if state == InstanceState.FAILED:
                 raise instance_not_found(req.instance_id, "failed to provision; delete it")
-            if state in (PROVISIONING, DEPROVISIONING):
-                raise concurrency_error(
-                    f"The instance is being {'provisioned' if state == PROVISIONING else 'deleted'}"
-                    "; update it once that has finished."
+            if state in (InstanceState.PROVISIONING, InstanceState.DEPROVISIONING):
+                doing = "provisioned" if state == InstanceState.PROVISIONING else "deleted"
+                raise ConcurrentOperation(
+                    f"The instance is being {doing}; update it once that has finished."
                 )
             current = registration_of(doc, self.box, doc["_id"])
             new = merge_registration(current, req.parameters or {})
@@ -415,27 +459,29 @@ class Instances:
             if not new.agent_changed(current) and (
                 needs := self._go_agent_needs((doc.get("agent") or {}).get("kind"), new)
             ):
-                raise InvalidInput(
-                    f"Invalid parameters: {needs}",
-                    code="InvalidParameters",
-                    field="parameters.database",
+                raise InvalidRegistration(
+                    f"Invalid parameters: {needs}", field="parameters.database"
                 )
             plan_id = req.plan_id or doc["plan_id"]
-            if state == UPDATING:
+            if state == InstanceState.UPDATING:
                 return self._update_repeat(doc, plan_id, new)
-            sets = self._update_fields(doc, req, plan_id, new)
+            sets = self._update_fields(req, plan_id, plan.delete_backups_default, new)
             if new.agent_changed(current):
                 if not accepts_incomplete:
-                    raise async_required("Changing the agent is checked on the agent first; it")
+                    raise _asynchronous_only("Changing the agent is checked on the agent first; it")
                 at = self.clock.now()
-                op = self.ops.new(UPDATE, "Checking the new agent.", at)
+                op = self.ops.new(OperationKind.UPDATE, "Checking the new agent.", at)
                 pending = {
                     **sets,
                     "agent": {"url": new.agent.url, "username": new.agent.username, "kind": None},
                     "secrets": self.box.seal_map(new.secrets(), secrets_context(doc["_id"])),
                 }
-                started = {"state": UPDATING, "pending_update": pending, "updated_at": at}
-                if not await self.ops.begin(doc, op, started, where={"state": READY}):
+                started = {
+                    "state": InstanceState.UPDATING,
+                    "pending_update": pending,
+                    "updated_at": at,
+                }
+                if not await self.ops.begin(doc, op, started, where={"state": InstanceState.READY}):
                     continue
                 log.info(
                     "instance_updating",
@@ -446,17 +492,31 @@ class Instances:
                 self.ops.spawn(doc["_id"], op["id"])
                 return Outcome("accepted", doc, op["id"])
             at = self.clock.now()
-            op = self.ops.completed(UPDATE, "The instance was updated.", at)
+            op = self.ops.completed(OperationKind.UPDATE, "The instance was updated.", at)
             sets["secrets"] = self.box.seal_map(new.secrets(), secrets_context(doc["_id"]))
             sets["updated_at"] = at
-            if not await self.ops.begin(doc, op, sets, where={"state": READY}):
+            if not await self.ops.begin(doc, op, sets, where={"state": InstanceState.READY}):
                 continue
             log.info("instance_updated", instance_id=doc["_id"], acting_user=req.acting_user)
             return Outcome("done", doc)
-        raise concurrency_error("The instance keeps changing under this request; retry it.")
+        raise _keeps_changing()
 
+    @staticmethod
+    def _plan_after_update(doc: Document, req: UpdateRequest, plans: PlanBook[PlanT]) -> PlanT:
+        """The plan in force after the update, if the instance may move to it: a plan that
+        is not ``plan_updateable`` is kept (one the book no longer lists may be left)."""
+        plan = plans.plan(req.service_id, req.plan_id or doc["plan_id"])
+        if req.plan_id and req.plan_id != doc["plan_id"]:
+            old = plans.find(doc["service_id"], doc["plan_id"])
+            if old is not None and not old.plan_updateable:
+                raise PlanChangeNotAllowed(
+                    f"Plan {old.name!r} cannot be changed to another plan.", field="plan_id"
+                )
+        return plan
+
+    @staticmethod
     def _update_fields(
-        self, doc: Document, req: UpdateRequest, plan_id: str, new: Registration
+        req: UpdateRequest, plan_id: str, delete_backups_default: bool, new: Registration
     ) -> Document:
         delete = new.delete_backups_on_deprovision
         sets: Document = {
@@ -464,9 +524,7 @@ class Instances:
             "parameters": new.public(),
             "database": new.public()["database"],
             "items": list(new.items),
-            "delete_backups_on_deprovision": (
-                req.delete_backups_default if delete is None else delete
-            ),
+            "delete_backups_on_deprovision": (delete_backups_default if delete is None else delete),
         }
         if req.context is not None:
             sets["context"] = req.context
@@ -483,7 +541,7 @@ class Instances:
             except (SecretKeyError, ValueError):
                 same = False
         if not same:
-            raise concurrency_error(
+            raise ConcurrentOperation(
                 "Another update of this instance is in progress; retry once it has finished."
             )
         return Outcome("accepted", doc, (doc.get("last_operation") or {}).get("id"))
@@ -495,22 +553,29 @@ class Instances:
     ) -> Outcome:
         for _ in range(5):
             doc = await self.get_document(instance_id)
-            if doc is None or doc.get("state") == DELETED:
-                raise Gone(f"Service instance {instance_id!r} does not exist.", code="Gone")
+            if doc is None or doc.get("state") == InstanceState.DELETED:
+                raise InstanceGone(f"Service instance {instance_id!r} does not exist.")
             op_now = doc.get("last_operation") or {}
-            if doc["state"] == DEPROVISIONING and op_now.get("state") == IN_PROGRESS:
+            if (
+                doc["state"] == InstanceState.DEPROVISIONING
+                and op_now.get("state") == OperationState.IN_PROGRESS
+            ):
                 if not accepts_incomplete:
-                    raise async_required("The deletion under way")
+                    raise _asynchronous_only("The deletion under way")
                 return Outcome("accepted", doc, op_now.get("id"))
             inline = not accepts_incomplete
             if inline and not await nothing_to_wait_for(self.db, doc):
-                raise async_required(
+                raise _asynchronous_only(
                     "Deleting this instance waits for its running jobs or deletes its stored "
                     "backups; it"
                 )
             at = self.clock.now()
-            op = self.ops.new(DEPROVISION, "Stopping the schedule.", at)
-            started = {"state": DEPROVISIONING, "pending_update": None, "updated_at": at}
+            op = self.ops.new(OperationKind.DEPROVISION, "Stopping the schedule.", at)
+            started = {
+                "state": InstanceState.DEPROVISIONING,
+                "pending_update": None,
+                "updated_at": at,
+            }
             if not await self.ops.begin(doc, op, started):
                 continue
             log.info(
@@ -525,33 +590,33 @@ class Instances:
                 await self.ops.run(instance_id, op["id"], work)
                 after = await self.get_document(instance_id)
                 last = (after or {}).get("last_operation") or {}
-                if after is not None and last.get("state") == OP_FAILED:
+                if after is not None and last.get("state") == OperationState.FAILED:
                     raise BackupError(last.get("description") or "Deprovisioning failed.")
                 return Outcome("done", after or doc)
             self.ops.spawn(instance_id, op["id"])
             return Outcome("accepted", doc, op["id"])
-        raise concurrency_error("The instance keeps changing under this request; retry it.")
+        raise _keeps_changing()
 
     # ---------------------------------------------------------------- the operations' work
 
     async def _work(self, doc: Document) -> None:
         kind = doc["last_operation"]["type"]
-        if kind == PROVISION:
+        if kind == OperationKind.PROVISION:
             await self._provision_work(doc)
-        elif kind == UPDATE:
+        elif kind == OperationKind.UPDATE:
             await self._update_work(doc)
         else:
             await self._deprovision(doc, job_wait=self.job_wait)
 
     @staticmethod
-    def _failure(kind: str) -> Document:
+    def _failure(kind: OperationKind) -> Document:
         """What a failed operation leaves: a failed provision a ``failed`` instance, a failed
         update the old settings in force; a failed deprovision stays ``deprovisioning``, so
         that a new DELETE resumes it."""
-        if kind == PROVISION:
-            return {"state": FAILED}
-        if kind == UPDATE:
-            return {"state": READY, "pending_update": None}
+        if kind == OperationKind.PROVISION:
+            return {"state": InstanceState.FAILED}
+        if kind == OperationKind.UPDATE:
+            return {"state": InstanceState.READY, "pending_update": None}
         return {}
 
     async def _deprovision(self, doc: Document, *, job_wait: float) -> None:
@@ -656,8 +721,8 @@ class Instances:
         done = await self.ops.finish(
             doc,
             {
-                "state": READY,
-                "last_operation.state": SUCCEEDED,
+                "state": InstanceState.READY,
+                "last_operation.state": OperationState.SUCCEEDED,
                 "last_operation.description": (
                     f"Registered for backup; the agent answered ({self._describe_agent(info)})."
                     + _cleartext_warning(reg.agent.url)
@@ -686,9 +751,9 @@ class Instances:
             doc,
             {
                 **applied,
-                "state": READY,
+                "state": InstanceState.READY,
                 "pending_update": None,
-                "last_operation.state": SUCCEEDED,
+                "last_operation.state": OperationState.SUCCEEDED,
                 "last_operation.description": (
                     f"Updated; the new agent answered ({self._describe_agent(info)})."
                     + _cleartext_warning(reg.agent.url)

@@ -36,7 +36,9 @@ import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 
 import structlog
 from pymongo.errors import PyMongoError
@@ -46,11 +48,47 @@ from backup.database import Database, Document
 
 log = structlog.get_logger(__name__)
 
-IN_PROGRESS, SUCCEEDED, OP_FAILED = "in progress", "succeeded", "failed"
 HISTORY = 5  # earlier operations kept for ``last_operation?operation=<id>``
-DELETED = "deleted"  # the state of a tombstone: the document an ended deletion leaves
+
+
+class OperationState(StrEnum):
+    """An operation's ``state`` as stored (docs/data-model.md)."""
+
+    IN_PROGRESS = "in progress"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class OperationKind(StrEnum):
+    """An operation's ``type``, also the prefix of its id."""
+
+    PROVISION = "provision"
+    UPDATE = "update"
+    DEPROVISION = "deprovision"
+
+
+class InstanceState(StrEnum):
+    """An instance document's ``state``; the operations move it from one to the next."""
+
+    PROVISIONING = "provisioning"
+    READY = "ready"
+    UPDATING = "updating"
+    DEPROVISIONING = "deprovisioning"
+    FAILED = "failed"
+    DELETED = "deleted"  # a tombstone: the document an ended deletion leaves, purged later
+
 
 Work = Callable[[Document], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class OperationStatus:
+    """Where an instance's or a binding's operation stands, for the platform polling it."""
+
+    state: OperationState
+    description: str
+    instance_usable: bool | None = None  # after a failure: whether the instance still works
+    update_repeatable: bool | None = None  # after a failed update: whether it may be repeated
 
 
 class OperationFailed(Exception):
@@ -77,19 +115,19 @@ def human_duration(seconds: float) -> str:
     return f"{round(seconds / 60)} min"
 
 
-def history_entry(op: Document | None, superseded_by: str) -> Document | None:
+def history_entry(op: Document | None, superseded_by: OperationKind) -> Document | None:
     """The previous operation as kept in ``previous_operations``; one still in progress is
     recorded as failed: the new operation halted it."""
     if not op:
         return None
     entry = {k: op.get(k) for k in ("id", "type", "state", "description", "updated_at")}
-    if entry["state"] == IN_PROGRESS:
-        entry["state"] = OP_FAILED
+    if entry["state"] == OperationState.IN_PROGRESS:
+        entry["state"] = OperationState.FAILED
         entry["description"] = f"Halted: a {superseded_by} of the instance was requested."
     return entry
 
 
-def history_after(doc: Document, kind: str) -> list[Document]:
+def history_after(doc: Document, kind: OperationKind) -> list[Document]:
     """``previous_operations`` once an operation of type ``kind`` replaced ``doc``'s last."""
     entry = history_entry(doc.get("last_operation"), kind)
     return [*(doc.get("previous_operations") or []), *([entry] if entry else [])][-HISTORY:]
@@ -116,7 +154,7 @@ class Operations:
         self,
         store: Database,
         work: Work,
-        failure: Callable[[str], Document],
+        failure: Callable[[OperationKind], Document],
         *,
         housekeeping: Callable[[], Awaitable[object]] | None = None,
         clock: Clock | None = None,
@@ -162,7 +200,10 @@ class Operations:
             await asyncio.gather(*pending, return_exceptions=True)
         with contextlib.suppress(PyMongoError):
             await self.db.instances.update_many(
-                {"last_operation.lease_owner": self.owner, "last_operation.state": IN_PROGRESS},
+                {
+                    "last_operation.lease_owner": self.owner,
+                    "last_operation.state": OperationState.IN_PROGRESS,
+                },
                 {"$set": {"last_operation.lease_expires_at": self.clock.now()}},
             )
 
@@ -174,12 +215,12 @@ class Operations:
 
     # ---------------------------------------------------------------- starting one
 
-    def new(self, kind: str, description: str, at: datetime) -> Document:
+    def new(self, kind: OperationKind, description: str, at: datetime) -> Document:
         """A new operation of type ``kind``, in progress under this replica's lease."""
         return {
             "id": f"{kind}-{uuid.uuid4().hex}",
             "type": kind,
-            "state": IN_PROGRESS,
+            "state": OperationState.IN_PROGRESS,
             "description": description,
             "started_at": at,
             "updated_at": at,
@@ -187,11 +228,11 @@ class Operations:
             "lease_expires_at": at + timedelta(seconds=self.lease),
         }
 
-    def completed(self, kind: str, description: str, at: datetime) -> Document:
+    def completed(self, kind: OperationKind, description: str, at: datetime) -> Document:
         """An operation done in the request itself: recorded as succeeded, without lease."""
         return {
             **self.new(kind, description, at),
-            "state": SUCCEEDED,
+            "state": OperationState.SUCCEEDED,
             "lease_owner": None,
             "lease_expires_at": None,
         }
@@ -203,7 +244,7 @@ class Operations:
         apply ``sets``, if the document is still at ``doc``'s version (and matches ``where``).
         False: it changed meanwhile; read it again and decide again."""
         update: Document = {"$set": {**sets, "last_operation": op}, "$inc": {"version": 1}}
-        entry = history_entry(doc.get("last_operation"), op["type"])
+        entry = history_entry(doc.get("last_operation"), OperationKind(op["type"]))
         if entry is not None:
             update["$push"] = {"previous_operations": {"$each": [entry], "$slice": -HISTORY}}
         result = await self.db.instances.update_one(
@@ -218,7 +259,7 @@ class Operations:
         return {
             "_id": instance_id,
             "last_operation.id": op_id,
-            "last_operation.state": IN_PROGRESS,
+            "last_operation.state": OperationState.IN_PROGRESS,
             "last_operation.lease_owner": self.owner,
         }
 
@@ -259,9 +300,9 @@ class Operations:
         return result.matched_count == 1
 
     async def fail(self, doc: Document, description: str) -> None:
-        kind = doc["last_operation"]["type"]
+        kind = OperationKind(doc["last_operation"]["type"])
         sets: Document = {
-            "last_operation.state": OP_FAILED,
+            "last_operation.state": OperationState.FAILED,
             "last_operation.description": description,
             **self._failure(kind),
         }
@@ -286,8 +327,8 @@ class Operations:
         return await self.finish(
             doc,
             {
-                "state": DELETED,
-                "last_operation.state": SUCCEEDED,
+                "state": InstanceState.DELETED,
+                "last_operation.state": OperationState.SUCCEEDED,
                 "last_operation.description": description,
                 "tombstone_expires_at": self.clock.now() + timedelta(seconds=self.tombstone),
                 "pending_update": None,
@@ -386,7 +427,10 @@ class Operations:
         now = self.clock.now()
         taken = 0
         lapsed = self.db.instances.find(
-            {"last_operation.state": IN_PROGRESS, "last_operation.lease_expires_at": {"$lt": now}},
+            {
+                "last_operation.state": OperationState.IN_PROGRESS,
+                "last_operation.lease_expires_at": {"$lt": now},
+            },
             {"last_operation": 1},
         ).limit(100)
         async for doc in lapsed:
@@ -397,7 +441,7 @@ class Operations:
                 {
                     "_id": doc["_id"],
                     "last_operation.id": op["id"],
-                    "last_operation.state": IN_PROGRESS,
+                    "last_operation.state": OperationState.IN_PROGRESS,
                     "last_operation.lease_expires_at": op.get("lease_expires_at"),
                 },
                 {
@@ -417,7 +461,7 @@ class Operations:
                 )
                 self.spawn(doc["_id"], op["id"])
         await self.db.instances.delete_many(
-            {"state": DELETED, "tombstone_expires_at": {"$lt": now}}
+            {"state": InstanceState.DELETED, "tombstone_expires_at": {"$lt": now}}
         )
         if self._housekeeping is not None:
             await self._housekeeping()

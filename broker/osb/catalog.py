@@ -1,6 +1,7 @@
-"""The OSB catalog (``catalog.yml``): loaded and checked once at start-up, served as is, and
-the source of the plans' parameter schemas that provision, update and bind are checked
-against (JSON Schema draft-04, as OSB requires of platforms)."""
+"""The OSB catalog (``catalog.yml``): loaded and checked once at start-up by its models, which
+also render ``GET /v2/catalog`` (as written: no default filled in), and the source of the
+plans' parameter schemas that provision, update and bind are checked against (JSON Schema
+draft-04, as OSB requires of platforms)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as ModelError
 
 from broker.config import ConfigError
-from broker.errors import ApiError
+from broker.osb.errors import bad_request, invalid_parameters
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # CLI-friendly
 
@@ -90,17 +91,17 @@ def _schema(plan: dict[str, Any], *path: str) -> Draft4Validator | None:
 
 
 class Catalog:
-    """The checked catalog: ``document`` (what ``GET /v2/catalog`` returns) and the plans."""
+    """The checked catalog: ``body`` (what ``GET /v2/catalog`` returns) and the plans."""
 
     def __init__(self, raw: dict[str, Any]) -> None:
         try:
-            CatalogModel.model_validate({"services": raw.get("services")})
+            model = CatalogModel.model_validate({"services": raw.get("services")})
         except ModelError as exc:
             err = exc.errors(include_url=False, include_input=False)[0]
             where = ".".join(str(p) for p in err["loc"])
             raise ConfigError(f"catalog: {where}: {err['msg']}") from None
-        self.document: dict[str, Any] = {"services": raw["services"]}
-        self.body: bytes = json.dumps(self.document, separators=(",", ":")).encode()
+        # The catalog as written (fields it leaves out are not filled in with defaults).
+        self.body: bytes = model.model_dump_json(exclude_unset=True).encode()
         self.plans: dict[tuple[str, str], Plan] = {}
         self.services: dict[str, dict[str, Any]] = {}
         names: set[str] = set()
@@ -157,22 +158,22 @@ class Catalog:
     def plan(self, service_id: str, plan_id: str) -> Plan:
         """The plan, or a 400 naming what is unknown."""
         if service_id not in self.services:
-            raise ApiError(
-                400,
-                "BadRequest",
+            raise bad_request(
                 f"service_id {service_id[:100]!r} is not a service of this broker's catalog.",
-                extra={"field": "service_id"},
+                field="service_id",
             )
         plan = self.plans.get((service_id, plan_id))
         if plan is None:
-            raise ApiError(
-                400,
-                "BadRequest",
+            raise bad_request(
                 f"plan_id {plan_id[:100]!r} is not a plan of service "
                 f"{self.services[service_id]['name']!r}.",
-                extra={"field": "plan_id"},
+                field="plan_id",
             )
         return plan
+
+    def find(self, service_id: str, plan_id: str) -> Plan | None:
+        """The plan, or None when the catalog does not list it (any more)."""
+        return self.plans.get((service_id, plan_id))
 
 
 def check_parameters(validator: Draft4Validator | None, params: dict[str, Any]) -> None:
@@ -184,12 +185,7 @@ def check_parameters(validator: Draft4Validator | None, params: dict[str, Any]) 
     if error is None:
         return
     field, message = describe(error)
-    raise ApiError(
-        400,
-        "InvalidParameters",
-        f"Invalid parameters: {field}: {message}.",
-        extra={"field": field},
-    )
+    raise invalid_parameters(field, message)
 
 
 def _path(parts: Any) -> str:
@@ -202,7 +198,8 @@ def _path(parts: Any) -> str:
 def describe(error: ValidationError) -> tuple[str, str]:
     """(field, message) for a schema violation, built from the rule, not the value."""
     field = _path(error.absolute_path)
-    rule, limit = error.validator, error.validator_value
+    rule = error.validator
+    limit: Any = error.validator_value  # the schema's own value for the rule: JSON
     instance = error.instance
     schema = error.schema if isinstance(error.schema, dict) else {}
     if rule == "required" and isinstance(instance, dict):

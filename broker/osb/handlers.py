@@ -1,6 +1,7 @@
 """One small handler per OSB endpoint: parse and check the request, call one domain function
-(:mod:`backup.instances`, :mod:`backup.bindings`), render the answer. Every failure is an
-:class:`~broker.errors.ApiError` or a domain error carrying its status and OSB error key."""
+(:mod:`backup.instances`, :mod:`backup.bindings`), render the answer
+(:mod:`broker.osb.responses`). Every failure is an :class:`~broker.errors.ApiError`; a domain
+failure becomes one in :func:`osb_endpoint`, by the catalogue of :mod:`broker.osb.errors`."""
 
 from __future__ import annotations
 
@@ -19,11 +20,23 @@ from pydantic import BaseModel, ValidationError
 
 from backup import bindings
 from backup.database import Document
-from backup.instances import DELETED, Instances, Outcome, ProvisionRequest, UpdateRequest
+from backup.errors import BackupError
+from backup.instances import Instances, Outcome, ProvisionRequest, UpdateRequest
+from backup.operations import OperationState
 from backup.registration import Registration
 from broker.context import DATABASE, SETTINGS
-from broker.errors import ApiError, from_validation
+from broker.osb import responses
 from broker.osb.catalog import Catalog, Plan, check_parameters
+from broker.osb.errors import (
+    bad_request,
+    invalid_body,
+    invalid_registration,
+    maintenance_info_conflict,
+    malformed_request,
+    osb_failure,
+    unauthorized,
+    unsupported_version,
+)
 from broker.osb.models import BindBody, MaintenanceInfo, ProvisionBody, UpdateBody
 from broker.throttling import LoginGuard
 
@@ -83,13 +96,11 @@ def _authenticate(request: web.Request) -> None:
     elif guard is not None:
         guard.failed()
     if not ok:
-        raise ApiError(
-            401,
-            "Unauthorized",
+        raise unauthorized(
             "Send the broker's credentials with HTTP Basic authentication."
             if not header
             else "Wrong broker user name or password.",
-            headers={"WWW-Authenticate": _CHALLENGE},
+            _CHALLENGE,
         )
 
 
@@ -97,15 +108,11 @@ def _check_version(request: web.Request) -> str:
     raw = request.headers.get("X-Broker-API-Version")
     supported = f"this broker speaks OSB API 2.{MIN_MINOR} to 2.17 (any 2.x from 2.{MIN_MINOR})"
     if raw is None:
-        raise ApiError(
-            412, "PreconditionFailed", f"The X-Broker-API-Version header is missing; {supported}."
-        )
+        raise unsupported_version(f"The X-Broker-API-Version header is missing; {supported}.")
     match = _VERSION.match(raw)
     if not match or int(match[1]) != 2 or int(match[2]) < MIN_MINOR:
-        raise ApiError(
-            412,
-            "PreconditionFailed",
-            f"X-Broker-API-Version {raw[:20]!r} is not supported; {supported}.",
+        raise unsupported_version(
+            f"X-Broker-API-Version {raw[:20]!r} is not supported; {supported}."
         )
     return f"{match[1]}.{match[2]}"
 
@@ -135,7 +142,8 @@ def originating_identity(header: str | None) -> str | None:
 
 
 def osb_endpoint(handler: Handler) -> Handler:
-    """Broker authentication, the API version header, and the acting user in every log line."""
+    """Broker authentication, the API version header, the acting user in every log line, and
+    a domain failure told as OSB tells it."""
 
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
@@ -144,7 +152,10 @@ def osb_endpoint(handler: Handler) -> Handler:
         request[OSB_MINOR] = int(version.split(".")[1])
         user = originating_identity(request.headers.get("X-Broker-API-Originating-Identity"))
         structlog.contextvars.bind_contextvars(acting_user=user, osb_version=version)
-        return await handler(request)
+        try:
+            return await handler(request)
+        except BackupError as exc:
+            raise osb_failure(exc) from None
 
     return wrapped
 
@@ -155,12 +166,7 @@ def osb_endpoint(handler: Handler) -> Handler:
 def _path_id(request: web.Request, name: str) -> str:
     value = request.match_info[name]
     if not value or len(value) > _MAX_ID or not value.isprintable():
-        raise ApiError(
-            400,
-            "BadRequest",
-            f"{name} must be 1 to {_MAX_ID} printable characters.",
-            extra={"field": name},
-        )
+        raise bad_request(f"{name} must be 1 to {_MAX_ID} printable characters.", field=name)
     return value
 
 
@@ -170,25 +176,20 @@ def _flag(request: web.Request, name: str) -> bool:
         return False
     if raw.lower() == "true":
         return True
-    raise ApiError(400, "BadRequest", f"{name} must be true or false.", extra={"field": name})
+    raise bad_request(f"{name} must be true or false.", field=name)
 
 
 def _required_query(request: web.Request, name: str) -> str:
     value = request.query.get(name)
     if not value:
-        raise ApiError(
-            400,
-            "BadRequest",
-            f"The query parameter {name} is required.",
-            extra={"field": name},
-        )
+        raise bad_request(f"The query parameter {name} is required.", field=name)
     return value
 
 
 async def _body(request: web.Request, model: type[M]) -> M:
     raw = await request.read()
     if not raw.strip():
-        raise ApiError(400, "BadRequest", "A JSON request body is required.")
+        raise bad_request("A JSON request body is required.")
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -197,53 +198,31 @@ async def _body(request: web.Request, model: type[M]) -> M:
             if isinstance(exc, json.JSONDecodeError)
             else ""
         )
-        raise ApiError(
-            400, "MalformedRequest", f"The request body is not valid JSON{detail}."
-        ) from None
+        raise malformed_request(f"The request body is not valid JSON{detail}.") from None
     if not isinstance(data, dict):
-        raise ApiError(400, "BadRequest", "The request body must be a JSON object.")
+        raise bad_request("The request body must be a JSON object.")
     try:
         # The version decides which fields exist (maintenance_info from 2.15): broker.osb.models.
         return model.model_validate(data, context={"osb_minor": request.get(OSB_MINOR)})
     except ValidationError as exc:
-        err = from_validation(exc)
-        err.error = "BadRequest"
-        raise err from None
+        raise invalid_body(exc) from None
 
 
 def _registration(params: dict[str, Any]) -> Registration:
     try:
         return Registration.model_validate(params)
     except ValidationError as exc:
-        raise _invalid_parameters(exc) from None
-
-
-def _invalid_parameters(exc: ValidationError) -> ApiError:
-    err = from_validation(exc, "parameters")
-    field = f"parameters.{err.extra['field']}"
-    problem = err.extra["problems"][0]["message"]
-    return ApiError(
-        400,
-        "InvalidParameters",
-        f"Invalid parameters: {field}: {problem}.",
-        extra={"field": field},
-    )
+        raise invalid_registration(exc) from None
 
 
 def _check_maintenance(plan: Plan, info: MaintenanceInfo | None) -> None:
     if info is not None and info.version != plan.maintenance_version:
         offered = plan.maintenance_version
-        raise ApiError(
-            422,
-            "MaintenanceInfoConflict",
+        raise maintenance_info_conflict(
             f"maintenance_info.version {info.version[:50]!r} does not match the plan's "
             + (f"{offered!r}" if offered else "(the plan has none)")
-            + "; fetch the catalog again.",
+            + "; fetch the catalog again."
         )
-
-
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.json_response(body, status=status)
 
 
 def _acting_user() -> str | None:
@@ -258,20 +237,18 @@ def _maintenance(info: MaintenanceInfo | None) -> dict[str, str] | None:
 def _operation_answer(outcome: Outcome) -> web.Response:
     """202 with the operation while it goes on (the platform polls last_operation), else 200."""
     if outcome.status == "accepted":
-        return _json({"operation": outcome.operation}, 202)
-    return _json({}, 200)
+        return responses.answer(responses.OperationStarted(operation=outcome.operation), 202)
+    return responses.answer(responses.Empty())
 
 
-def _credentials(request: web.Request, instance_id: str, key: str | None) -> Document:
+def _credentials(request: web.Request, instance_id: str, key: str | None) -> responses.Credentials:
     base = request.app[SETTINGS].base_url
-    creds: Document = {
-        "uri": f"{base}/v1/service_instances/{instance_id}",
-        "api_url": base,
-        "instance_id": instance_id,
-    }
-    if key is not None:
-        creds["key"] = key
-    return creds
+    return responses.Credentials(
+        uri=f"{base}/v1/service_instances/{instance_id}",
+        api_url=base,
+        instance_id=instance_id,
+        key=key,
+    )
 
 
 # --------------------------------------------------------------------------- catalog
@@ -313,24 +290,23 @@ async def provision(request: web.Request) -> web.Response:
     return _operation_answer(outcome)
 
 
-def _instance_view(doc: Document) -> Document:
+def _instance_view(doc: Document) -> responses.FetchedInstance:
     agent = doc.get("agent") or {}
-    view: Document = {
-        "service_id": doc.get("service_id"),
-        "plan_id": doc.get("plan_id"),
-        "parameters": doc.get("parameters") or {},
-        "metadata": {
-            "labels": {},
-            "attributes": {
-                "state": doc.get("state"),
-                "agent_kind": agent.get("kind"),
-                "agent_version": agent.get("version"),
-                "delete_backups_on_deprovision": bool(doc.get("delete_backups_on_deprovision")),
-            },
-        },
-    }
+    attributes = responses.InstanceAttributes(
+        state=doc.get("state"),
+        agent_kind=agent.get("kind"),
+        agent_version=agent.get("version"),
+        delete_backups_on_deprovision=bool(doc.get("delete_backups_on_deprovision")),
+    )
+    view = responses.FetchedInstance(
+        service_id=doc.get("service_id"),
+        plan_id=doc.get("plan_id"),
+        parameters=doc.get("parameters") or {},
+        metadata=responses.InstanceMetadata(labels={}, attributes=attributes),
+    )
     if doc.get("maintenance_info"):
-        view["maintenance_info"] = {"version": doc["maintenance_info"].get("version")}
+        info = responses.MaintenanceInfo(version=doc["maintenance_info"].get("version"))
+        view.maintenance_info = info
     return view
 
 
@@ -338,7 +314,7 @@ def _instance_view(doc: Document) -> Document:
 async def fetch_instance(request: web.Request) -> web.Response:
     instance_id = _path_id(request, "instance_id")
     doc = await request.app[INSTANCES].fetch(instance_id)
-    return _json(_instance_view(doc))
+    return responses.answer(_instance_view(doc))
 
 
 @osb_endpoint
@@ -346,41 +322,32 @@ async def update(request: web.Request) -> web.Response:
     instance_id = _path_id(request, "instance_id")
     accepts = _flag(request, "accepts_incomplete")
     body = await _body(request, UpdateBody)
-    instances = request.app[INSTANCES]
-    current = await instances.get_document(instance_id)
-    if current is None or current.get("state") == DELETED:
-        raise ApiError(404, "InstanceNotFound", f"Service instance {instance_id!r} does not exist.")
     catalog = request.app[CATALOG]
-    plan = catalog.plan(body.service_id, body.plan_id or current["plan_id"])
-    if body.plan_id and body.plan_id != current["plan_id"]:
-        old = catalog.plans.get((current["service_id"], current["plan_id"]))
-        if old is not None and not old.plan_updateable:
-            raise ApiError(
-                422,
-                "PlanChangeNotSupported",
-                f"Plan {old.name!r} cannot be changed to another plan.",
-                extra={"field": "plan_id"},
-            )
-    if body.maintenance_info is not None:
-        _check_maintenance(plan, body.maintenance_info)
-    if body.parameters is not None:
-        check_parameters(plan.update, body.parameters)
+
+    def admit(plan: Plan) -> None:
+        """The request against the plan in force after the update, which the domain names."""
+        if body.maintenance_info is not None:
+            _check_maintenance(plan, body.maintenance_info)
+        if body.parameters is not None:
+            check_parameters(plan.update, body.parameters)
+
     try:
-        outcome = await instances.update(
+        outcome = await request.app[INSTANCES].update(
             UpdateRequest(
                 instance_id=instance_id,
                 service_id=body.service_id,
                 plan_id=body.plan_id,
                 parameters=body.parameters,
-                delete_backups_default=plan.delete_backups_default,
                 context=body.context,
                 maintenance_info=_maintenance(body.maintenance_info),
                 acting_user=_acting_user(),
             ),
             accepts_incomplete=accepts,
+            plans=catalog,
+            admit=admit,
         )
     except ValidationError as exc:  # the merged parameters (the plan's schema passed them)
-        raise _invalid_parameters(exc) from None
+        raise invalid_registration(exc) from None
     return _operation_answer(outcome)
 
 
@@ -403,9 +370,9 @@ async def instance_last_operation(request: web.Request) -> web.Response:
     instance_id = _path_id(request, "instance_id")
     # An operation this broker did not hand out (the osb-checker sends "provision") is ignored.
     operation = request.query.get("operation") or None
-    body = await request.app[INSTANCES].last_operation(instance_id, operation)
-    response = _json(body)
-    if body["state"] == "in progress":
+    status = await request.app[INSTANCES].last_operation(instance_id, operation)
+    response = responses.answer(responses.LastOperation.of(status))
+    if status.state == OperationState.IN_PROGRESS:
         response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return response
 
@@ -421,7 +388,7 @@ async def bind(request: web.Request) -> web.Response:
     body = await _body(request, BindBody)
     plan = request.app[CATALOG].plan(body.service_id, body.plan_id)
     if not plan.bindable:
-        raise ApiError(400, "BadRequest", f"Plan {plan.name!r} is not bindable.")
+        raise bad_request(f"Plan {plan.name!r} is not bindable.")
     params = body.parameters or {}
     check_parameters(plan.binding, params)
     resource = body.bind_resource.model_dump(exclude_none=True) if body.bind_resource else {}
@@ -441,7 +408,9 @@ async def bind(request: web.Request) -> web.Response:
         ),
     )
     credentials = _credentials(request, instance_id, outcome.key)
-    return _json({"credentials": credentials}, 201 if outcome.created else 200)
+    return responses.answer(
+        responses.Binding(credentials=credentials), 201 if outcome.created else 200
+    )
 
 
 @osb_endpoint
@@ -449,11 +418,11 @@ async def fetch_binding(request: web.Request) -> web.Response:
     instance_id = _path_id(request, "instance_id")
     binding_id = _path_id(request, "binding_id")
     doc = await bindings.get(request.app[DATABASE], instance_id, binding_id)
-    return _json(
-        {
-            "credentials": _credentials(request, instance_id, None),
-            "parameters": doc.get("parameters") or {},
-        }
+    return responses.answer(
+        responses.FetchedBinding(
+            credentials=_credentials(request, instance_id, None),
+            parameters=doc.get("parameters") or {},
+        )
     )
 
 
@@ -465,15 +434,15 @@ async def unbind(request: web.Request) -> web.Response:
     _required_query(request, "service_id")
     _required_query(request, "plan_id")
     await bindings.unbind(request.app[DATABASE], instance_id, binding_id)
-    return _json({})
+    return responses.answer(responses.Empty())
 
 
 @osb_endpoint
 async def binding_last_operation(request: web.Request) -> web.Response:
     instance_id = _path_id(request, "instance_id")
     binding_id = _path_id(request, "binding_id")
-    body = await bindings.last_operation(request.app[DATABASE], instance_id, binding_id)
-    return _json(body)
+    status = await bindings.last_operation(request.app[DATABASE], instance_id, binding_id)
+    return responses.answer(responses.LastOperation.of(status))
 
 
 def add_routes(app: web.Application) -> None:
