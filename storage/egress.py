@@ -28,12 +28,12 @@ import socket
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
+import aiohttp
 import requests
 import requests.adapters
-from aiobotocore.httpsession import AIOHTTPSession
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -41,6 +41,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError as Urllib3ConnectTimeout
 from urllib3.exceptions import NameResolutionError, NewConnectionError
 
+from storage._clients import AIOHTTPSession
 from storage.base import EgressDenied
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -111,18 +112,30 @@ def networks_except(base: Iterable[str], *addresses: str) -> list[str]:
     nets = [_network(n) for n in base]
     for text in addresses:
         hole = _network(text)
-        kept: list[Network] = []
-        for net in nets:
-            if net.version == hole.version and hole.subnet_of(net):  # type: ignore[arg-type]
-                kept.extend(net.address_exclude(hole))  # type: ignore[arg-type]
-            elif net.version == hole.version and net.subnet_of(hole):  # type: ignore[arg-type]
-                continue
-            else:
-                kept.append(net)
-        nets = kept
+        nets = [part for net in nets for part in _without(net, hole)]
     return [str(n) for n in ipaddress.collapse_addresses(n for n in nets if n.version == 4)] + [
         str(n) for n in ipaddress.collapse_addresses(n for n in nets if n.version == 6)
     ]
+
+
+def _without(net: Network, hole: Network) -> list[Network]:
+    """``net`` less the addresses of ``hole`` (``net`` whole if they are of two families)."""
+    if isinstance(net, ipaddress.IPv4Network) and isinstance(hole, ipaddress.IPv4Network):
+        return list(_exclude(net, hole))
+    if isinstance(net, ipaddress.IPv6Network) and isinstance(hole, ipaddress.IPv6Network):
+        return list(_exclude(net, hole))
+    return [net]
+
+
+_SameFamily = TypeVar("_SameFamily", ipaddress.IPv4Network, ipaddress.IPv6Network)
+
+
+def _exclude(net: _SameFamily, hole: _SameFamily) -> list[_SameFamily]:
+    if hole.subnet_of(net):
+        return list(net.address_exclude(hole))
+    if net.subnet_of(hole):
+        return []
+    return [net]
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +303,7 @@ def connector_args(policy: EgressPolicy | None) -> dict[str, Any]:
 class _NoRedirects:
     """An aiohttp session whose requests never follow a redirect."""
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: aiohttp.ClientSession) -> None:
         self._session = session
 
     def request(self, *args: Any, **kwargs: Any) -> Any:
@@ -306,8 +319,11 @@ class NoRedirectAIOHTTPSession(AIOHTTPSession):
     answer is handed to botocore as it is (an error) instead of being followed with the
     request's signed headers."""
 
-    async def _get_session(self, proxy_url: Any) -> Any:
-        return _NoRedirects(await super()._get_session(proxy_url))
+    async def _get_session(self, proxy_url: str | None) -> aiohttp.ClientSession:
+        session = await super()._get_session(proxy_url)
+        # aiobotocore only sends requests through (and closes) the session it gets here: the
+        # wrapper, which passes everything else on, stands in for it.
+        return cast(aiohttp.ClientSession, _NoRedirects(session))
 
 
 def no_region_redirect(context: dict[str, Any], **_: Any) -> None:
@@ -322,21 +338,17 @@ def no_region_redirect(context: dict[str, Any], **_: Any) -> None:
 # ---------------------------------------------------------------------- requests / urllib3
 
 
-class _Checked:
-    """Mixed into urllib3's connections: resolve once, check, connect to that address."""
+class _Checked(HTTPConnection):
+    """urllib3's connection, except that it resolves once, checks the address against its
+    ``policy`` and connects to that address (put before ``HTTPSConnection`` for TLS)."""
 
     policy: EgressPolicy
-    host: str
-    port: int
-    timeout: Any
-    source_address: Any
-    socket_options: Any
 
     def _new_conn(self) -> socket.socket:
         try:
             infos = self.policy.resolve(self.host, self.port)
         except socket.gaierror as exc:
-            raise NameResolutionError(self.host, self, exc) from exc  # type: ignore[arg-type]
+            raise NameResolutionError(self.host, self, exc) from exc
         error: OSError | None = None
         for family, type_, proto, _, sockaddr in infos:
             sock = None
@@ -360,7 +372,7 @@ class _Checked:
                 if sock is not None:
                     sock.close()
                 error = exc
-        raise NewConnectionError(self, f"Failed to establish a new connection: {error}")  # type: ignore[arg-type]
+        raise NewConnectionError(self, f"Failed to establish a new connection: {error}")
 
 
 def _pools(policy: EgressPolicy) -> dict[str, type[HTTPConnectionPool]]:
@@ -385,7 +397,8 @@ class EgressAdapter(requests.adapters.HTTPAdapter):
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # pragma: no cover - pickling
         self.policy = state.pop("policy", installed() or EgressPolicy())
-        super().__setstate__(state)
+        # types-requests does not declare HTTPAdapter.__setstate__, which requests defines.
+        super().__setstate__(state)  # type: ignore[misc]
 
 
 def guard_session(session: requests.Session, policy: EgressPolicy | None) -> requests.Session:

@@ -17,7 +17,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aioboto3
 import aiohttp
@@ -131,6 +131,25 @@ _KNOWN_CODES = {
 _AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
 
 
+class _S3Client(Protocol):
+    """The calls made on aiobotocore's S3 client, whose methods botocore builds at run time
+    from the API's description (so it has no types): each takes the operation's parameters by
+    name and answers its response as a dict."""
+
+    meta: Any  # botocore's ClientMeta: the client's event hooks
+
+    async def abort_multipart_upload(self, **params: Any) -> dict[str, Any]: ...
+    async def complete_multipart_upload(self, **params: Any) -> dict[str, Any]: ...
+    async def create_multipart_upload(self, **params: Any) -> dict[str, Any]: ...
+    async def delete_object(self, **params: Any) -> dict[str, Any]: ...
+    async def get_object(self, **params: Any) -> dict[str, Any]: ...
+    async def head_object(self, **params: Any) -> dict[str, Any]: ...
+    async def list_multipart_uploads(self, **params: Any) -> dict[str, Any]: ...
+    async def list_objects_v2(self, **params: Any) -> dict[str, Any]: ...
+    async def put_object(self, **params: Any) -> dict[str, Any]: ...
+    async def upload_part(self, **params: Any) -> dict[str, Any]: ...
+
+
 def part_size_for(number: int, base: int, growth_every: int) -> int:
     """Size of part ``number`` (1-based): ``base`` for the first ``growth_every`` parts, then
     doubling every ``growth_every`` parts, so a stream of unknown length can reach S3's
@@ -146,7 +165,7 @@ class S3Store(ObjectStore):
         self.transfer = transfer or TransferSettings()
         self._session = aioboto3.Session()
         self._stack = AsyncExitStack()
-        self._client: Any = None
+        self._client: _S3Client | None = None
         self._client_lock = asyncio.Lock()
         self._pending: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -162,7 +181,7 @@ class S3Store(ObjectStore):
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _s3(self) -> Any:
+    async def _s3(self) -> _S3Client:
         if self._client is not None:
             return self._client
         async with self._client_lock:
@@ -196,7 +215,7 @@ class S3Store(ObjectStore):
                     verify = False
                 elif s.ca_bundle:
                     verify = s.ca_bundle
-                self._client = await self._stack.enter_async_context(
+                client: _S3Client = await self._stack.enter_async_context(
                     self._session.client(
                         "s3",
                         endpoint_url=s.endpoint,
@@ -210,11 +229,14 @@ class S3Store(ObjectStore):
                 # botocore asks for "100 Continue" before every PUT body, and aiohttp waits for
                 # it without any timeout: a server that never answers held an upload forever.
                 # Without it, the read timeout bounds the wait for the answer.
-                self._client.meta.events.unregister("before-call.s3", add_expect_header)
-                self._client.meta.events.register("before-call.s3", egress.no_region_redirect)
-        return self._client
+                client.meta.events.unregister("before-call.s3", add_expect_header)
+                client.meta.events.register("before-call.s3", egress.no_region_redirect)
+                self._client = client
+            return self._client
 
-    async def _call(self, doing: str, key: str | None, op: Callable[[Any], Awaitable[T]]) -> T:
+    async def _call(
+        self, doing: str, key: str | None, op: Callable[[_S3Client], Awaitable[T]]
+    ) -> T:
         """One request, classified and retried on transient failures."""
 
         async def once() -> T:
@@ -447,7 +469,7 @@ class S3Store(ObjectStore):
     ) -> None:
         attempts = 0
 
-        async def once(c: Any) -> None:
+        async def once(c: _S3Client) -> None:
             nonlocal attempts
             attempts += 1
             try:
@@ -610,7 +632,7 @@ class S3Store(ObjectStore):
     ) -> list[bytes]:
         """Bytes ``start..end`` in memory, fetched again whole after a transient failure."""
 
-        async def fetch(client: Any) -> list[bytes]:
+        async def fetch(client: _S3Client) -> list[bytes]:
             answer = await client.get_object(
                 Bucket=self.settings.bucket,
                 Key=full,
@@ -657,19 +679,19 @@ class S3Store(ObjectStore):
             if upload.get("Key") == full:
                 await self._abort(full, upload["UploadId"], [])
 
-    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:  # type: ignore[override]
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         check_list_prefix(prefix)
         base = self._prefix
         token: str | None = None
         while True:
             extra = {"ContinuationToken": token} if token else {}
-            page = await self._call(
-                "list objects",
-                None,
-                lambda c, extra=extra: c.list_objects_v2(
+
+            async def list_page(c: _S3Client, extra: dict[str, str] = extra) -> dict[str, Any]:
+                return await c.list_objects_v2(
                     Bucket=self.settings.bucket, Prefix=base + prefix, **extra
-                ),
-            )
+                )
+
+            page = await self._call("list objects", None, list_page)
             for item in page.get("Contents") or []:
                 yield ObjectInfo(
                     key=item["Key"][len(base) :],
@@ -716,7 +738,7 @@ class S3Store(ObjectStore):
             step="list",
         )
 
-        async def listing(c: Any) -> dict[str, Any]:
+        async def listing(c: _S3Client) -> dict[str, Any]:
             try:
                 return await c.list_objects_v2(
                     Bucket=self.settings.bucket, Prefix=self._prefix + PROBE_PREFIX, MaxKeys=1

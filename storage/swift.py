@@ -28,16 +28,24 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import IO, TYPE_CHECKING, Any, TypeVar
+from urllib.parse import ParseResult, urlsplit, urlunsplit
 
 import requests
 import structlog
-import swiftclient.client as swift_client
 import urllib3
-from swiftclient.exceptions import ClientException
 
 from storage import egress
+from storage._clients import (
+    ClientException,
+    Connection,
+    Headers,
+    HTTPConnection,
+    ObjectBody,
+    http_connection,
+    logger_settings,
+    put_object,
+)
 from storage._support import (
     ATTEMPTS,
     PROBE_PREFIX,
@@ -70,12 +78,16 @@ from storage.base import (
 from storage.settings import SwiftSettings, TransferSettings
 from storage.validation import VALIDATION_ATTEMPTS, probe
 
+if TYPE_CHECKING:
+    # Imported when a Keystone destination is used (see _keystone_session), not before.
+    from keystoneauth1 import session as ks_session
+
 log = structlog.get_logger("storage.swift")
 
 # swiftclient logs failed requests with their headers, revealing up to 16 characters of
 # X-Auth-Token / X-Auth-Key: reveal none.
-swift_client.logger_settings["redact_sensitive_headers"] = True
-swift_client.logger_settings["reveal_sensitive_prefix"] = 0
+logger_settings["redact_sensitive_headers"] = True
+logger_settings["reveal_sensitive_prefix"] = 0
 # At INFO it logs every failed answer's reason phrase, headers and body: text the remote server
 # chose, which no log line of ours repeats.
 logging.getLogger("swiftclient").setLevel(logging.WARNING)
@@ -140,34 +152,32 @@ class _KeystoneAuth:
             )
         return url
 
-    def get_token(self, **kwargs: Any) -> str:
+    def get_token(self, **kwargs: Any) -> str | None:
         return self._session.get_token(**kwargs)
 
     def invalidate(self, *args: Any) -> bool:
         return self._session.invalidate(*args)
 
 
-class _Connection(swift_client.Connection):
+class _Connection(Connection):
     """swiftclient's connection, except that a body may be sent again after the token was
     renewed (with ``retries=0`` swiftclient refuses to), and that it does not hold on to the
     last body it sent; its connections are guarded (egress policy, no redirect)."""
 
-    def http_connection(self, url: str | None = None) -> tuple[Any, swift_client.HTTPConnection]:
+    def http_connection(self, url: str | None = None) -> tuple[ParseResult, HTTPConnection]:
         parsed, conn = super().http_connection(url)
         return parsed, _guarded(conn)
 
-    def put_object(self, container: str, obj: str, contents: Any, **kwargs: Any) -> Any:
+    def put_object(
+        self, container: str, obj: str, contents: bytes | IO[bytes], **kwargs: Any
+    ) -> str:
         try:
             if isinstance(contents, io.BytesIO):
                 contents.seek(0)
                 rewind = functools.partial(_rewind, contents)
-                return self._retry(
-                    rewind, swift_client.put_object, container, obj, contents, **kwargs
-                )
+                return self._retry(rewind, put_object, container, obj, contents, **kwargs)
             if isinstance(contents, bytes):
-                return self._retry(
-                    None, swift_client.put_object, container, obj, contents, **kwargs
-                )
+                return self._retry(None, put_object, container, obj, contents, **kwargs)
             return super().put_object(container, obj, contents, **kwargs)
         finally:
             # requests keeps the last response, and through it the request with its body: a
@@ -180,7 +190,7 @@ def _rewind(contents: io.BytesIO, *_: Any, **__: Any) -> None:
     contents.seek(0)
 
 
-def _guarded(conn: swift_client.HTTPConnection) -> swift_client.HTTPConnection:
+def _guarded(conn: HTTPConnection) -> HTTPConnection:
     """``conn`` connecting only where the egress policy allows, following no redirect (a 3xx
     is an error: followed, it would carry the token or key to wherever it points)."""
     egress.guard_session(conn.request_session, egress.installed())
@@ -191,7 +201,7 @@ def _guarded(conn: swift_client.HTTPConnection) -> swift_client.HTTPConnection:
 def _get_auth_1_0(settings: SwiftSettings, timeout: tuple[float, float]) -> tuple[str, str]:
     """swiftclient's ``get_auth_1_0`` on a guarded connection (see :func:`_guarded`)."""
     s = settings
-    parsed, conn = swift_client.http_connection(
+    parsed, conn = http_connection(
         s.auth_url, cacert=s.ca_bundle, insecure=not s.verify_tls, timeout=timeout
     )
     _guarded(conn)
@@ -217,7 +227,7 @@ def _get_auth_1_0(settings: SwiftSettings, timeout: tuple[float, float]) -> tupl
     return url, token
 
 
-def _keystone_session(settings: SwiftSettings, transfer: TransferSettings) -> Any:
+def _keystone_session(settings: SwiftSettings, transfer: TransferSettings) -> ks_session.Session:
     from keystoneauth1 import session as ks_session
     from keystoneauth1.identity import v3
 
@@ -255,7 +265,7 @@ class SwiftStore(ObjectStore):
         self._container = settings.container
         self._segments = f"{settings.container}_segments"
         self._secrets = (settings.password.get_secret_value(),)
-        self._auth: Any = (
+        self._auth: _V1Auth | _KeystoneAuth = (
             _V1Auth(settings, self._timeout)
             if settings.auth_version == "1"
             else _KeystoneAuth(settings, t)
@@ -263,7 +273,7 @@ class SwiftStore(ObjectStore):
         self._pool = _shared_pool()
         self._futures: set[concurrent.futures.Future[Any]] = set()
         self._local = threading.local()
-        self._connections: list[swift_client.Connection] = []
+        self._connections: list[Connection] = []
         self._connections_lock = threading.Lock()
         self._pending: set[asyncio.Task[None]] = set()
         self._container_checked: dict[str, str | None] | None = None
@@ -279,7 +289,7 @@ class SwiftStore(ObjectStore):
 
     # ------------------------------------------------------------------ plumbing
 
-    def _new_connection(self, *, shared: bool = True) -> swift_client.Connection:
+    def _new_connection(self, *, shared: bool = True) -> Connection:
         s = self.settings
         conn = _Connection(
             session=self._auth,
@@ -299,7 +309,7 @@ class SwiftStore(ObjectStore):
                 self._connections.append(conn)
         return conn
 
-    def _thread_connection(self) -> swift_client.Connection:
+    def _thread_connection(self) -> Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._new_connection()
@@ -309,11 +319,11 @@ class SwiftStore(ObjectStore):
         self,
         doing: str,
         key: str | None,
-        fn: Callable[[swift_client.Connection], T],
+        fn: Callable[[Connection], T],
         *,
         missing: str = "object",
         tracker: set[concurrent.futures.Future[Any]] | None = None,
-        conn: swift_client.Connection | None = None,
+        conn: Connection | None = None,
     ) -> T:
         """``fn(connection)`` in a worker thread, classified and retried when transient.
         ``missing`` says what a 404 means: "object", "container" or "ok"."""
@@ -548,13 +558,16 @@ class SwiftStore(ObjectStore):
         key: str,
         container: str,
         name: str,
-        contents: Any,
+        contents: bytes | IO[bytes],
         length: int,
         tracker: set[concurrent.futures.Future[Any]] | None = None,
-        **options: Any,
-    ) -> Any:
-        """Write one object of ``key``'s upload (the whole object, a segment or a manifest:
-        ``options`` tell); Swift's ETag of it."""
+        *,
+        etag: str | None = None,
+        query_string: str | None = None,
+    ) -> str:
+        """Write one object of ``key``'s upload (the whole object, a segment, or a manifest
+        with ``query_string="multipart-manifest=put"``); Swift's ETag of it. With ``etag``
+        Swift checks the bytes it received against it."""
         return await self._call(
             "write objects",
             key,
@@ -564,7 +577,8 @@ class SwiftStore(ObjectStore):
                 contents=contents,
                 content_length=length,
                 content_type=OCTETS,
-                **options,
+                etag=etag,
+                query_string=query_string,
             ),
             missing="container",
             tracker=tracker,
@@ -729,8 +743,8 @@ class SwiftStore(ObjectStore):
                     answer, body = await self._call(
                         "read objects",
                         key,
-                        lambda c, headers=headers: c.get_object(
-                            self._container, full, resp_chunk_size=DOWNLOAD_CHUNK, headers=headers
+                        functools.partial(
+                            _get_streamed, container=self._container, name=full, headers=headers
                         ),
                         conn=conn,
                     )
@@ -823,8 +837,8 @@ class SwiftStore(ObjectStore):
                 _, page = await self._call(
                     "list objects" if container == self._container else f"list {container!r}",
                     None,
-                    lambda c, marker=marker: c.get_container(
-                        container, prefix=prefix, marker=marker, limit=LISTING_LIMIT
+                    functools.partial(
+                        _get_listing_page, container=container, prefix=prefix, marker=marker
                     ),
                     missing="container" if missing == "container" else "object",
                 )
@@ -835,7 +849,7 @@ class SwiftStore(ObjectStore):
             yield page
             marker = page[-1]["name"]
 
-    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:  # type: ignore[override]
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         check_list_prefix(prefix)
         base = self._prefix
         async for page in self._pages(self._container, base + prefix):
@@ -928,6 +942,20 @@ def _shared_pool() -> concurrent.futures.ThreadPoolExecutor:
                 max_workers=MAX_THREADS, thread_name_prefix="swift"
             )
         return _POOL
+
+
+def _get_streamed(
+    conn: Connection, *, container: str, name: str, headers: Headers
+) -> tuple[Headers, ObjectBody]:
+    """A GET of an object whose body is read chunk by chunk (ranged when ``headers`` say so)."""
+    return conn.get_object(container, name, resp_chunk_size=DOWNLOAD_CHUNK, headers=headers)
+
+
+def _get_listing_page(
+    conn: Connection, *, container: str, prefix: str, marker: str
+) -> tuple[Headers, list[dict[str, Any]]]:
+    """One page of a container's listing: the objects after ``marker``."""
+    return conn.get_container(container, prefix=prefix, marker=marker, limit=LISTING_LIMIT)
 
 
 def _is_slo(headers: dict[str, str]) -> bool:

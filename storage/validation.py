@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import AsyncIterator
 
 from storage._support import ATTEMPTS
 from storage.base import ObjectStore, StorageError, ValidationReport, ValidationStep
@@ -21,7 +22,7 @@ async def probe(store: ObjectStore, key: str) -> ValidationReport:
     token = ATTEMPTS.set(VALIDATION_ATTEMPTS)
     try:
 
-        async def chunks():  # type: ignore[no-untyped-def]
+        async def chunks() -> AsyncIterator[bytes]:
             yield body
 
         try:
