@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 import structlog
@@ -47,6 +47,7 @@ from backup.agent_client import (
 from backup.clock import Clock
 from backup.database import Database, Document
 from backup.jobs import FINAL, JobStatus, JobType, Lease, LeaseLost, RestorePointState
+from backup.operations import InstanceState
 from backup.retention import RetentionSweeper, expires_at
 from backup.secrets import SecretBox, SecretKeyError
 from backup.store_cache import StoreCache
@@ -54,6 +55,8 @@ from storage import ObjectNotFound, StorageError
 
 log = structlog.get_logger(__name__)
 
+# An instance in these states is being (or has been) deleted: its jobs stop.
+_GOING = (InstanceState.DEPROVISIONING, InstanceState.DELETED)
 STAGES_PER_ITEM = 10  # log entries an agent job reports at most (5 stages, stdout + stderr)
 UNLOCK_SCRIPT = {
     AgentJobKind.BACKUP: "post-backup-unlock",
@@ -132,7 +135,7 @@ class _Deadline(Exception):
     pass
 
 
-def _seconds(delta: Any) -> float | None:
+def _seconds(delta: timedelta | None) -> float | None:
     return delta.total_seconds() if delta is not None else None
 
 
@@ -312,7 +315,7 @@ class JobRun:
     async def _prepare(self) -> _Prepared:
         job, box = self.job, self.context.box
         instance = await self.db.instances.find_one({"_id": job["instance_id"]})
-        if instance is None or instance.get("state") in ("deprovisioning", "deleted"):
+        if instance is None or instance.get("state") in _GOING:
             raise JobEnd(JobStatus.FAILED, "The service instance is no longer registered.")
         dest = await self.db.destinations.find_one({"_id": job["destination_id"]})
         if dest is None:
@@ -988,7 +991,7 @@ class JobRun:
         instance = await self.db.instances.find_one(
             {"_id": instance_id or self.job["instance_id"]}, {"state": 1}
         )
-        return instance is None or instance.get("state") in ("deprovisioning", "deleted")
+        return instance is None or instance.get("state") in _GOING
 
     def _agent_kind(self) -> str | None:
         if self.prepared is not None and self.prepared.info is not None:
