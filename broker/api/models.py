@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_mo
 from backup import pagination
 from backup.destinations import DestinationSpec, S3DestinationSpec, SwiftDestinationSpec
 from backup.errors import InvalidInput
+from backup.jobs import JobStatus, JobType, RestorePointState, Trigger
 from backup.plans import EncryptionIn, PlanSpec, Retention
 
 _IN = ConfigDict(extra="forbid", strict=True)
@@ -83,10 +84,6 @@ class ListQuery(BaseModel):
         if self.page is not None:
             return limit, pagination.page_cursor(self.page, self.as_of)
         return limit, self.cursor or None
-
-
-JobType = Literal["BACKUP", "RESTORE"]
-JobStatus = Literal["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "MISSED"]
 
 
 class JobListQuery(ListQuery):
@@ -168,7 +165,8 @@ class SwiftDestinationOut(_DestinationOutBase):
     password_set: bool = Field(description="Whether a key or password is stored.")
 
 
-DestinationOut = Annotated[S3DestinationOut | SwiftDestinationOut, Field(discriminator="type")]
+AnyDestinationOut = S3DestinationOut | SwiftDestinationOut
+DestinationOut = Annotated[AnyDestinationOut, Field(discriminator="type")]
 
 
 class DestinationPage(_PageOut):
@@ -195,18 +193,27 @@ class ValidationOut(BaseModel):
 
 PlanIn = PlanSpec
 
-PlanPatch = create_model(  # type: ignore[call-overload]
+
+def _nullable(annotation: Any) -> Any:
+    """``annotation | None``: a merge patch may set any field to null (its default)."""
+    return annotation | None
+
+
+_PLAN_PATCH_FIELDS: dict[str, Any] = {
+    **{
+        name: (_nullable(field.annotation), None)
+        for name, field in PlanSpec.model_fields.items()
+        if name not in ("retention", "encryption")
+    },
+    "retention": (dict[str, Any] | None, None),
+    "encryption": (dict[str, Any] | None, None),
+}
+PlanPatch = create_model(
     "PlanPatch",
     __config__=ConfigDict(extra="forbid", strict=True),
     __doc__="A JSON merge patch of a plan (RFC 7396): objects merge, null restores the "
     "default. The merged plan is validated as a whole.",
-    **{
-        name: (field.annotation | None, None)
-        for name, field in PlanSpec.model_fields.items()
-        if name not in ("retention", "encryption")
-    },
-    retention=(dict[str, Any] | None, None),
-    encryption=(dict[str, Any] | None, None),
+    **_PLAN_PATCH_FIELDS,
 )
 
 
@@ -256,7 +263,7 @@ class JobItemOut(BaseModel):
         description="A restore: the item (database) restored into; name is the restore "
         "point's item.",
     )
-    status: str | None = None
+    status: JobStatus | None = None
     filename: str | None = None
     size: int | None = Field(default=None, description="Bytes the scripts produced.")
     stored_size: int | None = Field(default=None, description="Bytes in storage.")
@@ -313,7 +320,7 @@ class JobOut(BaseModel):
     type: JobType
     plan_id: str | None = None
     destination_id: str | None = None
-    trigger: str = Field(description="SCHEDULE, MANUAL or CATCH_UP.")
+    trigger: Trigger = Field(description="SCHEDULE, MANUAL or CATCH_UP.")
     scheduled_for: datetime | None = Field(default=None, description="Scheduled fire time.")
     missed: MissedOut | None = Field(
         default=None, description="MISSED jobs: the fires no replica ran (docs/scheduling.md)."
@@ -442,7 +449,7 @@ class RestorePointOut(BaseModel):
     encryption_key_set: bool = Field(
         default=False, description="Whether the key to decrypt it is kept (never shown)."
     )
-    state: Literal["available", "deleting"] = "available"
+    state: RestorePointState = RestorePointState.AVAILABLE
 
 
 class RestorePointPage(_PageOut):

@@ -10,8 +10,9 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, TypeAdapter
+from pydantic.json_schema import JsonSchemaMode
 
-from broker.api import models as m
+from broker.api import models
 from broker.api.routes import OPERATIONS
 
 _REF = "#/components/schemas/{model}"
@@ -34,15 +35,15 @@ def _name(tp: Any) -> str:
 
 @cache
 def document() -> dict[str, Any]:
-    inputs: list[tuple[Any, str, TypeAdapter[Any]]] = []
-    named: dict[str, Any] = {"ErrorOut": m.ErrorOut, "DestinationIn": m.DestinationIn}
-    named["DestinationOut"] = m.DestinationOut
+    inputs: list[tuple[str, JsonSchemaMode, TypeAdapter[Any]]] = []
+    named: dict[str, Any] = {"ErrorOut": models.ErrorOut, "DestinationIn": models.DestinationIn}
+    named["DestinationOut"] = models.DestinationOut
     for operation in OPERATIONS:
         for tp in (operation.body, operation.response):
             if tp is not None and tp not in named.values():
                 named[_name(tp)] = tp
     for key, tp in named.items():
-        mode = "serialization" if key.endswith(("Out", "Page")) else "validation"
+        mode: JsonSchemaMode = "serialization" if key.endswith(("Out", "Page")) else "validation"
         inputs.append((key, mode, TypeAdapter(tp)))
     schemas, defs = TypeAdapter.json_schemas(inputs, ref_template=_REF)
     components: dict[str, Any] = dict(defs.get("$defs", {}))
@@ -52,7 +53,7 @@ def document() -> dict[str, Any]:
     refs = {key: _ref_of(key, schema, components) for (key, _mode), schema in schemas.items()}
 
     paths: dict[str, Any] = {}
-    for op in OPERATIONS:
+    for operation in OPERATIONS:
         params = [
             {
                 "name": name,
@@ -60,18 +61,20 @@ def document() -> dict[str, Any]:
                 "required": True,
                 "schema": {"type": "string", "maxLength": 256 if name == "instance_id" else 64},
             }
-            for name in re.findall(r"{(\w+)}", op.path)
+            for name in re.findall(r"{(\w+)}", operation.path)
         ]
-        params += _query_parameters(op.query)
+        params += _query_parameters(operation.query)
         responses: dict[str, Any] = {}
         ok: dict[str, Any] = {"description": "Success."}
-        if op.response is not None:
-            ok["content"] = {"application/json": {"schema": refs[_key(named, op.response)]}}
-        responses[str(op.status)] = ok
-        for code, text in op.also.items():
+        if operation.response is not None:
+            ok["content"] = {"application/json": {"schema": refs[_key(named, operation.response)]}}
+        responses[str(operation.status)] = ok
+        for code, text in operation.also.items():
             responses[str(code)] = {**ok, "description": text}
-        codes = {400, 401, 404, 429, 503, *op.errors} | ({403} if op.manage else set())
-        for code in sorted(codes | ({415} if op.body is not None else set())):
+        codes = {400, 401, 404, 429, 503, *operation.errors} | (
+            {403} if operation.manage else set()
+        )
+        for code in sorted(codes | ({415} if operation.body is not None else set())):
             responses[str(code)] = {
                 "description": _STATUS_TEXT[code],
                 "content": {
@@ -79,18 +82,18 @@ def document() -> dict[str, Any]:
                 },
             }
         entry: dict[str, Any] = {
-            "operationId": op.operation_id,
-            "summary": op.summary,
-            "tags": [op.tag],
+            "operationId": operation.operation_id,
+            "summary": operation.summary,
+            "tags": [operation.tag],
             "parameters": params,
             "responses": responses,
         }
-        if op.body is not None:
+        if operation.body is not None:
             entry["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": refs[_key(named, op.body)]}},
+                "content": {"application/json": {"schema": refs[_key(named, operation.body)]}},
             }
-        paths.setdefault(op.path, {})[op.method.lower()] = entry
+        paths.setdefault(operation.path, {})[operation.method.lower()] = entry
     return {
         "openapi": "3.1.0",
         "info": {
@@ -131,6 +134,9 @@ def _query_parameters(model: type[BaseModel] | None) -> list[dict[str, Any]]:
         options = [o for o in prop.pop("anyOf", []) if o.get("type") != "null"]
         if len(options) == 1:
             prop.update(options[0])
+        if "$ref" in prop:  # an enum: its values inline, as a parameter's schema stands alone
+            named = schema["$defs"][prop.pop("$ref").rsplit("/", 1)[-1]]
+            prop.update({k: v for k, v in named.items() if k not in ("title", "description")})
         if prop.get("default", "") is None:
             prop.pop("default")
         params.append(

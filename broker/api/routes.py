@@ -4,19 +4,19 @@ body, query string and answer; the routes and the OpenAPI document are both buil
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from backup import destinations, jobs, plans, restore_points
 from backup.database import Database, Document
 from backup.pagination import Page
+from backup.restore_points import StoreOpener
 from backup.secrets import SecretBox
-from broker.api import models as m
-from broker.api import views
+from broker.api import models, views
 from broker.api.auth import AUTHORIZER
 from broker.api.settings import ApiSettings
 from broker.context import DATABASE, SECRETS
@@ -25,9 +25,15 @@ from webguard.body import BodyError, read_json_object
 
 PREFIX = "/v1/service_instances/{instance_id}"
 API_SETTINGS = web.AppKey("api_settings", ApiSettings)
-OPENER = web.AppKey("api_store_opener", Any)
+OPENER: web.AppKey[StoreOpener] = web.AppKey("api_store_opener")
 """How the API and the background loops open an object store (``storage.open_store``)."""
-Q = TypeVar("Q", bound=BaseModel)
+M = TypeVar("M", bound=BaseModel)
+
+Answer = BaseModel | web.StreamResponse | None
+"""What a handler returns: its answer model (rendered as JSON with the operation's status),
+a response it built itself (another status), or nothing (204)."""
+Handler = Callable[["Ctx"], Awaitable[Answer]]
+H = TypeVar("H", bound=Handler)
 
 
 @dataclass
@@ -55,13 +61,14 @@ class Ctx:
         except BodyError as exc:
             raise from_body(exc) from None
 
-    async def body(self, model: Any) -> Any:
-        return adapter(model).validate_python(await self.raw_body())
+    async def body(self, model: type[M]) -> M:
+        """The JSON object sent, validated by ``model``."""
+        return model.model_validate(await self.raw_body())
 
-    def query(self, model: type[Q]) -> Q:
+    def query(self, model: type[M]) -> M:
         """The query string validated by ``model``; a parameter given twice is refused."""
-        q = self.request.query
-        repeated = sorted({k for k in q if len(q.getall(k)) > 1})
+        query = self.request.query
+        repeated = sorted({name for name in query if len(query.getall(name)) > 1})
         if repeated:
             raise ApiError(
                 400,
@@ -70,7 +77,7 @@ class Ctx:
                 extra={"field": repeated[0]},
             )
         try:
-            return model.model_validate(dict(q))
+            return model.model_validate(dict(query))
         except ValidationError as exc:
             raise from_validation(exc, "query") from None
 
@@ -79,14 +86,16 @@ class Ctx:
 class Operation:
     method: str
     path: str
-    handler: Callable[[Ctx], Awaitable[Any]]
+    handler: Handler
     summary: str
     tag: str
     manage: bool
     status: int = 200
-    body: Any = None
+    body: object = None
+    """The request body's model (a type, or an annotated union), for the OpenAPI document."""
     body_required: bool = True
-    response: Any = None
+    response: object = None
+    """The answer's model (a type, or an annotated union), for the OpenAPI document."""
     query: type[BaseModel] | None = None
     errors: tuple[int, ...] = ()
     also: dict[int, str] = field(default_factory=dict)
@@ -98,20 +107,6 @@ class Operation:
 
 
 OPERATIONS: list[Operation] = []
-_ADAPTERS: dict[int, TypeAdapter[Any]] = {}
-
-
-def adapter(tp: Any) -> TypeAdapter[Any]:
-    key = id(tp)
-    if key not in _ADAPTERS:
-        _ADAPTERS[key] = TypeAdapter(tp)
-    return _ADAPTERS[key]
-
-
-def out(tp: Any, data: Any) -> Any:
-    """``data`` checked against the answer's model and rendered as JSON values."""
-    a = adapter(tp)
-    return a.dump_python(a.validate_python(data), mode="json")
 
 
 def op(
@@ -121,21 +116,21 @@ def op(
     summary: str,
     tag: str,
     status: int = 200,
-    body: Any = None,
+    body: object = None,
     body_required: bool = True,
-    response: Any = None,
+    response: object = None,
     query: type[BaseModel] | None = None,
     errors: tuple[int, ...] = (),
     also: dict[int, str] | None = None,
-) -> Callable[[Callable[[Ctx], Awaitable[Any]]], Callable[[Ctx], Awaitable[Any]]]:
+) -> Callable[[H], H]:
     """Declare an operation; GET reads (Cloud Foundry ``read``), all else changes (``manage``)."""
 
-    def register(fn: Callable[[Ctx], Awaitable[Any]]) -> Callable[[Ctx], Awaitable[Any]]:
+    def register(handler: H) -> H:
         OPERATIONS.append(
             Operation(
                 method,
                 PREFIX + path,
-                fn,
+                handler,
                 summary,
                 tag,
                 manage=method != "GET",
@@ -148,51 +143,43 @@ def op(
                 also=also or {},
             )
         )
-        return fn
+        return handler
 
     return register
 
 
-def _page(tp: Any, page: Page, items: list[Any]) -> Any:
-    return out(
-        tp,
+def _page(page_model: type[M], page: Page, items: Sequence[BaseModel]) -> M:
+    return page_model.model_validate(
         {
             "items": items,
             "total": page.total,
             "next_cursor": page.next_cursor,
             "page": page.page,
             "as_of": page.as_of,
-        },
+        }
     )
 
 
-def _check(result: destinations.CheckResult) -> Any:
-    return out(
-        m.ValidationOut,
-        {
-            "ok": result.ok,
-            "error": result.error,
-            "description": result.description,
-            "steps": [_step(s) for s in result.steps],
-        },
+def _check(result: destinations.CheckResult) -> models.ValidationOut:
+    return models.ValidationOut(
+        ok=result.ok,
+        error=result.error,
+        description=result.description,
+        steps=[
+            models.ValidationStepOut(
+                name=step.name, ok=step.ok, error_code=step.error_code, message=step.message
+            )
+            for step in result.steps
+        ],
     )
-
-
-def _step(step: Any) -> dict[str, Any]:
-    return {
-        "name": step.name,
-        "ok": step.ok,
-        "error_code": step.error_code,
-        "message": step.message,
-    }
 
 
 # --- items ----------------------------------------------------------------------------------
 
 
-@op("GET", "/items", summary="The instance's backup items", tag="items", response=m.ItemsOut)
-async def list_items(c: Ctx) -> Any:
-    return out(m.ItemsOut, {"items": list(c.instance.get("items") or [])})
+@op("GET", "/items", summary="The instance's backup items", tag="items", response=models.ItemsOut)
+async def list_items(ctx: Ctx) -> models.ItemsOut:
+    return models.ItemsOut(items=list(ctx.instance.get("items") or []))
 
 
 # --- destinations ---------------------------------------------------------------------------
@@ -203,13 +190,13 @@ async def list_items(c: Ctx) -> Any:
     "/destinations",
     summary="List destinations, newest first",
     tag="destinations",
-    response=m.DestinationPage,
-    query=m.ListQuery,
+    response=models.DestinationPage,
+    query=models.ListQuery,
 )
-async def list_destinations(c: Ctx) -> Any:
-    limit, cursor = c.query(m.ListQuery).window()
-    page = await destinations.list_page(c.db, c.instance_id, limit, cursor)
-    return _page(m.DestinationPage, page, [views.destination(d) for d in page.items])
+async def list_destinations(ctx: Ctx) -> models.DestinationPage:
+    limit, cursor = ctx.query(models.ListQuery).window()
+    page = await destinations.list_page(ctx.db, ctx.instance_id, limit, cursor)
+    return _page(models.DestinationPage, page, [views.destination(d) for d in page.items])
 
 
 @op(
@@ -218,17 +205,17 @@ async def list_destinations(c: Ctx) -> Any:
     summary="Create a destination (with ?validate=true only if a probe succeeds)",
     tag="destinations",
     status=201,
-    body=m.DestinationIn,
-    response=m.DestinationOut,
-    query=m.CheckQuery,
+    body=models.DestinationIn,
+    response=models.DestinationOut,
+    query=models.CheckQuery,
     errors=(409, 422),
 )
-async def create_destination(c: Ctx) -> Any:
-    check = c.query(m.CheckQuery)
-    spec = destinations.parse(await c.raw_body())
-    timeout = c.api.validate_timeout_seconds if check.validate_ else None
-    doc = await destinations.create(c.db, c.box, c.instance_id, spec, verify_timeout=timeout)
-    return out(m.DestinationOut, views.destination(doc))
+async def create_destination(ctx: Ctx) -> models.AnyDestinationOut:
+    check = ctx.query(models.CheckQuery)
+    spec = destinations.parse(await ctx.raw_body())
+    timeout = ctx.api.validate_timeout_seconds if check.validate_ else None
+    doc = await destinations.create(ctx.db, ctx.box, ctx.instance_id, spec, verify_timeout=timeout)
+    return views.destination(doc)
 
 
 @op(
@@ -237,15 +224,15 @@ async def create_destination(c: Ctx) -> Any:
     summary="Check destination settings before creating them: write, read back and delete "
     "a probe object (the answer says what failed; a name is not needed)",
     tag="destinations",
-    body=m.DestinationIn,
-    response=m.ValidationOut,
+    body=models.DestinationIn,
+    response=models.ValidationOut,
     errors=(422,),  # egress_denied: the host may not be connected to
 )
-async def validate_new_destination(c: Ctx) -> Any:
-    raw = await c.raw_body()
+async def validate_new_destination(ctx: Ctx) -> models.ValidationOut:
+    raw = await ctx.raw_body()
     raw.setdefault("name", "validation")
     spec = destinations.parse(raw)
-    return _check(await destinations.check(spec.settings(), c.api.validate_timeout_seconds))
+    return _check(await destinations.check(spec.settings(), ctx.api.validate_timeout_seconds))
 
 
 @op(
@@ -253,11 +240,11 @@ async def validate_new_destination(c: Ctx) -> Any:
     "/destinations/{destination_id}",
     summary="Read a destination",
     tag="destinations",
-    response=m.DestinationOut,
+    response=models.DestinationOut,
 )
-async def get_destination(c: Ctx) -> Any:
-    doc = await destinations.get(c.db, c.instance_id, c.param("destination_id"))
-    return out(m.DestinationOut, views.destination(doc))
+async def get_destination(ctx: Ctx) -> models.AnyDestinationOut:
+    doc = await destinations.get(ctx.db, ctx.instance_id, ctx.param("destination_id"))
+    return views.destination(doc)
 
 
 @op(
@@ -266,19 +253,19 @@ async def get_destination(c: Ctx) -> Any:
     summary="Change a destination (JSON merge patch; the secret is kept unless sent; with "
     "?validate=true only if a probe succeeds)",
     tag="destinations",
-    body=m.DestinationPatch,
-    response=m.DestinationOut,
-    query=m.CheckQuery,
+    body=models.DestinationPatch,
+    response=models.DestinationOut,
+    query=models.CheckQuery,
     errors=(409, 422),
 )
-async def update_destination(c: Ctx) -> Any:
-    check = c.query(m.CheckQuery)
-    patch = await c.raw_body()
-    timeout = c.api.validate_timeout_seconds if check.validate_ else None
+async def update_destination(ctx: Ctx) -> models.AnyDestinationOut:
+    check = ctx.query(models.CheckQuery)
+    patch = await ctx.raw_body()
+    timeout = ctx.api.validate_timeout_seconds if check.validate_ else None
     doc = await destinations.update(
-        c.db, c.box, c.instance_id, c.param("destination_id"), patch, verify_timeout=timeout
+        ctx.db, ctx.box, ctx.instance_id, ctx.param("destination_id"), patch, verify_timeout=timeout
     )
-    return out(m.DestinationOut, views.destination(doc))
+    return views.destination(doc)
 
 
 @op(
@@ -289,8 +276,8 @@ async def update_destination(c: Ctx) -> Any:
     status=204,
     errors=(409,),
 )
-async def delete_destination(c: Ctx) -> Any:
-    await destinations.delete(c.db, c.instance_id, c.param("destination_id"))
+async def delete_destination(ctx: Ctx) -> None:
+    await destinations.delete(ctx.db, ctx.instance_id, ctx.param("destination_id"))
 
 
 @op(
@@ -299,19 +286,19 @@ async def delete_destination(c: Ctx) -> Any:
     summary="Check a stored destination: write, read back and delete a probe object (with a "
     "JSON merge patch as body: check that change without saving it)",
     tag="destinations",
-    body=m.DestinationPatch,
+    body=models.DestinationPatch,
     body_required=False,
-    response=m.ValidationOut,
+    response=models.ValidationOut,
     errors=(422,),  # egress_denied: the host may not be connected to
 )
-async def validate_destination(c: Ctx) -> Any:
-    patch = await c.raw_body() if c.request.body_exists else None
+async def validate_destination(ctx: Ctx) -> models.ValidationOut:
+    patch = await ctx.raw_body() if ctx.request.body_exists else None
     result = await destinations.check_stored(
-        c.db,
-        c.box,
-        c.instance_id,
-        c.param("destination_id"),
-        c.api.validate_timeout_seconds,
+        ctx.db,
+        ctx.box,
+        ctx.instance_id,
+        ctx.param("destination_id"),
+        ctx.api.validate_timeout_seconds,
         patch,
     )
     return _check(result)
@@ -320,8 +307,8 @@ async def validate_destination(c: Ctx) -> Any:
 # --- plans ----------------------------------------------------------------------------------
 
 
-async def _plan_views(store: Database, docs: list[Document]) -> list[dict[str, Any]]:
-    last = await jobs.last_jobs(store, [d.get("last_job_id") for d in docs])
+async def _plan_views(store: Database, docs: list[Document]) -> list[models.PlanOut]:
+    last = await jobs.last_jobs(store, [d["last_job_id"] for d in docs if d.get("last_job_id")])
     return [views.plan(d, last.get(d.get("last_job_id") or "")) for d in docs]
 
 
@@ -330,13 +317,13 @@ async def _plan_views(store: Database, docs: list[Document]) -> list[dict[str, A
     "/plans",
     summary="List backup plans, newest first",
     tag="plans",
-    response=m.PlanPage,
-    query=m.ListQuery,
+    response=models.PlanPage,
+    query=models.ListQuery,
 )
-async def list_plans(c: Ctx) -> Any:
-    limit, cursor = c.query(m.ListQuery).window()
-    page = await plans.list_page(c.db, c.instance_id, limit, cursor)
-    return _page(m.PlanPage, page, await _plan_views(c.db, page.items))
+async def list_plans(ctx: Ctx) -> models.PlanPage:
+    limit, cursor = ctx.query(models.ListQuery).window()
+    page = await plans.list_page(ctx.db, ctx.instance_id, limit, cursor)
+    return _page(models.PlanPage, page, await _plan_views(ctx.db, page.items))
 
 
 @op(
@@ -345,20 +332,20 @@ async def list_plans(c: Ctx) -> Any:
     summary="Create a backup plan",
     tag="plans",
     status=201,
-    body=m.PlanIn,
-    response=m.PlanOut,
+    body=models.PlanIn,
+    response=models.PlanOut,
     errors=(409,),
 )
-async def create_plan(c: Ctx) -> Any:
-    spec = await c.body(m.PlanIn)
-    doc = await plans.create(c.db, c.box, c.instance, spec, c.api.min_plan_interval_seconds)
-    return out(m.PlanOut, views.plan(doc, None))
+async def create_plan(ctx: Ctx) -> models.PlanOut:
+    spec = await ctx.body(models.PlanIn)
+    doc = await plans.create(ctx.db, ctx.box, ctx.instance, spec, ctx.api.min_plan_interval_seconds)
+    return views.plan(doc, None)
 
 
-@op("GET", "/plans/{plan_id}", summary="Read a backup plan", tag="plans", response=m.PlanOut)
-async def get_plan(c: Ctx) -> Any:
-    doc = await plans.get(c.db, c.instance_id, c.param("plan_id"))
-    return out(m.PlanOut, (await _plan_views(c.db, [doc]))[0])
+@op("GET", "/plans/{plan_id}", summary="Read a backup plan", tag="plans", response=models.PlanOut)
+async def get_plan(ctx: Ctx) -> models.PlanOut:
+    doc = await plans.get(ctx.db, ctx.instance_id, ctx.param("plan_id"))
+    return (await _plan_views(ctx.db, [doc]))[0]
 
 
 @op(
@@ -367,17 +354,22 @@ async def get_plan(c: Ctx) -> Any:
     summary="Change a backup plan (JSON merge patch; the merged plan is validated as a whole "
     "and returned)",
     tag="plans",
-    body=m.PlanPatch,
-    response=m.PlanOut,
+    body=models.PlanPatch,
+    response=models.PlanOut,
     errors=(409,),
 )
-async def update_plan(c: Ctx) -> Any:
-    patch = await c.raw_body()
-    adapter(m.PlanPatch).validate_python(patch)
+async def update_plan(ctx: Ctx) -> models.PlanOut:
+    patch = await ctx.raw_body()
+    models.PlanPatch.model_validate(patch)  # the merged plan is validated again as a whole
     doc = await plans.update(
-        c.db, c.box, c.instance, c.param("plan_id"), patch, c.api.min_plan_interval_seconds
+        ctx.db,
+        ctx.box,
+        ctx.instance,
+        ctx.param("plan_id"),
+        patch,
+        ctx.api.min_plan_interval_seconds,
     )
-    return out(m.PlanOut, (await _plan_views(c.db, [doc]))[0])
+    return (await _plan_views(ctx.db, [doc]))[0]
 
 
 @op(
@@ -388,16 +380,16 @@ async def update_plan(c: Ctx) -> Any:
     tag="plans",
     status=204,
 )
-async def delete_plan(c: Ctx) -> Any:
-    await plans.delete(c.db, c.instance_id, c.param("plan_id"))
+async def delete_plan(ctx: Ctx) -> None:
+    await plans.delete(ctx.db, ctx.instance_id, ctx.param("plan_id"))
 
 
 # --- backups and restores -------------------------------------------------------------------
 
 
-async def _backup_now(c: Ctx, plan_id: str) -> Any:
-    plan = await plans.get(c.db, c.instance_id, plan_id)
-    return out(m.JobOut, views.job(await jobs.start_backup(c.db, plan), None))
+async def _backup_now(ctx: Ctx, plan_id: str) -> models.JobOut:
+    plan = await plans.get(ctx.db, ctx.instance_id, plan_id)
+    return views.job(await jobs.start_backup(ctx.db, plan), None)
 
 
 @op(
@@ -406,13 +398,13 @@ async def _backup_now(c: Ctx, plan_id: str) -> Any:
     summary="Back up now: queue a manual backup job of a plan",
     tag="jobs",
     status=202,
-    body=m.BackupIn,
-    response=m.JobOut,
+    body=models.BackupIn,
+    response=models.JobOut,
     errors=(409,),
 )
-async def start_backup(c: Ctx) -> Any:
-    spec = await c.body(m.BackupIn)
-    return await _backup_now(c, spec.plan_id)
+async def start_backup(ctx: Ctx) -> models.JobOut:
+    spec = await ctx.body(models.BackupIn)
+    return await _backup_now(ctx, spec.plan_id)
 
 
 @op(
@@ -421,11 +413,11 @@ async def start_backup(c: Ctx) -> Any:
     summary="Back up this plan now (the same as POST /backups with its plan_id)",
     tag="jobs",
     status=202,
-    response=m.JobOut,
+    response=models.JobOut,
     errors=(409,),
 )
-async def start_plan_backup(c: Ctx) -> Any:
-    return await _backup_now(c, c.param("plan_id"))
+async def start_plan_backup(ctx: Ctx) -> models.JobOut:
+    return await _backup_now(ctx, ctx.param("plan_id"))
 
 
 @op(
@@ -436,20 +428,22 @@ async def start_plan_backup(c: Ctx) -> Any:
     "into itself or another registered item (target)",
     tag="jobs",
     status=202,
-    body=m.RestoreIn,
-    response=m.JobOut,
+    body=models.RestoreIn,
+    response=models.JobOut,
     errors=(409,),
 )
-async def start_restore(c: Ctx) -> Any:
-    spec = await c.body(m.RestoreIn)
+async def start_restore(ctx: Ctx) -> models.JobOut:
+    spec = await ctx.body(models.RestoreIn)
     target = None
-    if spec.target_instance_id is not None and spec.target_instance_id != c.instance_id:
+    if spec.target_instance_id is not None and spec.target_instance_id != ctx.instance_id:
         # Before the restore point is looked at: a target the caller may not manage answers
         # the same whatever the point, and one it may not see exactly like an unknown one.
-        target = await c.request.app[AUTHORIZER].authorize_also(c.request, spec.target_instance_id)
-    point = await restore_points.get(c.db, c.instance_id, spec.restore_point_id)
-    job = await jobs.start_restore(c.db, point, spec.pairs(), target=target)
-    return out(m.JobOut, views.job(job, None))
+        target = await ctx.request.app[AUTHORIZER].authorize_also(
+            ctx.request, spec.target_instance_id
+        )
+    point = await restore_points.get(ctx.db, ctx.instance_id, spec.restore_point_id)
+    job = await jobs.start_restore(ctx.db, point, spec.pairs(), target=target)
+    return views.job(job, None)
 
 
 # --- jobs -----------------------------------------------------------------------------------
@@ -460,22 +454,22 @@ async def start_restore(c: Ctx) -> Any:
     "/jobs",
     summary="List jobs, newest first (filter by type, status, plan)",
     tag="jobs",
-    response=m.JobPage,
-    query=m.JobListQuery,
+    response=models.JobPage,
+    query=models.JobListQuery,
 )
-async def list_jobs(c: Ctx) -> Any:
-    q = c.query(m.JobListQuery)
-    limit, cursor = q.window()
+async def list_jobs(ctx: Ctx) -> models.JobPage:
+    query = ctx.query(models.JobListQuery)
+    limit, cursor = query.window()
     page = await jobs.list_page(
-        c.db,
-        c.instance_id,
-        type=q.type,
-        status=q.status,
-        plan_id=q.plan_id,
+        ctx.db,
+        ctx.instance_id,
+        type=query.type,
+        status=query.status,
+        plan_id=query.plan_id,
         limit=limit,
         cursor=cursor,
     )
-    return _page(m.JobPage, page, [views.job(d, None) for d in page.items])
+    return _page(models.JobPage, page, [views.job(d, None) for d in page.items])
 
 
 @op(
@@ -484,11 +478,11 @@ async def list_jobs(c: Ctx) -> Any:
     summary="Read a job: status, times, per-item results and stage logs (each cut to its "
     "last JOB_LOG_MAX_BYTES)",
     tag="jobs",
-    response=m.JobOut,
+    response=models.JobOut,
 )
-async def get_job(c: Ctx) -> Any:
-    doc = await jobs.get(c.db, c.instance_id, c.param("job_id"))
-    return out(m.JobOut, views.job(doc, c.api.job_log_max_bytes, c.api.job_logs_total_max_bytes))
+async def get_job(ctx: Ctx) -> models.JobOut:
+    doc = await jobs.get(ctx.db, ctx.instance_id, ctx.param("job_id"))
+    return views.job(doc, ctx.api.job_log_max_bytes, ctx.api.job_logs_total_max_bytes)
 
 
 @op(
@@ -497,14 +491,14 @@ async def get_job(c: Ctx) -> Any:
     summary="Cancel a job: a queued one ends at once (200); a running one is asked to stop "
     "(202) and the runner ends it",
     tag="jobs",
-    response=m.JobOut,
+    response=models.JobOut,
     errors=(409,),
     also={202: "A running job was asked to stop; it ends CANCELLED shortly."},
 )
-async def cancel_job(c: Ctx) -> Any:
-    doc = await jobs.cancel(c.db, c.instance_id, c.param("job_id"))
+async def cancel_job(ctx: Ctx) -> web.Response:
+    doc = await jobs.cancel(ctx.db, ctx.instance_id, ctx.param("job_id"))
     status = 200 if doc["status"] == jobs.JobStatus.CANCELLED else 202
-    return web.json_response(out(m.JobOut, views.job(doc, None)), status=status)
+    return web.json_response(views.job(doc, None).model_dump(mode="json"), status=status)
 
 
 # --- restore points -------------------------------------------------------------------------
@@ -515,16 +509,16 @@ async def cancel_job(c: Ctx) -> Any:
     "/restore_points",
     summary="List restore points (successful backups), newest first",
     tag="restore points",
-    response=m.RestorePointPage,
-    query=m.RestorePointListQuery,
+    response=models.RestorePointPage,
+    query=models.RestorePointListQuery,
 )
-async def list_restore_points(c: Ctx) -> Any:
-    q = c.query(m.RestorePointListQuery)
-    limit, cursor = q.window()
+async def list_restore_points(ctx: Ctx) -> models.RestorePointPage:
+    query = ctx.query(models.RestorePointListQuery)
+    limit, cursor = query.window()
     page = await restore_points.list_page(
-        c.db, c.instance_id, plan_id=q.plan_id, limit=limit, cursor=cursor
+        ctx.db, ctx.instance_id, plan_id=query.plan_id, limit=limit, cursor=cursor
     )
-    return _page(m.RestorePointPage, page, [views.restore_point(d) for d in page.items])
+    return _page(models.RestorePointPage, page, [views.restore_point(d) for d in page.items])
 
 
 @op(
@@ -532,11 +526,11 @@ async def list_restore_points(c: Ctx) -> Any:
     "/restore_points/{restore_point_id}",
     summary="Read a restore point",
     tag="restore points",
-    response=m.RestorePointOut,
+    response=models.RestorePointOut,
 )
-async def get_restore_point(c: Ctx) -> Any:
-    doc = await restore_points.get(c.db, c.instance_id, c.param("restore_point_id"))
-    return out(m.RestorePointOut, views.restore_point(doc))
+async def get_restore_point(ctx: Ctx) -> models.RestorePointOut:
+    doc = await restore_points.get(ctx.db, ctx.instance_id, ctx.param("restore_point_id"))
+    return views.restore_point(doc)
 
 
 @op(
@@ -547,13 +541,13 @@ async def get_restore_point(c: Ctx) -> Any:
     status=204,
     errors=(409, 503),
 )
-async def delete_restore_point(c: Ctx) -> Any:
+async def delete_restore_point(ctx: Ctx) -> None:
     await restore_points.delete(
-        c.db,
-        c.box,
-        c.instance_id,
-        c.param("restore_point_id"),
-        opener=c.request.app[OPENER],
+        ctx.db,
+        ctx.box,
+        ctx.instance_id,
+        ctx.param("restore_point_id"),
+        opener=ctx.request.app[OPENER],
     )
 
 
@@ -567,12 +561,12 @@ def handler_for(operation: Operation) -> Callable[[web.Request], Awaitable[web.S
             request, request.match_info["instance_id"], operation.manage
         )
         ctx = Ctx(request, instance, app[DATABASE], app[SECRETS], app[API_SETTINGS])
-        result = await operation.handler(ctx)
-        if isinstance(result, web.StreamResponse):
-            return result
-        if operation.status == 204:
+        answer = await operation.handler(ctx)
+        if isinstance(answer, web.StreamResponse):
+            return answer
+        if answer is None:
             return web.Response(status=204)
-        return web.json_response(result, status=operation.status)
+        return web.json_response(answer.model_dump(mode="json"), status=operation.status)
 
     handle.__name__ = operation.operation_id
     return handle

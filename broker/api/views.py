@@ -1,35 +1,43 @@
-"""Stored documents -> API answers. Secrets become ``<name>_set`` flags; internal fields
-(leases, agent job ids, sealed secrets) are left out."""
+"""Stored documents -> API answers (the models of :mod:`broker.api.models`). Secrets become
+``<name>_set`` flags; internal fields (leases, agent job ids, sealed secrets) are left out."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from backup.database import Document
 from backup.destinations import SECRET_FIELD
+from broker.api import models
+
+_DESTINATION: TypeAdapter[models.S3DestinationOut | models.SwiftDestinationOut] = TypeAdapter(
+    models.DestinationOut
+)
 
 
 def _sealed(doc: Document, name: str) -> bool:
     return bool((doc.get("secrets") or {}).get(name))
 
 
-def destination(doc: Document) -> dict[str, Any]:
+def destination(doc: Document) -> models.S3DestinationOut | models.SwiftDestinationOut:
     secret = SECRET_FIELD[doc["type"]]
-    out = {k: v for k, v in doc.items() if k not in ("_id", "secrets", "instance_id")}
-    out["id"] = doc["_id"]
-    out[f"{secret}_set"] = _sealed(doc, secret)
+    view = {k: v for k, v in doc.items() if k not in ("_id", "secrets", "instance_id")}
+    view["id"] = doc["_id"]
+    view[f"{secret}_set"] = _sealed(doc, secret)
     if doc["type"] == "S3":
-        out["plain_http"] = str(doc.get("endpoint") or "").startswith("http://")
-    return out
+        view["plain_http"] = str(doc.get("endpoint") or "").startswith("http://")
+    return _DESTINATION.validate_python(view)
 
 
-def plan(doc: Document, last: Document | None) -> dict[str, Any]:
-    enc = doc.get("encryption") or {}
-    return {
+def plan(doc: Document, last: Document | None) -> models.PlanOut:
+    """``last``: the plan's latest job, if any."""
+    encryption = doc.get("encryption") or {}
+    view = {
         **{k: v for k, v in doc.items() if k not in ("_id", "secrets", "encryption")},
         "id": doc["_id"],
         "encryption": {
-            "enabled": bool(enc.get("enabled")),
+            "enabled": bool(encryption.get("enabled")),
             "key_set": _sealed(doc, "encryption_key"),
         },
         "last_job": (
@@ -43,6 +51,7 @@ def plan(doc: Document, last: Document | None) -> dict[str, Any]:
             else None
         ),
     }
+    return models.PlanOut.model_validate(view)
 
 
 def truncate(text: Any, limit: int) -> str:
@@ -57,7 +66,7 @@ def truncate(text: Any, limit: int) -> str:
 MIN_LOG_SHARE = 256
 
 
-def job(doc: Document, log_limit: int | None, total_limit: int | None = None) -> dict[str, Any]:
+def job(doc: Document, log_limit: int | None, total_limit: int | None = None) -> models.JobOut:
     """``log_limit``: include stage logs, each cut to its last ``log_limit`` bytes (reading one
     job); with ``total_limit``, a job with many logs gives each an equal smaller share, so the
     answer stays bounded whatever the number of items."""
@@ -72,12 +81,14 @@ def job(doc: Document, log_limit: int | None, total_limit: int | None = None) ->
         if share is not None:
             view["logs"] = {str(stage): truncate(text, share) for stage, text in item_logs.items()}
         items.append(view)
-    return {**doc, "id": doc["_id"], "items": items}
+    return models.JobOut.model_validate({**doc, "id": doc["_id"], "items": items})
 
 
-def restore_point(doc: Document) -> dict[str, Any]:
-    return {
-        **{k: v for k, v in doc.items() if k not in ("_id", "secrets", "agent")},
-        "id": doc["_id"],
-        "encryption_key_set": _sealed(doc, "encryption_key"),
-    }
+def restore_point(doc: Document) -> models.RestorePointOut:
+    return models.RestorePointOut.model_validate(
+        {
+            **{k: v for k, v in doc.items() if k not in ("_id", "secrets", "agent")},
+            "id": doc["_id"],
+            "encryption_key_set": _sealed(doc, "encryption_key"),
+        }
+    )

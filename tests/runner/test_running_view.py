@@ -20,9 +20,7 @@ from structlog.testing import capture_logs
 from backup import jobs
 from backup.database import Database, Document
 from backup.deprovision import Steps
-from broker.api import models as m
 from broker.api import views
-from broker.api.routes import out
 from storage import S3Settings, open_store
 from tests.agent.helpers import PASSWORD, USER, AgentProcess
 from tests.runner.conftest import GoRig, RunnerFactory, final, seed_instance, seed_plan, until
@@ -38,7 +36,7 @@ HANGING_BACKUP = 'echo "backup $*" >> "$TRACE"; sleep 60'
 
 def api_view(doc: Document) -> dict[str, Any]:
     """The job as ``GET /v1/service_instances/{id}/jobs/{job}`` answers it."""
-    return out(m.JobOut, views.job(doc, 16384, 1 << 20))
+    return views.job(doc, 16384, 1 << 20).model_dump(mode="json")
 
 
 def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
