@@ -36,10 +36,12 @@ class MasterKey:
 def parse_master_keys(spec: str) -> list[MasterKey]:
     """Parse ``"id1:base64key1,id2:base64key2"``; the first key is the active one."""
     keys: list[MasterKey] = []
-    for n, part in enumerate(p.strip() for p in spec.split(",") if p.strip()):
+    for index, part in enumerate(p.strip() for p in spec.split(",") if p.strip()):
         key_id, sep, material = part.partition(":")
         if not sep or not key_id or not material:
-            raise SecretKeyError(f"master key #{n + 1} must look like '<id>:<base64 of 32 bytes>'")
+            raise SecretKeyError(
+                f"master key #{index + 1} must look like '<id>:<base64 of 32 bytes>'"
+            )
         try:
             raw = base64.urlsafe_b64decode(material + "=" * (-len(material) % 4))
         except (ValueError, TypeError) as exc:
@@ -74,8 +76,8 @@ class SecretBox:
 
     def seal(self, plaintext: str, context: str) -> dict[str, object]:
         nonce = os.urandom(12)
-        ct = AESGCM(self._active.key).encrypt(nonce, plaintext.encode(), context.encode())
-        return {"v": _FORMAT, "kid": self._active.key_id, "n": nonce, "ct": ct}
+        ciphertext = AESGCM(self._active.key).encrypt(nonce, plaintext.encode(), context.encode())
+        return {"v": _FORMAT, "kid": self._active.key_id, "n": nonce, "ct": ciphertext}
 
     def open(self, sealed: Mapping[str, object], context: str) -> str:
         key = self._by_id.get(str(sealed.get("kid")))
@@ -84,15 +86,14 @@ class SecretBox:
                 f"a stored secret was sealed with key {sealed.get('kid')!r}, which is not "
                 "configured; add it to SECRETS_MASTER_KEYS"
             )
+        nonce, ciphertext = sealed.get("n"), sealed.get("ct")
+        if not isinstance(nonce, bytes) or not isinstance(ciphertext, bytes):
+            raise SecretKeyError("a stored secret failed authentication")
         try:
-            pt = AESGCM(key.key).decrypt(
-                bytes(sealed["n"]),
-                bytes(sealed["ct"]),
-                context.encode(),  # type: ignore[arg-type]
-            )
-        except (InvalidTag, KeyError, TypeError) as exc:
+            plaintext = AESGCM(key.key).decrypt(nonce, ciphertext, context.encode())
+        except InvalidTag as exc:
             raise SecretKeyError("a stored secret failed authentication") from exc
-        return pt.decode()
+        return plaintext.decode()
 
     def needs_rotation(self, sealed: Mapping[str, object]) -> bool:
         return sealed.get("kid") != self._active.key_id

@@ -262,7 +262,9 @@ class GuardedRunner(web.AppRunner):
         error_body: ErrorBody = default_error_body,
         **kwargs: Any,
     ) -> None:
-        self._guard = {"limits": limits, "error_body": error_body, "on_busy": _busy_logger()}
+        self._guard_limits = limits
+        self._guard_error_body = error_body
+        self._guard_on_busy = _busy_logger()
         self._guard_handler_kwargs = limits.handler_kwargs()
         super().__init__(app, **{**self._guard_handler_kwargs, **kwargs})
 
@@ -272,10 +274,22 @@ class GuardedRunner(web.AppRunner):
         if inner is None:
             return None
         loop = asyncio.get_running_loop()
-        guard, handler_kwargs = self._guard, self._guard_handler_kwargs
+        limits, error_body, on_busy = (
+            self._guard_limits,
+            self._guard_error_body,
+            self._guard_on_busy,
+        )
+        handler_kwargs = self._guard_handler_kwargs
 
         def protocol() -> GuardedRequestHandler:
-            return GuardedRequestHandler(inner, loop=loop, **guard, **handler_kwargs)
+            return GuardedRequestHandler(
+                inner,
+                loop=loop,
+                limits=limits,
+                error_body=error_body,
+                on_busy=on_busy,
+                **handler_kwargs,
+            )
 
         return protocol
 

@@ -94,11 +94,12 @@ class Jwks:
             candidates.append(root)  # UAA: issuer .../oauth/token, discovery at the root
         for url in candidates:
             try:
-                async with self.http.get(url) as r:
-                    if r.status == 200:
-                        doc = await r.json(content_type=None)
-                        if isinstance(doc, dict) and isinstance(doc.get("jwks_uri"), str):
-                            return doc["jwks_uri"]
+                async with self.http.get(url) as response:
+                    if response.status == 200:
+                        doc = await response.json(content_type=None)
+                        jwks_uri = doc.get("jwks_uri") if isinstance(doc, dict) else None
+                        if isinstance(jwks_uri, str):
+                            return jwks_uri
             except (aiohttp.ClientError, TimeoutError, ValueError):
                 continue
         raise ApiError(
@@ -112,21 +113,21 @@ class Jwks:
         if self._url is None:
             self._url = await self._discover()
         try:
-            async with self.http.get(self._url) as r:
-                r.raise_for_status()
-                body = await r.json(content_type=None)
+            async with self.http.get(self._url) as response:
+                response.raise_for_status()
+                body = await response.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError):
             log.warning("jwks_fetch_failed", url=self._url)
             if self._keys:
                 return  # keep the keys we have until the issuer answers again
             raise _keys_unavailable() from None
         keys: dict[str, jwt.PyJWK] = {}
-        for n, data in enumerate(body.get("keys") or [] if isinstance(body, dict) else []):
+        for index, data in enumerate(body.get("keys") or [] if isinstance(body, dict) else []):
             try:
                 key = jwt.PyJWK(data)
             except (jwt.PyJWKError, jwt.InvalidKeyError, KeyError, TypeError, ValueError):
                 continue
-            keys[str(data.get("kid") or f"#{n}")] = key
+            keys[str(data.get("kid") or f"#{index}")] = key
         self._keys = keys
         log.info("jwks_fetched", url=self._url, keys=len(keys))
 
@@ -308,13 +309,14 @@ class Authorizer:
             f"{quote(instance_id, safe='')}/permissions"
         )
         try:
-            async with self.http.get(url, headers={"Authorization": f"Bearer {token}"}) as r:
-                if r.status == 401:
+            headers = {"Authorization": f"Bearer {token}"}
+            async with self.http.get(url, headers=headers) as response:
+                if response.status == 401:
                     raise unauthenticated("The Cloud Controller refused the bearer token.")
-                if r.status in (403, 404):
+                if response.status in (403, 404):
                     return False, False
-                r.raise_for_status()
-                body = await r.json(content_type=None)
+                response.raise_for_status()
+                body = await response.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError):
             log.warning("cloud_controller_unavailable", instance_id=instance_id)
             raise ApiError(
