@@ -11,29 +11,27 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import unquote
 
 from pydantic import (
     AliasChoices,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backup.secrets import MasterKey, generate_master_key_spec, parse_master_keys
+from backup.settings import ConfigError as ConfigError
+from backup.settings import load_settings as load_part_settings
 from storage.egress import EgressPolicy, parse_networks
 from webguard.middleware import parse_origins
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yml"
-
-
-class ConfigError(Exception):
-    """Configuration that cannot be used; the message names each offending variable."""
 
 
 class Settings(BaseSettings):
@@ -305,10 +303,10 @@ class Settings(BaseSettings):
             )
 
 
-def _read_or_create(path: Path, make: object) -> str:
+def _read_or_create(path: Path, make: Callable[[], str]) -> str:
     if path.exists():
         return path.read_text().strip()
-    value = make()  # type: ignore[operator]
+    value = make()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")
@@ -328,7 +326,8 @@ def _vcap_application_uris() -> list[str]:
         app = json.loads(os.environ.get("VCAP_APPLICATION", "") or "{}")
     except json.JSONDecodeError:
         return []
-    return list(app.get("application_uris") or app.get("uris") or [])
+    uris = app.get("application_uris") or app.get("uris") or []
+    return [str(uri) for uri in uris]
 
 
 def _mongodb_from_vcap() -> str | None:
@@ -349,14 +348,7 @@ def _mongodb_from_vcap() -> str | None:
     return None
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Settings from the environment (plus ``overrides``), or :class:`ConfigError` naming every
-    bad variable and why."""
-    try:
-        return Settings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "configuration"
-            lines.append(f"{loc.upper()}: {err['msg']}")
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment (plus ``overrides``, by variable name), or
+    :class:`ConfigError` naming every bad variable and why."""
+    return load_part_settings(Settings, **overrides)

@@ -5,8 +5,10 @@ See docs/scheduling.md for what each one changes in behaviour.
 
 from __future__ import annotations
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from backup.settings import load_settings
 
 
 class SchedulerSettings(BaseSettings):
@@ -83,12 +85,6 @@ class SchedulerSettings(BaseSettings):
 
 
 def load_scheduler_settings() -> SchedulerSettings:
-    """The scheduler settings from the environment, or ``ValueError`` naming each bad one."""
-    try:
-        return SchedulerSettings()
-    except ValidationError as exc:
-        lines = [
-            f"{'.'.join(str(p) for p in err['loc']).upper() or 'SCHEDULER'}: {err['msg']}"
-            for err in exc.errors(include_input=False)
-        ]
-        raise ValueError("invalid scheduler configuration:\n  " + "\n  ".join(lines)) from None
+    """The scheduler settings from the environment, or :class:`backup.settings.ConfigError`
+    (a ``ValueError``) naming each bad one."""
+    return load_settings(SchedulerSettings, part="scheduler")

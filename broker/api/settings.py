@@ -3,10 +3,10 @@ environment. Read once when the app is created."""
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from broker.config import ConfigError
+from backup.settings import load_settings
 
 
 class ApiSettings(BaseSettings):
@@ -114,12 +114,6 @@ class ApiSettings(BaseSettings):
 
 
 def load_api_settings() -> ApiSettings:
-    """The API settings from the environment, or :class:`ConfigError` naming each bad one."""
-    try:
-        return ApiSettings()
-    except ValidationError as exc:
-        lines = [
-            f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
-            for err in exc.errors(include_input=False)
-        ]
-        raise ConfigError("invalid API configuration:\n  " + "\n  ".join(lines)) from None
+    """The API settings from the environment, or :class:`backup.settings.ConfigError` naming
+    each bad one."""
+    return load_settings(ApiSettings, part="API")
