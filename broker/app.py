@@ -11,12 +11,11 @@ from aiohttp import web
 
 from backup.database import Database, connect
 from backup.secrets import SecretBox
-from broker import health
+from broker import api, background, compat, health, osb
 from broker.config import Settings
-from broker.context import DATABASE, REQUEST_ID, SECRETS, SETTINGS
+from broker.context import AUTH_THROTTLE, DATABASE, REQUEST_ID, SECRETS, SETTINGS, STORE_OPENER
 from broker.errors import ApiError, Handler, error_middleware
-from broker.throttling import AUTH_THROTTLE
-from storage import egress
+from storage import egress, open_store
 from webguard.middleware import (
     UNSUPPORTED_DESCRIPTION,
     cors_middleware,
@@ -77,8 +76,16 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
-def create_app(settings: Settings, *, store: Database | None = None) -> web.Application:
-    """The service. Without ``store`` it connects to ``settings.mongodb_url`` on start-up."""
+def create_app(
+    settings: Settings, *, store: Database | None = None, run_background: bool | None = None
+) -> web.Application:
+    """The service. Without ``store`` it connects to ``settings.mongodb_url`` on start-up (and
+    closes that connection on clean-up); a given ``store`` is its caller's to close.
+    ``run_background``: run the scheduler, job runner and retention sweep (default:
+    ``BACKGROUND_ENABLED``).
+
+    On start-up the cleanup contexts run in the order they are added here: the database,
+    the egress policy, then the background parts; on clean-up, in reverse order."""
     settings.resolve_local_secrets()
     origins = parse_origins(settings.cors_allowed_origins)
     cors = (
@@ -93,36 +100,35 @@ def create_app(settings: Settings, *, store: Database | None = None) -> web.Appl
     app[SETTINGS] = settings
     app[AUTH_THROTTLE] = Throttle(settings.auth_failure_limit, settings.auth_failure_window)
     app[SECRETS] = SecretBox(settings.master_keys())
-
-    async def database(app: web.Application) -> AsyncIterator[None]:
-        own = store is None
-        if own:
-            assert settings.mongodb_url is not None
-            app[DATABASE] = connect(
-                settings.mongodb_url.get_secret_value(), settings.mongodb_database
-            )
-        else:
-            app[DATABASE] = store
-        await app[DATABASE].ensure_indexes()
-        log.info("database_ready", database=settings.mongodb_database)
-        yield
-        if own:
-            await app[DATABASE].close()
-
-    app.cleanup_ctx.append(database)
-
-    async def egress_policy(app: web.Application) -> AsyncIterator[None]:
-        # Every store and agent session checks it from now on (storage.egress).
-        previous = egress.install(settings.egress_policy())
-        yield
-        egress.install(previous)
-
-    app.cleanup_ctx.append(egress_policy)
+    app[STORE_OPENER] = open_store
+    if store is not None:
+        app[DATABASE] = store
+    app.cleanup_ctx.extend([database, egress_policy])
     health.setup(app)
-    from broker import api, background, compat, osb
-
     osb.setup(app)
     api.setup(app)
     compat.setup(app)  # evoila osb-core brokers' deprovision calls (docs/osb.md)
-    background.setup(app)
+    background.setup(app, enabled=run_background)
     return app
+
+
+async def database(app: web.Application) -> AsyncIterator[None]:
+    """Connects unless the app was given a database, and makes sure of its indexes."""
+    settings = app[SETTINGS]
+    own = DATABASE not in app
+    if own:
+        assert settings.mongodb_url is not None, "the embedded database's URL is set first"
+        app[DATABASE] = connect(settings.mongodb_url.get_secret_value(), settings.mongodb_database)
+    db = app[DATABASE]
+    await db.ensure_indexes()
+    log.info("database_ready", database=settings.mongodb_database)
+    yield
+    if own:
+        await db.close()
+
+
+async def egress_policy(app: web.Application) -> AsyncIterator[None]:
+    """Every store and agent session checks it from now on (storage.egress)."""
+    previous = egress.install(app[SETTINGS].egress_policy())
+    yield
+    egress.install(previous)

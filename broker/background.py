@@ -1,16 +1,19 @@
 """Background work of a manager replica: the scheduler, the job runner and the retention sweep.
 
-On start-up each replica gets a fresh id (host, pid and a random part: a restarted replica
-never mistakes its predecessor's leases for its own), then starts
+Each replica gets a fresh id when its app is created (host, pid and a random part: a
+restarted replica never mistakes its predecessor's leases for its own). Each background part
+is one cleanup context of the app (aiohttp starts them in order after the database is
+ready, and stops them in reverse order):
 
-- the scheduler (``scheduler.Scheduler``, unless its settings disable it), which turns due
-  plans into QUEUED jobs,
-- the job runner (``backup.runner.JobRunner``), which claims and drives jobs,
-- the retention sweeper (``backup.retention.RetentionSweeper``), periodic,
+1. the work database: the runner's and sweeper's own connection pool,
+2. the retention sweeper (``backup.retention.RetentionSweeper``), periodic,
+3. the job runner (``backup.runner.JobRunner``), which claims and drives jobs; the
+   ``jobs_queued`` event wakes it, so this replica reacts at once to its own writes,
+4. the scheduler (``scheduler.Scheduler``, unless its settings disable it), which turns due
+   plans into QUEUED jobs; it listens to ``plans_changed`` itself.
 
-and connects the in-process signals (``plans_changed`` wakes the scheduler, ``jobs_queued``
-wakes the runner) so this replica reacts at once to its own writes; other replicas notice on
-their next poll. All three are stored under app keys.
+Other replicas notice those writes on their next poll. The parts are stored under the app
+keys of ``broker.context``.
 
 On shutdown (SIGTERM) the scheduler stops first (no new jobs), then the runner stops driving
 and *releases* its leases (their expiry is set to now), so another replica, or this one once
@@ -19,8 +22,8 @@ re-attached by job id. A replica killed without a shutdown simply stops renewing
 are taken over when the lease expires (``RUNNER_LEASE_SECONDS``). Either way no job is left
 RUNNING without a live holder for longer than one lease.
 
-``BACKGROUND_ENABLED=false`` runs a replica that serves HTTP only. The in-process test
-service sets ``app[LOOPS_ENABLED] = False`` unless a test asks for the loops.
+``BACKGROUND_ENABLED=false`` runs a replica that serves HTTP only; so does the in-process
+test service unless a test asks for the loops (``create_app(..., run_background=True)``).
 """
 
 from __future__ import annotations
@@ -29,24 +32,28 @@ from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
-from pydantic import Field, ValidationError
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backup.retention import RetentionSweeper
-from backup.runner import JobRunner, load_runner_settings, new_replica_id
+from backup.runner import JobRunner, RunnerSettings, new_replica_id
+from backup.settings import load_settings
 from broker import metrics
-from broker.config import ConfigError
-from broker.context import DATABASE, SECRETS
-from scheduler import Scheduler, SchedulerSettings, load_scheduler_settings
-from storage import open_store
+from broker.context import (
+    DATABASE,
+    REPLICA_ID,
+    RUNNER,
+    RUNNER_SETTINGS,
+    SCHEDULER,
+    SCHEDULER_SETTINGS,
+    SECRETS,
+    STORE_OPENER,
+    SWEEPER,
+    WORK_DATABASE,
+)
+from scheduler import Scheduler, SchedulerSettings
 
 log = structlog.get_logger(__name__)
-
-LOOPS_ENABLED = web.AppKey("background_loops_enabled", bool)
-REPLICA_ID = web.AppKey("replica_id", str)
-RUNNER = web.AppKey("job_runner", JobRunner)
-SWEEPER = web.AppKey("retention_sweeper", RetentionSweeper)
-SCHEDULER = web.AppKey("scheduler", Scheduler)
 
 
 class BackgroundSettings(BaseSettings):
@@ -59,97 +66,96 @@ class BackgroundSettings(BaseSettings):
     )
 
 
-def _scheduler_settings() -> SchedulerSettings | None:
-    """The scheduler's settings when they enable it (a bad setting is a ConfigError)."""
-    try:
-        settings = load_scheduler_settings()
-    except (ValueError, ValidationError) as exc:
-        raise ConfigError(str(exc)) from None
-    return settings if settings.enabled else None
+def setup(app: web.Application, *, enabled: bool | None = None) -> None:
+    """Start the replica's background parts with the app and stop them with it; also serves
+    ``GET /metrics`` (their figures). ``enabled``: run them (default: ``BACKGROUND_ENABLED``).
+
+    Every setting is read here, so that a bad value stops the service before anything
+    starts (:class:`backup.settings.ConfigError` naming the variable)."""
+    metrics.setup(app)
+    app[RUNNER_SETTINGS] = load_settings(RunnerSettings, part="runner")
+    from_env = load_settings(BackgroundSettings, part="background").enabled
+    app[SCHEDULER_SETTINGS] = load_settings(SchedulerSettings, part="scheduler")
+    app[REPLICA_ID] = new_replica_id()
+    if not (from_env if enabled is None else enabled):
+        app.cleanup_ctx.append(http_only)
+        return
+    app.cleanup_ctx.extend([work_database, retention_sweeper, job_runner, plan_scheduler])
 
 
-def setup(app: web.Application) -> None:
-    """Start the replica's background loops with the app and stop them with it; also serves
-    ``GET /metrics`` (the loops' figures)."""
-    observer = metrics.setup(app)
-    try:  # a bad value stops the service at start-up, naming the variable
-        settings = load_runner_settings()
-        enabled_by_env = BackgroundSettings().enabled
-    except (ValueError, ValidationError) as exc:
-        raise ConfigError(str(exc)) from None
-    scheduler_settings = _scheduler_settings()
+async def http_only(app: web.Application) -> AsyncIterator[None]:
+    """A replica that runs no background part says so once started."""
+    log.info("background_disabled", replica=app[REPLICA_ID])
+    yield
 
-    async def loops(app: web.Application) -> AsyncIterator[None]:
-        replica_id = new_replica_id()
-        app[REPLICA_ID] = replica_id
-        enabled = app.get(LOOPS_ENABLED)
-        if enabled is None:
-            enabled = enabled_by_env
-        if not enabled:
-            log.info("background_disabled", replica=replica_id)
-            yield
-            return
-        from broker.api.routes import OPENER
 
-        store, box = app[DATABASE], app[SECRETS]
-        opener = app.get(OPENER, open_store)
-        # The runner's and sweeper's own pool: however many jobs run, they cannot take every
-        # turn of the database from the scheduler (see RUNNER_DB_CONNECTIONS).
-        work_store = store.pool(settings.db_connections)
-        sweeper = RetentionSweeper(
-            work_store,
-            box,
-            interval=settings.retention_sweep_seconds,
-            storage_timeout=settings.storage_timeout_seconds,
-            opener=opener,
-            observer=observer.swept,
+async def work_database(app: web.Application) -> AsyncIterator[None]:
+    """The runner's and sweeper's own pool: however many jobs run, they cannot take every
+    turn of the database from the scheduler (see RUNNER_DB_CONNECTIONS). Closed last."""
+    work = app[WORK_DATABASE] = app[DATABASE].pool(app[RUNNER_SETTINGS].db_connections)
+    yield
+    await work.close()
+    log.info("background_stopped", replica=app[REPLICA_ID])
+
+
+async def retention_sweeper(app: web.Application) -> AsyncIterator[None]:
+    settings = app[RUNNER_SETTINGS]
+    sweeper = app[SWEEPER] = RetentionSweeper(
+        app[WORK_DATABASE],
+        app[SECRETS],
+        interval=settings.retention_sweep_seconds,
+        storage_timeout=settings.storage_timeout_seconds,
+        opener=app[STORE_OPENER],
+        observer=app[metrics.METRICS].swept,
+    )
+    if settings.retention_enabled:
+        await sweeper.start()
+    yield
+    await sweeper.stop()
+
+
+async def job_runner(app: web.Application) -> AsyncIterator[None]:
+    settings = app[RUNNER_SETTINGS]
+    runner = app[RUNNER] = JobRunner(
+        app[WORK_DATABASE],
+        app[SECRETS],
+        settings,
+        replica_id=app[REPLICA_ID],
+        opener=app[STORE_OPENER],
+        observer=app[metrics.METRICS],
+        sweeper=app[SWEEPER],
+    )
+    events = app[DATABASE].events
+    if settings.enabled:
+        events.jobs_queued.connect(runner.wake)
+        await runner.start()
+    yield
+    events.jobs_queued.disconnect(runner.wake)
+    await runner.stop()
+
+
+async def plan_scheduler(app: web.Application) -> AsyncIterator[None]:
+    """Started last, stopped first: no new job is queued while the runner lets go of its
+    leases. A failure to stop is logged and does not keep the runner from stopping."""
+    replica_id, settings = app[REPLICA_ID], app[SCHEDULER_SETTINGS]
+    runner_settings = app[RUNNER_SETTINGS]
+    if settings.enabled:
+        scheduler = app[SCHEDULER] = Scheduler(
+            app[DATABASE], settings, replica_id=replica_id, observer=app[metrics.METRICS]
         )
-        runner = JobRunner(
-            work_store,
-            box,
-            settings,
-            replica_id=replica_id,
-            opener=opener,
-            observer=observer,
-            sweeper=sweeper,
-        )
-        observer.runner_active = lambda: runner.active
-        observer.runner_window = lambda: runner.window.jobs
-        scheduler = None
-        if scheduler_settings is not None:
-            scheduler = Scheduler(
-                store, scheduler_settings, replica_id=replica_id, observer=observer
-            )
-        else:
-            log.info("scheduler_not_running", replica=replica_id)
-        app[SWEEPER], app[RUNNER] = sweeper, runner
-        if scheduler is not None:
-            app[SCHEDULER] = scheduler
-            await scheduler.start()  # it listens to the plans_changed event itself
-        if settings.enabled:
-            store.events.jobs_queued.connect(runner.wake)
-            await runner.start()
-        if settings.retention_enabled:
-            await sweeper.start()
-        log.info(
-            "background_started",
-            replica=replica_id,
-            scheduler=scheduler is not None,
-            runner=settings.enabled,
-            retention=settings.retention_enabled,
-        )
+        await scheduler.start()
+    else:
+        log.info("scheduler_not_running", replica=replica_id)
+    log.info(
+        "background_started",
+        replica=replica_id,
+        scheduler=settings.enabled,
+        runner=runner_settings.enabled,
+        retention=runner_settings.retention_enabled,
+    )
+    yield
+    if settings.enabled:
         try:
-            yield
-        finally:
-            if scheduler is not None:
-                try:
-                    await scheduler.stop()
-                except Exception:
-                    log.exception("scheduler_stop_failed")
-            store.events.jobs_queued.disconnect(runner.wake)
-            await runner.stop()
-            await sweeper.stop()
-            await work_store.close()
-            log.info("background_stopped", replica=replica_id)
-
-    app.cleanup_ctx.append(loops)
+            await app[SCHEDULER].stop()
+        except Exception:
+            log.exception("scheduler_stop_failed")

@@ -40,8 +40,10 @@ from pymongo.errors import PyMongoError
 from backup.database import Database
 from backup.jobs import JobStatus
 from backup.retention import SweepResult
-from backup.runner import RunnerObserver
-from broker.context import DATABASE
+from backup.runner import JobRunner, RunnerObserver
+from backup.settings import load_settings
+from broker.context import DATABASE, RUNNER
+from scheduler import SchedulerObserver
 
 log = structlog.get_logger(__name__)
 
@@ -59,8 +61,9 @@ class MetricsSettings(BaseSettings):
     )
 
 
-class Metrics(RunnerObserver):
-    """The registry of one app (not the global one: several apps may share a process)."""
+class Metrics(RunnerObserver, SchedulerObserver):
+    """The registry of one app (not the global one: several apps may share a process); the
+    observer of its job runner, scheduler and retention sweeper."""
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -183,8 +186,6 @@ class Metrics(RunnerObserver):
             "1 if the database answered the last scrape's queries.",
             registry=r,
         )
-        self.runner_active = lambda: 0
-        self.runner_window = lambda: 0
 
     # -- RunnerObserver
 
@@ -225,9 +226,10 @@ class Metrics(RunnerObserver):
 
     # -- scrape
 
-    async def refresh(self, store: Database, timeout: float) -> None:
-        self.active.set(self.runner_active())
-        self.window.set(self.runner_window())
+    async def refresh(self, store: Database, timeout: float, runner: JobRunner | None) -> None:
+        """The gauges, from ``runner`` (None on a replica that runs none) and the database."""
+        self.active.set(runner.active if runner is not None else 0)
+        self.window.set(runner.window.jobs if runner is not None else 0)
         try:
             async with asyncio.timeout(timeout):
                 counts = await asyncio.gather(
@@ -285,15 +287,17 @@ async def metrics(request: web.Request) -> web.Response:
             status=401,
             headers={"WWW-Authenticate": 'Basic realm="metrics"'},
         )
-    m = request.app[METRICS]
-    await m.refresh(request.app[DATABASE], settings.db_timeout_seconds)
+    figures = request.app[METRICS]
+    await figures.refresh(
+        request.app[DATABASE], settings.db_timeout_seconds, request.app.get(RUNNER)
+    )
     return web.Response(
-        body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        body=generate_latest(figures.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
 
 
-def setup(app: web.Application) -> Metrics:
+def setup(app: web.Application) -> None:
+    """Serve ``GET /metrics``; the registry (``app[METRICS]``) observes the background parts."""
     app[METRICS] = Metrics()
-    app[METRICS_SETTINGS] = MetricsSettings()
+    app[METRICS_SETTINGS] = load_settings(MetricsSettings, part="metrics")
     app.router.add_get("/metrics", metrics)
-    return app[METRICS]

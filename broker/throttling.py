@@ -6,13 +6,11 @@ from __future__ import annotations
 import structlog
 from aiohttp import web
 
-from broker.context import SETTINGS
+from broker.context import AUTH_THROTTLE, SETTINGS
 from broker.errors import ApiError
-from webguard.throttle import Throttle, client_address, user_label
+from webguard.throttle import client_address, user_label
 
 log = structlog.get_logger(__name__)
-
-AUTH_THROTTLE = web.AppKey("auth_throttle", Throttle)
 
 
 class LoginGuard:

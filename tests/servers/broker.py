@@ -105,12 +105,7 @@ async def start_service(
         **overrides,
     )
     store = connect(mongo_url, settings.mongodb_database)
-    app = create_app(settings, store=store)
-    from broker import background
-
-    loops_key = getattr(background, "LOOPS_ENABLED", None)
-    if loops_key is not None:
-        app[loops_key] = loops
+    app = create_app(settings, store=store, run_background=loops)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     url = str(server.make_url("")).rstrip("/")
