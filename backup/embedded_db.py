@@ -47,7 +47,7 @@ class EmbeddedDatabaseError(RuntimeError):
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def _server_command() -> list[str]:

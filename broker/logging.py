@@ -8,6 +8,7 @@ import sys
 from typing import TextIO
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
 
 # Field names that say "secret" (an object's storage ``key`` or a ``key_id`` does not).
 _SENSITIVE_KEYS = re.compile(
@@ -17,7 +18,7 @@ _SENSITIVE_KEYS = re.compile(
 )
 
 
-def _redact(_: object, __: str, event: dict[str, object]) -> dict[str, object]:
+def _redact(logger: WrappedLogger, method_name: str, event: EventDict) -> EventDict:
     """Last line of defence: a field whose name says it is secret never reaches a log."""
     for k in list(event):
         if k != "event" and _SENSITIVE_KEYS.search(k) and event[k] not in (None, "", True, False):
