@@ -34,7 +34,7 @@ from backup.clock import Clock
 from backup.database import Database, Document
 from backup.errors import BackupError, Conflict, NotFound, Unavailable
 from backup.job_run import after_agent
-from backup.jobs import JobType
+from backup.jobs import JobStatus, JobType
 from backup.operations import InstanceState, OperationFailed, Operations, human_duration
 from backup.retention import RetentionSweeper
 from backup.secrets import SecretBox
@@ -58,7 +58,7 @@ async def nothing_to_wait_for(store: Database, doc: Document) -> bool:
     """Whether deleting the instance can be done within the request: no running job, no
     file of a failed backup to delete, and no stored backup to delete."""
     running = await store.jobs.find_one(
-        {"instance_id": doc["_id"], "status": "RUNNING"}, {"_id": 1}
+        {"instance_id": doc["_id"], "status": JobStatus.RUNNING}, {"_id": 1}
     )
     if running is not None:
         return False
@@ -121,10 +121,10 @@ class Steps:
                 ({"source_instance_id": iid}, "the instance of its restore point is being deleted"),
             ):
                 await jobs.update_many(
-                    {**query, "status": "QUEUED"},
+                    {**query, "status": JobStatus.QUEUED},
                     {
                         "$set": {
-                            "status": "CANCELLED",
+                            "status": JobStatus.CANCELLED,
                             "cancel_requested": True,
                             "reason": f"Cancelled: {why}.",
                             "ended_at": now,
@@ -133,18 +133,18 @@ class Steps:
                     },
                 )
             asked = await jobs.update_many(
-                {**mine, "status": "RUNNING", "cancel_requested": {"$ne": True}},
+                {**mine, "status": JobStatus.RUNNING, "cancel_requested": {"$ne": True}},
                 {"$set": {"cancel_requested": True}, "$inc": {"version": 1}},
             )
             if asked.modified_count:
                 self.db.events.jobs_queued.fire()  # wakes this replica's runner to act on it
-            running = await jobs.count_documents({**mine, "status": "RUNNING"})
+            running = await jobs.count_documents({**mine, "status": JobStatus.RUNNING})
             if not running:
                 return 0
             if now >= deadline:
                 abandoned = 0
                 running_jobs = await jobs.find(
-                    {**mine, "status": "RUNNING"}, {"type": 1, "agent": 1}
+                    {**mine, "status": JobStatus.RUNNING}, {"type": 1, "agent": 1}
                 ).to_list()
                 for job in running_jobs:
                     # The reason says what the job's agent does next (by its kind).
@@ -155,10 +155,10 @@ class Steps:
                         else AgentJobKind.BACKUP
                     )
                     gave_up = await jobs.update_one(
-                        {"_id": job["_id"], "status": "RUNNING"},
+                        {"_id": job["_id"], "status": JobStatus.RUNNING},
                         {
                             "$set": {
-                                "status": "CANCELLED",
+                                "status": JobStatus.CANCELLED,
                                 "reason": (
                                     "Abandoned: the service instance was deleted while this "
                                     "job ran and it did not stop within "
@@ -368,7 +368,7 @@ class InstanceCleanup:
         active = await self.db.jobs.count_documents(
             {
                 "$or": [{"instance_id": iid}, {"source_instance_id": iid}],
-                "status": {"$in": ["QUEUED", "RUNNING"]},
+                "status": {"$in": [JobStatus.QUEUED, JobStatus.RUNNING]},
             }
         )
         deadline = self.clock.now() + timedelta(seconds=self.job_wait)
@@ -407,7 +407,7 @@ class InstanceCleanup:
             forgotten = await self.db.restore_points.delete_many({"instance_id": iid})
             result.kept_points = forgotten.deleted_count
         await self.db.jobs.delete_many(
-            {"instance_id": iid, "status": {"$nin": ["QUEUED", "RUNNING"]}}
+            {"instance_id": iid, "status": {"$nin": [JobStatus.QUEUED, JobStatus.RUNNING]}}
         )
         for dest in await self.db.destinations.find({"instance_id": iid}, {"_id": 1}).to_list():
             try:
