@@ -112,4 +112,4 @@ def describe_errors(exc: ValidationError) -> str:
 
 
 def load_config() -> AgentConfig:
-    return AgentConfig()  # type: ignore[call-arg]
+    return AgentConfig()

@@ -8,7 +8,7 @@ import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -188,7 +188,8 @@ class StateStore:
         try:
             raw = self._path(kind, job_id, ".secrets").read_bytes()
             data = self._aead.decrypt(raw[:12], raw[12:], f"{kind}-{job_id}".encode())
-            return json.loads(data)
+            # Authenticated, so written by save_secrets: a JSON object.
+            return cast(dict[str, Any], json.loads(data))
         except (OSError, ValueError, InvalidTag):
             return None
 

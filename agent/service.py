@@ -531,7 +531,7 @@ class Agent:
             if prepared and not job.skip_storage:
                 shutil.rmtree(work, ignore_errors=True)
             if error and job.stored_key:
-                await self._discard_upload(job, req)
+                await self._discard_upload(job, req, job.stored_key)
         finally:
             self._finish(job, error)
 
@@ -571,12 +571,12 @@ class Agent:
         self.store.save(job)
         log.info("uploaded", job_id=job.id, key=key, size=stored.size)
 
-    async def _discard_upload(self, job: JobState, req: BackupRequest) -> None:
-        """A failed job is no restore point: its object would be an orphan nobody expires."""
-        key = job.stored_key
+    async def _discard_upload(self, job: JobState, req: BackupRequest, key: str) -> None:
+        """A failed job is no restore point: its object (``key``) would be an orphan nobody
+        expires."""
         try:
             async with self._open_store(req.destination) as store:
-                await store.delete(key)  # type: ignore[arg-type]
+                await store.delete(key)
             job.stored_key = job.checksum = job.stored_size = None
             log.info("failed_backup_object_deleted", job_id=job.id, key=key)
         except Exception as exc:

@@ -21,7 +21,7 @@ import contextlib
 import os
 import struct
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Literal, Protocol
 
 import zstandard
@@ -289,9 +289,6 @@ class _Failed:
         self.exc = exc
 
 
-_END = object()
-
-
 async def transform_stream(
     source: AsyncIterator[bytes], make: Callable[[], Chain], *, prefetch: int = 2
 ) -> AsyncIterator[bytes]:
@@ -312,8 +309,8 @@ async def transform_stream(
 
 async def _stage_stream(
     source: AsyncIterator[bytes], stage: Stage, prefetch: int
-) -> AsyncIterator[bytes]:
-    queue: asyncio.Queue[object] = asyncio.Queue(maxsize=prefetch)
+) -> AsyncGenerator[bytes, None]:
+    queue: asyncio.Queue[bytes | _Failed | None] = asyncio.Queue(maxsize=prefetch)  # None: end
 
     async def produce() -> None:
         try:
@@ -324,7 +321,7 @@ async def _stage_stream(
             out = await asyncio.to_thread(stage.finalize)
             if out:
                 await queue.put(out)
-            await queue.put(_END)
+            await queue.put(None)
         except Exception as exc:
             await queue.put(_Failed(exc))
 
@@ -332,11 +329,11 @@ async def _stage_stream(
     try:
         while True:
             item = await queue.get()
-            if item is _END:
+            if item is None:
                 return
             if isinstance(item, _Failed):
                 raise item.exc
-            yield item  # type: ignore[misc]
+            yield item
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

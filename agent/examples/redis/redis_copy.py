@@ -17,12 +17,18 @@ import os
 import socket
 import sys
 from collections.abc import Iterator
+from typing import TypeAlias, cast
 
 BATCH = 500
 
 
 class RedisError(Exception):
     pass
+
+
+Argument: TypeAlias = "bytes | str | int"
+Reply: TypeAlias = "bytes | int | list[Reply] | RedisError | None"
+"""A RESP2 reply: simple and bulk strings are bytes, an error reply is a RedisError."""
 
 
 class Resp:
@@ -43,14 +49,14 @@ class Resp:
         s.connect(path)
         return cls(s)
 
-    def call(self, *args: bytes | str | int) -> object:
+    def call(self, *args: Argument) -> Reply:
         return self.pipeline([args])[0]
 
-    def pipeline(self, commands: list[tuple[bytes | str | int, ...]]) -> list[object]:
+    def pipeline(self, commands: list[tuple[Argument, ...]]) -> list[Reply]:
         self.sock.sendall(b"".join(encode(c) for c in commands))
         return [self.read() for _ in commands]
 
-    def read(self) -> object:
+    def read(self) -> Reply:
         line = self.file.readline()
         if not line:
             raise RedisError("connection closed by the server")
@@ -70,7 +76,7 @@ class Resp:
         raise RedisError(f"unexpected reply {line[:40]!r}")
 
 
-def encode(args: tuple[bytes | str | int, ...]) -> bytes:
+def encode(args: tuple[Argument, ...]) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
     for a in args:
         b = a if isinstance(a, bytes) else str(a).encode()
@@ -78,18 +84,36 @@ def encode(args: tuple[bytes | str | int, ...]) -> bytes:
     return b"".join(parts)
 
 
-def ok(reply: object) -> object:
+def ok(reply: Reply) -> bytes | int | list[Reply] | None:
     if isinstance(reply, RedisError):
         raise reply
     return reply
 
 
+def number(reply: Reply) -> int:
+    """An integer reply (UNLINK, PTTL)."""
+    value = ok(reply)
+    if not isinstance(value, int):
+        raise RedisError(f"expected an integer reply, not {type(value).__name__}")
+    return value
+
+
+def string(reply: Reply) -> bytes:
+    """A bulk string reply (DUMP)."""
+    value = ok(reply)
+    if not isinstance(value, bytes):
+        raise RedisError(f"expected a string reply, not {type(value).__name__}")
+    return value
+
+
 def scan(r: Resp, pattern: str) -> Iterator[list[bytes]]:
-    cursor: object = b"0"
+    cursor = b"0"
     while True:
-        cursor, keys = ok(r.call("SCAN", cursor, "MATCH", pattern, "COUNT", 1000))  # type: ignore[misc]
+        # SCAN answers the next cursor and a page of keys.
+        reply = ok(r.call("SCAN", cursor, "MATCH", pattern, "COUNT", 1000))
+        cursor, keys = cast("tuple[bytes, list[bytes]]", reply)
         if keys:
-            yield keys  # type: ignore[misc]
+            yield keys
         if cursor == b"0":
             return
 
@@ -109,19 +133,19 @@ def main(source_socket: str) -> int:
     deleted = 0
     if os.environ.get("REDIS_FLUSH_BEFORE_RESTORE", "false").lower() == "true":
         for keys in scan(target, pattern):
-            deleted += int(ok(target.call("UNLINK", *keys)))  # type: ignore[arg-type]
+            deleted += number(target.call("UNLINK", *keys))
     copied = 0
     for keys in scan(source, pattern):
         for i in range(0, len(keys), BATCH):
             batch = keys[i : i + BATCH]
             replies = source.pipeline([c for k in batch for c in (("DUMP", k), ("PTTL", k))])
-            restores = []
+            restores: list[tuple[Argument, ...]] = []
             for key, payload, ttl in zip(batch, replies[::2], replies[1::2], strict=True):
                 if payload is None or ttl == -2:
                     continue  # expired meanwhile
-                ttl_ms = max(int(ok(ttl)), 0)  # type: ignore[call-overload]
-                restores.append(("RESTORE", key, ttl_ms, ok(payload), "REPLACE"))
-            for reply in target.pipeline(restores):  # type: ignore[arg-type]
+                ttl_ms = max(number(ttl), 0)
+                restores.append(("RESTORE", key, ttl_ms, string(payload), "REPLACE"))
+            for reply in target.pipeline(restores):
                 ok(reply)
             copied += len(restores)
     print(f"restored {copied} keys into db {db} (pattern {pattern!r}); deleted before: {deleted}")
