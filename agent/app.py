@@ -5,11 +5,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import json
 from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from pydantic import ValidationError
 
 from agent import __version__, transforms
@@ -25,6 +25,7 @@ from agent.models import (
     safe_error,
 )
 from agent.service import Agent
+from webguard.body import BodyError, read_json_object
 from webguard.middleware import UNSUPPORTED_DESCRIPTION, unsupported_body
 from webguard.server import ServerLimits
 from webguard.throttle import Throttle, client_address, user_label
@@ -78,7 +79,7 @@ _HTTP_CODES = {
 }
 
 
-def _auth_middleware(cfg: AgentConfig) -> Any:
+def _auth_middleware(cfg: AgentConfig) -> Middleware:
     user = cfg.client_username.encode()
     password = cfg.client_password.get_secret_value().encode()
     # Failed logins are counted per client address and per user name: an address (or, from
@@ -87,7 +88,7 @@ def _auth_middleware(cfg: AgentConfig) -> Any:
     throttle = Throttle(cfg.auth_failure_limit, cfg.auth_failure_window_seconds)
 
     @web.middleware
-    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         header = request.headers.get("Authorization", "")
         given_user, given_pw = b"", b""
         if header[:6].lower() == "basic ":
@@ -144,14 +145,14 @@ def _auth_middleware(cfg: AgentConfig) -> Any:
     return middleware
 
 
-async def _body(request: web.Request) -> dict[str, Any] | web.Response:
+async def _body(request: web.Request) -> dict[str, object] | web.Response:
+    """The JSON object the request carries, or the agent's answer to any body that is not
+    one (missing, not JSON, nested too deep, another JSON value): one 400, as the Go agent's
+    clients expect."""
     try:
-        data = await request.json(loads=json.loads)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
+        return await read_json_object(request)
+    except BodyError:
         return _error(400, "invalid_request", "the request body must be a JSON object")
-    if not isinstance(data, dict):
-        return _error(400, "invalid_request", "the request body must be a JSON object")
-    return data
 
 
 async def status(request: web.Request) -> web.Response:
@@ -181,7 +182,8 @@ async def _start(request: web.Request, kind: Kind) -> web.Response:
         return data
     # A known id answers its state before anything else is checked, as the Go agent does: a
     # manager resending its request after a restart resumes polling whatever it sent.
-    existing = agent.get(kind, data["id"]) if isinstance(data.get("id"), str) else None
+    job_id = data.get("id")
+    existing = agent.get(kind, job_id) if isinstance(job_id, str) else None
     if existing is not None:
         return _json(409, existing.public())
     model = BackupRequest if kind == "backup" else RestoreRequest
