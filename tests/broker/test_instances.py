@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 from typing import Any
 
+import yaml
+
+from broker.config import DEFAULT_CATALOG
 from tests.broker.conftest import (
     AGENT_PASSWORD,
     DB_PASSWORD,
+    FAST,
     SERVICE_ID,
     STANDARD,
     TRANSIENT,
@@ -20,7 +25,7 @@ from tests.broker.conftest import (
     unreachable_url,
 )
 from tests.runner.go_agent import GoAgentStandIn
-from tests.servers.broker import Service
+from tests.servers.broker import Service, start_service, stop_service
 
 
 async def test_full_lifecycle_with_our_agent(osb: Osb, broker: Service, agent_url: str) -> None:
@@ -366,6 +371,31 @@ async def test_maintenance_info(osb: Osb, broker: Service, agent_url: str) -> No
 async def test_update_of_unknown_instance(osb: Osb) -> None:
     status, data = await osb.update(str(uuid.uuid4()), {"service_id": SERVICE_ID})
     assert status == 404 and data["error"] == "InstanceNotFound"
+
+
+async def test_a_plan_that_is_not_updateable_is_kept(
+    mongo_url: str, tmp_path: Path, agent_url: str
+) -> None:
+    catalog = yaml.safe_load(DEFAULT_CATALOG.read_text())
+    for plan in catalog["services"][0]["plans"]:
+        plan["plan_updateable"] = plan["id"] != STANDARD
+    path = tmp_path / "catalog" / "catalog.yml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(catalog))
+    service = await start_service(mongo_url, tmp_path, CATALOG_PATH=str(path), **FAST)
+    try:
+        osb = Osb(service)
+        iid = await osb.ready_instance(parameters(agent_url))
+        status, data = await osb.update(iid, {"service_id": SERVICE_ID, "plan_id": TRANSIENT})
+        assert (status, data["error"], data["field"]) == (422, "PlanChangeNotSupported", "plan_id")
+        assert data["description"] == "Plan 'standard' cannot be changed to another plan."
+        doc = await service.db.instances.find_one({"_id": iid})
+        assert doc["plan_id"] == STANDARD
+        # Naming the plan it is on is no change.
+        status, data = await osb.update(iid, {"service_id": SERVICE_ID, "plan_id": STANDARD})
+        assert (status, data) == (200, {})
+    finally:
+        await stop_service(service)
 
 
 async def test_provision_parameters_are_stored_in_clear_only_without_secrets(
