@@ -157,6 +157,56 @@ def plain_reason(exc: BaseException, secrets: Iterable[str | None] = ()) -> str:
     return f"the connection failed: {type(exc).__name__}"
 
 
+def step_of(doing: str) -> str:
+    """The step of a destination check ("write", "read", "delete", "list") that a request
+    belongs to, from the words saying what it was doing ("write objects", "abort a multipart
+    upload", "create or write the segments container", "list objects", ...)."""
+    if doing.startswith(("write", "create", "abort")):
+        return "write"
+    if doing.startswith("delete"):
+        return "delete"
+    if doing.startswith("list"):
+        return "list"
+    return "read"
+
+
+def classify_safely(
+    classify: Callable[[], StorageError],
+    exc: BaseException,
+    doing: str,
+    *,
+    backend: str,
+    where: str,
+) -> StorageError:
+    """``classify()``, a backend's classification of ``exc``; should the classifier itself fail
+    on something a client raised unforeseen, an error that still says what was being done."""
+    try:
+        return classify()
+    except Exception as failure:
+        # Types only: a traceback would carry text the remote server chose.
+        log.error(
+            f"{backend}_unclassified_error",
+            error=type(exc).__name__,
+            classifier_error=type(failure).__name__,
+        )
+        return StorageError(
+            f"Unexpected failure while trying to {doing} on {where} ({type(exc).__name__}).",
+            step=step_of(doing),
+        )
+
+
+def resume_delay(transfer: TransferSettings, failures: int) -> float:
+    """How long a download waits before it resumes after its ``failures``-th transient
+    failure (exponential, at most ``backoff_max``)."""
+    return min(transfer.backoff_max, transfer.backoff_initial * 2.0**failures)
+
+
+def part_length(part: io.BytesIO) -> int:
+    """The size of a part held in memory, without copying it."""
+    with part.getbuffer() as view:
+        return view.nbytes
+
+
 class PartReader:
     """Cuts an async stream of chunks of any sizes into parts of exactly the asked size
     (only the last one shorter) while computing the SHA-256 and size of everything read.

@@ -56,6 +56,11 @@ class ChecksumMismatch(StorageError):
     code = "storage_checksum_mismatch"
 
 
+class PreconditionFailed(StorageError):
+    """A conditional request's condition did not hold (HTTP 412): a read pinned to an ETag
+    finds the object replaced. Reported with the general ``storage_error`` code."""
+
+
 class TransientStorageError(StorageError):
     """Timeouts, 5xx, throttling, resets: retried with backoff before it surfaces."""
 

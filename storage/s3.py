@@ -33,11 +33,15 @@ from storage._support import (
     PartReader,
     Verifier,
     check_list_prefix,
+    classify_safely,
     finish_cleanup,
     full_key,
     normalise_prefix,
+    part_length,
     plain_reason,
+    resume_delay,
     short,
+    step_of,
     tls_reason,
     with_retries,
 )
@@ -51,6 +55,7 @@ from storage.base import (
     ObjectNotFound,
     ObjectStore,
     PermissionDenied,
+    PreconditionFailed,
     StorageError,
     StoredObject,
     TLSFailure,
@@ -249,7 +254,7 @@ class S3Store(ObjectStore):
                 raise InvalidSettings(
                     f"The S3 client cannot be set up for {self._where} with these settings "
                     f"({type(exc).__name__}): check the endpoint and region.",
-                    step=_step(doing),
+                    step=step_of(doing),
                 ) from None
             try:
                 return await op(client)
@@ -262,24 +267,13 @@ class S3Store(ObjectStore):
         return await with_retries(self.transfer, doing, once)
 
     def _safely_classified(self, exc: BaseException, doing: str, key: str | None) -> StorageError:
-        try:
-            return self._classify(exc, doing, key)
-        except Exception as failure:  # a client raising something unforeseen: still explained
-            # Types only: a traceback would carry text the remote server chose.
-            log.error(
-                "s3_unclassified_error",
-                error=type(exc).__name__,
-                classifier_error=type(failure).__name__,
-            )
-            return StorageError(
-                f"Unexpected failure while trying to {doing} on {self._where} "
-                f"({type(exc).__name__}).",
-                step=_step(doing),
-            )
+        return classify_safely(
+            lambda: self._classify(exc, doing, key), exc, doing, backend="s3", where=self._where
+        )
 
     def _classify(self, exc: BaseException, doing: str, key: str | None) -> StorageError:
         bucket = self.settings.bucket
-        step = _step(doing)
+        step = step_of(doing)
         if isinstance(exc, bx.ClientError):
             error = exc.response.get("Error", {}) or {}
             code = str(error.get("Code") or "")
@@ -325,6 +319,8 @@ class S3Store(ObjectStore):
                     f"{self._where} failed temporarily while trying to {doing} ({said}).",
                     step=step,
                 )
+            if code == "PreconditionFailed" or status == 412:
+                return PreconditionFailed(f"{self._where} refused to {doing} ({said}).", step=step)
             return StorageError(f"{self._where} refused to {doing} ({said}).", step=step)
         if isinstance(exc, bx.SSLError | aiohttp.ClientSSLError):
             return TLSFailure(
@@ -375,7 +371,7 @@ class S3Store(ObjectStore):
         full = full_key(self._prefix, key)
         reader = PartReader(chunks)
         first = await reader.read_file(self.transfer.part_size)
-        if _length(first) < self.transfer.part_size or await reader.at_end():
+        if part_length(first) < self.transfer.part_size or await reader.at_end():
             await self._call(
                 "write objects",
                 key,
@@ -383,7 +379,7 @@ class S3Store(ObjectStore):
                     Bucket=self.settings.bucket,
                     Key=full,
                     Body=_rewound(first),
-                    ContentLength=_length(first),
+                    ContentLength=part_length(first),
                 ),
             )
         else:
@@ -420,7 +416,7 @@ class S3Store(ObjectStore):
 
         try:
             number, data = 1, handed.pop()
-            while (length := _length(data)) > 0:
+            while (length := part_length(data)) > 0:
                 if number > MAX_PARTS:
                     raise StorageError(
                         f"The object {key!r} is larger than S3 allows in {MAX_PARTS} parts.",
@@ -455,7 +451,7 @@ class S3Store(ObjectStore):
                 UploadId=upload_id,
                 PartNumber=number,
                 Body=_rewound(data),  # a retry sends the part again from its start
-                ContentLength=_length(data),
+                ContentLength=part_length(data),
             ),
         )
         part = {"PartNumber": number, "ETag": answer["ETag"]}
@@ -581,11 +577,13 @@ class S3Store(ObjectStore):
                 key,
                 lambda c: c.get_object(Bucket=self.settings.bucket, Key=full, **extra),
             )
+        except PreconditionFailed:
+            if not etag:
+                raise
+            raise StorageError(
+                f"The object {key!r} was replaced while it was being read.", step="read"
+            ) from None
         except StorageError as exc:
-            if etag and _is_precondition(exc):
-                raise StorageError(
-                    f"The object {key!r} was replaced while it was being read.", step="read"
-                ) from None
             if start == 0 and "InvalidRange" in exc.message:
                 # An empty object has no byte 0: ask for all of it.
                 return await self._call(
@@ -620,9 +618,7 @@ class S3Store(ObjectStore):
                 if not exc.transient or failures >= self.transfer.max_attempts:
                     raise
                 log.warning("s3_download_resume", key=full, offset=received, error=exc.code)
-                await asyncio.sleep(
-                    min(self.transfer.backoff_max, self.transfer.backoff_initial * 2**failures)
-                )
+                await asyncio.sleep(resume_delay(self.transfer, failures))
             finally:
                 body.close()
             answer = await self._get(key, full, received, end if ranged else None, etag)
@@ -652,12 +648,12 @@ class S3Store(ObjectStore):
 
         try:
             return await self._call("read objects", key, fetch)
-        except StorageError as exc:
-            if etag and _is_precondition(exc):
-                raise StorageError(
-                    f"The object {key!r} was replaced while it was being read.", step="read"
-                ) from None
-            raise
+        except PreconditionFailed:
+            if not etag:
+                raise
+            raise StorageError(
+                f"The object {key!r} was replaced while it was being read.", step="read"
+            ) from None
 
     # ------------------------------------------------------------------ the rest
 
@@ -776,20 +772,6 @@ def _connector_args(policy: egress.EgressPolicy | None) -> dict[str, Any] | None
     return {"resolver": egress.EgressResolver(policy)}
 
 
-def _step(doing: str) -> str:
-    if doing.startswith(("write", "abort")):
-        return "write"
-    if doing.startswith("delete"):
-        return "delete"
-    if doing.startswith("list"):
-        return "list"
-    return "read"
-
-
-def _length(part: io.BytesIO) -> int:
-    return part.getbuffer().nbytes
-
-
 def _rewound(part: io.BytesIO) -> io.BytesIO:
     part.seek(0)
     return part
@@ -800,7 +782,3 @@ def _total_size(answer: dict[str, Any]) -> int | None:
     content_range = answer.get("ContentRange") or ""
     size = content_range.rpartition("/")[2]
     return int(size) if size.isdigit() else None
-
-
-def _is_precondition(exc: StorageError) -> bool:
-    return "PreconditionFailed" in exc.message or "412" in exc.message

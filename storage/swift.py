@@ -52,10 +52,14 @@ from storage._support import (
     PartReader,
     Verifier,
     check_list_prefix,
+    classify_safely,
     finish_cleanup,
     full_key,
     normalise_prefix,
+    part_length,
     plain_reason,
+    resume_delay,
+    step_of,
     tls_reason,
     with_retries,
 )
@@ -68,6 +72,7 @@ from storage.base import (
     ObjectNotFound,
     ObjectStore,
     PermissionDenied,
+    PreconditionFailed,
     StorageError,
     StoredObject,
     TLSFailure,
@@ -144,12 +149,7 @@ class _KeystoneAuth:
     def get_endpoint(self, **kwargs: Any) -> str:
         url = self._session.get_endpoint(**kwargs)
         if not url:
-            s = self._settings
-            region = f" in region {s.region_name!r}" if s.region_name else ""
-            raise StorageError(
-                f"The identity service lists no public object-store endpoint{region} for "
-                f"project {s.project_name!r}."
-            )
+            raise _no_endpoint(self._settings)
         return url
 
     def get_token(self, **kwargs: Any) -> str | None:
@@ -351,25 +351,19 @@ class SwiftStore(ObjectStore):
     def _safely_classified(
         self, exc: BaseException, doing: str, key: str | None, missing: str
     ) -> StorageError:
-        try:
-            return self._classify(exc, doing, key, missing)
-        except Exception as failure:  # a client raising something unforeseen: still explained
-            # Types only: a traceback would carry text the remote server chose.
-            log.error(
-                "swift_unclassified_error",
-                error=type(exc).__name__,
-                classifier_error=type(failure).__name__,
-            )
-            return StorageError(
-                f"Unexpected failure while trying to {doing} on Swift ({type(exc).__name__}).",
-                step=_step(doing),
-            )
+        return classify_safely(
+            lambda: self._classify(exc, doing, key, missing),
+            exc,
+            doing,
+            backend="swift",
+            where="Swift",
+        )
 
     def _classify(
         self, exc: BaseException, doing: str, key: str | None, missing: str
     ) -> StorageError:
         s = self.settings
-        step = _step(doing)
+        step = step_of(doing)
         if isinstance(exc, ClientException):
             status = exc.http_status
             # The reason phrase and body are the server's words: only the status is repeated.
@@ -409,6 +403,8 @@ class SwiftStore(ObjectStore):
                 return TransientStorageError(
                     f"Swift failed temporarily while trying to {doing} ({said}).", step=step
                 )
+            if status == 412:  # a condition (If-Match) did not hold
+                return PreconditionFailed(f"Swift refused to {doing} ({said}).", step=step)
             return StorageError(f"Swift refused to {doing} ({said}).", step=step)
         ks = _keystone_error(exc, s, step, self._secrets)
         if ks is not None:
@@ -490,9 +486,9 @@ class SwiftStore(ObjectStore):
         size = self.transfer.part_size
         first = await reader.read_file(size)
         replaced = await self._uploads_behind(full)
-        if _length(first) < size or await reader.at_end():
+        if part_length(first) < size or await reader.at_end():
             etag = await asyncio.to_thread(_md5, first)
-            await self._put(key, self._container, full, first, _length(first), etag=etag)
+            await self._put(key, self._container, full, first, part_length(first), etag=etag)
         else:
             handed = [first]
             del first  # the large upload frees it once it is sent
@@ -535,7 +531,7 @@ class SwiftStore(ObjectStore):
                     done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                     reap(done)
                 data = await reader.read_file(self.transfer.part_size)
-                if not _length(data):
+                if not part_length(data):
                     break
             while in_flight:
                 done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
@@ -592,7 +588,7 @@ class SwiftStore(ObjectStore):
         data: io.BytesIO,
         futures: set[concurrent.futures.Future[Any]],
     ) -> dict[str, Any]:
-        size = _length(data)
+        size = part_length(data)
         etag = await asyncio.to_thread(_md5, data)
         stored = await self._put(key, self._segments, name, data, size, futures, etag=etag)
         if stored and stored.strip('"') != etag:
@@ -752,13 +748,13 @@ class SwiftStore(ObjectStore):
                     if not offset:
                         await self._check_container("read objects")  # or the container?
                     raise
-                except StorageError as exc:
-                    if offset and "412" in exc.message:
-                        raise StorageError(
-                            f"The object {key!r} was replaced while it was being read.",
-                            step="read",
-                        ) from None
-                    raise
+                except PreconditionFailed:
+                    if not offset:
+                        raise
+                    raise StorageError(
+                        f"The object {key!r} was replaced while it was being read.",
+                        step="read",
+                    ) from None
                 etag = etag or answer.get("etag")
                 try:
                     while True:
@@ -780,9 +776,7 @@ class SwiftStore(ObjectStore):
                     log.warning(
                         "swift_download_resume", key=full, offset=verifier.size, error=exc.code
                     )
-                    await asyncio.sleep(
-                        min(self.transfer.backoff_max, self.transfer.backoff_initial * 2**failures)
-                    )
+                    await asyncio.sleep(resume_delay(self.transfer, failures))
                 finally:
                     with contextlib.suppress(Exception):
                         body.close()
@@ -967,21 +961,6 @@ def _md5(data: io.BytesIO) -> str:
         return hashlib.md5(view, usedforsecurity=False).hexdigest()
 
 
-def _length(data: io.BytesIO) -> int:
-    with data.getbuffer() as view:
-        return view.nbytes
-
-
-def _step(doing: str) -> str:
-    if doing.startswith(("write", "create")):
-        return "write"
-    if doing.startswith("delete"):
-        return "delete"
-    if doing.startswith("list"):
-        return "list"
-    return "read"
-
-
 def _refused(exc: BaseException) -> bool:
     """A connection that never opened (refused, no route, unknown host), as opposed to one
     that broke midway."""
@@ -1027,12 +1006,7 @@ def _keystone_error(
             step=step,
         )
     if isinstance(exc, ka.EndpointNotFound | ka.EmptyCatalog):
-        region = f" in region {s.region_name!r}" if s.region_name else ""
-        return StorageError(
-            f"The identity service lists no public object-store endpoint{region} for project "
-            f"{s.project_name!r}.",
-            step=step,
-        )
+        return _no_endpoint(s, step)
     if isinstance(exc, ka.RetriableConnectionFailure):
         return TransientStorageError(
             f"The identity service {where} failed temporarily ({plain_reason(exc, secrets)}).",
@@ -1047,6 +1021,16 @@ def _keystone_error(
     said = f"HTTP status {status}" if isinstance(status, int) else type(exc).__name__
     return StorageError(
         f"Authentication at {where} failed ({said}); is it a Keystone v3 URL?", step=step
+    )
+
+
+def _no_endpoint(settings: SwiftSettings, step: str | None = None) -> StorageError:
+    """Keystone authenticated the user, but its catalog has nowhere to send Swift requests."""
+    region = f" in region {settings.region_name!r}" if settings.region_name else ""
+    return StorageError(
+        f"The identity service lists no public object-store endpoint{region} for project "
+        f"{settings.project_name!r}.",
+        step=step,
     )
 
 
