@@ -12,6 +12,7 @@ pytest_plugins = [
     "tests.servers.seed",  # store, box: a database to seed, and the keys to seal with
     "tests.servers.broker",
     "tests.servers.s3",
+    "tests.servers.keystone",  # a real Keystone; tests.servers.swift puts Swift behind it
     "tests.servers.swift",
     "tests.agent.helpers",  # make_agent: agent processes
     "tests.servers.recorder",  # recorder: an HTTP stand-in for a host an attacker controls
