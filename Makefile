@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 SWIFT_VENV := .venv-swift
+KEYSTONE_VENV := .venv-keystone
 
 .PHONY: run test install install-test lint bench clean
 
@@ -18,15 +19,26 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	touch $@
 
 # OpenStack Swift brings eventlet, so its server lives in a virtual environment of its own.
-$(SWIFT_VENV)/.installed:
+# These test venvs depend on the Makefile, so that one made before a pin changed is updated.
+$(SWIFT_VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(SWIFT_VENV)
 	$(SWIFT_VENV)/bin/pip install --quiet --upgrade pip 'setuptools>=70'
-	$(SWIFT_VENV)/bin/pip install --quiet swift==2.38.3 python-swiftclient==4.11.0
+	$(SWIFT_VENV)/bin/pip install --quiet swift==2.38.3 python-swiftclient==4.11.0 \
+		keystonemiddleware==13.0.1
+	touch $@
+
+# OpenStack Keystone (identity v3) for the tests, with its own pins of SQLAlchemy, Flask and
+# oslo.*: a virtual environment of its own too. Swift's venv has keystonemiddleware for the
+# proxy's authtoken filter.
+$(KEYSTONE_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(KEYSTONE_VENV)
+	$(KEYSTONE_VENV)/bin/pip install --quiet --upgrade pip 'setuptools>=70'
+	$(KEYSTONE_VENV)/bin/pip install --quiet keystone==30.0.0
 	touch $@
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test $(SWIFT_VENV)/.installed
+install-test: $(VENV)/.installed-test $(SWIFT_VENV)/.installed $(KEYSTONE_VENV)/.installed
 
 ## Install and start the service on its embedded defaults (embedded database, no config).
 ## The egress policy's default list denies loopback; the README's example agent listens on
@@ -48,4 +60,4 @@ bench: install-test
 	$(VENV)/bin/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) $(SWIFT_VENV) data .pytest_cache
+	rm -rf $(VENV) $(SWIFT_VENV) $(KEYSTONE_VENV) data .pytest_cache
