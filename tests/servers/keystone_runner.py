@@ -18,7 +18,6 @@ import grp
 import json
 import os
 import signal
-import socket
 import sys
 import warnings
 
@@ -69,19 +68,10 @@ def main(conf_dir: str) -> None:
     os.environ["OS_KEYSTONE_CONFIG_FILES"] = config_file
     sys.argv = sys.argv[:1]
     from keystone.server import wsgi
-    from werkzeug.serving import WSGIRequestHandler, make_server
-
-    class Handler(WSGIRequestHandler):
-        def setup(self) -> None:
-            super().setup()
-            # The handler writes the status line, each header and the body separately:
-            # with Nagle's algorithm each answer would wait for a delayed ACK.
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    from werkzeug.serving import make_server
 
     app = wsgi.initialize_public_application()
-    server = make_server(
-        "127.0.0.1", int(cfg["port"]), app, threaded=True, request_handler=Handler
-    )
+    server = make_server("127.0.0.1", int(cfg["port"]), app, threaded=True)
 
     def stop(*_: object) -> None:
         os._exit(0)
