@@ -1,15 +1,21 @@
 """A real OpenStack Swift for the tests: account, container, object and proxy servers of the
-``swift`` package (in ``.venv-swift``) on loopback, single replica, tempauth, with the ``slo``
-middleware, plus a Keystone v3 stand-in backed by real tempauth tokens.
+``swift`` package (in ``.venv-swift``) on loopback, single replica, with the ``slo``
+middleware; behind tempauth (plus a Keystone v3 stand-in backed by real tempauth tokens, for
+fast tests), or behind the real Keystone of ``tests/servers/keystone.py``.
 
 Fixtures:
 
 - ``swift_server`` (session): a :class:`SwiftCluster` with ``auth_url`` (auth v1),
-  ``keystone_url`` (v3), the users' credentials, ``make_container()``, ``settings()`` and
-  ``keystone_settings()``.
+  ``keystone_url`` (the stand-in's v3), the users' credentials, ``make_container()``,
+  ``settings()`` and ``keystone_settings()``.
 - ``swift_settings``: a :class:`storage.SwiftSettings` (auth v1, tempauth) for a fresh, empty
   container on that server.
 - ``swift_private_server``: a cluster of the test's own, to ``stop()`` and ``start()`` again.
+- ``keystone_swift`` (session): a :class:`KeystoneSwiftCluster` behind ``keystone_server``,
+  its ``object-store`` endpoints in Keystone's catalog (RegionOne public and internal,
+  RegionTwo public, each on a port of its own); ``settings()`` are Keystone v3 settings of the
+  backups project's member.
+- ``keystone_swift_settings``: those settings for a fresh, empty container.
 
 The process runs ``tests/servers/swift_runner.py``; its configuration, rings, data and logs stay
 in the pytest temp directory.
@@ -21,6 +27,7 @@ import base64
 import contextlib
 import json
 import secrets
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +36,7 @@ from typing import Any
 import pytest
 
 from storage import SwiftSettings
+from tests.servers.keystone import REGION, SECOND_REGION, Identities, KeystoneServer
 from tests.servers.ports import free_port
 from tests.servers.process import ServerProcess
 
@@ -63,6 +71,8 @@ class SwiftCluster(ServerProcess):
         self.keystone_user = "tester"
         self.keystone_password = "pw-" + secrets.token_urlsafe(24)
         self.project = "backups"
+        self.started_in: float | None = None
+        """Seconds the session fixture took to start it."""
 
     @property
     def auth_url(self) -> str:
@@ -105,18 +115,14 @@ class SwiftCluster(ServerProcess):
                 f"[app:{name}-server]\nuse = egg:swift#{egg}\n"
             )
             (self.etc / f"{name}-server.conf").write_text(text)
-        fernet = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+        auth, auth_filters = self._auth_pipeline()
         proxy = common.format(name="proxy") + (
             "[pipeline:main]\n"
-            "pipeline = catch_errors gatekeeper healthcheck proxy-logging tempauth copy slo dlo "
+            f"pipeline = catch_errors gatekeeper healthcheck proxy-logging {auth} copy slo dlo "
             "versioned_writes symlink proxy-logging proxy-server\n\n"
             "[app:proxy-server]\nuse = egg:swift#proxy\naccount_autocreate = true\n"
             "allow_account_management = true\n\n"
-            "[filter:tempauth]\nuse = egg:swift#tempauth\n"
-            f"user_{ACCOUNT}_tester = {self.key} .admin\n"
-            f"user_{ACCOUNT}_reader = {self.reader_key}\n"
-            "token_life = 86400\n"
-            f"fernet_key_k1 = {fernet}\nactive_fernet_key_id = k1\n\n"
+            f"{auth_filters}"
             "[filter:slo]\nuse = egg:swift#slo\n"
             f"max_manifest_segments = {self.max_manifest_segments}\n\n"
             "[filter:catch_errors]\nuse = egg:swift#catch_errors\n\n"
@@ -130,7 +136,22 @@ class SwiftCluster(ServerProcess):
         )
         (self.etc / "proxy-server.conf").write_text(proxy)
         (self.etc / "proxy-server.conf").chmod(0o600)
-        runner = {
+        (self.etc / "runner.json").write_text(json.dumps(self._runner_config()))
+        (self.etc / "runner.json").chmod(0o600)
+
+    def _auth_pipeline(self) -> tuple[str, str]:
+        """The proxy's authentication middleware: its pipeline names and their sections."""
+        fernet = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+        return "tempauth", (
+            "[filter:tempauth]\nuse = egg:swift#tempauth\n"
+            f"user_{ACCOUNT}_tester = {self.key} .admin\n"
+            f"user_{ACCOUNT}_reader = {self.reader_key}\n"
+            "token_life = 86400\n"
+            f"fernet_key_k1 = {fernet}\nactive_fernet_key_id = k1\n\n"
+        )
+
+    def _runner_config(self) -> dict[str, Any]:
+        return {
             "ports": self.ports,
             "keystone": {
                 "user": self.keystone_user,
@@ -142,8 +163,6 @@ class SwiftCluster(ServerProcess):
                 "tempauth_key": self.key,
             },
         }
-        (self.etc / "runner.json").write_text(json.dumps(runner))
-        (self.etc / "runner.json").chmod(0o600)
 
     # ------------------------------------------------------------------ the process
 
@@ -234,9 +253,131 @@ class SwiftCluster(ServerProcess):
             conn.close()
 
 
+class KeystoneSwiftCluster(SwiftCluster):
+    """The same servers behind a real Keystone: Keystone's ``authtoken`` and Swift's
+    ``keystoneauth`` in the proxy's pipeline instead of tempauth, validating tokens with the
+    ``swift`` service user; accounts are ``AUTH_<project id>``, and a project's ``member`` or
+    ``admin`` may use its account (``operator_roles``), a ``reader`` may not.
+
+    The proxy also listens on a second port (the catalog's ``internal`` interface) and a third
+    (the only endpoint of region ``RegionTwo``), so that a test can tell which endpoint a client
+    chose. :meth:`register_catalog` adds the ``object-store`` service and its endpoints to
+    Keystone. ``authtoken`` caches no token (``token_cache_time = -1``): a revoked token is
+    refused at once, as Swift with a short cache would soon refuse it."""
+
+    name = "swift-keystone"
+
+    def __init__(self, base: Path, keystone: KeystoneServer, **options: Any) -> None:
+        super().__init__(base, **options)
+        self.keystone = keystone
+        assert keystone.identities is not None, "populate() the Keystone first"
+        self.identities: Identities = keystone.identities
+        del self.ports["keystone"]
+        self.ports["proxy_internal"] = free_port()
+        self.ports["proxy_region_two"] = free_port()
+
+    @property
+    def keystone_url(self) -> str:
+        return self.keystone.url
+
+    def endpoint(self, interface: str = "public", region: str = REGION) -> str:
+        """The object-store URL of ``interface`` in ``region`` for the backups project."""
+        return self._endpoint_template(interface, region).replace(
+            "%(project_id)s", self.identities.project.id
+        )
+
+    @property
+    def storage_url(self) -> str:
+        return self.endpoint()
+
+    def _endpoint_template(self, interface: str, region: str) -> str:
+        port = {
+            ("public", REGION): "proxy",
+            ("internal", REGION): "proxy_internal",
+            ("public", SECOND_REGION): "proxy_region_two",
+        }[(interface, region)]
+        return f"http://127.0.0.1:{self.ports[port]}/v1/AUTH_%(project_id)s"
+
+    def register_catalog(self) -> None:
+        """The ``object-store`` service: public and internal endpoints in RegionOne, a public
+        one in RegionTwo."""
+        service = self.keystone.add_service("object-store", "swift")
+        for interface, region in (
+            ("public", REGION),
+            ("internal", REGION),
+            ("public", SECOND_REGION),
+        ):
+            template = self._endpoint_template(interface, region)
+            self.keystone.add_endpoint(service, interface, template, region)
+
+    def _auth_pipeline(self) -> tuple[str, str]:
+        swift = self.identities.swift_service
+        return "authtoken keystoneauth", (
+            "[filter:authtoken]\n"
+            "paste.filter_factory = keystonemiddleware.auth_token:filter_factory\n"
+            f"www_authenticate_uri = {self.keystone.url}\n"
+            f"auth_url = {self.keystone.url}\n"
+            "auth_type = password\n"
+            "interface = public\n"  # the catalog has no internal identity endpoint
+            f"username = {swift.name}\n"
+            f"password = {swift.password}\n"
+            f"project_name = {self.identities.service_project.name}\n"
+            "user_domain_id = default\n"
+            "project_domain_id = default\n"
+            "delay_auth_decision = false\n"
+            "include_service_catalog = false\n"
+            "token_cache_time = -1\n"
+            "http_request_max_retries = 1\n\n"
+            "[filter:keystoneauth]\nuse = egg:swift#keystoneauth\n"
+            "operator_roles = admin, member\n\n"
+        )
+
+    def _runner_config(self) -> dict[str, Any]:
+        return {"ports": self.ports, "more_proxies": ["proxy_internal", "proxy_region_two"]}
+
+    def _listening_ports(self) -> list[int]:
+        return [self.ports["proxy"], self.ports["proxy_internal"], self.ports["proxy_region_two"]]
+
+    def connection(self, user: str | None = None, key: str | None = None) -> Any:
+        """A swiftclient connection (blocking) as the backups project's member, through a
+        keystoneauth1 session, for test setup and inspection."""
+        from swiftclient.client import Connection
+
+        assert user is None and key is None, "a Keystone cluster's users are Keystone's"
+        ids = self.identities
+        return Connection(
+            session=self.keystone.session(ids.member, ids.project),
+            os_options={"service_type": "object-store", "region_name": REGION},
+            retries=1,
+            timeout=60,
+        )
+
+    def settings(self, container: str | None = None, **over: Any) -> SwiftSettings:
+        """Keystone v3 settings of the backups project's member, in RegionOne."""
+        ids = self.identities
+        fields: dict[str, Any] = {
+            "auth_url": self.keystone.url,
+            "auth_version": "3",
+            "username": ids.member.name,
+            "password": ids.member.password,
+            "user_domain_name": ids.member.domain_name,
+            "project_name": ids.project.name,
+            "project_domain_name": ids.project.domain_name,
+            "region_name": REGION,
+            "container": container or self.make_container(),
+        }
+        fields.update(over)
+        return SwiftSettings(**fields)
+
+    def keystone_settings(self, container: str | None = None, **over: Any) -> SwiftSettings:
+        return self.settings(container, **over)
+
+
 @contextlib.contextmanager
-def running_swift(base: Path, **options: Any) -> Iterator[SwiftCluster]:
-    cluster = SwiftCluster(base, **options)
+def running_swift(
+    base: Path, cluster_type: type[SwiftCluster] = SwiftCluster, **options: Any
+) -> Iterator[SwiftCluster]:
+    cluster = cluster_type(base, **options)
     cluster.start()
     try:
         yield cluster
@@ -261,3 +402,25 @@ def swift_private_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
     """A cluster of this test's own, to stop and restart; stopped at teardown in any case."""
     with running_swift(tmp_path_factory.mktemp("swift-private")) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def keystone_swift(
+    keystone_server: KeystoneServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[KeystoneSwiftCluster]:
+    """Swift behind the session's real Keystone, its endpoints in Keystone's catalog."""
+    started = time.monotonic()
+    cluster = KeystoneSwiftCluster(tmp_path_factory.mktemp("swift-keystone"), keystone_server)
+    cluster.register_catalog()
+    cluster.start()
+    cluster.started_in = time.monotonic() - started
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def keystone_swift_settings(keystone_swift: KeystoneSwiftCluster) -> SwiftSettings:
+    """Settings (Keystone v3, the member's password) for a fresh, empty container."""
+    return keystone_swift.settings()

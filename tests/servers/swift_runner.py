@@ -3,10 +3,13 @@
 
 One eventlet process serves, each on its own loopback port, the real account, container,
 object and proxy servers of OpenStack Swift (loaded from the configuration files the fixture
-wrote), plus a small Keystone v3 stand-in: it speaks Keystone's wire format
-(``POST /v3/auth/tokens`` with the password method, user domain and project scope; the token in
-``X-Subject-Token``; a catalog with an ``object-store`` endpoint) and backs it with a real
-tempauth token from the proxy, so that everything after authentication is real Swift.
+wrote; the proxy perhaps on more ports, which a Keystone catalog lists as other interfaces or
+regions), plus, for a cluster behind tempauth, a small Keystone v3 stand-in for fast tests: it
+speaks Keystone's wire format (``POST /v3/auth/tokens`` with the password method, user domain
+and project scope; the token in ``X-Subject-Token``; a catalog with an ``object-store``
+endpoint) and backs it with a real tempauth token from the proxy, so that everything after
+authentication is real Swift. A cluster behind the real Keystone (``authtoken`` and
+``keystoneauth`` in the proxy's pipeline) has no stand-in.
 
 Usage: ``python swift_runner.py CONF_DIR`` (reads ``CONF_DIR/runner.json``).
 """
@@ -221,7 +224,10 @@ def main(conf_dir: str) -> None:
         sock = eventlet.listen(("127.0.0.1", ports[name]), backlog=128)
         app = loadapp(os.path.join(conf_dir, f"{name}-server.conf"))
         servers.append((name, sock, app))
-    keystone_sock = eventlet.listen(("127.0.0.1", ports["keystone"]), backlog=64)
+    # The same proxy on more ports: a catalog's other interfaces and regions.
+    proxy_app = servers[-1][2]
+    for name in cfg.get("more_proxies", []):
+        servers.append((name, eventlet.listen(("127.0.0.1", ports[name]), backlog=128), proxy_app))
 
     access_log = open(os.path.join(conf_dir, "..", "access.log"), "a")
     for name, sock, app in servers:
@@ -237,13 +243,14 @@ def main(conf_dir: str) -> None:
             log_format=f"{name} %(client_ip)s %(request_line)s %(status_code)s %(body_length)s "
             "%(wall_seconds).3f",
         )
-    eventlet.spawn(
-        eventlet.wsgi.server,
-        keystone_sock,
-        Keystone(cfg["keystone"], ports["proxy"]),
-        log=access_log,
-        socket_timeout=60,
-    )
+    if cfg.get("keystone"):  # the stand-in, for a cluster behind tempauth
+        eventlet.spawn(
+            eventlet.wsgi.server,
+            eventlet.listen(("127.0.0.1", ports["keystone"]), backlog=64),
+            Keystone(cfg["keystone"], ports["proxy"]),
+            log=access_log,
+            socket_timeout=60,
+        )
 
     def stop(*_: object) -> None:
         os._exit(0)

@@ -13,7 +13,7 @@ from pydantic import SecretStr
 
 from storage import ObjectStore, S3Settings, SwiftSettings, TransferSettings, open_store
 from tests.servers.s3 import SeaweedS3
-from tests.servers.swift import SwiftCluster
+from tests.servers.swift import KeystoneSwiftCluster, SwiftCluster
 
 SMALL_PARTS = TransferSettings(part_size=5 * 1024 * 1024, max_concurrency=3)
 """The smallest parts S3 allows: objects cross the large-object threshold at 5 MiB."""
@@ -90,9 +90,10 @@ class S3Backend(Backend):
 class SwiftBackend(Backend):
     kind = "swift"
 
-    def __init__(self, server: SwiftCluster, *, keystone: bool = False) -> None:
+    def __init__(self, server: SwiftCluster) -> None:
+        """Auth v1 on a tempauth cluster; Keystone v3 on a :class:`KeystoneSwiftCluster`."""
         self.server = server
-        self.settings = server.keystone_settings() if keystone else server.settings()
+        self.settings = server.settings()
 
     def with_wrong_secret(self) -> SwiftSettings:
         return self.changed(password=SecretStr("x" * 40))
@@ -101,6 +102,9 @@ class SwiftBackend(Backend):
         return self.changed(container="missing-" + uuid.uuid4().hex[:12])
 
     def read_only(self) -> SwiftSettings:
+        if isinstance(self.server, KeystoneSwiftCluster):
+            reader = self.server.identities.reader  # Keystone's reader role
+            return self.changed(username=reader.name, password=SecretStr(reader.password))
         return self.changed(username=self.server.reader, password=SecretStr(self.server.reader_key))
 
     def leftovers(self) -> list[str]:

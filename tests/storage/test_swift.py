@@ -1,81 +1,27 @@
-"""What only Swift has: Keystone v3, nested static large object manifests, the segments
-container."""
+"""What only Swift has: nested static large object manifests, the segments container (Keystone
+v3 is in ``test_swift_keystone.py``)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from pydantic import SecretStr
 from swiftclient.exceptions import ClientException
 
 from storage import (
-    AuthenticationFailed,
-    EndpointUnreachable,
     PermissionDenied,
-    StorageError,
     SwiftSettings,
     TransferSettings,
     TransientStorageError,
     open_store,
 )
 from storage.swift import SwiftStore
-from tests.servers.ports import free_port
 from tests.servers.swift import MAX_MANIFEST_SEGMENTS, SwiftCluster
 from tests.storage.conftest import SwiftBackend
 from tests.storage.support import MiB, digest, download_digest, stream
 
 PARTS = TransferSettings(part_size=5 * MiB, max_concurrency=3)
 FAST = PARTS.model_copy(update={"max_attempts": 2, "backoff_initial": 0.05})
-
-
-async def test_keystone_v3_round_trip(swift_server: SwiftCluster) -> None:
-    settings = swift_server.keystone_settings()
-    assert settings.auth_url.endswith("/v3") and settings.project_name
-    size = 3 * PARTS.part_size + 1
-    async with open_store(settings, PARTS) as store:
-        stored = await store.upload("ks/large", stream(size))
-        assert await download_digest(store, "ks/large", expected_sha256=stored.sha256) == (
-            size,
-            digest(size),
-        )
-        assert [o.key async for o in store.list("ks/")] == ["ks/large"]
-        assert (await store.validate()).ok
-        await store.delete("ks/large")
-    # The auth URL may be given without its version, as many operators write it.
-    bare = settings.model_copy(update={"auth_url": settings.auth_url.removesuffix("/v3")})
-    async with open_store(bare, PARTS) as store:
-        assert (await store.validate()).ok
-
-
-@pytest.mark.parametrize(
-    ("change", "error"),
-    [
-        ({"password": SecretStr("not-the-password")}, AuthenticationFailed),
-        ({"project_name": "someone-elses"}, AuthenticationFailed),
-        ({"user_domain_name": "Other"}, AuthenticationFailed),
-        ({"region_name": "Nowhere"}, StorageError),
-    ],
-)
-async def test_keystone_v3_failures(
-    swift_server: SwiftCluster, change: dict, error: type[StorageError]
-) -> None:
-    settings = swift_server.keystone_settings().model_copy(update=change)
-    async with open_store(settings, FAST) as store:
-        with pytest.raises(error) as caught:
-            await store.upload("x", stream(1))
-        assert swift_server.keystone_password not in str(caught.value)
-        if "region_name" in change:
-            assert "no public object-store endpoint in region 'Nowhere'" in str(caught.value)
-        report = await store.validate()
-        assert report.failure is not None and report.failure.error_code == caught.value.code
-
-
-async def test_keystone_unreachable(swift_server: SwiftCluster) -> None:
-    settings = swift_server.keystone_settings(auth_url=f"http://127.0.0.1:{free_port()}/v3")
-    async with open_store(settings, FAST) as store:
-        with pytest.raises(EndpointUnreachable):
-            await store.upload("x", stream(1))
 
 
 async def test_nested_manifests_past_the_clusters_segment_limit(swift_server: SwiftCluster) -> None:
