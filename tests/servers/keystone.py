@@ -44,7 +44,7 @@ RUNNER = Path(__file__).with_name("keystone_runner.py")
 
 REGION = "RegionOne"
 SECOND_REGION = "RegionTwo"
-SHORT_TOKEN_SECONDS = 8
+SHORT_TOKEN_SECONDS = 6
 """The short-lived Keystone's token lifetime: long enough for a request, short enough that a
 transfer of a few segments outlasts a token. keystoneauth renews a token that has less than
 two minutes left whenever it is asked for one, so a client never asks this Keystone for a token

@@ -324,7 +324,7 @@ class KeystoneSwiftCluster(SwiftCluster):
             f"project_name = {self.identities.service_project.name}\n"
             "user_domain_id = default\n"
             "project_domain_id = default\n"
-            "delay_auth_decision = false\n"
+            "delay_auth_decision = true\n"  # as Swift's sample: /info needs no token
             "include_service_catalog = false\n"
             "token_cache_time = -1\n"
             "http_request_max_retries = 1\n\n"

@@ -4,7 +4,10 @@ The Keystone stand-in of ``tests/servers/swift_runner.py`` stays for the fast AP
 
 from __future__ import annotations
 
-import time
+import asyncio
+import hashlib
+import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -134,23 +137,6 @@ def test_application_credentials_reach_swift_until_revoked(
         again.get_token()
 
 
-def test_short_lived_tokens_expire_at_swift(
-    keystone_swift: KeystoneSwiftCluster, short_token_keystone: KeystoneServer
-) -> None:
-    ids = keystone_swift.identities
-    session = short_token_keystone.session(ids.member, ids.project)
-    access = session.auth.get_access(session)
-    lifetime = (access.expires - access.issued).total_seconds()
-    assert lifetime == pytest.approx(SHORT_TOKEN_SECONDS, abs=1)
-    url, token = swift_connection(session).get_auth()
-    held = Connection(preauthurl=url, preauthtoken=token, retries=0, timeout=30)
-    held.head_account()
-    time.sleep(max(0.0, (access.expires - access.issued).total_seconds()) + 1)
-    with pytest.raises(ClientException) as refused:
-        held.head_account()
-    assert refused.value.http_status == 401
-
-
 # --- the store through Keystone -------------------------------------------------------------
 
 
@@ -232,3 +218,63 @@ async def test_keystone_unreachable(keystone_swift: KeystoneSwiftCluster) -> Non
     async with open_store(settings, FAST) as store:
         with pytest.raises(EndpointUnreachable):
             await store.upload("x", stream(1))
+
+
+# --- tokens that expire, credentials that are revoked --------------------------------------
+
+
+def tokens_issued(keystone: KeystoneServer) -> int:
+    """How many tokens ``keystone`` has issued so far (its access log's successful POSTs)."""
+    text = (keystone.base / "keystone-server.log").read_text(errors="replace")
+    # werkzeug's request lines, perhaps coloured: "POST /v3/auth/tokens HTTP/1.1" 201
+    return len(re.findall(r"POST /v3/auth/tokens HTTP/1\.1\S*\" 201", text))
+
+
+def refusals(cluster: KeystoneSwiftCluster) -> int:
+    """How many requests the Swift proxy has refused with 401 so far."""
+    lines = (cluster.base / "access.log").read_text(errors="replace").splitlines()
+    return sum(1 for line in lines if line.startswith("proxy ") and " 401 " in line)
+
+
+async def pausing(size: int, pause_after: int, pause: float) -> AsyncIterator[bytes]:
+    """:func:`stream`'s bytes, with one pause of ``pause`` seconds after ``pause_after``."""
+    sent = 0
+    async for chunk in stream(size, irregular=False):
+        yield chunk
+        if sent < pause_after <= sent + len(chunk):
+            await asyncio.sleep(pause)
+        sent += len(chunk)
+
+
+async def test_a_token_that_expires_mid_transfer_is_renewed(
+    keystone_swift: KeystoneSwiftCluster, short_token_keystone: KeystoneServer
+) -> None:
+    """Tokens of this Keystone live SHORT_TOKEN_SECONDS. The upload pauses longer than that
+    after its first segments, the download after its first chunk: the store's connections
+    hold a token until Swift refuses it, then renew it and go on."""
+    ids = keystone_swift.identities
+    session = short_token_keystone.session(ids.member, ids.project)
+    access = session.auth.get_access(session)
+    assert (access.expires - access.issued).total_seconds() == pytest.approx(
+        SHORT_TOKEN_SECONDS, abs=1
+    )
+    settings = keystone_swift.settings(auth_url=short_token_keystone.url)
+    size = 4 * PARTS.part_size + 1  # five segments: an SLO
+    refused = refusals(keystone_swift)
+    async with open_store(settings, PARTS) as store:
+        stored = await store.upload(
+            "renewed", pausing(size, 2 * PARTS.part_size, SHORT_TOKEN_SECONDS + 1)
+        )
+        assert refusals(keystone_swift) > refused  # the expired token was refused...
+        refused = refusals(keystone_swift)
+        read, got = hashlib.sha256(), 0
+        async for chunk in store.download("renewed", expected_sha256=stored.sha256):
+            if not got:
+                await asyncio.sleep(SHORT_TOKEN_SECONDS + 1)  # the download outlasts its token
+            read.update(chunk)
+            got += len(chunk)
+        assert (got, read.hexdigest()) == (size, digest(size))  # ...and the transfers went on
+        assert [o.key async for o in store.list()] == ["renewed"]
+        assert refusals(keystone_swift) > refused  # the listing renewed it again
+        await store.delete("renewed")
+    assert keystone_swift.names(settings.container + "_segments") == []
