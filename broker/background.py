@@ -107,6 +107,7 @@ async def retention_sweeper(app: web.Application) -> AsyncIterator[None]:
         storage_timeout=settings.storage_timeout_seconds,
         opener=app[STORE_OPENER],
         observer=app[metrics.METRICS].swept,
+        job_history_days=settings.job_history_days,
     )
     if settings.retention_enabled:
         await sweeper.start()

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from backup import jobs
 from backup.database import Database
 from broker.background import REPLICA_ID, RUNNER
-from broker.context import SECRETS
+from broker.context import SECRETS, SWEEPER
 from storage import S3Settings
 from tests.runner.conftest import final, seed_instance, seed_plan
 from tests.runner.go_agent import GoAgentStandIn
@@ -144,5 +144,36 @@ async def test_the_in_process_test_service_leaves_jobs_queued_by_default(
         await asyncio.sleep(1)
         assert (await svc.db.jobs.find_one({"_id": job_id}))["status"] == "QUEUED"
         assert not go_agent.requests
+    finally:
+        await stop_service(svc)
+
+
+async def test_the_service_sweeps_job_records_with_the_configured_history(
+    mongo_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JOB_HISTORY_DAYS reaches the sweeper the service starts, not only a runner built by hand:
+    a job that ended two days ago goes with a one-day history."""
+    monkeypatch.setenv("JOB_HISTORY_DAYS", "1")
+    monkeypatch.setenv("RETENTION_ENABLED", "false")  # the sweep runs when the test says
+    svc = await start_service(mongo_url, tmp_path, loops=True)
+    try:
+        ended = datetime.now(UTC) - timedelta(days=2)
+        old = jobs.new_job(
+            instance_id="instance-h",
+            type=jobs.JobType.BACKUP,
+            plan_id="plan-h",
+            destination_id="dest-h",
+            trigger=jobs.Trigger.SCHEDULE,
+            items=[jobs.new_item("orders")],
+            compression=True,
+            encryption={"enabled": False},
+            status=jobs.JobStatus.SUCCEEDED,
+        )
+        old["created_at"], old["ended_at"] = ended - timedelta(minutes=5), ended
+        await svc.db.jobs.insert_one(old)
+        assert await svc.db.jobs.find_one({"_id": old["_id"]}) is not None, "pruned before"
+        result = await svc.server.app[SWEEPER].run_once()
+        assert result.jobs_pruned == 1
+        assert await svc.db.jobs.find_one({"_id": old["_id"]}) is None
     finally:
         await stop_service(svc)
