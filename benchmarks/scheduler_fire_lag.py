@@ -141,8 +141,8 @@ def app_worker() -> None:
     from pymongo import monitoring
 
     from broker.app import create_app
-    from broker.background import SCHEDULER
     from broker.config import load_settings
+    from broker.context import SCHEDULER
     from broker.logging import configure_logging
     from scheduler import SchedulerObserver
 

@@ -12,16 +12,14 @@ from aiohttp import web
 
 from broker.api import openapi
 from broker.api.auth import AUTHORIZER, Authorizer
-from broker.api.routes import API_SETTINGS, OPENER, add_routes
+from broker.api.routes import API_SETTINGS, add_routes
 from broker.api.settings import ApiSettings, load_api_settings
 from broker.context import DATABASE, SETTINGS
-from storage import open_store
 
 
 def setup(app: web.Application, api_settings: ApiSettings | None = None) -> None:
     """Register the /v1 routes. The API settings are read from the environment now."""
     app[API_SETTINGS] = api_settings or load_api_settings()
-    app[OPENER] = open_store
 
     async def authorizer(app: web.Application) -> AsyncIterator[None]:
         app[AUTHORIZER] = Authorizer(app[SETTINGS], app[API_SETTINGS], app[DATABASE])

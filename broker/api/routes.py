@@ -14,18 +14,16 @@ from pydantic import BaseModel, ValidationError
 from backup import destinations, jobs, plans, restore_points
 from backup.database import Database, Document
 from backup.pagination import Page
-from backup.restore_points import StoreOpener
 from backup.secrets import SecretBox
 from broker.api import models, views
 from broker.api.auth import AUTHORIZER
 from broker.api.settings import ApiSettings
-from broker.context import DATABASE, SECRETS
+from broker.context import DATABASE, SECRETS, STORE_OPENER
 from broker.errors import ApiError, from_body, from_validation
 from webguard.body import BodyError, read_json_object
 
 PREFIX = "/v1/service_instances/{instance_id}"
 API_SETTINGS = web.AppKey("api_settings", ApiSettings)
-OPENER: web.AppKey[StoreOpener] = web.AppKey("api_store_opener")
 """How the API and the background loops open an object store (``storage.open_store``)."""
 M = TypeVar("M", bound=BaseModel)
 
@@ -547,7 +545,7 @@ async def delete_restore_point(ctx: Ctx) -> None:
         ctx.box,
         ctx.instance_id,
         ctx.param("restore_point_id"),
-        opener=ctx.request.app[OPENER],
+        opener=ctx.request.app[STORE_OPENER],
     )
 
 

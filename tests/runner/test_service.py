@@ -13,8 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backup import jobs
 from backup.database import Database
-from broker.background import REPLICA_ID, RUNNER
-from broker.context import SECRETS, SWEEPER
+from broker.context import REPLICA_ID, RUNNER, SECRETS, SWEEPER
 from storage import S3Settings
 from tests.runner.conftest import final, seed_instance, seed_plan
 from tests.runner.go_agent import GoAgentStandIn
