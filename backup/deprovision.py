@@ -32,7 +32,7 @@ from backup import destinations, plans, restore_points
 from backup.agent_client import AgentJobKind
 from backup.clock import Clock
 from backup.database import Database, Document
-from backup.errors import BackupError, Conflict, NotFound, Unavailable
+from backup.errors import BackupError, Conflict, NotFound, StorageUnavailable
 from backup.job_run import after_agent
 from backup.jobs import JobStatus, JobType
 from backup.operations import InstanceState, OperationFailed, Operations, human_duration
@@ -315,17 +315,13 @@ class CleanupResult:
     destinations: int = 0
 
 
-def _unavailable(description: str) -> Unavailable:
-    return Unavailable(description, code="storage_unavailable")
-
-
 @dataclass
 class InstanceCleanup:
     """The deprovision's steps for one instance that stays registered, each a call of its own,
     each safe to repeat and a no-op for an unknown or deleted instance. Nothing here waits
     longer than ``job_wait`` for a running job (the caller is waiting for an answer), and a
-    storage failure that outlasts the retries is :class:`~backup.errors.Unavailable`
-    (``storage_unavailable``) with nothing lost: repeating the call resumes.
+    storage failure that outlasts the retries is
+    :class:`~backup.errors.StorageUnavailable` with nothing lost: repeating the call resumes.
 
     Restore points follow the instance's ``delete_backups_on_deprovision`` exactly as in a
     deprovision: deleted with their files when it is true; when it is false, their files stay
@@ -349,7 +345,7 @@ class InstanceCleanup:
             self.opener,
             self.storage_attempts,
             self.storage_retry_delay,
-            failure=_unavailable,
+            failure=StorageUnavailable,
             retry="repeat the request to retry.",
         )
 

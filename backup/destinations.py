@@ -31,7 +31,13 @@ from pydantic import (
 from pymongo.errors import DuplicateKeyError
 
 from backup.database import SCHEMA_VERSION, Database, Document
-from backup.errors import Conflict, InvalidInput, NotFound, Unavailable, Unprocessable
+from backup.errors import (
+    Conflict,
+    InvalidInput,
+    NotFound,
+    StorageUnavailable,
+    Unprocessable,
+)
 from backup.merge_patch import merge_patch
 from backup.pagination import Page, now, paginate
 from backup.secrets import SecretBox
@@ -537,9 +543,8 @@ async def _probe(settings: AnySettings, timeout: float) -> ValidationReport:
             False, [ValidationStep(exc.step or "connect", False, exc.code, exc.message)]
         )
     except ImportError:
-        raise Unavailable(
-            f"This manager cannot reach {settings.type} storage (its client is not installed).",
-            code="storage_unavailable",
+        raise StorageUnavailable(
+            f"This manager cannot reach {settings.type} storage (its client is not installed)."
         ) from None
     except TimeoutError:
         return ValidationReport(

@@ -3,6 +3,11 @@ sentence a person can act on; the HTTP layer maps the class to a status code."""
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
+from backup.secrets import SecretKeyError
+from storage import StorageError
+
 
 class BackupError(Exception):
     code: str = "error"
@@ -91,3 +96,49 @@ class ServiceMismatch(InvalidInput):
 
 class InvalidRegistration(InvalidInput):
     """The registration parameters cannot be accepted (the agent's URL, what its kind needs)."""
+
+
+# --------------------------------------------------------------------------- storage failures
+# Storage has its own catalogue of failures (storage.base: code, step, retryable), the words of
+# a lower layer. These are the one place the domain turns them into its own.
+
+
+class StorageUnavailable(Unavailable):
+    """Storage a request needs failed or did not answer; nothing was lost and repeating the
+    request resumes where it stopped."""
+
+    code = "storage_unavailable"
+
+
+STORAGE_FAILURES: tuple[type[BaseException], ...] = (
+    StorageError,
+    TimeoutError,
+    OSError,
+    ImportError,  # the backend's client library is not installed
+    SecretKeyError,  # the destination's stored credentials cannot be opened
+    ValidationError,  # settings stored before today's checks no longer pass them
+)
+"""What working with a destination's storage can raise for reasons outside the manager's code:
+each is reported with :func:`storage_failure`, anything else is a bug and is logged as one."""
+
+
+def invalid_field(exc: ValidationError) -> str:
+    """``field: problem`` of the first error of a destination's stored settings."""
+    problem = exc.errors(include_url=False, include_input=False)[0]
+    return f"{'.'.join(str(p) for p in problem['loc']) or 'settings'}: {problem['msg']}"
+
+
+def storage_failure(exc: BaseException) -> str:
+    """Why a storage operation failed, in words safe to show (no credentials, no text the
+    storage server chose: storage's own messages are its classified sentences)."""
+    if isinstance(exc, StorageError):
+        return exc.message
+    if isinstance(exc, ValidationError):
+        return f"the destination's settings are no longer accepted ({invalid_field(exc)})"
+    if isinstance(exc, SecretKeyError):
+        return "a secret cannot be opened"
+    if isinstance(exc, TimeoutError):
+        return "the storage did not answer in time"
+    if isinstance(exc, ImportError):
+        return "the storage backend is not installed"
+    return "the storage did not answer"

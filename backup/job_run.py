@@ -46,12 +46,13 @@ from backup.agent_client import (
 )
 from backup.clock import Clock
 from backup.database import Database, Document
+from backup.errors import STORAGE_FAILURES, invalid_field, storage_failure
 from backup.jobs import FINAL, JobStatus, JobType, Lease, LeaseLost, RestorePointState
 from backup.operations import InstanceState
 from backup.retention import RetentionSweeper, expires_at
 from backup.secrets import SecretBox, SecretKeyError
 from backup.store_cache import StoreCache
-from storage import ObjectNotFound, StorageError
+from storage import ObjectNotFound
 
 log = structlog.get_logger(__name__)
 
@@ -333,7 +334,7 @@ class JobRun:
             raise JobEnd(
                 JobStatus.FAILED,
                 f"The destination's settings are no longer accepted "
-                f"({restore_points.invalid_field(exc)}); correct the destination.",
+                f"({invalid_field(exc)}); correct the destination.",
             ) from None
         budget = self.settings.job_log_budget_bytes // max(1, len(self.items) * STAGES_PER_ITEM)
         client = self.context.agent_for(
@@ -886,11 +887,8 @@ class JobRun:
                                 f"The stored object of {item['name']!r} has {info.size} bytes, "
                                 f"the agent reported {expected}."
                             )
-        except (StorageError, TimeoutError, OSError, ImportError, SecretKeyError) as exc:
-            return (
-                "The uploads could not be confirmed in storage "
-                f"({restore_points.storage_failure(exc)})."
-            )
+        except STORAGE_FAILURES as exc:
+            return f"The uploads could not be confirmed in storage ({storage_failure(exc)})."
         return None
 
     # ------------------------------------------------------------------ ending

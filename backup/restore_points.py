@@ -27,11 +27,18 @@ from pymongo.errors import DuplicateKeyError
 from backup import destinations
 from backup.agent_client import AgentKind
 from backup.database import SCHEMA_VERSION, Database, Document
-from backup.errors import Conflict, NotFound, Unavailable
+from backup.errors import (
+    STORAGE_FAILURES,
+    Conflict,
+    NotFound,
+    StorageUnavailable,
+    invalid_field,
+    storage_failure,
+)
 from backup.jobs import ACTIVE, JobType, RestorePointState
 from backup.pagination import Page, paginate
 from backup.secrets import SecretBox
-from storage import ObjectStore, StorageError, open_store
+from storage import ObjectStore, open_store
 
 log = structlog.get_logger(__name__)
 
@@ -164,25 +171,6 @@ async def purge(
     )
 
 
-def invalid_field(exc: ValidationError) -> str:
-    """``field: problem`` of the first error of a destination's stored settings."""
-    problem = exc.errors(include_url=False, include_input=False)[0]
-    return f"{'.'.join(str(p) for p in problem['loc']) or 'settings'}: {problem['msg']}"
-
-
-def storage_failure(exc: BaseException) -> str:
-    """Why a storage operation failed, in words safe to show (no credentials)."""
-    if isinstance(exc, StorageError):
-        return exc.message
-    if isinstance(exc, ValidationError):
-        return f"the destination's settings are no longer accepted ({invalid_field(exc)})"
-    if isinstance(exc, TimeoutError):
-        return "the storage did not answer in time"
-    if isinstance(exc, ImportError):
-        return "the storage backend is not installed"
-    return "the storage did not answer"
-
-
 async def delete(
     store: Database,
     box: SecretBox,
@@ -226,10 +214,9 @@ async def delete(
     except Exception as exc:
         # Whatever failed, the point stays 'deleting': an honest state that a retry (or the
         # next retention sweep) finishes, never a 500 that leaves it unexplained.
-        if not isinstance(exc, StorageError | TimeoutError | OSError | ImportError):
+        if not isinstance(exc, STORAGE_FAILURES):
             log.error("restore_point_delete_failed", point=point_id, error=type(exc).__name__)
-        raise Unavailable(
+        raise StorageUnavailable(
             f"Deleting the stored files failed ({storage_failure(exc)}); the restore point is "
-            "kept in state 'deleting': retry the delete later.",
-            code="storage_unavailable",
+            "kept in state 'deleting': retry the delete later."
         ) from None

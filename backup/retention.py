@@ -34,15 +34,15 @@ from enum import StrEnum
 from typing import Any
 
 import structlog
-from pydantic import ValidationError
 
 from backup import jobs, restore_points
 from backup.clock import Clock, SystemClock
 from backup.database import Database, Document
+from backup.errors import STORAGE_FAILURES, storage_failure
 from backup.jobs import RestorePointState
 from backup.restore_points import StoreOpener
-from backup.secrets import SecretBox, SecretKeyError
-from storage import StorageError, open_store
+from backup.secrets import SecretBox
+from storage import open_store
 
 log = structlog.get_logger(__name__)
 
@@ -292,19 +292,8 @@ class RetentionSweeper:
                 opener=self.opener,
                 timeout=self.storage_timeout,
             )
-        except (
-            StorageError,
-            TimeoutError,
-            OSError,
-            ImportError,
-            SecretKeyError,
-            ValidationError,  # settings stored before today's checks: this one fails
-        ) as exc:
-            reason = (
-                "a secret cannot be opened"
-                if isinstance(exc, SecretKeyError)
-                else restore_points.storage_failure(exc)
-            )
+        except STORAGE_FAILURES as exc:
+            reason = storage_failure(exc)
             result.failed += 1
             result.errors.append(f"{point_id}: {reason}")
             log.warning("retention_delete_failed", restore_point_id=point_id, reason=reason)
@@ -392,15 +381,8 @@ class RetentionSweeper:
                             await st.delete(key)
                             keys.remove(key)
                             result.orphans_deleted += 1
-            except (
-                StorageError,
-                TimeoutError,
-                OSError,
-                ImportError,
-                SecretKeyError,
-                ValidationError,  # settings stored before today's checks: this one fails
-            ) as exc:
-                reason = restore_points.storage_failure(exc)
+            except STORAGE_FAILURES as exc:
+                reason = storage_failure(exc)
                 result.failed += 1
                 result.errors.append(f"job {job_id}: {reason}")
                 log.warning("orphan_delete_failed", job_id=job_id, reason=reason)
