@@ -353,3 +353,23 @@ def test_the_registration_examples(base: list[Document]) -> None:
     assert "parameters" not in instance["spec"]  # passwords: only from the Secret
     assert instance["spec"]["parametersFrom"][0]["secretKeyRef"]["key"] == "parameters"
     json.dumps(instance)
+
+
+def quantity(text: str) -> float:
+    """A Kubernetes resource quantity (the suffixes these manifests use) as a number."""
+    suffixes = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(m|Ki|Mi|Gi)?", str(text))
+    assert match, f"not a quantity: {text}"
+    return float(match.group(1)) * suffixes.get(match.group(2) or "", 1)
+
+
+def test_requests_fit_their_limits(base: list[Document], agent_example: list[Document]) -> None:
+    for obj in [*base, *agent_example]:
+        for container in manifests.containers(obj):
+            resources = container.get("resources")
+            if not resources:
+                continue
+            for name, limit in resources.get("limits", {}).items():
+                assert quantity(resources["requests"][name]) <= quantity(limit), container["name"]
+            for value in resources["requests"].values():
+                assert quantity(value) > 0
