@@ -51,10 +51,6 @@ class AgentKind(StrEnum):
     GO = "go"  # the Go osb-backup-agent
 
 
-# The names callers outside the runner import (``backup.instances``, the agent tests).
-OURS, GO = AgentKind.OURS, AgentKind.GO
-
-
 class AgentJobKind(StrEnum):
     """An agent job's kind, also the path of its endpoints (``/backup``, ``/restore``)."""
 

@@ -40,7 +40,7 @@ import structlog
 from pydantic import SecretStr
 from pymongo.errors import DuplicateKeyError
 
-from backup.agent_client import GO, AgentClient, AgentError, AgentInfo, agent_session
+from backup.agent_client import AgentClient, AgentError, AgentInfo, AgentKind, agent_session
 from backup.clock import Clock, SystemClock
 from backup.database import SCHEMA_VERSION, Database, Document
 from backup.deprovision import Deprovision, StoreOpener, nothing_to_wait_for
@@ -676,7 +676,7 @@ class Instances:
         backup and restore whose database username or password is empty, which the
         registration allows (our agent accepts both: trust authentication, Redis without
         AUTH), so such an instance could never be backed up."""
-        if kind != GO:
+        if kind != AgentKind.GO:
             return None
         password = reg.database.password
         missing = [

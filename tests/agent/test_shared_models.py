@@ -11,16 +11,16 @@ import pytest
 
 from agent.models import BackupRequest, JobStatus, RestoreRequest
 from backup import agent_client
-from backup.agent_client import GO, OURS, AgentError, AgentInfo, AgentJob
+from backup.agent_client import AgentError, AgentInfo, AgentJob, AgentKind
 from storage.settings import S3Settings, SwiftSettings
 from tests.agent.helpers import AgentProcess
 
 OUR_INFO = AgentInfo(
-    OURS,
+    AgentKind.OURS,
     "1",
     frozenset({"compression:zstd", "encryption:aes-256-gcm-stream-v1", "checksum:sha256"}),
 )
-GO_INFO = AgentInfo(GO, None, frozenset())
+GO_INFO = AgentInfo(AgentKind.GO, None, frozenset())
 S3 = S3Settings(
     type="S3",
     endpoint="http://127.0.0.1:1",
@@ -80,8 +80,8 @@ def test_the_manager_builds_what_the_agent_model_reads(kind: str, info: Any, set
     assert parsed.model_dump(mode="json", exclude_unset=True) == body
     assert parsed.section.env() == {"PGSSLMODE": "disable", "BACKUP_PORT": "5432"}
     # the extensions of ours go only to ours
-    assert ("transform" in body) == (info.kind == OURS)
-    assert ("checksum" in body) == (info.kind == OURS and kind == "restore")
+    assert ("transform" in body) == (info.kind == AgentKind.OURS)
+    assert ("checksum" in body) == (info.kind == AgentKind.OURS and kind == "restore")
 
 
 def test_a_request_that_cannot_be_built_is_an_agent_error_without_the_input() -> None:
