@@ -39,6 +39,7 @@ from broker.osb.errors import (
 )
 from broker.osb.models import BindBody, MaintenanceInfo, ProvisionBody, UpdateBody
 from broker.throttling import LoginGuard
+from webguard.body import BodyError, BodyProblem, read_json_object
 
 log = structlog.get_logger(__name__)
 
@@ -187,20 +188,12 @@ def _required_query(request: web.Request, name: str) -> str:
 
 
 async def _body(request: web.Request, model: type[M]) -> M:
-    raw = await request.read()
-    if not raw.strip():
-        raise bad_request("A JSON request body is required.")
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        detail = (
-            f": {exc.msg} at line {exc.lineno} column {exc.colno}"
-            if isinstance(exc, json.JSONDecodeError)
-            else ""
-        )
-        raise malformed_request(f"The request body is not valid JSON{detail}.") from None
-    if not isinstance(data, dict):
-        raise bad_request("The request body must be a JSON object.")
+        data = await read_json_object(request)
+    except BodyError as exc:
+        if exc.problem in (BodyProblem.NOT_JSON, BodyProblem.TOO_DEEP):
+            raise malformed_request(exc.description) from None
+        raise bad_request(exc.description) from None
     try:
         # The version decides which fields exist (maintenance_info from 2.15): broker.osb.models.
         return model.model_validate(data, context={"osb_minor": request.get(OSB_MINOR)})
