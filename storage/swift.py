@@ -156,7 +156,10 @@ class _KeystoneAuth:
         return self._session.get_token(**kwargs)
 
     def invalidate(self, *args: Any) -> bool:
-        return self._session.invalidate(*args)
+        # True even when another worker already dropped the token: keystoneauth answers False
+        # then, and swiftclient would give up instead of retrying with the new token.
+        self._session.invalidate(*args)
+        return True
 
 
 class _Connection(Connection):

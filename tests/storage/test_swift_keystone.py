@@ -23,6 +23,7 @@ from storage import (
     EndpointUnreachable,
     PermissionDenied,
     StorageError,
+    SwiftSettings,
     TransferSettings,
     open_store,
 )
@@ -278,3 +279,20 @@ async def test_a_token_that_expires_mid_transfer_is_renewed(
         assert refusals(keystone_swift) > refused  # the listing renewed it again
         await store.delete("renewed")
     assert keystone_swift.names(settings.container + "_segments") == []
+
+
+def test_every_refused_token_is_renewed_once_even_when_workers_race() -> None:
+    """Worker threads share one Keystone session. When several get a 401 for the same expired
+    token, each must still be allowed its one retry with a new token: keystoneauth's own
+    ``invalidate`` answers False to all but the first, and swiftclient then gives up."""
+    from storage.swift import _KeystoneAuth
+
+    settings = SwiftSettings(
+        auth_url="http://127.0.0.1:1/v3",
+        username="u",
+        password=SecretStr("pw-value-1"),
+        project_name="p",
+        container="c",
+    )
+    auth = _KeystoneAuth(settings, FAST)
+    assert auth.invalidate() and auth.invalidate()  # no request is made
