@@ -5,14 +5,15 @@ its REST API, as an operator would.
 
 Fixtures:
 
-- ``keystone_server`` (session): a :class:`KeystoneServer` with :class:`Identities`: the
+- ``keystone_server`` (session, in ``tests/servers/swift.py``, which starts Swift behind it at
+  the same time): a :class:`KeystoneServer` with :class:`Identities`: the
   ``backups`` project (domain ``Default``) and a user with the ``member`` role on it, a user
   with no role on it, a user with only ``reader`` (Keystone scopes his token; Swift's
   ``keystoneauth`` refuses him), the same project name in another domain, a project whose
   catalog has no ``object-store`` endpoint (Keystone's endpoint filter), a second region, and
   the ``swift`` service user (``admin`` in ``service``) that Swift's ``authtoken`` uses.
   The object-store service and its endpoints are registered by the Swift cluster that runs
-  behind this Keystone (``tests/servers/swift.py``: ``keystone_swift``).
+  behind this Keystone (``keystone_swift``).
 - ``short_token_keystone`` (session): a second Keystone process on the same database and keys
   whose tokens live :data:`SHORT_TOKEN_SECONDS`; Swift (validating against the first one)
   honours their expiry, which is inside the token.
@@ -25,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,6 +43,8 @@ KEYSTONE_PYTHON = ROOT / ".venv-keystone" / "bin" / "python"
 RUNNER = Path(__file__).with_name("keystone_runner.py")
 
 REGION = "RegionOne"
+SERVICE_USER = "swift"
+SERVICE_PROJECT = "service"
 SECOND_REGION = "RegionTwo"
 SHORT_TOKEN_SECONDS = 6
 """The short-lived Keystone's token lifetime: long enough for a request, short enough that a
@@ -116,6 +118,13 @@ class KeystoneServer(ServerProcess):
             shares.admin_password if shares else "adm-" + secrets.token_urlsafe(18)
         )
         self._bootstraps = shares is None
+        # Chosen before the user exists, so that Swift's configuration can be written (and
+        # Swift started) while Keystone starts.
+        self.swift_service_password = (
+            shares.swift_service_password
+            if shares
+            else audit_secret("pw-" + secrets.token_urlsafe(18))
+        )
         self._admin: Any = None
         self._roles: dict[str, str] = {}
         self.identities: Identities | None = None
@@ -222,9 +231,13 @@ class KeystoneServer(ServerProcess):
         return str(self.api("POST", "/projects", body)["project"]["id"])
 
     def create_user(
-        self, name: str, domain_id: str = "default", domain_name: str = "Default"
+        self,
+        name: str,
+        domain_id: str = "default",
+        domain_name: str = "Default",
+        password: str | None = None,
     ) -> User:
-        password = audit_secret("pw-" + secrets.token_urlsafe(18))
+        password = password or audit_secret("pw-" + secrets.token_urlsafe(18))
         body = {"user": {"name": name, "domain_id": domain_id, "password": password}}
         created = self.api("POST", "/users", body)["user"]
         return User(created["id"], name, password, domain_name)
@@ -314,8 +327,8 @@ class KeystoneServer(ServerProcess):
         other_project = Project(self.create_project("backups", other_id), "backups", other_domain)
         no_swift = Project(self.create_project("no-swift"), "no-swift")
         self.grant("member", member, no_swift.id)
-        service = Project(self.create_project("service"), "service")
-        swift = self.create_user("swift")
+        service = Project(self.create_project(SERVICE_PROJECT), SERVICE_PROJECT)
+        swift = self.create_user(SERVICE_USER, password=self.swift_service_password)
         self.grant("admin", swift, service.id)
         # The endpoint filter: no-swift's catalog lists the identity endpoint only.
         self.limit_catalog(no_swift.id, self.endpoint_ids("identity"))
@@ -341,15 +354,6 @@ def running_keystone(base: Path, **options: Any) -> Iterator[KeystoneServer]:
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture(scope="session")
-def keystone_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeystoneServer]:
-    started = time.monotonic()
-    with running_keystone(tmp_path_factory.mktemp("keystone")) as server:
-        server.populate()
-        server.started_in = time.monotonic() - started
-        yield server
 
 
 @pytest.fixture(scope="session")

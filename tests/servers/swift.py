@@ -11,10 +11,10 @@ Fixtures:
 - ``swift_settings``: a :class:`storage.SwiftSettings` (auth v1, tempauth) for a fresh, empty
   container on that server.
 - ``swift_private_server``: a cluster of the test's own, to ``stop()`` and ``start()`` again.
-- ``keystone_swift`` (session): a :class:`KeystoneSwiftCluster` behind ``keystone_server``,
-  its ``object-store`` endpoints in Keystone's catalog (RegionOne public and internal,
-  RegionTwo public, each on a port of its own); ``settings()`` are Keystone v3 settings of the
-  backups project's member.
+- ``keystone_swift`` (session): a :class:`KeystoneSwiftCluster` behind a real Keystone
+  (``keystone_server``, started at the same time), its ``object-store`` endpoints in
+  Keystone's catalog (RegionOne public and internal, RegionTwo public, each on a port of its
+  own); ``settings()`` are Keystone v3 settings of the backups project's member.
 - ``keystone_swift_settings``: those settings for a fresh, empty container.
 
 The process runs ``tests/servers/swift_runner.py``; its configuration, rings, data and logs stay
@@ -24,6 +24,7 @@ in the pytest temp directory.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import json
 import secrets
@@ -36,7 +37,14 @@ from typing import Any
 import pytest
 
 from storage import SwiftSettings
-from tests.servers.keystone import REGION, SECOND_REGION, Identities, KeystoneServer
+from tests.servers.keystone import (
+    REGION,
+    SECOND_REGION,
+    SERVICE_PROJECT,
+    SERVICE_USER,
+    Identities,
+    KeystoneServer,
+)
 from tests.servers.ports import free_port
 from tests.servers.process import ServerProcess
 
@@ -270,8 +278,6 @@ class KeystoneSwiftCluster(SwiftCluster):
     def __init__(self, base: Path, keystone: KeystoneServer, **options: Any) -> None:
         super().__init__(base, **options)
         self.keystone = keystone
-        assert keystone.identities is not None, "populate() the Keystone first"
-        self.identities: Identities = keystone.identities
         del self.ports["keystone"]
         self.ports["proxy_internal"] = free_port()
         self.ports["proxy_region_two"] = free_port()
@@ -279,6 +285,11 @@ class KeystoneSwiftCluster(SwiftCluster):
     @property
     def keystone_url(self) -> str:
         return self.keystone.url
+
+    @property
+    def identities(self) -> Identities:
+        assert self.keystone.identities is not None, "the Keystone is not populated yet"
+        return self.keystone.identities
 
     def endpoint(self, interface: str = "public", region: str = REGION) -> str:
         """The object-store URL of ``interface`` in ``region`` for the backups project."""
@@ -311,7 +322,6 @@ class KeystoneSwiftCluster(SwiftCluster):
             self.keystone.add_endpoint(service, interface, template, region)
 
     def _auth_pipeline(self) -> tuple[str, str]:
-        swift = self.identities.swift_service
         return "authtoken keystoneauth", (
             "[filter:authtoken]\n"
             "paste.filter_factory = keystonemiddleware.auth_token:filter_factory\n"
@@ -319,9 +329,9 @@ class KeystoneSwiftCluster(SwiftCluster):
             f"auth_url = {self.keystone.url}\n"
             "auth_type = password\n"
             "interface = public\n"  # the catalog has no internal identity endpoint
-            f"username = {swift.name}\n"
-            f"password = {swift.password}\n"
-            f"project_name = {self.identities.service_project.name}\n"
+            f"username = {SERVICE_USER}\n"
+            f"password = {self.keystone.swift_service_password}\n"
+            f"project_name = {SERVICE_PROJECT}\n"
             "user_domain_id = default\n"
             "project_domain_id = default\n"
             "delay_auth_decision = true\n"  # as Swift's sample: /info needs no token
@@ -405,19 +415,32 @@ def swift_private_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
 
 
 @pytest.fixture(scope="session")
-def keystone_swift(
-    keystone_server: KeystoneServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[KeystoneSwiftCluster]:
-    """Swift behind the session's real Keystone, its endpoints in Keystone's catalog."""
+def keystone_swift(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeystoneSwiftCluster]:
+    """Swift behind a real Keystone, its endpoints in Keystone's catalog. The two start at the
+    same time: Swift is ready once Keystone knows its users and endpoints."""
     started = time.monotonic()
-    cluster = KeystoneSwiftCluster(tmp_path_factory.mktemp("swift-keystone"), keystone_server)
-    cluster.register_catalog()
-    cluster.start()
-    cluster.started_in = time.monotonic() - started
+    keystone = KeystoneServer(tmp_path_factory.mktemp("keystone"))
+    cluster = KeystoneSwiftCluster(tmp_path_factory.mktemp("swift-keystone"), keystone)
     try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            swift_ready = pool.submit(cluster.start)
+            try:
+                keystone.start()
+                keystone.populate()
+                cluster.register_catalog()
+            finally:
+                swift_ready.result()
+        keystone.started_in = cluster.started_in = time.monotonic() - started
         yield cluster
     finally:
         cluster.stop()
+        keystone.stop()
+
+
+@pytest.fixture(scope="session")
+def keystone_server(keystone_swift: KeystoneSwiftCluster) -> KeystoneServer:
+    """The real Keystone (``tests/servers/keystone.py``), populated, with Swift behind it."""
+    return keystone_swift.keystone
 
 
 @pytest.fixture
