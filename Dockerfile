@@ -36,8 +36,8 @@ EXPOSE 8000
 ENTRYPOINT ["osb-backup-agent"]
 
 FROM runtime AS manager
-# The catalog lives beside the packages in a source tree, not inside the installed package:
-# the image names it explicitly.
+# The package carries the catalog; the image also puts it at a fixed path, where an operator
+# replaces it by mounting another (a ConfigMap) without rebuilding.
 COPY catalog.yml /etc/osb-backup-manager/catalog.yml
 ENV CATALOG_PATH=/etc/osb-backup-manager/catalog.yml LISTEN_HOST=0.0.0.0
 USER 10001:10001

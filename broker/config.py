@@ -31,7 +31,9 @@ from backup.settings import load_settings as load_part_settings
 from storage.egress import EgressPolicy, parse_networks
 from webguard.middleware import parse_origins
 
-DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yml"
+# broker/osb/catalog.yml links to the top-level catalog.yml, so that an installed wheel carries
+# it as package data (a file beside the packages is not installed).
+DEFAULT_CATALOG = Path(__file__).parent / "osb" / "catalog.yml"
 
 
 class Settings(BaseSettings):
