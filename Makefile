@@ -47,10 +47,11 @@ run: install
 	EGRESS_DENY_NETWORKS="$${EGRESS_DENY_NETWORKS-$$($(VENV)/bin/python -m storage.egress except 127.0.0.1)}" \
 		$(VENV)/bin/python -m broker
 
-## Install what the tests need and run the whole suite.
-test: install-test
+## Install what the tests need, check the code (lint), and run the whole suite.
+test: lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+## ruff's checks and formatting, and mypy in strict mode on every package (pyproject.toml).
 lint: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
