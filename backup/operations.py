@@ -346,8 +346,8 @@ class Operations:
         task = asyncio.create_task(self.run(instance_id, op_id), name=f"osb-{op_id}")
         self._tasks.add(task)
 
-        def done(t: asyncio.Task[None]) -> None:
-            self._tasks.discard(t)
+        def done(finished: asyncio.Task[None]) -> None:
+            self._tasks.discard(finished)
             self._running.discard(op_id)
 
         task.add_done_callback(done)

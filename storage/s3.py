@@ -465,11 +465,11 @@ class S3Store(ObjectStore):
     ) -> None:
         attempts = 0
 
-        async def once(c: _S3Client) -> None:
+        async def once(client: _S3Client) -> None:
             nonlocal attempts
             attempts += 1
             try:
-                await c.complete_multipart_upload(
+                await client.complete_multipart_upload(
                     Bucket=self.settings.bucket,
                     Key=full,
                     UploadId=upload_id,
@@ -478,7 +478,7 @@ class S3Store(ObjectStore):
             except bx.ClientError as exc:
                 # A retry after an answer lost in transit finds the upload already completed.
                 if attempts > 1 and exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
-                    head = await c.head_object(Bucket=self.settings.bucket, Key=full)
+                    head = await client.head_object(Bucket=self.settings.bucket, Key=full)
                     if head.get("ContentLength") == size:
                         return
                 raise
@@ -682,8 +682,8 @@ class S3Store(ObjectStore):
         while True:
             extra = {"ContinuationToken": token} if token else {}
 
-            async def list_page(c: _S3Client, extra: dict[str, str] = extra) -> dict[str, Any]:
-                return await c.list_objects_v2(
+            async def list_page(client: _S3Client, extra: dict[str, str] = extra) -> dict[str, Any]:
+                return await client.list_objects_v2(
                     Bucket=self.settings.bucket, Prefix=base + prefix, **extra
                 )
 
@@ -734,9 +734,9 @@ class S3Store(ObjectStore):
             step="list",
         )
 
-        async def listing(c: _S3Client) -> dict[str, Any]:
+        async def listing(client: _S3Client) -> dict[str, Any]:
             try:
-                return await c.list_objects_v2(
+                return await client.list_objects_v2(
                     Bucket=self.settings.bucket, Prefix=self._prefix + PROBE_PREFIX, MaxKeys=1
                 )
             except bx.ClientError as exc:

@@ -106,11 +106,11 @@ def string(reply: Reply) -> bytes:
     return value
 
 
-def scan(r: Resp, pattern: str) -> Iterator[list[bytes]]:
+def scan(conn: Resp, pattern: str) -> Iterator[list[bytes]]:
     cursor = b"0"
     while True:
         # SCAN answers the next cursor and a page of keys.
-        reply = ok(r.call("SCAN", cursor, "MATCH", pattern, "COUNT", 1000))
+        reply = ok(conn.call("SCAN", cursor, "MATCH", pattern, "COUNT", 1000))
         cursor, keys = cast("tuple[bytes, list[bytes]]", reply)
         if keys:
             yield keys
