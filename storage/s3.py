@@ -580,9 +580,7 @@ class S3Store(ObjectStore):
         except PreconditionFailed:
             if not etag:
                 raise
-            raise StorageError(
-                f"The object {key!r} was replaced while it was being read.", step="read"
-            ) from None
+            raise _replaced_while_read(key) from None
         except StorageError as exc:
             if start == 0 and "InvalidRange" in exc.message:
                 # An empty object has no byte 0: ask for all of it.
@@ -651,9 +649,7 @@ class S3Store(ObjectStore):
         except PreconditionFailed:
             if not etag:
                 raise
-            raise StorageError(
-                f"The object {key!r} was replaced while it was being read.", step="read"
-            ) from None
+            raise _replaced_while_read(key) from None
 
     # ------------------------------------------------------------------ the rest
 
@@ -782,3 +778,8 @@ def _total_size(answer: dict[str, Any]) -> int | None:
     content_range = answer.get("ContentRange") or ""
     size = content_range.rpartition("/")[2]
     return int(size) if size.isdigit() else None
+
+
+def _replaced_while_read(key: str) -> StorageError:
+    """A ranged read's ETag no longer matches: the object changed between two of its ranges."""
+    return StorageError(f"The object {key!r} was replaced while it was being read.", step="read")
