@@ -1,0 +1,1 @@
+"""`osb-backup`: the command-line tool of the backup manager's /v1 API."""
