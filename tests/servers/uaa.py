@@ -1,9 +1,13 @@
 """A UAA / OIDC stand-in: serves a test key pair's public half the way UAA does
-(``/token_keys`` and ``/.well-known/openid-configuration``) and signs tokens with it."""
+(``/token_keys`` and ``/.well-known/openid-configuration``) and signs tokens with it; exchanges
+refresh tokens for access tokens at ``POST /oauth/token`` as UAA does for the ``cf`` CLI."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -37,6 +41,10 @@ class Uaa:
         self.keys: dict[str, Any] = {"key-1": rsa_key()}
         self.server: TestServer | None = None
         self.jwks_requests = 0
+        self.refresh_tokens: dict[str, dict[str, Any]] = {}
+        """Opaque refresh tokens UAA issued, with the claims of the access tokens they buy."""
+        self.refresh_requests = 0
+        self.access_token_seconds = 600
 
     @property
     def url(self) -> str:
@@ -61,7 +69,11 @@ class Uaa:
                 }
             )
 
+        async def oauth_token(request: web.Request) -> web.Response:
+            return await self._grant(request)
+
         app = web.Application()
+        app.router.add_post("/oauth/token", oauth_token)
         app.router.add_get("/token_keys", token_keys)
         app.router.add_get("/.well-known/openid-configuration", discovery)
         app.router.add_get("/oauth/token/.well-known/openid-configuration", discovery)
@@ -99,8 +111,63 @@ class Uaa:
         alg = "RS256" if isinstance(signer, rsa.RSAPrivateKey) else "ES256"
         return jwt.encode(claims, signer, algorithm=alg, headers={"kid": kid})
 
+    def refresh_token(self, user: str = "user-1", **claims: Any) -> str:
+        """An opaque refresh token (UAA's default format) for ``user``; ``claims`` are passed to
+        :meth:`token` for each access token it buys (``scope=...``)."""
+        value = secrets.token_hex(16) + "-r"
+        self.refresh_tokens[value] = {"user": user, **claims}
+        return value
+
+    async def _grant(self, request: web.Request) -> web.Response:
+        """``grant_type=refresh_token`` for a public client: the ``cf`` CLI sends HTTP Basic
+        ``cf:`` (empty secret) and a form body. UAA answers errors in OAuth2's shape; its
+        refresh tokens are not rotated (the same one comes back)."""
+        self.refresh_requests += 1
+        client = _basic_client(request.headers.get("Authorization", ""))
+        form = await request.post()
+        if client is None:
+            client = (str(form.get("client_id", "")), str(form.get("client_secret", "")))
+        if client != ("cf", ""):
+            return _oauth_error(401, "invalid_client", "Bad credentials")
+        if form.get("grant_type") != "refresh_token":
+            return _oauth_error(400, "unsupported_grant_type", "Unsupported grant type")
+        refresh = str(form.get("refresh_token", ""))
+        claims = self.refresh_tokens.get(refresh)
+        if claims is None:
+            return _oauth_error(401, "invalid_token", "Invalid refresh token (expired).")
+        claims = dict(claims)
+        user = claims.pop("user")
+        access = self.token(user, expires_in=self.access_token_seconds, **claims)
+        scope = claims.get("scope") or ["openid", "cloud_controller.read"]
+        return web.json_response(
+            {
+                "access_token": access,
+                "token_type": "bearer",
+                "refresh_token": refresh,
+                "expires_in": self.access_token_seconds - 1,
+                "scope": " ".join(scope),
+                "jti": uuid.uuid4().hex,
+            },
+            headers={"Cache-Control": "no-store"},
+        )
+
     def add_ec_key(self, kid: str) -> None:
         self.keys[kid] = ec.generate_private_key(ec.SECP256R1())
+
+
+def _basic_client(header: str) -> tuple[str, str] | None:
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        client, _, secret = base64.b64decode(credentials, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return client, secret
+
+
+def _oauth_error(status: int, error: str, description: str) -> web.Response:
+    return web.json_response({"error": error, "error_description": description}, status=status)
 
 
 @pytest.fixture
