@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlencode
 
 import jwt
 import pytest
@@ -45,6 +46,12 @@ class Uaa:
         """Opaque refresh tokens UAA issued, with the claims of the access tokens they buy."""
         self.refresh_requests = 0
         self.access_token_seconds = 600
+        self.clients: dict[str, tuple[str, str]] = {}
+        """Confidential clients (the dashboard's) by id: their secret and redirect URI."""
+        self.browser_user: dict[str, Any] | None = None
+        """Whom ``/oauth/authorize`` signs in (a test chooses with :meth:`sign_in_as`)."""
+        self.codes: dict[str, dict[str, Any]] = {}
+        """Authorization codes not yet exchanged: the client, redirect URI and user."""
 
     @property
     def url(self) -> str:
@@ -70,10 +77,17 @@ class Uaa:
             )
 
         async def oauth_token(request: web.Request) -> web.Response:
+            form = await request.post()
+            if form.get("grant_type") == "authorization_code":
+                return await self._code_grant(request)
             return await self._grant(request)
+
+        async def authorize(request: web.Request) -> web.Response:
+            return self._authorize(request)
 
         app = web.Application()
         app.router.add_post("/oauth/token", oauth_token)
+        app.router.add_get("/oauth/authorize", authorize)
         app.router.add_get("/token_keys", token_keys)
         app.router.add_get("/.well-known/openid-configuration", discovery)
         app.router.add_get("/oauth/token/.well-known/openid-configuration", discovery)
@@ -148,6 +162,58 @@ class Uaa:
                 "scope": " ".join(scope),
                 "jti": uuid.uuid4().hex,
             },
+            headers={"Cache-Control": "no-store"},
+        )
+
+    def register_client(self, client_id: str, secret: str, redirect_uri: str) -> None:
+        self.clients[client_id] = (secret, redirect_uri)
+
+    def sign_in_as(self, user: str | None, **claims: Any) -> None:
+        """The user ``/oauth/authorize`` signs in from now on (None: nobody; the page then
+        answers 401 like a login form left unanswered); ``claims`` go to :meth:`token`."""
+        self.browser_user = None if user is None else {"user": user, **claims}
+
+    def _authorize(self, request: web.Request) -> web.Response:
+        """The authorization code flow's first step: UAA checks the client and that the
+        redirect URI is the one registered, signs the user in, and sends the browser back with
+        a one-time code and the client's ``state``."""
+        query = request.query
+        client = self.clients.get(query.get("client_id", ""))
+        if client is None or query.get("redirect_uri") != client[1]:
+            return web.Response(status=400, text="Unknown client or redirect URI.")
+        if query.get("response_type") != "code":
+            return web.Response(status=400, text="Unsupported response type.")
+        if self.browser_user is None:
+            return web.Response(status=401, text="Nobody signs in.")
+        code = secrets.token_urlsafe(16)
+        self.codes[code] = {
+            "client_id": query["client_id"],
+            "redirect_uri": client[1],
+            **self.browser_user,
+        }
+        target = client[1] + "?" + urlencode({"code": code, "state": query.get("state", "")})
+        raise web.HTTPFound(target)
+
+    async def _code_grant(self, request: web.Request) -> web.Response:
+        """``grant_type=authorization_code``: the client's id and secret (HTTP Basic or the
+        form), a code issued to it (once), and the redirect URI the code was issued for."""
+        form = await request.post()
+        client = _basic_client(request.headers.get("Authorization", ""))
+        if client is None:
+            client = (str(form.get("client_id", "")), str(form.get("client_secret", "")))
+        known = self.clients.get(client[0])
+        if known is None or not secrets.compare_digest(known[0], client[1]):
+            return _oauth_error(401, "invalid_client", "Bad credentials")
+        grant = self.codes.pop(str(form.get("code", "")), None)
+        if grant is None or grant["client_id"] != client[0]:
+            return _oauth_error(400, "invalid_grant", "Invalid authorization code")
+        if form.get("redirect_uri") != grant["redirect_uri"]:
+            return _oauth_error(400, "invalid_grant", "Redirect mismatch")
+        claims = {k: v for k, v in grant.items() if k not in ("client_id", "redirect_uri")}
+        user = claims.pop("user")
+        access = self.token(user, expires_in=self.access_token_seconds, **claims)
+        return web.json_response(
+            {"access_token": access, "token_type": "bearer", "expires_in": 599},
             headers={"Cache-Control": "no-store"},
         )
 
