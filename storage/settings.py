@@ -8,7 +8,7 @@ import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 _Prefix = Annotated[str, Field(default="", max_length=512)]
 
@@ -106,19 +106,33 @@ class S3Settings(BaseModel):
 
 
 class SwiftSettings(BaseModel):
-    """An OpenStack Swift container, reached through auth v1 (tempauth, swauth) or Keystone v3."""
+    """An OpenStack Swift container, reached through auth v1 (tempauth, swauth) or Keystone v3.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Keystone authenticates either a user's password (scoped to ``project_name``) or an
+    application credential (its id, or its name and its owner's ``username`` and
+    ``user_domain_name``, with its secret), which is bound to one project and is what
+    OpenStack recommends for services. The object-store endpoint is the catalog's one of
+    ``interface`` in ``region_name`` (any region if None)."""
+
+    # No input in validation errors: it would show the secrets.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     type: Literal["SWIFT"] = "SWIFT"
     auth_url: str = Field(min_length=1, max_length=2048)
     auth_version: Literal["1", "3"] = "3"
-    username: str = Field(min_length=1, max_length=256)
-    password: SecretStr = Field(description="Password (v3) or key (v1)")
+    username: str = Field(default="", max_length=256)
+    password: SecretStr = Field(
+        default=SecretStr(""),
+        description="Password (v3) or key (v1); empty with an application credential",
+    )
+    application_credential_id: str | None = Field(default=None, min_length=1, max_length=256)
+    application_credential_name: str | None = Field(default=None, min_length=1, max_length=256)
+    application_credential_secret: SecretStr | None = None
     user_domain_name: str | None = "Default"
     project_name: str | None = None
     project_domain_name: str | None = "Default"
     region_name: str | None = None
+    interface: Literal["public", "internal"] = "public"
     container: str = Field(min_length=1, max_length=256)
     verify_tls: bool = True
     ca_bundle: str | None = None
@@ -126,6 +140,54 @@ class SwiftSettings(BaseModel):
 
     _prefix = field_validator("prefix")(classmethod(lambda cls, v: _check_prefix(v)))
     _auth_url = field_validator("auth_url")(classmethod(lambda cls, v: check_url(v)))
+
+    @property
+    def uses_application_credential(self) -> bool:
+        return self.application_credential_secret is not None
+
+    @model_validator(mode="after")
+    def _one_authentication(self) -> SwiftSettings:
+        """Exactly one complete way to authenticate, so that none is silently ignored."""
+        credential = (
+            self.application_credential_id,
+            self.application_credential_name,
+            self.application_credential_secret,
+        )
+        password = self.password.get_secret_value()
+        if self.auth_version == "1":
+            if any(v is not None for v in credential):
+                raise ValueError("auth v1 takes a username and key, not an application credential")
+            if not self.username or not password:
+                raise ValueError("auth v1 needs a username and a password (the key)")
+            return self
+        if all(v is None for v in credential):
+            if not self.username or not password:
+                raise ValueError(
+                    "Keystone v3 needs a username and a password, or an application credential"
+                )
+            return self
+        if password:
+            raise ValueError("give either a password or an application credential, not both")
+        secret = self.application_credential_secret
+        if secret is None or not secret.get_secret_value():
+            raise ValueError(
+                "an application credential needs its secret (application_credential_secret)"
+            )
+        if not self.application_credential_id and not self.application_credential_name:
+            raise ValueError(
+                "an application credential needs its id or name (application_credential_id "
+                "or application_credential_name)"
+            )
+        if not self.application_credential_id and not self.username:
+            raise ValueError(
+                "an application credential given by name needs its owner's username (and "
+                "user_domain_name)"
+            )
+        if self.project_name:
+            raise ValueError(
+                "an application credential is bound to its project: leave project_name empty"
+            )
+        return self
 
 
 DestinationSettings = Annotated[S3Settings | SwiftSettings, Field(discriminator="type")]

@@ -80,7 +80,7 @@ from storage.base import (
     ValidationReport,
     ValidationStep,
 )
-from storage.settings import SwiftSettings, TransferSettings
+from storage.settings import SwiftSettings, TransferSettings, check_url
 from storage.validation import VALIDATION_ATTEMPTS, probe
 
 if TYPE_CHECKING:
@@ -238,14 +238,29 @@ def _keystone_session(settings: SwiftSettings, transfer: TransferSettings) -> ks
     path = parts.path.rstrip("/")
     if not re.search(r"/v3$", path):
         path += "/v3"
-    auth = v3.Password(
-        auth_url=urlunsplit(parts._replace(path=path)),
-        username=settings.username,
-        password=settings.password.get_secret_value(),
-        user_domain_name=settings.user_domain_name or "Default",
-        project_name=settings.project_name,
-        project_domain_name=settings.project_domain_name or "Default",
-    )
+    auth_url = urlunsplit(parts._replace(path=path))
+    auth: v3.ApplicationCredential | v3.Password
+    secret = settings.application_credential_secret
+    if secret is not None:
+        # Bound to its project: no scope to ask for. By name, it is the owner's.
+        by_name = settings.application_credential_id is None
+        auth = v3.ApplicationCredential(
+            auth_url=auth_url,
+            application_credential_id=settings.application_credential_id,
+            application_credential_name=settings.application_credential_name,
+            application_credential_secret=secret.get_secret_value(),
+            username=settings.username if by_name else None,
+            user_domain_name=(settings.user_domain_name or "Default") if by_name else None,
+        )
+    else:
+        auth = v3.Password(
+            auth_url=auth_url,
+            username=settings.username,
+            password=settings.password.get_secret_value(),
+            user_domain_name=settings.user_domain_name or "Default",
+            project_name=settings.project_name,
+            project_domain_name=settings.project_domain_name or "Default",
+        )
     verify: bool | str = (settings.ca_bundle or True) if settings.verify_tls else False
     return ks_session.Session(
         auth=auth,
@@ -267,7 +282,11 @@ class SwiftStore(ObjectStore):
         self._prefix = normalise_prefix(settings.prefix)
         self._container = settings.container
         self._segments = f"{settings.container}_segments"
-        self._secrets = (settings.password.get_secret_value(),)
+        self._secrets = tuple(
+            secret.get_secret_value()
+            for secret in (settings.password, settings.application_credential_secret)
+            if secret is not None and secret.get_secret_value()
+        )
         self._auth: _V1Auth | _KeystoneAuth = (
             _V1Auth(settings, self._timeout)
             if settings.auth_version == "1"
@@ -298,7 +317,7 @@ class SwiftStore(ObjectStore):
             session=self._auth,
             os_options={
                 "service_type": "object-store",
-                "endpoint_type": "public",
+                "endpoint_type": s.interface,
                 "region_name": s.region_name,
             },
             retries=0,  # ours are classified and bounded; a 401 still renews the token once
@@ -843,6 +862,15 @@ class SwiftStore(ObjectStore):
                 return  # missing == "ok": no such container, nothing in it
             if not page:
                 return
+            if not isinstance(page, list) or not all(
+                isinstance(item, dict) and isinstance(item.get("name"), str) for item in page
+            ):
+                # JSON, but not a listing: the storage URL the auth service gave is not Swift.
+                raise NotAnObjectStore(
+                    f"The storage URL that {self.settings.auth_url} gave answered a listing "
+                    "that is not Swift's; check auth_url.",
+                    step="list",
+                )
             yield page
             marker = page[-1]["name"]
 
@@ -908,7 +936,31 @@ class SwiftStore(ObjectStore):
             return ValidationReport(False, [*report.steps, failed])
         finally:
             ATTEMPTS.reset(token)
-        return report
+        # The answer names the endpoint the catalog (or auth v1) gave: where backups will go.
+        s = self.settings
+        url = await self._call(
+            "find the storage endpoint",
+            None,
+            lambda _: self._auth.get_endpoint(
+                service_type="object-store", interface=s.interface, region_name=s.region_name
+            ),
+        )
+        written = ValidationStep("write", True, None, self._endpoint_used(url))
+        return ValidationReport(report.ok, [written, *report.steps[1:]])
+
+    def _endpoint_used(self, url: str | None) -> str:
+        s = self.settings
+        shown = shown_endpoint(url)
+        if s.auth_version == "1":
+            where = f"the storage URL {shown}" if shown else "the storage URL auth v1 gave"
+            return f"Written through {where}."
+        chosen = f"{s.interface}, region {s.region_name!r}" if s.region_name else s.interface
+        where = (
+            f"the object-store endpoint {shown}"
+            if shown
+            else "an object-store endpoint whose URL is not a plain URL (not shown)"
+        )
+        return f"Written through {where} ({chosen}) of the identity service's catalog."
 
     async def aclose(self) -> None:
         if self._pending:
@@ -993,8 +1045,13 @@ def _keystone_error(
     where = s.auth_url
     if isinstance(exc, ka.Unauthorized):
         return AuthenticationFailed(
-            f"{where} refused the credentials (user {s.username!r} in domain "
-            f"{s.user_domain_name!r}, project {s.project_name!r}).",
+            f"{where} refused the credentials ({_credential(s)}).", step=step
+        )
+    if isinstance(exc, ka.NotFound) and s.application_credential_id:
+        # Keystone's answer for an id it does not know: deleted (revoked) or never made.
+        return AuthenticationFailed(
+            f"{where} does not know {_credential(s)}: it was deleted (revoked) or never "
+            "existed; create a new one and update the destination.",
             step=step,
         )
     if isinstance(exc, ka.Forbidden):
@@ -1030,11 +1087,54 @@ def _keystone_error(
 def _no_endpoint(settings: SwiftSettings, step: str | None = None) -> StorageError:
     """Keystone authenticated the user, but its catalog has nowhere to send Swift requests."""
     region = f" in region {settings.region_name!r}" if settings.region_name else ""
+    project = (
+        "the application credential's project"
+        if settings.uses_application_credential
+        else f"project {settings.project_name!r}"
+    )
     return StorageError(
-        f"The identity service lists no public object-store endpoint{region} for project "
-        f"{settings.project_name!r}.",
+        f"The identity service lists no {settings.interface} object-store endpoint{region} for "
+        f"{project}.",
         step=step,
     )
+
+
+def _credential(settings: SwiftSettings) -> str:
+    """Who authenticated, in the settings' own words (never a secret)."""
+    if settings.application_credential_id:
+        return f"the application credential {settings.application_credential_id!r}"
+    if settings.uses_application_credential:
+        return (
+            f"the application credential {settings.application_credential_name!r} of user "
+            f"{settings.username!r} in domain {settings.user_domain_name!r}"
+        )
+    return (
+        f"user {settings.username!r} in domain {settings.user_domain_name!r}, project "
+        f"{settings.project_name!r}"
+    )
+
+
+_PLAIN_PATH = re.compile(r"^[A-Za-z0-9._~/-]{0,256}$")
+
+
+def shown_endpoint(url: str | None) -> str | None:
+    """``url`` (an object-store endpoint the auth service handed out) if it may be shown: an
+    http(s) URL of a well-formed host and port whose path is plain (letters, digits and
+    ``._~/-``), rebuilt from its parts; None for anything else. The auth service is the
+    tenant's choice, so this is text a server chose: confined to the shape of a URL, it can
+    name where the backups go but carry no markup, spaces or message."""
+    if not url:
+        return None
+    try:
+        check_url(url)
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if not _PLAIN_PATH.match(parts.path) or parts.hostname is None:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}{f':{port}' if port else ''}{parts.path}"
 
 
 def _listing_time(value: str | None) -> dt.datetime | None:
