@@ -1,7 +1,878 @@
-"""The `osb-backup` commands."""
+"""The `osb-backup` commands: one per thing people do with their backups (docs/cli.md).
+
+Every command takes the service instance first: its name in the cf CLI's targeted space, or
+its GUID. Failures print one sentence and exit with a stable code (:class:`ExitCode`)."""
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+import typer
+from rich.markup import escape
+
+from cli import render, wait
+from cli.client import ApiFailure, Client, Job
+from cli.errors import CliError, ExitCode
+from cli.login import Login, choose_login, read_secret_file
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+app = typer.Typer(
+    name="osb-backup",
+    help="Back up and restore your service instances with the OSB backup manager.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+destinations_app = typer.Typer(help="Where backups are stored (S3 buckets, Swift containers).")
+plans_app = typer.Typer(help="Backup plans: what is backed up when, and how long it is kept.")
+jobs_app = typer.Typer(help="Backup and restore jobs: list, show, follow, logs, cancel.")
+points_app = typer.Typer(help="Restore points: the successful backups you can restore.")
+for group, group_name in (
+    (destinations_app, "destinations"),
+    (plans_app, "plans"),
+    (jobs_app, "jobs"),
+    (points_app, "restore-points"),
+):
+    group.info.no_args_is_help = True
+    app.add_typer(group, name=group_name)
+app.add_typer(points_app, name="points", hidden=True)  # short for restore-points
+
+
+@dataclass
+class Options:
+    """The global options, kept for the command that runs."""
+
+    url: str | None
+    key_file: str | None
+    operator: str | None
+    json: bool
+    login: Login | None = None
+
+    def connect(self, instance: str) -> Client:
+        """A client of ``instance``'s API, logged in."""
+        if not self.url:
+            raise CliError(
+                "Where is the backup manager? Give --url or set OSB_BACKUP_URL.",
+                ExitCode.USAGE,
+                hint="A binding's credentials carry it as api_url.",
+            )
+        login = self.log_in()
+        return Client(self.url, login.instance_id(instance), login.auth)
+
+    def log_in(self) -> Login:
+        if self.login is None:
+            self.login = choose_login(
+                key_file=self.key_file,
+                operator=self.operator,
+                password_prompt=lambda: typer.prompt(
+                    f"Password of operator {self.operator}", hide_input=True
+                ),
+            )
+        return self.login
+
+
+def _options(ctx: typer.Context) -> Options:
+    options = ctx.find_object(Options)
+    assert options is not None  # the app's callback always sets it
+    return options
+
+
+def _report(error: CliError) -> None:
+    render.err.print(f"[bold red]Error:[/] {escape(error.message)}", highlight=False)
+    if error.hint:
+        render.err.print(escape(error.hint), highlight=False, style="dim")
+
+
+def handled(func: Callable[P, R]) -> Callable[P, R]:
+    """Report a :class:`CliError` in its sentence and exit with its code; Ctrl-C exits 130."""
+
+    @functools.wraps(func)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except CliError as error:
+            _report(error)
+            raise typer.Exit(int(error.code)) from None
+        except KeyboardInterrupt:
+            render.err.print("Interrupted (a job already started keeps running).")
+            raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+
+    return run
+
+
+@contextmanager
+def connected(ctx: typer.Context, instance: str) -> Iterator[tuple[Client, Options]]:
+    options = _options(ctx)
+    client = options.connect(instance)
+    try:
+        yield client, options
+    finally:
+        client.close()
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            envvar="OSB_BACKUP_URL",
+            help="The backup manager, e.g. https://backup-manager.example.com.",
+            show_default=False,
+        ),
+    ] = None,
+    key_file: Annotated[
+        str | None,
+        typer.Option(
+            "--key-file",
+            help="Log in with a binding's key read from this file ('-': standard input); "
+            "or set OSB_BACKUP_KEY.",
+            show_default=False,
+        ),
+    ] = None,
+    operator: Annotated[
+        str | None,
+        typer.Option(
+            "--operator",
+            envvar="OSB_BACKUP_OPERATOR",
+            help="Log in as this operator (password from OSB_BACKUP_OPERATOR_PASSWORD, or asked).",
+            show_default=False,
+        ),
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the API's JSON answers (for scripts).")
+    ] = False,
+) -> None:
+    """Back up and restore your service instances with the OSB backup manager.
+
+    Logs in with the cf CLI's session (`cf login`), a binding's key, or operator credentials.
+    """
+    ctx.obj = Options(url, key_file, operator, json_output)
+
+
+Instance = Annotated[
+    str,
+    typer.Argument(
+        envvar="OSB_BACKUP_INSTANCE",
+        help="The service instance: its name in the cf CLI's targeted space, or its GUID.",
+        show_default=False,
+    ),
+]
+Limit = Annotated[int, typer.Option("--limit", min=1, max=100, help="Show at most this many.")]
+All = Annotated[bool, typer.Option("--all", help="Show every entry (page after page).")]
+Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+Wait = Annotated[
+    bool,
+    typer.Option("--wait", "-w", help="Follow the job until it ends; exit 1 if it fails."),
+]
+
+
+def _listing(
+    client: Client, options: Options, collection: Any, limit: int, every: bool, **filters: Any
+) -> list[dict[str, Any]]:
+    if every:
+        entries = list(client.every(collection, **filters))
+        total = len(entries)
+    else:
+        page = client.page(collection, limit=limit, **filters)
+        entries, total = page["items"], page["total"]
+    if not options.json:
+        render.page_note(len(entries), total)
+    return entries
+
+
+def _confirm(question: str, yes: bool) -> None:
+    if yes:
+        return
+    if not typer.confirm(question, default=False, err=True):
+        raise CliError("Nothing was changed.", ExitCode.REFUSED)
+
+
+def _finish(job: Job, options: Options, client: Client, follow: bool) -> None:
+    """Print a started job (and follow it with ``--wait``); a job that did not succeed
+    exits 1 with its reason."""
+    if not follow:
+        if options.json:
+            render.emit_json(job)
+        else:
+            render.message(
+                f"{job['type'].capitalize()} job {job['id']} is {job['status']}; follow it "
+                f"with `osb-backup jobs wait {client.instance_id} {job['id']}`."
+            )
+        return
+    done = wait.follow(client, job)
+    if options.json:
+        render.emit_json(done)
+    elif done["status"] == "SUCCEEDED":
+        render.job(done)
+    if done["status"] != "SUCCEEDED":
+        raise CliError(
+            f"{done['type'].capitalize()} job {done['id']} {done['status']}: "
+            f"{done.get('reason') or 'no reason given'}",
+            ExitCode.JOB_FAILED,
+            hint=f"`osb-backup jobs logs {client.instance_id} {done['id']}` shows the "
+            "agent's stage logs.",
+        )
+
+
+# --- items ----------------------------------------------------------------------------------
+
+
+@app.command("items")
+@handled
+def items(ctx: typer.Context, instance: Instance) -> None:
+    """The instance's backup items (its databases)."""
+    with connected(ctx, instance) as (client, options):
+        names = client.items()
+        render.emit_json(names) if options.json else render.items(names)
+
+
+# --- destinations ---------------------------------------------------------------------------
+
+
+class Kind(StrEnum):
+    s3 = "s3"
+    swift = "swift"
+
+
+class Addressing(StrEnum):
+    auto = "auto"
+    path = "path"
+    virtual = "virtual"
+
+
+SECRET_HELP = (
+    "Read the secret (S3 secret access key, Swift key or password) from this file ('-': "
+    "standard input); else OSB_BACKUP_DESTINATION_SECRET, else it is asked for. Never an "
+    "argument: other users can see command lines."
+)
+
+
+def _destination_secret(secret_file: str | None, *, ask: bool) -> str | None:
+    if secret_file:
+        return read_secret_file(secret_file)
+    from_env = os.environ.get("OSB_BACKUP_DESTINATION_SECRET")
+    if from_env:
+        return from_env
+    if not ask:
+        return None
+    return str(typer.prompt("Secret (access key secret or password)", hide_input=True, err=True))
+
+
+def _destination_fields(**fields: Any) -> dict[str, Any]:
+    """The options given, by API field name (unset ones left out)."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+@destinations_app.command("list")
+@handled
+def destinations_list(
+    ctx: typer.Context, instance: Instance, limit: Limit = 20, every: All = False
+) -> None:
+    """List destinations, newest first."""
+    with connected(ctx, instance) as (client, options):
+        entries = _listing(client, options, "destinations", limit, every)
+        render.emit_json(entries) if options.json else render.destinations(entries)
+
+
+@destinations_app.command("show")
+@handled
+def destinations_show(
+    ctx: typer.Context,
+    instance: Instance,
+    destination: Annotated[str, typer.Argument(help="Its name or id.")],
+) -> None:
+    """Show a destination (its secret is never shown, only whether it is set)."""
+    with connected(ctx, instance) as (client, options):
+        found = client.find("destinations", destination)
+        render.emit_json(found) if options.json else render.destination(found)
+
+
+@destinations_app.command("create")
+@handled
+def destinations_create(
+    ctx: typer.Context,
+    instance: Instance,
+    name: Annotated[str, typer.Argument(help="A name for it, unique in the instance.")],
+    kind: Annotated[Kind, typer.Option("--type", help="s3 or swift.")] = Kind.s3,
+    endpoint: Annotated[
+        str | None, typer.Option(help="S3: https://host[:port]; omit for AWS.")
+    ] = None,
+    region: Annotated[str | None, typer.Option(help="S3 region / Swift region name.")] = None,
+    bucket: Annotated[str | None, typer.Option(help="S3 bucket.")] = None,
+    access_key_id: Annotated[str | None, typer.Option(help="S3 access key id.")] = None,
+    plain_http: Annotated[
+        bool | None, typer.Option("--plain-http", help="S3: speak plain HTTP.")
+    ] = None,
+    addressing_style: Annotated[
+        Addressing | None, typer.Option(help="S3 addressing style.")
+    ] = None,
+    auth_url: Annotated[str | None, typer.Option(help="Swift: the auth URL.")] = None,
+    auth_version: Annotated[str | None, typer.Option(help="Swift: 1 or 3.")] = None,
+    username: Annotated[str | None, typer.Option(help="Swift user.")] = None,
+    user_domain: Annotated[str | None, typer.Option(help="Swift v3 user domain.")] = None,
+    project: Annotated[str | None, typer.Option(help="Swift v3 project.")] = None,
+    project_domain: Annotated[str | None, typer.Option(help="Swift v3 project domain.")] = None,
+    container: Annotated[str | None, typer.Option(help="Swift container.")] = None,
+    prefix: Annotated[str | None, typer.Option(help="Prefix of every stored object.")] = None,
+    no_verify_tls: Annotated[
+        bool, typer.Option("--no-verify-tls", help="Do not check the TLS certificate.")
+    ] = False,
+    secret_file: Annotated[str | None, typer.Option(help=SECRET_HELP)] = None,
+    validate: Annotated[
+        bool,
+        typer.Option(help="Save it only if a probe object can be written, read and deleted."),
+    ] = True,
+) -> None:
+    """Create a destination (checked first, unless --no-validate)."""
+    with connected(ctx, instance) as (client, options):
+        secret = _destination_secret(secret_file, ask=True)
+        body: dict[str, Any] = {"type": kind.value.upper(), "name": name}
+        if kind is Kind.s3:
+            body |= _destination_fields(
+                endpoint=endpoint,
+                region=region,
+                bucket=bucket,
+                access_key_id=access_key_id,
+                plain_http=plain_http,
+                addressing_style=addressing_style.value if addressing_style else None,
+                secret_access_key=secret,
+            )
+        else:
+            body |= _destination_fields(
+                auth_url=auth_url,
+                auth_version=auth_version,
+                username=username,
+                user_domain_name=user_domain,
+                project_name=project,
+                project_domain_name=project_domain,
+                region_name=region,
+                container=container,
+                password=secret,
+            )
+        body |= _destination_fields(prefix=prefix, verify_tls=False if no_verify_tls else None)
+        created = client.create_destination(body, validate=validate)
+        if options.json:
+            render.emit_json(created)
+        else:
+            render.message(f"Destination {created['name']} created: {created['id']}")
+
+
+@destinations_app.command("edit")
+@handled
+def destinations_edit(
+    ctx: typer.Context,
+    instance: Instance,
+    destination: Annotated[str, typer.Argument(help="Its name or id.")],
+    name: Annotated[str | None, typer.Option(help="A new name.")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="S3 endpoint.")] = None,
+    region: Annotated[str | None, typer.Option(help="S3 region / Swift region name.")] = None,
+    bucket: Annotated[str | None, typer.Option(help="S3 bucket.")] = None,
+    access_key_id: Annotated[str | None, typer.Option(help="S3 access key id.")] = None,
+    auth_url: Annotated[str | None, typer.Option(help="Swift: the auth URL.")] = None,
+    username: Annotated[str | None, typer.Option(help="Swift user.")] = None,
+    container: Annotated[str | None, typer.Option(help="Swift container.")] = None,
+    prefix: Annotated[str | None, typer.Option(help="Prefix of every stored object.")] = None,
+    new_secret: Annotated[
+        bool,
+        typer.Option(
+            "--new-secret",
+            help="Send a new secret (from --secret-file, OSB_BACKUP_DESTINATION_SECRET or a "
+            "prompt); needed when the endpoint or credentials change.",
+        ),
+    ] = False,
+    secret_file: Annotated[str | None, typer.Option(help=SECRET_HELP)] = None,
+    validate: Annotated[
+        bool, typer.Option(help="Save the change only if a probe object round-trips.")
+    ] = True,
+) -> None:
+    """Change a destination (the stored secret is kept unless --new-secret)."""
+    with connected(ctx, instance) as (client, options):
+        found = client.find("destinations", destination)
+        patch = _destination_fields(
+            name=name,
+            endpoint=endpoint,
+            region=region if found.get("type") == "S3" else None,
+            region_name=region if found.get("type") == "SWIFT" else None,
+            bucket=bucket,
+            access_key_id=access_key_id,
+            auth_url=auth_url,
+            username=username,
+            container=container,
+            prefix=prefix,
+        )
+        if new_secret or secret_file:
+            secret_field = "secret_access_key" if found.get("type") == "S3" else "password"
+            patch[secret_field] = _destination_secret(secret_file, ask=True)
+        if not patch:
+            raise CliError("Nothing to change: give an option to change.", ExitCode.USAGE)
+        try:
+            changed = client.update_destination(found["id"], patch, validate=validate)
+        except ApiFailure as failure:
+            if failure.error == "secret_required":
+                failure.hint = "Send the secret again with --new-secret."
+            raise
+        if options.json:
+            render.emit_json(changed)
+        else:
+            render.message(f"Destination {changed['name']} changed.")
+
+
+@destinations_app.command("validate")
+@handled
+def destinations_validate(
+    ctx: typer.Context,
+    instance: Instance,
+    destination: Annotated[str, typer.Argument(help="Its name or id.")],
+) -> None:
+    """Check a destination: write, read back and delete a probe object. Exits 1 if it fails."""
+    with connected(ctx, instance) as (client, options):
+        found = client.find("destinations", destination)
+        result = client.validate_destination(found["id"])
+        render.emit_json(result) if options.json else render.validation(result)
+        if not result["ok"]:
+            raise typer.Exit(int(ExitCode.JOB_FAILED))
+
+
+@destinations_app.command("delete")
+@handled
+def destinations_delete(
+    ctx: typer.Context,
+    instance: Instance,
+    destination: Annotated[str, typer.Argument(help="Its name or id.")],
+    yes: Yes = False,
+) -> None:
+    """Delete a destination (refused while a plan, restore point or job uses it)."""
+    with connected(ctx, instance) as (client, _options):
+        found = client.find("destinations", destination)
+        _confirm(f"Delete destination {found['name']}?", yes)
+        client.delete_destination(found["id"])
+        render.message(f"Destination {found['name']} deleted.")
+
+
+# --- plans ----------------------------------------------------------------------------------
+
+
+class KeepUnit(StrEnum):
+    days = "days"
+    hours = "hours"
+    backups = "backups"
+
+
+RETENTION_STYLE = {KeepUnit.days: "DAYS", KeepUnit.hours: "HOURS", KeepUnit.backups: "FILES"}
+
+Schedule = Annotated[
+    str | None,
+    typer.Option("--schedule", help="When: five-field cron, e.g. '0 3 * * *' (3:00 daily)."),
+]
+Timezone = Annotated[
+    str | None, typer.Option("--timezone", help="IANA zone the schedule is in (default UTC).")
+]
+Keep = Annotated[int | None, typer.Option("--keep", min=1, help="How many days/hours/backups.")]
+Unit = Annotated[KeepUnit | None, typer.Option("--keep-unit", help="What --keep counts.")]
+ItemsOption = Annotated[
+    str | None, typer.Option("--items", help="Comma-separated items (default: all).")
+]
+
+
+def _items(value: str | None) -> list[str] | None:
+    return None if value is None else [part.strip() for part in value.split(",") if part.strip()]
+
+
+@plans_app.command("list")
+@handled
+def plans_list(
+    ctx: typer.Context, instance: Instance, limit: Limit = 20, every: All = False
+) -> None:
+    """List backup plans, newest first."""
+    with connected(ctx, instance) as (client, options):
+        entries = _listing(client, options, "plans", limit, every)
+        render.emit_json(entries) if options.json else render.plans(entries)
+
+
+@plans_app.command("show")
+@handled
+def plans_show(
+    ctx: typer.Context, instance: Instance, plan: Annotated[str, typer.Argument(help="Name or id.")]
+) -> None:
+    """Show a backup plan."""
+    with connected(ctx, instance) as (client, options):
+        found = client.find("plans", plan)
+        render.emit_json(found) if options.json else render.plan(found)
+
+
+@plans_app.command("create")
+@handled
+def plans_create(
+    ctx: typer.Context,
+    instance: Instance,
+    name: Annotated[str, typer.Argument(help="A name for it, unique in the instance.")],
+    destination: Annotated[
+        str, typer.Option("--destination", "-d", help="Where to store: destination name or id.")
+    ],
+    schedule: Annotated[
+        str, typer.Option("--schedule", help="When: five-field cron, e.g. '0 3 * * *'.")
+    ],
+    keep: Annotated[int, typer.Option("--keep", min=1, help="How many days/hours/backups.")],
+    keep_unit: Annotated[KeepUnit, typer.Option("--keep-unit", help="What --keep counts.")] = (
+        KeepUnit.days
+    ),
+    timezone: Timezone = None,
+    items: ItemsOption = None,
+    compression: Annotated[bool, typer.Option(help="Compress backups.")] = True,
+    encrypt: Annotated[
+        bool, typer.Option("--encrypt", help="Encrypt backups (the manager makes a key).")
+    ] = False,
+    encryption_key_file: Annotated[
+        str | None,
+        typer.Option(help="Encrypt with the key read from this file ('-': standard input)."),
+    ] = None,
+    paused: Annotated[bool, typer.Option("--paused", help="Create it paused.")] = False,
+) -> None:
+    """Create a backup plan."""
+    with connected(ctx, instance) as (client, options):
+        dest = client.find("destinations", destination)
+        body: dict[str, Any] = {
+            "name": name,
+            "destination_id": dest["id"],
+            "frequency": schedule,
+            "retention": {"style": RETENTION_STYLE[keep_unit], "period": keep},
+            "compression": compression,
+            "paused": paused,
+        }
+        if timezone:
+            body["timezone"] = timezone
+        if items is not None:
+            body["items"] = _items(items)
+        if encrypt or encryption_key_file:
+            body["encryption"] = {"enabled": True}
+            if encryption_key_file:
+                body["encryption"]["key"] = read_secret_file(encryption_key_file)
+        created = client.create_plan(body)
+        if options.json:
+            render.emit_json(created)
+        else:
+            render.message(f"Plan {created['name']} created: {created['id']}")
+            render.plan(created)
+
+
+@plans_app.command("edit")
+@handled
+def plans_edit(
+    ctx: typer.Context,
+    instance: Instance,
+    plan: Annotated[str, typer.Argument(help="Name or id.")],
+    name: Annotated[str | None, typer.Option(help="A new name.")] = None,
+    destination: Annotated[
+        str | None, typer.Option("--destination", "-d", help="Destination name or id.")
+    ] = None,
+    schedule: Schedule = None,
+    timezone: Timezone = None,
+    keep: Keep = None,
+    keep_unit: Unit = None,
+    items: ItemsOption = None,
+    compression: Annotated[bool | None, typer.Option(help="Compress backups.")] = None,
+) -> None:
+    """Change a backup plan (only what is given)."""
+    with connected(ctx, instance) as (client, options):
+        found = client.find("plans", plan)
+        patch: dict[str, Any] = _destination_fields(
+            name=name,
+            frequency=schedule,
+            timezone=timezone,
+            items=_items(items),
+            compression=compression,
+        )
+        if destination is not None:
+            patch["destination_id"] = client.find("destinations", destination)["id"]
+        if keep is not None or keep_unit is not None:
+            retention: dict[str, Any] = {}
+            if keep is not None:
+                retention["period"] = keep
+            if keep_unit is not None:
+                retention["style"] = RETENTION_STYLE[keep_unit]
+            patch["retention"] = retention
+        if not patch:
+            raise CliError("Nothing to change: give an option to change.", ExitCode.USAGE)
+        changed = client.update_plan(found["id"], patch)
+        render.emit_json(changed) if options.json else render.plan(changed)
+
+
+def _pause(ctx: typer.Context, instance: str, plan: str, paused: bool) -> None:
+    with connected(ctx, instance) as (client, options):
+        found = client.find("plans", plan)
+        changed = client.update_plan(found["id"], {"paused": paused})
+        if options.json:
+            render.emit_json(changed)
+        else:
+            state = (
+                "paused"
+                if paused
+                else f"resumed; next run {render.when(changed.get('next_run_at'))}"
+            )
+            render.message(f"Plan {changed['name']} {state}.")
+
+
+@plans_app.command("pause")
+@handled
+def plans_pause(
+    ctx: typer.Context, instance: Instance, plan: Annotated[str, typer.Argument(help="Name or id.")]
+) -> None:
+    """Pause a plan: no scheduled backups until it is resumed."""
+    _pause(ctx, instance, plan, True)
+
+
+@plans_app.command("resume")
+@handled
+def plans_resume(
+    ctx: typer.Context, instance: Instance, plan: Annotated[str, typer.Argument(help="Name or id.")]
+) -> None:
+    """Resume a paused plan."""
+    _pause(ctx, instance, plan, False)
+
+
+@plans_app.command("delete")
+@handled
+def plans_delete(
+    ctx: typer.Context,
+    instance: Instance,
+    plan: Annotated[str, typer.Argument(help="Name or id.")],
+    yes: Yes = False,
+) -> None:
+    """Delete a plan (its restore points stay until retention removes them)."""
+    with connected(ctx, instance) as (client, _options):
+        found = client.find("plans", plan)
+        _confirm(f"Delete plan {found['name']} (its queued jobs are cancelled)?", yes)
+        client.delete_plan(found["id"])
+        render.message(f"Plan {found['name']} deleted.")
+
+
+# --- backup and restore ---------------------------------------------------------------------
+
+
+@app.command("backup")
+@handled
+def backup(
+    ctx: typer.Context,
+    instance: Instance,
+    plan: Annotated[
+        str | None,
+        typer.Option("--plan", "-p", help="The plan (name or id); needed if there are several."),
+    ] = None,
+    follow: Wait = False,
+) -> None:
+    """Back up now, with a plan's settings."""
+    with connected(ctx, instance) as (client, options):
+        if plan is not None:
+            plan_id = client.find("plans", plan)["id"]
+        else:
+            every = list(client.every("plans"))
+            if len(every) != 1:
+                names = ", ".join(str(p.get("name")) for p in every) or "none yet"
+                raise CliError(
+                    f"Which plan? Give --plan (the instance's plans: {names}).",
+                    ExitCode.USAGE if every else ExitCode.NOT_FOUND,
+                    hint=None if every else "`osb-backup plans create` makes one.",
+                )
+            plan_id = every[0]["id"]
+        _finish(client.backup(plan_id), options, client, follow)
+
+
+def _restore_items(values: list[str] | None) -> list[str | dict[str, str]] | None:
+    if not values:
+        return None
+    chosen: list[str | dict[str, str]] = []
+    for value in values:
+        name, sep, target = value.partition("=")
+        chosen.append({"name": name, "target": target} if sep else name)
+    return chosen
+
+
+@app.command("restore")
+@handled
+def restore(
+    ctx: typer.Context,
+    instance: Instance,
+    point: Annotated[
+        str,
+        typer.Option("--from", "-f", help="The restore point's id (`restore-points list`)."),
+    ],
+    item: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--item", "-i", help="Restore only this item; NAME=TARGET restores it into TARGET."
+        ),
+    ] = None,
+    into: Annotated[
+        str | None,
+        typer.Option("--into", help="Restore into this other instance (name or GUID)."),
+    ] = None,
+    yes: Yes = False,
+    follow: Wait = False,
+) -> None:
+    """Restore a restore point: its data overwrites the target databases."""
+    with connected(ctx, instance) as (client, options):
+        target = options.log_in().instance_id(into) if into is not None else None
+        chosen = _restore_items(item)
+        found = client.restore_point(point)
+        names = [
+            (f"{entry['name']} -> {entry['target']}" if isinstance(entry, dict) else entry)
+            for entry in chosen or [str(i.get("name")) for i in found.get("items") or []]
+        ]
+        _confirm(
+            f"Overwrite {', '.join(names)} of instance {into or instance} with the backup of "
+            f"{render.when(found.get('created_at'))}?",
+            yes,
+        )
+        job = client.restore(point, target_instance_id=target, items=chosen)
+        if target is not None and target != client.instance_id:
+            # The job belongs to the target instance: follow it there.
+            with connected(ctx, target) as (target_client, _):
+                _finish(job, options, target_client, follow)
+        else:
+            _finish(job, options, client, follow)
+
+
+# --- jobs -----------------------------------------------------------------------------------
+
+
+class JobType(StrEnum):
+    backup = "backup"
+    restore = "restore"
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    missed = "missed"
+
+
+JobId = Annotated[str, typer.Argument(help="The job's id (`jobs list`).")]
+
+
+@jobs_app.command("list")
+@handled
+def jobs_list(
+    ctx: typer.Context,
+    instance: Instance,
+    job_type: Annotated[JobType | None, typer.Option("--type", help="Only these.")] = None,
+    status: Annotated[JobStatus | None, typer.Option("--status", help="Only these.")] = None,
+    plan: Annotated[str | None, typer.Option("--plan", "-p", help="Only this plan's.")] = None,
+    limit: Limit = 20,
+    every: All = False,
+) -> None:
+    """List jobs, newest first."""
+    with connected(ctx, instance) as (client, options):
+        filters = {
+            "type": job_type.value.upper() if job_type else None,
+            "status": status.value.upper() if status else None,
+            "plan_id": client.find("plans", plan)["id"] if plan else None,
+        }
+        entries = _listing(client, options, "jobs", limit, every, **filters)
+        render.emit_json(entries) if options.json else render.jobs(entries)
+
+
+@jobs_app.command("show")
+@handled
+def jobs_show(ctx: typer.Context, instance: Instance, job_id: JobId) -> None:
+    """Show a job: status, reason, and each item's stage and sizes."""
+    with connected(ctx, instance) as (client, options):
+        job = client.job(job_id)
+        render.emit_json(job) if options.json else render.job(job)
+
+
+@jobs_app.command("logs")
+@handled
+def jobs_logs(
+    ctx: typer.Context,
+    instance: Instance,
+    job_id: JobId,
+    item: Annotated[str | None, typer.Option("--item", "-i", help="Only this item's.")] = None,
+) -> None:
+    """Print a job's stage logs (each cut to its last bytes by the manager)."""
+    with connected(ctx, instance) as (client, options):
+        job = client.job(job_id)
+        if options.json:
+            render.emit_json({i["name"]: i.get("logs") or {} for i in job.get("items") or []})
+        else:
+            render.logs(job, item)
+
+
+@jobs_app.command("wait")
+@handled
+def jobs_wait(ctx: typer.Context, instance: Instance, job_id: JobId) -> None:
+    """Follow a job until it ends; exit 1 if it did not succeed."""
+    with connected(ctx, instance) as (client, options):
+        _finish(client.job(job_id), options, client, True)
+
+
+@jobs_app.command("cancel")
+@handled
+def jobs_cancel(ctx: typer.Context, instance: Instance, job_id: JobId) -> None:
+    """Cancel a job: a queued one at once, a running one at its next stage boundary."""
+    with connected(ctx, instance) as (client, options):
+        job = client.cancel_job(job_id)
+        if options.json:
+            render.emit_json(job)
+        elif job["status"] == "CANCELLED":
+            render.message(f"Job {job['id']} cancelled.")
+        else:
+            render.message(f"Job {job['id']} was asked to stop; it ends CANCELLED shortly.")
+
+
+# --- restore points -------------------------------------------------------------------------
+
+PointId = Annotated[str, typer.Argument(help="The restore point's id (`restore-points list`).")]
+
+
+@points_app.command("list")
+@handled
+def points_list(
+    ctx: typer.Context,
+    instance: Instance,
+    plan: Annotated[str | None, typer.Option("--plan", "-p", help="Only this plan's.")] = None,
+    limit: Limit = 20,
+    every: All = False,
+) -> None:
+    """List restore points (successful backups), newest first."""
+    with connected(ctx, instance) as (client, options):
+        plan_id = client.find("plans", plan)["id"] if plan else None
+        entries = _listing(client, options, "restore_points", limit, every, plan_id=plan_id)
+        render.emit_json(entries) if options.json else render.restore_points(entries)
+
+
+@points_app.command("show")
+@handled
+def points_show(ctx: typer.Context, instance: Instance, point: PointId) -> None:
+    """Show a restore point: its items, sizes and checksums."""
+    with connected(ctx, instance) as (client, options):
+        found = client.restore_point(point)
+        render.emit_json(found) if options.json else render.restore_point(found)
+
+
+@points_app.command("delete")
+@handled
+def points_delete(ctx: typer.Context, instance: Instance, point: PointId, yes: Yes = False) -> None:
+    """Delete a restore point: its stored files, then its record."""
+    with connected(ctx, instance) as (client, _options):
+        found = client.restore_point(point)
+        _confirm(f"Delete the backup of {render.when(found.get('created_at'))}?", yes)
+        client.delete_restore_point(point)
+        render.message(f"Restore point {point} deleted.")
+
 
 def run() -> None:
-    """Run the command-line tool (commands follow)."""
+    """Run the command-line tool."""
+    app()
