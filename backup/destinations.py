@@ -48,6 +48,12 @@ log = structlog.get_logger(__name__)
 
 AnySettings = S3Settings | SwiftSettings
 SECRET_FIELD = {"S3": "secret_access_key", "SWIFT": "password"}
+"""Each type's usual secret; a Swift destination with a Keystone application credential has
+``application_credential_secret`` instead (:func:`secret_field`)."""
+SECRET_FIELDS = {
+    "S3": ("secret_access_key",),
+    "SWIFT": ("password", "application_credential_secret"),
+}
 # Never taken from users: a path on the manager's disk.
 _SERVER_ONLY = {"ca_bundle"}
 
@@ -131,16 +137,35 @@ class SwiftDestinationSpec(BaseModel):
     name: Name
     auth_url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://[^\s/]+\S*$")
     auth_version: Literal["1", "3"] = "3"
-    username: str = Field(min_length=1, max_length=256)
-    password: SecretStr = Field(
+    username: str = Field(
+        default="",
+        max_length=256,
+        description="The user (auth v1, v3 password), or the owner of an application "
+        "credential given by name.",
+    )
+    password: SecretStr | None = Field(
+        default=None,
         min_length=1,
         max_length=1024,
         description="The key (auth v1) or password (v3). Never returned.",
+    )
+    application_credential_id: str | None = Field(default=None, min_length=1, max_length=256)
+    application_credential_name: str | None = Field(default=None, min_length=1, max_length=256)
+    application_credential_secret: SecretStr | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1024,
+        description="Keystone v3: the application credential's secret, the recommended "
+        "authentication (with application_credential_id, or its name and username). Never "
+        "returned.",
     )
     user_domain_name: str | None = Field(default="Default", max_length=256)
     project_name: str | None = Field(default=None, max_length=256)
     project_domain_name: str | None = Field(default="Default", max_length=256)
     region_name: str | None = Field(default=None, max_length=256)
+    interface: Literal["public", "internal"] = Field(
+        default="public", description="Which of the catalog's object-store endpoints to use."
+    )
     container: str = Field(min_length=1, max_length=256)
     verify_tls: bool = True
     prefix: str = Field(default="", max_length=512)
@@ -148,8 +173,9 @@ class SwiftDestinationSpec(BaseModel):
     _name = field_validator("name")(classmethod(lambda cls, v: _strip_name(v)))
 
     def settings(self) -> SwiftSettings:
+        secrets = {k: v for k in SECRET_FIELDS["SWIFT"] if (v := getattr(self, k)) is not None}
         return SwiftSettings(
-            **self.model_dump(exclude={"name", "password"}), password=self.password
+            **self.model_dump(exclude={"name", *SECRET_FIELDS["SWIFT"]}), **secrets
         )
 
 
@@ -175,19 +201,35 @@ def _context(dest_id: str) -> str:
     return f"destinations/{dest_id}"
 
 
+def secret_field(settings: AnySettings) -> str:
+    """The field of ``settings`` that holds its secret."""
+    if isinstance(settings, SwiftSettings) and settings.uses_application_credential:
+        return "application_credential_secret"
+    return SECRET_FIELD[settings.type]
+
+
+def sealed_secret(settings: AnySettings) -> dict[str, str]:
+    """The secret of ``settings`` by its field's name, to be sealed."""
+    field_name = secret_field(settings)
+    value: SecretStr | None = getattr(settings, field_name)
+    return {field_name: value.get_secret_value() if value is not None else ""}
+
+
 def public_settings(settings: AnySettings) -> dict[str, Any]:
-    secret = SECRET_FIELD[settings.type]
-    return settings.model_dump(exclude={secret, *_SERVER_ONLY})
+    return settings.model_dump(exclude={*SECRET_FIELDS[settings.type], *_SERVER_ONLY})
 
 
 def settings_for(doc: Document, box: SecretBox) -> AnySettings:
     """The connection settings of a stored destination, with its secret opened."""
     kind = doc["type"]
-    secret = SECRET_FIELD[kind]
+    names = SECRET_FIELDS[kind]
     opened = box.open_map(doc.get("secrets") or {}, _context(doc["_id"]))
     cls = S3Settings if kind == "S3" else SwiftSettings
-    fields = {k: doc[k] for k in cls.model_fields if k in doc and k != secret}
-    return cls(**fields, **{secret: SecretStr(opened.get(secret, ""))})
+    fields = {k: doc[k] for k in cls.model_fields if k in doc and k not in names}
+    secrets = {k: SecretStr(opened[k]) for k in names if k in opened}
+    if not secrets:
+        secrets = {names[0]: SecretStr("")}
+    return cls(**fields, **secrets)
 
 
 def spec_of(doc: Document, box: SecretBox) -> dict[str, Any]:
@@ -196,10 +238,8 @@ def spec_of(doc: Document, box: SecretBox) -> dict[str, Any]:
     kind = doc["type"]
     model = S3DestinationSpec if kind == "S3" else SwiftDestinationSpec
     spec = {k: doc[k] for k in model.model_fields if k in doc}
-    secret = SECRET_FIELD[kind]
     opened = box.open_map(doc.get("secrets") or {}, _context(doc["_id"]))
-    if secret in opened:
-        spec[secret] = opened[secret]
+    spec.update({k: opened[k] for k in SECRET_FIELDS[kind] if k in opened})
     return spec
 
 
@@ -233,16 +273,13 @@ async def create(
     if verify_timeout is not None:
         await _verified(settings, verify_timeout)
     dest_id = uuid.uuid4().hex
-    secret = SECRET_FIELD[settings.type]
     at = now()
     doc: Document = {
         "_id": dest_id,
         "instance_id": instance_id,
         "name": spec.name,
         **public_settings(settings),
-        "secrets": box.seal_map(
-            {secret: getattr(settings, secret).get_secret_value()}, _context(dest_id)
-        ),
+        "secrets": box.seal_map(sealed_secret(settings), _context(dest_id)),
         "created_at": at,
         "updated_at": at,
         "version": 1,
@@ -281,6 +318,9 @@ _SWIFT_ROUTE = (
     "project_name",
     "project_domain_name",
     "region_name",
+    "interface",
+    "application_credential_id",
+    "application_credential_name",
 )
 
 
@@ -311,7 +351,7 @@ def _route_changes(before: AnySettings, after: AnySettings) -> list[str]:
 def _require_secret_for_moves(
     current: Document, box: SecretBox, patch: dict[str, Any], after: AnySettings
 ) -> None:
-    secret = SECRET_FIELD[after.type]
+    secret = secret_field(after)
     if current["type"] != after.type or patch.get(secret) is not None:
         return  # a change of type, or the secret sent again: the caller knows it
     changed = _route_changes(settings_for(current, box), after)
@@ -337,9 +377,21 @@ def _merged(current: Document, box: SecretBox, patch: dict[str, Any]) -> dict[st
         if "://" in endpoint:
             base["endpoint"] = endpoint.split("://", 1)[1]
     merged = merge_patch(base, patch)
-    secret = SECRET_FIELD[kind]
-    if merged.get(secret) is None and base.get(secret) is not None:
-        merged[secret] = base[secret]  # null or absent: keep it (it is never shown to resend)
+    for secret in SECRET_FIELDS[kind]:
+        if merged.get(secret) is None and base.get(secret) is not None:
+            merged[secret] = base[secret]  # null or absent: kept (it is never shown to resend)
+    if kind == "SWIFT":
+        # Sending one kind of Swift secret replaces the other kind of authentication.
+        if patch.get("application_credential_secret") is not None and "password" not in patch:
+            merged.pop("password", None)
+        if patch.get("password") is not None:
+            for name in (
+                "application_credential_id",
+                "application_credential_name",
+                "application_credential_secret",
+            ):
+                if name not in patch:
+                    merged.pop(name, None)
     return merged
 
 
@@ -370,7 +422,6 @@ async def update(
     await _check_name(store, instance_id, spec.name, dest_id)
     if verify_timeout is not None:
         await _verified(settings, verify_timeout)
-    secret = SECRET_FIELD[settings.type]
     public = public_settings(settings)
     stale = [
         k for k in set(S3Settings.model_fields) | set(SwiftSettings.model_fields) if k in current
@@ -379,9 +430,7 @@ async def update(
         "$set": {
             "name": spec.name,
             **public,
-            "secrets": box.seal_map(
-                {secret: getattr(settings, secret).get_secret_value()}, _context(dest_id)
-            ),
+            "secrets": box.seal_map(sealed_secret(settings), _context(dest_id)),
             "updated_at": now(),
         },
         "$inc": {"version": 1},
@@ -470,7 +519,7 @@ def advice(code: str | None, settings: AnySettings, step: str | None, detail: st
     secret = (
         "access key id and secret access key"
         if settings.type == "S3"
-        else "user name and key (or password, domain and project)"
+        else "user name and key (or password, domain and project, or application credential)"
     )
     if code == "storage_tls_failed":
         if "WRONG_VERSION_NUMBER" in detail or "wrong version number" in detail:

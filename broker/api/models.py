@@ -161,8 +161,14 @@ class SwiftDestinationOut(_DestinationOutBase):
     project_name: str | None
     project_domain_name: str | None
     region_name: str | None
+    interface: str = "public"
+    application_credential_id: str | None = None
+    application_credential_name: str | None = None
     container: str
     password_set: bool = Field(description="Whether a key or password is stored.")
+    application_credential_secret_set: bool = Field(
+        default=False, description="Whether an application credential's secret is stored."
+    )
 
 
 AnyDestinationOut = S3DestinationOut | SwiftDestinationOut
