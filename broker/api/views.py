@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from backup.database import Document
-from backup.destinations import SECRET_FIELD
+from backup.destinations import SECRET_FIELDS
 from broker.api import models
 
 _DESTINATION: TypeAdapter[models.S3DestinationOut | models.SwiftDestinationOut] = TypeAdapter(
@@ -21,10 +21,10 @@ def _sealed(doc: Document, name: str) -> bool:
 
 
 def destination(doc: Document) -> models.S3DestinationOut | models.SwiftDestinationOut:
-    secret = SECRET_FIELD[doc["type"]]
     view = {k: v for k, v in doc.items() if k not in ("_id", "secrets", "instance_id")}
     view["id"] = doc["_id"]
-    view[f"{secret}_set"] = _sealed(doc, secret)
+    for secret in SECRET_FIELDS[doc["type"]]:
+        view[f"{secret}_set"] = _sealed(doc, secret)
     if doc["type"] == "S3":
         view["plain_http"] = str(doc.get("endpoint") or "").startswith("http://")
     return _DESTINATION.validate_python(view)
