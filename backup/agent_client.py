@@ -415,6 +415,19 @@ def destination(
             ),
         )
     else:
+        # Keystone's application credential and endpoint choice: sent only when used (the Go
+        # agent knows none of them).
+        secret = settings.application_credential_secret
+        if secret is not None:
+            extra["applicationCredentialSecret"] = secret.get_secret_value()
+        if settings.application_credential_id:
+            extra["applicationCredentialId"] = settings.application_credential_id
+        if settings.application_credential_name:
+            extra["applicationCredentialName"] = settings.application_credential_name
+        if settings.region_name:
+            extra["regionName"] = settings.region_name
+        if settings.interface != "public":
+            extra["interface"] = settings.interface
         model = _built(
             "destination",
             lambda: Destination(
