@@ -31,6 +31,20 @@ def to_settings(dest: Destination, cfg: AgentConfig) -> S3Settings | SwiftSettin
         )
     auth_url = dest.authUrl or ""
     v1 = auth_url.rstrip("/").endswith("/auth/v1.0")
+    if not v1 and dest.applicationCredentialSecret:
+        return SwiftSettings(
+            auth_url=auth_url,
+            auth_version="3",
+            username=dest.username or "",
+            application_credential_id=dest.applicationCredentialId or None,
+            application_credential_name=dest.applicationCredentialName or None,
+            application_credential_secret=dest.applicationCredentialSecret,
+            user_domain_name=dest.domain or "Default",
+            region_name=dest.regionName or None,
+            interface=dest.interface,
+            container=dest.container_name or "",
+            prefix="",
+        )
     return SwiftSettings(
         auth_url=auth_url,
         auth_version="1" if v1 else "3",
@@ -39,6 +53,8 @@ def to_settings(dest: Destination, cfg: AgentConfig) -> S3Settings | SwiftSettin
         user_domain_name=None if v1 else (dest.domain or "Default"),
         project_name=None if v1 else dest.project_name,
         project_domain_name=None if v1 else (dest.domain or "Default"),
+        region_name=None if v1 else (dest.regionName or None),
+        interface=dest.interface,
         container=dest.container_name or "",
         prefix="",
     )

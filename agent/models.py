@@ -84,6 +84,13 @@ class Destination(_Model):
     project_name: str = ""
     username: str = ""
     password: str = Field(default="", repr=False)
+    # Swift through Keystone v3 (our agent; the Go agent ignores them): an application
+    # credential instead of username and password, and the catalog endpoint to choose.
+    applicationCredentialId: str = ""
+    applicationCredentialName: str = ""
+    applicationCredentialSecret: str = Field(default="", repr=False)
+    regionName: str = ""
+    interface: Literal["public", "internal"] = "public"
 
     @field_validator("type", mode="before")
     @classmethod
@@ -104,6 +111,10 @@ class Destination(_Model):
         """Fields the agent needs to reach the store itself (not with skipStorage)."""
         if self.type == "S3":
             need = ["bucket", "authKey", "authSecret", "filenamePrefix"]
+        elif self.applicationCredentialSecret:
+            need = ["authUrl", "container_name"]
+            if not self.applicationCredentialId:
+                need += ["applicationCredentialName", "username"]
         else:
             need = ["authUrl", "container_name", "username", "password"]
         missing = [f"destination.{n}" for n in need if not getattr(self, n)]
