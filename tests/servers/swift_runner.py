@@ -229,7 +229,8 @@ def main(conf_dir: str) -> None:
     for name in cfg.get("more_proxies", []):
         servers.append((name, eventlet.listen(("127.0.0.1", ports[name]), backlog=128), proxy_app))
 
-    access_log = open(os.path.join(conf_dir, "..", "access.log"), "a")
+    # Line-buffered: tests read it while the cluster runs.
+    access_log = open(os.path.join(conf_dir, "..", "access.log"), "a", buffering=1)
     for name, sock, app in servers:
         eventlet.spawn(
             eventlet.wsgi.server,
