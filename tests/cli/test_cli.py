@@ -236,3 +236,51 @@ def test_usage_errors_without_a_server() -> None:
     assert unknown.exit_code == 2 and "--status" in unknown.output
     nowhere = runner.invoke(app, ["items", "x"], env={"OSB_BACKUP_URL": None})
     assert nowhere.exit_code == 2 and "OSB_BACKUP_URL" in nowhere.output
+
+
+async def test_edit_cancel_and_delete(cli: Cli, s3_settings: S3Settings) -> None:
+    await _destination_and_plan(cli, s3_settings)
+    edited = await cli(
+        "plans", "edit", INSTANCE_NAME, "nightly", "--keep", "5", "--keep-unit", "backups",
+        "--items", "customers,orders", "--name", "daily",
+    )  # fmt: skip
+    assert edited.code == 0, edited.text
+    assert "5 backups" in edited.stdout and "customers, orders" in edited.stdout
+    renamed = await cli("destinations", "edit", INSTANCE_NAME, "main", "--prefix", "cli/")
+    assert renamed.code == 0, renamed.text
+    shown = await cli("--json", "destinations", "show", INSTANCE_NAME, "main")
+    assert shown.json()["prefix"] == "cli/"
+    moved = await cli(
+        "destinations", "edit", INSTANCE_NAME, "main", "--endpoint", "http://127.0.0.1:9"
+    )
+    assert moved.code == 6 and "(secret_required)" in moved.stderr, moved.text
+    assert "--new-secret" in moved.stderr
+
+    cli.agent.hold()
+    started = await cli("--json", "backup", INSTANCE_NAME)
+    assert started.code == 0, started.text
+    job_id = started.json()["id"]
+    cancelled = await cli("jobs", "cancel", INSTANCE_NAME, job_id)
+    assert cancelled.code == 0, cancelled.text
+    assert f"Job {job_id} was asked to stop" in cancelled.stderr
+    cli.agent.let_go()
+    waited = await cli("jobs", "wait", INSTANCE_NAME, job_id)
+    assert waited.code == 1 and f"Backup job {job_id} CANCELLED" in waited.stderr, waited.text
+    again = await cli("jobs", "cancel", INSTANCE_NAME, job_id)
+    assert again.code == 6 and "(job_finished)" in again.stderr
+
+    succeeded = await cli("--json", "backup", INSTANCE_NAME, "--wait")
+    assert succeeded.code == 0, succeeded.text
+    point_id = succeeded.json()["restore_point_id"]
+    refused = await cli("restore-points", "delete", INSTANCE_NAME, point_id, input="n\n")
+    assert refused.code == 6 and "Nothing was changed." in refused.stderr
+    removed = await cli("points", "delete", INSTANCE_NAME, point_id, "--yes")
+    assert removed.code == 0, removed.text
+    gone = await cli("restore-points", "show", INSTANCE_NAME, point_id)
+    assert gone.code == 4 and "(restore_point_not_found)" in gone.stderr
+
+    in_use = await cli("destinations", "delete", INSTANCE_NAME, "main", "--yes")
+    assert in_use.code == 6 and "(destination_in_use)" in in_use.stderr
+    assert (await cli("plans", "delete", INSTANCE_NAME, "daily", "--yes")).code == 0
+    listed = await cli("--json", "plans", "list", INSTANCE_NAME)
+    assert listed.json() == []
