@@ -198,7 +198,7 @@ async def test_a_credential_revoked_mid_upload_fails_the_upload_clearly(
 async def test_a_catalog_url_is_named_only_as_a_plain_url(allowed: Listener) -> None:
     """The catalog is the identity service's text, and the tenant chose that service: the
     answer names an endpoint only as scheme, host, port and a plain path."""
-    canary = "CANARY<script>Call+1-555"
+    canary = "CANARY<script>Call+us-now"
     token = {
         "token": {
             "methods": ["password"],
@@ -236,4 +236,4 @@ async def test_a_catalog_url_is_named_only_as_a_plain_url(allowed: Listener) -> 
     async with open_store(settings, FAST) as store:
         report = await store.validate()
     for step in report.steps:
-        assert "CANARY" not in (step.message or "") and "555" not in (step.message or "")
+        assert "CANARY" not in (step.message or "") and "script" not in (step.message or "")
