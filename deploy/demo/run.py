@@ -146,7 +146,7 @@ def http(
     """One JSON request: (status, decoded body or None)."""
     data = None if body is None else json.dumps(body).encode()
     # S310: the URLs are the demo's own servers on loopback, never a file: URL
-    request = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))  # noqa: S310
+    request = urllib.request.Request(url, data, dict(headers or {}), method=method)  # noqa: S310
     if data is not None:
         request.add_header("Content-Type", "application/json")
     try:
@@ -185,9 +185,12 @@ class Postgres:
         database = os.environ.get("DEMO_DATABASE", "osb_demo")
         if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", database):
             raise DemoFailed("DEMO_DATABASE must be a plain lower-case PostgreSQL name")
+        port = os.environ.get("PGPORT") or "5432"
+        if not port.isdigit():
+            raise DemoFailed(f"PGPORT must be a port number, not {port!r}", EXIT_NO_POSTGRES)
         return cls(
             host=os.environ.get("PGHOST") or "127.0.0.1",
-            port=int(os.environ.get("PGPORT") or 5432),
+            port=int(port),
             user=os.environ.get("PGUSER") or "postgres",
             password=os.environ.get("PGPASSWORD", ""),
             database=database,
@@ -516,6 +519,9 @@ class Demo:
         path = self.directory / "env"
         lines = ["# make demo: its manager, agent, database and S3 (README, 'An example session')"]
         lines += [f"{name}={shlex.quote(value)}" for name, value in values.items()]
+        # The command-line tool's login and instance (docs/cli.md), as a bound application's.
+        lines.append("export OSB_BACKUP_URL=$B OSB_BACKUP_KEY=$DEMO_KEY")
+        lines.append("export OSB_BACKUP_INSTANCE=$DEMO_INSTANCE")
         path.touch(mode=0o600)
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -612,9 +618,28 @@ def run(demo: Demo) -> None:
     say('      "$B/v1/service_instances/$DEMO_INSTANCE/jobs" | jq .')
     cli = Path(sys.executable).parent / "osb-backup"
     if cli.exists():
-        say("  The command-line tool, with the binding's key (docs/cli.md):")
-        say(f'    {cli} --url "$B" --key "$DEMO_KEY" --help')
+        guide = " (docs/cli.md)" if (ROOT / "docs" / "cli.md").exists() else ""
+        say(f"  The command-line tool, logged in with the binding's key{guide}:")
+        say(f"    source {env_file}; PATH={cli.parent}:$PATH")
+        say("    osb-backup plans list; osb-backup backup --wait; osb-backup jobs list")
+        say("    osb-backup restore-points list; osb-backup --help")
     say("Stop it with Ctrl-C: it stops every server it started and drops the sample database.")
+
+
+def manager_port() -> int:
+    """DEMO_PORT, checked to be free before anything starts."""
+    value = os.environ.get("DEMO_PORT") or "8080"
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise DemoFailed(f"DEMO_PORT must be a port number, not {value!r}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", int(value)))
+        except OSError:
+            raise DemoFailed(
+                f"port {value} is taken (is `make run` or another demo running?); "
+                "stop it, or choose another port: DEMO_PORT=8081 make demo"
+            ) from None
+    return int(value)
 
 
 def _on_sigterm(signum: int, frame: object) -> NoReturn:
@@ -627,10 +652,11 @@ def main() -> int:
     code = 0
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        port = manager_port()
         postgres = Postgres.from_environment()
         postgres.check()
         fresh_directory(directory)
-        demo = Demo(directory, int(os.environ.get("DEMO_PORT") or 8080), postgres)
+        demo = Demo(directory, port, postgres)
         run(demo)
         demo.watch()
     except (KeyboardInterrupt, Stop):

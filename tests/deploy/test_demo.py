@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -144,6 +145,16 @@ def test_make_demo_runs_the_readme_session_and_stops_cleanly(tmp_path: Path) -> 
         assert session.returncode == 0, session.stdout + session.stderr
         assert session.stdout.count('"status": "SUCCEEDED"') >= 2, session.stdout
         assert '"type": "RESTORE"' in session.stdout, session.stdout
+        cli = Path(sys.executable).parent / "osb-backup"
+        if cli.exists():  # the demo's env file logs the command-line tool in
+            listed = subprocess.run(
+                ["bash", "-c", f"source .demo/env && {cli} plans list"],
+                cwd=session_dir,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert listed.returncode == 0 and "nightly" in listed.stdout, listed
 
         # Ctrl-C in its terminal: every process it started stops, the sample database goes.
         os.killpg(proc.pid, signal.SIGINT)
@@ -162,3 +173,25 @@ def test_make_demo_runs_the_readme_session_and_stops_cleanly(tmp_path: Path) -> 
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
+
+
+def test_make_demo_says_what_it_needs_without_postgresql(tmp_path: Path) -> None:
+    if not shutil.which("psql"):
+        skip_unless_available("psql is not installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "DEMO_"))}
+    env.update(PGHOST="127.0.0.1", PGPORT=str(free_port()), DEMO_DIR=str(tmp_path / "demo"))
+    done = subprocess.run(
+        ["make", "--no-print-directory", "demo"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert "Error 3" in output, output  # the demo's own status, as make reports it
+    assert "The demo needs a PostgreSQL server it can reach as postgres@127.0.0.1:" in output
+    assert "PGHOST, PGPORT" in output, output
+    assert not (tmp_path / "demo").exists(), "nothing is started without PostgreSQL"
