@@ -70,13 +70,20 @@ class Options:
     def log_in(self) -> Login:
         if self.login is None:
             self.login = choose_login(
-                key_file=self.key_file,
-                operator=self.operator,
-                password_prompt=lambda: typer.prompt(
-                    f"Password of operator {self.operator}", hide_input=True
-                ),
+                key_file=self.key_file, operator=self.operator, password_prompt=self._password
             )
         return self.login
+
+    def _password(self) -> str:
+        try:
+            return str(
+                typer.prompt(f"Password of operator {self.operator}", hide_input=True, err=True)
+            )
+        except typer.Abort:  # no answer (standard input closed)
+            raise CliError(
+                "No operator password: set OSB_BACKUP_OPERATOR_PASSWORD or answer the prompt.",
+                ExitCode.NOT_LOGGED_IN,
+            ) from None
 
 
 def _options(ctx: typer.Context) -> Options:
@@ -193,8 +200,12 @@ def _listing(
 def _confirm(question: str, yes: bool) -> None:
     if yes:
         return
-    if not typer.confirm(question, default=False, err=True):
-        raise CliError("Nothing was changed.", ExitCode.REFUSED)
+    try:
+        agreed = typer.confirm(question, default=False, err=True)
+    except typer.Abort:  # no answer (standard input closed)
+        agreed = False
+    if not agreed:
+        raise CliError("Nothing was changed.", ExitCode.REFUSED, hint="--yes skips the question.")
 
 
 def _finish(job: Job, options: Options, client: Client, follow: bool) -> None:

@@ -12,8 +12,11 @@ from rich.text import Text
 
 from cli import render
 from cli.client import FINAL_STATUSES, Client, Job
+from cli.errors import CliError, ExitCode
 
 POLL_SECONDS = 1.0
+PATIENCE_SECONDS = 60.0
+"""How long a manager that cannot be reached (a restart, a router hiccup) is waited for."""
 
 
 def _headline(job: Job) -> Text:
@@ -37,6 +40,18 @@ def _changes(job: Job) -> tuple[object, ...]:
     )
 
 
+def _poll(client: Client, job_id: str, sleep: Callable[[float], None], poll: float) -> Job:
+    """The job now; a manager that cannot be reached is asked again for a while."""
+    give_up = time.monotonic() + PATIENCE_SECONDS
+    while True:
+        try:
+            return client.job(job_id)
+        except CliError as error:
+            if error.code is not ExitCode.UNAVAILABLE or time.monotonic() > give_up:
+                raise
+        sleep(poll)
+
+
 def follow(
     client: Client,
     job: Job,
@@ -52,7 +67,7 @@ def follow(
                 if job["status"] in FINAL_STATUSES:
                     return job
                 sleep(poll_seconds)
-                job = client.job(job["id"])
+                job = _poll(client, job["id"], sleep, poll_seconds)
     seen: tuple[object, ...] | None = None
     while True:
         state = _changes(job)
@@ -72,4 +87,4 @@ def follow(
         if job["status"] in FINAL_STATUSES:
             return job
         sleep(poll_seconds)
-        job = client.job(job["id"])
+        job = _poll(client, job["id"], sleep, poll_seconds)
