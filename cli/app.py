@@ -343,6 +343,12 @@ def destinations_create(
         bool,
         typer.Option(help="Save it only if a probe object can be written, read and deleted."),
     ] = True,
+    check_only: Annotated[
+        bool,
+        typer.Option(
+            "--check-only", help="Only check these settings with a probe object; save nothing."
+        ),
+    ] = False,
 ) -> None:
     """Create a destination (checked first, unless --no-validate)."""
     with connected(ctx, instance) as (client, options):
@@ -371,6 +377,12 @@ def destinations_create(
                 password=secret,
             )
         body |= _destination_fields(prefix=prefix, verify_tls=False if no_verify_tls else None)
+        if check_only:
+            result = client.validate_settings(body)
+            render.emit_json(result) if options.json else render.validation(result)
+            if not result["ok"]:
+                raise typer.Exit(int(ExitCode.JOB_FAILED))
+            return
         created = client.create_destination(body, validate=validate)
         if options.json:
             render.emit_json(created)

@@ -61,6 +61,15 @@ async def test_back_up_with_wait_then_restore(
     cli: Cli, s3_settings: S3Settings, s3_server: SeaweedS3
 ) -> None:
     secret = s3_settings.secret_access_key.get_secret_value()
+    where = ["--endpoint", str(s3_settings.endpoint), "--bucket", s3_settings.bucket]
+    wrong = await cli(
+        "destinations", "create", INSTANCE_NAME, "main", *where,
+        "--access-key-id", "nobody", "--secret-file", "-", "--check-only",
+        input="not-the-secret-key\n",
+    )  # fmt: skip
+    assert wrong.code == 1 and "failed" in wrong.stdout, wrong.text
+    nothing = await cli("--json", "destinations", "list", INSTANCE_NAME)
+    assert nothing.code == 0 and nothing.json() == []
     created = await cli(
         "destinations",
         "create",
