@@ -12,10 +12,11 @@ KEYSTONE_VENV := .venv-keystone
 PIP_QUIET := --quiet --quiet
 
 # A venv starts with the pip and setuptools its Python bundles (setuptools 65.5 on 3.11, which
-# has a known advisory fixed in 70): both are upgraded before anything else is installed.
+# has a known advisory fixed in 70; the package declares its licence the SPDX way, which needs
+# 77): both are upgraded before anything else is installed.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install $(PIP_QUIET) --upgrade pip 'setuptools>=70'
+	$(VENV)/bin/pip install $(PIP_QUIET) --upgrade pip 'setuptools>=77'
 	$(VENV)/bin/pip install $(PIP_QUIET) -e .
 	touch $@
 
@@ -27,7 +28,7 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 # These test venvs depend on the Makefile, so that one made before a pin changed is updated.
 $(SWIFT_VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(SWIFT_VENV)
-	$(SWIFT_VENV)/bin/pip install $(PIP_QUIET) --upgrade pip 'setuptools>=70'
+	$(SWIFT_VENV)/bin/pip install $(PIP_QUIET) --upgrade pip 'setuptools>=77'
 	$(SWIFT_VENV)/bin/pip install $(PIP_QUIET) swift==2.38.3 python-swiftclient==4.11.0 \
 		keystonemiddleware==13.0.1
 	touch $@
@@ -37,7 +38,7 @@ $(SWIFT_VENV)/.installed: Makefile
 # proxy's authtoken filter.
 $(KEYSTONE_VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(KEYSTONE_VENV)
-	$(KEYSTONE_VENV)/bin/pip install $(PIP_QUIET) --upgrade pip 'setuptools>=70'
+	$(KEYSTONE_VENV)/bin/pip install $(PIP_QUIET) --upgrade pip 'setuptools>=77'
 	$(KEYSTONE_VENV)/bin/pip install $(PIP_QUIET) keystone==30.0.0
 	touch $@
 
