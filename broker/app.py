@@ -11,7 +11,7 @@ from aiohttp import web
 
 from backup.database import Database, connect
 from backup.secrets import SecretBox
-from broker import api, background, compat, health, osb
+from broker import api, background, compat, dashboard, health, osb
 from broker.config import Settings
 from broker.context import AUTH_THROTTLE, DATABASE, REQUEST_ID, SECRETS, SETTINGS, STORE_OPENER
 from broker.errors import ApiError, Handler, error_middleware
@@ -36,8 +36,9 @@ CORS_ALLOW_HEADERS = (
 
 @web.middleware
 async def json_bodies(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bodies of changes are JSON (a cross-site form cannot send that without a preflight)."""
-    if unsupported_body(request):
+    """Bodies of changes are JSON (a cross-site form cannot send that without a preflight);
+    the dashboard's forms are not, and carry a CSRF token instead (broker.dashboard)."""
+    if unsupported_body(request) and not request.path.startswith(dashboard.PREFIX + "/"):
         raise ApiError(415, "unsupported_media_type", UNSUPPORTED_DESCRIPTION)
     return await handler(request)
 
@@ -107,6 +108,7 @@ def create_app(
     health.setup(app)
     osb.setup(app)
     api.setup(app)
+    dashboard.setup(app)  # after the API: it uses the API's authorizer
     compat.setup(app)  # evoila osb-core brokers' deprovision calls (docs/osb.md)
     background.setup(app, enabled=run_background)
     return app

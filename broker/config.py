@@ -182,6 +182,26 @@ class Settings(BaseSettings):
         description="Comma-separated exact origins whose pages may call the API; none: no "
         "CORS headers at all.",
     )
+    dashboard_client_id: str = Field(
+        default="backup-manager-dashboard",
+        min_length=1,
+        max_length=255,
+        validation_alias="DASHBOARD_CLIENT_ID",
+        description="The web dashboard's OAuth client at the UAA (the catalog's "
+        "dashboard_client id).",
+    )
+    dashboard_client_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias="DASHBOARD_CLIENT_SECRET",
+        description="Its client secret; unset: no dashboard sign-in and no dashboard_url.",
+    )
+    dashboard_session_seconds: int = Field(
+        default=3600,
+        ge=60,
+        le=86400,
+        validation_alias="DASHBOARD_SESSION_SECONDS",
+        description="How long a dashboard sign-in lasts at most (never past the token's expiry).",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -25,6 +25,7 @@ from backup.instances import Instances, Outcome, ProvisionRequest, UpdateRequest
 from backup.operations import OperationState
 from backup.registration import Registration
 from broker.context import DATABASE, SETTINGS
+from broker.dashboard.links import dashboard_url
 from broker.osb import responses
 from broker.osb.catalog import Catalog, Plan, check_parameters
 from broker.osb.errors import (
@@ -280,7 +281,11 @@ async def provision(request: web.Request) -> web.Response:
         ),
         accepts_incomplete=accepts,
     )
-    return _operation_answer(outcome)
+    dashboard = dashboard_url(request.app[SETTINGS], instance_id)
+    if outcome.status == "accepted":
+        started = responses.ProvisionStarted(operation=outcome.operation, dashboard_url=dashboard)
+        return responses.answer(started, 202)
+    return responses.answer(responses.Provisioned(dashboard_url=dashboard))
 
 
 def _instance_view(doc: Document) -> responses.FetchedInstance:

@@ -47,6 +47,25 @@ class OperationStarted(Answer):
         return self.model_dump(mode="json")  # the id, even if an old record has none
 
 
+class Provisioned(Answer):
+    """A provision done within the request (or already done): ``dashboard_url`` is where the
+    instance's users manage its backups, when the dashboard is configured."""
+
+    dashboard_url: str | None = None
+
+
+class ProvisionStarted(OperationStarted):
+    """202 of a provision: the operation, and the dashboard's address as soon as it is known."""
+
+    dashboard_url: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        if self.dashboard_url is None:
+            del body["dashboard_url"]
+        return body
+
+
 class LastOperation(Answer):
     state: OsbState
     description: str
