@@ -4,7 +4,7 @@ VENV := .venv
 SWIFT_VENV := .venv-swift
 KEYSTONE_VENV := .venv-keystone
 
-.PHONY: run demo test install install-test lint bench clean
+.PHONY: run demo test install install-test chromium lint bench clean
 
 # pip's warnings are about the machine's pip configuration (e.g. an index location that does
 # not exist) and the build backend's deprecation notices, pages of them per install; errors
@@ -50,7 +50,16 @@ $(VENV)/.installed-demo: $(VENV)/.installed pyproject.toml
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test $(SWIFT_VENV)/.installed $(KEYSTONE_VENV)/.installed
+install-test: $(VENV)/.installed-test $(SWIFT_VENV)/.installed $(KEYSTONE_VENV)/.installed chromium
+
+# The dashboard's browser tests (tests/dashboard) drive Debian's Chromium with Playwright, which
+# downloads no browser of its own here: apt-get installs it when /usr/bin/chromium is missing
+# (as root, as CI runs).
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		echo "Installing Debian's chromium for the dashboard's browser tests (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
 
 ## Install and start the service on its embedded defaults (embedded database, no config).
 ## The egress policy's default list denies loopback; the README's example agent listens on
