@@ -40,8 +40,7 @@ class StoreCache:
     @staticmethod
     def key(settings: destinations.AnySettings) -> str:
         fields = settings.model_dump(mode="json")
-        secret = destinations.SECRET_FIELD[settings.type]
-        fields[secret] = getattr(settings, secret).get_secret_value()
+        fields.update(destinations.sealed_secret(settings))  # a Swift application credential's too
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
     @contextlib.asynccontextmanager
