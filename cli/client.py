@@ -82,7 +82,9 @@ class ApiFailure(CliError):
 class Client:
     """The API of one instance at ``{url}/v1/service_instances/{instance_id}``."""
 
-    def __init__(self, url: str, instance_id: str, auth: httpx.Auth, *, timeout: float = 90):
+    def __init__(
+        self, url: str, instance_id: str, auth: httpx.Auth, *, timeout: float = 90
+    ) -> None:
         self.url = url.rstrip("/")
         self.instance_id = instance_id
         self.http = httpx.Client(
