@@ -94,6 +94,20 @@ async def test_sign_in_plan_backup_restore(context: BrowserContext, dashboard: D
     await page.locator("tr", has_text=HOSTILE).locator("button:has-text('Pause')").click()
     await expect(page.locator("tr", has_text=HOSTILE)).to_contain_text("(paused)")
 
+    # Edit: the form shows the plan as it is; the change is saved.
+    await page.locator("tr", has_text=HOSTILE).locator("text=Edit").click()
+    await expect(page.locator("input[name=frequency]")).to_have_value("0 3 * * *")
+    await page.fill("input[name=frequency]", "30 4 * * *")
+    await page.click("button:has-text('Save')")
+    await expect(page.locator("tr", has_text=HOSTILE)).to_contain_text("30 4 * * *")
+
+    # Signing out ends the session: the next page asks the UAA again.
+    await page.click("button:has-text('Sign out')")
+    await expect(page.locator("h1")).to_have_text("Signed out")
+    dashboard.uaa.sign_in_as(None)
+    response = await page.goto(dashboard.instance_url)
+    assert response is not None and response.status == 401  # the UAA's, nobody signs in
+
 
 async def test_reader_sees_no_change_controls_and_cannot_change(
     context: BrowserContext, dashboard: Dashboard

@@ -36,7 +36,7 @@ def session(**fields: object) -> Session:
         "expires_at": time.time() + 60,
         **fields,
     }
-    return Session(**values)  # type: ignore[arg-type]
+    return Session(**values)
 
 
 def written(keys: SecretBox, value: Session, base_url: str = "http://127.0.0.1:1") -> str:
