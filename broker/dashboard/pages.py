@@ -166,7 +166,13 @@ async def change(request: web.Request) -> tuple[Page, Mapping[str, str]]:
 
 
 def see(location: str) -> web.HTTPSeeOther:
+    """Raised after a change: the browser gets the changed page (post, redirect, get)."""
     return web.HTTPSeeOther(location)
+
+
+def redirect(location: str, status: int = 303) -> web.Response:
+    """A redirect that sets or clears cookies (an HTTP exception would lose them)."""
+    return web.Response(status=status, headers={"Location": location})
 
 
 # --- sign-in ---------------------------------------------------------------------------------
@@ -188,8 +194,9 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
         )
     endpoints = await _endpoints(request, api.oidc_issuer)
     state = new_state()
-    response = web.HTTPFound(
-        oauth.authorize_url(endpoints, settings.dashboard_client_id, _redirect_uri(request), state)
+    response = redirect(
+        oauth.authorize_url(endpoints, settings.dashboard_client_id, _redirect_uri(request), state),
+        302,
     )
     pending = SignIn(state, safe_next(request.query.get("next")), time.time() + SIGN_IN_SECONDS)
     write_sign_in(response, request, request.config_dict[SECRETS], settings.base_url, pending)
@@ -239,7 +246,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
         csrf=new_csrf(),
         expires_at=min(time.time() + settings.dashboard_session_seconds, _expiry(token)),
     )
-    response = web.HTTPSeeOther(pending.next_path)
+    response = redirect(pending.next_path)
     write_session(response, request, box, settings.base_url, session)
     forget(response, SIGN_IN_COOKIE)
     log.info("dashboard_sign_in", subject=principal.subject, operator=session.operator)
@@ -274,7 +281,7 @@ def _sign_in_failed(request: web.Request, message: str) -> web.Response:
 async def sign_out(request: web.Request) -> web.StreamResponse:
     session = await _session(request)
     await _form(request, session)
-    response = web.HTTPSeeOther(COOKIE_PATH + "/signed-out")
+    response = redirect(COOKIE_PATH + "/signed-out")
     forget(response, SESSION_COOKIE)
     return response
 
