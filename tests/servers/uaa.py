@@ -1,6 +1,8 @@
 """A UAA / OIDC stand-in: serves a test key pair's public half the way UAA does
 (``/token_keys`` and ``/.well-known/openid-configuration``) and signs tokens with it; exchanges
-refresh tokens for access tokens at ``POST /oauth/token`` as UAA does for the ``cf`` CLI."""
+refresh tokens for access tokens at ``POST /oauth/token`` as UAA does for the ``cf`` CLI; and
+signs a user of the test's choice in through the authorization code flow (``GET
+/oauth/authorize``, then ``POST /oauth/token``) for the dashboard's registered client."""
 
 from __future__ import annotations
 
