@@ -117,11 +117,11 @@ def _authorizer(request: web.Request) -> Authorizer:
     return request.config_dict[AUTHORIZER]
 
 
-async def principal_of(request: web.Request, session: Session) -> Principal:
-    """The session's user as the API's authorizer sees a request with its token: the token's
+async def principal_of(request: web.Request, token: str) -> Principal:
+    """The user as the API's authorizer sees a request with this access token: its
     signature, issuer, audience and expiry are checked again on every page."""
     headers = CIMultiDict(request.headers)
-    headers["Authorization"] = f"Bearer {session.token}"
+    headers["Authorization"] = f"Bearer {token}"
     try:
         return await _authorizer(request).authenticate(request.clone(headers=headers))
     except ApiError as err:
@@ -150,7 +150,7 @@ async def _form(request: web.Request, session: Session) -> Mapping[str, str]:
 async def instance_page(request: web.Request, *, manage: bool = False) -> Page:
     """The instance the path names, if the session's user may read it (and manage it)."""
     session = await _session(request)
-    principal = await principal_of(request, session)
+    principal = await principal_of(request, session.token)
     authorizer = _authorizer(request)
     instance_id = request.match_info["instance_id"]
     instance = await authorizer.instance_for(principal, instance_id, manage)
@@ -233,18 +233,23 @@ async def callback(request: web.Request) -> web.StreamResponse:
         )
     except oauth.SignInFailed as exc:
         return _sign_in_failed(request, str(exc))
-    provisional = Session("", "", token, False, "", time.time() + 60)
     try:
-        principal = await principal_of(request, provisional)
+        principal = await principal_of(request, token)
     except SignInRequired:
         return _sign_in_failed(request, "The identity provider's token was not accepted.")
+    claims = _claims(token)
+    name = claims.get("user_name") or claims.get("email") or principal.subject
+    expires = claims.get("exp")
     session = Session(
         subject=principal.subject,
-        name=_user_name(token) or principal.subject,
+        name=str(name)[:200],
         token=token,
         operator=principal.kind == "operator",
         csrf=new_csrf(),
-        expires_at=min(time.time() + settings.dashboard_session_seconds, _expiry(token)),
+        expires_at=min(
+            time.time() + settings.dashboard_session_seconds,
+            float(expires) if isinstance(expires, int | float) else time.time(),
+        ),
     )
     response = redirect(pending.next_path)
     write_session(response, request, box, settings.base_url, session)
@@ -254,22 +259,13 @@ async def callback(request: web.Request) -> web.StreamResponse:
 
 
 def _claims(token: str) -> dict[str, Any]:
-    """The claims of a token the authorizer has just verified (to show the user's name)."""
+    """The claims of a token the authorizer has just verified: the name to show, and the
+    expiry the session may not outlive."""
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
     except jwt.InvalidTokenError:
         return {}
     return claims if isinstance(claims, dict) else {}
-
-
-def _user_name(token: str) -> str:
-    name = _claims(token).get("user_name") or _claims(token).get("email")
-    return str(name)[:200] if name else ""
-
-
-def _expiry(token: str) -> float:
-    exp = _claims(token).get("exp")
-    return float(exp) if isinstance(exp, int | float) else time.time()
 
 
 def _sign_in_failed(request: web.Request, message: str) -> web.Response:
@@ -312,7 +308,7 @@ async def home(request: web.Request) -> web.StreamResponse:
 async def fleet(request: web.Request) -> web.Response:
     """Every live instance with its latest job, failures first (operators only)."""
     session = await _session(request)
-    principal = await principal_of(request, session)
+    principal = await principal_of(request, session.token)
     if principal.kind != "operator":
         raise ApiError(403, "forbidden", "Only operators see the fleet.")
     db = request.config_dict[DATABASE]
