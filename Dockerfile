@@ -10,13 +10,15 @@
 FROM python:3.11.7-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# catalog.yml too: broker/osb/catalog.yml links to it, and the wheel carries its content.
+COPY pyproject.toml README.md catalog.yml ./
 COPY broker/ broker/
 COPY backup/ backup/
 COPY storage/ storage/
 COPY scheduler/ scheduler/
 COPY agent/ agent/
 COPY webguard/ webguard/
+COPY cli/ cli/
 RUN python -m venv /opt/venv && /opt/venv/bin/pip install .
 
 FROM python:3.11.7-slim-bookworm AS runtime

@@ -155,3 +155,28 @@ def test_the_manager_image_and_the_deployment_agree() -> None:
     assert str(pod["securityContext"]["runAsUser"]) == (stage.last("USER") or "").split(":")[0]
     (port,) = pod["containers"][0]["ports"]
     assert stage.last("EXPOSE") == str(port["containerPort"])
+
+
+def test_every_link_in_what_the_build_copies_points_at_something_it_copies() -> None:
+    """A link copied without its target breaks the wheel the build stage makes
+    (broker/osb/catalog.yml links to the top-level catalog.yml)."""
+    build = by_name()["build"]
+    sources = [
+        ROOT / source
+        for key, value in build.instructions
+        if key == "COPY"
+        for source in shlex.split(value)[:-1]
+        if not source.startswith("--")
+    ]
+    links = [
+        path
+        for source in sources
+        for path in ([source] if source.is_file() else source.rglob("*"))
+        if path.is_symlink()
+    ]
+    assert links, "broker/osb/catalog.yml is a link: the check would see it"
+    for link in links:
+        target = link.resolve()
+        assert any(target == s.resolve() or s.resolve() in target.parents for s in sources), (
+            f"{link.relative_to(ROOT)} links to {target.relative_to(ROOT)}, which is not copied"
+        )
