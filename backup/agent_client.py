@@ -504,6 +504,29 @@ def missing_capabilities(
 CHECKSUM_CAPABILITY = "checksum:sha256"
 
 
+# What a Swift destination may carry that the Go agent does not know: it would authenticate with
+# an empty password, or write to the catalog's default endpoint instead of the one chosen.
+_GO_UNKNOWN_SWIFT = {
+    "applicationCredentialId": "an application credential",
+    "applicationCredentialName": "an application credential",
+    "applicationCredentialSecret": "an application credential",
+    "regionName": "a region (region_name)",
+    "interface": "the internal interface",
+}
+
+
+def _check_go_destination(destination: dict[str, Any]) -> None:
+    unknown = sorted({what for key, what in _GO_UNKNOWN_SWIFT.items() if key in destination})
+    if unknown:
+        raise AgentError(
+            AgentFailure.REJECTED,
+            f"the Go agent cannot use a Swift destination with {' or '.join(unknown)}: it "
+            "authenticates with a user's password and uses the catalog's default endpoint. "
+            "Give the destination a user name and password and no region or interface, or "
+            "serve the instance with our agent",
+        )
+
+
 def job_request(
     kind: AgentJobKind,
     *,
@@ -526,6 +549,8 @@ def job_request(
     object's ``sha256:<hex>``) is sent to an agent that lists ``checksum:sha256``, which
     verifies the download against it before the restore script runs.
     """
+    if info.kind == AgentKind.GO:
+        _check_go_destination(destination)
     done_by_agent: dict[str, Any] = {}  # what our agent does itself (transform)
     if compression not in (None, BY_SCRIPT):
         done_by_agent["compression"] = compression

@@ -483,7 +483,10 @@ class JobRun:
 
     async def _run_item(self, index: int, item: Document) -> None:
         agent_job_id = item.get("agent_job_id") or f"{self.job['_id']}-{index}"
-        request = self._request(index, item, agent_job_id)  # holds secrets: never logged
+        try:
+            request = self._request(index, item, agent_job_id)  # holds secrets: never logged
+        except AgentError as exc:  # a request this agent cannot be sent
+            raise _ItemFailed(exc.message) from None
         state: AgentJob | None = None
         if item.get("status") != JobStatus.RUNNING:
             # Not known to have reached the agent: (re)send it. The same id answers 409 with

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from backup import jobs, restore_points
-from tests.runner.conftest import GoRig, until
+from storage import SwiftSettings
+from tests.runner.conftest import GoRig, seed_instance, seed_plan, until
 from tests.runner.go_agent import BACKUP_STAGES, GoAgentStandIn
 from tests.servers.s3 import SeaweedS3
 from tests.servers.seed import DB_PASSWORD, ITEMS
@@ -235,3 +238,39 @@ async def test_concurrency_limit_per_replica(go: GoRig) -> None:
     go.agent.let_go()
     for job in queued:
         assert (await go.final(job["_id"]))["status"] == "SUCCEEDED"
+
+
+@pytest.mark.parametrize(
+    ("swift", "named"),
+    [
+        (
+            {"application_credential_id": "ac-1", "application_credential_secret": "ac-secret"},
+            "application credential",
+        ),
+        (
+            {"username": "u", "password": "p", "project_name": "p", "interface": "internal"},
+            "interface",
+        ),
+        (
+            {"username": "u", "password": "p", "project_name": "p", "region_name": "RegionTwo"},
+            "region",
+        ),
+    ],
+)
+async def test_the_go_agent_is_not_sent_swift_settings_it_would_ignore(
+    go: GoRig, swift: dict[str, str], named: str
+) -> None:
+    """The Go agent knows a Swift user's password and the catalog's default endpoint only: a
+    job whose destination needs more fails at once, saying why, instead of the agent failing
+    to authenticate or writing to another region's endpoint."""
+    instance = await seed_instance(go.db, go.box, agent_url=go.agent.url)
+    settings = SwiftSettings(auth_url="https://keystone.example/v3", container="c", **swift)
+    plan = await seed_plan(go.db, go.box, instance, settings)
+    job = await jobs.start_backup(go.db, plan)
+    runner = go.make_runner()
+    await runner.run_once()
+    done = await go.final(job["_id"])
+    assert done["status"] == "FAILED", done
+    assert "Go agent" in done["reason"] and named in done["reason"], done["reason"]
+    assert not go.agent.starts
+    await runner.idle()

@@ -96,11 +96,10 @@ def destination_body(settings: S3Settings | SwiftSettings, **over: Any) -> dict[
     """What a user sends to create (or validate) a destination with ``settings``: its public
     settings and its secret, named after its type unless ``over`` says otherwise; fields that
     are None are left out, so that the API's defaults apply."""
-    secret = destinations.SECRET_FIELD[settings.type]
     body = {
         "name": settings.type.lower(),
         **destinations.public_settings(settings),
-        secret: getattr(settings, secret).get_secret_value(),
+        **destinations.sealed_secret(settings),
         **over,
     }
     return {k: v for k, v in body.items() if v is not None}
@@ -117,16 +116,13 @@ async def seed_destination(
     """A destination as the API writes it: the public settings at top level, the secret
     sealed under ``destinations/<id>``."""
     dest_id = uuid.uuid4().hex
-    secret = destinations.SECRET_FIELD[settings.type]
     at = now()
     doc = {
         "_id": dest_id,
         "instance_id": instance_id,
         "name": name or f"dest-{dest_id[:6]}",
         **destinations.public_settings(settings),
-        "secrets": box.seal_map(
-            {secret: getattr(settings, secret).get_secret_value()}, f"destinations/{dest_id}"
-        ),
+        "secrets": box.seal_map(destinations.sealed_secret(settings), f"destinations/{dest_id}"),
         "created_at": at,
         "updated_at": at,
         "version": 1,
