@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -224,19 +223,6 @@ async def test_keystone_unreachable(keystone_swift: KeystoneSwiftCluster) -> Non
 # --- tokens that expire, credentials that are revoked --------------------------------------
 
 
-def tokens_issued(keystone: KeystoneServer) -> int:
-    """How many tokens ``keystone`` has issued so far (its access log's successful POSTs)."""
-    text = (keystone.base / "keystone-server.log").read_text(errors="replace")
-    # werkzeug's request lines, perhaps coloured: "POST /v3/auth/tokens HTTP/1.1" 201
-    return len(re.findall(r"POST /v3/auth/tokens HTTP/1\.1\S*\" 201", text))
-
-
-def refusals(cluster: KeystoneSwiftCluster) -> int:
-    """How many requests the Swift proxy has refused with 401 so far."""
-    lines = (cluster.base / "access.log").read_text(errors="replace").splitlines()
-    return sum(1 for line in lines if line.startswith("proxy ") and " 401 " in line)
-
-
 async def pausing(size: int, pause_after: int, pause: float) -> AsyncIterator[bytes]:
     """:func:`stream`'s bytes, with one pause of ``pause`` seconds after ``pause_after``."""
     sent = 0
@@ -251,8 +237,11 @@ async def test_a_token_that_expires_mid_transfer_is_renewed(
     keystone_swift: KeystoneSwiftCluster, short_token_keystone: KeystoneServer
 ) -> None:
     """Tokens of this Keystone live SHORT_TOKEN_SECONDS. The upload pauses longer than that
-    after its first segments, the download after its first chunk: the store's connections
-    hold a token until Swift refuses it, then renew it and go on."""
+    after its first segments, the download after its first chunk, so each outlasts the token
+    it started with, and both go on. Whether a connection meets a refusal (and renews) or
+    keystoneauth renews first (it re-authenticates a token that expires within two minutes)
+    depends on which pooled connection carries the next request: the refusal path itself is
+    pinned down by the race test below, not counted here."""
     ids = keystone_swift.identities
     session = short_token_keystone.session(ids.member, ids.project)
     access = session.auth.get_access(session)
@@ -261,22 +250,18 @@ async def test_a_token_that_expires_mid_transfer_is_renewed(
     )
     settings = keystone_swift.settings(auth_url=short_token_keystone.url)
     size = 4 * PARTS.part_size + 1  # five segments: an SLO
-    refused = refusals(keystone_swift)
     async with open_store(settings, PARTS) as store:
         stored = await store.upload(
             "renewed", pausing(size, 2 * PARTS.part_size, SHORT_TOKEN_SECONDS + 1)
         )
-        assert refusals(keystone_swift) > refused  # the expired token was refused...
-        refused = refusals(keystone_swift)
         read, got = hashlib.sha256(), 0
         async for chunk in store.download("renewed", expected_sha256=stored.sha256):
             if not got:
                 await asyncio.sleep(SHORT_TOKEN_SECONDS + 1)  # the download outlasts its token
             read.update(chunk)
             got += len(chunk)
-        assert (got, read.hexdigest()) == (size, digest(size))  # ...and the transfers went on
+        assert (got, read.hexdigest()) == (size, digest(size))
         assert [o.key async for o in store.list()] == ["renewed"]
-        assert refusals(keystone_swift) > refused  # the listing renewed it again
         await store.delete("renewed")
     assert keystone_swift.names(settings.container + "_segments") == []
 
