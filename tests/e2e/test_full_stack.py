@@ -171,6 +171,44 @@ class Client:
             assert time.monotonic() < deadline, body
             await asyncio.sleep(0.2)
 
+    async def register_and_bind(self, engine: Postgres | MariaDB, agent: AgentProcess) -> None:
+        """Provision the instance of ``engine``'s database served by ``agent``, wait for the
+        operation, and bind an application: its key is then this client's."""
+        status, body = await self.osb(
+            "PUT",
+            f"/v2/service_instances/{self.instance_id}?accepts_incomplete=true",
+            json={
+                "service_id": SERVICE_ID,
+                "plan_id": STANDARD,
+                "context": {"platform": "cloudfoundry", "organization_guid": "o"},
+                "parameters": {
+                    "agent": {
+                        "url": f"http://127.0.0.1:{agent.port}",
+                        "username": USER,
+                        "password": AGENT_PASSWORD,
+                    },
+                    "database": {
+                        "host": "127.0.0.1",
+                        "port": engine.port,
+                        "username": engine.user,
+                        "password": DB_PASSWORD,
+                        "parameters": engine.parameters,
+                    },
+                    "items": [engine.db],
+                },
+            },
+        )
+        assert status == 202, body
+        assert (await self.operation_done())["state"] == "succeeded"
+        status, binding = await self.osb(
+            "PUT",
+            f"/v2/service_instances/{self.instance_id}/service_bindings/app-1",
+            json={"service_id": SERVICE_ID, "plan_id": STANDARD},
+        )
+        assert status == 201, binding
+        self.key = binding["credentials"]["key"]
+        audit_secret(self.key, "a binding key")
+
     async def job_done(self, job_id: str, timeout: float = 300) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
@@ -206,42 +244,8 @@ async def test_register_bind_back_up_lose_the_data_and_restore_it(
     try:
         client = Client(service, str(uuid.uuid4()))
         # 1. The data-service broker registers its instance (asynchronous: the agent is asked).
-        status, body = await client.osb(
-            "PUT",
-            f"/v2/service_instances/{client.instance_id}?accepts_incomplete=true",
-            json={
-                "service_id": SERVICE_ID,
-                "plan_id": STANDARD,
-                "context": {"platform": "cloudfoundry", "organization_guid": "o"},
-                "parameters": {
-                    "agent": {
-                        "url": f"http://127.0.0.1:{agent.port}",
-                        "username": USER,
-                        "password": AGENT_PASSWORD,
-                    },
-                    "database": {
-                        "host": "127.0.0.1",
-                        "port": engine.port,
-                        "username": engine.user,
-                        "password": DB_PASSWORD,
-                        "parameters": engine.parameters,
-                    },
-                    "items": [engine.db],
-                },
-            },
-        )
-        assert status == 202, body
-        assert (await client.operation_done())["state"] == "succeeded"
-
         # 2. An application binds: an API key for this instance, shown once.
-        status, binding = await client.osb(
-            "PUT",
-            f"/v2/service_instances/{client.instance_id}/service_bindings/app-1",
-            json={"service_id": SERVICE_ID, "plan_id": STANDARD},
-        )
-        assert status == 201, binding
-        client.key = binding["credentials"]["key"]
-        audit_secret(client.key, "a binding key")
+        await client.register_and_bind(engine, agent)
 
         # 3. With it: a checked destination and a nightly plan, compressed and encrypted.
         status, dest = await client.api(

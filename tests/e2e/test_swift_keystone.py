@@ -9,12 +9,9 @@ import uuid
 from pathlib import Path
 
 from storage import SwiftSettings, open_store
-from tests.agent.helpers import PASSWORD as AGENT_PASSWORD
-from tests.agent.helpers import ROOT, USER, AgentProcess
+from tests.agent.helpers import ROOT, AgentProcess
 from tests.e2e.test_full_stack import (
     DB_PASSWORD,
-    SERVICE_ID,
-    STANDARD,
     Client,
     Postgres,
     _require,
@@ -41,40 +38,7 @@ async def test_a_revoked_application_credential_fails_the_next_backup_clearly(
     engine.create()
     try:
         client = Client(service, str(uuid.uuid4()))
-        status, body = await client.osb(
-            "PUT",
-            f"/v2/service_instances/{client.instance_id}?accepts_incomplete=true",
-            json={
-                "service_id": SERVICE_ID,
-                "plan_id": STANDARD,
-                "context": {"platform": "cloudfoundry", "organization_guid": "o"},
-                "parameters": {
-                    "agent": {
-                        "url": f"http://127.0.0.1:{agent.port}",
-                        "username": USER,
-                        "password": AGENT_PASSWORD,
-                    },
-                    "database": {
-                        "host": "127.0.0.1",
-                        "port": engine.port,
-                        "username": engine.user,
-                        "password": DB_PASSWORD,
-                        "parameters": engine.parameters,
-                    },
-                    "items": [engine.db],
-                },
-            },
-        )
-        assert status == 202, body
-        assert (await client.operation_done())["state"] == "succeeded"
-        status, binding = await client.osb(
-            "PUT",
-            f"/v2/service_instances/{client.instance_id}/service_bindings/app-1",
-            json={"service_id": SERVICE_ID, "plan_id": STANDARD},
-        )
-        assert status == 201, binding
-        client.key = binding["credentials"]["key"]
-        audit_secret(client.key, "a binding key")
+        await client.register_and_bind(engine, agent)
 
         status, dest = await client.api(
             "POST",
