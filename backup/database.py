@@ -77,6 +77,11 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("state", ASCENDING)]),  # retention retries 'deleting' ones
         IndexModel([("destination_id", ASCENDING), ("items.key", ASCENDING)]),
     ],
+    "audit": [
+        # one instance's trail and the operator's view, newest first; the retention sweep
+        IndexModel([("instance_id", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)]),
+        IndexModel([("created_at", DESCENDING), ("_id", DESCENDING)]),
+    ],
 }
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import structlog
 
-from backup import jobs, restore_points
+from backup import audit, jobs, restore_points
 from backup.clock import Clock, SystemClock
 from backup.database import Database, Document
 from backup.errors import STORAGE_FAILURES, storage_failure
@@ -98,6 +98,7 @@ class SweepResult:
     skipped: int = 0
     orphans_deleted: int = 0
     jobs_pruned: int = 0
+    audit_pruned: int = 0
     errors: list[str] = field(default_factory=list)
 
     def add(self, other: SweepResult) -> None:
@@ -107,6 +108,7 @@ class SweepResult:
         self.skipped += other.skipped
         self.orphans_deleted += other.orphans_deleted
         self.jobs_pruned += other.jobs_pruned
+        self.audit_pruned += other.audit_pruned
         self.errors.extend(other.errors)
 
 
@@ -133,6 +135,7 @@ class RetentionSweeper:
         resolver: Resolver | None = None,
         abandon_after: float = 7 * 86400.0,
         job_history_days: float = 90.0,
+        audit_retention_days: float = 365.0,
     ) -> None:
         self.db = store
         self.box = box
@@ -144,6 +147,9 @@ class RetentionSweeper:
         self.resolver = resolver
         self.abandon_after = timedelta(seconds=abandon_after)
         self.job_history = timedelta(days=job_history_days) if job_history_days > 0 else None
+        self.audit_retention = (
+            timedelta(days=audit_retention_days) if audit_retention_days > 0 else None
+        )
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -197,6 +203,10 @@ class RetentionSweeper:
                 result.jobs_pruned = await jobs.prune_history(
                     self.db, ended_before=self.clock.now() - self.job_history
                 )
+            if self.audit_retention is not None:
+                result.audit_pruned = await audit.prune(
+                    self.db, before=self.clock.now() - self.audit_retention
+                )
         self._report(result)
         return result
 
@@ -208,7 +218,8 @@ class RetentionSweeper:
         return result
 
     def _report(self, result: SweepResult) -> None:
-        if result.deleted or result.failed or result.orphans_deleted or result.jobs_pruned:
+        pruned = result.jobs_pruned or result.audit_pruned
+        if result.deleted or result.failed or result.orphans_deleted or pruned:
             log.info(
                 "retention_swept",
                 deleted=result.deleted,
@@ -217,6 +228,7 @@ class RetentionSweeper:
                 skipped=result.skipped,
                 orphans_deleted=result.orphans_deleted,
                 jobs_pruned=result.jobs_pruned,
+                audit_pruned=result.audit_pruned,
             )
         if self.observer is not None:
             self.observer(result)

@@ -164,6 +164,12 @@ class RunnerSettings(BaseSettings):
         description="The sweep deletes the records of jobs that ended longer ago (0: keep "
         "them all); active jobs, each plan's last job and restore points are kept.",
     )
+    audit_retention_days: float = Field(
+        default=365.0,
+        ge=0,
+        validation_alias="AUDIT_RETENTION_DAYS",
+        description="The sweep deletes audit-trail entries older than this (0: keep them all).",
+    )
 
     @model_validator(mode="after")
     def _coherent(self) -> RunnerSettings:
@@ -240,6 +246,7 @@ class JobRunner:
             clock=self.clock,
             opener=opener,
             job_history_days=settings.job_history_days,
+            audit_retention_days=settings.audit_retention_days,
         )
         if self.sweeper.resolver is None:
             self.sweeper.resolver = self.resolve_abandoned
