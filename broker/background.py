@@ -108,6 +108,7 @@ async def retention_sweeper(app: web.Application) -> AsyncIterator[None]:
         opener=app[STORE_OPENER],
         observer=app[metrics.METRICS].swept,
         job_history_days=settings.job_history_days,
+        audit_retention_days=settings.audit_retention_days,
     )
     if settings.retention_enabled:
         await sweeper.start()
