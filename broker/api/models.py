@@ -467,3 +467,34 @@ class ItemsOut(BaseModel):
 
 
 __all__ = ["EncryptionIn", "PlanIn"]
+
+
+# --- audit trail ----------------------------------------------------------------------------
+
+
+class AuditActorOut(BaseModel):
+    model_config = _OUT
+    kind: str = Field(description="user, binding, operator, broker or platform_user (OSB).")
+    subject: str = Field(description="The user's id, the binding's id or the account's name.")
+
+
+class AuditResourceOut(BaseModel):
+    model_config = _OUT
+    kind: str
+    id: str | None = None
+
+
+class AuditEntryOut(BaseModel):
+    model_config = _OUT
+    id: str
+    created_at: datetime
+    actor: AuditActorOut
+    action: str = Field(description="The API operation or OSB call, e.g. create_destination.")
+    resource: AuditResourceOut
+    fields: list[str] = Field(description="The names of the fields sent; never their values.")
+    outcome: str
+    request_id: str | None = None
+
+
+class AuditPage(_PageOut):
+    items: list[AuditEntryOut]

@@ -11,14 +11,14 @@ from typing import TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from backup import destinations, jobs, plans, restore_points
+from backup import audit, destinations, jobs, plans, restore_points
 from backup.database import Database, Document
 from backup.pagination import Page
 from backup.secrets import SecretBox
 from broker.api import models, views
-from broker.api.auth import AUTHORIZER
+from broker.api.auth import AUTHORIZER, Principal
 from broker.api.settings import ApiSettings
-from broker.context import DATABASE, SECRETS, STORE_OPENER
+from broker.context import DATABASE, REQUEST_ID, SECRETS, STORE_OPENER
 from broker.errors import ApiError, from_body, from_validation
 from webguard.body import BodyError, read_json_object
 
@@ -44,6 +44,8 @@ class Ctx:
     db: Database
     box: SecretBox
     api: ApiSettings
+    sent_fields: list[str] = field(default_factory=list)
+    """The names of the fields of the JSON object sent, for the audit trail."""
 
     @property
     def instance_id(self) -> str:
@@ -55,9 +57,11 @@ class Ctx:
     async def raw_body(self) -> dict[str, object]:
         """The JSON object sent, not yet validated."""
         try:
-            return await read_json_object(self.request)
+            sent = await read_json_object(self.request)
         except BodyError as exc:
             raise from_body(exc) from None
+        self.sent_fields = list(sent)
+        return sent
 
     async def body(self, model: type[M]) -> M:
         """The JSON object sent, validated by ``model``."""
@@ -88,6 +92,8 @@ class Operation:
     summary: str
     tag: str
     manage: bool
+    changes: bool
+    """A change: recorded in the audit trail when it succeeds."""
     status: int = 200
     body: object = None
     """The request body's model (a type, or an annotated union), for the OpenAPI document."""
@@ -120,8 +126,11 @@ def op(
     query: type[BaseModel] | None = None,
     errors: tuple[int, ...] = (),
     also: dict[int, str] | None = None,
+    manage: bool | None = None,
+    changes: bool | None = None,
 ) -> Callable[[H], H]:
-    """Declare an operation; GET reads (Cloud Foundry ``read``), all else changes (``manage``)."""
+    """Declare an operation; GET reads (Cloud Foundry ``read``), all else changes (``manage``)
+    unless ``manage`` or ``changes`` say otherwise (a check sent by POST changes nothing)."""
 
     def register(handler: H) -> H:
         OPERATIONS.append(
@@ -131,7 +140,8 @@ def op(
                 handler,
                 summary,
                 tag,
-                manage=method != "GET",
+                manage=method != "GET" if manage is None else manage,
+                changes=method != "GET" if changes is None else changes,
                 status=status,
                 body=body,
                 body_required=body_required,
@@ -225,6 +235,7 @@ async def create_destination(ctx: Ctx) -> models.AnyDestinationOut:
     body=models.DestinationIn,
     response=models.ValidationOut,
     errors=(422,),  # egress_denied: the host may not be connected to
+    changes=False,
 )
 async def validate_new_destination(ctx: Ctx) -> models.ValidationOut:
     raw = await ctx.raw_body()
@@ -288,6 +299,7 @@ async def delete_destination(ctx: Ctx) -> None:
     body_required=False,
     response=models.ValidationOut,
     errors=(422,),  # egress_denied: the host may not be connected to
+    changes=False,
 )
 async def validate_destination(ctx: Ctx) -> models.ValidationOut:
     patch = await ctx.raw_body() if ctx.request.body_exists else None
@@ -549,17 +561,63 @@ async def delete_restore_point(ctx: Ctx) -> None:
     )
 
 
+# --- audit trail ----------------------------------------------------------------------------
+
+
+@op(
+    "GET",
+    "/audit",
+    summary="The instance's audit trail, newest first: who changed what, and when",
+    tag="audit",
+    response=models.AuditPage,
+    query=models.ListQuery,
+    manage=True,
+)
+async def list_audit(ctx: Ctx) -> models.AuditPage:
+    limit, cursor = ctx.query(models.ListQuery).window()
+    page = await audit.list_page(ctx.db, ctx.instance_id, limit=limit, cursor=cursor)
+    return _page(models.AuditPage, page, [views.audit_entry(d) for d in page.items])
+
+
+def _actor(principal: Principal) -> audit.Actor:
+    """Who acted, as the authorizer established it (never from a header the caller sets)."""
+    return audit.Actor(audit.ActorKind(principal.kind), principal.subject)
+
+
+def _resource(operation: Operation, ctx: Ctx, answer: Answer) -> audit.Resource:
+    """The resource changed (its kind is the operation's tag): the one the answer shows (a
+    job a backup started, a plan created), else the last one the path names (a deletion)."""
+    shown = getattr(answer, "id", None) if isinstance(answer, BaseModel) else None
+    if isinstance(shown, str):
+        return audit.Resource(operation.tag, shown)
+    ids = [value for name, value in ctx.request.match_info.items() if name != "instance_id"]
+    return audit.Resource(operation.tag, ids[-1] if ids else None)
+
+
 # --- wiring ---------------------------------------------------------------------------------
 
 
 def handler_for(operation: Operation) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
         app = request.app
-        instance = await app[AUTHORIZER].authorize(
-            request, request.match_info["instance_id"], operation.manage
+        authorizer = app[AUTHORIZER]
+        principal = await authorizer.authenticate(request)
+        instance = await authorizer.instance_for(
+            principal, request.match_info["instance_id"], operation.manage
         )
         ctx = Ctx(request, instance, app[DATABASE], app[SECRETS], app[API_SETTINGS])
         answer = await operation.handler(ctx)
+        if operation.changes:
+            # after success only: a refused change changed nothing
+            await audit.record(
+                ctx.db,
+                _actor(principal),
+                operation.operation_id,
+                _resource(operation, ctx, answer),
+                ctx.sent_fields,
+                request.get(REQUEST_ID),
+                instance_id=ctx.instance_id,
+            )
         if isinstance(answer, web.StreamResponse):
             return answer
         if answer is None:

@@ -92,3 +92,7 @@ def restore_point(doc: Document) -> models.RestorePointOut:
             "encryption_key_set": _sealed(doc, "encryption_key"),
         }
     )
+
+
+def audit_entry(doc: Document) -> models.AuditEntryOut:
+    return models.AuditEntryOut.model_validate({**doc, "id": doc["_id"]})
