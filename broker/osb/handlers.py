@@ -18,13 +18,13 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from backup import bindings
+from backup import audit, bindings
 from backup.database import Document
 from backup.errors import BackupError
 from backup.instances import Instances, Outcome, ProvisionRequest, UpdateRequest
 from backup.operations import OperationState
 from backup.registration import Registration
-from broker.context import DATABASE, SETTINGS
+from broker.context import DATABASE, REQUEST_ID, SETTINGS
 from broker.dashboard.links import dashboard_url
 from broker.osb import responses
 from broker.osb.catalog import Catalog, Plan, check_parameters
@@ -56,6 +56,8 @@ _MAX_ID = 256
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=BaseModel)
 OSB_MINOR = web.RequestKey("osb_minor", int)  # the x of the platform's X-Broker-API-Version 2.x
+SENT_FIELDS = web.RequestKey("osb_sent_fields", list[str])
+"""The names of the fields of the body sent (and of its parameters), for the audit trail."""
 
 
 # --------------------------------------------------------------------------- the checks
@@ -155,11 +157,40 @@ def osb_endpoint(handler: Handler) -> Handler:
         user = originating_identity(request.headers.get("X-Broker-API-Originating-Identity"))
         structlog.contextvars.bind_contextvars(acting_user=user, osb_version=version)
         try:
-            return await handler(request)
+            response = await handler(request)
         except BackupError as exc:
             raise osb_failure(exc) from None
+        if request.method != "GET" and 200 <= response.status < 300:
+            await _record_change(request, handler.__name__, user, response.status)
+        return response
 
     return wrapped
+
+
+async def _record_change(request: web.Request, action: str, user: str | None, status: int) -> None:
+    """The audit entry of a change the platform made: on behalf of its user when it names
+    one (the originating identity, which the platform vouches for), else as the broker."""
+    actor = (
+        audit.Actor(audit.ActorKind.PLATFORM_USER, user)
+        if user
+        else audit.Actor(audit.ActorKind.BROKER, request.app[SETTINGS].broker_username)
+    )
+    binding_id = request.match_info.get("binding_id")
+    resource = (
+        audit.Resource("binding", binding_id)
+        if binding_id is not None
+        else audit.Resource("instance", request.match_info["instance_id"])
+    )
+    await audit.record(
+        request.app[DATABASE],
+        actor,
+        action,
+        resource,
+        request.get(SENT_FIELDS, []),
+        request.get(REQUEST_ID),
+        instance_id=request.match_info["instance_id"],
+        outcome="accepted" if status == 202 else "succeeded",
+    )
 
 
 # --------------------------------------------------------------------------- parsing
@@ -195,6 +226,9 @@ async def _body(request: web.Request, model: type[M]) -> M:
         if exc.problem in (BodyProblem.NOT_JSON, BodyProblem.TOO_DEEP):
             raise malformed_request(exc.description) from None
         raise bad_request(exc.description) from None
+    parameters = data.get("parameters")
+    named = parameters if isinstance(parameters, dict) else {}
+    request[SENT_FIELDS] = [*data, *(f"parameters.{name}" for name in named)]
     try:
         # The version decides which fields exist (maintenance_info from 2.15): broker.osb.models.
         return model.model_validate(data, context={"osb_minor": request.get(OSB_MINOR)})
