@@ -18,12 +18,17 @@ What other parts of the suite must do:
   is searched for pydantic ``SecretStr`` fields and for attributes named like a secret
   (``password``, ``secret``, ``*_key``, ``token``) holding a string.
 
+The audit trail is held to the same rule: before the session's database server stops, the
+``audit`` collection of every database on it (each test's manager has its own) is written to
+``<basetemp>/audit-collections.log``, one entry a line, and scanned with the logs.
+
 Values shorter than 8 characters or made only of lower-case letters are not audited (they
 would match ordinary words).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections.abc import Iterator
@@ -38,6 +43,8 @@ from broker.logging import configure_logging
 
 MIN_LENGTH = 8
 IN_PROCESS_LOG = "in-process.log"
+AUDIT_COLLECTIONS_LOG = "audit-collections.log"
+MONGO_FIXTURE = "mongo_server"
 # Attribute and key names whose string value is a secret (not ``access_key_id``: an S3 key id
 # is a user name and may be logged).
 _SECRET_NAME = re.compile(r"(password|passwd|secret|^key$|^token$|_token$)", re.IGNORECASE)
@@ -176,7 +183,35 @@ def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: Any) -> An
     value = yield
     for secret, label in secrets_in(value, f"fixture {fixturedef.argname}"):
         audit_secret(secret, label)
+    if fixturedef.argname == MONGO_FIXTURE:
+        # runs before the fixture's own teardown (finalizers run last in, first out), so the
+        # server still answers
+        request.addfinalizer(lambda: _dump_audit_collections(value.url))
     return value
+
+
+def _dump_audit_collections(url: str) -> None:
+    """Every database's audit trail as lines of a ``.log`` file, for :func:`scan`."""
+    import pymongo  # the manager's driver
+
+    basetemp: Path | None = _STATE.get("basetemp")
+    if basetemp is None:
+        return
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        url, serverSelectionTimeoutMS=5000
+    )
+    entries = 0
+    try:
+        with (basetemp / AUDIT_COLLECTIONS_LOG).open("a", encoding="utf-8") as out:
+            for name in client.list_database_names():
+                for entry in client[name]["audit"].find():
+                    out.write(json.dumps({"database": name, **entry}, default=str) + "\n")
+                    entries += 1
+    except pymongo.errors.PyMongoError as exc:
+        _STATE["audit_dump_error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        client.close()
+    _STATE["audit_entries"] = _STATE.get("audit_entries", 0) + entries
 
 
 def _known_secrets() -> None:
@@ -208,7 +243,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     findings = scan(basetemp, registered())
     _STATE["findings"] = findings
     _STATE["audited"] = (len(registered()), sum(1 for _ in basetemp.rglob("*.log")))
-    if findings:
+    if findings or "audit_dump_error" in _STATE:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -217,6 +252,16 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if findings is None:
         return
     secrets, files = _STATE.get("audited", (0, 0))
+    if "audit_entries" in _STATE:
+        terminalreporter.write_line(
+            f"log audit: {_STATE['audit_entries']} audit-trail entries scanned as well"
+        )
+    if "audit_dump_error" in _STATE:
+        # the trail could not be read: say so rather than pass it silently
+        terminalreporter.write_line(
+            f"log audit: the audit collections could not be read: {_STATE['audit_dump_error']}",
+            red=True,
+        )
     if not findings:
         terminalreporter.write_line(
             f"log audit: none of {secrets} secrets found in {files} log file(s)"
