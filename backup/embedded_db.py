@@ -166,10 +166,14 @@ def _storage_path(data_dir: Path) -> Path:
 
 
 def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that has the kernel send SIGTERM to the child when the thread that
-    starts it (the main thread: ``start`` only asks from there) dies, ``kill -9`` included,
-    so that the database never outlives the manager and keeps its data directory locked.
-    Linux only; elsewhere the next start finds and stops a database left running."""
+    """A ``preexec_fn`` that has the kernel kill the child when the thread that starts it (the
+    main thread: ``start`` only asks from there) dies, ``kill -9`` included, so that the
+    database never outlives the manager and keeps its data directory locked. SIGKILL, not
+    SIGTERM: the server's own SIGTERM handler was seen to hang in its shutdown, left serving
+    forever with nobody to stop it; every acknowledged commit is already on disk
+    (``sync_on_commit``), so the next start only recovers from the journal. A clean stop
+    still sends SIGTERM itself (:meth:`EmbeddedMongo.stop`). Linux only; elsewhere the next
+    start finds and stops a database left running."""
     if not sys.platform.startswith("linux") or (
         threading.current_thread() is not threading.main_thread()
     ):
@@ -178,7 +182,7 @@ def _die_with_parent() -> Callable[[], None] | None:
     parent = os.getpid()
 
     def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         if os.getppid() != parent:  # the parent died before the request took effect
             os.kill(os.getpid(), signal.SIGKILL)
 

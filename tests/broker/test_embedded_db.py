@@ -185,9 +185,6 @@ def database_pid(broker: BrokerProcess) -> int:
     return int(started[-1]["pid"])
 
 
-DB_SHUTDOWN_SECONDS = 30
-
-
 def gone_within(pid: int, seconds: float) -> bool:
     try:
         psutil.Process(pid).wait(seconds)
@@ -240,9 +237,8 @@ async def test_the_database_never_outlives_the_manager(
     db = database_pid(broker)
     broker.proc.kill()
     broker.proc.wait()
-    # SIGTERM from the kernel starts the database's clean shutdown (a WiredTiger checkpoint),
-    # which a loaded 2-core machine has been seen to need more than 10 s for.
-    assert gone_within(db, DB_SHUTDOWN_SECONDS), "the embedded database outlived the manager"
+    # The kernel kills it (SIGKILL: its own SIGTERM shutdown was seen to hang for good).
+    assert gone_within(db, 10), "the embedded database outlived the manager"
     again = BrokerProcess(data, tmp_path / "broker-2.log")
     processes.append(again)
     assert start_timed(again) < 10
