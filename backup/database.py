@@ -82,6 +82,17 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("instance_id", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)]),
         IndexModel([("created_at", DESCENDING), ("_id", DESCENDING)]),
     ],
+    "webhooks": [
+        # an instance's list, and emit(): its enabled webhooks that want an event
+        IndexModel([("instance_id", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)]),
+    ],
+    "webhook_deliveries": [
+        # the outbox: due deliveries and expired claims; a webhook's delivery log, newest first
+        IndexModel([("state", ASCENDING), ("next_attempt_at", ASCENDING)]),
+        IndexModel([("state", ASCENDING), ("lease_expires_at", ASCENDING)]),
+        IndexModel([("webhook_id", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)]),
+        IndexModel([("instance_id", ASCENDING)]),
+    ],
 }
 
 
