@@ -197,6 +197,57 @@ def _listing(
     return entries
 
 
+def _output(options: Options, value: Any, human: Callable[[Any], None]) -> None:
+    """Print ``value`` as the API's JSON with --json, else for people with ``human``."""
+    if options.json:
+        render.emit_json(value)
+    else:
+        human(value)
+
+
+def _list(
+    ctx: typer.Context,
+    instance: str,
+    collection: str,
+    human: Callable[[Any], None],
+    limit: int,
+    every: bool,
+    filters: Callable[[Client], dict[str, Any]] | None = None,
+) -> None:
+    """A page (or, with --all, every page) of one of the instance's collections."""
+    with connected(ctx, instance) as (client, options):
+        chosen = filters(client) if filters else {}
+        _output(options, _listing(client, options, collection, limit, every, **chosen), human)
+
+
+def _show(
+    ctx: typer.Context,
+    instance: str,
+    fetch: Callable[[Client], Any],
+    human: Callable[[Any], None],
+) -> None:
+    """One thing the API answers, e.g. a plan found by name or id."""
+    with connected(ctx, instance) as (client, options):
+        _output(options, fetch(client), human)
+
+
+def _delete(
+    ctx: typer.Context,
+    instance: str,
+    fetch: Callable[[Client], dict[str, Any]],
+    question: Callable[[dict[str, Any]], str],
+    delete: Callable[[Client, dict[str, Any]], None],
+    done: Callable[[dict[str, Any]], str],
+    yes: bool,
+) -> None:
+    """Find the thing, ask (unless --yes), delete it and say so."""
+    with connected(ctx, instance) as (client, _options):
+        found = fetch(client)
+        _confirm(question(found), yes)
+        delete(client, found)
+        render.message(done(found))
+
+
 def _confirm(question: str, yes: bool) -> None:
     if yes:
         return
@@ -242,9 +293,7 @@ def _finish(job: Job, options: Options, client: Client, follow: bool) -> None:
 @handled
 def items(ctx: typer.Context, instance: Instance) -> None:
     """The instance's backup items (its databases)."""
-    with connected(ctx, instance) as (client, options):
-        names = client.items()
-        render.emit_json(names) if options.json else render.items(names)
+    _show(ctx, instance, lambda client: client.items(), render.items)
 
 
 # --- destinations ---------------------------------------------------------------------------
@@ -290,9 +339,7 @@ def destinations_list(
     ctx: typer.Context, instance: Instance, limit: Limit = 20, every: All = False
 ) -> None:
     """List destinations, newest first."""
-    with connected(ctx, instance) as (client, options):
-        entries = _listing(client, options, "destinations", limit, every)
-        render.emit_json(entries) if options.json else render.destinations(entries)
+    _list(ctx, instance, "destinations", render.destinations, limit, every)
 
 
 @destinations_app.command("show")
@@ -303,9 +350,9 @@ def destinations_show(
     destination: Annotated[str, typer.Argument(help="Its name or id.")],
 ) -> None:
     """Show a destination (its secret is never shown, only whether it is set)."""
-    with connected(ctx, instance) as (client, options):
-        found = client.find("destinations", destination)
-        render.emit_json(found) if options.json else render.destination(found)
+    _show(
+        ctx, instance, lambda client: client.find("destinations", destination), render.destination
+    )
 
 
 @destinations_app.command("create")
@@ -379,7 +426,7 @@ def destinations_create(
         body |= _destination_fields(prefix=prefix, verify_tls=False if no_verify_tls else None)
         if check_only:
             result = client.validate_settings(body)
-            render.emit_json(result) if options.json else render.validation(result)
+            _output(options, result, render.validation)
             if not result["ok"]:
                 raise typer.Exit(int(ExitCode.JOB_FAILED))
             return
@@ -461,7 +508,7 @@ def destinations_validate(
     with connected(ctx, instance) as (client, options):
         found = client.find("destinations", destination)
         result = client.validate_destination(found["id"])
-        render.emit_json(result) if options.json else render.validation(result)
+        _output(options, result, render.validation)
         if not result["ok"]:
             raise typer.Exit(int(ExitCode.JOB_FAILED))
 
@@ -475,11 +522,15 @@ def destinations_delete(
     yes: Yes = False,
 ) -> None:
     """Delete a destination (refused while a plan, restore point or job uses it)."""
-    with connected(ctx, instance) as (client, _options):
-        found = client.find("destinations", destination)
-        _confirm(f"Delete destination {found['name']}?", yes)
-        client.delete_destination(found["id"])
-        render.message(f"Destination {found['name']} deleted.")
+    _delete(
+        ctx,
+        instance,
+        lambda client: client.find("destinations", destination),
+        lambda found: f"Delete destination {found['name']}?",
+        lambda client, found: client.delete_destination(found["id"]),
+        lambda found: f"Destination {found['name']} deleted.",
+        yes,
+    )
 
 
 # --- plans ----------------------------------------------------------------------------------
@@ -517,9 +568,7 @@ def plans_list(
     ctx: typer.Context, instance: Instance, limit: Limit = 20, every: All = False
 ) -> None:
     """List backup plans, newest first."""
-    with connected(ctx, instance) as (client, options):
-        entries = _listing(client, options, "plans", limit, every)
-        render.emit_json(entries) if options.json else render.plans(entries)
+    _list(ctx, instance, "plans", render.plans, limit, every)
 
 
 @plans_app.command("show")
@@ -528,9 +577,7 @@ def plans_show(
     ctx: typer.Context, instance: Instance, plan: Annotated[str, typer.Argument(help="Name or id.")]
 ) -> None:
     """Show a backup plan."""
-    with connected(ctx, instance) as (client, options):
-        found = client.find("plans", plan)
-        render.emit_json(found) if options.json else render.plan(found)
+    _show(ctx, instance, lambda client: client.find("plans", plan), render.plan)
 
 
 @plans_app.command("create")
@@ -627,7 +674,7 @@ def plans_edit(
         if not patch:
             raise CliError("Nothing to change: give an option to change.", ExitCode.USAGE)
         changed = client.update_plan(found["id"], patch)
-        render.emit_json(changed) if options.json else render.plan(changed)
+        _output(options, changed, render.plan)
 
 
 def _pause(ctx: typer.Context, instance: str, plan: str, paused: bool) -> None:
@@ -672,11 +719,15 @@ def plans_delete(
     yes: Yes = False,
 ) -> None:
     """Delete a plan (its restore points stay until retention removes them)."""
-    with connected(ctx, instance) as (client, _options):
-        found = client.find("plans", plan)
-        _confirm(f"Delete plan {found['name']} (its queued jobs are cancelled)?", yes)
-        client.delete_plan(found["id"])
-        render.message(f"Plan {found['name']} deleted.")
+    _delete(
+        ctx,
+        instance,
+        lambda client: client.find("plans", plan),
+        lambda found: f"Delete plan {found['name']} (its queued jobs are cancelled)?",
+        lambda client, found: client.delete_plan(found["id"]),
+        lambda found: f"Plan {found['name']} deleted.",
+        yes,
+    )
 
 
 # --- backup and restore ---------------------------------------------------------------------
@@ -797,23 +848,22 @@ def jobs_list(
     every: All = False,
 ) -> None:
     """List jobs, newest first."""
-    with connected(ctx, instance) as (client, options):
-        filters = {
+
+    def filters(client: Client) -> dict[str, Any]:
+        return {
             "type": job_type.value.upper() if job_type else None,
             "status": status.value.upper() if status else None,
             "plan_id": client.find("plans", plan)["id"] if plan else None,
         }
-        entries = _listing(client, options, "jobs", limit, every, **filters)
-        render.emit_json(entries) if options.json else render.jobs(entries)
+
+    _list(ctx, instance, "jobs", render.jobs, limit, every, filters)
 
 
 @jobs_app.command("show")
 @handled
 def jobs_show(ctx: typer.Context, instance: Instance, job_id: JobId) -> None:
     """Show a job: status, reason, and each item's stage and sizes."""
-    with connected(ctx, instance) as (client, options):
-        job = client.job(job_id)
-        render.emit_json(job) if options.json else render.job(job)
+    _show(ctx, instance, lambda client: client.job(job_id), render.job)
 
 
 @jobs_app.command("logs")
@@ -870,30 +920,33 @@ def points_list(
     every: All = False,
 ) -> None:
     """List restore points (successful backups), newest first."""
-    with connected(ctx, instance) as (client, options):
-        plan_id = client.find("plans", plan)["id"] if plan else None
-        entries = _listing(client, options, "restore_points", limit, every, plan_id=plan_id)
-        render.emit_json(entries) if options.json else render.restore_points(entries)
+
+    def filters(client: Client) -> dict[str, Any]:
+        return {"plan_id": client.find("plans", plan)["id"] if plan else None}
+
+    _list(ctx, instance, "restore_points", render.restore_points, limit, every, filters)
 
 
 @points_app.command("show")
 @handled
 def points_show(ctx: typer.Context, instance: Instance, point: PointId) -> None:
     """Show a restore point: its items, sizes and checksums."""
-    with connected(ctx, instance) as (client, options):
-        found = client.restore_point(point)
-        render.emit_json(found) if options.json else render.restore_point(found)
+    _show(ctx, instance, lambda client: client.restore_point(point), render.restore_point)
 
 
 @points_app.command("delete")
 @handled
 def points_delete(ctx: typer.Context, instance: Instance, point: PointId, yes: Yes = False) -> None:
     """Delete a restore point: its stored files, then its record."""
-    with connected(ctx, instance) as (client, _options):
-        found = client.restore_point(point)
-        _confirm(f"Delete the backup of {render.when(found.get('created_at'))}?", yes)
-        client.delete_restore_point(point)
-        render.message(f"Restore point {point} deleted.")
+    _delete(
+        ctx,
+        instance,
+        lambda client: client.restore_point(point),
+        lambda found: f"Delete the backup of {render.when(found.get('created_at'))}?",
+        lambda client, _found: client.delete_restore_point(point),
+        lambda _found: f"Restore point {point} deleted.",
+        yes,
+    )
 
 
 def run() -> None:
