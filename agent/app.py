@@ -18,6 +18,7 @@ from agent.destinations import to_settings
 from agent.jobs import Kind
 from agent.models import (
     CANCEL_CAPABILITY,
+    VERIFY_CAPABILITY,
     BackupRequest,
     DeleteRequest,
     RestoreRequest,
@@ -42,6 +43,7 @@ CAPABILITIES = [
     "unlock-always",  # the unlock script runs whenever the lock script succeeded
     "secrets-in-env",  # passwords and keys never on a command line
     CANCEL_CAPABILITY,  # POST /<kind>/{id}/cancel: stop at the next stage boundary
+    VERIFY_CAPABILITY,  # PUT /restore with verify: a restore drill, no restore stage runs
 ]
 
 

@@ -70,6 +70,10 @@ class JobState(BaseModel):
     # ended because of it: the protocol's states stay the three, a cancelled job is FAILED.
     cancel_requested: bool = False
     cancelled: bool = False
+    # (ours) A restore drill (``verify``): its timings, and whether a verify script ran.
+    verify: bool = False
+    timings: dict[str, float] = Field(default_factory=dict)
+    verify_script: bool | None = None
 
     def finish(self, ok: bool, error: str = "") -> None:
         noun = self.kind
@@ -123,6 +127,8 @@ class JobState(BaseModel):
             )
         else:
             body["filename"] = self.filename
+        if self.verify:
+            body.update(verify=True, timings=self.timings, verify_script=self.verify_script)
         return body
 
 

@@ -35,6 +35,10 @@ NO_KEY = "none"
 # at its next stage boundary and ends FAILED with ``cancelled: true`` and this error_message.
 CANCEL_CAPABILITY = "cancel"
 CANCELLED_MESSAGE = "cancelled by the manager"
+# (ours) ``PUT /restore`` with ``verify: true``: a restore drill (download, decode, check the
+# checksum, run the optional ``verify`` script), never the restore stages.
+VERIFY_CAPABILITY = "verify"
+VERIFY_STAGE = "verify"
 
 
 def check_name(value: str, what: str) -> str:
@@ -260,6 +264,11 @@ class RestoreRequest(_Job):
     checksum: str | None = None
     """(ours) ``sha256:<hex>`` of the stored object: the download is verified against it."""
 
+    verify: bool = False
+    """(ours) A restore drill: the object is downloaded, decoded and checked against
+    ``checksum``, then handed to the optional ``verify`` script; no restore stage runs, the
+    live database is not touched."""
+
     @field_validator("checksum")
     @classmethod
     def _checksum(cls, v: str | None) -> str | None:
@@ -318,6 +327,9 @@ class JobStatus(BaseModel):
     encryption: str | None = None
     # (ours) the job ended because the manager cancelled it (``POST .../{id}/cancel``)
     cancelled: bool | None = Field(default=None, strict=True)
+    # (ours) a restore drill's timings: download_seconds, decrypt_seconds, verify_seconds
+    timings: dict[str, float] | None = None
+    verify_script: bool | None = Field(default=None, strict=True)  # a drill ran one
 
     @field_validator("*", mode="wrap")
     @classmethod

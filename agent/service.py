@@ -26,6 +26,7 @@ from agent.jobs import RESTART_REASON, JobState, Kind, StateStore
 from agent.models import (
     CANCELLED_MESSAGE,
     NO_KEY,
+    VERIFY_STAGE,
     BackupRequest,
     Destination,
     RestoreRequest,
@@ -274,6 +275,8 @@ class Agent:
         self.jobs[kind][job.id] = job
         if isinstance(req, BackupRequest):
             self._spawn(job, self._backup(job, req))
+        elif req.verify:
+            self._spawn(job, self._verify(job, req))
         else:
             self._spawn(job, self._restore(job, req))
         log.info("job_started", job_id=job.id, kind=kind, database=sec.database)
@@ -652,6 +655,74 @@ class Agent:
         finally:
             self._finish(job, error)
 
+    # ---------------------------------------------------------------- restore drill (ours)
+
+    async def _verify(self, job: JobState, req: RestoreRequest) -> None:
+        """A restore drill (``verify``): download the object, decode it (decrypt, decompress)
+        and check it against the request's checksum, then hand the file to the optional
+        ``verify`` script (e.g. ``pg_restore --list``, or a restore into a scratch database
+        the script creates and drops). No lock, restore, cleanup or unlock stage runs: the
+        live database is never touched by the agent. Timings are reported in ``timings``."""
+        work = self.cfg.directory_restore / job.id
+        dest = req.destination
+        assert dest.filename is not None
+        compression = req.agent_compression
+        passphrase = req.encryption_key if req.agent_encryption else None
+        local_name = _strip_suffixes(dest.filename, compression, passphrase is not None)
+        target = work / local_name
+        job.filename = dest.filename
+        job.verify = True
+        job.logs = {VERIFY_STAGE: {"log": "", "errorlog": ""}}
+        self.store.save(job)
+        env = self._script_env(
+            job,
+            req,
+            BACKUP_FILENAME=local_name,
+            BACKUP_DIRECTORY=str(work),
+            RESTORE_FILENAME=local_name,
+            RESTORE_DIRECTORY=str(work),
+            RESTORE_FILE=str(target),
+            AGENT_DRILL="true",
+        )
+        error: str | None = None
+        created = False
+        try:
+            try:
+                self._checkpoint(job)
+                if job.skip_storage:
+                    raise JobFailed(
+                        "a restore drill needs the agent to download the object itself, but "
+                        "skip_storage is set"
+                    )
+                self._prepare_dir(work)
+                created = True
+                await self._download(job, req, target, compression, passphrase, job.timings)
+                self._checkpoint(job)
+                started = time.monotonic()
+                result = await self._stage(
+                    job, VERIFY_STAGE, self._db_args(req, local_name, job.id), env
+                )
+                job.timings["verify_seconds"] = round(time.monotonic() - started, 3)
+                job.verify_script = result.found
+                self.store.save(job)
+                if not result.ok:
+                    raise JobFailed(result.failure())
+            except JobCancelled as exc:
+                job.cancelled = True
+                error = str(exc)
+            except JobFailed as exc:
+                error = str(exc)
+            except asyncio.CancelledError:
+                error = "agent stopped while the job was running"
+            except Exception as exc:
+                error = safe_error(exc)["error"]
+                log.error("job_error", job_id=job.id, **safe_error(exc))
+            error = self._cancelled_at_end(job, error)
+            if created:
+                shutil.rmtree(work, ignore_errors=True)
+        finally:
+            self._finish(job, error)
+
     async def _download(
         self,
         job: JobState,
@@ -659,6 +730,7 @@ class Agent:
         target: Path,
         compression: str | None,
         passphrase: str | None,
+        timings: dict[str, float] | None = None,
     ) -> None:
         dest = req.destination
         key = dest.filenamePrefix + (dest.filename or "")
@@ -668,11 +740,13 @@ class Agent:
         expected = req.checksum.removeprefix("sha256:") if req.checksum else None
         store = self._open_store(dest)
         size = 0
+        started = time.monotonic()
+        decoding = _DecodeTimer()
         try:
             chunks: AsyncIterator[bytes] = store.download(key, expected_sha256=expected)
             if compression or passphrase:
                 chunks = transforms.transform_stream(
-                    chunks, lambda: transforms.decoder(compression, passphrase)
+                    chunks, lambda: decoding.wrap(transforms.decoder(compression, passphrase))
                 )
             f = await asyncio.to_thread(open, part, "wb")
             try:
@@ -695,6 +769,9 @@ class Agent:
             with contextlib.suppress(Exception):
                 await store.aclose()
         log.info("downloaded", job_id=job.id, key=key, size=size)
+        if timings is not None:
+            timings["download_seconds"] = round(time.monotonic() - started, 3)
+            timings["decrypt_seconds"] = round(decoding.seconds, 3)
 
     def _open_store(
         self, dest: Destination, transfer: TransferSettings | None = None
@@ -703,6 +780,37 @@ class Agent:
             return open_store(to_settings(dest, self.cfg), transfer or transfer_settings(self.cfg))
         except ValidationError as exc:
             raise JobFailed(f"invalid destination: {describe_errors(exc)}") from None
+
+
+class _DecodeTimer:
+    """Time spent decoding a download (decrypting, decompressing), summed over the decoder's
+    stages; it overlaps the download itself (the stages run in worker threads)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, chain: transforms.Chain) -> transforms.Chain:
+        timer = self
+
+        class _Timed:
+            def __init__(self, inner: transforms.Stage) -> None:
+                self.inner = inner
+
+            def update(self, data: bytes) -> bytes:
+                started = time.monotonic()
+                try:
+                    return self.inner.update(data)
+                finally:
+                    timer.seconds += time.monotonic() - started
+
+            def finalize(self) -> bytes:
+                started = time.monotonic()
+                try:
+                    return self.inner.finalize()
+                finally:
+                    timer.seconds += time.monotonic() - started
+
+        return transforms.Chain([_Timed(stage) for stage in chain.stages])
 
 
 def _storage_error(exc: BaseException) -> str:

@@ -35,6 +35,7 @@ from agent.models import (
     Transform,
     describe_errors,
 )
+from agent.models import VERIFY_CAPABILITY as VERIFY_CAPABILITY
 from backup import jobs
 from backup.registration import parameter_refusal
 from storage import egress
@@ -120,6 +121,12 @@ class AgentInfo:
         its jobs run to their end)."""
         return CANCEL_CAPABILITY in self.capabilities
 
+    @property
+    def verifies(self) -> bool:
+        """Our agent runs restore drills (``verify``): download, decode, checksum and the
+        DBA's optional verify script, never the restore stages."""
+        return VERIFY_CAPABILITY in self.capabilities
+
 
 @dataclass
 class AgentJob:
@@ -139,6 +146,8 @@ class AgentJob:
     encryption: str | None = None
     cancelled: bool = False  # (ours) ended because the manager cancelled it
     logs: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] | None = None  # (ours) a restore drill's
+    verify_script: bool | None = None  # (ours) whether a drill ran a verify script
 
     @property
     def finished(self) -> bool:
@@ -166,6 +175,8 @@ class AgentJob:
             encryption=state.stream_encryption,
             cancelled=state.cancelled is True,
             logs={k: tail(v, log_limit) for k, v in state.logs().items()},
+            timings=state.timings,
+            verify_script=state.verify_script,
         )
 
 
