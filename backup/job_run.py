@@ -34,7 +34,7 @@ from typing import Any, Literal, Protocol
 import structlog
 from pydantic import ValidationError
 
-from backup import agent_client, destinations, jobs, restore_points
+from backup import agent_client, destinations, jobs, manifest, restore_points
 from backup.agent_client import (
     AgentClient,
     AgentError,
@@ -839,6 +839,19 @@ class JobRun:
         # item is already recorded, so a read of the lease does it, not a write.)
         if not await jobs.holds(self.db, self.lease):
             raise LeaseLost(self.lease.job_id)
+        # Last in storage, once every file is confirmed: a manifest means a complete point.
+        problem = await manifest.write(
+            self.context.object_stores,
+            restore_points.object_settings(prepared.dest, self.context.box),
+            self.context.box,
+            point,
+            folder=prepared.prefix,
+            plan_name=(prepared.plan or {}).get("name"),
+            encryption_key=prepared.encryption_key if encrypted else None,
+            timeout=self.settings.storage_timeout_seconds,
+        )
+        if problem:
+            raise JobEnd(JobStatus.FAILED, problem)
         await restore_points.record(self.db, point)
         reason = None
         if prepared.cancel_seen:
