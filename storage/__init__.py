@@ -11,6 +11,8 @@ from storage.base import (
     InvalidSettings,
     NotAnObjectStore,
     ObjectInfo,
+    ObjectLocked,
+    ObjectLockMissing,
     ObjectNotFound,
     ObjectStore,
     PermissionDenied,
@@ -22,7 +24,13 @@ from storage.base import (
     ValidationReport,
     ValidationStep,
 )
-from storage.settings import DestinationSettings, S3Settings, SwiftSettings, TransferSettings
+from storage.settings import (
+    DestinationSettings,
+    ObjectLock,
+    S3Settings,
+    SwiftSettings,
+    TransferSettings,
+)
 
 
 def open_store(
@@ -49,6 +57,9 @@ __all__ = [
     "InvalidSettings",
     "NotAnObjectStore",
     "ObjectInfo",
+    "ObjectLock",
+    "ObjectLockMissing",
+    "ObjectLocked",
     "ObjectNotFound",
     "ObjectStore",
     "PermissionDenied",

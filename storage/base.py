@@ -61,6 +61,23 @@ class PreconditionFailed(StorageError):
     finds the object replaced. Reported with the general ``storage_error`` code."""
 
 
+class ObjectLocked(StorageError):
+    """An object's S3 Object Lock retention forbids deleting it before ``until`` (None when
+    the server did not say when)."""
+
+    code = "storage_object_locked"
+
+    def __init__(self, message: str, *, until: datetime | None, step: str | None = None) -> None:
+        super().__init__(message, step=step)
+        self.until = until
+
+
+class ObjectLockMissing(StorageError):
+    """A destination requires object lock, but its bucket does not have it enabled."""
+
+    code = "storage_object_lock_missing"
+
+
 class TransientStorageError(StorageError):
     """Timeouts, 5xx, throttling, resets: retried with backoff before it surfaces."""
 

@@ -17,6 +17,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 import aioboto3
@@ -52,6 +53,8 @@ from storage.base import (
     InvalidSettings,
     NotAnObjectStore,
     ObjectInfo,
+    ObjectLocked,
+    ObjectLockMissing,
     ObjectNotFound,
     ObjectStore,
     PermissionDenied,
@@ -61,6 +64,7 @@ from storage.base import (
     TLSFailure,
     TransientStorageError,
     ValidationReport,
+    ValidationStep,
 )
 from storage.settings import S3Settings, TransferSettings
 from storage.validation import probe
@@ -148,8 +152,11 @@ class _S3Client(Protocol):
     async def create_multipart_upload(self, **params: Any) -> dict[str, Any]: ...
     async def delete_object(self, **params: Any) -> dict[str, Any]: ...
     async def get_object(self, **params: Any) -> dict[str, Any]: ...
+    async def get_object_lock_configuration(self, **params: Any) -> dict[str, Any]: ...
+    async def get_object_retention(self, **params: Any) -> dict[str, Any]: ...
     async def head_object(self, **params: Any) -> dict[str, Any]: ...
     async def list_multipart_uploads(self, **params: Any) -> dict[str, Any]: ...
+    async def list_object_versions(self, **params: Any) -> dict[str, Any]: ...
     async def list_objects_v2(self, **params: Any) -> dict[str, Any]: ...
     async def put_object(self, **params: Any) -> dict[str, Any]: ...
     async def upload_part(self, **params: Any) -> dict[str, Any]: ...
@@ -367,8 +374,15 @@ class S3Store(ObjectStore):
 
     # ------------------------------------------------------------------ upload
 
-    async def upload(self, key: str, chunks: AsyncIterator[bytes]) -> StoredObject:
+    async def upload(
+        self, key: str, chunks: AsyncIterator[bytes], *, retain_until: datetime | None = None
+    ) -> StoredObject:
+        """See :meth:`ObjectStore.upload`. With ``retain_until`` on a destination that requires
+        object lock, the object is written locked in the settings' mode until that moment
+        (S3 Object Lock): nobody, these credentials included, can delete or overwrite that
+        version before it."""
         full = full_key(self._prefix, key)
+        lock = self._lock_params(retain_until)
         reader = PartReader(chunks)
         first = await reader.read_file(self.transfer.part_size)
         if part_length(first) < self.transfer.part_size or await reader.at_end():
@@ -380,17 +394,39 @@ class S3Store(ObjectStore):
                     Key=full,
                     Body=_rewound(first),
                     ContentLength=part_length(first),
+                    **lock,
                 ),
             )
         else:
             handed = [first]
             del first  # the multipart upload frees it once it is sent
-            await self._multipart(key, full, reader, handed)
-        log.info("s3_uploaded", bucket=self.settings.bucket, key=full, size=reader.size)
+            await self._multipart(key, full, reader, handed, lock)
+        log.info(
+            "s3_uploaded",
+            bucket=self.settings.bucket,
+            key=full,
+            size=reader.size,
+            **({"locked_until": lock["ObjectLockRetainUntilDate"].isoformat()} if lock else {}),
+        )
         return StoredObject(key=key, size=reader.size, sha256=reader.sha256)
 
+    def _lock_params(self, retain_until: datetime | None) -> dict[str, Any]:
+        """The lock headers of an upload: none unless the destination requires object lock
+        and the caller says until when."""
+        lock = self.settings.object_lock
+        if lock is None or retain_until is None:
+            return {}
+        if retain_until.tzinfo is None:
+            retain_until = retain_until.replace(tzinfo=UTC)
+        return {"ObjectLockMode": lock.mode, "ObjectLockRetainUntilDate": retain_until}
+
     async def _multipart(
-        self, key: str, full: str, reader: PartReader, handed: list[io.BytesIO]
+        self,
+        key: str,
+        full: str,
+        reader: PartReader,
+        handed: list[io.BytesIO],
+        lock: dict[str, Any] | None = None,
     ) -> None:
         """Parts of growing size (see :func:`part_size_for`), at most ``part_size *
         max_concurrency`` bytes of them in memory: the next part is read only once there is
@@ -399,7 +435,7 @@ class S3Store(ObjectStore):
         created = await self._call(
             "write objects",
             key,
-            lambda c: c.create_multipart_upload(Bucket=bucket, Key=full),
+            lambda c: c.create_multipart_upload(Bucket=bucket, Key=full, **(lock or {})),
         )
         upload_id: str = created["UploadId"]
         in_flight: dict[asyncio.Task[dict[str, Any]], int] = {}
@@ -654,9 +690,17 @@ class S3Store(ObjectStore):
     # ------------------------------------------------------------------ the rest
 
     async def delete(self, key: str) -> None:
+        """See :meth:`ObjectStore.delete`. On a destination that requires object lock (a
+        versioned bucket), every version of the object is deleted, not hidden behind a delete
+        marker; :class:`ObjectLocked` (nothing deleted) while any version is still locked."""
         full = full_key(self._prefix, key)
         bucket = self.settings.bucket
-        await self._call("delete objects", key, lambda c: c.delete_object(Bucket=bucket, Key=full))
+        if self.settings.object_lock is not None:
+            await self._delete_versions(key, full)
+        else:
+            await self._call(
+                "delete objects", key, lambda c: c.delete_object(Bucket=bucket, Key=full)
+            )
         # An upload of this key that never finished (a crashed writer) would keep its parts.
         try:
             answer = await self._call(
@@ -670,6 +714,115 @@ class S3Store(ObjectStore):
         for upload in answer.get("Uploads") or []:
             if upload.get("Key") == full:
                 await self._abort(full, upload["UploadId"], [])
+
+    async def _versions(self, key: str, full: str) -> list[str]:
+        """The version ids of ``full`` (its delete markers included), oldest last."""
+        bucket = self.settings.bucket
+        found: list[str] = []
+        marker: dict[str, str] = {}
+        while True:
+
+            async def page_of(client: _S3Client, marker: dict[str, str] = marker) -> Any:
+                return await client.list_object_versions(Bucket=bucket, Prefix=full, **marker)
+
+            page = await self._call("list object versions", key, page_of)
+            for entry in [*(page.get("Versions") or []), *(page.get("DeleteMarkers") or [])]:
+                if entry.get("Key") == full and entry.get("VersionId"):
+                    found.append(str(entry["VersionId"]))
+            if not page.get("IsTruncated"):
+                return found
+            marker = {
+                "KeyMarker": page.get("NextKeyMarker") or "",
+                "VersionIdMarker": page.get("NextVersionIdMarker") or "",
+            }
+
+    async def locked_until(self, key: str) -> datetime | None:
+        """The latest moment until which a version of ``key`` is locked (None: none is locked
+        now, or the object does not exist)."""
+        full = full_key(self._prefix, key)
+        latest: datetime | None = None
+        now = datetime.now(UTC)
+        for version in await self._versions(key, full):
+            until = await self._retention_of(key, full, version)
+            if until is not None and until > now and (latest is None or until > latest):
+                latest = until
+        return latest
+
+    async def _retention_of(self, key: str, full: str, version: str) -> datetime | None:
+        bucket = self.settings.bucket
+
+        async def retention(client: _S3Client) -> dict[str, Any]:
+            try:
+                return await client.get_object_retention(Bucket=bucket, Key=full, VersionId=version)
+            except bx.ClientError as exc:
+                # No retention on that version (a delete marker, an unlocked object).
+                # AWS: 404 NoSuchObjectLockConfiguration, 405 for a delete marker.
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status in (400, 404, 405):
+                    return {}
+                raise
+
+        answer = await self._call("read object retention", key, retention)
+        until = (answer.get("Retention") or {}).get("RetainUntilDate")
+        if not isinstance(until, datetime):
+            return None
+        return until if until.tzinfo else until.replace(tzinfo=UTC)
+
+    async def _delete_versions(self, key: str, full: str) -> None:
+        bucket = self.settings.bucket
+        versions = await self._versions(key, full)
+        until = await self.locked_until(key) if versions else None
+        if until is not None:
+            raise self._locked(key, until)
+        for version in versions:
+
+            async def delete_version(client: _S3Client, version: str = version) -> Any:
+                return await client.delete_object(Bucket=bucket, Key=full, VersionId=version)
+
+            try:
+                await self._call("delete objects", key, delete_version)
+            except PermissionDenied:
+                # Locked after all (a lock set meanwhile, or clocks that disagree): say until
+                # when, or repeat the refusal if it was not the lock.
+                again = await self.locked_until(key)
+                if again is None:
+                    raise
+                raise self._locked(key, again) from None
+        log.info("s3_deleted_versions", bucket=bucket, key=full, versions=len(versions))
+
+    def _locked(self, key: str, until: datetime) -> ObjectLocked:
+        return ObjectLocked(
+            f"The object {key!r} is locked (S3 Object Lock) until {until.isoformat()}: it "
+            "cannot be deleted before then.",
+            until=until,
+            step="delete",
+        )
+
+    async def check_object_lock(self) -> None:
+        """:class:`ObjectLockMissing` unless the bucket has object lock enabled."""
+        bucket = self.settings.bucket
+        missing = ObjectLockMissing(
+            f"The bucket {bucket!r} does not have S3 Object Lock enabled, which this "
+            "destination requires (object_lock). Object lock can only be enabled on a bucket "
+            "when it is created: use a bucket created with object lock, or remove object_lock.",
+            step="lock",
+        )
+
+        async def configuration(client: _S3Client) -> dict[str, Any]:
+            try:
+                return await client.get_object_lock_configuration(Bucket=bucket)
+            except bx.ClientError as exc:
+                code = str((exc.response.get("Error") or {}).get("Code") or "")
+                if code.startswith("ObjectLockConfigurationNotFound") or code in (
+                    "NoSuchObjectLockConfiguration",
+                    "NotImplemented",
+                ):
+                    raise missing from None
+                raise
+
+        answer = await self._call("read the object lock configuration", None, configuration)
+        if (answer.get("ObjectLockConfiguration") or {}).get("ObjectLockEnabled") != "Enabled":
+            raise missing
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         check_list_prefix(prefix)
@@ -749,7 +902,15 @@ class S3Store(ObjectStore):
             raise refusal
 
     async def validate(self) -> ValidationReport:
-        return await probe(self, PROBE_PREFIX + uuid.uuid4().hex)
+        report = await probe(self, PROBE_PREFIX + uuid.uuid4().hex)
+        if self.settings.object_lock is None or not report.ok:
+            return report
+        try:
+            await self.check_object_lock()
+        except StorageError as exc:
+            step = ValidationStep("lock", False, exc.code, exc.message)
+            return ValidationReport(False, [*report.steps, step])
+        return ValidationReport(True, [*report.steps, ValidationStep("lock", True)])
 
     async def aclose(self) -> None:
         if self._pending:

@@ -78,6 +78,28 @@ def _check_prefix(value: str) -> str:
     return value
 
 
+MAX_LOCK_MARGIN_DAYS = 3650
+
+
+class ObjectLock(BaseModel):
+    """S3 Object Lock on every restore point's objects: each is written with ``mode`` and a
+    retain-until date (the point's expiry plus ``margin_days``), before which no credential
+    (the manager's included) can delete or overwrite it. See docs/storage.md, "Object lock"."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    mode: Literal["GOVERNANCE", "COMPLIANCE"] = Field(
+        description="COMPLIANCE: nobody can shorten or lift the lock; GOVERNANCE: only a "
+        "credential allowed to bypass governance retention can (the manager never does)."
+    )
+    margin_days: int = Field(
+        default=1,
+        ge=0,
+        le=MAX_LOCK_MARGIN_DAYS,
+        description="Days the lock lasts past the restore point's expiry (0 to 3650).",
+    )
+
+
 class S3Settings(BaseModel):
     """An S3 bucket on AWS or any S3-compatible endpoint."""
 
@@ -95,6 +117,9 @@ class S3Settings(BaseModel):
     verify_tls: bool = True
     ca_bundle: str | None = Field(default=None, description="Path of a PEM CA bundle to trust")
     prefix: _Prefix = ""
+    object_lock: ObjectLock | None = Field(
+        default=None, description="Lock every restore point's objects (S3 Object Lock)."
+    )
 
     _prefix = field_validator("prefix")(classmethod(lambda cls, v: _check_prefix(v)))
     _region = field_validator("region")(classmethod(lambda cls, v: _check_region(v)))
