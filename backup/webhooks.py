@@ -19,20 +19,35 @@ specification says (``webhook-id``, ``webhook-timestamp``, ``webhook-signature``
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
 import json
+import random
+import ssl
 import uuid
-from datetime import date, datetime
+from collections.abc import Callable
+from datetime import date, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
+import aiohttp
 import structlog
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from pymongo.errors import PyMongoError
 
+from backup.clock import Clock, SystemClock
 from backup.database import SCHEMA_VERSION, Database, Document
-from backup.pagination import now
+from backup.errors import Conflict, InvalidInput, NotFound
+from backup.merge_patch import merge_patch
+from backup.pagination import Page, now, paginate
+from backup.secrets import SecretBox, SecretKeyError
+from storage import egress
+from storage.base import EgressDenied
 
 log = structlog.get_logger(__name__)
 
@@ -137,6 +152,7 @@ async def emit(
                 "state": str(DeliveryState.PENDING),
                 "next_attempt_at": at,
                 "attempts": 0,
+                "claims": 0,
                 "attempt_log": [],
                 "lease_owner": None,
                 "lease_expires_at": None,
@@ -144,6 +160,7 @@ async def emit(
             for hook in hooks
         ]
         await db.webhook_deliveries.insert_many(rows, ordered=False)
+        _wake_deliverers()
     except Exception:
         log.exception(
             "webhook_emit_failed",
@@ -202,3 +219,602 @@ def verify(
         hmac.compare_digest(expected, candidate)
         for candidate in headers.get("webhook-signature", "").split()
     )
+
+
+# --------------------------------------------------------------------------- settings
+
+
+class WebhookSettings(BaseSettings):
+    """Webhooks and their delivery on one replica, from environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    enabled: bool = Field(
+        default=True,
+        validation_alias="WEBHOOK_DELIVERY_ENABLED",
+        description="Deliver webhook events from this replica (with the other background "
+        "parts; false: this replica only queues them).",
+    )
+    allow_http: bool = Field(
+        default=False,
+        validation_alias="WEBHOOK_ALLOW_HTTP",
+        description="Accept webhook URLs with http:// (default: https:// only).",
+    )
+    max_per_instance: int = Field(
+        default=20,
+        ge=1,
+        le=1000,
+        validation_alias="WEBHOOK_MAX_PER_INSTANCE",
+        description="Webhooks one instance may have.",
+    )
+    max_attempts: int = Field(
+        default=8,
+        ge=1,
+        le=100,
+        validation_alias="WEBHOOK_MAX_ATTEMPTS",
+        description="Attempts of one delivery before it is given up (marked failed).",
+    )
+    backoff_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=86400.0,
+        validation_alias="WEBHOOK_BACKOFF_SECONDS",
+        description="Wait before the first retry; it doubles after every failed attempt "
+        "(plus up to a fifth at random), up to WEBHOOK_BACKOFF_MAX_SECONDS.",
+    )
+    backoff_max_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        le=7 * 86400.0,
+        validation_alias="WEBHOOK_BACKOFF_MAX_SECONDS",
+        description="The longest wait between two attempts.",
+    )
+    timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=300.0,
+        validation_alias="WEBHOOK_TIMEOUT_SECONDS",
+        description="How long one attempt may take, connection included.",
+    )
+    lease_seconds: float = Field(
+        default=60.0,
+        ge=1.0,
+        le=3600.0,
+        validation_alias="WEBHOOK_LEASE_SECONDS",
+        description="How long a replica holds a delivery it sends; a crashed replica's "
+        "deliveries are sent again after at most this long. Longer than the timeout.",
+    )
+    poll_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600.0,
+        validation_alias="WEBHOOK_POLL_SECONDS",
+        description="How often the outbox is checked for due deliveries when nothing "
+        "signalled one (events queued on this replica are sent at once).",
+    )
+    concurrency: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        validation_alias="WEBHOOK_CONCURRENCY",
+        description="Deliveries this replica sends at once.",
+    )
+    retention_days: float = Field(
+        default=30.0,
+        gt=0,
+        le=3650.0,
+        validation_alias="WEBHOOK_DELIVERY_RETENTION_DAYS",
+        description="How long finished deliveries stay in the delivery log.",
+    )
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds before the attempt after ``attempts`` failed ones."""
+        base = self.backoff_seconds * 2 ** min(attempts - 1, 40)
+        return float(min(self.backoff_max_seconds, base * (1 + random.random() / 5)))
+
+
+# --------------------------------------------------------------------------- webhooks
+
+Url = Annotated[str, Field(min_length=1, max_length=2048)]
+Secret = Annotated[str, Field(min_length=16, max_length=256)]
+
+
+def _events(value: list[EventType]) -> list[EventType]:
+    if len(set(value)) != len(value):
+        raise ValueError("an event is listed twice")
+    return value
+
+
+class WebhookSpec(BaseModel):
+    """A webhook as created: where to, which events, the signing secret."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    url: Url = Field(
+        description="Where events are POSTed: https:// (http:// only if the operator "
+        "allows it); no user name or password in it."
+    )
+    events: list[EventType] = Field(
+        min_length=1, max_length=len(EventType), description="The events wanted."
+    )
+    secret: Secret = Field(
+        description="The signing secret, 16 to 256 characters (a Standard Webhooks secret, "
+        "whsec_ and base64, is used as its decoded bytes); write-only."
+    )
+    enabled: bool = Field(default=True, description="false: no event is queued or sent.")
+    description: str | None = Field(default=None, max_length=256)
+
+    @field_validator("events", mode="before")
+    @classmethod
+    def _no_strict_enum(cls, value: Any) -> Any:
+        # strict mode refuses strings for an enum; the values are checked right after
+        if isinstance(value, list):
+            try:
+                return [EventType(v) if isinstance(v, str) else v for v in value]
+            except ValueError:
+                allowed = ", ".join(e.value for e in EventType)
+                raise ValueError(f"events are among: {allowed}") from None
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _unique(cls, value: list[EventType]) -> list[EventType]:
+        return _events(value)
+
+
+SPEC_FIELDS = frozenset(WebhookSpec.model_fields)
+
+
+def _context(webhook_id: str) -> str:
+    return f"webhooks/{webhook_id}/secret"
+
+
+async def check_url(url: str, settings: WebhookSettings, *, field: str = "url") -> None:
+    """Refuse a URL the service must not send to: a scheme other than https (or http when
+    allowed), credentials or a fragment in it, a host the egress policy denies (a name is
+    resolved now; each delivery checks again)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise InvalidInput(
+            "The url is not a valid URL; send one like https://example.com/hooks.",
+            code="invalid_url",
+            field=field,
+        ) from None
+    schemes = ("https", "http") if settings.allow_http else ("https",)
+    if parts.scheme not in schemes:
+        allowed = "https:// or http://" if settings.allow_http else "https://"
+        raise InvalidInput(f"The url must start with {allowed}.", code="invalid_url", field=field)
+    if not parts.hostname:
+        raise InvalidInput("The url has no host.", code="invalid_url", field=field)
+    if parts.username is not None or parts.password is not None:
+        raise InvalidInput(
+            "The url must not hold a user name or password: the secret signs every delivery.",
+            code="invalid_url",
+            field=field,
+        )
+    if parts.fragment:
+        raise InvalidInput("The url must not have a #fragment.", code="invalid_url", field=field)
+    refusal = egress.literal_refusal(url)
+    policy = egress.installed()
+    try:
+        if refusal is not None:
+            raise refusal
+        if policy is not None:
+            await policy.check_url(url)
+    except EgressDenied as exc:
+        raise InvalidInput(exc.message, code="egress_denied", field=field) from None
+
+
+def _store_fields(spec: WebhookSpec) -> dict[str, Any]:
+    return {
+        "url": spec.url,
+        "events": [str(e) for e in spec.events],
+        "enabled": spec.enabled,
+        "description": spec.description,
+    }
+
+
+async def create(
+    db: Database, box: SecretBox, instance_id: str, spec: WebhookSpec, settings: WebhookSettings
+) -> Document:
+    await check_url(spec.url, settings)
+    count = await db.webhooks.count_documents({"instance_id": instance_id})
+    if count >= settings.max_per_instance:
+        raise Conflict(
+            f"This instance has {count} webhooks, the most allowed; delete one first.",
+            code="too_many_webhooks",
+        )
+    webhook_id = str(uuid.uuid4())
+    at = now()
+    doc: Document = {
+        "_id": webhook_id,
+        "schema_version": SCHEMA_VERSION,
+        "instance_id": instance_id,
+        **_store_fields(spec),
+        "secret": box.seal(spec.secret, _context(webhook_id)),
+        "created_at": at,
+        "updated_at": at,
+        "version": 1,
+    }
+    await db.webhooks.insert_one(doc)
+    return doc
+
+
+async def get(db: Database, instance_id: str, webhook_id: str) -> Document:
+    doc = await db.webhooks.find_one({"_id": webhook_id, "instance_id": instance_id})
+    if doc is None:
+        raise NotFound(
+            f"This instance has no webhook {webhook_id[:100]!r}.", code="webhook_not_found"
+        )
+    return doc
+
+
+async def list_page(db: Database, instance_id: str, limit: int, cursor: str | None) -> Page:
+    return await paginate(db.webhooks, {"instance_id": instance_id}, limit=limit, cursor=cursor)
+
+
+async def update(
+    db: Database,
+    box: SecretBox,
+    instance_id: str,
+    webhook_id: str,
+    patch: dict[str, Any],
+    settings: WebhookSettings,
+) -> Document:
+    """Apply a JSON merge patch; the merged webhook is validated as a whole; the secret is
+    kept unless sent."""
+    doc = await get(db, instance_id, webhook_id)
+    unknown = sorted(set(patch) - SPEC_FIELDS)
+    if unknown:
+        raise InvalidInput(
+            f"A webhook has no field {unknown[0]!r}.", code="invalid_input", field=unknown[0]
+        )
+    if "secret" in patch and patch["secret"] is None:
+        raise InvalidInput(
+            "The secret cannot be removed; send a new one to change it.", field="secret"
+        )
+    current = {**_store_fields_of(doc), "secret": "0" * 16}
+    merged = merge_patch(current, patch)
+    spec = WebhookSpec.model_validate(merged)  # pydantic's ValidationError: a 400
+    if spec.url != doc["url"]:
+        await check_url(spec.url, settings)
+    changes: dict[str, Any] = {**_store_fields(spec), "updated_at": now()}
+    if "secret" in patch:
+        changes["secret"] = box.seal(spec.secret, _context(webhook_id))
+    result = await db.webhooks.find_one_and_update(
+        {"_id": webhook_id, "instance_id": instance_id, "version": doc.get("version", 1)},
+        {"$set": changes, "$inc": {"version": 1}},
+        return_document=True,
+    )
+    if result is None:
+        raise Conflict(
+            "The webhook was changed or deleted by someone else meanwhile; read it again and "
+            "retry.",
+            code="concurrent_update",
+        )
+    return result
+
+
+def _store_fields_of(doc: Document) -> dict[str, Any]:
+    fields: dict[str, Any] = {k: doc[k] for k in ("url", "events", "enabled") if k in doc}
+    if doc.get("description") is not None:
+        fields["description"] = doc["description"]
+    return fields
+
+
+async def delete(db: Database, instance_id: str, webhook_id: str) -> None:
+    """Delete a webhook and its delivery log (deliveries not yet sent are dropped)."""
+    result = await db.webhooks.delete_one({"_id": webhook_id, "instance_id": instance_id})
+    if result.deleted_count == 0:
+        await get(db, instance_id, webhook_id)  # raises NotFound
+    await db.webhook_deliveries.delete_many({"webhook_id": webhook_id})
+
+
+async def delete_all(db: Database, instance_id: str) -> None:
+    """Delete an instance's webhooks and deliveries (its deprovision)."""
+    await db.webhooks.delete_many({"instance_id": instance_id})
+    await db.webhook_deliveries.delete_many({"instance_id": instance_id})
+
+
+async def deliveries_page(
+    db: Database, instance_id: str, webhook_id: str, limit: int, cursor: str | None
+) -> Page:
+    """A webhook's delivery log, newest first."""
+    await get(db, instance_id, webhook_id)
+    return await paginate(
+        db.webhook_deliveries,
+        {"webhook_id": webhook_id, "instance_id": instance_id},
+        limit=limit,
+        cursor=cursor,
+    )
+
+
+# --------------------------------------------------------------------------- delivery
+
+_deliverers: list[Callable[[], None]] = []
+
+
+def _wake_deliverers() -> None:
+    """A hint to this process's deliverers that an event was queued (others poll)."""
+    for wake in list(_deliverers):
+        wake()
+
+
+def _due(at: datetime) -> dict[str, Any]:
+    return {
+        "$or": [
+            {"state": str(DeliveryState.PENDING), "next_attempt_at": {"$lte": at}},
+            {"state": str(DeliveryState.DELIVERING), "lease_expires_at": {"$lte": at}},
+        ]
+    }
+
+
+ATTEMPT_LOG_MAX = 20
+"""The newest attempts kept on a delivery."""
+
+
+class WebhookDeliverer:
+    """One replica's delivery loop: claims due deliveries with a lease and sends them,
+    ``WEBHOOK_CONCURRENCY`` at a time."""
+
+    def __init__(
+        self,
+        db: Database,
+        box: SecretBox,
+        settings: WebhookSettings,
+        *,
+        replica_id: str,
+        clock: Clock | None = None,
+    ) -> None:
+        self.db, self.box, self.settings = db, box, settings
+        self.replica_id = replica_id
+        self.clock: Clock = clock or SystemClock()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._stopping = False
+        self._last_prune: datetime | None = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        policy = egress.installed()
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=self.settings.concurrency, **egress.connector_args(policy)
+            ),
+            timeout=aiohttp.ClientTimeout(
+                total=self.settings.timeout_seconds,
+                connect=min(self.settings.timeout_seconds, 10.0),
+            ),
+            trust_env=False,
+            auto_decompress=False,
+        )
+        _deliverers.append(self.wake)
+        self._task = asyncio.create_task(self._loop(), name="webhook-deliverer")
+
+    async def stop(self) -> None:
+        """Stop claiming, let the attempts in flight end (up to their timeout), close."""
+        self._stopping = True
+        if self.wake in _deliverers:
+            _deliverers.remove(self.wake)
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=self.settings.timeout_seconds + 1)
+        for task in list(self._inflight):
+            task.cancel()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                claimed = await self.run_once()
+                await self._prune()
+            except PyMongoError as exc:
+                log.warning("webhook_outbox_unavailable", error=type(exc).__name__)
+                claimed = 0
+            except Exception:
+                log.exception("webhook_deliverer_failed")
+                claimed = 0
+            if claimed and len(self._inflight) < self.settings.concurrency:
+                continue
+            self._wake.clear()
+            await self.clock.wait(self._wake, self.settings.poll_seconds)
+
+    async def run_once(self) -> int:
+        """Claim due deliveries for the free slots and start sending them; how many."""
+        free = self.settings.concurrency - len(self._inflight)
+        if free <= 0:
+            return 0
+        at = self.clock.now()
+        candidates = (
+            await self.db.webhook_deliveries.find(_due(at), {"_id": 1, "state": 1, "claims": 1})
+            .sort("next_attempt_at", 1)
+            .limit(free)
+            .to_list(None)
+        )
+        started = 0
+        for candidate in candidates:
+            claim = await self._claim(candidate, at)
+            if claim is None:
+                continue
+            task = asyncio.create_task(self._deliver(claim))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+            started += 1
+        return started
+
+    async def _claim(self, candidate: Document, at: datetime) -> Document | None:
+        token = int(candidate.get("claims") or 0)
+        result = await self.db.webhook_deliveries.find_one_and_update(
+            {"_id": candidate["_id"], "claims": candidate.get("claims"), **_due(at)},
+            {
+                "$set": {
+                    "state": str(DeliveryState.DELIVERING),
+                    "lease_owner": self.replica_id,
+                    "lease_expires_at": at + timedelta(seconds=self.settings.lease_seconds),
+                    "claims": token + 1,
+                }
+            },
+            return_document=True,
+        )
+        return result
+
+    async def _deliver(self, delivery: Document) -> None:
+        try:
+            await self._attempt(delivery)
+        except Exception:
+            log.exception("webhook_delivery_crashed", delivery_id=delivery["_id"])
+
+    async def _attempt(self, delivery: Document) -> None:
+        hook = await self.db.webhooks.find_one({"_id": delivery["webhook_id"]})
+        started = self.clock.now()
+        status: int | None = None
+        if hook is None:
+            await self._record(delivery, started, None, "the webhook was deleted", final=True)
+            return
+        if not hook.get("enabled", True):
+            await self._record(
+                delivery, started, None, "the webhook was disabled before delivery", final=True
+            )
+            return
+        try:
+            secret = self.box.open(hook["secret"], _context(hook["_id"]))
+        except SecretKeyError:
+            await self._record(
+                delivery, started, None, "the webhook's secret cannot be opened", final=False
+            )
+            return
+        error: str | None
+        try:
+            status = await self._post(hook["url"], secret, delivery)
+            error = None if 200 <= status < 300 else _status_error(status)
+        except EgressDenied as exc:
+            error = f"the egress policy refuses the receiver's address ({exc.setting})"
+        except TimeoutError:
+            error = f"the receiver did not answer within {self.settings.timeout_seconds:g} s"
+        except aiohttp.ClientSSLError:
+            error = "the TLS connection to the receiver failed (certificate or handshake)"
+        except aiohttp.ClientConnectorError as exc:
+            inner = egress.refusal_in(exc)
+            error = (
+                f"the egress policy refuses the receiver's address ({inner.setting})"
+                if inner is not None
+                else "the receiver could not be reached (connection failed)"
+            )
+        except (aiohttp.ClientError, OSError, ssl.SSLError):
+            error = "the connection to the receiver failed before it answered"
+        await self._record(delivery, started, status, error, final=False)
+
+    async def _post(self, url: str, secret: str, delivery: Document) -> int:
+        assert self._session is not None
+        refusal = egress.literal_refusal(url)
+        if refusal is not None:
+            raise refusal
+        body: str = delivery["body"]
+        timestamp = int(self.clock.now().timestamp())
+        headers = {
+            "Content-Type": "application/cloudevents+json; charset=utf-8",
+            "User-Agent": "osb-backup-manager-webhooks/1",
+            "webhook-id": delivery["event_id"],
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(secret, delivery["event_id"], timestamp, body),
+        }
+        async with self._session.post(
+            url, data=body.encode(), headers=headers, allow_redirects=False
+        ) as response:
+            return response.status  # the body is never read: nothing of it is shown
+
+    async def _record(
+        self,
+        delivery: Document,
+        started: datetime,
+        status: int | None,
+        error: str | None,
+        *,
+        final: bool,
+    ) -> None:
+        at = self.clock.now()
+        attempts = int(delivery.get("attempts") or 0) + 1
+        entry = {
+            "at": started,
+            "status_code": status,
+            "error": error,
+            "duration_ms": round((at - started).total_seconds() * 1000, 1),
+        }
+        changes: dict[str, Any] = {
+            "attempts": attempts,
+            "last_attempt_at": started,
+            "last_status_code": status,
+            "last_error": error,
+            "lease_owner": None,
+            "lease_expires_at": None,
+        }
+        if error is None:
+            changes.update(state=str(DeliveryState.SUCCEEDED), delivered_at=at)
+            changes["next_attempt_at"] = None
+        elif final or attempts >= self.settings.max_attempts:
+            changes.update(state=str(DeliveryState.FAILED), next_attempt_at=None, failed_at=at)
+        else:
+            retry = at + timedelta(seconds=self.settings.backoff(attempts))
+            changes.update(state=str(DeliveryState.PENDING), next_attempt_at=retry)
+        result = await self.db.webhook_deliveries.update_one(
+            {"_id": delivery["_id"], "claims": delivery["claims"]},
+            {
+                "$set": changes,
+                "$push": {"attempt_log": {"$each": [entry], "$slice": -ATTEMPT_LOG_MAX}},
+            },
+        )
+        log.info(
+            "webhook_delivery_attempt",
+            delivery_id=delivery["_id"],
+            webhook_id=delivery["webhook_id"],
+            event_id=delivery["event_id"],
+            attempt=attempts,
+            status_code=status,
+            error=error,
+            state=changes["state"],
+            lease_lost=result.matched_count == 0,
+        )
+
+    async def _prune(self) -> None:
+        """Now and then: finished deliveries older than WEBHOOK_DELIVERY_RETENTION_DAYS go."""
+        at = self.clock.now()
+        if self._last_prune is not None and at - self._last_prune < timedelta(hours=1):
+            return
+        self._last_prune = at
+        before = at - timedelta(days=self.settings.retention_days)
+        await self.db.webhook_deliveries.delete_many(
+            {
+                "state": {"$in": [str(DeliveryState.SUCCEEDED), str(DeliveryState.FAILED)]},
+                "created_at": {"$lt": before},
+            }
+        )
+
+
+def _status_error(status: int) -> str:
+    if 300 <= status < 400:
+        return f"the receiver answered {status}, a redirect, which is not followed"
+    return f"the receiver answered {status}"
+
+
+__all__ = [
+    "DeliveryState",
+    "EventType",
+    "WebhookDeliverer",
+    "WebhookSettings",
+    "WebhookSpec",
+    "emit",
+    "sign",
+    "verify",
+]

@@ -38,6 +38,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from backup.retention import RetentionSweeper
 from backup.runner import JobRunner, RunnerSettings, new_replica_id
 from backup.settings import load_settings
+from backup.webhooks import WebhookDeliverer, WebhookSettings
 from broker import metrics
 from broker.context import (
     DATABASE,
@@ -54,6 +55,9 @@ from broker.context import (
 from scheduler import Scheduler, SchedulerSettings
 
 log = structlog.get_logger(__name__)
+
+WEBHOOK_SETTINGS = web.AppKey("webhook_settings", WebhookSettings)
+WEBHOOK_DELIVERER = web.AppKey("webhook_deliverer", WebhookDeliverer)
 
 
 class BackgroundSettings(BaseSettings):
@@ -76,11 +80,13 @@ def setup(app: web.Application, *, enabled: bool | None = None) -> None:
     app[RUNNER_SETTINGS] = load_settings(RunnerSettings, part="runner")
     from_env = load_settings(BackgroundSettings, part="background").enabled
     app[SCHEDULER_SETTINGS] = load_settings(SchedulerSettings, part="scheduler")
+    app[WEBHOOK_SETTINGS] = load_settings(WebhookSettings, part="webhook")
     app[REPLICA_ID] = new_replica_id()
     if not (from_env if enabled is None else enabled):
         app.cleanup_ctx.append(http_only)
         return
     app.cleanup_ctx.extend([work_database, retention_sweeper, job_runner, plan_scheduler])
+    app.cleanup_ctx.append(webhook_deliverer)
 
 
 async def http_only(app: web.Application) -> AsyncIterator[None]:
@@ -161,3 +167,17 @@ async def plan_scheduler(app: web.Application) -> AsyncIterator[None]:
             await app[SCHEDULER].stop()
         except Exception:
             log.exception("scheduler_stop_failed")
+
+
+async def webhook_deliverer(app: web.Application) -> AsyncIterator[None]:
+    """Sends the webhook outbox's due deliveries (backup.webhooks); on shutdown it lets the
+    attempts in flight end, and a delivery it could not finish is sent again later."""
+    settings = app[WEBHOOK_SETTINGS]
+    deliverer = app[WEBHOOK_DELIVERER] = WebhookDeliverer(
+        app[DATABASE], app[SECRETS], settings, replica_id=app[REPLICA_ID]
+    )
+    if settings.enabled:
+        await deliverer.start()
+    yield
+    if settings.enabled:
+        await deliverer.stop()
