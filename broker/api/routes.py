@@ -633,4 +633,7 @@ def add_routes(app: web.Application) -> None:
         app.router.add_route(operation.method, operation.path, handler_for(operation))
 
 
+# The webhook operations are declared in a module of their own (it uses op, Ctx and _page).
+from broker.api import webhooks as _webhooks  # noqa: E402, F401
+
 __all__ = ["OPERATIONS", "add_routes"]
