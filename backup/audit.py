@@ -52,10 +52,11 @@ async def record(
     fields: Iterable[str],
     request_id: str | None,
     *,
-    instance_id: str,
+    instance_id: str | None,
     outcome: str = "succeeded",
 ) -> Document:
-    """Store one entry; ``fields`` are the names of what the change set, never values."""
+    """Store one entry; ``fields`` are the names of what the change set, never values.
+    ``instance_id`` is ``None`` for a platform-wide change that concerns no one instance."""
     entry: Document = {
         "_id": str(uuid.uuid4()),
         "created_at": now(),
@@ -76,6 +77,42 @@ async def list_page(
 ) -> Page:
     """One page of the trail, newest first: one instance's, or every instance's (``None``)."""
     query: dict[str, Any] = {} if instance_id is None else {"instance_id": instance_id}
+    return await paginate(db.audit, query, limit=limit, cursor=cursor)
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """The operator-wide trail's filters; unset ones match everything."""
+
+    instance_id: str | None = None
+    actor: str | None = None
+    """The actor's subject (a user's id, a binding's id, an account's name)."""
+    actor_kind: ActorKind | None = None
+    since: datetime | None = None
+    """Entries recorded at or after it."""
+    until: datetime | None = None
+    """Entries recorded before it."""
+
+
+async def list_platform_page(
+    db: Database, where: Filter, *, limit: int, cursor: str | None
+) -> Page:
+    """One page of every instance's trail (platform-wide changes too), newest first, as
+    ``where`` narrows it."""
+    query: dict[str, Any] = {}
+    if where.instance_id is not None:
+        query["instance_id"] = where.instance_id
+    if where.actor is not None:
+        query["actor.subject"] = where.actor
+    if where.actor_kind is not None:
+        query["actor.kind"] = str(where.actor_kind)
+    span: dict[str, Any] = {}
+    if where.since is not None:
+        span["$gte"] = where.since
+    if where.until is not None:
+        span["$lt"] = where.until
+    if span:
+        query["created_at"] = span
     return await paginate(db.audit, query, limit=limit, cursor=cursor)
 
 

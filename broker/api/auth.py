@@ -328,6 +328,18 @@ class Authorizer:
             return False, False
         return body.get("read") is True, body.get("manage") is True
 
+    def require_operator(self, principal: Principal) -> None:
+        """Platform-wide operations (the fleet's protection, the whole audit trail): only the
+        broker's or operator's credentials and tokens with the operator scope; 403 for users
+        and binding keys, whatever instances they may see."""
+        if principal.kind not in ("broker", "operator"):
+            raise ApiError(
+                403,
+                "forbidden",
+                "Only operators may use this platform-wide operation; use your instance's own "
+                "endpoints (/v1/service_instances/{id}/...), or ask an operator.",
+            )
+
     async def authorize(self, request: web.Request, instance_id: str, manage: bool) -> Document:
         """The live instance if the caller may act on it, else 401/403/404."""
         principal = await self.authenticate(request)

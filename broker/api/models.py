@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
 
 from backup import pagination
 from backup.destinations import DestinationSpec, S3DestinationSpec, SwiftDestinationSpec
@@ -90,6 +90,30 @@ class JobListQuery(ListQuery):
     type: JobType | None = Field(default=None, description="Only BACKUP or RESTORE jobs.")
     status: JobStatus | None = Field(default=None, description="Only jobs in this status.")
     plan_id: Id | None = Field(default=None, description="Only jobs of this plan.")
+
+
+class AuditListQuery(ListQuery):
+    """The operator-wide audit trail's filters (all optional, combined with AND)."""
+
+    instance_id: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
+        default=None, description="Only entries of this service instance."
+    )
+    actor: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
+        default=None,
+        description="Only entries of this actor (a user's id, a binding's id, an "
+        "account's name, a platform user's identity).",
+    )
+    actor_kind: Literal["user", "binding", "operator", "broker", "platform_user"] | None = Field(
+        default=None, description="Only entries of this kind of actor."
+    )
+    since: AwareDatetime | None = Field(
+        default=None,
+        description="Only entries recorded at or after this time (RFC 3339, with its offset).",
+    )
+    until: AwareDatetime | None = Field(
+        default=None,
+        description="Only entries recorded before this time (RFC 3339, with its offset).",
+    )
 
 
 class RestorePointListQuery(ListQuery):
@@ -488,6 +512,9 @@ class AuditEntryOut(BaseModel):
     model_config = _OUT
     id: str
     created_at: datetime
+    instance_id: str | None = Field(
+        default=None, description="The instance changed; null for a platform-wide change."
+    )
     actor: AuditActorOut
     action: str = Field(description="The API operation or OSB call, e.g. create_destination.")
     resource: AuditResourceOut

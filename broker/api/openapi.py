@@ -13,7 +13,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import JsonSchemaMode
 
 from broker.api import models
-from broker.api.routes import OPERATIONS
+from broker.api.routes import OPERATIONS, PLATFORM_OPERATIONS
 
 _REF = "#/components/schemas/{model}"
 _STATUS_TEXT = {
@@ -27,6 +27,7 @@ _STATUS_TEXT = {
     429: "Too many failed logins from this address (or user name); see Retry-After.",
     503: "A dependency (storage, token issuer, Cloud Controller) is unavailable; retry.",
 }
+_PLATFORM_FORBIDDEN = "Only operators may call this platform-wide operation."
 
 
 def _name(tp: Any) -> str:
@@ -38,7 +39,7 @@ def document() -> dict[str, Any]:
     inputs: list[tuple[str, JsonSchemaMode, TypeAdapter[Any]]] = []
     named: dict[str, Any] = {"ErrorOut": models.ErrorOut, "DestinationIn": models.DestinationIn}
     named["DestinationOut"] = models.DestinationOut
-    for operation in OPERATIONS:
+    for operation in [*OPERATIONS, *PLATFORM_OPERATIONS]:
         for tp in (operation.body, operation.response):
             if tp is not None and tp not in named.values():
                 named[_name(tp)] = tp
@@ -53,7 +54,7 @@ def document() -> dict[str, Any]:
     refs = {key: _ref_of(key, schema, components) for (key, _mode), schema in schemas.items()}
 
     paths: dict[str, Any] = {}
-    for operation in OPERATIONS:
+    for operation in [*OPERATIONS, *PLATFORM_OPERATIONS]:
         params = [
             {
                 "name": name,
@@ -75,8 +76,9 @@ def document() -> dict[str, Any]:
             {403} if operation.manage else set()
         )
         for code in sorted(codes | ({415} if operation.body is not None else set())):
+            platform = operation.scope == "platform" and code == 403
             responses[str(code)] = {
-                "description": _STATUS_TEXT[code],
+                "description": _PLATFORM_FORBIDDEN if platform else _STATUS_TEXT[code],
                 "content": {
                     "application/json": {"schema": {"$ref": _REF.format(model="ErrorOut")}}
                 },

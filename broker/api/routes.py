@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Literal, TypeVar, cast
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -23,6 +23,9 @@ from broker.errors import ApiError, from_body, from_validation
 from webguard.body import BodyError, read_json_object
 
 PREFIX = "/v1/service_instances/{instance_id}"
+PLATFORM_PREFIX = "/v1"
+"""Platform-scoped operations (operators only: the fleet's protection, the whole audit trail)
+live right under it."""
 API_SETTINGS = web.AppKey("api_settings", ApiSettings)
 """How the API and the background loops open an object store (``storage.open_store``)."""
 M = TypeVar("M", bound=BaseModel)
@@ -32,6 +35,8 @@ Answer = BaseModel | web.StreamResponse | None
 a response it built itself (another status), or nothing (204)."""
 Handler = Callable[["Ctx"], Awaitable[Answer]]
 H = TypeVar("H", bound=Handler)
+PlatformHandler = Callable[["PlatformCtx"], Awaitable[Answer]]
+PH = TypeVar("PH", bound=PlatformHandler)
 
 
 @dataclass
@@ -85,10 +90,60 @@ class Ctx:
 
 
 @dataclass
+class PlatformCtx:
+    """What a platform-scoped handler gets: the request, the operator that called, and the
+    app's resources; no instance (the operation spans them all)."""
+
+    request: web.Request
+    principal: Principal
+    db: Database
+    box: SecretBox
+    api: ApiSettings
+    sent_fields: list[str] = field(default_factory=list)
+    """The names of the fields of the JSON object sent, for the audit trail."""
+    instance_id: str | None = None
+    """The instance a change concerned, if one: the handler sets it for the audit trail."""
+
+    async def raw_body(self) -> dict[str, object]:
+        """The JSON object sent, not yet validated."""
+        try:
+            sent = await read_json_object(self.request)
+        except BodyError as exc:
+            raise from_body(exc) from None
+        self.sent_fields = list(sent)
+        return sent
+
+    async def body(self, model: type[M]) -> M:
+        """The JSON object sent, validated by ``model``."""
+        return model.model_validate(await self.raw_body())
+
+    def query(self, model: type[M]) -> M:
+        """The query string validated by ``model``; a parameter given twice is refused."""
+        return _validated_query(self.request, model)
+
+
+def _validated_query(request: web.Request, model: type[M]) -> M:
+    query = request.query
+    repeated = sorted({name for name in query if len(query.getall(name)) > 1})
+    if repeated:
+        raise ApiError(
+            400,
+            "invalid_input",
+            f"Invalid query: {repeated[0]} is given more than once.",
+            extra={"field": repeated[0]},
+        )
+    try:
+        return model.model_validate(dict(query))
+    except ValidationError as exc:
+        raise from_validation(exc, "query") from None
+
+
+@dataclass
 class Operation:
     method: str
     path: str
-    handler: Handler
+    handler: Handler | PlatformHandler
+    """A :data:`Handler`, or a :data:`PlatformHandler` for the platform scope."""
     summary: str
     tag: str
     manage: bool
@@ -104,6 +159,8 @@ class Operation:
     errors: tuple[int, ...] = ()
     also: dict[int, str] = field(default_factory=dict)
     """Other success statuses and what they mean (e.g. 202 of a cancel)."""
+    scope: Literal["instance", "platform"] = "instance"
+    """``platform``: under /v1 itself, for operators only (a tenant gets 403)."""
 
     @property
     def operation_id(self) -> str:
@@ -111,6 +168,10 @@ class Operation:
 
 
 OPERATIONS: list[Operation] = []
+"""The operations on one instance (``/v1/service_instances/{instance_id}/...``)."""
+PLATFORM_OPERATIONS: list[Operation] = []
+"""The operations across the platform (``/v1/...``), for operators only: see
+:func:`platform_op`."""
 
 
 def op(
@@ -149,6 +210,50 @@ def op(
                 query=query,
                 errors=errors,
                 also=also or {},
+            )
+        )
+        return handler
+
+    return register
+
+
+def platform_op(
+    method: str,
+    path: str,
+    *,
+    summary: str,
+    tag: str,
+    status: int = 200,
+    body: object = None,
+    body_required: bool = True,
+    response: object = None,
+    query: type[BaseModel] | None = None,
+    errors: tuple[int, ...] = (),
+    also: dict[int, str] | None = None,
+    changes: bool | None = None,
+) -> Callable[[PH], PH]:
+    """Declare an operation across the platform, at ``/v1`` + ``path``: only operators (the
+    broker's or operator's Basic credentials, a token with the operator scope) may call it;
+    anyone else authenticated gets 403. GET changes nothing unless ``changes`` says so."""
+
+    def register(handler: PH) -> PH:
+        PLATFORM_OPERATIONS.append(
+            Operation(
+                method,
+                PLATFORM_PREFIX + path,
+                handler,
+                summary,
+                tag,
+                manage=True,
+                changes=method != "GET" if changes is None else changes,
+                status=status,
+                body=body,
+                body_required=body_required,
+                response=response,
+                query=query,
+                errors=errors,
+                also=also or {},
+                scope="platform",
             )
         )
         return handler
@@ -579,6 +684,29 @@ async def list_audit(ctx: Ctx) -> models.AuditPage:
     return _page(models.AuditPage, page, [views.audit_entry(d) for d in page.items])
 
 
+@platform_op(
+    "GET",
+    "/audit",
+    summary="Every instance's audit trail, newest first (operators only): filter by instance, "
+    "actor, and time",
+    tag="audit",
+    response=models.AuditPage,
+    query=models.AuditListQuery,
+)
+async def list_platform_audit(ctx: PlatformCtx) -> models.AuditPage:
+    query = ctx.query(models.AuditListQuery)
+    limit, cursor = query.window()
+    where = audit.Filter(
+        instance_id=query.instance_id,
+        actor=query.actor,
+        actor_kind=audit.ActorKind(query.actor_kind) if query.actor_kind else None,
+        since=query.since,
+        until=query.until,
+    )
+    page = await audit.list_platform_page(ctx.db, where, limit=limit, cursor=cursor)
+    return _page(models.AuditPage, page, [views.audit_entry(d) for d in page.items])
+
+
 def _actor(principal: Principal) -> audit.Actor:
     """Who acted, as the authorizer established it (never from a header the caller sets)."""
     return audit.Actor(audit.ActorKind(principal.kind), principal.subject)
@@ -606,7 +734,7 @@ def handler_for(operation: Operation) -> Callable[[web.Request], Awaitable[web.S
             principal, request.match_info["instance_id"], operation.manage
         )
         ctx = Ctx(request, instance, app[DATABASE], app[SECRETS], app[API_SETTINGS])
-        answer = await operation.handler(ctx)
+        answer = await cast(Handler, operation.handler)(ctx)
         if operation.changes:
             # after success only: a refused change changed nothing
             await audit.record(
@@ -628,12 +756,49 @@ def handler_for(operation: Operation) -> Callable[[web.Request], Awaitable[web.S
     return handle
 
 
+def platform_handler_for(
+    operation: Operation,
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        app = request.app
+        authorizer = app[AUTHORIZER]
+        principal = await authorizer.authenticate(request)
+        authorizer.require_operator(principal)
+        ctx = PlatformCtx(request, principal, app[DATABASE], app[SECRETS], app[API_SETTINGS])
+        answer = await cast(PlatformHandler, operation.handler)(ctx)
+        if operation.changes:
+            await audit.record(
+                ctx.db,
+                _actor(principal),
+                operation.operation_id,
+                _platform_resource(operation, answer),
+                ctx.sent_fields,
+                request.get(REQUEST_ID),
+                instance_id=ctx.instance_id,
+            )
+        if isinstance(answer, web.StreamResponse):
+            return answer
+        if answer is None:
+            return web.Response(status=204)
+        return web.json_response(answer.model_dump(mode="json"), status=operation.status)
+
+    handle.__name__ = operation.operation_id
+    return handle
+
+
+def _platform_resource(operation: Operation, answer: Answer) -> audit.Resource:
+    shown = getattr(answer, "id", None) if isinstance(answer, BaseModel) else None
+    return audit.Resource(operation.tag, shown if isinstance(shown, str) else None)
+
+
 def add_routes(app: web.Application) -> None:
     for operation in OPERATIONS:
         app.router.add_route(operation.method, operation.path, handler_for(operation))
+    for operation in PLATFORM_OPERATIONS:
+        app.router.add_route(operation.method, operation.path, platform_handler_for(operation))
 
 
 # The webhook operations are declared in a module of their own (it uses op, Ctx and _page).
 from broker.api import webhooks as _webhooks  # noqa: E402, F401
 
-__all__ = ["OPERATIONS", "add_routes"]
+__all__ = ["OPERATIONS", "PLATFORM_OPERATIONS", "add_routes", "platform_op"]

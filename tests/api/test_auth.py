@@ -14,7 +14,7 @@ from urllib.parse import unquote
 import jwt
 import pytest
 
-from broker.api.routes import OPERATIONS
+from broker.api.routes import OPERATIONS, PLATFORM_OPERATIONS
 from broker.api.settings import load_api_settings
 from broker.config import ConfigError
 from tests.api.conftest import (
@@ -439,3 +439,39 @@ async def test_a_binding_made_through_osb_gives_the_application_its_instance(api
         assert r.status == 200, await r.text()
     status, body = await api.call("GET", "/plans", instance=instance, token=key)
     assert status == 401 and body["error"] == "unauthorized"
+
+
+# --- platform-wide operations: operators only ---------------------------------------------
+
+
+async def test_platform_operations_are_for_operators_only(make_api: ApiFactory) -> None:
+    """Every platform-scoped operation (derived from the registry): users, even operators of
+    every instance they can see, and binding keys get 403, never a list; the broker's and the
+    operator's credentials and the operator scope are let in; anonymous callers get 401."""
+    api = await make_api(OPERATOR_USERNAME="ops", OPERATOR_PASSWORD="ops-password-123")
+    s = await seed(api)
+    api.cc.grant("alice", s.instance)  # alice manages an instance: still not an operator
+    refused: dict[str, dict[str, Any]] = {
+        "user": {"token": api.uaa.token("alice")},
+        "user of nothing": {"token": api.uaa.token("mallory")},
+        "binding": {"token": await _add_binding(api, s.instance)},
+    }
+    admitted: dict[str, dict[str, Any]] = {
+        "broker": {},
+        "operator basic": {"basic": ("ops", "ops-password-123")},
+        "operator scope": {"token": api.uaa.token("ops", scope=["backup_manager.admin"])},
+    }
+    assert PLATFORM_OPERATIONS
+    before = await _snapshot(api)
+    for operation in PLATFORM_OPERATIONS:
+        for who, auth in refused.items():
+            status, body = await api.call(operation.method, operation.path, json={}, **auth)
+            assert (status, body["error"]) == (403, "forbidden"), (who, operation.path, body)
+            assert "items" not in body
+        status, body = await api.call(operation.method, operation.path, basic=None)
+        assert status == 401, (operation.path, body)
+        if operation.method == "GET":
+            for who, auth in admitted.items():
+                status, body = await api.call("GET", operation.path, **auth)
+                assert status == 200 and "items" in body, (who, operation.path, body)
+    assert await _snapshot(api) == before

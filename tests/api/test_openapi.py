@@ -9,7 +9,7 @@ import jsonschema
 from openapi_spec_validator import validate as validate_openapi
 
 from broker.api import models as m
-from broker.api.routes import OPERATIONS
+from broker.api.routes import OPERATIONS, PLATFORM_OPERATIONS
 from tests.api.conftest import S3_BODY, SWIFT_BODY, Api, seed
 
 
@@ -26,13 +26,18 @@ async def test_document_covers_every_route(api: Api) -> None:
         (r.method, r.resource.canonical)
         for r in api.service.server.app.router.routes()
         if r.resource is not None
-        and r.resource.canonical.startswith("/v1/service_instances")
+        and (
+            r.resource.canonical.startswith("/v1/service_instances")
+            or r.resource.canonical in {o.path for o in PLATFORM_OPERATIONS}
+        )
         and r.method != "HEAD"
     }
     documented = {(m.upper(), p) for p, item in doc["paths"].items() for m in item}
     assert routes == documented
-    assert len(documented) == len(OPERATIONS)
-    ids = [o.operation_id for o in OPERATIONS]
+    assert len(documented) == len(OPERATIONS) + len(PLATFORM_OPERATIONS)
+    assert all(o.path.startswith("/v1/") and "{instance_id}" not in o.path
+               for o in PLATFORM_OPERATIONS)  # fmt: skip
+    ids = [o.operation_id for o in [*OPERATIONS, *PLATFORM_OPERATIONS]]
     assert len(set(ids)) == len(ids)
     text = str(doc)
     for ref in set(re.findall(r"#/components/schemas/(\w+)", text)):
@@ -91,7 +96,7 @@ async def test_document_is_generated_from_the_handlers_models(api: Api) -> None:
     )
     assert set(schemas["JobOut"]["properties"]) == set(m.JobOut.model_fields)
     by_id = {item["operationId"]: item for path in doc["paths"].values() for item in path.values()}
-    for operation in OPERATIONS:
+    for operation in [*OPERATIONS, *PLATFORM_OPERATIONS]:
         documented = by_id[operation.operation_id]
         query = {p["name"] for p in documented["parameters"] if p["in"] == "query"}
         expected = (
@@ -118,3 +123,12 @@ async def test_every_documented_answer_is_what_the_handlers_send(api: Api) -> No
         documented = doc["paths"][operation.path]["get"]["responses"]["200"]
         ref = documented["content"]["application/json"]["schema"]["$ref"].split("/")[-1]
         _check(doc, ref, body)
+    for operation in PLATFORM_OPERATIONS:  # the operators' views, as the broker reads them
+        if operation.method != "GET":
+            continue
+        status, body = await api.call("GET", operation.path)
+        assert status == 200, (operation.path, body)
+        documented = doc["paths"][operation.path]["get"]["responses"]["200"]
+        ref = documented["content"]["application/json"]["schema"]["$ref"].split("/")[-1]
+        _check(doc, ref, body)
+        assert "403" in doc["paths"][operation.path]["get"]["responses"]
