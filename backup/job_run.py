@@ -34,7 +34,7 @@ from typing import Any, Literal, Protocol
 import structlog
 from pydantic import ValidationError
 
-from backup import agent_client, destinations, jobs, manifest, restore_points
+from backup import agent_client, destinations, jobs, manifest, restore_points, webhooks
 from backup.agent_client import (
     AgentClient,
     AgentError,
@@ -972,6 +972,7 @@ class JobRun:
         now = self.clock.now()
         fields = {**self._unwritten, **(fields or {})}
         await jobs.finish(self.db, self.lease, status, reason, at=now, fields=fields)
+        await webhooks.job_ended(self.db, {**self.job, **fields}, status, reason)
         if self._silent_since is not None:
             self.log.warning(
                 "agent_unreachable_gave_up",

@@ -24,7 +24,7 @@ import structlog
 from pydantic import ValidationError
 from pymongo.errors import DuplicateKeyError
 
-from backup import destinations
+from backup import destinations, webhooks
 from backup.agent_client import AgentKind
 from backup.database import SCHEMA_VERSION, Database, Document
 from backup.errors import (
@@ -220,3 +220,4 @@ async def delete(
             f"Deleting the stored files failed ({storage_failure(exc)}); the restore point is "
             "kept in state 'deleting': retry the delete later."
         ) from None
+    await webhooks.restore_point_gone(store, point, webhooks.EventType.RESTORE_POINT_DELETED)

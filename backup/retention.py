@@ -35,7 +35,7 @@ from typing import Any
 
 import structlog
 
-from backup import audit, jobs, restore_points
+from backup import audit, jobs, restore_points, webhooks
 from backup.clock import Clock, SystemClock
 from backup.database import Database, Document
 from backup.errors import STORAGE_FAILURES, storage_failure
@@ -315,6 +315,9 @@ class RetentionSweeper:
             int(i.get("stored_size") or i.get("size") or 0) for i in point.get("items") or []
         )
         log.info("restore_point_deleted", restore_point_id=point_id, plan_id=point.get("plan_id"))
+        if claim:  # selected as expired (not a retry of a delete begun earlier)
+            event = webhooks.EventType.RESTORE_POINT_EXPIRED
+            await webhooks.restore_point_gone(self.db, point, event)
         return result
 
     # ------------------------------------------------------------------ failed jobs' files

@@ -178,6 +178,40 @@ async def emit(
     )
 
 
+async def job_ended(db: Database, job: Document, status: str, reason: str | None) -> None:
+    """Emit ``job.succeeded`` or ``job.failed`` for a job that just ended (a cancelled job
+    is no event); the job runner calls it once the final state is written."""
+    if status == "SUCCEEDED":
+        event_type = EventType.JOB_SUCCEEDED
+    elif status == "FAILED":
+        event_type = EventType.JOB_FAILED
+    else:
+        return
+    data = {
+        "job_id": job["_id"],
+        "type": job.get("type"),
+        "status": status,
+        "reason": reason,
+        "plan_id": job.get("plan_id"),
+        "trigger": job.get("trigger"),
+        "restore_point_id": job.get("restore_point_id"),
+        "started_at": job.get("started_at"),
+    }
+    await emit(db, job["instance_id"], event_type, job["_id"], data)
+
+
+async def restore_point_gone(db: Database, point: Document, event_type: EventType) -> None:
+    """Emit ``restore_point.expired`` (retention) or ``restore_point.deleted`` (a user)."""
+    data = {
+        "restore_point_id": point["_id"],
+        "plan_id": point.get("plan_id"),
+        "destination_id": point.get("destination_id"),
+        "created_at": point.get("created_at"),
+        "expires_at": point.get("expires_at"),
+    }
+    await emit(db, point["instance_id"], event_type, point["_id"], data)
+
+
 # --------------------------------------------------------------------------- signatures
 
 
