@@ -28,11 +28,11 @@ from typing import Any
 
 import structlog
 
-from backup import destinations, plans, restore_points
+from backup import destinations, orphans, plans
 from backup.agent_client import AgentJobKind
 from backup.clock import Clock
 from backup.database import Database, Document
-from backup.errors import BackupError, Conflict, NotFound, StorageUnavailable
+from backup.errors import BackupError, NotFound, StorageUnavailable
 from backup.job_run import after_agent
 from backup.jobs import JobStatus, JobType
 from backup.operations import InstanceState, OperationFailed, Operations, human_duration
@@ -176,31 +176,41 @@ class Steps:
             await self.progress(f"Waiting for {running} running job(s) to stop.")
             await self.clock.sleep(min(1.0, max((deadline - now).total_seconds(), 0.0)))
 
-    async def delete_stored_backups(self, iid: str) -> int:
-        """Delete every restore point of the instance, files first; returns how many."""
-        points = await self.db.restore_points.find({"instance_id": iid}, {"_id": 1}).to_list()
+    async def delete_stored_backups(self, iid: str) -> orphans.ShredResult:
+        """Crypto-shred the instance's restore points (pinned ones excepted): their keys are
+        destroyed first, in one committed write, then their files deleted, each point retried
+        up to ``storage_attempts`` times. Files that still could not be deleted are left to the
+        retention sweep on the keyless records (state ``deleting``): the data is unreadable
+        already, so they no longer hold the deletion up; the result names them."""
+        await self.progress("Destroying the encryption keys of the stored backups.")
+        result, points = await orphans.destroy_keys(
+            self.db,
+            self.box,
+            {"instance_id": iid, "shredded_at": {"$exists": False}},
+            at=self.clock.now(),
+        )
+        # Points shredded by an earlier, interrupted run of this step: their files are next.
+        points += await self.db.restore_points.find(
+            {
+                "instance_id": iid,
+                "shredded_at": {"$exists": True},
+                "_id": {"$nin": [p["_id"] for p in points]},
+            }
+        ).to_list()
         total = len(points)
         for n, point in enumerate(points, 1):
-            progress = f"Deleting stored backups ({n} of {total})"
-
-            async def delete(point_id: str = point["_id"]) -> None:
-                try:
-                    await restore_points.delete(
-                        self.db, self.box, iid, point_id, opener=self.opener
-                    )
-                except NotFound:
-                    pass
-                except Conflict as exc:
-                    # Its destination is gone: nothing can reach those files any more.
-                    log.warning("restore_point_files_unreachable", point=point_id, code=exc.code)
-
-            await self._with_storage_retries(
-                progress,
-                delete,
-                f"Stored backups could not be deleted: {{error}} {total - n + 1} restore "
-                "point(s) remain; {retry}",
-            )
-        return total
+            attempts, delay = 0, self.storage_retry_delay
+            await self.progress(f"Deleting stored backups ({n} of {total}).")
+            while True:
+                done = await orphans.delete_files(self.db, self.box, [point], opener=self.opener)
+                attempts += 1
+                if not done.remaining or attempts >= self.storage_attempts:
+                    result.add(done)
+                    break
+                await self.progress(f"Deleting stored backups ({n} of {total}): retrying.")
+                await self.clock.sleep(delay)
+                delay *= 2
+        return result
 
     async def delete_failed_uploads(self, iid: str) -> None:
         """Files that failed or cancelled backups uploaded are not backups: whatever was chosen
@@ -283,24 +293,41 @@ class Deprovision:
         abandoned = await steps.stop_jobs(iid, deadline, self.job_wait)
 
         await steps.delete_failed_uploads(iid)
-        kept_files = 0
+        shred = orphans.ShredResult()
         if doc.get("delete_backups_on_deprovision"):
-            await steps.delete_stored_backups(iid)
-        else:
-            kept_files = await self.db.restore_points.count_documents({"instance_id": iid})
+            shred = await steps.delete_stored_backups(iid)
+        # What is left is kept: points not to be deleted, pinned ones, and the keyless records
+        # of shredded points whose files the retention sweep still has to delete.
+        pinned = await self.db.restore_points.count_documents({"instance_id": iid, "pinned": True})
+        kept_points = await self.db.restore_points.count_documents(
+            {"instance_id": iid, "shredded_at": {"$exists": False}}
+        )
+        await orphans.keep(self.db, iid, self.clock.now())
 
         await self.ops.heartbeat(doc, "Removing the instance's records.")
         for coll in ("restore_points", "jobs", "plans", "destinations", "bindings"):
             await getattr(self.db, coll).delete_many({"instance_id": iid})
         description = "Deleted."
-        if kept_files:
+        if kept_points:
             description += (
-                f" The files of {kept_files} restore point(s) were kept in their storage."
+                f" {kept_points} restore point(s) were kept, with their files and encryption "
+                "keys, as orphaned restore points that an operator can restore into another "
+                "instance or delete; they expire by their retention."
             )
+            if pinned and doc.get("delete_backups_on_deprovision"):
+                description += f" {pinned} of them are pinned."
+        if shred.describe():
+            description += " " + shred.describe()
         if abandoned:
             description += f" {abandoned} running job(s) were abandoned."
         if await self.ops.bury(doc, description, unset={"secrets": ""}):
-            log.info("instance_deprovisioned", kept_files=kept_files, abandoned=abandoned)
+            log.info(
+                "instance_deprovisioned",
+                kept_points=kept_points,
+                shredded=len(shred.shredded),
+                files_left=len(shred.remaining_files),
+                abandoned=abandoned,
+            )
 
 
 @dataclass
@@ -396,12 +423,11 @@ class InstanceCleanup:
         result = CleanupResult(abandoned_jobs=await steps.stop_jobs(iid, deadline, self.job_wait))
         await steps.delete_failed_uploads(iid)
         if doc.get("delete_backups_on_deprovision"):
-            result.deleted_points = await steps.delete_stored_backups(iid)
-        else:
-            # As a deprovision does: the files stay under the keys the runner wrote; the
-            # records go with the destinations they would otherwise point at.
-            forgotten = await self.db.restore_points.delete_many({"instance_id": iid})
-            result.kept_points = forgotten.deleted_count
+            shred = await steps.delete_stored_backups(iid)
+            result.deleted_points = len(shred.deleted)
+        # As a deprovision does: the points not deleted (kept, pinned, or shredded with files
+        # left for the sweep) become orphaned with the destinations they are stored in.
+        result.kept_points = await orphans.keep(self.db, iid, self.clock.now())
         await self.db.jobs.delete_many(
             {"instance_id": iid, "status": {"$nin": [JobStatus.QUEUED, JobStatus.RUNNING]}}
         )

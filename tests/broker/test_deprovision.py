@@ -1,6 +1,8 @@
-"""Deprovision removes the instance's plans, jobs, destinations and restore points; the stored
-backup files are deleted only when the plan or a parameter says so (the default keeps them).
-Files live on the real S3 server (SeaweedFS)."""
+"""Deprovision removes the instance's plans, jobs, destinations and bindings; its restore points
+are deleted (crypto-shredded: keys first, files after) only when the plan or a parameter says
+so. By default they are kept as orphaned restore points, with the destinations that hold their
+files, detached from the instance (backup/orphans.py). Files live on the real S3 server
+(SeaweedFS)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,11 @@ from typing import Any
 
 import pytest
 
+from backup import orphans
+from backup.retention import RetentionSweeper
+from broker.context import SECRETS
 from storage import ObjectNotFound, S3Settings, open_store
-from tests.broker.conftest import SERVICE_ID, TRANSIENT, Osb, parameters
+from tests.broker.conftest import TRANSIENT, Osb, parameters
 from tests.broker.test_instances import running_job
 from tests.servers.broker import Service
 from tests.servers.ports import free_port
@@ -105,11 +110,19 @@ async def test_default_keeps_the_stored_backups(
     result = await osb.wait(iid, data["operation"])
     assert result["state"] == "succeeded"
     assert "2 restore point(s) were kept" in result["description"]
+    assert "orphaned restore points" in result["description"]
     assert await records(broker, iid) == dict.fromkeys(
         ("plans", "jobs", "destinations", "restore_points", "bindings"), 0
     )
     for key in keys:
         assert await exists(s3_settings, key), "kept"
+    # The records stay, detached from the instance id (which a new instance may reuse).
+    kept = await broker.db.restore_points.find({"orphaned.instance_id": iid}).to_list()
+    assert len(kept) == 2 and all(p["instance_id"] is None for p in kept)
+    assert all(p["state"] == "available" for p in kept)
+    (dest,) = await broker.db.destinations.find({"orphaned.instance_id": iid}).to_list()
+    assert dest["instance_id"] == f"orphaned/{dest['_id']}"
+    assert {p["destination_id"] for p in kept} == {dest["_id"]}
 
 
 @pytest.mark.parametrize("how", ["plan", "parameter"])
@@ -131,13 +144,23 @@ async def test_delete_backups_when_asked(
     for key in keys:
         assert not await exists(s3_settings, key)
     assert all(v == 0 for v in (await records(broker, iid)).values())
+    assert await broker.db.restore_points.count_documents({"orphaned.instance_id": iid}) == 0
+    assert await broker.db.destinations.count_documents({"orphaned.instance_id": iid}) == 0
+    # The seeded points hold no key: the answer says they could not be crypto-shredded.
+    assert "3 restore point(s) were not encrypted" in result["description"]
 
 
-async def test_storage_down_fails_the_deprovision_and_a_retry_resumes(
+async def test_storage_down_leaves_shredded_files_to_the_sweep(
     osb: Osb, broker: Service, agent_url: str, s3_settings: S3Settings
 ) -> None:
+    """The keys go first; files the storage refuses to delete no longer hold the deletion up
+    (nothing can read them): the answer names them and the retention sweep deletes them."""
     iid = await osb.ready_instance(parameters(agent_url, delete_backups_on_deprovision=True))
     keys = await seed_backups(broker, iid, s3_settings, objects=1)
+    box = broker.app[SECRETS]
+    (point,) = await broker.db.restore_points.find({"instance_id": iid}).to_list()
+    sealed = box.seal_map({"encryption_key": "a-data-key"}, f"restore_points/{point['_id']}")
+    await broker.db.restore_points.update_one({"_id": point["_id"]}, {"$set": {"secrets": sealed}})
     broker.instances.storage_attempts = 2
     broker.instances.storage_retry_delay = 0.1
     # Point the destination at a port where no storage answers.
@@ -145,26 +168,44 @@ async def test_storage_down_fails_the_deprovision_and_a_retry_resumes(
     await broker.db.destinations.update_many(
         {"instance_id": iid}, {"$set": {"endpoint": f"http://127.0.0.1:{free_port()}"}}
     )
-    status, data = await osb.deprovision(iid)
+    _, data = await osb.deprovision(iid)
     result = await osb.wait(iid, data["operation"], timeout=300)
-    assert result["state"] == "failed", result
-    assert result["instance_usable"] is False
-    assert "could not be deleted" in result["description"]
-    assert "delete the instance again" in result["description"]
-    assert await broker.db.restore_points.count_documents({"instance_id": iid}) == 1
+    assert result["state"] == "succeeded", result
+    assert "The encryption keys of 1 restore point(s) were destroyed" in result["description"]
+    assert f"could not be deleted yet ({keys[0]})" in result["description"]
     assert await exists(s3_settings, keys[0])
-    # Not usable meanwhile, not bindable, not updatable.
-    assert (await osb.bind(iid, "b-late"))[0] == 422
-    status, body = await osb.update(iid, {"service_id": SERVICE_ID, "parameters": {"items": ["a"]}})
-    assert status == 422 and body["error"] == "ConcurrencyError"
-    # The storage is back: deleting again finishes the job.
+    (left,) = await broker.db.restore_points.find({"orphaned.instance_id": iid}).to_list()
+    assert left["state"] == "deleting" and "secrets" not in left and left["shredded_at"]
+    # The storage is back: the retention sweep deletes the files, the record, the destination.
     await broker.db.destinations.update_many(
-        {"instance_id": iid}, {"$set": {"endpoint": real_endpoint}}
+        {"orphaned.instance_id": iid}, {"$set": {"endpoint": real_endpoint}}
     )
-    status, data = await osb.deprovision(iid)
-    assert status == 202
-    assert (await osb.wait(iid, data["operation"]))["state"] == "succeeded"
+    sweeper = RetentionSweeper(broker.db, box)
+    swept = await sweeper.run_once()
+    assert swept.deleted == 1, swept
     assert not await exists(s3_settings, keys[0])
+    assert await broker.db.restore_points.count_documents({"orphaned.instance_id": iid}) == 0
+    await orphans.prune_destinations(broker.db)
+    assert await broker.db.destinations.count_documents({"orphaned.instance_id": iid}) == 0
+
+
+async def test_pinned_points_are_kept_by_a_deprovision_that_deletes(
+    osb: Osb, broker: Service, agent_url: str, s3_settings: S3Settings
+) -> None:
+    iid = await osb.ready_instance(parameters(agent_url, delete_backups_on_deprovision=True))
+    keys = await seed_backups(broker, iid, s3_settings, objects=2)
+    (pinned,) = await broker.db.restore_points.find(
+        {"instance_id": iid, "items.key": keys[0]}
+    ).to_list()
+    await broker.db.restore_points.update_one({"_id": pinned["_id"]}, {"$set": {"pinned": True}})
+    _, data = await osb.deprovision(iid)
+    result = await osb.wait(iid, data["operation"])
+    assert result["state"] == "succeeded", result
+    assert "1 restore point(s) were kept" in result["description"]
+    assert "1 of them are pinned" in result["description"]
+    assert await exists(s3_settings, keys[0]) and not await exists(s3_settings, keys[1])
+    (kept,) = await broker.db.restore_points.find({"orphaned.instance_id": iid}).to_list()
+    assert kept["_id"] == pinned["_id"] and kept["state"] == "available"
 
 
 async def test_synchronous_deprovision_when_nothing_waits(
