@@ -425,6 +425,14 @@ class InstanceCleanup:
         if doc.get("delete_backups_on_deprovision"):
             shred = await steps.delete_stored_backups(iid)
             result.deleted_points = len(shred.deleted)
+            if shred.remaining:
+                # The caller waits for an answer and repeats the call: the keys are gone
+                # already, the files are tried again then (the shredded points stay).
+                raise StorageUnavailable(
+                    f"Stored backups could not be deleted ({shred.errors[0]}); "
+                    f"{len(shred.remaining)} restore point(s) remain; repeat the request to "
+                    f"retry. {shred.describe()}"
+                )
         # As a deprovision does: the points not deleted (kept, pinned, or shredded with files
         # left for the sweep) become orphaned with the destinations they are stored in.
         result.kept_points = await orphans.keep(self.db, iid, self.clock.now())
