@@ -47,6 +47,7 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("instance_id", ASCENDING), ("name", ASCENDING)], unique=True),
         IndexModel([("destination_id", ASCENDING)]),
         IndexModel([("paused", ASCENDING), ("next_run_at", ASCENDING)]),
+        IndexModel([("drill_next_run_at", ASCENDING)], sparse=True),  # drill fires (drill.py)
     ],
     "jobs": [
         IndexModel([("instance_id", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)]),

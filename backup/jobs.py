@@ -25,6 +25,7 @@ from backup.pagination import Page, now, paginate
 class JobType(StrEnum):
     BACKUP = "BACKUP"
     RESTORE = "RESTORE"
+    DRILL = "DRILL"  # a restore drill: a restore point proved restorable (backup/drill.py)
 
 
 class Trigger(StrEnum):
@@ -63,6 +64,22 @@ class RestorePointState(StrEnum):
 
     AVAILABLE = "available"
     DELETING = "deleting"  # its files are being deleted; the record goes last
+
+
+class DrillOutcome(StrEnum):
+    """A restore drill's outcome, on its job and on the restore point it proved
+    (``last_drill``)."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+
+
+class DrillKind(StrEnum):
+    """Who ran a drill: our agent (download, decrypt, checksum, the DBA's verify script) or
+    the manager, for an agent without the ``verify`` capability (download and checksum)."""
+
+    AGENT = "agent"
+    MANAGER = "manager"
 
 
 def new_item(name: str, **fields: Any) -> Document:
@@ -261,6 +278,52 @@ async def start_restore(
         job["source_instance_id"] = source_id
     await store.jobs.insert_one(job)
     store.events.jobs_queued.fire()
+    return job
+
+
+async def start_drill(
+    store: Database,
+    plan: Document,
+    point: Document | None = None,
+    *,
+    trigger: str = Trigger.MANUAL,
+) -> Document:
+    """Queue a restore drill of ``point`` (default: the plan's newest available restore point
+    when the drill starts). A plan runs one drill at a time."""
+    if point is not None and point.get("state") != RestorePointState.AVAILABLE:
+        raise Conflict(
+            "This restore point is being deleted; a drill cannot prove it.",
+            code="restore_point_deleting",
+        )
+    await _refuse_if_active(
+        store,
+        {"plan_id": plan["_id"], "type": JobType.DRILL},
+        "A drill of this plan is already under way",
+    )
+    job = new_drill_job(plan, point, trigger=trigger)
+    await store.jobs.insert_one(job)
+    store.events.jobs_queued.fire()
+    return job
+
+
+def new_drill_job(
+    plan: Document, point: Document | None, *, trigger: str, drill_for: datetime | None = None
+) -> Document:
+    """A DRILL job of ``plan``: of ``point``, or (None) of the plan's newest available restore
+    point, chosen when it starts. ``drill_for``: the scheduled drill fire it stands for."""
+    job = new_job(
+        instance_id=plan["instance_id"],
+        type=JobType.DRILL,
+        plan_id=plan["_id"],
+        destination_id=(point or plan)["destination_id"],
+        trigger=trigger,
+        items=[new_item(i["name"], target=i["name"]) for i in (point or {}).get("items") or []],
+        compression=False,
+        encryption={"enabled": False},
+        restore_point_id=point["_id"] if point is not None else None,
+    )
+    job["drill_for"] = drill_for
+    job["drill"] = None
     return job
 
 

@@ -48,6 +48,20 @@ class EncryptionIn(BaseModel):
     )
 
 
+class DrillSpec(BaseModel):
+    """A plan's restore drills (docs/jobs.md, "Restore drills"): when the newest restore
+    point is downloaded, decrypted, checked and handed to the DBA's verify script."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    frequency: str = Field(
+        min_length=1,
+        max_length=200,
+        description="Five-field cron in the plan's time zone, e.g. '0 5 * * 0'.",
+    )
+    enabled: bool = Field(default=True, description="false keeps the schedule but runs none.")
+
+
 class PlanSpec(BaseModel):
     """A whole plan as the user describes it (creation, and the merged result of a PATCH)."""
 
@@ -68,6 +82,9 @@ class PlanSpec(BaseModel):
     compression: bool = True
     encryption: EncryptionIn = Field(default_factory=EncryptionIn)
     paused: bool = False
+    drill: DrillSpec | None = Field(
+        default=None, description="Scheduled restore drills; null: none (manual ones still run)."
+    )
 
     @field_validator("name")
     @classmethod
@@ -86,6 +103,8 @@ async def _check(
 ) -> list[str]:
     schedule.validate_frequency(spec.frequency, min_interval)
     schedule.zone(spec.timezone)
+    if spec.drill is not None:
+        _check_drill(spec.drill, min_interval)
     registered: list[str] = list(instance.get("items") or [])
     items = list(spec.items) if spec.items is not None else registered
     if not items:
@@ -116,6 +135,23 @@ async def _check(
     return items
 
 
+def _check_drill(drill: DrillSpec, min_interval: int) -> None:
+    """A drill's cron is validated like the plan's frequency; its errors name its field."""
+    try:
+        schedule.validate_frequency(drill.frequency, min_interval)
+    except InvalidInput as exc:
+        raise InvalidInput(
+            "drill." + exc.description, code=exc.code, field="drill.frequency"
+        ) from None
+
+
+def _next_drill(spec: PlanSpec, after: datetime | None = None) -> Any:
+    """The plan's next drill fire, or None (no drill, disabled, or the plan paused)."""
+    if spec.drill is None or not spec.drill.enabled or spec.paused:
+        return None
+    return schedule.next_fire_time(spec.drill.frequency, spec.timezone, after or now())
+
+
 def _next_run(spec: PlanSpec, after: datetime | None = None) -> Any:
     """The first fire after ``after`` (default: now), or None for a paused plan. Creating,
     resuming and changing the frequency or time zone all schedule from now: fires of the old
@@ -136,8 +172,12 @@ def _fields(spec: PlanSpec, items: list[str]) -> Document:
         "compression": spec.compression,
         "encryption": {"enabled": spec.encryption.enabled},
         "paused": spec.paused,
+        "drill": (
+            {"frequency": " ".join(spec.drill.frequency.split()), "enabled": spec.drill.enabled}
+            if spec.drill is not None
+            else None
+        ),
     }
-
 
 def _duplicate(name: str) -> Conflict:
     return Conflict(
@@ -170,6 +210,7 @@ async def create(
         **_fields(spec, items),
         "secrets": box.seal_map({"encryption_key": key}, _context(plan_id)),
         "next_run_at": _next_run(spec, schedule_from),
+        "drill_next_run_at": _next_drill(spec, schedule_from),
         "last_job_id": None,
         "created_at": at,
         "updated_at": at,
@@ -207,6 +248,7 @@ def spec_of(doc: Document) -> dict[str, Any]:
         "compression": doc["compression"],
         "encryption": {"enabled": bool((doc.get("encryption") or {}).get("enabled"))},
         "paused": doc["paused"],
+        "drill": dict(doc["drill"]) if doc.get("drill") else None,
     }
 
 
@@ -246,6 +288,10 @@ async def update(
             current.get("next_run_at") is None and not spec.paused
         ):
             changes["next_run_at"] = _next_run(spec, schedule_from)
+        if fields["drill"] != current.get("drill") or any(
+            fields[k] != current[k] for k in ("timezone", "paused")
+        ):
+            changes["drill_next_run_at"] = _next_drill(spec, schedule_from)
         try:
             result = await store.plans.update_one(
                 {"_id": plan_id, "version": current["version"]},

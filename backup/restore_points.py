@@ -221,3 +221,20 @@ async def delete(
             "kept in state 'deleting': retry the delete later."
         ) from None
     await webhooks.restore_point_gone(store, point, webhooks.EventType.RESTORE_POINT_DELETED)
+
+
+async def record_drill(store: Database, point_id: str, last_drill: Document) -> bool:
+    """Record a restore drill's outcome on the restore point it proved (``last_drill``: job
+    id, at, outcome, reason, kind, timings); a later drill's outcome replaces an earlier
+    one, never the other way round. False if the point is gone."""
+    result = await store.restore_points.update_one(
+        {
+            "_id": point_id,
+            "$or": [
+                {"last_drill.at": {"$exists": False}},
+                {"last_drill.at": {"$lte": last_drill["at"]}},
+            ],
+        },
+        {"$set": {"last_drill": last_drill}},
+    )
+    return result.matched_count == 1

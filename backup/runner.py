@@ -39,8 +39,9 @@ from backup.agent_client import (
 )
 from backup.clock import Clock, SystemClock
 from backup.database import Database, Document
+from backup.drill import DrillRun
 from backup.job_run import JobEnd, JobRun, JobRunContext, RunSettings, object_key
-from backup.jobs import JobStatus, Lease, LeaseLost
+from backup.jobs import JobStatus, JobType, Lease, LeaseLost
 from backup.restore_points import StoreOpener
 from backup.retention import GONE, RetentionSweeper
 from backup.secrets import SecretBox, SecretKeyError
@@ -538,7 +539,8 @@ class JobRunner:
         try:
             job = await self.db.jobs.find_one({"_id": lease.job_id})
             if job is not None and job.get("status") == JobStatus.RUNNING:
-                await JobRun(self._run_context, lease, job).run()
+                run = DrillRun if job.get("type") == JobType.DRILL else JobRun
+                await run(self._run_context, lease, job).run()
         except LeaseLost:
             log.warning("lease_lost", job_id=lease.job_id, replica=self.replica_id)
         except asyncio.CancelledError:

@@ -45,7 +45,7 @@ import structlog
 from pymongo import UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
-from backup import backpressure, jobs, schedule
+from backup import backpressure, drill, jobs, schedule
 from backup.clock import Clock, SystemClock
 from backup.database import Database, Document
 from backup.errors import InvalidInput
@@ -91,6 +91,7 @@ class SchedulerStats:
     cancelled: int = 0  # jobs of plans deleted while their fire was recorded
     skipped: int = 0  # fires recorded as MISSED because the plan's previous job had not started
     errors: int = 0
+    drills: int = 0  # DRILL jobs this replica queued (backup/drill.py)
 
 
 class SchedulerObserver(Protocol):
@@ -318,6 +319,7 @@ class Scheduler:
                 self.db.events.jobs_queued.fire()  # the runner may start on the first batches
             if len(due) < batch:
                 break
+        self.stats.drills += await drill.fire_due_drills(self.db, self.clock.now())
         if len(self._next_cache) > 10_000:
             self._next_cache.clear()
         if queued:

@@ -12,8 +12,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Discriminator, Field,
 from backup import pagination
 from backup.destinations import DestinationSpec, S3DestinationSpec, SwiftDestinationSpec
 from backup.errors import InvalidInput
-from backup.jobs import JobStatus, JobType, RestorePointState, Trigger
-from backup.plans import EncryptionIn, PlanSpec, Retention
+from backup.jobs import DrillKind, DrillOutcome, JobStatus, JobType, RestorePointState, Trigger
+from backup.plans import DrillSpec, EncryptionIn, PlanSpec, Retention
 
 _IN = ConfigDict(extra="forbid", strict=True)
 _QUERY = ConfigDict(extra="forbid")  # query strings are text: "5" is the number 5
@@ -87,7 +87,7 @@ class ListQuery(BaseModel):
 
 
 class JobListQuery(ListQuery):
-    type: JobType | None = Field(default=None, description="Only BACKUP or RESTORE jobs.")
+    type: JobType | None = Field(default=None, description="Only BACKUP, RESTORE or DRILL jobs.")
     status: JobStatus | None = Field(default=None, description="Only jobs in this status.")
     plan_id: Id | None = Field(default=None, description="Only jobs of this plan.")
 
@@ -238,6 +238,7 @@ _PLAN_PATCH_FIELDS: dict[str, Any] = {
     "retention": (dict[str, Any] | None, None),
     "encryption": (dict[str, Any] | None, None),
 }
+_PLAN_PATCH_FIELDS["drill"] = (dict[str, Any] | None, None)  # merged, then validated whole
 PlanPatch = create_model(
     "PlanPatch",
     __config__=ConfigDict(extra="forbid", strict=True),
@@ -272,6 +273,13 @@ class PlanOut(BaseModel):
     encryption: EncryptionOut
     paused: bool
     next_run_at: datetime | None = Field(description="Next scheduled run; null when paused.")
+    drill: DrillSpec | None = Field(default=None, description="Scheduled restore drills.")
+    drill_next_run_at: datetime | None = Field(
+        default=None, description="Next scheduled drill; null: none, disabled or paused."
+    )
+    last_drill: DrillOut | None = Field(
+        default=None, description="The plan's latest restore drill (of its restore_point_id)."
+    )
     last_job: LastJob | None = Field(description="The plan's latest job, if any.")
     created_at: datetime
     updated_at: datetime
@@ -380,6 +388,39 @@ class JobOut(BaseModel):
         description="Set while the agent does not answer (or answers 5xx): since when. "
         "Cleared when it answers again; kept on a job that gave up.",
     )
+    drill: DrillOut | None = Field(default=None, description="A DRILL job's outcome, once ended.")
+
+
+class DrillTimingsOut(BaseModel):
+    model_config = _OUT
+    download_seconds: float | None = Field(
+        default=None, description="Fetching the objects (our agent: decoding overlaps it)."
+    )
+    decrypt_seconds: float | None = Field(
+        default=None, description="Decrypting and decompressing (null: not done: manager-side)."
+    )
+    verify_seconds: float | None = Field(
+        default=None, description="The DBA's verify script (null: none ran)."
+    )
+
+
+class DrillOut(BaseModel):
+    """A restore drill's outcome (docs/jobs.md, "Restore drills")."""
+
+    model_config = _OUT
+    job_id: str
+    restore_point_id: str | None = None
+    at: datetime
+    outcome: DrillOutcome = Field(description="passed or failed.")
+    reason: str | None = Field(default=None, description="Why it failed (or a note).")
+    kind: DrillKind = Field(
+        description="agent: downloaded, decrypted, checked and verified by our agent; "
+        "manager: manager-side, download and checksum only (an agent without 'verify')."
+    )
+    verify_script: bool | None = Field(
+        default=None, description="Whether a verify script ran (null: manager-side)."
+    )
+    timings: DrillTimingsOut = Field(default_factory=DrillTimingsOut)
 
 
 class JobPage(_PageOut):
@@ -480,6 +521,9 @@ class RestorePointOut(BaseModel):
         default=False, description="Whether the key to decrypt it is kept (never shown)."
     )
     state: RestorePointState = RestorePointState.AVAILABLE
+    last_drill: DrillOut | None = Field(
+        default=None, description="The latest restore drill of this restore point."
+    )
 
 
 class RestorePointPage(_PageOut):

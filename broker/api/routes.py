@@ -11,8 +11,9 @@ from typing import Literal, TypeVar, cast
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from backup import audit, destinations, jobs, plans, restore_points
+from backup import audit, destinations, drill, jobs, plans, restore_points
 from backup.database import Database, Document
+from backup.errors import Conflict
 from backup.pagination import Page
 from backup.secrets import SecretBox
 from broker.api import models, views
@@ -559,6 +560,50 @@ async def start_restore(ctx: Ctx) -> models.JobOut:
     point = await restore_points.get(ctx.db, ctx.instance_id, spec.restore_point_id)
     job = await jobs.start_restore(ctx.db, point, spec.pairs(), target=target)
     return views.job(job, None)
+
+
+async def _drill(ctx: Ctx, plan: Document, point: Document) -> models.JobOut:
+    return views.job(await jobs.start_drill(ctx.db, plan, point), None)
+
+
+@op(
+    "POST",
+    "/plans/{plan_id}/drill",
+    summary="Drill now: queue a restore drill of the plan's newest restore point (downloaded, "
+    "decrypted, checked and handed to the verify script, never to the live database)",
+    tag="jobs",
+    status=202,
+    response=models.JobOut,
+    errors=(409,),
+)
+async def start_plan_drill(ctx: Ctx) -> models.JobOut:
+    plan = await plans.get(ctx.db, ctx.instance_id, ctx.param("plan_id"))
+    point = await drill.newest_point(ctx.db, plan["_id"])
+    if point is None:
+        raise Conflict(
+            "This plan has no available restore point to drill; run a backup first.",
+            code="no_restore_point",
+        )
+    return await _drill(ctx, plan, point)
+
+
+@op(
+    "POST",
+    "/restore_points/{restore_point_id}/drill",
+    summary="Drill this restore point now: queue a restore drill of it",
+    tag="jobs",
+    status=202,
+    response=models.JobOut,
+    errors=(409,),
+)
+async def start_restore_point_drill(ctx: Ctx) -> models.JobOut:
+    point = await restore_points.get(ctx.db, ctx.instance_id, ctx.param("restore_point_id"))
+    plan = {
+        "_id": point.get("plan_id"),
+        "instance_id": point["instance_id"],
+        "destination_id": point["destination_id"],
+    }
+    return await _drill(ctx, plan, point)
 
 
 # --- jobs -----------------------------------------------------------------------------------
