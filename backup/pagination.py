@@ -1,13 +1,19 @@
 """Pagination of every list, newest first on (created_at, _id), in two styles:
 
 - **Keyset** (``cursor``): each page hands out ``next_cursor``, the sort key of its last
-  document; the next page starts strictly after it. Stable under concurrent inserts: new
-  documents land before the first page, never inside a later one.
+  document (and how many documents came before it); the next page starts strictly after it.
+  Stable under concurrent inserts: new documents land before the first page, never inside a
+  later one. ``total`` is given when the page ends the list (it is then known without
+  counting), else ``None``: counting costs a pass over the whole list, which a page must not.
 - **Numbered pages** (``page`` and ``size``): for tables that jump to page N. Each answer
-  carries ``as_of``, the moment its list was taken (the request's time unless one was sent);
-  pages asked with that ``as_of`` count only documents created until then, so inserts do not
-  shift them and ``total`` stays the same. (A deleted document still moves later ones up by
-  one, as offsets always do; cursors do not have that problem.)
+  carries ``as_of``, the moment its list was taken (the request's time unless one was sent),
+  and the list's ``total`` at that moment (counted by the first page that needs it, then
+  carried in ``as_of``); pages asked with that ``as_of`` count only documents created until
+  then, so inserts do not shift them and ``total`` stays the same. (A deleted document still
+  moves later ones up by one, as offsets always do; cursors do not have that problem.)
+
+Every read is a bounded range of ``created_at`` (see "bounded reads" below), so a page
+examines about what it holds on the embedded server as on MongoDB.
 
 Both are carried by one opaque ``cursor`` string, so every ``list_page(limit, cursor)`` of the
 domain serves both: :func:`page_cursor` turns (page, as_of) into such a string. Callers never
@@ -21,7 +27,7 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pymongo.asynchronous.collection import AsyncCollection
@@ -46,7 +52,8 @@ def now() -> datetime:
 @dataclass
 class Page:
     items: list[Document]
-    total: int
+    total: int | None
+    """The entries of the whole list; None on a cursor page that does not end the list."""
     next_cursor: str | None
     page: int | None = None
     """The page number, when numbered pages were asked for."""
@@ -54,13 +61,16 @@ class Page:
     """Numbered pages: send it back with the next pages to keep them stable."""
 
 
-Key = tuple[datetime, str]
+Key = tuple[datetime, str, int | None]
+"""(created_at, _id) of the last document of a page, and how many documents precede the next
+page (None in cursors of earlier versions)."""
 
 
 @dataclass(frozen=True)
 class _Offset:
     page: int
     as_of: datetime | None
+    total: int | None = None
 
 
 def _bad_cursor(field: str = "cursor") -> InvalidInput:
@@ -85,37 +95,37 @@ def _unb64(text: str, field: str) -> Any:
         raise _bad_cursor(field) from None
 
 
-def _raw(key: Key) -> list[Any]:
-    return [_ms(key[0]), key[1]]
-
-
-def _key_of(doc: Document) -> Key:
-    return doc["created_at"], str(doc["_id"])
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _key(value: Any, field: str) -> Key:
     if (
         not isinstance(value, list)
-        or len(value) != 2
-        or not isinstance(value[0], int)
-        or isinstance(value[0], bool)
+        or len(value) not in (2, 3)
+        or not _whole(value[0])
         or not isinstance(value[1], str)
+        or (len(value) == 3 and not (_whole(value[2]) and 0 <= value[2] <= 10**12))
     ):
         raise _bad_cursor(field)
     try:
-        return datetime.fromtimestamp(value[0] / 1000, UTC), value[1]
+        at = datetime.fromtimestamp(value[0] / 1000, UTC)
     except (ValueError, OverflowError, OSError):
         raise _bad_cursor(field) from None
+    return at, value[1], value[2] if len(value) == 3 else None
 
 
-def encode_cursor(doc: Document) -> str:
-    """The keyset cursor that continues after ``doc``."""
-    return _b64(_raw(_key_of(doc)))
+def encode_cursor(doc: Document, offset: int | None = None) -> str:
+    """The keyset cursor that continues after ``doc``, which ends the first ``offset``
+    documents of the list (if known)."""
+    raw: list[Any] = [_ms(doc["created_at"]), str(doc["_id"])]
+    return _b64(raw if offset is None else [*raw, offset])
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     """The (created_at, _id) a keyset cursor continues after."""
-    return _key(_unb64(cursor, "cursor"), "cursor")
+    at, oid, _ = _key(_unb64(cursor, "cursor"), "cursor")
+    return at, oid
 
 
 def _moment(value: Any, field: str) -> datetime:
@@ -136,11 +146,21 @@ def page_cursor(page: int, as_of: str | None = None) -> str:
     at the ``as_of`` of an earlier page if given."""
     if not 1 <= page <= MAX_PAGE:
         raise InvalidInput(f"page must be a whole number from 1 to {MAX_PAGE}.", field="page")
-    pinned = None
+    pinned, total = None, None
     if as_of:
         value = _unb64(as_of, "as_of")
         pinned = _moment(value.get("t") if isinstance(value, dict) else None, "as_of")
-    return _b64({"page": page, "as_of": _ms(pinned) if pinned else None})
+        total = _count(value.get("n"), "as_of")
+    return _b64({"page": page, "as_of": _ms(pinned) if pinned else None, "n": total})
+
+
+def _count(value: Any, field: str) -> int | None:
+    """A total carried in ``as_of`` (absent in those of earlier versions)."""
+    if value is None:
+        return None
+    if not _whole(value) or not 0 <= value <= 10**12:
+        raise _bad_cursor(field)
+    return int(value)
 
 
 def _decode(cursor: str) -> Key | _Offset:
@@ -150,13 +170,117 @@ def _decode(cursor: str) -> Key | _Offset:
         if not isinstance(page, int) or isinstance(page, bool) or not 1 <= page <= MAX_PAGE:
             raise _bad_cursor()
         as_of = value.get("as_of")
-        return _Offset(page, _moment(as_of, "cursor") if as_of is not None else None)
+        pinned = _moment(as_of, "cursor") if as_of is not None else None
+        return _Offset(page, pinned, _count(value.get("n"), "cursor") if pinned else None)
     return _key(value, "cursor")
 
 
-def _after(key: Key) -> dict[str, Any]:
-    at, oid = key
-    return {"$or": [{"created_at": {"$lt": at}}, {"created_at": at, "_id": {"$lt": oid}}]}
+def _within(query: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """``query`` with conditions on further fields, kept flat (``{instance_id: .., created_at:
+    {..}}``) so that a server's planner matches it to the compound index (instance_id,
+    created_at, _id); nested in ``$and`` only when ``query`` already constrains a field."""
+    if any(name in query or name.startswith("$") for name in extra) or any(
+        name.startswith("$") for name in query
+    ):
+        return {"$and": [query, *({name: value} for name, value in extra.items())]}
+    return {**query, **extra}
+
+
+# --- bounded reads ------------------------------------------------------------------------
+#
+# A page reads the newest documents of its list in windows of ``created_at``: first the span
+# that held about twice a page the last time this list was read, then wider ones if the span
+# held too few, and after _MAX_PROBES windows everything older. Each query is an exact range
+# on the index (instance_id, created_at, _id), so a server examines what the window holds,
+# whether or not it stops at the limit while walking the index: MongoDB does, the embedded
+# SecantusDB fetches every match before sorting. Results never depend on the hints below:
+# they only choose the windows' widths (a wrong one costs another window, not a wrong page),
+# and no document is kept across requests.
+
+
+@dataclass
+class _Hint:
+    spacing: float | None = None
+    """Seconds between neighbouring documents near the head of the list, when it was longer
+    than the documents a page needed."""
+    whole: bool = False
+    """The list was read to its end last time: it is short, one query reads it whole."""
+
+
+_HINTS: dict[str, _Hint] = {}
+_HINTS_MAX = 10_000
+_MAX_PROBES = 3
+_MARGIN = 2.0
+"""Windows are sized to hold this many times the documents a page needs."""
+
+
+def _hint_key(collection: AsyncCollection[Document], query: dict[str, Any]) -> str:
+    return collection.full_name + "\0" + repr(sorted(query.items()))
+
+
+def _remember(key: str, hint: _Hint) -> None:
+    if key not in _HINTS and len(_HINTS) >= _HINTS_MAX:
+        for old in list(_HINTS)[: _HINTS_MAX // 10]:  # the oldest tenth
+            del _HINTS[old]
+    _HINTS[key] = hint
+
+
+def forget_hints() -> None:
+    """Drop every window hint (tests, and benchmarks measuring a cold start)."""
+    _HINTS.clear()
+
+
+async def _newest(
+    collection: AsyncCollection[Document],
+    query: dict[str, Any],
+    projection: dict[str, Any] | None,
+    *,
+    need: int,
+    before: datetime | None = None,
+    inclusive: bool = False,
+) -> tuple[list[Document], bool]:
+    """Up to ``need`` documents of ``query`` newest first, created before ``before`` (at or
+    before, if ``inclusive``; no bound if None), and whether the list ended there (fewer
+    than ``need`` exist)."""
+    key = _hint_key(collection, query)
+    hint = _HINTS.get(key)
+    anchor = before if before is not None else now()
+    width = (
+        timedelta(seconds=hint.spacing * need * _MARGIN)
+        if hint is not None and hint.spacing is not None and not hint.whole
+        else None
+    )
+    upper: dict[str, Any] = {} if before is None else {"$lte" if inclusive else "$lt": before}
+    out: list[Document] = []
+    probes = 0
+    while True:
+        lower = anchor - width if width is not None and probes < _MAX_PROBES else None
+        span = {**upper, **({"$gt": lower} if lower is not None else {})}
+        find = _within(query, created_at=span) if span else query
+        found = collection.find(find, projection).sort(_SORT).limit(need - len(out))
+        out += await found.to_list()
+        if len(out) >= need:
+            ended = False
+            break
+        if lower is None:
+            ended = True
+            break
+        # The window held too few: the next one is sized by the density seen so far (and at
+        # least four times as wide), starting where this one ended.
+        assert width is not None
+        seen = max((anchor - lower).total_seconds(), 0.001)
+        density = len(out) / seen
+        wanted = (need - len(out)) / density * _MARGIN if density else 0.0
+        upper = {"$lte": lower}
+        anchor, width = lower, max(width * 4, timedelta(seconds=wanted))
+        probes += 1
+    if ended and before is None:
+        _remember(key, _Hint(whole=True))
+    elif not ended:
+        head = before if before is not None else now()
+        spread = max((head - out[-1]["created_at"]).total_seconds(), 0.001)
+        _remember(key, _Hint(spacing=spread / len(out)))
+    return out, ended
 
 
 async def paginate(
@@ -167,20 +291,32 @@ async def paginate(
     cursor: str | None = None,
     projection: dict[str, Any] | None = None,
 ) -> Page:
-    """One page of ``query`` newest first, the total matching and the next cursor."""
+    """One page of ``query`` newest first and the next cursor; ``total`` when it is known
+    without counting (the page ends the list), or on numbered pages (counted once, then
+    carried by ``as_of``)."""
     limit = max(1, min(limit, MAX_LIMIT))
     position = _decode(cursor) if cursor else None
     if isinstance(position, _Offset):
         return await _numbered(collection, query, limit, position, projection)
-    find = {"$and": [query, _after(position)]} if position else query
-
-    async def fetch() -> list[Document]:
-        return await collection.find(find, projection).sort(_SORT).limit(limit + 1).to_list()
-
-    docs, total = await asyncio.gather(fetch(), collection.count_documents(query))
+    if position is None:
+        docs, _ = await _newest(collection, query, projection, need=limit + 1)
+        offset = 0
+    else:
+        at, oid, offset_ = position
+        offset = offset_ if offset_ is not None else -1
+        # the documents sharing the cursor's moment first, then the older ones
+        ties_query = _within(query, created_at=at, _id={"$lt": oid})
+        ties_find = collection.find(ties_query, projection).sort(_SORT).limit(limit + 1)
+        ties, (older, _) = await asyncio.gather(
+            ties_find.to_list(),
+            _newest(collection, query, projection, need=limit + 1, before=at),
+        )
+        docs = ties + older
     more = len(docs) > limit
     docs = docs[:limit]
-    return Page(docs, total, encode_cursor(docs[-1]) if more and docs else None)
+    total = offset + len(docs) if not more and offset >= 0 else None
+    after = offset + len(docs) if offset >= 0 else None
+    return Page(docs, total, encode_cursor(docs[-1], after) if more and docs else None)
 
 
 async def _numbered(
@@ -199,19 +335,23 @@ async def _numbered(
             field="page",
         )
     as_of = position.as_of or now()
-    scoped = {"$and": [query, {"created_at": {"$lte": as_of}}]}
-
-    async def fetch() -> list[Document]:
-        found = collection.find(scoped, projection).sort(_SORT).skip(skip).limit(limit + 1)
-        return await found.to_list()
-
-    docs, total = await asyncio.gather(fetch(), collection.count_documents(scoped))
+    found, ended = await _newest(
+        collection, query, projection, need=skip + limit + 1, before=as_of, inclusive=True
+    )
+    total = position.total
+    if total is None:
+        total = (
+            len(found)
+            if ended
+            else await collection.count_documents(_within(query, created_at={"$lte": as_of}))
+        )
+    docs = found[skip : skip + limit + 1]
     more = len(docs) > limit
     docs = docs[:limit]
     return Page(
         docs,
         total,
-        encode_cursor(docs[-1]) if more and docs else None,
+        encode_cursor(docs[-1], skip + len(docs)) if more and docs else None,
         page=position.page,
-        as_of=_b64({"t": _ms(as_of)}),
+        as_of=_b64({"t": _ms(as_of), "n": total}),
     )

@@ -131,7 +131,12 @@ class CheckQuery(BaseModel):
 
 
 class _PageOut(BaseModel):
-    total: int = Field(description="Entries in the whole list (numbered pages: as of as_of)", ge=0)
+    total: int | None = Field(
+        description="Entries in the whole list: on numbered pages (as of as_of), and on a "
+        "cursor page that ends the list; null on a cursor page with more after it (counting "
+        "would cost a pass over the whole list: ask page=1 for a total).",
+        ge=0,
+    )
     next_cursor: str | None = Field(description="Pass as cursor for the next page; null: last.")
     page: int | None = Field(default=None, description="The numbered page, if one was asked.")
     as_of: str | None = Field(

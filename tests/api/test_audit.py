@@ -110,11 +110,12 @@ async def test_the_trail_needs_manage_rights_and_is_paged(api: Api) -> None:
     status, body = await api.call("GET", "/audit", instance=instance, token=api.uaa.token("reader"))
     assert status == 403, body
     status, page = await api.call("GET", "/audit?limit=2", instance=instance)
-    assert status == 200 and page["total"] == 3 and len(page["items"]) == 2
+    assert status == 200 and page["total"] is None and len(page["items"]) == 2
     status, rest = await api.call(
         "GET", f"/audit?limit=2&cursor={page['next_cursor']}", instance=instance
     )
     assert status == 200 and len(rest["items"]) == 1 and rest["next_cursor"] is None
+    assert rest["total"] == 3
     assert rest["items"][0]["actor"] == {
         "kind": "broker",
         "subject": page["items"][0]["actor"]["subject"],

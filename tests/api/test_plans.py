@@ -175,9 +175,10 @@ async def test_pagination_of_plans(api: Api, instance: str, destination: dict) -
     while True:
         q = f"?limit=3&cursor={cursor}" if cursor else "?limit=3"
         status, page = await api.call("GET", "/plans" + q, instance=instance)
-        assert status == 200 and page["total"] == 7
         seen += [p["name"] for p in page["items"]]
         cursor = page["next_cursor"]
+        # counted only where it is known for free: on the page that ends the list
+        assert status == 200 and page["total"] == (7 if cursor is None else None)
         if cursor is None:
             break
     assert seen == [f"p{n}" for n in reversed(range(7))]
