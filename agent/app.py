@@ -44,6 +44,7 @@ CAPABILITIES = [
     "secrets-in-env",  # passwords and keys never on a command line
     CANCEL_CAPABILITY,  # POST /<kind>/{id}/cancel: stop at the next stage boundary
     VERIFY_CAPABILITY,  # PUT /restore with verify: a restore drill, no restore stage runs
+    "object-lock",  # destination.objectLockMode/objectLockRetainUntil: S3 Object Lock uploads
 ]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from agent.config import AgentConfig
 from agent.models import Destination
-from storage import S3Settings, SwiftSettings, TransferSettings
+from storage import ObjectLock, S3Settings, SwiftSettings, TransferSettings
 
 
 def _s3_endpoint(endpoint: str, skip_ssl: bool) -> str:
@@ -28,6 +28,10 @@ def to_settings(dest: Destination, cfg: AgentConfig) -> S3Settings | SwiftSettin
             addressing_style="path" if endpoint else "auto",
             verify_tls=not dest.skipSSL,
             prefix="",
+            # The date comes with each upload (retain_until); the margin is the manager's.
+            object_lock=ObjectLock(mode=dest.objectLockMode, margin_days=0)
+            if dest.objectLockMode
+            else None,
         )
     auth_url = dest.authUrl or ""
     v1 = auth_url.rstrip("/").endswith("/auth/v1.0")

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import re
 import traceback
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import (
     AliasChoices,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     ValidatorFunctionWrapHandler,
     field_validator,
@@ -95,6 +98,28 @@ class Destination(_Model):
     applicationCredentialSecret: str = Field(default="", repr=False)
     regionName: str = ""
     interface: Literal["public", "internal"] = "public"
+    # S3 Object Lock (our agent, capability "object-lock"; the Go agent cannot set it, so the
+    # manager never sends it one): the upload is written locked in this mode until that date.
+    # (An RFC 3339 string, kept as text: the job's request is persisted as JSON.)
+    objectLockMode: Literal["", "GOVERNANCE", "COMPLIANCE"] = ""
+    objectLockRetainUntil: str = Field(default="", max_length=64)
+
+    @field_validator("objectLockRetainUntil")
+    @classmethod
+    def _retain_until(cls, v: str) -> str:
+        if v:
+            try:
+                TypeAdapter(AwareDatetime).validate_python(v)
+            except ValidationError:
+                raise ValueError("must be an RFC 3339 date and time with its offset") from None
+        return v
+
+    @property
+    def retain_until(self) -> datetime | None:
+        """``objectLockRetainUntil`` as a date (None: not sent)."""
+        if not self.objectLockRetainUntil:
+            return None
+        return TypeAdapter(AwareDatetime).validate_python(self.objectLockRetainUntil)
 
     @field_validator("type", mode="before")
     @classmethod

@@ -35,7 +35,7 @@ from agent.models import (
 )
 from agent.scripts import MANDATORY, StageResult, find_script, kill_leftover_group, run_script
 from agent.scripts import secrets_fd as make_secrets_fd
-from storage import ObjectStore, StorageError, TransferSettings, open_store
+from storage import ObjectStore, StorageError, StoredObject, TransferSettings, open_store
 
 log = structlog.get_logger("agent")
 
@@ -556,7 +556,7 @@ class Agent:
                 chunks = transforms.transform_stream(
                     chunks, lambda: transforms.encoder(compression, passphrase)
                 )
-            stored = await store.upload(key, chunks)
+            stored = await _upload_locked(store, key, chunks, req.destination)
         except Exception as exc:
             # The storage layer aborted the multipart upload: nothing is left to clean up.
             job.upload_in_progress = False
@@ -862,3 +862,16 @@ async def _file_chunks(path: Path, size: int) -> AsyncIterator[bytes]:
             yield block
     finally:
         await asyncio.to_thread(f.close)
+
+
+async def _upload_locked(
+    store: ObjectStore, key: str, chunks: AsyncIterator[bytes], dest: Destination
+) -> StoredObject:
+    """The upload, locked until the date the manager sent (S3 Object Lock) if it sent one."""
+    until = dest.retain_until
+    if dest.objectLockMode and until is not None:
+        from storage.s3 import S3Store  # an S3 destination: its client is installed
+
+        if isinstance(store, S3Store):
+            return await store.upload(key, chunks, retain_until=until)
+    return await store.upload(key, chunks)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -398,6 +399,7 @@ def destination(
     *,
     filename_prefix: str,
     filename: str | None = None,
+    lock_until: datetime | None = None,
 ) -> dict[str, Any]:
     """The protocol's ``destination`` object (:class:`agent.models.Destination`) for a
     destination's opened settings.
@@ -408,6 +410,10 @@ def destination(
     """
     extra: dict[str, Any] = {} if filename is None else {"filename": filename}
     if isinstance(settings, S3Settings):
+        if settings.object_lock is not None and lock_until is not None:
+            # An upload locked until then (S3 Object Lock): our agent only (see job_request).
+            extra["objectLockMode"] = settings.object_lock.mode
+            extra["objectLockRetainUntil"] = lock_until.isoformat()
         endpoint = settings.endpoint
         if endpoint:
             extra["endpoint"] = endpoint
@@ -526,6 +532,23 @@ _GO_UNKNOWN_SWIFT = {
 }
 
 
+OBJECT_LOCK_CAPABILITY = "object-lock"
+
+
+def _check_object_lock(info: AgentInfo, destination: dict[str, Any]) -> None:
+    """A backup to a destination that requires object lock needs an agent that sets it: an
+    upload without the lock would be a backup any credential could delete."""
+    if "objectLockMode" not in destination or OBJECT_LOCK_CAPABILITY in info.capabilities:
+        return
+    who = "the Go agent" if info.kind == AgentKind.GO else "this agent (an older version)"
+    raise AgentError(
+        AgentFailure.REJECTED,
+        f"{who} cannot write objects with S3 Object Lock, which this destination requires "
+        "(object_lock): its backups would not be locked. Serve the instance with our agent "
+        f"(capability {OBJECT_LOCK_CAPABILITY!r}), or use a destination without object_lock",
+    )
+
+
 def _check_go_destination(destination: dict[str, Any]) -> None:
     unknown = sorted({what for key, what in _GO_UNKNOWN_SWIFT.items() if key in destination})
     if unknown:
@@ -560,6 +583,7 @@ def job_request(
     object's ``sha256:<hex>``) is sent to an agent that lists ``checksum:sha256``, which
     verifies the download against it before the restore script runs.
     """
+    _check_object_lock(info, destination)
     if info.kind == AgentKind.GO:
         _check_go_destination(destination)
     done_by_agent: dict[str, Any] = {}  # what our agent does itself (transform)

@@ -42,7 +42,7 @@ from backup.merge_patch import merge_patch
 from backup.pagination import Page, now, paginate
 from backup.secrets import SecretBox
 from storage import StorageError, TransferSettings, ValidationReport, ValidationStep, open_store
-from storage.settings import S3Settings, SwiftSettings
+from storage.settings import ObjectLock, S3Settings, SwiftSettings
 
 log = structlog.get_logger(__name__)
 
@@ -95,6 +95,12 @@ class S3DestinationSpec(BaseModel):
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
     verify_tls: bool = Field(default=True, description="Check the endpoint's TLS certificate.")
     prefix: str = Field(default="", max_length=512, description="Key prefix of every object.")
+    object_lock: ObjectLock | None = Field(
+        default=None,
+        description="Write every restore point's objects locked (S3 Object Lock) until its "
+        "expiry plus margin_days; the bucket must have object lock enabled. See "
+        'docs/storage.md, "Object lock".',
+    )
 
     _name = field_validator("name")(classmethod(lambda cls, v: _strip_name(v)))
 

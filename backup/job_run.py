@@ -34,7 +34,7 @@ from typing import Any, Literal, Protocol
 import structlog
 from pydantic import ValidationError
 
-from backup import agent_client, destinations, jobs, manifest, restore_points, webhooks
+from backup import agent_client, destinations, jobs, manifest, object_lock, restore_points, webhooks
 from backup.agent_client import (
     AgentClient,
     AgentError,
@@ -439,7 +439,9 @@ class JobRun:
                 bool((self.job.get("encryption") or {}).get("enabled")),
             )
             dest = agent_client.destination(
-                prepared.dest_settings, filename_prefix=self._item_prefix(agent_job_id)
+                prepared.dest_settings,
+                filename_prefix=self._item_prefix(agent_job_id),
+                lock_until=self._lock_until(),
             )
         else:
             stored = self._point_item(item["name"])
@@ -472,6 +474,16 @@ class JobRun:
             section=section,
             checksum=checksum,
         )
+
+    def _lock_until(self) -> datetime | None:
+        """Until when this backup's objects are locked, if its destination requires object
+        lock: the expiry of a point created when the job started, plus the margin (the
+        same date for every item, also after a takeover); see backup/object_lock.py."""
+        assert self.prepared is not None
+        since = self.job.get("started_at") or self.job["created_at"]
+        retention = (self.prepared.plan or {}).get("retention")
+        base = expires_at(retention, since) or since
+        return object_lock.lock_until(self.prepared.dest_settings, base)
 
     def _point_item(self, name: str) -> Document:
         assert self.prepared is not None and self.prepared.point is not None
@@ -835,6 +847,8 @@ class JobRun:
             if prepared.info
             else None,
         )
+        if (locked_until := self._lock_until()) is not None:
+            point["locked_until"] = locked_until  # what the agent was told to lock it until
         # Fence first: a holder that lost its lease must not add a restore point. (Every
         # item is already recorded, so a read of the lease does it, not a write.)
         if not await jobs.holds(self.db, self.lease):

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from pydantic import ValidationError
 from pymongo.errors import DuplicateKeyError
 
-from backup import destinations, webhooks
+from backup import destinations, object_lock, webhooks
 from backup.agent_client import AgentKind
 from backup.database import SCHEMA_VERSION, Database, Document
 from backup.errors import (
@@ -38,7 +38,7 @@ from backup.errors import (
 from backup.jobs import ACTIVE, JobType, RestorePointState
 from backup.pagination import Page, paginate
 from backup.secrets import SecretBox
-from storage import ObjectStore, open_store
+from storage import ObjectLocked, ObjectStore, open_store
 
 log = structlog.get_logger(__name__)
 
@@ -181,6 +181,9 @@ async def delete(
     timeout: float = 300.0,
 ) -> None:
     point = await get(store, instance_id, point_id)
+    until = object_lock.locked(point, datetime.now(UTC))
+    if until is not None:
+        raise object_lock.conflict(until)
     restoring = await active_restore(store, point_id)
     if restoring is not None:
         raise Conflict(
@@ -211,6 +214,11 @@ async def delete(
     )
     try:
         await purge(store, box, point, dest, opener=opener, timeout=timeout)
+    except ObjectLocked as exc:  # locked longer than recorded: nothing deleted, kept
+        await object_lock.keep_locked(store, point_id, exc.until)
+        if exc.until is None:
+            raise Conflict(exc.message, code="restore_point_locked") from None
+        raise object_lock.conflict(exc.until) from None
     except Exception as exc:
         # Whatever failed, the point stays 'deleting': an honest state that a retry (or the
         # next retention sweep) finishes, never a 500 that leaves it unexplained.

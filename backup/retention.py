@@ -35,14 +35,14 @@ from typing import Any
 
 import structlog
 
-from backup import audit, jobs, restore_points, webhooks
+from backup import audit, jobs, object_lock, restore_points, webhooks
 from backup.clock import Clock, SystemClock
 from backup.database import Database, Document
 from backup.errors import STORAGE_FAILURES, storage_failure
 from backup.jobs import RestorePointState
 from backup.restore_points import StoreOpener
 from backup.secrets import SecretBox
-from storage import open_store
+from storage import ObjectLocked, open_store
 
 log = structlog.get_logger(__name__)
 
@@ -273,6 +273,12 @@ class RetentionSweeper:
     async def _delete_point(self, point: Document, *, claim: bool) -> SweepResult:
         result = SweepResult()
         point_id = point["_id"]
+        until = object_lock.locked(point, self.clock.now())
+        if until is not None:  # its files cannot be deleted yet: kept, deleted after that date
+            if not claim:
+                await object_lock.keep_locked(self.db, point_id, until)
+            result.skipped += 1
+            return result
         if claim:
             marked = await self.db.restore_points.update_one(
                 {"_id": point_id, "state": RestorePointState.AVAILABLE},
@@ -304,6 +310,11 @@ class RetentionSweeper:
                 opener=self.opener,
                 timeout=self.storage_timeout,
             )
+        except ObjectLocked as exc:  # locked longer than recorded: kept, retried after that
+            await object_lock.keep_locked(self.db, point_id, exc.until)
+            result.skipped += 1
+            log.info("retention_delete_locked", restore_point_id=point_id, until=exc.until)
+            return result
         except STORAGE_FAILURES as exc:
             reason = storage_failure(exc)
             result.failed += 1

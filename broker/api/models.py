@@ -12,6 +12,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Discriminator, Field,
 from backup import pagination
 from backup.destinations import DestinationSpec, S3DestinationSpec, SwiftDestinationSpec
 from backup.errors import InvalidInput
+from storage import ObjectLock
 from backup.jobs import DrillKind, DrillOutcome, JobStatus, JobType, RestorePointState, Trigger
 from backup.plans import DrillSpec, EncryptionIn, PlanSpec, Retention
 
@@ -179,6 +180,9 @@ class S3DestinationOut(_DestinationOutBase):
     access_key_id: str
     addressing_style: str
     secret_access_key_set: bool = Field(description="Whether a secret access key is stored.")
+    object_lock: ObjectLock | None = Field(
+        default=None, description="Object lock on every restore point's objects; null: none."
+    )
 
 
 class SwiftDestinationOut(_DestinationOutBase):
@@ -526,6 +530,11 @@ class RestorePointOut(BaseModel):
         default=False, description="Whether the key to decrypt it is kept (never shown)."
     )
     state: RestorePointState = RestorePointState.AVAILABLE
+    locked_until: datetime | None = Field(
+        default=None,
+        description="Its files are locked (S3 Object Lock) until then: DELETE answers 409 and "
+        "retention deletes it after that date.",
+    )
     last_drill: DrillOut | None = Field(
         default=None, description="The latest restore drill of this restore point."
     )
