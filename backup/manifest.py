@@ -67,7 +67,10 @@ def _context(point_id: str) -> str:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
+    """In milliseconds, as the database keeps times: an imported point has the same times."""
+    if value is None:
+        return None
+    return value.replace(microsecond=value.microsecond // 1000 * 1000).isoformat()
 
 
 def _sealed_json(sealed: Mapping[str, object]) -> dict[str, Any]:
@@ -131,6 +134,7 @@ def build(
         "created_at": _iso(point["created_at"]),
         "expires_at": _iso(point.get("expires_at")),
         "retention": point.get("retention"),
+        "locked_until": _iso(point.get("locked_until")),
         "agent": {"kind": agent.get("kind"), "version": agent.get("version")} if agent else None,
         "compression": compression[0] if len(compression) == 1 else (compression or None),
         "encryption": {"scheme": schemes[0] if len(schemes) == 1 else schemes, "data_key": data_key}
@@ -218,6 +222,7 @@ def parse(data: bytes, box: SecretBox) -> dict[str, Any]:
     _text(body, "instance_id")
     _time(body, "created_at")
     _time(body, "expires_at", optional=True)
+    _time(body, "locked_until", optional=True)
     items = body.get("items")
     if not isinstance(items, list) or not items:
         raise ManifestError("It lists no items.")
@@ -250,11 +255,29 @@ def times(manifest: Mapping[str, Any]) -> tuple[datetime, datetime | None]:
     return created, _time(manifest, "expires_at", optional=True)
 
 
+def locked_until(manifest: Mapping[str, Any]) -> datetime | None:
+    """Until when the point's objects are locked (S3 Object Lock), if they are."""
+    return _time(manifest, "locked_until", optional=True)
+
+
 # --- writing --------------------------------------------------------------------------------
 
 
 class _Stores(Protocol):
     def use(self, settings: AnySettings) -> AbstractAsyncContextManager[ObjectStore]: ...
+
+
+async def _upload(
+    objects: ObjectStore, key: str, data: bytes, locked_until: datetime | None
+) -> None:
+    """The same lock as the point's files (S3 Object Lock), if they have one."""
+    if locked_until is not None:
+        from storage.s3 import S3Store
+
+        if isinstance(objects, S3Store):
+            await objects.upload(key, chunks(data), retain_until=locked_until)
+            return
+    await objects.upload(key, chunks(data))
 
 
 async def write(
@@ -276,7 +299,7 @@ async def write(
     try:
         async with asyncio.timeout(timeout):
             async with stores.use(settings) as objects:
-                await objects.upload(key, chunks(data))
+                await _upload(objects, key, data, point.get("locked_until"))
     except STORAGE_FAILURES as exc:
         return f"The restore point's manifest could not be written ({storage_failure(exc)})."
     point["manifest_key"] = key

@@ -30,13 +30,14 @@ from backup.database import SCHEMA_VERSION, Database, Document
 from backup.errors import (
     STORAGE_FAILURES,
     Conflict,
+    InvalidInput,
     NotFound,
     StorageUnavailable,
     invalid_field,
     storage_failure,
 )
 from backup.jobs import ACTIVE, JobType, RestorePointState
-from backup.pagination import Page, paginate
+from backup.pagination import Page, now, paginate
 from backup.secrets import SecretBox
 from storage import ObjectLocked, ObjectStore, open_store
 
@@ -163,11 +164,55 @@ async def purge(
     shared = await referenced(store, point["destination_id"], keys, besides=point["_id"])
     async with asyncio.timeout(timeout):
         async with opener(object_settings(dest, box)) as objects:
+            if point.get("manifest_key"):  # first: a manifest means a complete point
+                await objects.delete(point["manifest_key"])
             for key in keys:
                 if key not in shared:
                     await objects.delete(key)
     await store.restore_points.delete_one(
         {"_id": point["_id"], "state": RestorePointState.DELETING}
+    )
+
+
+async def pin(
+    store: Database, instance_id: str, point_id: str, *, pinned: bool, reason: str | None
+) -> Document:
+    """Pin a restore point (``reason`` required) or unpin it. A pinned point is kept by every
+    automatic deletion (retention, deprovision) and refused by ``delete`` until unpinned."""
+    if pinned and not reason:
+        raise InvalidInput(
+            "Say why the restore point is pinned: pin_reason is required with pinned: true.",
+            field="pin_reason",
+        )
+    if not pinned and reason is not None:
+        raise InvalidInput(
+            "pin_reason goes with pinned: true; send pinned: false alone to unpin.",
+            field="pin_reason",
+        )
+    point = await get(store, instance_id, point_id)
+    changes: Document = (
+        {"$set": {"pinned": True, "pin_reason": reason, "pinned_at": now()}}
+        if pinned
+        else {"$set": {"pinned": False}, "$unset": {"pin_reason": "", "pinned_at": ""}}
+    )
+    done = await store.restore_points.update_one(
+        {"_id": point_id, "instance_id": instance_id, "state": RestorePointState.AVAILABLE},
+        changes,
+    )
+    if done.matched_count != 1:
+        raise Conflict(
+            f"This restore point is {point.get('state')!r}: its files are being deleted, so "
+            "it can no longer be pinned or unpinned.",
+            code="restore_point_deleting",
+        )
+    return await get(store, instance_id, point_id)
+
+
+def _pinned(point: Document) -> Conflict:
+    return Conflict(
+        f"This restore point is pinned ({point.get('pin_reason')}); unpin it first "
+        '(PATCH with {"pinned": false}), then delete it.',
+        code="restore_point_pinned",
     )
 
 
@@ -181,6 +226,8 @@ async def delete(
     timeout: float = 300.0,
 ) -> None:
     point = await get(store, instance_id, point_id)
+    if point.get("pinned"):
+        raise _pinned(point)
     until = object_lock.locked(point, datetime.now(UTC))
     if until is not None:
         raise object_lock.conflict(until)
@@ -208,10 +255,12 @@ async def delete(
             "restore point again.",
             code="destination_invalid",
         ) from None
-    await store.restore_points.update_one(
-        {"_id": point_id, "instance_id": instance_id},
+    marked = await store.restore_points.update_one(
+        {"_id": point_id, "instance_id": instance_id, "pinned": {"$ne": True}},
         {"$set": {"state": RestorePointState.DELETING}},
     )
+    if marked.matched_count != 1:  # pinned meanwhile
+        raise _pinned(await get(store, instance_id, point_id))
     try:
         await purge(store, box, point, dest, opener=opener, timeout=timeout)
     except ObjectLocked as exc:  # locked longer than recorded: nothing deleted, kept
