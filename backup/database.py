@@ -83,6 +83,11 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("instance_id", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)]),
         IndexModel([("created_at", DESCENDING), ("_id", DESCENDING)]),
     ],
+    "protection": [
+        # backup/protection.py: the fleet view by state, newest instance first; the metrics
+        IndexModel([("state", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)]),
+        IndexModel([("created_at", DESCENDING), ("_id", DESCENDING)]),
+    ],
     "webhooks": [
         # an instance's list, and emit(): its enabled webhooks that want an event
         IndexModel([("instance_id", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)]),

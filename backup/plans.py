@@ -82,6 +82,14 @@ class PlanSpec(BaseModel):
     compression: bool = True
     encryption: EncryptionIn = Field(default_factory=EncryptionIn)
     paused: bool = False
+    rpo_seconds: int | None = Field(
+        default=None,
+        ge=60,
+        le=5 * 366 * 86400,
+        description="Recovery point objective: the age the newest good backup may reach "
+        "before the plan counts as unprotected. Omitted: 1.5 times the longest gap between "
+        "the schedule's fires over a year (docs/protection.md).",
+    )
     drill: DrillSpec | None = Field(
         default=None, description="Scheduled restore drills; null: none (manual ones still run)."
     )
@@ -172,6 +180,7 @@ def _fields(spec: PlanSpec, items: list[str]) -> Document:
         "compression": spec.compression,
         "encryption": {"enabled": spec.encryption.enabled},
         "paused": spec.paused,
+        "rpo_seconds": spec.rpo_seconds,
         "drill": (
             {"frequency": " ".join(spec.drill.frequency.split()), "enabled": spec.drill.enabled}
             if spec.drill is not None
@@ -248,6 +257,7 @@ def spec_of(doc: Document) -> dict[str, Any]:
         "compression": doc["compression"],
         "encryption": {"enabled": bool((doc.get("encryption") or {}).get("enabled"))},
         "paused": doc["paused"],
+        "rpo_seconds": doc.get("rpo_seconds"),
         "drill": dict(doc["drill"]) if doc.get("drill") else None,
     }
 
