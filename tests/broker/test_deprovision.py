@@ -264,3 +264,102 @@ async def test_files_of_failed_backups_are_deleted_even_when_backups_are_kept(
     assert not await exists(s3_settings, orphan)
     assert await exists(s3_settings, kept[0]), "backups are kept by default"
     assert all(v == 0 for v in (await records(broker, iid)).values())
+
+
+async def test_operators_see_restore_and_delete_orphaned_points(
+    osb: Osb, broker: Service, agent_url: str, s3_settings: S3Settings
+) -> None:
+    """The API of orphaned restore points: operators only, validated, and a delete that
+    destroys the key before the files and says what it did."""
+    iid = await osb.ready_instance(parameters(agent_url))
+    keys = await seed_backups(broker, iid, s3_settings, objects=2)
+    box = broker.app[SECRETS]
+    points = await broker.db.restore_points.find({"instance_id": iid}).to_list()
+    for p in points:  # both of one plan: the same key, each point its own sealed copy
+        sealed = box.seal_map({"encryption_key": "plan-key"}, f"restore_points/{p['_id']}")
+        await broker.db.restore_points.update_one({"_id": p["_id"]}, {"$set": {"secrets": sealed}})
+    _, data = await osb.deprovision(iid)
+    assert (await osb.wait(iid, data["operation"]))["state"] == "succeeded"
+    target = await osb.ready_instance(parameters(agent_url))
+    status, binding = await osb.bind(target, "b-tenant")
+    assert status == 201, binding
+    tenant = {"Authorization": f"Bearer {binding['credentials']['key']}"}
+
+    # A tenant (even of a live instance) may not see them: 403, never a list.
+    for method, path, kw in (
+        ("GET", "/v1/orphaned_restore_points", {}),
+        ("GET", f"/v1/orphaned_restore_points/{points[0]['_id']}", {}),
+        ("DELETE", f"/v1/orphaned_restore_points/{points[0]['_id']}", {}),
+        (
+            "POST",
+            f"/v1/orphaned_restore_points/{points[0]['_id']}/restores",
+            {"json": {"target_instance_id": target}},
+        ),
+    ):
+        async with broker.http.request(method, broker.url + path, headers=tenant, **kw) as r:
+            assert r.status == 403, (method, path, await r.text())
+            assert (await r.json())["error"] == "forbidden"
+
+    status, page = await api(broker, "GET", f"/v1/orphaned_restore_points?instance_id={iid}")
+    assert status == 200 and page["total"] == 2, page
+    assert {p["id"] for p in page["items"]} == {p["_id"] for p in points}
+    assert all(p["orphaned"]["instance_id"] == iid for p in page["items"])
+    assert all(p["encryption_key_set"] for p in page["items"])
+    status, page = await api(broker, "GET", "/v1/orphaned_restore_points?instance_id=other")
+    assert (status, page["total"]) == (200, 0)
+    first = points[0]["_id"]
+    status, one = await api(broker, "GET", f"/v1/orphaned_restore_points/{first}")
+    assert status == 200 and one["id"] == first and "secrets" not in one
+
+    # Validation: each refusal is a clear JSON error and queues nothing.
+    restores = f"/v1/orphaned_restore_points/{first}/restores"
+    for body, code, error in (
+        ({}, 400, "invalid_input"),
+        ({"target_instance_id": target, "extra": 1}, 400, "invalid_input"),
+        ({"target_instance_id": 5}, 400, "invalid_input"),
+        ({"target_instance_id": str(uuid.uuid4())}, 404, "instance_not_found"),
+        ({"target_instance_id": iid}, 404, "instance_not_found"),  # deleted
+        ({"target_instance_id": target, "items": ["not-in-it"]}, 400, "unknown_item"),
+        ({"target_instance_id": target, "items": [{"name": "orders", "target": "x"}]}, 400,
+         "unknown_item"),
+    ):  # fmt: skip
+        status, answer = await api(broker, "POST", restores, json=body)
+        assert (status, answer["error"]) == (code, error), (body, answer)
+    status, answer = await api(
+        broker,
+        "POST",
+        "/v1/orphaned_restore_points/nope/restores",
+        json={"target_instance_id": target},
+    )
+    assert (status, answer["error"]) == (404, "restore_point_not_found"), answer
+    assert await broker.db.jobs.count_documents({"instance_id": target}) == 0
+
+    # A restore into a live instance is that instance's job (run by the runner elsewhere).
+    status, job = await api(broker, "POST", restores, json={"target_instance_id": target})
+    assert status == 202, job
+    assert job["type"] == "RESTORE" and job["restore_point_id"] == first
+    assert job["source_instance_id"] == iid
+    assert (await broker.db.jobs.find_one({"_id": job["id"]}))["instance_id"] == target
+    # ... and keeps its point from being deleted meanwhile.
+    status, answer = await api(broker, "DELETE", f"/v1/orphaned_restore_points/{first}")
+    assert (status, answer["error"]) == (409, "restore_point_in_use"), answer
+    await broker.db.jobs.delete_one({"_id": job["id"]})
+
+    # The delete: key first, files after; the other point still holds the same key.
+    status, shred = await api(broker, "DELETE", f"/v1/orphaned_restore_points/{first}")
+    assert status == 200, shred
+    assert shred["key_destroyed"] and shred["encrypted"] and shred["files_deleted"], shred
+    assert shred["key_still_held_by"] == [f"restore_points/{points[1]['_id']}"]
+    assert shred["files_remaining"] == []
+    assert "still held" in shred["description"]
+    first_key, second_key = (p["items"][0]["key"] for p in points)
+    assert {first_key, second_key} == set(keys)
+    assert not await exists(s3_settings, first_key) and await exists(s3_settings, second_key)
+    status, answer = await api(broker, "GET", f"/v1/orphaned_restore_points/{first}")
+    assert (status, answer["error"]) == (404, "restore_point_not_found")
+    # The last one: its key held by nobody; then its destination goes too.
+    status, shred = await api(broker, "DELETE", f"/v1/orphaned_restore_points/{points[1]['_id']}")
+    assert status == 200 and shred["key_still_held_by"] == [], shred
+    assert await broker.db.destinations.count_documents({"orphaned.instance_id": iid}) == 0
+    entries = await broker.db.audit.find({"action": "delete_orphaned_restore_point"}).to_list()
+    assert len(entries) == 2
