@@ -14,7 +14,8 @@ creates nothing new), marked ``imported``, with the data key resealed for the po
 restore can decrypt it.
 
 The points of an instance that is not registered here (and not mapped to one) are imported
-all the same, under their source instance: orphaned points, restorable into another instance.
+all the same, as orphaned points of their source instance (as a deprovision that keeps backups
+leaves them, :mod:`backup.orphans`): seen by operators only, restorable into another instance.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pymongo.errors import DuplicateKeyError
 
-from backup import destinations, manifest, restore_points
+from backup import destinations, manifest, orphans, restore_points
 from backup.database import SCHEMA_VERSION, Database, Document
 from backup.errors import (
     InvalidInput,
@@ -112,7 +113,8 @@ class ImportResult:
     """Manifests not read this time (past :data:`MAX_READ`): import again to go on."""
     points: list[PointOutcome] = field(default_factory=list)
     destinations: dict[str, str] = field(default_factory=dict)
-    """Target instance id -> the destination id its imported points use."""
+    """Target instance id (``orphaned:<source instance id>`` for orphaned points) -> the
+    destination id its imported points use."""
 
     def count(self, status: ImportStatus) -> int:
         return sum(1 for p in self.points if p.status == status)
@@ -262,7 +264,7 @@ async def _verify(
                 is not None
             )
         outcome.orphaned = not registered[source]
-        target = source
+        target = None if outcome.orphaned else source
     outcome.instance_id = target
     problem = await _verify_objects(objects, body, request.verify_checksums)
     if problem:
@@ -285,11 +287,24 @@ def destination_id(instance_id: str, settings: destinations.AnySettings) -> str:
     return f"import-{digest[:32]}"
 
 
+def _owner(outcome: PointOutcome) -> str:
+    if outcome.orphaned:
+        return f"orphaned:{outcome.source_instance_id}"
+    return str(outcome.instance_id)
+
+
 async def _destination(
-    db: Database, box: SecretBox, instance_id: str, settings: destinations.AnySettings
+    db: Database, box: SecretBox, outcome: PointOutcome, settings: destinations.AnySettings
 ) -> str:
-    dest_id = destination_id(instance_id, settings)
+    """The destination of the imported points of ``outcome``'s target instance; for orphaned
+    points, an orphaned destination (as :func:`backup.orphans.keep` leaves one)."""
+    dest_id = destination_id(_owner(outcome), settings)
     at = now()
+    instance_id = str(outcome.instance_id)
+    extra: Document = {}
+    if outcome.orphaned:
+        instance_id = f"{orphans.DESTINATION_OWNER}{dest_id}"
+        extra["orphaned"] = {"instance_id": outcome.source_instance_id, "at": at}
     fields = {
         **destinations.public_settings(settings),
         "secrets": box.seal_map(
@@ -311,6 +326,7 @@ async def _destination(
                     **fields,
                     "created_at": at,
                     "imported": True,
+                    **extra,
                     "version": 1,
                     "schema_version": SCHEMA_VERSION,
                 }
@@ -355,7 +371,9 @@ def _point(box: SecretBox, verified: _Verified, dest_id: str, at: datetime) -> D
     )
     if (locked := manifest.locked_until(body)) is not None:
         point["locked_until"] = locked
-    if outcome.source_instance_id != outcome.instance_id:
+    if outcome.orphaned:
+        point["orphaned"] = {"instance_id": outcome.source_instance_id, "at": at}
+    elif outcome.source_instance_id != outcome.instance_id:
         point["source_instance_id"] = outcome.source_instance_id
     return point
 
@@ -410,10 +428,10 @@ async def run(
         return result
     at = now()
     for entry in verified:
-        target = str(entry.outcome.instance_id)
-        if target not in result.destinations:
-            result.destinations[target] = await _destination(db, box, target, settings)
-        point = _point(box, entry, result.destinations[target], at)
+        owner = _owner(entry.outcome)
+        if owner not in result.destinations:
+            result.destinations[owner] = await _destination(db, box, entry.outcome, settings)
+        point = _point(box, entry, result.destinations[owner], at)
         if not await restore_points.record(db, point):
             entry.outcome.status = ImportStatus.EXISTING  # a concurrent import was first
     log.info(

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from backup import importer, jobs, manifest, restore_points
+from backup import importer, jobs, manifest, orphans, restore_points
 from backup.database import Database, Document, connect
 from backup.errors import InvalidInput, NotFound
 from backup.pagination import now
@@ -197,8 +197,15 @@ async def test_import_keeps_points_of_unknown_instances_as_orphans(
     result = await importer.run(fresh, go.box, {"destination": _body(go.s3)})
     (outcome,) = result.points
     assert outcome.status == importer.ImportStatus.IMPORTED and outcome.orphaned
+    assert outcome.instance_id is None and outcome.source_instance_id == instance["_id"]
     got = await fresh.restore_points.find_one({"_id": point["_id"]})
-    assert got is not None and got["instance_id"] == instance["_id"]
+    assert got is not None and got["instance_id"] is None
+    assert got["orphaned"]["instance_id"] == instance["_id"]
+    # as a deprovision that keeps backups leaves them: the operators' orphan views see it
+    page = await orphans.list_page(fresh, former_instance_id=None, limit=10, cursor=None)
+    assert [p["_id"] for p in page.items] == [point["_id"]]
+    dest = await fresh.destinations.find_one({"_id": got["destination_id"]})
+    assert dest is not None and dest["instance_id"].startswith(orphans.DESTINATION_OWNER)
     assert await fresh.instances.count_documents({}) == 0
 
 
