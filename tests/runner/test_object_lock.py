@@ -19,7 +19,7 @@ from backup.database import Database, Document
 from backup.errors import Conflict
 from backup.retention import RetentionSweeper
 from backup.secrets import SecretBox
-from storage import S3Settings, open_store
+from storage import ObjectLock, S3Settings, open_store
 from storage.s3 import S3Store
 from tests.agent.helpers import PASSWORD, USER, AgentProcess
 from tests.runner.conftest import GoRig, RunnerFactory, final, seed_instance, seed_plan
@@ -200,3 +200,23 @@ async def test_retention_keeps_a_locked_point_and_deletes_it_once_the_lock_lapse
     kept = await store.restore_points.find_one({"job_id": "job-1"})
     assert kept["state"] == "available"
     assert kept["locked_until"].replace(tzinfo=UTC) > datetime.now(UTC) + timedelta(minutes=50)
+
+
+# ------------------------------------------------------------------------- the lock date
+
+
+def test_the_lock_date_is_the_expiry_plus_the_margin_rounded_up_to_the_second(
+    s3_settings: S3Settings,
+) -> None:
+    from backup.object_lock import lock_until
+
+    with_lock = s3_settings.model_copy(
+        update={"object_lock": ObjectLock(mode="GOVERNANCE", margin_days=7)}
+    )
+    expiry = datetime(2026, 3, 29, 1, 30, 0, 250_000, tzinfo=UTC)
+    assert lock_until(with_lock, expiry) == datetime(2026, 4, 5, 1, 30, 1, tzinfo=UTC)
+    whole = expiry.replace(microsecond=0)
+    assert lock_until(with_lock, whole) == whole + timedelta(days=7)
+    naive = datetime(2026, 3, 29, 1, 30)  # as the database may hand dates back
+    assert lock_until(with_lock, naive) == naive.replace(tzinfo=UTC) + timedelta(days=7)
+    assert lock_until(s3_settings, expiry) is None  # no object lock asked for
