@@ -37,6 +37,7 @@ and a key a user supplied is still known to that user.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -51,7 +52,7 @@ from backup.jobs import RestorePointState
 from backup.pagination import Page, paginate
 from backup.restore_points import StoreOpener
 from backup.secrets import SecretBox, SecretKeyError
-from storage import open_store
+from storage import ObjectNotFound, open_store
 
 log = structlog.get_logger(__name__)
 
@@ -149,6 +150,7 @@ class ShredResult:
     key_still_held: dict[str, list[str]] = field(default_factory=dict)  # point -> holders
     deleted: list[str] = field(default_factory=list)  # files and record gone
     remaining: dict[str, list[str]] = field(default_factory=dict)  # point -> objects left
+    manifests_left: dict[str, str] = field(default_factory=dict)  # point -> its manifest
     errors: list[str] = field(default_factory=list)
 
     def add(self, other: ShredResult) -> None:
@@ -157,6 +159,7 @@ class ShredResult:
         self.key_still_held.update(other.key_still_held)
         self.deleted += other.deleted
         self.remaining.update(other.remaining)
+        self.manifests_left.update(other.manifests_left)
         self.errors += other.errors
 
     @property
@@ -188,6 +191,13 @@ class ShredResult:
             parts.append(
                 f"{len(files)} file(s) of {len(self.remaining)} restore point(s) could not be "
                 f"deleted yet ({shown}{more}); the retention sweep keeps deleting them."
+            )
+        if self.manifests_left:
+            parts.append(
+                f"{len(self.manifests_left)} of them still have their manifest in storage, "
+                "which holds the data key sealed with the master key (for recovery without "
+                "the database): until it is deleted, whoever holds both the storage and the "
+                "master key can read that backup."
             )
         return " ".join(parts)
 
@@ -285,6 +295,8 @@ async def delete_files(
     result = ShredResult()
     for p in points:
         keys = [i["key"] for i in p.get("items") or [] if i.get("key")]
+        if p.get("manifest_key"):
+            keys.insert(0, p["manifest_key"])  # deleted first (restore_points.purge)
         dest = await store.destinations.find_one({"_id": p["destination_id"]})
         if dest is None:
             # Nothing can reach them any more: the record goes (with no key, they are noise).
@@ -296,12 +308,35 @@ async def delete_files(
             await restore_points.purge(store, box, p, dest, opener=opener, timeout=timeout)
         except STORAGE_FAILURES as exc:
             reason = storage_failure(exc)
-            result.remaining[p["_id"]] = keys
+            left = await _still_there(store, box, dest, keys, opener)
+            result.remaining[p["_id"]] = left
+            if p.get("manifest_key") in left:
+                result.manifests_left[p["_id"]] = p["manifest_key"]
             result.errors.append(f"{p['_id']}: {reason}")
             log.warning("shredded_point_files_left", restore_point_id=p["_id"], reason=reason)
             continue
         result.deleted.append(p["_id"])
     return result
+
+
+async def _still_there(
+    store: Database, box: SecretBox, dest: Document, keys: list[str], opener: StoreOpener
+) -> list[str]:
+    """Which of ``keys`` are still in storage after a failed delete (all of them when the
+    storage cannot even be asked)."""
+    left: list[str] = []
+    try:
+        async with asyncio.timeout(30):
+            async with opener(restore_points.object_settings(dest, box)) as objects:
+                for key in keys:
+                    try:
+                        await objects.stat(key)
+                    except ObjectNotFound:
+                        continue
+                    left.append(key)
+    except STORAGE_FAILURES:
+        return keys
+    return left
 
 
 async def shred(

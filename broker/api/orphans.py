@@ -97,6 +97,12 @@ class ShredOut(BaseModel):
         description="Objects that could not be deleted yet; the retention sweep keeps deleting "
         "them (the record stays, in state 'deleting', without its key).",
     )
+    manifest_remaining: bool = Field(
+        default=False,
+        description="Its manifest is among the files left: it holds the data key sealed with "
+        "the master key (for recovery without the database), so until it is deleted whoever "
+        "holds both the storage and the master key can still read the backup.",
+    )
     description: str
 
 
@@ -193,5 +199,6 @@ async def delete_orphaned_restore_point(ctx: PlatformCtx) -> ShredOut:
         key_still_held_by=result.key_still_held.get(point_id, []),
         files_deleted=point_id in result.deleted,
         files_remaining=result.remaining.get(point_id, []),
+        manifest_remaining=point_id in result.manifests_left,
         description=result.describe(limit=20) or "Deleted.",
     )
