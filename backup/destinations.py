@@ -570,6 +570,11 @@ def advice(code: str | None, settings: AnySettings, step: str | None, detail: st
         "storage_invalid_settings": (
             f"The storage client cannot use these settings{doing}: check the endpoint and region."
         ),
+        "storage_object_lock_missing": (
+            f"The {what} at {where} does not have S3 Object Lock enabled, which object_lock "
+            "requires (it can only be enabled when a bucket is created): use a bucket created "
+            "with object lock, or remove object_lock."
+        ),
     }.get(code or "", f"The storage check of the {what} at {where} failed{doing}.")
 
 

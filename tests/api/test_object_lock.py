@@ -41,10 +41,14 @@ async def test_validation_detects_a_bucket_without_object_lock(
     status, answer = await api.call("POST", "/destinations/validate", instance=inst, json=body)
     assert status == 200 and answer["ok"] is False, answer
     assert answer["error"] == "storage_object_lock_missing"
-    assert (
-        f"The bucket {s3_settings.bucket!r} does not have S3 Object Lock enabled"
-        in (answer["description"])
-    )
+    assert answer["description"].startswith(
+        f"The bucket {s3_settings.bucket!r} at {s3_server.endpoint_url} does not have S3 "
+        "Object Lock enabled, which object_lock requires"
+    ), answer["description"]
+    assert "use a bucket created with object lock, or remove object_lock" in answer["description"]
+    assert [(s["name"], s["ok"]) for s in answer["steps"]] == [
+        ("write", True), ("read", True), ("delete", True), ("lock", False)
+    ]  # fmt: skip
     assert s3_server.secret_key not in str(answer)
 
     # Created with validate=true, such a destination is refused and nothing is stored.
