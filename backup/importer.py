@@ -273,6 +273,22 @@ async def _verify(
     return _Verified(outcome, body, data_key)
 
 
+def _existing(doc: Document, key: str) -> PointOutcome:
+    """A point already in the catalogue, as it is there."""
+    orphaned = doc.get("orphaned") or {}
+    return PointOutcome(
+        str(doc["_id"]),
+        key,
+        ImportStatus.EXISTING,
+        source_instance_id=orphaned.get("instance_id") or doc.get("instance_id"),
+        instance_id=doc.get("instance_id"),
+        plan_id=doc.get("plan_id"),
+        plan_name=doc.get("plan_name"),
+        created_at=doc.get("created_at"),
+        orphaned=bool(orphaned),
+    )
+
+
 # --- writing the catalogue ------------------------------------------------------------------
 
 
@@ -404,13 +420,22 @@ async def run(
                 result.found = len(keys)
                 ids = {k.rpartition("/")[2][: -len(manifest.SUFFIX)]: k for k in keys}
                 present = {
-                    d["_id"]
-                    async for d in db.restore_points.find({"_id": {"$in": list(ids)}}, {"_id": 1})
+                    d["_id"]: d
+                    async for d in db.restore_points.find(
+                        {"_id": {"$in": list(ids)}},
+                        {
+                            "instance_id": 1,
+                            "plan_id": 1,
+                            "plan_name": 1,
+                            "created_at": 1,
+                            "orphaned": 1,
+                        },
+                    )
                 }
                 read = 0
                 for point_id, key in ids.items():
                     if point_id in present:
-                        result.points.append(PointOutcome(point_id, key, ImportStatus.EXISTING))
+                        result.points.append(_existing(present[point_id], key))
                         continue
                     if read >= MAX_READ:
                         result.remaining += 1

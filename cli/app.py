@@ -952,3 +952,7 @@ def points_delete(ctx: typer.Context, instance: Instance, point: PointId, yes: Y
 def run() -> None:
     """Run the command-line tool."""
     app()
+
+
+# The operators' import is declared in a module of its own (it uses app and handled).
+from cli import recovery as _recovery  # noqa: E402, F401
