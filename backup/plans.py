@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import secrets as random
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pymongo.errors import DuplicateKeyError
 
 from backup import schedule
@@ -26,13 +27,55 @@ Name = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f
 ItemName = Annotated[str, Field(min_length=1, max_length=256)]
 
 
+def _unset(value: object) -> bool:
+    return value is None
+
+
+def _count(what: str) -> Any:
+    return Field(
+        default=None,
+        ge=1,
+        le=10_000,
+        exclude_if=_unset,
+        description=f"Keep the newest restore point of each of the newest N {what} that have "
+        "one (calendar periods in the plan's time zone).",
+    )
+
+
 class Retention(BaseModel):
+    """Which restore points a plan keeps: a point is kept if ANY rule keeps it (see
+    docs/retention.md). Unset rules are left out of answers."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    style: Literal["DAYS", "HOURS", "FILES"] = Field(
-        description="Keep restore points for `period` days or hours, or keep the last `period`."
+    style: Literal["DAYS", "HOURS", "FILES"] | None = Field(
+        default=None,
+        exclude_if=_unset,
+        description="Keep restore points for `period` days or hours, or keep the last `period`.",
     )
-    period: int = Field(ge=1, le=100_000)
+    period: int | None = Field(default=None, ge=1, le=100_000, exclude_if=_unset)
+    daily: int | None = _count("days")
+    weekly: int | None = _count("ISO weeks")
+    monthly: int | None = _count("months")
+    yearly: int | None = _count("years")
+    min_good: int | None = Field(
+        default=None,
+        ge=0,
+        le=10_000,
+        exclude_if=_unset,
+        description="Retention never leaves fewer restore points than this, whatever their age.",
+    )
+
+    @model_validator(mode="after")
+    def _a_rule(self) -> Retention:
+        if (self.style is None) != (self.period is None):
+            raise ValueError("style and period go together: send both, or neither")
+        if self.style is None and not (self.daily or self.weekly or self.monthly or self.yearly):
+            raise ValueError(
+                "a retention needs a rule: style and period, or at least one of daily, "
+                "weekly, monthly, yearly"
+            )
+        return self
 
 
 class EncryptionIn(BaseModel):
@@ -188,6 +231,7 @@ def _fields(spec: PlanSpec, items: list[str]) -> Document:
         ),
     }
 
+
 def _duplicate(name: str) -> Conflict:
     return Conflict(
         f"This instance already has a plan named {name!r}; choose another name.",
@@ -271,9 +315,11 @@ async def update(
     min_interval: int,
     *,
     schedule_from: datetime | None = None,
+    check: Callable[[Document, Document], Awaitable[None]] | None = None,
 ) -> Document:
     """Apply a merge patch; the merged plan is validated as a whole. Retries a few times when
-    the scheduler or runner touched the plan meanwhile."""
+    the scheduler or runner touched the plan meanwhile. ``check(current, fields)`` may refuse
+    the merged fields before anything is written (the retention's confirmation)."""
     for _ in range(5):
         current = await get(store, instance["_id"], plan_id)
         spec = PlanSpec.model_validate(merge_patch(spec_of(current), patch))
@@ -292,6 +338,8 @@ async def update(
         if new_key is not None:
             sealed.update(box.seal_map({"encryption_key": new_key}, _context(plan_id)))
         fields = _fields(spec, items)
+        if check is not None:
+            await check(current, fields)
         timing = ("frequency", "timezone", "paused")
         changes: Document = {**fields, "secrets": sealed, "updated_at": now()}
         if any(fields[k] != current[k] for k in timing) or (

@@ -32,13 +32,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
 
-from backup import audit, jobs, object_lock, restore_points, webhooks
+from backup import audit, jobs, object_lock, orphans, restore_points, webhooks
 from backup.clock import Clock, SystemClock
 from backup.database import Database, Document
-from backup.errors import STORAGE_FAILURES, storage_failure
+from backup.errors import STORAGE_FAILURES, Conflict, storage_failure
 from backup.jobs import RestorePointState
 from backup.restore_points import StoreOpener
 from backup.secrets import SecretBox
@@ -48,16 +49,59 @@ log = structlog.get_logger(__name__)
 
 
 class RetentionStyle(StrEnum):
-    """How a plan's retention counts (its ``style``)."""
+    """How a plan's retention counts by age or number (its ``style``)."""
 
     DAYS = "DAYS"
     HOURS = "HOURS"
     FILES = "FILES"
 
 
+class KeepReason(StrEnum):
+    """Why retention keeps a restore point (a point no reason keeps is deleted)."""
+
+    PINNED = "pinned"
+    """A user pinned it: no automatic deletion touches it."""
+    NEWEST = "newest"
+    """The plan's newest available point: never deleted by retention."""
+    AGE = "age"
+    """DAYS/HOURS: younger than the period."""
+    COUNT = "count"
+    """FILES: among the newest ``period`` points."""
+    DAILY = "daily"
+    WEEKLY = "weekly"
+    MONTHLY = "monthly"
+    YEARLY = "yearly"
+    NO_RETENTION = "no_retention"
+    """The plan has no retention: everything is kept."""
+    MIN_GOOD = "min_good"
+    """The rules above would leave fewer than ``min_good`` points: the newest of those they
+    delete are kept until ``min_good`` remain."""
+
+
+GFS_PERIODS: tuple[KeepReason, ...] = (
+    KeepReason.DAILY,
+    KeepReason.WEEKLY,
+    KeepReason.MONTHLY,
+    KeepReason.YEARLY,
+)
+
+
+def _period_key(reason: KeepReason, local: datetime) -> tuple[int, ...]:
+    """The calendar period ``local`` (a time in the plan's zone) falls in."""
+    if reason is KeepReason.DAILY:
+        return (local.year, local.month, local.day)
+    if reason is KeepReason.WEEKLY:
+        iso = local.isocalendar()
+        return (iso.year, iso.week)
+    if reason is KeepReason.MONTHLY:
+        return (local.year, local.month)
+    return (local.year,)
+
+
 def expires_at(retention: dict[str, Any] | None, created_at: datetime) -> datetime | None:
-    """When a point created at ``created_at`` expires under ``retention`` (None: by count)."""
-    if not retention:
+    """The earliest moment the age rule lets a point created at ``created_at`` go (None: no
+    age rule). Other rules (GFS counts, ``min_good``, a pin) may keep it longer."""
+    if not retention or retention.get("style") is None:
         return None
     period = int(retention["period"])
     if retention["style"] == RetentionStyle.DAYS:
@@ -71,23 +115,157 @@ def _newest_first(points: Sequence[Document]) -> list[Document]:
     return sorted(points, key=lambda p: (p["created_at"], str(p["_id"])), reverse=True)
 
 
-def select_expired(
-    points: Sequence[Document], retention: dict[str, Any] | None, now: datetime
-) -> list[Document]:
-    """The points of one plan that retention deletes now. ``points`` are the plan's
-    available restore points, in any order; the newest is never selected."""
-    if not retention or not points:
-        return []
+def _zone(name: str | None) -> ZoneInfo:
+    try:
+        return ZoneInfo(name or "UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo("UTC")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What retention does with one point: kept for ``reasons``, or deleted (no reason)."""
+
+    point: Document
+    reasons: tuple[KeepReason, ...]
+
+    @property
+    def kept(self) -> bool:
+        return bool(self.reasons)
+
+
+def decide(
+    points: Sequence[Document],
+    retention: dict[str, Any] | None,
+    now: datetime,
+    timezone: str | None = "UTC",
+) -> list[Decision]:
+    """Retention's verdict on each of a plan's available restore points, newest first.
+
+    A point is kept if ANY rule keeps it (like restic's ``forget --keep-*``): it is pinned,
+    it is the newest, it is younger than a DAYS/HOURS period, it is among the newest
+    ``period`` (FILES), or it is the newest point of one of the newest ``daily`` days,
+    ``weekly`` ISO weeks, ``monthly`` months or ``yearly`` years that have points (calendar
+    periods in ``timezone``, the plan's). Last, ``min_good`` keeps the newest of the points
+    the rules delete until at least ``min_good`` points stay. No retention keeps everything.
+    Pure: the sweep and the preview both call it, so a preview is what the sweep deletes."""
     ordered = _newest_first(points)
-    older = ordered[1:]
-    if retention["style"] == RetentionStyle.FILES:
-        return older[max(0, int(retention["period"]) - 1) :]
-    out = []
-    for point in older:
-        expiry = expires_at(retention, point["created_at"])
-        if expiry is not None and expiry <= now:
-            out.append(point)
-    return out
+    if not ordered:
+        return []
+    reasons: list[list[KeepReason]] = [[] for _ in ordered]
+    if not retention:
+        return [Decision(p, (KeepReason.NO_RETENTION,)) for p in ordered]
+    zone = _zone(timezone)
+    style = retention.get("style")
+    for n, point in enumerate(ordered):
+        if point.get("pinned"):
+            reasons[n].append(KeepReason.PINNED)
+        if n == 0:
+            reasons[n].append(KeepReason.NEWEST)
+        if style == RetentionStyle.FILES:
+            if n < int(retention["period"]):
+                reasons[n].append(KeepReason.COUNT)
+        elif style is not None:
+            expiry = expires_at(retention, point["created_at"])
+            if expiry is not None and expiry > now:
+                reasons[n].append(KeepReason.AGE)
+    for period in GFS_PERIODS:
+        wanted = int(retention.get(period.value) or 0)
+        last: tuple[int, ...] | None = None
+        for n, point in enumerate(ordered):
+            if wanted <= 0:
+                break
+            key = _period_key(period, point["created_at"].astimezone(zone))
+            if key != last:
+                reasons[n].append(period)
+                last = key
+                wanted -= 1
+    short = int(retention.get("min_good") or 0) - sum(1 for r in reasons if r)
+    for n in range(len(ordered)):
+        if short <= 0:
+            break
+        if not reasons[n]:
+            reasons[n].append(KeepReason.MIN_GOOD)
+            short -= 1
+    return [Decision(p, tuple(r)) for p, r in zip(ordered, reasons, strict=True)]
+
+
+def select_expired(
+    points: Sequence[Document],
+    retention: dict[str, Any] | None,
+    now: datetime,
+    timezone: str | None = "UTC",
+) -> list[Document]:
+    """The points of one plan that retention deletes now (those :func:`decide` keeps for no
+    reason). ``points`` are the plan's available restore points, in any order."""
+    return [d.point for d in decide(points, retention, now, timezone) if not d.kept]
+
+
+async def plan_points(store: Database, plan_id: str) -> list[Document]:
+    """A plan's available restore points: what retention decides about."""
+    return await store.restore_points.find(
+        {"plan_id": plan_id, "state": RestorePointState.AVAILABLE}, {"secrets": 0}
+    ).to_list()
+
+
+async def preview(
+    store: Database,
+    plan: Document,
+    now: datetime,
+    *,
+    retention: dict[str, Any] | None = None,
+    timezone: str | None = None,
+) -> list[Decision]:
+    """What the sweep would do now to ``plan``'s points under its saved retention, or under
+    a proposed ``retention`` and/or ``timezone``: :func:`decide`, the sweep's own rules."""
+    return decide(
+        await plan_points(store, plan["_id"]),
+        retention if retention is not None else plan.get("retention"),
+        now,
+        timezone or plan.get("timezone"),
+    )
+
+
+class ConfirmationRequired(Conflict):
+    """A plan change would make the next sweep delete many of its points at once."""
+
+    code = "confirmation_required"
+
+    def __init__(self, description: str, *, counts: dict[str, int]) -> None:
+        super().__init__(description, field="retention")
+        self.counts = counts
+
+
+async def check_change(
+    store: Database,
+    plan: Document,
+    retention: dict[str, Any],
+    timezone: str,
+    now: datetime,
+    *,
+    fraction: float,
+    min_points: int,
+) -> None:
+    """Refuse (:class:`ConfirmationRequired`) a change of ``plan``'s retention or time zone
+    that would delete, at the next sweep, at least ``min_points`` and more than ``fraction``
+    of its available points that its saved retention keeps."""
+    if retention == plan.get("retention") and timezone == plan.get("timezone"):
+        return
+    points = await plan_points(store, plan["_id"])
+    before = {
+        d.point["_id"]
+        for d in decide(points, plan.get("retention"), now, plan.get("timezone"))
+        if not d.kept
+    }
+    newly = [p for p in select_expired(points, retention, now, timezone) if p["_id"] not in before]
+    if len(newly) < min_points or len(newly) <= fraction * len(points):
+        return
+    raise ConfirmationRequired(
+        f"This change would delete {len(newly)} of the plan's {len(points)} restore points "
+        "at the next retention sweep. Check them with GET .../retention_preview, then send "
+        "the change again with ?confirm=true to apply it.",
+        counts={"would_delete": len(newly), "total": len(points)},
+    )
 
 
 @dataclass
@@ -199,6 +377,8 @@ class RetentionSweeper:
             for plan_id in plan_ids:
                 result.add(await self._sweep_plan(plan_id))
             result.add(await self._delete_pending())
+            # Orphaned destinations (backup/orphans.py) that no restore point uses any more.
+            await orphans.prune_destinations(self.db)
             if self.job_history is not None:
                 result.jobs_pruned = await jobs.prune_history(
                     self.db, ended_before=self.clock.now() - self.job_history
@@ -237,19 +417,18 @@ class RetentionSweeper:
         result = SweepResult()
         if plan_id is None:
             return result
-        points = await self.db.restore_points.find(
-            {"plan_id": plan_id, "state": RestorePointState.AVAILABLE},
-            {"secrets": 0},
-        ).to_list()
+        points = await plan_points(self.db, plan_id)
         if not points:
             return result
-        plan = await self.db.plans.find_one({"_id": plan_id}, {"retention": 1})
+        plan = await self.db.plans.find_one({"_id": plan_id}, {"retention": 1, "timezone": 1})
         retention = plan.get("retention") if plan else _newest_first(points)[0].get("retention")
         if not retention:
             return result
+        # A deleted plan's calendar periods are counted in UTC: its zone went with it.
+        timezone = plan.get("timezone") if plan else None
         now = self.clock.now()
         await self._align_expiry(points, retention)
-        for point in select_expired(points, retention, now):
+        for point in select_expired(points, retention, now, timezone):
             result.add(await self._delete_point(point, claim=True))
         return result
 
@@ -281,7 +460,8 @@ class RetentionSweeper:
             return result
         if claim:
             marked = await self.db.restore_points.update_one(
-                {"_id": point_id, "state": RestorePointState.AVAILABLE},
+                # not a point pinned since it was selected
+                {"_id": point_id, "state": RestorePointState.AVAILABLE, "pinned": {"$ne": True}},
                 {"$set": {"state": RestorePointState.DELETING}},
             )
             if marked.modified_count != 1:
