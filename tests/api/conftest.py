@@ -89,6 +89,13 @@ SWIFT_BODY = {
 }
 
 
+WEBHOOK_BODY = {
+    "url": "https://127.0.0.1:9/hooks",
+    "events": ["job.failed"],
+    "secret": "seeded-webhook-Secret-0123",
+}
+
+
 def plan_body(destination_id: str, **over: Any) -> dict[str, Any]:
     return {
         "name": "nightly",
@@ -252,11 +259,14 @@ async def seed(api: Api, instance: str | None = None) -> Seeded:
     assert status == 201, plan
     job = await insert_job(api, instance, plan_id=plan["id"], status="RUNNING")
     point = await insert_restore_point(api, instance, dest["id"], plan["id"])
+    status, hook = await api.call("POST", "/webhooks", instance=instance, json=WEBHOOK_BODY)
+    assert status == 201, hook
     ids = {
         "destination_id": dest["id"],
         "plan_id": plan["id"],
         "job_id": job,
         "restore_point_id": point,
+        "webhook_id": hook["id"],
     }
     return Seeded(instance, ids)
 
@@ -273,4 +283,6 @@ def sample_body(operation: Operation, seeded: Seeded) -> Any:
         "update_plan": {"paused": True},
         "start_backup": {"plan_id": seeded.ids["plan_id"]},
         "start_restore": {"restore_point_id": seeded.ids["restore_point_id"]},
+        "create_webhook": WEBHOOK_BODY,
+        "update_webhook": {"enabled": False},
     }.get(operation.operation_id, {})
