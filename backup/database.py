@@ -51,6 +51,15 @@ INDEXES: dict[str, list[IndexModel]] = {
     ],
     "jobs": [
         IndexModel([("instance_id", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)]),
+        # an instance's jobs of one status (GET /jobs?status=FAILED), newest first
+        IndexModel(
+            [
+                ("instance_id", ASCENDING),
+                ("status", ASCENDING),
+                ("created_at", DESCENDING),
+                ("_id", DESCENDING),
+            ]
+        ),
         IndexModel(
             [("plan_id", ASCENDING), ("scheduled_for", ASCENDING)],
             unique=True,

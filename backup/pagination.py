@@ -211,6 +211,7 @@ _HINTS: dict[str, _Hint] = {}
 _HINTS_MAX = 10_000
 _MAX_PROBES = 3
 _MARGIN = 2.0
+_MS = timedelta(milliseconds=1)
 """Windows are sized to hold this many times the documents a page needs."""
 
 
@@ -335,8 +336,15 @@ async def _numbered(
             field="page",
         )
     as_of = position.as_of or now()
+    # Deeper pages find their place from the keys alone (the server still examines what
+    # comes before the page, as an offset must, but sends only keys), then fetch the page.
     found, ended = await _newest(
-        collection, query, projection, need=skip + limit + 1, before=as_of, inclusive=True
+        collection,
+        query,
+        projection if not skip else {"created_at": 1},
+        need=skip + limit + 1,
+        before=as_of,
+        inclusive=True,
     )
     total = position.total
     if total is None:
@@ -346,6 +354,13 @@ async def _numbered(
             else await collection.count_documents(_within(query, created_at={"$lte": as_of}))
         )
     docs = found[skip : skip + limit + 1]
+    if skip and docs:
+        # $gt a millisecond before rather than $gte (the same on BSON dates): SecantusDB
+        # 0.7.0b3 drops the documents equal to a $gte bound on a descending index key
+        span = {"$gt": docs[-1]["created_at"] - _MS, "$lte": docs[0]["created_at"]}
+        wanted = {d["_id"]: n for n, d in enumerate(docs)}
+        fetched = await collection.find(_within(query, created_at=span), projection).to_list()
+        docs = sorted((d for d in fetched if d["_id"] in wanted), key=lambda d: wanted[d["_id"]])
     more = len(docs) > limit
     docs = docs[:limit]
     return Page(
