@@ -14,6 +14,8 @@ restore drill (docs/protection.md).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,9 +26,12 @@ from typing import Any
 
 import structlog
 from croniter import croniter
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo import UpdateOne
 
 from backup import schedule, webhooks
+from backup.clock import Clock, SystemClock
 from backup.database import SCHEMA_VERSION, Database, Document
 from backup.instances import LIVE_STATES
 from backup.jobs import DrillOutcome, JobStatus, JobType
@@ -471,23 +476,34 @@ async def refresh(
     (``protection`` collection: the fleet view and the metrics read it), drop the entries of
     instances no longer live, and emit a ``protection.changed`` event for each plan whose
     state changed since the last refresh (a plan seen for the first time is no change: a
-    new plan, or the first refresh, emits nothing). Returns the changes."""
+    new plan, or the first refresh, emits nothing). When replicas refresh at once, each
+    change is stored and emitted by one of them. Returns the changes this call emitted."""
     results = await evaluate(db, now, instance_ids=instance_ids)
     scope: dict[str, Any] = {} if instance_ids is None else {"_id": {"$in": list(instance_ids)}}
-    stored = {
-        str(d["_id"]): d
-        async for d in db.protection.find(scope, {"state": 1, "plans.plan_id": 1, "plans.state": 1})
-    }
+    fields = {"state": 1, "evaluated_at": 1, "plans.plan_id": 1, "plans.state": 1}
+    stored = {str(d["_id"]): d async for d in db.protection.find(scope, fields)}
     changes: list[Change] = []
     writes = []
+    contested: list[tuple[Document, Document, list[Change]]] = []
     for result in results:
         before = stored.pop(result.instance_id, None)
-        changes += _changes(before, result)
-        writes.append(
-            UpdateOne({"_id": result.instance_id}, {"$set": _document(result)}, upsert=True)
-        )
+        found = _changes(before, result)
+        if found and before is not None:
+            contested.append((before, _document(result), found))
+        else:
+            writes.append(
+                UpdateOne({"_id": result.instance_id}, {"$set": _document(result)}, upsert=True)
+            )
     if writes:
         await db.protection.bulk_write(writes, ordered=False)
+    for before, doc, found in contested:
+        # Replicas evaluate on their own: a change is stored, and emitted, by the one that
+        # replaces the state it read (compare and set), so each change is one event.
+        won = await db.protection.update_one(
+            {"_id": before["_id"], "evaluated_at": before.get("evaluated_at")}, {"$set": doc}
+        )
+        if won.modified_count == 1:
+            changes += found
     if stored:  # deleted, deprovisioned: nothing left to protect or to list
         await db.protection.delete_many({"_id": {"$in": list(stored)}})
     if changes:
@@ -574,3 +590,78 @@ async def stored_plans(db: Database) -> list[tuple[str, Document]]:
     async for doc in db.protection.find({}, {"plans": 1}):
         out += [(str(doc["_id"]), p) for p in doc.get("plans") or []]
     return out
+
+
+# --- the background evaluator ----------------------------------------------------------------
+
+
+class ProtectionSettings(BaseSettings):
+    """The background evaluator's settings, from environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    enabled: bool = Field(
+        default=True,
+        validation_alias="PROTECTION_ENABLED",
+        description="Re-evaluate every instance's protection on this replica.",
+    )
+    interval_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=86400,
+        validation_alias="PROTECTION_INTERVAL_SECONDS",
+        description="Seconds between evaluations of the fleet (sooner after a job ends or a "
+        "plan changes).",
+    )
+    min_gap_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        validation_alias="PROTECTION_MIN_GAP_SECONDS",
+        description="At least this long between two evaluations, however many jobs end.",
+    )
+
+
+class ProtectionEvaluator:
+    """One replica's loop: :func:`refresh` of the whole fleet every ``interval_seconds``, and
+    sooner when :meth:`wake` is called (a job ended, a plan changed), at most once every
+    ``min_gap_seconds``. A failed evaluation is logged and tried again at the next turn."""
+
+    def __init__(
+        self, db: Database, settings: ProtectionSettings, *, clock: Clock | None = None
+    ) -> None:
+        self.db, self.settings = db, settings
+        self.clock = clock or SystemClock()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.evaluations = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="protection-evaluator")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await refresh(self.db, self.clock.now())
+                self.evaluations += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("protection_evaluation_failed")
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError  # a cancel the driver swallowed: honour it
+            await self.clock.sleep(self.settings.min_gap_seconds)
+            await self.clock.wait(self._wake, self.settings.interval_seconds)
+            self._wake.clear()

@@ -35,6 +35,7 @@ from aiohttp import web
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from backup.protection import ProtectionEvaluator, ProtectionSettings
 from backup.retention import RetentionSweeper
 from backup.runner import JobRunner, RunnerSettings, new_replica_id
 from backup.settings import load_settings
@@ -58,6 +59,8 @@ log = structlog.get_logger(__name__)
 
 WEBHOOK_SETTINGS = web.AppKey("webhook_settings", WebhookSettings)
 WEBHOOK_DELIVERER = web.AppKey("webhook_deliverer", WebhookDeliverer)
+PROTECTION_SETTINGS = web.AppKey("protection_settings", ProtectionSettings)
+PROTECTION_EVALUATOR = web.AppKey("protection_evaluator", ProtectionEvaluator)
 
 
 class BackgroundSettings(BaseSettings):
@@ -81,12 +84,14 @@ def setup(app: web.Application, *, enabled: bool | None = None) -> None:
     from_env = load_settings(BackgroundSettings, part="background").enabled
     app[SCHEDULER_SETTINGS] = load_settings(SchedulerSettings, part="scheduler")
     app[WEBHOOK_SETTINGS] = load_settings(WebhookSettings, part="webhook")
+    app[PROTECTION_SETTINGS] = load_settings(ProtectionSettings, part="protection")
     app[REPLICA_ID] = new_replica_id()
     if not (from_env if enabled is None else enabled):
         app.cleanup_ctx.append(http_only)
         return
     app.cleanup_ctx.extend([work_database, retention_sweeper, job_runner, plan_scheduler])
     app.cleanup_ctx.append(webhook_deliverer)
+    app.cleanup_ctx.append(protection_evaluator)
 
 
 async def http_only(app: web.Application) -> AsyncIterator[None]:
@@ -181,3 +186,21 @@ async def webhook_deliverer(app: web.Application) -> AsyncIterator[None]:
     yield
     if settings.enabled:
         await deliverer.stop()
+
+
+async def protection_evaluator(app: web.Application) -> AsyncIterator[None]:
+    """Re-evaluates every instance's protection (backup.protection) periodically, and soon
+    after this replica ends a job or a plan changes; stored for the fleet view and the
+    metrics, each change a protection.changed event."""
+    settings = app[PROTECTION_SETTINGS]
+    evaluator = app[PROTECTION_EVALUATOR] = ProtectionEvaluator(app[WORK_DATABASE], settings)
+    events, figures = app[DATABASE].events, app[metrics.METRICS]
+    if settings.enabled:
+        events.plans_changed.connect(evaluator.wake)
+        figures.job_end_listeners.append(evaluator.wake)
+        await evaluator.start()
+    yield
+    if settings.enabled:
+        events.plans_changed.disconnect(evaluator.wake)
+        figures.job_end_listeners.remove(evaluator.wake)
+        await evaluator.stop()

@@ -12,7 +12,17 @@ Two kinds of figures:
   a count over an indexed field, bounded by a timeout; if the database does not answer,
   ``backup_metrics_database_up`` is 0 and the gauges keep their last values.
 
-The endpoint exposes counts and durations only: no instance, plan or job ids, no names, no
+Protection (``backup.protection``, docs/protection.md), from the states the background
+evaluator stored, in one query per scrape whatever the fleet's size:
+``backup_instances_protection{state}`` counts instances per state, and
+``backup_protection_evaluation_age_seconds`` says how old the oldest stored evaluation is (an
+evaluator that stopped shows here). Per plan, unless ``METRICS_PER_PLAN=false`` (very large
+fleets), with labels ``instance_id`` and ``plan_id``:
+``backup_plan_last_good_backup_timestamp_seconds`` (unix time of the newest good restore
+point; 0: none), ``backup_plan_protection_state{state}`` (1 for the plan's state, 0 for the
+two others) and ``backup_plan_rpo_seconds`` (the objective in force).
+
+Apart from those two ids, the endpoint exposes counts and durations only: no names, no
 URLs, no credentials. It needs no authentication by default (scrapers usually have none);
 set ``METRICS_USERNAME`` and ``METRICS_PASSWORD`` to require HTTP Basic.
 """
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 import structlog
@@ -33,12 +44,15 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo.errors import PyMongoError
 
-from backup.database import Database
+from backup.database import Database, Document
 from backup.jobs import JobStatus
+from backup.protection import ProtectionState
 from backup.retention import SweepResult
 from backup.runner import JobRunner, RunnerObserver
 from backup.settings import load_settings
@@ -59,13 +73,48 @@ class MetricsSettings(BaseSettings):
     db_timeout_seconds: float = Field(
         default=5.0, gt=0, validation_alias="METRICS_DB_TIMEOUT_SECONDS"
     )
+    per_plan: bool = Field(default=True, validation_alias="METRICS_PER_PLAN")
+    """Per-plan protection series (three per plan, plus one per state); off for very large
+    fleets, where the per-state instance counts remain."""
+
+
+class PlanProtectionCollector(Collector):
+    """The per-plan protection gauges, built at collection from the rows the last scrape
+    read (prometheus_client collects synchronously; the database is read before)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, Document]] = []
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["instance_id", "plan_id"]
+        last_good = GaugeMetricFamily(
+            "backup_plan_last_good_backup_timestamp_seconds",
+            "Unix time of the plan's newest good restore point (0: none).",
+            labels=labels,
+        )
+        state = GaugeMetricFamily(
+            "backup_plan_protection_state",
+            "1 for the plan's protection state (protected, at_risk, unprotected), else 0.",
+            labels=[*labels, "state"],
+        )
+        rpo = GaugeMetricFamily(
+            "backup_plan_rpo_seconds", "The plan's recovery point objective.", labels=labels
+        )
+        for instance_id, plan in self.rows:
+            ids = [instance_id, str(plan.get("plan_id"))]
+            at = plan.get("last_good_at")
+            last_good.add_metric(ids, at.timestamp() if isinstance(at, datetime) else 0.0)
+            for name in tuple(ProtectionState):
+                state.add_metric([*ids, name], 1.0 if plan.get("state") == name else 0.0)
+            rpo.add_metric(ids, float(plan.get("rpo_seconds") or 0))
+        return [last_good, state, rpo]
 
 
 class Metrics(RunnerObserver, SchedulerObserver):
     """The registry of one app (not the global one: several apps may share a process); the
     observer of its job runner, scheduler and retention sweeper."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, per_plan: bool = True) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.jobs_started = Counter(
             "backup_jobs_started_total",
@@ -181,6 +230,23 @@ class Metrics(RunnerObserver, SchedulerObserver):
             "RUNNER_CONCURRENCY, halved each time the scheduler is behind.",
             registry=r,
         )
+        self.instances_protection = Gauge(
+            "backup_instances_protection",
+            "Live instances by protection state, as last evaluated.",
+            ["state"],
+            registry=r,
+        )
+        self.protection_age = Gauge(
+            "backup_protection_evaluation_age_seconds",
+            "Age of the oldest stored protection evaluation (0 when none).",
+            registry=r,
+        )
+        self.plan_protection = PlanProtectionCollector()
+        self.per_plan = per_plan
+        if per_plan:
+            r.register(self.plan_protection)
+        self.job_end_listeners: list[Callable[[], None]] = []
+        """Called when this replica's runner ends a job (the protection evaluator wakes)."""
         self.db_up = Gauge(
             "backup_metrics_database_up",
             "1 if the database answered the last scrape's queries.",
@@ -198,6 +264,11 @@ class Metrics(RunnerObserver, SchedulerObserver):
         self.jobs_finished.labels(job_type, status).inc()
         if seconds is not None:
             self.job_duration.labels(job_type, status).observe(max(0.0, seconds))
+        for listener in list(self.job_end_listeners):
+            try:
+                listener()
+            except Exception:
+                log.exception("job_end_listener_failed")
 
     def agent_error(self, reason: str) -> None:
         self.agent_errors.labels(reason).inc()
@@ -246,6 +317,7 @@ class Metrics(RunnerObserver, SchedulerObserver):
                 pending = await store.jobs.count_documents(
                     {"pending_deletes.destination_id": {"$exists": True}}
                 )
+                protection = await self._protection(store)
         except (PyMongoError, TimeoutError) as exc:
             log.warning("metrics_database_unavailable", error=type(exc).__name__)
             self.db_up.set(0)
@@ -257,7 +329,41 @@ class Metrics(RunnerObserver, SchedulerObserver):
         self.lease_expired.set(expired)
         self.points_deleting.set(deleting)
         self.pending_deletes.set(pending)
+        by_state, oldest_evaluation, rows = protection
+        for name in tuple(ProtectionState):
+            self.instances_protection.labels(name).set(by_state.get(name, 0))
+        age = (now - oldest_evaluation).total_seconds() if oldest_evaluation else 0.0
+        self.protection_age.set(max(0.0, age))
+        if self.per_plan:
+            self.plan_protection.rows = rows
         self.db_up.set(1)
+
+    async def _protection(
+        self, store: Database
+    ) -> tuple[dict[str, int], datetime | None, list[tuple[str, Document]]]:
+        """Instances per state, the oldest evaluation and (per plan) every plan's row: one
+        query of the stored states, whatever the number of plans."""
+        by_state: dict[str, int] = {}
+        oldest: datetime | None = None
+        rows: list[tuple[str, Document]] = []
+        if self.per_plan:
+            fields = {"state": 1, "evaluated_at": 1, "plans.plan_id": 1, "plans.state": 1}
+            fields |= {"plans.last_good_at": 1, "plans.rpo_seconds": 1}
+            async for doc in store.protection.find({}, fields):
+                state = str(doc.get("state"))
+                by_state[state] = by_state.get(state, 0) + 1
+                at = doc.get("evaluated_at")
+                oldest = at if oldest is None or (at and at < oldest) else oldest
+                rows += [(str(doc["_id"]), p) for p in doc.get("plans") or []]
+            return by_state, oldest, rows
+        pipeline: list[Document] = [
+            {"$group": {"_id": "$state", "n": {"$sum": 1}, "oldest": {"$min": "$evaluated_at"}}}
+        ]
+        async for group in await store.protection.aggregate(pipeline):
+            by_state[str(group["_id"])] = group["n"]
+            at = group.get("oldest")
+            oldest = at if oldest is None or (at and at < oldest) else oldest
+        return by_state, oldest, rows
 
 
 METRICS = web.AppKey("metrics", Metrics)
@@ -298,6 +404,6 @@ async def metrics(request: web.Request) -> web.Response:
 
 def setup(app: web.Application) -> None:
     """Serve ``GET /metrics``; the registry (``app[METRICS]``) observes the background parts."""
-    app[METRICS] = Metrics()
-    app[METRICS_SETTINGS] = load_settings(MetricsSettings, part="metrics")
+    settings = app[METRICS_SETTINGS] = load_settings(MetricsSettings, part="metrics")
+    app[METRICS] = Metrics(per_plan=settings.per_plan)
     app.router.add_get("/metrics", metrics)

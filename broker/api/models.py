@@ -15,6 +15,7 @@ from backup.errors import InvalidInput
 from storage import ObjectLock
 from backup.jobs import DrillKind, DrillOutcome, JobStatus, JobType, RestorePointState, Trigger
 from backup.plans import DrillSpec, EncryptionIn, PlanSpec, Retention
+from backup.protection import ProtectionState
 
 _IN = ConfigDict(extra="forbid", strict=True)
 _QUERY = ConfigDict(extra="forbid")  # query strings are text: "5" is the number 5
@@ -114,6 +115,12 @@ class AuditListQuery(ListQuery):
     until: AwareDatetime | None = Field(
         default=None,
         description="Only entries recorded before this time (RFC 3339, with its offset).",
+    )
+
+
+class ProtectionListQuery(ListQuery):
+    state: ProtectionState | None = Field(
+        default=None, description="Only instances in this state (e.g. unprotected)."
     )
 
 
@@ -282,6 +289,17 @@ class PlanOut(BaseModel):
     encryption: EncryptionOut
     paused: bool
     next_run_at: datetime | None = Field(description="Next scheduled run; null when paused.")
+    rpo_seconds: int | None = Field(
+        default=None, description="The recovery point objective set; null: derived."
+    )
+    effective_rpo_seconds: int | None = Field(
+        default=None,
+        description="The objective in force: rpo_seconds, else 1.5 times the longest gap "
+        "between the schedule's fires over a year.",
+    )
+    rpo_derived: bool | None = Field(
+        default=None, description="Whether effective_rpo_seconds was derived from the schedule."
+    )
     drill: DrillSpec | None = Field(default=None, description="Scheduled restore drills.")
     drill_next_run_at: datetime | None = Field(
         default=None, description="Next scheduled drill; null: none, disabled or paused."
@@ -583,3 +601,36 @@ class AuditEntryOut(BaseModel):
 
 class AuditPage(_PageOut):
     items: list[AuditEntryOut]
+
+
+# --- protection -----------------------------------------------------------------------------
+
+
+class PlanProtectionOut(BaseModel):
+    model_config = _OUT
+    plan_id: str
+    name: str
+    state: ProtectionState
+    reason: str = Field(description="Why, in words; the worst reason first in reasons.")
+    reasons: list[str] = Field(description="Every reason found, worst first.")
+    rpo_seconds: int = Field(description="The objective in force.")
+    rpo_derived: bool = Field(description="Whether the objective was derived from the schedule.")
+    paused: bool
+    last_good_at: datetime | None = Field(description="The newest good restore point's time.")
+    lapses_at: datetime | None = Field(
+        description="When the newest good backup stops meeting the objective."
+    )
+    next_run_at: datetime | None
+
+
+class InstanceProtectionOut(BaseModel):
+    model_config = _OUT
+    instance_id: str
+    state: ProtectionState = Field(description="The worst of its plans' states.")
+    reason: str
+    plans: list[PlanProtectionOut]
+    evaluated_at: datetime = Field(description="When this state was computed.")
+
+
+class ProtectionPage(_PageOut):
+    items: list[InstanceProtectionOut]

@@ -11,10 +11,10 @@ from typing import Literal, TypeVar, cast
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from backup import audit, destinations, drill, jobs, plans, restore_points
+from backup import audit, destinations, drill, jobs, plans, protection, restore_points
 from backup.database import Database, Document
 from backup.errors import Conflict
-from backup.pagination import Page
+from backup.pagination import Page, now
 from backup.secrets import SecretBox
 from broker.api import models, views
 from broker.api.auth import AUTHORIZER, Principal
@@ -750,6 +750,40 @@ async def list_platform_audit(ctx: PlatformCtx) -> models.AuditPage:
     )
     page = await audit.list_platform_page(ctx.db, where, limit=limit, cursor=cursor)
     return _page(models.AuditPage, page, [views.audit_entry(d) for d in page.items])
+
+
+# --- protection -----------------------------------------------------------------------------
+
+
+@op(
+    "GET",
+    "/protection",
+    summary="Whether the instance is protected: each plan's state (protected, at_risk, "
+    "unprotected) against its recovery point objective, with the reasons in words, and the "
+    "worst of them",
+    tag="protection",
+    response=models.InstanceProtectionOut,
+)
+async def get_protection(ctx: Ctx) -> models.InstanceProtectionOut:
+    found = await protection.evaluate(ctx.db, now(), instance_ids=[ctx.instance_id])
+    return views.protection(found[0])
+
+
+@platform_op(
+    "GET",
+    "/protection",
+    summary="Every instance's protection across the platform (operators only), newest "
+    "instance first; ?state=unprotected lists the ones that need attention. As the "
+    "background evaluator last stored it (evaluated_at)",
+    tag="protection",
+    response=models.ProtectionPage,
+    query=models.ProtectionListQuery,
+)
+async def list_protection(ctx: PlatformCtx) -> models.ProtectionPage:
+    query = ctx.query(models.ProtectionListQuery)
+    limit, cursor = query.window()
+    page = await protection.fleet_page(ctx.db, query.state, limit=limit, cursor=cursor)
+    return _page(models.ProtectionPage, page, [views.stored_protection(d) for d in page.items])
 
 
 def _actor(principal: Principal) -> audit.Actor:

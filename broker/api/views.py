@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from backup import protection as protection_
 from backup.database import Document
 from backup.destinations import SECRET_FIELDS
 from broker.api import models
@@ -40,6 +41,7 @@ def plan(doc: Document, last: Document | None) -> models.PlanOut:
             "enabled": bool(encryption.get("enabled")),
             "key_set": _sealed(doc, "encryption_key"),
         },
+        **_rpo(doc),
         "last_job": (
             {
                 "id": last["_id"],
@@ -52,6 +54,12 @@ def plan(doc: Document, last: Document | None) -> models.PlanOut:
         ),
     }
     return models.PlanOut.model_validate(view)
+
+
+def _rpo(doc: Document) -> dict[str, Any]:
+    """The plan's objective in force, and whether it was derived from its schedule."""
+    rpo = protection_.effective_rpo(doc)
+    return {"effective_rpo_seconds": rpo.seconds, "rpo_derived": rpo.derived}
 
 
 def truncate(text: Any, limit: int) -> str:
@@ -96,3 +104,21 @@ def restore_point(doc: Document) -> models.RestorePointOut:
 
 def audit_entry(doc: Document) -> models.AuditEntryOut:
     return models.AuditEntryOut.model_validate({**doc, "id": doc["_id"]})
+
+
+def protection(result: protection_.InstanceProtection) -> models.InstanceProtectionOut:
+    return models.InstanceProtectionOut(
+        instance_id=result.instance_id,
+        state=result.state,
+        reason=result.reason,
+        plans=[
+            models.PlanProtectionOut(**p.as_document(), reason=p.reason) for p in result.plans
+        ],
+        evaluated_at=result.evaluated_at,
+    )
+
+
+def stored_protection(doc: Document) -> models.InstanceProtectionOut:
+    """An instance's protection as the background evaluator stored it."""
+    plans = [{**p, "reason": (p.get("reasons") or [""])[0]} for p in doc.get("plans") or []]
+    return models.InstanceProtectionOut.model_validate({**doc, "plans": plans})
