@@ -3,6 +3,7 @@ fields sent (never their values), readable with manage rights, paged, pruned by 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from datetime import UTC, datetime, timedelta
@@ -146,3 +147,74 @@ async def test_the_sweep_prunes_entries_past_the_retention(api: Api) -> None:
     )
     assert (await prune.run_once()).audit_pruned >= 1
     assert await api.db.audit.count_documents({"instance_id": instance}) == 0
+
+
+# --- the operators' view across the platform ------------------------------------------------
+
+
+async def test_the_operator_wide_trail_filters_by_instance_actor_and_time(api: Api) -> None:
+    a = await add_instance(api.db)
+    b = await add_instance(api.db)
+    api.cc.grant("alice", a)
+    api.cc.grant("bob", b)
+    await api.call("POST", "/destinations", instance=a, token=api.uaa.token("alice"), json=S3_BODY)
+    # entries keep milliseconds: step off the boundary so that each side is unambiguous
+    await asyncio.sleep(0.005)
+    middle = datetime.now(UTC)
+    await asyncio.sleep(0.005)
+    await api.call("POST", "/destinations", instance=b, token=api.uaa.token("bob"), json=S3_BODY)
+    status, dest = await api.call(
+        "POST", "/destinations", instance=a, json={**S3_BODY, "name": "x"}
+    )
+    assert status == 201, dest
+
+    async def trail(query: str, **kw: Any) -> list[dict[str, Any]]:
+        status, page = await api.call("GET", f"/v1/audit?limit=100{query}", **kw)
+        assert status == 200, (query, page)
+        return list(page["items"])
+
+    everything = await trail("")
+    assert [(e["instance_id"], e["actor"]["subject"]) for e in everything] == [
+        (a, "test-broker"),
+        (b, "bob"),
+        (a, "alice"),
+    ]  # newest first
+    assert [e["actor"]["subject"] for e in await trail(f"&instance_id={a}")] == [
+        "test-broker",
+        "alice",
+    ]
+    assert [e["instance_id"] for e in await trail("&actor=bob")] == [b]
+    assert [e["actor"]["subject"] for e in await trail("&actor_kind=user")] == ["bob", "alice"]
+    since = middle.isoformat().replace("+00:00", "Z")
+    assert [e["actor"]["subject"] for e in await trail(f"&since={since}")] == [
+        "test-broker",
+        "bob",
+    ]
+    until = middle.isoformat().replace("+", "%2B")
+    assert [e["actor"]["subject"] for e in await trail(f"&until={until}")] == ["alice"]
+    assert await trail(f"&instance_id={a}&actor=bob") == []
+    # paged like every list
+    status, first = await api.call("GET", "/v1/audit?limit=2")
+    assert status == 200 and len(first["items"]) == 2 and first["next_cursor"]
+    status, rest = await api.call("GET", f"/v1/audit?limit=2&cursor={first['next_cursor']}")
+    assert [e["id"] for e in first["items"] + rest["items"]] == [e["id"] for e in everything]
+
+    for bad in (
+        "since=yesterday",
+        "since=2026-01-01T00:00:00",  # no offset: ambiguous
+        "actor_kind=robot",
+        "instance_id=" + "x" * 300,
+        "cursor=nope",
+        "actor=a&actor=b",
+    ):
+        status, body = await api.call("GET", f"/v1/audit?{bad}")
+        assert status == 400 and body["error"] in ("invalid_input", "invalid_cursor"), (bad, body)
+
+    # a tenant, even one that manages an instance, is refused: not a filtered list
+    for token in (api.uaa.token("alice"), api.uaa.token("bob")):
+        status, body = await api.call("GET", f"/v1/audit?instance_id={a}", token=token)
+        assert (status, body["error"]) == (403, "forbidden"), body
+    status, body = await api.call(
+        "GET", "/v1/audit", token=api.uaa.token("ops", scope=["backup_manager.admin"])
+    )
+    assert status == 200 and len(body["items"]) == 3
