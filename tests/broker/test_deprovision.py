@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from backup import orphans
 from backup.retention import RetentionSweeper
 from broker.context import SECRETS
 from storage import ObjectNotFound, S3Settings, open_store
@@ -185,7 +184,6 @@ async def test_storage_down_leaves_shredded_files_to_the_sweep(
     assert swept.deleted == 1, swept
     assert not await exists(s3_settings, keys[0])
     assert await broker.db.restore_points.count_documents({"orphaned.instance_id": iid}) == 0
-    await orphans.prune_destinations(broker.db)
     assert await broker.db.destinations.count_documents({"orphaned.instance_id": iid}) == 0
 
 
@@ -363,3 +361,41 @@ async def test_operators_see_restore_and_delete_orphaned_points(
     assert await broker.db.destinations.count_documents({"orphaned.instance_id": iid}) == 0
     entries = await broker.db.audit.find({"action": "delete_orphaned_restore_point"}).to_list()
     assert len(entries) == 2
+
+
+async def test_orphaned_points_expire_by_their_retention(
+    osb: Osb, broker: Service, agent_url: str, s3_settings: S3Settings
+) -> None:
+    """Their plan is gone: the retention sweep applies the retention recorded on each point
+    (never deleting the newest), and removes the orphaned destination with the last one."""
+    iid = await osb.ready_instance(parameters(agent_url))
+    keys = await seed_backups(broker, iid, s3_settings, objects=2)
+    old, new = sorted(
+        await broker.db.restore_points.find({"instance_id": iid}).to_list(),
+        key=lambda p: p["created_at"],
+    )
+    long_ago = datetime(2020, 1, 1, tzinfo=UTC)
+    days = {"style": "DAYS", "period": 7}
+    await broker.db.restore_points.update_one(
+        {"_id": old["_id"]}, {"$set": {"created_at": long_ago, "retention": days}}
+    )
+    await broker.db.restore_points.update_one(
+        {"_id": new["_id"]}, {"$set": {"created_at": long_ago.replace(day=2), "retention": days}}
+    )
+    _, data = await osb.deprovision(iid)
+    assert (await osb.wait(iid, data["operation"]))["state"] == "succeeded"
+    sweeper = RetentionSweeper(broker.db, broker.app[SECRETS])
+    swept = await sweeper.run_once()
+    assert swept.deleted == 1, swept
+    (left,) = await broker.db.restore_points.find({"orphaned.instance_id": iid}).to_list()
+    assert left["_id"] == new["_id"], "the newest point is never deleted by retention"
+    assert not await exists(s3_settings, old["items"][0]["key"])
+    assert await exists(s3_settings, new["items"][0]["key"])
+    assert {old["items"][0]["key"], new["items"][0]["key"]} == set(keys)
+    assert await broker.db.destinations.count_documents({"orphaned.instance_id": iid}) == 1
+    # An operator deletes the last one; the next sweep has nothing left to keep the
+    # destination for (the delete prunes it already).
+    status, _ = await api(broker, "DELETE", f"/v1/orphaned_restore_points/{new['_id']}")
+    assert status == 200
+    await sweeper.run_once()
+    assert await broker.db.destinations.count_documents({"orphaned.instance_id": iid}) == 0
