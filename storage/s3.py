@@ -17,7 +17,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 import aioboto3
@@ -74,6 +74,8 @@ log = structlog.get_logger("storage.s3")
 T = TypeVar("T")
 
 MAX_PARTS = 10_000
+PROBE_LOCK_SECONDS = 2
+"""How long a destination check's probe stays locked (whole seconds: S3 keeps no fraction)."""
 MAX_PART_SIZE = 5 * 1024**3
 DOWNLOAD_CHUNK = 1024 * 1024
 
@@ -902,15 +904,29 @@ class S3Store(ObjectStore):
             raise refusal
 
     async def validate(self) -> ValidationReport:
-        report = await probe(self, PROBE_PREFIX + uuid.uuid4().hex)
-        if self.settings.object_lock is None or not report.ok:
-            return report
+        """See :meth:`ObjectStore.validate`. A destination that requires object lock is
+        checked first for the bucket's object lock (the ``lock`` step), then its probe is
+        written locked for a moment, as backups are (which needs the right to set an
+        object's retention), and deleted once that lapses."""
+        key = PROBE_PREFIX + uuid.uuid4().hex
+        if self.settings.object_lock is None:
+            return await probe(self, key)
+        try:
+            await self.check_server()  # nothing is asked of a server that is not S3
+        except StorageError as exc:
+            return ValidationReport(False, [ValidationStep("write", False, exc.code, exc.message)])
         try:
             await self.check_object_lock()
         except StorageError as exc:
-            step = ValidationStep("lock", False, exc.code, exc.message)
-            return ValidationReport(False, [*report.steps, step])
-        return ValidationReport(True, [*report.steps, ValidationStep("lock", True)])
+            return ValidationReport(False, [ValidationStep("lock", False, exc.code, exc.message)])
+        now = datetime.now(UTC)
+        until = now.replace(microsecond=0) + timedelta(seconds=PROBE_LOCK_SECONDS)
+
+        async def locked_upload(name: str, chunks: AsyncIterator[bytes]) -> StoredObject:
+            return await self.upload(name, chunks, retain_until=until)
+
+        report = await probe(self, key, upload=locked_upload, locked_until=until)
+        return ValidationReport(report.ok, [ValidationStep("lock", True), *report.steps])
 
     async def aclose(self) -> None:
         if self._pending:

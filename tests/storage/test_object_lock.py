@@ -134,7 +134,7 @@ async def test_validation_checks_that_the_bucket_has_object_lock(
     async with open_store(lock_settings(s3_server, locked_bucket)) as store:
         report = await store.validate()
         assert report.ok, report
-        assert [s.name for s in report.steps] == ["write", "read", "delete", "lock"]
+        assert [s.name for s in report.steps] == ["lock", "write", "read", "delete"]
         # The probe left nothing behind, not even a delete marker.
         assert s3_server.client().list_object_versions(Bucket=locked_bucket).get("Versions") is None
 
@@ -152,6 +152,26 @@ async def test_validation_checks_that_the_bucket_has_object_lock(
     async with open_store(s3_settings) as store:
         report = await store.validate()
         assert report.ok and [s.name for s in report.steps] == ["write", "read", "delete"]
+
+
+async def test_validation_passes_on_a_bucket_with_a_default_retention(
+    s3_server: SeaweedS3, locked_bucket: str
+) -> None:
+    """A bucket whose default retention locks every new object for a day: the probe is
+    written with its own lock of a moment (an explicit retention overrides the default), so
+    it can be deleted, and the check leaves nothing behind."""
+    s3_server.client().put_object_lock_configuration(
+        Bucket=locked_bucket,
+        ObjectLockConfiguration={
+            "ObjectLockEnabled": "Enabled",
+            "Rule": {"DefaultRetention": {"Mode": "GOVERNANCE", "Days": 1}},
+        },
+    )
+    async with open_store(lock_settings(s3_server, locked_bucket, "COMPLIANCE")) as store:
+        report = await store.validate()
+        assert report.ok, report
+    listing = s3_server.client().list_object_versions(Bucket=locked_bucket)
+    assert listing.get("Versions") is None and listing.get("DeleteMarkers") is None
 
 
 async def test_no_lock_requested_no_lock_written(
