@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -320,7 +321,7 @@ async def evaluate(
     number of queries whatever the number of plans: the instances, their plans, each plan's
     newest available restore point (one aggregation), the jobs those name (the plans' latest
     and the points' own, for the typical duration) and the destinations' last checks."""
-    scope: dict[str, Any] = {} if instance_ids is None else {"_id": {"$in": list(instance_ids)}}
+    scope: dict[str, Any] = {} if instance_ids is None else {"_id": _one_of(instance_ids)}
     instances = await db.instances.find(
         {**scope, "state": {"$in": [str(s) for s in LIVE_STATES]}}, {"created_at": 1}
     ).to_list()
@@ -328,7 +329,7 @@ async def evaluate(
         return []
     ids = [str(i["_id"]) for i in instances]
     by_instance: dict[str, list[Document]] = {i: [] for i in ids}
-    plan_scope = {} if instance_ids is None else {"instance_id": {"$in": ids}}
+    plan_scope = {} if instance_ids is None else {"instance_id": _one_of(ids)}
     async for plan in db.plans.find(plan_scope, _PLAN_FIELDS):
         if plan.get("instance_id") in by_instance:
             by_instance[plan["instance_id"]].append(plan)
@@ -349,8 +350,31 @@ async def evaluate(
     return out
 
 
+def _one_of(ids: Sequence[str]) -> Any:
+    """A filter on ids: equality for one (the embedded database's planner uses an index for
+    it, not for ``$in``)."""
+    return ids[0] if len(ids) == 1 else {"$in": list(ids)}
+
+
 async def _newest_points(plan_ids: list[str] | None, db: Database) -> dict[str, Document]:
-    """Per plan: the newest available restore point's time and job (one aggregation)."""
+    """Per plan: the newest available restore point's time and job: one aggregation for the
+    fleet, one indexed lookup per plan for a few plans."""
+    if plan_ids is not None and len(plan_ids) <= _IN_BATCH:
+        found = await asyncio.gather(
+            *(
+                db.restore_points.find_one(
+                    {"plan_id": plan_id, "state": "available"},
+                    {"created_at": 1, "job_id": 1},
+                    sort=[("created_at", -1)],
+                )
+                for plan_id in plan_ids
+            )
+        )
+        return {
+            plan_id: {"_id": plan_id, "at": point["created_at"], "job_id": point.get("job_id")}
+            for plan_id, point in zip(plan_ids, found, strict=True)
+            if point is not None
+        }
     match: dict[str, Any] = {"state": "available"}
     if plan_ids is not None:
         match["plan_id"] = {"$in": plan_ids}
@@ -369,12 +393,18 @@ async def _newest_points(plan_ids: list[str] | None, db: Database) -> dict[str, 
     return {str(d["_id"]): d async for d in cursor}
 
 
+_IN_BATCH = 50
+"""Ids per ``$in`` query: the embedded database's cost grows faster than the list's length."""
+
+
 async def _jobs(db: Database, ids: set[str]) -> dict[str, Document]:
-    if not ids:
-        return {}
     fields = {"status": 1, "type": 1, "reason": 1, "error": 1, "started_at": 1, "ended_at": 1}
-    found = db.jobs.find({"_id": {"$in": sorted(ids)}}, fields)
-    return {str(d["_id"]): d async for d in found}
+    wanted = sorted(ids)
+    out: dict[str, Document] = {}
+    for start in range(0, len(wanted), _IN_BATCH):
+        batch = wanted[start : start + _IN_BATCH]
+        out |= {str(d["_id"]): d async for d in db.jobs.find({"_id": {"$in": batch}}, fields)}
+    return out
 
 
 async def _destination_checks(db: Database, ids: set[Any]) -> dict[str, Document]:
@@ -469,31 +499,56 @@ class Change:
     reason: str
 
 
+def _signature(doc: Document) -> Any:
+    """What a stored state says, but for the time it was computed and the figures of its
+    reasons ("for 26 hours" becomes "for # hours"): an entry whose signature is unchanged is
+    not rewritten until it is ``max_age`` old."""
+    words = re.compile(r"\d+")
+
+    def plain(plan: Document) -> Document:
+        return {**plan, "reasons": [words.sub("#", r) for r in plan.get("reasons") or []]}
+
+    return (
+        doc.get("state"),
+        words.sub("#", str(doc.get("reason"))),
+        [plain(p) for p in doc.get("plans") or []],
+    )
+
+
 async def refresh(
-    db: Database, now: datetime, *, instance_ids: Sequence[str] | None = None
+    db: Database,
+    now: datetime,
+    *,
+    instance_ids: Sequence[str] | None = None,
+    max_age: timedelta = timedelta(minutes=15),
 ) -> list[Change]:
     """Evaluate (every live instance, or ``instance_ids``), store each instance's protection
-    (``protection`` collection: the fleet view and the metrics read it), drop the entries of
+    (``protection`` collection: the fleet view and the metrics read it; an entry that says
+    the same as before, but for its figures, is rewritten only once ``max_age`` old, so an
+    evaluation of a quiet fleet writes little), drop the entries of
     instances no longer live, and emit a ``protection.changed`` event for each plan whose
     state changed since the last refresh (a plan seen for the first time is no change: a
     new plan, or the first refresh, emits nothing). When replicas refresh at once, each
     change is stored and emitted by one of them. Returns the changes this call emitted."""
     results = await evaluate(db, now, instance_ids=instance_ids)
-    scope: dict[str, Any] = {} if instance_ids is None else {"_id": {"$in": list(instance_ids)}}
-    fields = {"state": 1, "evaluated_at": 1, "plans.plan_id": 1, "plans.state": 1}
-    stored = {str(d["_id"]): d async for d in db.protection.find(scope, fields)}
+    scope: dict[str, Any] = {} if instance_ids is None else {"_id": _one_of(instance_ids)}
+    stored = {str(d["_id"]): d async for d in db.protection.find(scope)}
     changes: list[Change] = []
     writes = []
     contested: list[tuple[Document, Document, list[Change]]] = []
     for result in results:
         before = stored.pop(result.instance_id, None)
         found = _changes(before, result)
+        doc = _document(result)
         if found and before is not None:
-            contested.append((before, _document(result), found))
-        else:
-            writes.append(
-                UpdateOne({"_id": result.instance_id}, {"$set": _document(result)}, upsert=True)
-            )
+            contested.append((before, doc, found))
+        elif (
+            before is None
+            or _signature(before) != _signature(doc)
+            or not isinstance(before.get("evaluated_at"), datetime)
+            or before["evaluated_at"] <= now - max_age
+        ):
+            writes.append(UpdateOne({"_id": result.instance_id}, {"$set": doc}, upsert=True))
     if writes:
         await db.protection.bulk_write(writes, ordered=False)
     for before, doc, found in contested:
