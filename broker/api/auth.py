@@ -40,6 +40,9 @@ log = structlog.get_logger(__name__)
 _ALGORITHMS = ("RS256", "ES256")
 _CHALLENGE = 'Bearer realm="backup-manager", Basic realm="backup-manager"'
 _CACHE_MAX = 10_000
+_TOKEN_CACHE_SECONDS = 60.0
+"""How long a verified bearer token is taken without checking its signature again (never
+beyond its expiry): verifying costs about a millisecond of CPU per request."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +153,11 @@ class Jwks:
                 raise _keys_unavailable()
         return found
 
+    def still_current(self, kid: str | None, key: jwt.PyJWK) -> bool:
+        """Whether ``key`` is still what ``kid`` names in a key set not yet too old (a token
+        verified with it earlier may be taken again)."""
+        return not self._stale() and self._lookup(kid) is key
+
     def _stale(self) -> bool:
         return time.monotonic() - self._fetched_at >= self.api.jwks_max_age_seconds
 
@@ -169,6 +177,9 @@ class Authorizer:
         )
         self.jwks = Jwks(api, self.http)
         self._permissions: dict[tuple[str, str], tuple[float, bool, bool]] = {}
+        self._verified: dict[bytes, tuple[float, Principal, str | None, jwt.PyJWK]] = {}
+        """sha256 of a verified bearer token -> (until when, by the wall clock; its principal;
+        the kid and key it was verified with)."""
 
     async def close(self) -> None:
         await self.http.close()
@@ -243,6 +254,27 @@ class Authorizer:
     async def _jwt(self, token: str) -> Principal:
         if not self.api.oidc_issuer:
             raise unauthenticated("Bearer tokens are not accepted: no token issuer configured.")
+        digest = hashlib.sha256(token.encode()).digest()
+        cached = self._verified.get(digest)
+        if (
+            cached is not None
+            and cached[0] > time.time()
+            and self.jwks.still_current(cached[2], cached[3])
+        ):
+            return cached[1]
+        principal, expires, kid, key = await self._verify_jwt(token)
+        if len(self._verified) >= _CACHE_MAX:
+            now = time.time()
+            self._verified = {k: v for k, v in self._verified.items() if v[0] > now}
+            if len(self._verified) >= _CACHE_MAX:
+                self._verified.clear()
+        until = min(expires + self.api.jwt_leeway_seconds, time.time() + _TOKEN_CACHE_SECONDS)
+        self._verified[digest] = (until, principal, kid, key)
+        return principal
+
+    async def _verify_jwt(self, token: str) -> tuple[Principal, float, str | None, jwt.PyJWK]:
+        """The token's principal, expiry (epoch seconds), and the kid and key that verified
+        it, once its signature and claims are checked."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
@@ -250,8 +282,8 @@ class Authorizer:
         alg = header.get("alg")
         if alg not in _ALGORITHMS:
             raise unauthenticated("The bearer token must be signed with RS256 or ES256.")
-        kid = header.get("kid")
-        key = await self.jwks.key(kid if isinstance(kid, str) else None)
+        kid = header.get("kid") if isinstance(header.get("kid"), str) else None
+        key = await self.jwks.key(kid)
         if key is None:
             raise unauthenticated("The bearer token was signed with an unknown key.")
         try:
@@ -274,9 +306,10 @@ class Authorizer:
         subject = str(claims.get("user_id") or claims.get("sub") or claims.get("client_id") or "")
         if not subject:
             raise unauthenticated("The bearer token names no subject.")
+        expires = float(claims["exp"])  # required, and checked as a number by PyJWT
         if self.api.operator_scope and self.api.operator_scope in _scopes(claims):
-            return Principal("operator", subject, token=token)
-        return Principal("user", subject, token=token)
+            return Principal("operator", subject, token=token), expires, kid, key
+        return Principal("user", subject, token=token), expires, kid, key
 
     # --- what it may do --------------------------------------------------------------------
 
