@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo.errors import PyMongoError
 
@@ -235,26 +235,6 @@ def sign(secret: str, message_id: str, timestamp: int, body: str) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def verify(
-    secret: str, headers: dict[str, str], body: str, *, now_ts: int, tolerance: int = 300
-) -> bool:
-    """What a receiver does (documented in docs/webhooks.md; used by the tests): the
-    timestamp is within ``tolerance`` seconds and one of the header's ``v1`` signatures
-    matches."""
-    try:
-        message_id = headers["webhook-id"]
-        timestamp = int(headers["webhook-timestamp"])
-    except (KeyError, ValueError):
-        return False
-    if abs(now_ts - timestamp) > tolerance:
-        return False
-    expected = sign(secret, message_id, timestamp, body)
-    return any(
-        hmac.compare_digest(expected, candidate)
-        for candidate in headers.get("webhook-signature", "").split()
-    )
-
-
 # --------------------------------------------------------------------------- settings
 
 
@@ -340,6 +320,15 @@ class WebhookSettings(BaseSettings):
         validation_alias="WEBHOOK_DELIVERY_RETENTION_DAYS",
         description="How long finished deliveries stay in the delivery log.",
     )
+
+    @model_validator(mode="after")
+    def _lease_outlasts_an_attempt(self) -> WebhookSettings:
+        if self.lease_seconds <= self.timeout_seconds:
+            raise ValueError(
+                "WEBHOOK_LEASE_SECONDS must be longer than WEBHOOK_TIMEOUT_SECONDS: a delivery "
+                "still being sent would be sent again by another replica"
+            )
+        return self
 
     def backoff(self, attempts: int) -> float:
         """Seconds before the attempt after ``attempts`` failed ones."""
@@ -684,9 +673,14 @@ class WebhookDeliverer:
                 continue
             task = asyncio.create_task(self._deliver(claim))
             self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            task.add_done_callback(self._done)
             started += 1
         return started
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        """A slot is free: claim the next due delivery now, not at the next poll."""
+        self._inflight.discard(task)
+        self._wake.set()
 
     async def _claim(self, candidate: Document, at: datetime) -> Document | None:
         token = int(candidate.get("claims") or 0)
@@ -850,5 +844,4 @@ __all__ = [
     "WebhookSpec",
     "emit",
     "sign",
-    "verify",
 ]
