@@ -243,6 +243,15 @@ async def test_manager_side_drill_checks_a_recorded_checksum(
 async def test_a_plan_without_restore_points_fails_its_drill_saying_so(go: GoRig) -> None:
     instance = await seed_instance(go.db, go.box, agent_url=go.agent.url)
     plan = await seed_plan(go.db, go.box, instance, go.s3)
+    # a webhook of the instance that wants failed drills (backup/webhooks.py)
+    await go.db.webhooks.insert_one(
+        {
+            "_id": "hook-1",
+            "instance_id": instance["_id"],
+            "enabled": True,
+            "events": ["drill.failed"],
+        }
+    )
     drill = await jobs.start_drill(go.db, plan)
     runner = go.make_runner()
     await runner.run_once()
@@ -251,6 +260,9 @@ async def test_a_plan_without_restore_points_fails_its_drill_saying_so(go: GoRig
     assert "no available restore point" in done["reason"]
     assert done["drill"]["outcome"] == "failed"
     assert (await go.db.plans.find_one({"_id": plan["_id"]}))["last_drill"]["outcome"] == "failed"
+    [delivery] = await go.db.webhook_deliveries.find({"webhook_id": "hook-1"}).to_list()
+    assert delivery["event_type"] == "drill.failed" and delivery["subject"] == drill["_id"]
+    assert "no available restore point" in delivery["body"]
 
 
 async def test_one_drill_of_a_plan_at_a_time(go: GoRig) -> None:
