@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import re
 import time
 import uuid
 from typing import Any
@@ -464,13 +465,16 @@ async def test_platform_operations_are_for_operators_only(make_api: ApiFactory) 
     assert PLATFORM_OPERATIONS
     before = await _snapshot(api)
     for operation in PLATFORM_OPERATIONS:
+        # Path parameters (an orphaned restore point's id): a tenant is refused before any
+        # lookup, so any id does.
+        path = re.sub(r"{\w+}", "some-id", operation.path)
         for who, auth in refused.items():
-            status, body = await api.call(operation.method, operation.path, json={}, **auth)
+            status, body = await api.call(operation.method, path, json={}, **auth)
             assert (status, body["error"]) == (403, "forbidden"), (who, operation.path, body)
             assert "items" not in body
-        status, body = await api.call(operation.method, operation.path, basic=None)
+        status, body = await api.call(operation.method, path, basic=None)
         assert status == 401, (operation.path, body)
-        if operation.method == "GET":
+        if operation.method == "GET" and path == operation.path:  # the lists
             for who, auth in admitted.items():
                 status, body = await api.call("GET", operation.path, **auth)
                 assert status == 200 and "items" in body, (who, operation.path, body)

@@ -211,7 +211,10 @@ async def test_no_500_and_refusals_change_nothing(
     if method == "GET" or who != "broker":  # reads and everyone but the broker change nothing
         assert after == before, context
         platform = not template.startswith("/v1/service_instances/")
-        if platform and who != "broker":  # operators only: a tenant is refused, not listed
+        # An id the router cannot take ('..', '{}': normalized away or not matched) names no
+        # endpoint: the request reached no operation.
+        routed = not (status == 404 and answer.get("error") == "not_found")
+        if platform and routed and who != "broker":  # operators only: a tenant is refused
             assert status in (401, 403), context
         elif who not in ("broker", "reader"):
             assert status in (401, 404), context

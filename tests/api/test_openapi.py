@@ -124,7 +124,7 @@ async def test_every_documented_answer_is_what_the_handlers_send(api: Api) -> No
         ref = documented["content"]["application/json"]["schema"]["$ref"].split("/")[-1]
         _check(doc, ref, body)
     for operation in PLATFORM_OPERATIONS:  # the operators' views, as the broker reads them
-        if operation.method != "GET":
+        if operation.method != "GET" or "{" in operation.path:  # lists (an empty one, here)
             continue
         status, body = await api.call("GET", operation.path)
         assert status == 200, (operation.path, body)
