@@ -346,8 +346,11 @@ async def update(
             current.get("next_run_at") is None and not spec.paused
         ):
             changes["next_run_at"] = _next_run(spec, schedule_from)
-        if fields["drill"] != current.get("drill") or any(
-            fields[k] != current[k] for k in ("timezone", "paused")
+        if (
+            fields["drill"] != current.get("drill")
+            or any(fields[k] != current[k] for k in ("timezone", "paused"))
+            # a drill stopped because its schedule could not be evaluated, or never scheduled
+            or (current.get("drill_next_run_at") is None and fields["drill"] is not None)
         ):
             changes["drill_next_run_at"] = _next_drill(spec, schedule_from)
         try:
