@@ -121,10 +121,10 @@ async def start(
 ) -> AsyncIterator[Callable[..., Awaitable[Service]]]:
     started: list[Service] = []
 
-    async def make(**env: str) -> Service:
+    async def make(database: str | None = None, **env: str) -> Service:
         for name, value in {**FAST, **env}.items():
             monkeypatch.setenv(name, value)
-        started.append(await start_service(mongo_url, tmp_path, loops=True))
+        started.append(await start_service(mongo_url, tmp_path, database, loops=True))
         return started[-1]
 
     yield make
@@ -331,6 +331,38 @@ async def test_a_disabled_or_deleted_webhook_gets_no_new_events(
     assert status == 200
     await webhooks.emit(service.db, instance, EventType.JOB_FAILED, "job-5", {})
     assert await service.db.webhook_deliveries.count_documents({"webhook_id": hook["id"]}) == 0
+
+
+async def test_two_replicas_share_the_outbox_and_send_each_event_once(
+    start: Callable[..., Awaitable[Service]], receiver: Receiver
+) -> None:
+    one = await start()
+    two = await start(one.settings.mongodb_database)
+    instance = (await seed_instance(one.db))["_id"]
+    hook = await add_webhook(one, instance, receiver.url, ["job.succeeded"])
+    receiver.delay = 0.02
+    events = 40
+    for n in range(events):
+        by = one if n % 2 else two  # each replica's own events wake it first
+        await webhooks.emit(by.db, instance, EventType.JOB_SUCCEEDED, f"job-{n}", {"n": n})
+
+    async def all_sent() -> bool:
+        done = {"webhook_id": hook["id"], "state": "succeeded"}
+        return await one.db.webhook_deliveries.count_documents(done) == events
+
+    try:
+        await until(all_sent, "every delivery", timeout=90)
+    except AssertionError:
+        states = await one.db.webhook_deliveries.aggregate(
+            [{"$group": {"_id": "$state", "n": {"$sum": 1}}}]
+        ).to_list()
+        raise AssertionError(f"not every delivery succeeded: {states}") from None
+    ids = [r.headers["webhook-id"] for r in receiver.got]
+    assert len(ids) == len(set(ids)) == events, "each event once: no crash, no duplicate"
+    owners = {
+        e["lease_owner"] async for e in one.db.webhook_deliveries.find({}, {"lease_owner": 1})
+    }
+    assert owners == {None}, "every lease was let go"
 
 
 def _true(value: Any) -> Awaitable[Any]:
