@@ -99,6 +99,7 @@ async def test_drill_with_our_agent_restores_into_a_scratch_database_not_the_liv
     assert outcome["outcome"] == "passed" and outcome["kind"] == "agent"
     assert outcome["verify_script"] is True
     timings = outcome["timings"]
+    print("drill timings (agent, PostgreSQL, encrypted and compressed):", timings)
     assert timings["download_seconds"] > 0
     assert timings["decrypt_seconds"] is not None and timings["decrypt_seconds"] >= 0
     assert timings["verify_seconds"] > 0
