@@ -97,6 +97,7 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("state", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)]),
         IndexModel([("created_at", DESCENDING), ("_id", DESCENDING)]),
     ],
+    "protection_summary": [],  # one document: the fleet's counts and per-plan rows (/metrics)
     "webhooks": [
         # an instance's list, and emit(): its enabled webhooks that want an event
         IndexModel([("instance_id", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)]),

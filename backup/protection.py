@@ -559,6 +559,8 @@ async def refresh(
         )
         if won.modified_count == 1:
             changes += found
+    if instance_ids is None:
+        await _write_summary(db, results, now)
     if stored:  # deleted, deprovisioned: nothing left to protect or to list
         await db.protection.delete_many({"_id": {"$in": list(stored)}})
     if changes:
@@ -571,6 +573,44 @@ async def refresh(
         for change in changes:
             await on_state_change(db, change, notify=change.instance_id in listening)
     return changes
+
+
+SUMMARY_ID = "fleet"
+SUMMARY_MAX_PLANS = 100_000
+"""Beyond this many plans the summary keeps the counts only (a document holds 16 MiB)."""
+
+
+async def _write_summary(db: Database, results: list[InstanceProtection], now: datetime) -> None:
+    """One document with what the metrics show (``protection_summary``, ``_id`` "fleet"):
+    instances per state, when the fleet was evaluated, and a row per plan (instance, plan,
+    state, newest good point, objective), so that a scrape reads one document, not the
+    fleet."""
+    by_state: dict[str, int] = {}
+    rows: list[list[Any]] = []
+    for result in results:
+        by_state[str(result.state)] = by_state.get(str(result.state), 0) + 1
+        rows += [
+            [result.instance_id, p.plan_id, str(p.state), p.last_good_at, p.rpo_seconds]
+            for p in result.plans
+        ]
+    kept = rows if len(rows) <= SUMMARY_MAX_PLANS else []
+    await db.protection_summary.replace_one(
+        {"_id": SUMMARY_ID},
+        {
+            "evaluated_at": now,
+            "by_state": by_state,
+            "plans": kept,
+            "plans_omitted": len(rows) - len(kept),
+            "schema_version": SCHEMA_VERSION,
+        },
+        upsert=True,
+    )
+
+
+async def summary(db: Database, *, plans: bool = True) -> Document | None:
+    """The last fleet evaluation's summary (with its per-plan rows if ``plans``), or None."""
+    projection = None if plans else {"plans": 0}
+    return await db.protection_summary.find_one({"_id": SUMMARY_ID}, projection)
 
 
 def _state(value: Any) -> ProtectionState | None:
@@ -637,14 +677,6 @@ async def fleet_page(
     only those in ``state`` if given."""
     query: dict[str, Any] = {} if state is None else {"state": str(state)}
     return await paginate(db.protection, query, limit=limit, cursor=cursor)
-
-
-async def stored_plans(db: Database) -> list[tuple[str, Document]]:
-    """Every stored plan's protection, with its instance's id (one query): the metrics."""
-    out = []
-    async for doc in db.protection.find({}, {"plans": 1}):
-        out += [(str(doc["_id"]), p) for p in doc.get("plans") or []]
-    return out
 
 
 # --- the background evaluator ----------------------------------------------------------------

@@ -12,10 +12,10 @@ Two kinds of figures:
   a count over an indexed field, bounded by a timeout; if the database does not answer,
   ``backup_metrics_database_up`` is 0 and the gauges keep their last values.
 
-Protection (``backup.protection``, docs/protection.md), from the states the background
-evaluator stored, in one query per scrape whatever the fleet's size:
-``backup_instances_protection{state}`` counts instances per state, and
-``backup_protection_evaluation_age_seconds`` says how old the oldest stored evaluation is (an
+Protection (``backup.protection``, docs/protection.md), from the summary the background
+evaluator writes with each evaluation of the fleet, one document per scrape whatever the
+fleet's size: ``backup_instances_protection{state}`` counts instances per state, and
+``backup_protection_evaluation_age_seconds`` says how long ago the fleet was evaluated (an
 evaluator that stopped shows here). Per plan, unless ``METRICS_PER_PLAN=false`` (very large
 fleets), with labels ``instance_id`` and ``plan_id``:
 ``backup_plan_last_good_backup_timestamp_seconds`` (unix time of the newest good restore
@@ -33,6 +33,7 @@ import asyncio
 import hmac
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from aiohttp import BasicAuth, web
@@ -50,7 +51,8 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo.errors import PyMongoError
 
-from backup.database import Database, Document
+from backup import protection
+from backup.database import Database
 from backup.jobs import JobStatus
 from backup.protection import ProtectionState
 from backup.retention import SweepResult
@@ -83,7 +85,8 @@ class PlanProtectionCollector(Collector):
     read (prometheus_client collects synchronously; the database is read before)."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[str, Document]] = []
+        self.rows: list[list[Any]] = []
+        """[instance id, plan id, state, newest good point's time, objective] per plan."""
 
     def collect(self) -> Iterable[Metric]:
         labels = ["instance_id", "plan_id"]
@@ -100,13 +103,12 @@ class PlanProtectionCollector(Collector):
         rpo = GaugeMetricFamily(
             "backup_plan_rpo_seconds", "The plan's recovery point objective.", labels=labels
         )
-        for instance_id, plan in self.rows:
-            ids = [instance_id, str(plan.get("plan_id"))]
-            at = plan.get("last_good_at")
+        for instance_id, plan_id, plan_state, at, objective in self.rows:
+            ids = [str(instance_id), str(plan_id)]
             last_good.add_metric(ids, at.timestamp() if isinstance(at, datetime) else 0.0)
             for name in tuple(ProtectionState):
-                state.add_metric([*ids, name], 1.0 if plan.get("state") == name else 0.0)
-            rpo.add_metric(ids, float(plan.get("rpo_seconds") or 0))
+                state.add_metric([*ids, name], 1.0 if plan_state == name else 0.0)
+            rpo.add_metric(ids, float(objective or 0))
         return [last_good, state, rpo]
 
 
@@ -238,7 +240,7 @@ class Metrics(RunnerObserver, SchedulerObserver):
         )
         self.protection_age = Gauge(
             "backup_protection_evaluation_age_seconds",
-            "Age of the oldest stored protection evaluation (0 when none).",
+            "Time since the fleet's protection was last evaluated (0 when never).",
             registry=r,
         )
         self.plan_protection = PlanProtectionCollector()
@@ -317,7 +319,7 @@ class Metrics(RunnerObserver, SchedulerObserver):
                 pending = await store.jobs.count_documents(
                     {"pending_deletes.destination_id": {"$exists": True}}
                 )
-                protection = await self._protection(store)
+                protected = await self._protection(store)
         except (PyMongoError, TimeoutError) as exc:
             log.warning("metrics_database_unavailable", error=type(exc).__name__)
             self.db_up.set(0)
@@ -329,10 +331,10 @@ class Metrics(RunnerObserver, SchedulerObserver):
         self.lease_expired.set(expired)
         self.points_deleting.set(deleting)
         self.pending_deletes.set(pending)
-        by_state, oldest_evaluation, rows = protection
+        by_state, evaluated_at, rows = protected
         for name in tuple(ProtectionState):
             self.instances_protection.labels(name).set(by_state.get(name, 0))
-        age = (now - oldest_evaluation).total_seconds() if oldest_evaluation else 0.0
+        age = (now - evaluated_at).total_seconds() if evaluated_at else 0.0
         self.protection_age.set(max(0.0, age))
         if self.per_plan:
             self.plan_protection.rows = rows
@@ -340,30 +342,16 @@ class Metrics(RunnerObserver, SchedulerObserver):
 
     async def _protection(
         self, store: Database
-    ) -> tuple[dict[str, int], datetime | None, list[tuple[str, Document]]]:
-        """Instances per state, the oldest evaluation and (per plan) every plan's row: one
-        query of the stored states, whatever the number of plans."""
-        by_state: dict[str, int] = {}
-        oldest: datetime | None = None
-        rows: list[tuple[str, Document]] = []
-        if self.per_plan:
-            fields = {"state": 1, "evaluated_at": 1, "plans.plan_id": 1, "plans.state": 1}
-            fields |= {"plans.last_good_at": 1, "plans.rpo_seconds": 1}
-            async for doc in store.protection.find({}, fields):
-                state = str(doc.get("state"))
-                by_state[state] = by_state.get(state, 0) + 1
-                at = doc.get("evaluated_at")
-                oldest = at if oldest is None or (at and at < oldest) else oldest
-                rows += [(str(doc["_id"]), p) for p in doc.get("plans") or []]
-            return by_state, oldest, rows
-        pipeline: list[Document] = [
-            {"$group": {"_id": "$state", "n": {"$sum": 1}, "oldest": {"$min": "$evaluated_at"}}}
-        ]
-        async for group in await store.protection.aggregate(pipeline):
-            by_state[str(group["_id"])] = group["n"]
-            at = group.get("oldest")
-            oldest = at if oldest is None or (at and at < oldest) else oldest
-        return by_state, oldest, rows
+    ) -> tuple[dict[str, int], datetime | None, list[list[Any]]]:
+        """Instances per state, when the fleet was last evaluated and (per plan) a row per
+        plan: one document the evaluator writes (backup.protection.summary), whatever the
+        number of plans."""
+        found = await protection.summary(store, plans=self.per_plan)
+        if found is None:
+            return {}, None, []
+        at = found.get("evaluated_at")
+        rows = found.get("plans") or []
+        return dict(found.get("by_state") or {}), at if isinstance(at, datetime) else None, rows
 
 
 METRICS = web.AppKey("metrics", Metrics)
