@@ -64,5 +64,13 @@ async def keep_locked(store: Database, point_id: str, until: datetime | None) ->
     if until is not None:
         changes["locked_until"] = _aware(until)
     await store.restore_points.update_one(
-        {"_id": point_id, "state": RestorePointState.DELETING}, {"$set": changes}
+        {"_id": point_id, "state": RestorePointState.DELETING, "shredded_at": {"$exists": False}},
+        {"$set": changes},
     )
+    if until is not None:
+        # A crypto-shredded point (backup/orphans.py) has no key left to restore with: it
+        # stays 'deleting', and the sweep deletes its files once the lock lapses.
+        await store.restore_points.update_one(
+            {"_id": point_id, "shredded_at": {"$exists": True}},
+            {"$set": {"locked_until": _aware(until)}},
+        )

@@ -40,12 +40,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
-from backup import jobs, restore_points
+from backup import jobs, object_lock, restore_points
 from backup.database import Database, Document
 from backup.errors import STORAGE_FAILURES, Conflict, NotFound, storage_failure
 from backup.jobs import RestorePointState
@@ -303,6 +303,15 @@ async def delete_files(
             await store.restore_points.delete_one({"_id": p["_id"]})
             result.remaining[p["_id"]] = keys
             result.errors.append(f"{p['_id']}: its destination no longer exists")
+            continue
+        until = object_lock.locked(p, datetime.now(UTC))
+        if until is not None:
+            # Its files cannot be deleted before then (S3 Object Lock): the key is gone, the
+            # retention sweep deletes them once the lock lapses.
+            result.remaining[p["_id"]] = keys
+            if p.get("manifest_key"):
+                result.manifests_left[p["_id"]] = p["manifest_key"]
+            result.errors.append(f"{p['_id']}: its files are locked until {until.isoformat()}")
             continue
         try:
             await restore_points.purge(store, box, p, dest, opener=opener, timeout=timeout)

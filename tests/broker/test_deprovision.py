@@ -399,3 +399,37 @@ async def test_orphaned_points_expire_by_their_retention(
     assert status == 200
     await sweeper.run_once()
     assert await broker.db.destinations.count_documents({"orphaned.instance_id": iid}) == 0
+
+
+async def test_a_locked_point_is_shredded_now_and_its_files_deleted_when_the_lock_lapses(
+    osb: Osb, broker: Service, agent_url: str, s3_settings: S3Settings
+) -> None:
+    """S3 Object Lock keeps the files until their date; the key goes at once, and the
+    keyless record stays 'deleting' (never 'available' again) until the sweep can delete."""
+    iid = await osb.ready_instance(parameters(agent_url, delete_backups_on_deprovision=True))
+    (key,) = await seed_backups(broker, iid, s3_settings, objects=1)
+    box = broker.app[SECRETS]
+    (point,) = await broker.db.restore_points.find({"instance_id": iid}).to_list()
+    sealed = box.seal_map({"encryption_key": "a-data-key"}, f"restore_points/{point['_id']}")
+    until = datetime(2999, 1, 1, tzinfo=UTC)
+    await broker.db.restore_points.update_one(
+        {"_id": point["_id"]}, {"$set": {"secrets": sealed, "locked_until": until}}
+    )
+    _, data = await osb.deprovision(iid)
+    result = await osb.wait(iid, data["operation"])
+    assert result["state"] == "succeeded", result
+    assert "The encryption keys of 1 restore point(s) were destroyed" in result["description"]
+    assert key in result["description"]
+    sweeper = RetentionSweeper(broker.db, box)
+    await sweeper.run_once()
+    left = await broker.db.restore_points.find_one({"_id": point["_id"]})
+    assert left["state"] == "deleting" and "secrets" not in left, left
+    assert await exists(s3_settings, key)
+    # The lock lapses: the next sweep deletes the files and the record.
+    await broker.db.restore_points.update_one(
+        {"_id": point["_id"]}, {"$set": {"locked_until": datetime(2000, 1, 1, tzinfo=UTC)}}
+    )
+    swept = await sweeper.run_once()
+    assert swept.deleted == 1, swept
+    assert not await exists(s3_settings, key)
+    assert await broker.db.restore_points.find_one({"_id": point["_id"]}) is None
