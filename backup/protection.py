@@ -474,6 +474,20 @@ def _plan_protection(
     )
 
 
+async def record_destination_check(
+    db: Database, instance_id: str, destination_id: str, *, ok: bool | None, reason: str | None
+) -> None:
+    """Keep the outcome of a check of a stored destination (``last_check``: ok, reason, at),
+    which the rule reads; ``ok`` None forgets it (the settings changed unchecked, so an
+    earlier outcome says nothing about them)."""
+    where = {"_id": destination_id, "instance_id": instance_id}
+    if ok is None:
+        await db.destinations.update_one(where, {"$unset": {"last_check": ""}})
+        return
+    check = {"ok": ok, "reason": None if ok else reason, "at": datetime.now(UTC)}
+    await db.destinations.update_one(where, {"$set": {"last_check": check}})
+
+
 # --- the stored state and its changes --------------------------------------------------------
 
 

@@ -380,6 +380,10 @@ async def update_destination(ctx: Ctx) -> models.AnyDestinationOut:
     doc = await destinations.update(
         ctx.db, ctx.box, ctx.instance_id, ctx.param("destination_id"), patch, verify_timeout=timeout
     )
+    # checked now (it passed), or changed unchecked: an earlier check says nothing of it
+    await protection.record_destination_check(
+        ctx.db, ctx.instance_id, doc["_id"], ok=True if timeout else None, reason=None
+    )
     return views.destination(doc)
 
 
@@ -417,6 +421,14 @@ async def validate_destination(ctx: Ctx) -> models.ValidationOut:
         ctx.api.validate_timeout_seconds,
         patch,
     )
+    if patch is None:  # the stored settings: protection reads the outcome (docs/protection.md)
+        await protection.record_destination_check(
+            ctx.db,
+            ctx.instance_id,
+            ctx.param("destination_id"),
+            ok=result.ok,
+            reason=result.description,
+        )
     return _check(result)
 
 

@@ -251,3 +251,28 @@ async def test_the_background_evaluator_stores_states_and_follows_changes(
         assert doc["evaluated_at"] > now() - timedelta(seconds=60)
     finally:
         await stop_service(service)
+
+
+async def test_a_failed_check_of_the_destination_puts_its_plans_at_risk(api: Api) -> None:
+    instance = await add_instance(api.db)
+    plan = await _plan(api, instance)  # its destination is a closed port on loopback
+    await insert_restore_point(api, instance, plan["destination_id"], plan["id"])
+    assert (await _protection(api, instance))["state"] == "protected"
+
+    path = f"/destinations/{plan['destination_id']}"
+    status, check = await api.call("POST", path + "/validate", instance=instance)
+    assert status == 200 and check["ok"] is False, check
+    body = await _protection(api, instance)
+    assert body["state"] == "at_risk"
+    assert body["reason"] == f"The destination's last check failed: {check['description']}"
+
+    # a check of a proposed change is not a check of the stored settings
+    status, _ = await api.call(
+        "POST", path + "/validate", instance=instance, json={"bucket": "other-bucket"}
+    )
+    assert status == 200
+    assert (await _protection(api, instance))["state"] == "at_risk"
+    # the settings changed unchecked: the failed check no longer says anything about them
+    status, _ = await api.call("PATCH", path, instance=instance, json={"bucket": "other-bucket"})
+    assert status == 200
+    assert (await _protection(api, instance))["state"] == "protected"
