@@ -186,14 +186,15 @@ Wait = Annotated[
 def _listing(
     client: Client, options: Options, collection: Any, limit: int, every: bool, **filters: Any
 ) -> list[dict[str, Any]]:
+    more = False
     if every:
         entries = list(client.every(collection, **filters))
-        total = len(entries)
+        total: int | None = len(entries)
     else:
         page = client.page(collection, limit=limit, **filters)
-        entries, total = page["items"], page["total"]
+        entries, total, more = page["items"], page["total"], page["next_cursor"] is not None
     if not options.json:
-        render.page_note(len(entries), total)
+        render.page_note(len(entries), total, more)
     return entries
 
 
@@ -822,6 +823,7 @@ def restore(
 class JobType(StrEnum):
     backup = "backup"
     restore = "restore"
+    drill = "drill"
 
 
 class JobStatus(StrEnum):
