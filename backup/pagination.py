@@ -210,7 +210,7 @@ class _Hint:
 _HINTS: dict[str, _Hint] = {}
 _HINTS_MAX = 10_000
 _MAX_PROBES = 3
-_MARGIN = 2.0
+_MARGIN = 1.5
 _MS = timedelta(milliseconds=1)
 """Windows are sized to hold this many times the documents a page needs."""
 

@@ -48,7 +48,7 @@ class Job(TypedDict):
 
 class Page(TypedDict):
     items: list[dict[str, Any]]
-    total: int
+    total: int | None  # None: a cursor page with more after it (not counted)
     next_cursor: str | None
 
 

@@ -288,6 +288,9 @@ def validation(result: Validation) -> None:
     out.print(f"{verdict}: {_text(result['description'])}")
 
 
-def page_note(shown: int, total: int) -> None:
-    if total > shown:
+def page_note(shown: int, total: int | None, more: bool = False) -> None:
+    """``total`` is None when the API did not count the list (a page with more after it)."""
+    if total is None and more:
+        message(f"{shown} shown, more exist; --limit N (up to 100) or --all for more.")
+    elif total is not None and total > shown:
         message(f"{shown} of {total} shown; --limit N (up to 100) or --all for more.")
