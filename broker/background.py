@@ -11,6 +11,9 @@ ready, and stops them in reverse order):
    ``jobs_queued`` event wakes it, so this replica reacts at once to its own writes,
 4. the scheduler (``scheduler.Scheduler``, unless its settings disable it), which turns due
    plans into QUEUED jobs; it listens to ``plans_changed`` itself.
+5. the webhook deliverer (``backup.webhooks.WebhookDeliverer``), and the protection
+   evaluator (``backup.protection.ProtectionEvaluator``), which re-evaluates every instance's
+   protection periodically and when this replica ends a job or a plan changes.
 
 Other replicas notice those writes on their next poll. The parts are stored under the app
 keys of ``broker.context``.
