@@ -221,7 +221,7 @@ async def test_a_backup_running_when_the_manager_is_killed_ends_succeeded_once(
     processes.append(second.process)
     assert second.start_until_ready() < 10
     await assert_one_backup(second, agent, iid, job_id, runs_before=0)
-    assert len(s3_server.keys(s3_settings.bucket)) == 1
+    assert len(s3_server.keys(s3_settings.bucket)) == 2  # its file and its manifest
     stop_cleanly(second, data)
 
     # 2. kill -9 of the manager and its database together, mid-backup.
@@ -241,7 +241,7 @@ async def test_a_backup_running_when_the_manager_is_killed_ends_succeeded_once(
     await assert_one_backup(fourth, agent, iid, job_id, runs_before=1)
     status, points = await fourth.call("GET", f"/v1/service_instances/{iid}/restore_points")
     assert status == 200 and len(points["items"]) == 2, points
-    assert len(s3_server.keys(s3_settings.bucket)) == 2
+    assert len(s3_server.keys(s3_settings.bucket)) == 4  # two files, two manifests
 
     # 3. Deleting the instance while a backup runs: fetching it answers 422 ConcurrencyError
     # meanwhile, and the backup ends without a new restore point or file.
@@ -263,7 +263,7 @@ async def test_a_backup_running_when_the_manager_is_killed_ends_succeeded_once(
     backups = [line for line in agent.trace_lines() if line.startswith("backup ")]
     assert len(backups) == 3  # it ran on the agent, to its end
     assert agent.trace_lines()[-1].startswith("post-backup-unlock")
-    assert len(s3_server.keys(s3_settings.bucket)) == 2  # its upload was deleted
+    assert len(s3_server.keys(s3_settings.bucket)) == 4  # its upload was deleted
     cancelled = [x for x in fourth.process.log_lines() if x["event"] == "job_finished"]
     assert cancelled[-1]["status"] == "CANCELLED", cancelled[-1]
     stop_cleanly(fourth, data)

@@ -307,7 +307,10 @@ async def test_register_bind_back_up_lose_the_data_and_restore_it(
         assert status in (200, 202), body
         assert (await client.operation_done())["state"] == "succeeded"
         async with open_store(settings) as objects:
-            assert [o.key async for o in objects.list()] == [item["key"]]
+            kept = sorted([o.key async for o in objects.list()])
+        # its file, and the manifest that describes it (docs/recovery.md)
+        manifest = f"{client.instance_id}/{plan['id']}/{point['id']}.osb-manifest.json"
+        assert kept == sorted([item["key"], manifest])
     finally:
         agent.stop()
         engine.cleanup()

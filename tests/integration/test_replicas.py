@@ -101,7 +101,7 @@ async def test_another_replica_finishes_the_backup_of_one_that_stopped(
         points = await store.restore_points.find({"instance_id": instance["_id"]}).to_list()
         assert len(points) == 1 and points[0]["_id"] == job["id"]
         assert sorted(s3_server.keys(s3_settings.bucket)) == sorted(
-            i["key"] for i in points[0]["items"]
+            [*(i["key"] for i in points[0]["items"]), points[0]["manifest_key"]]
         )
         survivors = [m for m in replicas if m is not holder]
         finished_by = [m for m in survivors if m.logged("job_finished", job_id=job["id"])]

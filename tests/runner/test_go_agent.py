@@ -46,7 +46,9 @@ async def test_backup_then_restore_with_the_go_protocol(go: GoRig, s3_server: Se
         assert item["key"].startswith(f"{instance['_id']}/{plan['_id']}/")
         assert item["size"] == item["stored_size"] == len(go.agent.payload)
         assert item["compression"] == "script" and item["encryption"] == "script"
-    assert sorted(s3_server.keys(go.s3.bucket)) == sorted(i["key"] for i in point["items"])
+    assert sorted(s3_server.keys(go.s3.bucket)) == sorted(
+        [*(i["key"] for i in point["items"]), point["manifest_key"]]
+    )
     # the plan's key is kept with the restore point, sealed under its own context
     assert restore_points.encryption_key(go.box, point) == key
     assert key not in json.dumps(point, default=str)
@@ -225,7 +227,9 @@ async def test_retention_runs_after_each_successful_backup(go: GoRig, s3_server:
     await runner.idle()  # the sweep of the plan runs right after the backup
     points = await go.db.restore_points.find({}).to_list()
     assert [p["_id"] for p in points] == [second["_id"]]
-    assert s3_server.keys(go.s3.bucket) == [points[0]["items"][0]["key"]]
+    assert sorted(s3_server.keys(go.s3.bucket)) == sorted(
+        [points[0]["items"][0]["key"], points[0]["manifest_key"]]
+    )
 
 
 async def test_concurrency_limit_per_replica(go: GoRig) -> None:

@@ -190,7 +190,9 @@ async def test_backup_and_restore_to_swift_with_our_agent(
     (item,) = point["items"]
     assert item["key"].startswith(f"{instance['_id']}/{plan['_id']}/") and item["checksum"]
     async with open_store(swift_settings) as objects:
-        assert [o.key async for o in objects.list()] == [item["key"]]
+        assert sorted([o.key async for o in objects.list()]) == sorted(
+            [item["key"], point["manifest_key"]]
+        )
     restore = await jobs.start_restore(ours.db, point, None)
     await runner.run_once()
     done = await final(ours.db, restore["_id"])

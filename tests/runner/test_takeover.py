@@ -30,7 +30,7 @@ async def test_a_stopping_replica_releases_and_another_resumes_at_once(
     assert done["attempts"] == 2
     assert dict(go.agent.starts) == {f"{job['_id']}-0": 1, f"{job['_id']}-1": 1}
     assert await go.db.restore_points.count_documents({}) == 1
-    assert len(s3_server.keys(go.s3.bucket)) == 2
+    assert len(s3_server.keys(go.s3.bucket)) == 3  # two items' files and the point's manifest
 
 
 async def test_a_dead_replicas_job_is_taken_over_after_its_lease(go: GoRig) -> None:
