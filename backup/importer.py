@@ -400,6 +400,7 @@ async def run(
     raw: dict[str, Any],
     *,
     timeout: float = DEFAULT_TIMEOUT,
+    check_timeout: float = 30.0,
 ) -> ImportResult:
     """Import the restore points of the destination ``raw`` names (see the module's text).
     Storage is read first and the catalogue written last, so a failure changes nothing."""
@@ -410,8 +411,10 @@ async def run(
     verified: list[_Verified] = []
     registered: dict[str, bool] = {}
     try:
-        async with asyncio.timeout(timeout):
-            async with open_store(settings.model_copy(update={"prefix": ""})) as objects:
+        async with open_store(settings.model_copy(update={"prefix": ""})) as objects:
+            async with asyncio.timeout(check_timeout):  # an endpoint that is not one: quickly
+                await objects.check_server()
+            async with asyncio.timeout(timeout):
                 keys = [
                     o.key
                     async for o in objects.list(settings.prefix)

@@ -94,7 +94,9 @@ class ImportOut(BaseModel):
     errors=(400, 404, 422, 503),
 )
 async def import_restore_points(ctx: PlatformCtx) -> ImportOut:
-    result = await importer.run(ctx.db, ctx.box, await ctx.raw_body())
+    result = await importer.run(
+        ctx.db, ctx.box, await ctx.raw_body(), check_timeout=ctx.api.validate_timeout_seconds
+    )
     status = importer.ImportStatus
     return ImportOut(
         dry_run=result.dry_run,

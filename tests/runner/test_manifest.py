@@ -95,6 +95,7 @@ async def test_a_backup_writes_a_sealed_manifest_beside_its_files(
     make_agent: Callable[..., AgentProcess],
     backend: str,
     agent_kind: str,
+    fresh: Database,
 ) -> None:
     settings: S3Settings | SwiftSettings = request.getfixturevalue(f"{backend}_settings")
     agent = make_agent(backup_body=BACKUP) if agent_kind == "ours" else None
@@ -119,6 +120,15 @@ async def test_a_backup_writes_a_sealed_manifest_beside_its_files(
     assert body["encryption"]["data_key"]["key_id"] == go.box.active_key_id
     assert body["seal"]["key_id"] == go.box.active_key_id
     assert manifest.data_key(go.box, body) == plan_key
+
+    # and the catalogue comes back from it
+    result = await importer.run(fresh, go.box, {"destination": _body(settings)})
+    assert [(p.id, p.status) for p in result.points] == [
+        (point["_id"], importer.ImportStatus.IMPORTED)
+    ]
+    got = await fresh.restore_points.find_one({"_id": point["_id"]})
+    assert got is not None and restore_points.encryption_key(go.box, got) == plan_key
+    assert got["items"] == point["items"] and got["manifest_key"] == key
 
 
 async def test_a_manifest_written_or_changed_elsewhere_is_refused(go: GoRig) -> None:
