@@ -258,7 +258,8 @@ async def _newest(
         lower = anchor - width if width is not None and probes < _MAX_PROBES else None
         span = {**upper, **({"$gt": lower} if lower is not None else {})}
         find = _within(query, created_at=span) if span else query
-        found = collection.find(find, projection).sort(_SORT).limit(need - len(out))
+        wanted = need - len(out)
+        found = collection.find(find, projection).sort(_SORT).limit(wanted).batch_size(wanted)
         out += await found.to_list()
         if len(out) >= need:
             ended = False
