@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +156,52 @@ async def test_stream_failure_and_early_close_leave_no_task() -> None:
     await stream.aclose()
     await asyncio.sleep(0)
     assert len(asyncio.all_tasks()) == before
+
+
+# Backups written by the code of commit ec75bc9 (see tests/agent/format_v1/README.md): whatever
+# changes in how the agent streams, compresses or encrypts, these must still restore.
+DATA = os.path.join(os.path.dirname(__file__), "format_v1")
+FORMAT_V1 = [
+    (
+        "v1-zstd-chunk1MiB.zst.enc",
+        "zstd",
+        300_000,
+        "e5702dbecee8f0675483c7f75a07b849b833e33db75ce940e9e31d1868af1276",
+    ),
+    (
+        "v1-zstd-chunk4KiB.zst.enc",
+        "zstd",
+        150_000,
+        "466556d2825a934234bca463381f8f3a74b956808b103d43091e17c09ce9ecfb",
+    ),
+    (
+        "v1-gzip-chunk4KiB.gz.enc",
+        "gzip",
+        100_000,
+        "845b72a897bb23d2fe70876e87fb56b1301956297fefa3f6414c5cf24d9e3543",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "compression", "size", "sha256"), FORMAT_V1)
+@pytest.mark.parametrize("step", [1000, 1 << 20])
+async def test_format_v1_still_restores(
+    name: str, compression: str, size: int, sha256: str, step: int
+) -> None:
+    import hashlib
+
+    stored = await asyncio.to_thread(Path(DATA, name).read_bytes)
+
+    async def source():
+        for i in range(0, len(stored), step):
+            yield stored[i : i + step]
+
+    digest, restored = hashlib.sha256(), 0
+    decoder = lambda: t.decoder(compression, "format-v1-passphrase")  # noqa: E731
+    async for block in t.transform_stream(source(), decoder):
+        digest.update(block)
+        restored += len(block)
+    assert (restored, digest.hexdigest()) == (size, sha256)
+    with pytest.raises(t.TransformError, match="wrong encryption key"):
+        async for _ in t.transform_stream(source(), lambda: t.decoder(compression, "other")):
+            pass
