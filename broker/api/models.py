@@ -12,10 +12,10 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Discriminator, Field,
 from backup import pagination
 from backup.destinations import DestinationSpec, S3DestinationSpec, SwiftDestinationSpec
 from backup.errors import InvalidInput
-from storage import ObjectLock
 from backup.jobs import DrillKind, DrillOutcome, JobStatus, JobType, RestorePointState, Trigger
 from backup.plans import DrillSpec, EncryptionIn, PlanSpec, Retention
 from backup.protection import ProtectionState
+from storage import ObjectLock
 
 _IN = ConfigDict(extra="forbid", strict=True)
 _QUERY = ConfigDict(extra="forbid")  # query strings are text: "5" is the number 5
@@ -317,6 +317,63 @@ class PlanPage(_PageOut):
     items: list[PlanOut]
 
 
+class PlanPatchQuery(BaseModel):
+    model_config = _QUERY
+    confirm: bool = Field(
+        default=False,
+        description="Apply a retention (or time zone) change even if it deletes more than "
+        "RETENTION_CONFIRM_FRACTION of the plan's restore points at once (else 409 "
+        "confirmation_required).",
+    )
+
+
+class RetentionPreviewQuery(BaseModel):
+    """A proposed retention, whole (not merged with the saved one); none of its fields: the
+    saved retention. ``timezone``: a proposed time zone for the calendar periods."""
+
+    model_config = _QUERY
+    style: Literal["DAYS", "HOURS", "FILES"] | None = None
+    period: int | None = Field(default=None, description="1 to 100000, with style.")
+    daily: int | None = Field(default=None, description="1 to 10000.")
+    weekly: int | None = Field(default=None, description="1 to 10000.")
+    monthly: int | None = Field(default=None, description="1 to 10000.")
+    yearly: int | None = Field(default=None, description="1 to 10000.")
+    min_good: int | None = Field(default=None, description="0 to 10000.")
+    timezone: str | None = Field(
+        default=None, max_length=64, description="IANA zone; default: the plan's."
+    )
+
+    def proposed(self) -> dict[str, Any] | None:
+        """The proposed retention's fields sent, or None (preview the saved one)."""
+        sent = self.model_dump(exclude_none=True, exclude={"timezone"})
+        return sent or None
+
+
+class RetentionDecisionOut(BaseModel):
+    id: str = Field(description="The restore point.")
+    created_at: datetime
+    pinned: bool = False
+    kept_by: list[str] = Field(
+        description="The rules that keep it (pinned, newest, age, count, daily, weekly, "
+        "monthly, yearly, min_good); empty: deleted."
+    )
+
+
+class RetentionPreviewOut(BaseModel):
+    plan_id: str
+    retention: Retention
+    timezone: str
+    proposed: bool = Field(description="Whether this is a proposed retention, not the saved one.")
+    as_of: datetime = Field(description="The moment the preview was computed for.")
+    total: int = Field(description="The plan's available restore points.")
+    to_delete: int
+    to_keep: int
+    delete: list[RetentionDecisionOut] = Field(
+        description="Deleted by the next sweep, newest first."
+    )
+    keep: list[RetentionDecisionOut] = Field(description="Kept, newest first, with why.")
+
+
 # --- jobs -----------------------------------------------------------------------------------
 
 
@@ -532,6 +589,31 @@ class RestorePointItemOut(BaseModel):
     encryption: str | None = None
 
 
+PinReason = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=500,
+        pattern=r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$",
+    ),
+]
+
+
+class RestorePointPatch(BaseModel):
+    """Pin a restore point (with a reason) or unpin it."""
+
+    model_config = _IN
+    pinned: bool = Field(
+        description="true: keep it out of every automatic deletion (retention, deprovision) "
+        "and refuse DELETE until unpinned; false: unpin."
+    )
+    pin_reason: PinReason | None = Field(
+        default=None,
+        description="Why it is pinned (required with pinned: true; 1-500 characters, no "
+        "control characters).",
+    )
+
+
 class RestorePointOut(BaseModel):
     model_config = _OUT
     id: str
@@ -548,6 +630,11 @@ class RestorePointOut(BaseModel):
         default=False, description="Whether the key to decrypt it is kept (never shown)."
     )
     state: RestorePointState = RestorePointState.AVAILABLE
+    pinned: bool = Field(
+        default=False, description="Kept out of retention and deprovision; DELETE answers 409."
+    )
+    pin_reason: str | None = None
+    pinned_at: datetime | None = None
     locked_until: datetime | None = Field(
         default=None,
         description="Its files are locked (S3 Object Lock) until then: DELETE answers 409 and "
@@ -555,6 +642,11 @@ class RestorePointOut(BaseModel):
     )
     last_drill: DrillOut | None = Field(
         default=None, description="The latest restore drill of this restore point."
+    )
+    imported: bool = Field(
+        default=False,
+        description="Recreated from its manifest by an import (POST /v1/imports) after the "
+        "manager's database was lost.",
     )
 
 

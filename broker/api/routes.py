@@ -11,7 +11,17 @@ from typing import Literal, TypeVar, cast
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from backup import audit, destinations, drill, jobs, plans, protection, restore_points
+from backup import (
+    audit,
+    destinations,
+    drill,
+    jobs,
+    plans,
+    protection,
+    restore_points,
+    retention,
+    schedule,
+)
 from backup.database import Database, Document
 from backup.errors import Conflict
 from backup.pagination import Page, now
@@ -484,20 +494,67 @@ async def get_plan(ctx: Ctx) -> models.PlanOut:
     tag="plans",
     body=models.PlanPatch,
     response=models.PlanOut,
+    query=models.PlanPatchQuery,
     errors=(409,),
 )
 async def update_plan(ctx: Ctx) -> models.PlanOut:
+    confirmed = ctx.query(models.PlanPatchQuery).confirm
     patch = await ctx.raw_body()
     models.PlanPatch.model_validate(patch)  # the merged plan is validated again as a whole
-    doc = await plans.update(
-        ctx.db,
-        ctx.box,
-        ctx.instance,
-        ctx.param("plan_id"),
-        patch,
-        ctx.api.min_plan_interval_seconds,
-    )
+
+    async def confirm_retention(current: Document, fields: Document) -> None:
+        if not confirmed:
+            await retention.check_change(
+                ctx.db,
+                current,
+                fields["retention"],
+                fields["timezone"],
+                now(),
+                fraction=ctx.api.retention_confirm_fraction,
+                min_points=ctx.api.retention_confirm_min_points,
+            )
+
+    try:
+        doc = await plans.update(
+            ctx.db,
+            ctx.box,
+            ctx.instance,
+            ctx.param("plan_id"),
+            patch,
+            ctx.api.min_plan_interval_seconds,
+            check=confirm_retention,
+        )
+    except retention.ConfirmationRequired as exc:
+        extra = {"field": exc.field, **exc.counts}
+        raise ApiError(409, exc.code, exc.description, extra=extra) from None
     return (await _plan_views(ctx.db, [doc]))[0]
+
+
+@op(
+    "GET",
+    "/plans/{plan_id}/retention_preview",
+    summary="What retention would delete now and keep (and why): the plan's saved retention, "
+    "or a proposed one given as query parameters",
+    tag="plans",
+    response=models.RetentionPreviewOut,
+    query=models.RetentionPreviewQuery,
+)
+async def retention_preview(ctx: Ctx) -> models.RetentionPreviewOut:
+    query = ctx.query(models.RetentionPreviewQuery)
+    plan = await plans.get(ctx.db, ctx.instance_id, ctx.param("plan_id"))
+    proposed = query.proposed()
+    try:
+        rules = plans.Retention.model_validate(proposed or plan["retention"])
+    except ValidationError as exc:
+        raise from_validation(exc, "query") from None
+    if query.timezone is not None:
+        schedule.zone(query.timezone)
+    zone = query.timezone or plan["timezone"]
+    at = now()
+    decisions = await retention.preview(
+        ctx.db, plan, at, retention=rules.model_dump(), timezone=zone
+    )
+    return views.retention_preview(plan, rules, zone, proposed is not None, at, decisions)
 
 
 @op(
@@ -706,9 +763,31 @@ async def get_restore_point(ctx: Ctx) -> models.RestorePointOut:
 
 
 @op(
+    "PATCH",
+    "/restore_points/{restore_point_id}",
+    summary="Pin a restore point (with a reason: retention, deprovision and DELETE leave it "
+    "alone) or unpin it",
+    tag="restore points",
+    body=models.RestorePointPatch,
+    response=models.RestorePointOut,
+    errors=(409,),
+)
+async def update_restore_point(ctx: Ctx) -> models.RestorePointOut:
+    spec = await ctx.body(models.RestorePointPatch)
+    doc = await restore_points.pin(
+        ctx.db,
+        ctx.instance_id,
+        ctx.param("restore_point_id"),
+        pinned=spec.pinned,
+        reason=spec.pin_reason,
+    )
+    return views.restore_point(doc)
+
+
+@op(
     "DELETE",
     "/restore_points/{restore_point_id}",
-    summary="Delete a restore point: its stored files, then the record",
+    summary="Delete a restore point: its stored files, then the record (409 while pinned)",
     tag="restore points",
     status=204,
     errors=(409, 503),
@@ -892,5 +971,6 @@ def add_routes(app: web.Application) -> None:
 # The webhook operations are declared in a module of their own (it uses op, Ctx and _page).
 from broker.api import webhooks as _webhooks  # noqa: E402, F401
 from broker.api import orphans as _orphans  # noqa: E402, F401
+from broker.api import imports as _imports  # noqa: E402, F401
 
 __all__ = ["OPERATIONS", "PLATFORM_OPERATIONS", "add_routes", "platform_op"]

@@ -90,6 +90,20 @@ class ApiSettings(BaseSettings):
     validate_timeout_seconds: float = Field(
         default=60.0, gt=0, validation_alias="DESTINATION_VALIDATE_TIMEOUT"
     )
+    retention_confirm_fraction: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        validation_alias="RETENTION_CONFIRM_FRACTION",
+        description="A plan change whose retention would delete more than this share of the "
+        "plan's restore points at once needs ?confirm=true (409 confirmation_required).",
+    )
+    retention_confirm_min_points: int = Field(
+        default=2,
+        ge=1,
+        validation_alias="RETENTION_CONFIRM_MIN_POINTS",
+        description="... and at least this many of them.",
+    )
 
     @field_validator(
         "oidc_issuer",

@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from pydantic import TypeAdapter
 
 from backup import protection as protection_
+from backup import retention
 from backup.database import Document
 from backup.destinations import SECRET_FIELDS
+from backup.plans import Retention
 from broker.api import models
 
 _DESTINATION: TypeAdapter[models.S3DestinationOut | models.SwiftDestinationOut] = TypeAdapter(
@@ -104,6 +107,38 @@ def restore_point(doc: Document) -> models.RestorePointOut:
 
 def audit_entry(doc: Document) -> models.AuditEntryOut:
     return models.AuditEntryOut.model_validate({**doc, "id": doc["_id"]})
+
+
+def retention_preview(
+    plan: Document,
+    rules: Retention,
+    timezone: str,
+    proposed: bool,
+    at: datetime,
+    decisions: list[retention.Decision],
+) -> models.RetentionPreviewOut:
+    def entry(d: retention.Decision) -> models.RetentionDecisionOut:
+        return models.RetentionDecisionOut(
+            id=d.point["_id"],
+            created_at=d.point["created_at"],
+            pinned=bool(d.point.get("pinned")),
+            kept_by=[str(r) for r in d.reasons],
+        )
+
+    delete = [entry(d) for d in decisions if not d.kept]
+    keep = [entry(d) for d in decisions if d.kept]
+    return models.RetentionPreviewOut(
+        plan_id=plan["_id"],
+        retention=rules,
+        timezone=timezone,
+        proposed=proposed,
+        as_of=at,
+        total=len(decisions),
+        to_delete=len(delete),
+        to_keep=len(keep),
+        delete=delete,
+        keep=keep,
+    )
 
 
 def protection(result: protection_.InstanceProtection) -> models.InstanceProtectionOut:
