@@ -290,16 +290,24 @@ class Verifier:
         self.key = key
         self.expected = _normalise_checksum(expected_sha256) if expected_sha256 else None
         self._digest = hashlib.sha256()
+        self._pending: list[bytes] = []
+        self._pending_size = 0
         self.size = 0
 
     async def update(self, chunk: bytes) -> None:
-        if len(chunk) >= 1 << 20:
-            await asyncio.to_thread(self._digest.update, chunk)
-        else:
-            self._digest.update(chunk)
+        # A download arrives in pieces of a few KiB: they are hashed together, a MiB at a
+        # time, in a worker thread (hashlib releases the GIL), so that hashing overlaps the
+        # download and the decoding instead of holding the event loop.
+        self._pending.append(chunk)
+        self._pending_size += len(chunk)
         self.size += len(chunk)
+        if self._pending_size >= 1 << 20:
+            pending, self._pending, self._pending_size = self._pending, [], 0
+            await asyncio.to_thread(_hash_all, self._digest, pending)
 
     def finish(self) -> None:
+        _hash_all(self._digest, self._pending)
+        self._pending, self._pending_size = [], 0
         if self.expected is None:
             return
         actual = self._digest.hexdigest()
@@ -309,6 +317,11 @@ class Verifier:
                 f"have SHA-256 {actual}, but {self.expected} was expected.",
                 step="read",
             )
+
+
+def _hash_all(digest: Any, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        digest.update(chunk)
 
 
 def _normalise_checksum(value: str) -> str:
