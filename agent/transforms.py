@@ -316,18 +316,25 @@ async def _coalesced(source: AsyncIterator[bytes], size: int) -> AsyncGenerator[
     more than the work done in it."""
     pending: list[bytes] = []
     have = 0
-    async for chunk in source:
-        if len(chunk) >= size and not pending:
-            yield chunk
-            continue
-        pending.append(chunk)
-        have += len(chunk)
-        if have >= size:
+    try:
+        async for chunk in source:
+            if len(chunk) >= size and not pending:
+                yield chunk
+                continue
+            pending.append(chunk)
+            have += len(chunk)
+            if have >= size:
+                yield b"".join(pending)
+                pending.clear()
+                have = 0
+        if pending:
             yield b"".join(pending)
-            pending.clear()
-            have = 0
-    if pending:
-        yield b"".join(pending)
+    finally:
+        # Closed here, by whoever stops the stream, rather than later by the garbage
+        # collector (the source may hold a file open).
+        close = getattr(source, "aclose", None)
+        if close is not None:
+            await close()
 
 
 async def _stage_stream(
