@@ -145,6 +145,15 @@ async def main(args: argparse.Namespace) -> None:
         print(f"{kind:>10} {r['claims_per_s']:>10.1f} {r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f}")
     ratio = results["runner"]["claims_per_s"] / results["reference"]["claims_per_s"]
     print(f"runner / reference throughput: {ratio:.2f}")
+    from benchmarks._harness import Figure, report
+
+    report(
+        [
+            Figure("runner_claims", f"claims, {args.replicas} claimers",
+                   results["runner"]["claims_per_s"], "claims/s", "one findOneAndUpdate",
+                   results["reference"]["claims_per_s"])
+        ]
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

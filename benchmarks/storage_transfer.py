@@ -319,7 +319,10 @@ def verdict(
             == (backend, tool, direction, size)
         )
 
+    from benchmarks._harness import Figure, report
+
     ok = True
+    figures: list[Figure] = []
     print("\nChecks (storage against its targets):")
     small, large = min(sizes), max(sizes)
     for backend in backends:
@@ -331,6 +334,11 @@ def verdict(
                 )
                 good = growth <= MEMORY_TARGET
                 ok &= good
+                figures.append(
+                    Figure("storage_transfer", f"{backend} {direction}: peak RSS growth "
+                           f"{human(small)} to {human(large)}", growth / MiB, "MiB",
+                           higher_is_better=False, target_value=MEMORY_TARGET / MiB + 1e-9)
+                )  # fmt: skip
                 print(
                     f"  {backend:<6} {direction:<5} peak RSS {human(large)} - {human(small)}: "
                     f"{growth / MiB:+.0f} MiB (target <= {MEMORY_TARGET // MiB} MiB) "
@@ -341,10 +349,16 @@ def verdict(
             ratio = ref["seconds"] / ours["seconds"]
             good = ratio >= RATIO_TARGET
             ok &= good
+            figures.append(
+                Figure("storage_transfer", f"{backend} {direction} {human(large)}",
+                       large / MiB / ours["seconds"], "MiB/s", reference[backend],
+                       large / MiB / ref["seconds"], target_ratio=RATIO_TARGET)
+            )  # fmt: skip
             print(
                 f"  {backend:<6} {direction:<5} throughput at {human(large)}: {ratio:.2f} x "
                 f"{reference[backend]} (target >= {RATIO_TARGET}) {'ok' if good else 'MISSED'}"
             )
+    report(figures)
     return 0 if ok else 1
 
 
