@@ -94,6 +94,21 @@ class SchedulerStats:
     drills: int = 0  # DRILL jobs this replica queued (backup/drill.py)
 
 
+@dataclass
+class _Written:
+    """One batch of on-time fires whose jobs are written and whose plans are still to be
+    advanced: the plans with their next fires, the job documents (same order), and the
+    queued jobs this replica inserted."""
+
+    plans: list[tuple[Document, datetime]]
+    docs: list[Document]
+    queued_new: list[Document]
+
+    @property
+    def queued(self) -> int:
+        return len(self.queued_new)
+
+
 class SchedulerObserver(Protocol):
     """What the scheduler reports for metrics (``broker.metrics.Metrics`` is one)."""
 
@@ -292,33 +307,38 @@ class Scheduler:
     # ------------------------------------------------------------------ one pass
 
     async def run_once(self) -> int:
-        """Fire every plan due now, batch by batch; returns how many jobs were queued
-        (SCHEDULE and CATCH_UP; MISSED records are not queued)."""
+        """Fire every plan due now; returns how many jobs were queued (SCHEDULE and
+        CATCH_UP; MISSED records are not queued).
+
+        The due plans are read with one query, a batch at a time from its cursor (a query per
+        batch would make a server that fetches every match before limiting, like the embedded
+        one, read the whole due set again for each batch). The jobs of every batch are
+        written first, as the batches arrive, and the plans advanced afterwards: a job is
+        what the runner waits for, so a herd of fires has all its jobs queued before any of
+        the bookkeeping. Each plan still gets its job before its compare-and-set (a crash in
+        between leaves it due with its job written, as before)."""
         self.stats.passes += 1
         self._busy = False
         queued = 0
         recorded_before = self.stats.already_recorded
         batch = self.settings.batch_size
-        while True:
-            now = self.clock.now()
-            self._handled_until = now  # every plan due by then is read by this loop
-            due = await (
-                self.db.plans.find({"paused": False, "next_run_at": {"$lte": now}}, PLAN_FIELDS)
-                .limit(batch)
-                .to_list()
-            )
-            if not due:
-                break
-            self._busy = True
-            oldest = min(p["next_run_at"] for p in due)
-            if (now - oldest).total_seconds() > backpressure.BEHIND_SECONDS:
-                await self._behind(now)
-            batch_queued = await self._fire_batch(due, now)
-            queued += batch_queued
-            if batch_queued:
-                self.db.events.jobs_queued.fire()  # the runner may start on the first batches
+        now = self.clock.now()
+        self._handled_until = now  # every plan due by then is read by this pass
+        cursor = self.db.plans.find(
+            {"paused": False, "next_run_at": {"$lte": now}}, PLAN_FIELDS, batch_size=batch
+        )
+        written: list[_Written] = []
+        due: list[Document] = []
+        async for plan in cursor:
+            due.append(plan)
             if len(due) < batch:
-                break
+                continue
+            queued += await self._fire_batch(due, now, written)
+            due = []
+        if due:
+            queued += await self._fire_batch(due, now, written)
+        for step in written:
+            await self._advance_batch(step)
         self.stats.drills += await drill.fire_due_drills(self.db, self.clock.now())
         if len(self._next_cache) > 10_000:
             self._next_cache.clear()
@@ -353,12 +373,32 @@ class Scheduler:
             return True
         return self._healthy_since is not None and fire >= self._healthy_since
 
-    async def _fire_batch(self, due: list[Document], now: datetime) -> int:
+    async def _fire_batch(
+        self, due: list[Document], now: datetime, written: list[_Written] | None = None
+    ) -> int:
+        """Record the fires of one batch of due plans: the on-time ones' jobs are inserted
+        now and their plans left in ``written`` to be advanced at the end of the pass (None:
+        advanced at once); late ones (misfires) are handled plan by plan, insert then
+        advance."""
+        self._busy = True
+        oldest = min(p["next_run_at"] for p in due)
+        if (now - oldest).total_seconds() > backpressure.BEHIND_SECONDS:
+            await self._behind(now)
         on_time = [p for p in due if self._on_time(p["next_run_at"], now)]
         late = [p for p in due if not self._on_time(p["next_run_at"], now)]
-        queued = await self._fire_on_time(on_time, now) if on_time else 0
+        queued = 0
+        if on_time:
+            step = await self._insert_fires(on_time)
+            if step is not None:
+                queued += step.queued
+                if written is None:
+                    await self._advance_batch(step)
+                else:
+                    written.append(step)
         for plan in late:
             queued += await self._misfire(plan, now)
+        if queued:
+            self.db.events.jobs_queued.fire()  # the runner may start on the first batches
         return queued
 
     def _next(self, plan: Document, after: datetime) -> datetime:
@@ -451,7 +491,10 @@ class Scheduler:
             missed={"first": fire, "last": fire, "count": 1, "exact": True},
         )
 
-    async def _fire_on_time(self, plans: list[Document], now: datetime) -> int:
+    async def _insert_fires(self, plans: list[Document]) -> _Written | None:
+        """Insert the jobs of on-time fires (one write for the batch; the unique index
+        refuses a fire already recorded). Returns what ``_advance_batch`` needs to advance
+        their plans, or None when no plan's schedule could be evaluated."""
         good: list[tuple[Document, datetime]] = []
         for plan in plans:
             try:
@@ -459,7 +502,7 @@ class Scheduler:
             except InvalidInput as exc:
                 await self._stop_broken(plan, exc)
         if not good:
-            return 0
+            return None
         waiting = await self._waiting([p for p, _ in good])
         docs = [
             self._skip(p, p["next_run_at"], waiting[p["_id"]])
@@ -470,27 +513,7 @@ class Scheduler:
         new = await self._insert_many(docs)
         written = self.clock.now()
         self.stats.already_recorded += len(docs) - len(new)
-        # A skipped fire leaves last_job_id on the job that still waits, so the next fire
-        # sees it too.
-        result = await self.db.plans.bulk_write(
-            [
-                UpdateOne(
-                    {"_id": p["_id"], "next_run_at": p["next_run_at"]},
-                    {
-                        "$set": {"next_run_at": nxt}
-                        if d["status"] == jobs.JobStatus.MISSED
-                        else {"next_run_at": nxt, "last_job_id": d["_id"]}
-                    },
-                )
-                for (p, nxt), d in zip(good, docs, strict=True)
-            ],
-            ordered=False,
-        )
-        for nxt in {nxt for _, nxt in good}:
-            self._note(nxt)
         queued_new = [d for d in docs if d["_id"] in new and d["status"] == jobs.JobStatus.QUEUED]
-        if queued_new and result.matched_count < len(good):
-            await self._cancel_orphans(queued_new)
         for d in docs:
             if d["_id"] not in new:
                 continue
@@ -503,7 +526,31 @@ class Scheduler:
                 jobs.Trigger.SCHEDULE, (written - d["scheduled_for"]).total_seconds()
             )
         self.stats.queued += len(queued_new)
-        return len(queued_new)
+        return _Written(good, docs, queued_new)
+
+    async def _advance_batch(self, step: _Written) -> None:
+        """Advance the plans whose jobs ``step`` wrote: one unordered bulk of
+        compare-and-sets (``{_id, next_run_at: T}``), so a plan changed meanwhile (paused,
+        edited, deleted, advanced by another replica) is left alone. A skipped fire leaves
+        ``last_job_id`` on the job that still waits, so the next fire sees it too."""
+        result = await self.db.plans.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": p["_id"], "next_run_at": p["next_run_at"]},
+                    {
+                        "$set": {"next_run_at": nxt}
+                        if d["status"] == jobs.JobStatus.MISSED
+                        else {"next_run_at": nxt, "last_job_id": d["_id"]}
+                    },
+                )
+                for (p, nxt), d in zip(step.plans, step.docs, strict=True)
+            ],
+            ordered=False,
+        )
+        for nxt in {nxt for _, nxt in step.plans}:
+            self._note(nxt)
+        if step.queued_new and result.matched_count < len(step.plans):
+            await self._cancel_orphans(step.queued_new)
 
     async def _cancel_orphans(self, new_jobs: list[Document]) -> None:
         """Cancel the fresh jobs of plans deleted meanwhile (the plan's own deletion cancels
