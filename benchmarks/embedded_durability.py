@@ -205,6 +205,15 @@ def main() -> None:
             f"{name:<32}{r['jobs_per_s']:>9.1f}{int(r['writes']):>8}"
             f"{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}"
         )
+    from benchmarks._harness import Figure, report
+
+    reference = rows[2]["jobs_per_s"]
+    report(
+        [
+            Figure("embedded_durability", name, r["jobs_per_s"], "jobs/s", cases[2][0], reference)
+            for (name, _, _), r in zip(cases[:2], rows[:2], strict=True)
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -218,6 +218,19 @@ async def main(concurrency: int, seconds: float) -> None:
         print(
             f"\ncatalog: {catalog_file.stat().st_size} bytes; the service's log: {tmp}/broker.log"
         )
+        from benchmarks._harness import Figure, report
+
+        bare, catalog, last_operation, alone = results[:4]
+        report(
+            [
+                Figure("osb_throughput", "GET /v2/catalog", catalog.rate, "req/s",
+                       "bare aiohttp handler", bare.rate),
+                Figure("osb_throughput", "GET .../last_operation", last_operation.rate,
+                       "req/s", "database alone", alone.rate),
+                Figure("osb_throughput", "provision + poll + deprovision", cycles.rate,
+                       "cycles/s"),
+            ]
+        )  # fmt: skip
     finally:
         for proc in reversed(processes):
             proc.stop()
