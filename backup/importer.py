@@ -44,7 +44,7 @@ from backup.jobs import RestorePointState
 from backup.operations import InstanceState
 from backup.pagination import now
 from backup.secrets import SecretBox, SecretKeyError
-from storage import ChecksumMismatch, ObjectNotFound, StorageError, open_store
+from storage import ChecksumMismatch, InvalidKey, ObjectNotFound, StorageError, open_store
 from storage.base import EgressDenied, ObjectStore
 
 log = structlog.get_logger(__name__)
@@ -205,7 +205,7 @@ async def _verify_objects(objects: ObjectStore, body: dict[str, Any], full: bool
             expected = item.get("size")
         try:
             info = await objects.stat(key)
-        except ObjectNotFound:
+        except (ObjectNotFound, InvalidKey):
             return f"The object {key!r} of item {name!r} is missing."
         if expected is not None and info.size != expected:
             return f"The object {key!r} of item {name!r} has {info.size} bytes, not {expected}."
@@ -236,7 +236,11 @@ async def _verify(
 ) -> _Verified | PointOutcome:
     point_id = key.rpartition("/")[2][: -len(manifest.SUFFIX)]
     try:
-        body = manifest.parse(await _read(objects, key), box)
+        try:
+            data = await _read(objects, key)
+        except ObjectNotFound:
+            raise manifest.ManifestError("It was deleted while the import ran.") from None
+        body = manifest.parse(data, box)
         if body["restore_point_id"] != point_id:
             raise manifest.ManifestError("Its object's name is not its restore point's id.")
         data_key = manifest.data_key(box, body)
