@@ -969,8 +969,8 @@ def add_routes(app: web.Application) -> None:
 
 
 # The webhook operations are declared in a module of their own (it uses op, Ctx and _page).
-from broker.api import webhooks as _webhooks  # noqa: E402, F401
-from broker.api import orphans as _orphans  # noqa: E402, F401
 from broker.api import imports as _imports  # noqa: E402, F401
+from broker.api import orphans as _orphans  # noqa: E402, F401
+from broker.api import webhooks as _webhooks  # noqa: E402, F401
 
 __all__ = ["OPERATIONS", "PLATFORM_OPERATIONS", "add_routes", "platform_op"]
