@@ -212,6 +212,16 @@ _HINTS_MAX = 10_000
 _MAX_PROBES = 3
 _MARGIN = 1.5
 _MS = timedelta(milliseconds=1)
+"""Bounds are strict ($gt, $lt), an inclusive one moved by a millisecond (the same on BSON
+dates, which keep milliseconds): SecantusDB 0.7.0b3 drops the documents equal to a $gte
+bound on a descending field of a compound index, and to a $lte bound on an ascending one,
+when another field follows it in the index (``(instance_id, created_at, _id)``)."""
+
+
+def _to_ms(at: datetime) -> datetime:
+    return at.replace(microsecond=at.microsecond // 1000 * 1000)
+
+
 """Windows are sized to hold this many times the documents a page needs."""
 
 
@@ -251,11 +261,11 @@ async def _newest(
         if hint is not None and hint.spacing is not None and not hint.whole
         else None
     )
-    upper: dict[str, Any] = {} if before is None else {"$lte" if inclusive else "$lt": before}
+    upper: dict[str, Any] = {} if before is None else {"$lt": before + _MS if inclusive else before}
     out: list[Document] = []
     probes = 0
     while True:
-        lower = anchor - width if width is not None and probes < _MAX_PROBES else None
+        lower = _to_ms(anchor - width) if width is not None and probes < _MAX_PROBES else None
         span = {**upper, **({"$gt": lower} if lower is not None else {})}
         find = _within(query, created_at=span) if span else query
         wanted = need - len(out)
@@ -272,9 +282,9 @@ async def _newest(
         assert width is not None
         seen = max((anchor - lower).total_seconds(), 0.001)
         density = len(out) / seen
-        wanted = (need - len(out)) / density * _MARGIN if density else 0.0
-        upper = {"$lte": lower}
-        anchor, width = lower, max(width * 4, timedelta(seconds=wanted))
+        rest = (need - len(out)) / density * _MARGIN if density else 0.0
+        upper = {"$lt": lower + _MS}
+        anchor, width = lower, max(width * 4, timedelta(seconds=rest))
         probes += 1
     if ended and before is None:
         _remember(key, _Hint(whole=True))
@@ -352,13 +362,11 @@ async def _numbered(
         total = (
             len(found)
             if ended
-            else await collection.count_documents(_within(query, created_at={"$lte": as_of}))
+            else await collection.count_documents(_within(query, created_at={"$lt": as_of + _MS}))
         )
     docs = found[skip : skip + limit + 1]
     if skip and docs:
-        # $gt a millisecond before rather than $gte (the same on BSON dates): SecantusDB
-        # 0.7.0b3 drops the documents equal to a $gte bound on a descending index key
-        span = {"$gt": docs[-1]["created_at"] - _MS, "$lte": docs[0]["created_at"]}
+        span = {"$gt": docs[-1]["created_at"] - _MS, "$lt": docs[0]["created_at"] + _MS}
         wanted = {d["_id"]: n for n, d in enumerate(docs)}
         fetched = await collection.find(_within(query, created_at=span), projection).to_list()
         docs = sorted((d for d in fetched if d["_id"] in wanted), key=lambda d: wanted[d["_id"]])
