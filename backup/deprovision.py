@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from backup import destinations, orphans, plans
+from backup import destinations, orphans, plans, webhooks
 from backup.agent_client import AgentJobKind
 from backup.clock import Clock
 from backup.database import Database, Document
@@ -307,6 +307,9 @@ class Deprovision:
         await self.ops.heartbeat(doc, "Removing the instance's records.")
         for coll in ("restore_points", "jobs", "plans", "destinations", "bindings"):
             await getattr(self.db, coll).delete_many({"instance_id": iid})
+        # Its webhooks go with it, and with them the deliveries not yet sent: nobody may be
+        # told of an instance that no longer exists, at an address its tenant chose.
+        await webhooks.delete_all(self.db, iid)
         description = "Deleted."
         if kept_points:
             description += (

@@ -206,6 +206,24 @@ async def test_pinned_points_are_kept_by_a_deprovision_that_deletes(
     assert kept["_id"] == pinned["_id"] and kept["state"] == "available"
 
 
+async def test_webhooks_and_their_pending_deliveries_go_with_the_instance(
+    osb: Osb, broker: Service, agent_url: str
+) -> None:
+    iid = await osb.ready_instance(parameters(agent_url))
+    other = await osb.ready_instance(parameters(agent_url))
+    for instance in (iid, other):
+        await broker.db.webhooks.insert_one({"_id": uuid.uuid4().hex, "instance_id": instance})
+        await broker.db.webhook_deliveries.insert_one(
+            {"_id": uuid.uuid4().hex, "instance_id": instance, "state": "pending"}
+        )
+    _, data = await osb.deprovision(iid)
+    if data:  # asynchronous
+        assert (await osb.wait(iid, data["operation"]))["state"] == "succeeded"
+    for coll in (broker.db.webhooks, broker.db.webhook_deliveries):
+        assert await coll.count_documents({"instance_id": iid}) == 0
+        assert await coll.count_documents({"instance_id": other}) == 1
+
+
 async def test_synchronous_deprovision_when_nothing_waits(
     osb: Osb, broker: Service, agent_url: str, s3_settings: S3Settings
 ) -> None:
