@@ -61,6 +61,9 @@ class KeepReason(StrEnum):
 
     PINNED = "pinned"
     """A user pinned it: no automatic deletion touches it."""
+    LOCKED = "locked"
+    """Its files are locked in storage (S3 Object Lock) until ``locked_until``, still ahead:
+    deleted, if no other rule keeps it, by the first sweep after that date."""
     NEWEST = "newest"
     """The plan's newest available point: never deleted by retention."""
     AGE = "age"
@@ -143,10 +146,11 @@ def decide(
     """Retention's verdict on each of a plan's available restore points, newest first.
 
     A point is kept if ANY rule keeps it (like restic's ``forget --keep-*``): it is pinned,
-    it is the newest, it is younger than a DAYS/HOURS period, it is among the newest
-    ``period`` (FILES), or it is the newest point of one of the newest ``daily`` days,
-    ``weekly`` ISO weeks, ``monthly`` months or ``yearly`` years that have points (calendar
-    periods in ``timezone``, the plan's). Last, ``min_good`` keeps the newest of the points
+    its files are locked in storage until a date still ahead, it is the newest, it is
+    younger than a DAYS/HOURS period, it is among the newest ``period`` (FILES), or it is the
+    newest point of one of the newest ``daily`` days, ``weekly`` ISO weeks, ``monthly``
+    months or ``yearly`` years that have points (calendar periods in ``timezone``, the
+    plan's). Last, ``min_good`` keeps the newest of the points
     the rules delete until at least ``min_good`` points stay. No retention keeps everything.
     Pure: the sweep and the preview both call it, so a preview is what the sweep deletes."""
     ordered = _newest_first(points)
@@ -160,6 +164,8 @@ def decide(
     for n, point in enumerate(ordered):
         if point.get("pinned"):
             reasons[n].append(KeepReason.PINNED)
+        if object_lock.locked(point, now) is not None:
+            reasons[n].append(KeepReason.LOCKED)
         if n == 0:
             reasons[n].append(KeepReason.NEWEST)
         if style == RetentionStyle.FILES:
@@ -428,7 +434,10 @@ class RetentionSweeper:
         timezone = plan.get("timezone") if plan else None
         now = self.clock.now()
         await self._align_expiry(points, retention)
-        for point in select_expired(points, retention, now, timezone):
+        decisions = decide(points, retention, now, timezone)
+        # kept only because its files are still locked in storage: deleted after that date
+        result.skipped += sum(1 for d in decisions if d.reasons == (KeepReason.LOCKED,))
+        for point in (d.point for d in decisions if not d.kept):  # select_expired
             result.add(await self._delete_point(point, claim=True))
         return result
 

@@ -354,8 +354,8 @@ class RetentionDecisionOut(BaseModel):
     created_at: datetime
     pinned: bool = False
     kept_by: list[str] = Field(
-        description="The rules that keep it (pinned, newest, age, count, daily, weekly, "
-        "monthly, yearly, min_good); empty: deleted."
+        description="The rules that keep it (pinned, locked, newest, age, count, daily, "
+        "weekly, monthly, yearly, min_good, no_retention); empty: deleted."
     )
 
 

@@ -186,6 +186,32 @@ async def test_storage_down_during_retention_keeps_the_record_for_the_next_sweep
     assert s3_private_server.keys(s3.bucket) == [points[0]["items"][0]["key"]]
 
 
+async def test_pinned_points_stay_even_when_pinned_while_the_sweep_runs(
+    store: Database, box: SecretBox, s3_server: SeaweedS3, s3_settings: S3Settings
+) -> None:
+    _, _, points = await _seed(
+        store, box, s3_settings, [1, 2, 3, 4], {"style": "FILES", "period": 1}
+    )
+    await store.restore_points.update_one(
+        {"_id": points[3]["_id"]}, {"$set": {"pinned": True, "pin_reason": "audit"}}
+    )
+
+    class PinDuringSweep(RetentionSweeper):
+        """A user pins a point after the sweep read the plan's points, before it deletes."""
+
+        async def _align_expiry(self, seen: list[dict], retention: dict[str, Any]) -> None:
+            await store.restore_points.update_one(
+                {"_id": points[2]["_id"]}, {"$set": {"pinned": True, "pin_reason": "late"}}
+            )
+            await super()._align_expiry(seen, retention)
+
+    result = await PinDuringSweep(store, box, clock=ManualClock(NOW)).run_once()
+    assert (result.deleted, result.failed) == (1, 0), result
+    assert await _left(store) == ["job-0", "job-2", "job-3"]
+    kept = {p["items"][0]["key"] for p in points if p["job_id"] != "job-1"}
+    assert set(s3_server.keys(s3_settings.bucket)) == kept
+
+
 async def test_an_object_two_points_name_is_deleted_with_the_last_of_them(
     store: Database, box: SecretBox, s3_server: SeaweedS3, s3_settings: S3Settings
 ) -> None:

@@ -222,6 +222,19 @@ def test_pinned_points_are_kept_and_count_towards_min_good() -> None:
     assert kept["p001"] == {KeepReason.MIN_GOOD} and "p002" not in kept
 
 
+def test_points_locked_in_storage_are_kept_until_their_lock_lapses() -> None:
+    points = _ages(1, 2, 3)
+    points[2]["locked_until"] = NOW + timedelta(hours=1)
+    points[1]["locked_until"] = NOW - timedelta(seconds=1)  # lapsed
+    kept = _kept(points, {"style": "FILES", "period": 1}, NOW, "UTC")
+    assert kept == {"p000": {KeepReason.NEWEST, KeepReason.COUNT}, "p002": {KeepReason.LOCKED}}
+    later = NOW + timedelta(hours=1)
+    assert [p["_id"] for p in select_expired(points, {"style": "FILES", "period": 1}, later)] == [
+        "p001",
+        "p002",
+    ]
+
+
 def test_no_retention_keeps_everything_and_an_unknown_zone_counts_in_utc() -> None:
     points = _ages(1, 500)
     assert all(d.reasons == (KeepReason.NO_RETENTION,) for d in decide(points, None, NOW))
@@ -303,6 +316,11 @@ async def test_the_preview_is_what_the_next_sweep_deletes(
                     "items": [{"name": "orders", "key": f"{plan['_id']}/{n}.dump", "size": 1}],
                     "state": "available",
                     "pinned": rng.random() < 0.1,
+                    "locked_until": (
+                        clock.now() + timedelta(hours=rng.uniform(-48, 48))
+                        if rng.random() < 0.15
+                        else None
+                    ),
                     "secrets": {},
                 }
             )
