@@ -11,6 +11,9 @@ restore point (context ``restore_points/<id>``), so it can be restored after its
 Deleting one (by a user or by retention) removes its stored files first and the record last,
 with the record marked ``deleting`` meanwhile, so a storage failure leaves a record that the
 user or the next retention sweep deletes again: never a file without a record.
+
+A point can be pinned (``pinned``, ``pin_reason``, ``pinned_at``): retention and deprovision
+leave it alone and a user's delete is refused until it is unpinned (docs/retention.md).
 """
 
 from __future__ import annotations
