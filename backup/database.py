@@ -45,6 +45,8 @@ INDEXES: dict[str, list[IndexModel]] = {
     ],
     "plans": [
         IndexModel([("instance_id", ASCENDING), ("name", ASCENDING)], unique=True),
+        # an instance's plans newest first, a page at a time (GET /plans)
+        IndexModel([("instance_id", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)]),
         IndexModel([("destination_id", ASCENDING)]),
         IndexModel([("paused", ASCENDING), ("next_run_at", ASCENDING)]),
         IndexModel([("drill_next_run_at", ASCENDING)], sparse=True),  # drill fires (drill.py)
