@@ -590,15 +590,16 @@ async def refresh(
 
 
 SUMMARY_ID = "fleet"
+SUMMARY_PLANS_ID = "fleet-plans"
 SUMMARY_MAX_PLANS = 100_000
 """Beyond this many plans the summary keeps the counts only (a document holds 16 MiB)."""
 
 
 async def _write_summary(db: Database, results: list[InstanceProtection], now: datetime) -> None:
-    """One document with what the metrics show (``protection_summary``, ``_id`` "fleet"):
-    instances per state, when the fleet was evaluated, and a row per plan (instance, plan,
-    state, newest good point, objective), so that a scrape reads one document, not the
-    fleet."""
+    """What the metrics show (``protection_summary``): instances per state and when the
+    fleet was evaluated (``_id`` "fleet"), and a row per plan (instance, plan, state, newest
+    good point, objective; ``_id`` "fleet-plans"), so that a scrape reads one or two
+    documents, not the fleet."""
     by_state: dict[str, int] = {}
     rows: list[list[Any]] = []
     for result in results:
@@ -608,23 +609,27 @@ async def _write_summary(db: Database, results: list[InstanceProtection], now: d
             for p in result.plans
         ]
     kept = rows if len(rows) <= SUMMARY_MAX_PLANS else []
+    # the rows first: a reader that finds the counts of an evaluation finds its rows too
+    await db.protection_summary.replace_one(
+        {"_id": SUMMARY_PLANS_ID},
+        {"plans": kept, "plans_omitted": len(rows) - len(kept), "evaluated_at": now},
+        upsert=True,
+    )
     await db.protection_summary.replace_one(
         {"_id": SUMMARY_ID},
-        {
-            "evaluated_at": now,
-            "by_state": by_state,
-            "plans": kept,
-            "plans_omitted": len(rows) - len(kept),
-            "schema_version": SCHEMA_VERSION,
-        },
+        {"evaluated_at": now, "by_state": by_state, "schema_version": SCHEMA_VERSION},
         upsert=True,
     )
 
 
 async def summary(db: Database, *, plans: bool = True) -> Document | None:
-    """The last fleet evaluation's summary (with its per-plan rows if ``plans``), or None."""
-    projection = None if plans else {"plans": 0}
-    return await db.protection_summary.find_one({"_id": SUMMARY_ID}, projection)
+    """The last fleet evaluation's summary (counts per state, when) and, if ``plans``, its
+    per-plan rows (``plans``), or None; without the rows it is one small document."""
+    found = await db.protection_summary.find_one({"_id": SUMMARY_ID})
+    if found is not None and plans:
+        rows = await db.protection_summary.find_one({"_id": SUMMARY_PLANS_ID}, {"plans": 1})
+        found["plans"] = (rows or {}).get("plans") or []
+    return found
 
 
 def _state(value: Any) -> ProtectionState | None:
