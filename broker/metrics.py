@@ -13,8 +13,8 @@ Two kinds of figures:
   ``backup_metrics_database_up`` is 0 and the gauges keep their last values.
 
 Protection (``backup.protection``, docs/protection.md), from the summary the background
-evaluator writes with each evaluation of the fleet, one document per scrape whatever the
-fleet's size: ``backup_instances_protection{state}`` counts instances per state, and
+evaluator writes with each evaluation of the fleet (a small document, and the per-plan rows
+in a second), whatever the fleet's size: ``backup_instances_protection{state}`` counts instances per state, and
 ``backup_protection_evaluation_age_seconds`` says how long ago the fleet was evaluated (an
 evaluator that stopped shows here). Per plan, unless ``METRICS_PER_PLAN=false`` (very large
 fleets), with labels ``instance_id`` and ``plan_id``:
