@@ -175,13 +175,16 @@ def decide(
             expiry = expires_at(retention, point["created_at"])
             if expiry is not None and expiry > now:
                 reasons[n].append(KeepReason.AGE)
+    local: list[datetime] = []  # each point's time in the plan's zone, computed once
     for period in GFS_PERIODS:
         wanted = int(retention.get(period.value) or 0)
         last: tuple[int, ...] | None = None
         for n, point in enumerate(ordered):
             if wanted <= 0:
                 break
-            key = _period_key(period, point["created_at"].astimezone(zone))
+            if n == len(local):
+                local.append(point["created_at"].astimezone(zone))
+            key = _period_key(period, local[n])
             if key != last:
                 reasons[n].append(period)
                 last = key
