@@ -23,7 +23,7 @@ from urllib.parse import quote, urlencode
 
 import jsonschema
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
@@ -173,6 +173,9 @@ async def test_no_500_and_refusals_change_nothing(
     for name in re.findall(r"{(\w+)}", template):
         known = seeded.instance if name == "instance_id" else seeded.ids[name]
         value = data.draw(st.sampled_from([known, known, known]) | odd_ids, label=name)
+        # A dot segment is no id: the URL then names another path (/v1/service_instances/../
+        # protection is /v1/protection, another operation), which its own run covers.
+        assume(value not in (".", ".."))
         path = path.replace("{" + name + "}", quote(value, safe=""))
     query = data.draw(_query(item), label="query")
     body = data.draw(_bodies(item, seeded), label="body")
