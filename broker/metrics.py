@@ -14,10 +14,10 @@ Two kinds of figures:
 
 Protection (``backup.protection``, docs/protection.md), from the summary the background
 evaluator writes with each evaluation of the fleet (a small document, and the per-plan rows
-in a second), whatever the fleet's size: ``backup_instances_protection{state}`` counts instances per state, and
-``backup_protection_evaluation_age_seconds`` says how long ago the fleet was evaluated (an
-evaluator that stopped shows here). Per plan, unless ``METRICS_PER_PLAN=false`` (very large
-fleets), with labels ``instance_id`` and ``plan_id``:
+in a second), whatever the fleet's size: ``backup_instances_protection{state}`` counts
+instances per state, and ``backup_protection_evaluation_age_seconds`` says how long ago the
+fleet was evaluated (an evaluator that stopped shows here). Per plan, unless
+``METRICS_PER_PLAN=false`` (very large fleets), with labels ``instance_id`` and ``plan_id``:
 ``backup_plan_last_good_backup_timestamp_seconds`` (unix time of the newest good restore
 point; 0: none), ``backup_plan_protection_state{state}`` (1 for the plan's state, 0 for the
 two others) and ``backup_plan_rpo_seconds`` (the objective in force).
