@@ -382,7 +382,8 @@ async def delete(
     restoring = await restore_points.active_restore(store, point_id)
     if restoring is not None:
         raise Conflict(
-            f"Job {restoring['_id']} is restoring from this restore point; wait for it to end.",
+            f"Job {restoring['_id']} is reading this restore point (a restore or a drill); "
+            "wait for it to end.",
             code="restore_point_in_use",
         )
     result = await shred(

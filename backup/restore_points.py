@@ -122,8 +122,14 @@ def encryption_key(box: SecretBox, point: Document) -> str | None:
 
 
 async def active_restore(store: Database, point_id: str) -> Document | None:
+    """A queued or running job that reads ``point_id``'s files: a restore or a restore drill
+    (a drill downloads them as a restore does, so its point must not be deleted under it)."""
     return await store.jobs.find_one(
-        {"restore_point_id": point_id, "type": JobType.RESTORE, "status": {"$in": list(ACTIVE)}},
+        {
+            "restore_point_id": point_id,
+            "type": {"$in": [JobType.RESTORE, JobType.DRILL]},
+            "status": {"$in": list(ACTIVE)},
+        },
         {"_id": 1},
     )
 
@@ -237,7 +243,8 @@ async def delete(
     restoring = await active_restore(store, point_id)
     if restoring is not None:
         raise Conflict(
-            f"Job {restoring['_id']} is restoring from this restore point; wait for it to end.",
+            f"Job {restoring['_id']} is reading this restore point (a restore or a drill); "
+            "wait for it to end.",
             code="restore_point_in_use",
         )
     dest = await store.destinations.find_one({"_id": point["destination_id"]})
