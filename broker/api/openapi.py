@@ -102,7 +102,8 @@ def document() -> dict[str, Any]:
             "title": "OSB backup manager API",
             "version": "1",
             "description": "Destinations, plans, jobs, restore points and restores of one "
-            "service instance. Lists are newest first, paginated with an opaque cursor or "
+            "service instance, and for operators the platform-wide views under /v1 (a tenant "
+            "gets 403 there). Lists are newest first, paginated with an opaque cursor or "
             "numbered pages, and carry a total. Secrets are never returned: answers say "
             "`<name>_set` instead. Every error is JSON with a stable `error` code and a "
             "`description`. Human-readable page: /v1/docs.",
