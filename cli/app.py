@@ -35,11 +35,13 @@ destinations_app = typer.Typer(help="Where backups are stored (S3 buckets, Swift
 plans_app = typer.Typer(help="Backup plans: what is backed up when, and how long it is kept.")
 jobs_app = typer.Typer(help="Backup and restore jobs: list, show, follow, logs, cancel.")
 points_app = typer.Typer(help="Restore points: the successful backups you can restore.")
+webhooks_app = typer.Typer(help="Webhooks: signed notifications of the instance's events.")
 for group, group_name in (
     (destinations_app, "destinations"),
     (plans_app, "plans"),
     (jobs_app, "jobs"),
     (points_app, "restore-points"),
+    (webhooks_app, "webhooks"),
 ):
     group.info.no_args_is_help = True
     app.add_typer(group, name=group_name)
@@ -559,6 +561,84 @@ ItemsOption = Annotated[
 ]
 
 
+KeepDaily = Annotated[
+    int | None,
+    typer.Option("--keep-daily", min=0, help="Keep the newest point of each of N days (0: none)."),
+]
+KeepWeekly = Annotated[
+    int | None,
+    typer.Option("--keep-weekly", min=0, help="Keep the newest point of each of N weeks."),
+]
+KeepMonthly = Annotated[
+    int | None,
+    typer.Option("--keep-monthly", min=0, help="Keep the newest point of each of N months."),
+]
+KeepYearly = Annotated[
+    int | None,
+    typer.Option("--keep-yearly", min=0, help="Keep the newest point of each of N years."),
+]
+MinGood = Annotated[
+    int | None,
+    typer.Option("--min-good", min=0, help="Never keep fewer than N good restore points."),
+]
+Rpo = Annotated[
+    str | None,
+    typer.Option(
+        "--rpo",
+        help="Recovery point objective, e.g. 26h, 90m, 2d or seconds ('auto': derived from "
+        "the schedule).",
+        show_default=False,
+    ),
+]
+DrillSchedule = Annotated[
+    str | None,
+    typer.Option(
+        "--drill-schedule",
+        help="Restore drills on this five-field cron, e.g. '0 5 * * 0' ('off': none).",
+        show_default=False,
+    ),
+]
+YesConfirm = Annotated[
+    bool,
+    typer.Option(
+        "--yes", "-y", help="Apply a retention change that deletes many points without asking."
+    ),
+]
+
+
+def _counts(
+    daily: int | None, weekly: int | None, monthly: int | None, yearly: int | None
+) -> dict[str, int | None]:
+    """The GFS counts given (0: none, sent as null so a merge patch removes it)."""
+    given = {"daily": daily, "weekly": weekly, "monthly": monthly, "yearly": yearly}
+    return {name: (value or None) for name, value in given.items() if value is not None}
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _rpo(value: str) -> int | None:
+    """``--rpo``: seconds, or a number with s/m/h/d/w; 'auto' (None): derived."""
+    text = value.strip().lower()
+    if text == "auto":
+        return None
+    unit = DURATION_UNITS.get(text[-1:], 0)
+    number = text[:-1] if unit else text
+    if not number.isdigit():
+        raise CliError(
+            f"--rpo {value!r}: give a duration such as 26h, 90m, 2d, or seconds, or 'auto'.",
+            ExitCode.USAGE,
+        )
+    return int(number) * (unit or 1)
+
+
+def _drill(value: str) -> dict[str, Any] | None:
+    """``--drill-schedule``: a drill on this cron; 'off' (None): no drill."""
+    if value.strip().lower() == "off":
+        return None
+    return {"frequency": value, "enabled": True}
+
+
 def _items(value: str | None) -> list[str] | None:
     return None if value is None else [part.strip() for part in value.split(",") if part.strip()]
 
@@ -593,10 +673,17 @@ def plans_create(
     schedule: Annotated[
         str, typer.Option("--schedule", help="When: five-field cron, e.g. '0 3 * * *'.")
     ],
-    keep: Annotated[int, typer.Option("--keep", min=1, help="How many days/hours/backups.")],
+    keep: Keep = None,
     keep_unit: Annotated[KeepUnit, typer.Option("--keep-unit", help="What --keep counts.")] = (
         KeepUnit.days
     ),
+    keep_daily: KeepDaily = None,
+    keep_weekly: KeepWeekly = None,
+    keep_monthly: KeepMonthly = None,
+    keep_yearly: KeepYearly = None,
+    min_good: MinGood = None,
+    rpo: Rpo = None,
+    drill_schedule: DrillSchedule = None,
     timezone: Timezone = None,
     items: ItemsOption = None,
     compression: Annotated[bool, typer.Option(help="Compress backups.")] = True,
@@ -609,17 +696,37 @@ def plans_create(
     ] = None,
     paused: Annotated[bool, typer.Option("--paused", help="Create it paused.")] = False,
 ) -> None:
-    """Create a backup plan."""
+    """Create a backup plan: --keep and/or the --keep-daily/weekly/monthly/yearly counts (a
+    point is kept if any rule keeps it), --min-good as a floor."""
+    retention: dict[str, Any] = {
+        name: value
+        for name, value in _counts(keep_daily, keep_weekly, keep_monthly, keep_yearly).items()
+        if value is not None
+    }
+    if keep is not None:
+        retention |= {"style": RETENTION_STYLE[keep_unit], "period": keep}
+    if min_good is not None:
+        retention["min_good"] = min_good
+    if not retention:
+        raise CliError(
+            "How long are backups kept? Give --keep and/or --keep-daily, --keep-weekly, "
+            "--keep-monthly, --keep-yearly.",
+            ExitCode.USAGE,
+        )
     with connected(ctx, instance) as (client, options):
         dest = client.find("destinations", destination)
         body: dict[str, Any] = {
             "name": name,
             "destination_id": dest["id"],
             "frequency": schedule,
-            "retention": {"style": RETENTION_STYLE[keep_unit], "period": keep},
+            "retention": retention,
             "compression": compression,
             "paused": paused,
         }
+        if rpo is not None:
+            body["rpo_seconds"] = _rpo(rpo)
+        if drill_schedule is not None and _drill(drill_schedule) is not None:
+            body["drill"] = _drill(drill_schedule)
         if timezone:
             body["timezone"] = timezone
         if items is not None:
@@ -650,10 +757,21 @@ def plans_edit(
     timezone: Timezone = None,
     keep: Keep = None,
     keep_unit: Unit = None,
+    keep_daily: KeepDaily = None,
+    keep_weekly: KeepWeekly = None,
+    keep_monthly: KeepMonthly = None,
+    keep_yearly: KeepYearly = None,
+    min_good: MinGood = None,
+    rpo: Rpo = None,
+    drill_schedule: DrillSchedule = None,
     items: ItemsOption = None,
     compression: Annotated[bool | None, typer.Option(help="Compress backups.")] = None,
+    yes: YesConfirm = False,
 ) -> None:
-    """Change a backup plan (only what is given)."""
+    """Change a backup plan (only what is given; a count of 0 removes that rule).
+
+    A retention change that would delete many restore points at once shows how many and asks
+    first (--yes: apply it); `plans retention-preview` shows which."""
     with connected(ctx, instance) as (client, options):
         found = client.find("plans", plan)
         patch: dict[str, Any] = _destination_fields(
@@ -665,17 +783,76 @@ def plans_edit(
         )
         if destination is not None:
             patch["destination_id"] = client.find("destinations", destination)["id"]
-        if keep is not None or keep_unit is not None:
-            retention: dict[str, Any] = {}
-            if keep is not None:
-                retention["period"] = keep
-            if keep_unit is not None:
-                retention["style"] = RETENTION_STYLE[keep_unit]
+        retention: dict[str, Any] = dict(
+            _counts(keep_daily, keep_weekly, keep_monthly, keep_yearly)
+        )
+        if keep is not None:
+            retention["period"] = keep
+        if keep_unit is not None:
+            retention["style"] = RETENTION_STYLE[keep_unit]
+        if min_good is not None:
+            retention["min_good"] = min_good
+        if retention:
             patch["retention"] = retention
+        if rpo is not None:
+            patch["rpo_seconds"] = _rpo(rpo)
+        if drill_schedule is not None:
+            patch["drill"] = _drill(drill_schedule)
         if not patch:
             raise CliError("Nothing to change: give an option to change.", ExitCode.USAGE)
-        changed = client.update_plan(found["id"], patch)
+        try:
+            changed = client.update_plan(found["id"], patch)
+        except ApiFailure as failure:
+            if failure.error != "confirmation_required":
+                raise
+            deleting, total = failure.body.get("would_delete"), failure.body.get("total")
+            render.message(
+                f"This change would delete {deleting} of plan {found['name']}'s {total} "
+                "restore points at the next retention sweep (`osb-backup plans "
+                f"retention-preview {client.instance_id} {found['name']}` with the same "
+                "options lists them)."
+            )
+            _confirm("Apply it?", yes)
+            changed = client.update_plan(found["id"], patch, confirm=True)
         _output(options, changed, render.plan)
+
+
+@plans_app.command("retention-preview")
+@handled
+def plans_retention_preview(
+    ctx: typer.Context,
+    instance: Instance,
+    plan: Annotated[str, typer.Argument(help="Name or id.")],
+    keep: Keep = None,
+    keep_unit: Annotated[KeepUnit, typer.Option("--keep-unit", help="What --keep counts.")] = (
+        KeepUnit.days
+    ),
+    keep_daily: KeepDaily = None,
+    keep_weekly: KeepWeekly = None,
+    keep_monthly: KeepMonthly = None,
+    keep_yearly: KeepYearly = None,
+    min_good: MinGood = None,
+    timezone: Timezone = None,
+) -> None:
+    """What retention would delete and keep now, and why: the plan's saved retention, or the
+    one the options propose (given whole, not merged with the saved one)."""
+    proposed: dict[str, Any] = {
+        name: value
+        for name, value in _counts(keep_daily, keep_weekly, keep_monthly, keep_yearly).items()
+        if value is not None
+    }
+    if keep is not None:
+        proposed |= {"style": RETENTION_STYLE[keep_unit], "period": keep}
+    if min_good is not None:
+        proposed["min_good"] = min_good
+    if timezone is not None:
+        proposed["timezone"] = timezone
+    _show(
+        ctx,
+        instance,
+        lambda client: client.retention_preview(client.find("plans", plan)["id"], proposed),
+        render.retention_preview,
+    )
 
 
 def _pause(ctx: typer.Context, instance: str, plan: str, paused: bool) -> None:
@@ -817,6 +994,43 @@ def restore(
             _finish(job, options, client, follow)
 
 
+@app.command("drill")
+@handled
+def drill(
+    ctx: typer.Context,
+    instance: Instance,
+    plan: Annotated[
+        str | None,
+        typer.Argument(
+            help="Drill this plan's newest restore point (name or id).", show_default=False
+        ),
+    ] = None,
+    point: Annotated[
+        str | None,
+        typer.Option("--point", help="Drill this restore point instead (its id)."),
+    ] = None,
+    follow: Wait = False,
+) -> None:
+    """Start a restore drill: a restore point is downloaded, decrypted and checked (and given
+    to the verify script), never restored into the live database."""
+    if (plan is None) == (point is None):
+        raise CliError("Give a plan or --point (one of them).", ExitCode.USAGE)
+    with connected(ctx, instance) as (client, options):
+        if point is not None:
+            job = client.drill_point(point)
+        else:
+            assert plan is not None
+            job = client.drill_plan(client.find("plans", plan)["id"])
+        _finish(job, options, client, follow)
+
+
+@app.command("protection")
+@handled
+def protection(ctx: typer.Context, instance: Instance) -> None:
+    """Whether the instance meets its plans' recovery point objectives, per plan with reasons."""
+    _show(ctx, instance, lambda client: client.protection(), render.protection)
+
+
 # --- jobs -----------------------------------------------------------------------------------
 
 
@@ -949,6 +1163,150 @@ def points_delete(ctx: typer.Context, instance: Instance, point: PointId, yes: Y
         lambda _found: f"Restore point {point} deleted.",
         yes,
     )
+
+
+@points_app.command("pin")
+@handled
+def points_pin(
+    ctx: typer.Context,
+    instance: Instance,
+    point: PointId,
+    reason: Annotated[str, typer.Option("--reason", help="Why it is kept (1 to 500 characters).")],
+) -> None:
+    """Pin a restore point: retention keeps it and it cannot be deleted until unpinned."""
+    with connected(ctx, instance) as (client, options):
+        pinned = client.pin_restore_point(point, reason)
+        if options.json:
+            render.emit_json(pinned)
+        else:
+            render.message(f"Restore point {point} pinned.")
+
+
+@points_app.command("unpin")
+@handled
+def points_unpin(ctx: typer.Context, instance: Instance, point: PointId) -> None:
+    """Unpin a restore point: retention decides again."""
+    with connected(ctx, instance) as (client, options):
+        unpinned = client.pin_restore_point(point, None)
+        if options.json:
+            render.emit_json(unpinned)
+        else:
+            render.message(f"Restore point {point} unpinned; retention decides again.")
+
+
+# --- webhooks -------------------------------------------------------------------------------
+
+WebhookId = Annotated[str, typer.Argument(help="The webhook's id (`webhooks list`).")]
+WEBHOOK_SECRET_HELP = (
+    "Read the signing secret (16 to 256 characters) from this file ('-': standard input); "
+    "else OSB_BACKUP_WEBHOOK_SECRET, else it is asked for. Never an argument."
+)
+
+
+class Event(StrEnum):
+    job_succeeded = "job.succeeded"
+    job_failed = "job.failed"
+    protection_changed = "protection.changed"
+    drill_failed = "drill.failed"
+    restore_point_expired = "restore_point.expired"
+    restore_point_deleted = "restore_point.deleted"
+
+
+def _webhook_secret(secret_file: str | None) -> str:
+    if secret_file:
+        return read_secret_file(secret_file)
+    from_env = os.environ.get("OSB_BACKUP_WEBHOOK_SECRET")
+    if from_env:
+        return from_env
+    try:
+        return str(typer.prompt("Signing secret", hide_input=True, err=True))
+    except typer.Abort:  # no answer (standard input closed)
+        raise CliError(
+            "No signing secret: give --secret-file, set OSB_BACKUP_WEBHOOK_SECRET or answer "
+            "the prompt.",
+            ExitCode.USAGE,
+        ) from None
+
+
+@webhooks_app.command("list")
+@handled
+def webhooks_list(
+    ctx: typer.Context, instance: Instance, limit: Limit = 20, every: All = False
+) -> None:
+    """List webhooks, newest first."""
+    _list(ctx, instance, "webhooks", render.webhooks, limit, every)
+
+
+@webhooks_app.command("show")
+@handled
+def webhooks_show(ctx: typer.Context, instance: Instance, webhook: WebhookId) -> None:
+    """Show a webhook (its secret is never shown, only whether it is set)."""
+    _show(ctx, instance, lambda client: client.webhook(webhook), render.webhook)
+
+
+@webhooks_app.command("create")
+@handled
+def webhooks_create(
+    ctx: typer.Context,
+    instance: Instance,
+    url: Annotated[str, typer.Option("--url", help="Where events are POSTed (https://).")],
+    event: Annotated[
+        list[Event], typer.Option("--event", "-e", help="An event wanted (repeat for several).")
+    ],
+    secret_file: Annotated[str | None, typer.Option(help=WEBHOOK_SECRET_HELP)] = None,
+    description: Annotated[str | None, typer.Option(help="What it is for.")] = None,
+    disabled: Annotated[
+        bool, typer.Option("--disabled", help="Create it disabled (nothing is sent).")
+    ] = False,
+) -> None:
+    """Create a webhook: the manager POSTs the chosen events to the URL, signed with the
+    secret (docs/webhooks.md shows how to verify them)."""
+    secret = _webhook_secret(secret_file)
+    with connected(ctx, instance) as (client, options):
+        body: dict[str, Any] = {
+            "url": url,
+            "events": [e.value for e in dict.fromkeys(event)],
+            "secret": secret,
+            "enabled": not disabled,
+        }
+        if description is not None:
+            body["description"] = description
+        created = client.create_webhook(body)
+        if options.json:
+            render.emit_json(created)
+        else:
+            render.message(f"Webhook {created['id']} created.")
+            render.webhook(created)
+
+
+@webhooks_app.command("delete")
+@handled
+def webhooks_delete(
+    ctx: typer.Context, instance: Instance, webhook: WebhookId, yes: Yes = False
+) -> None:
+    """Delete a webhook (its unsent deliveries are dropped)."""
+    _delete(
+        ctx,
+        instance,
+        lambda client: client.webhook(webhook),
+        lambda found: f"Delete the webhook to {found['url']}?",
+        lambda client, found: client.delete_webhook(found["id"]),
+        lambda found: f"Webhook {found['id']} deleted.",
+        yes,
+    )
+
+
+@webhooks_app.command("deliveries")
+@handled
+def webhooks_deliveries(
+    ctx: typer.Context, instance: Instance, webhook: WebhookId, limit: Limit = 20
+) -> None:
+    """A webhook's delivery log, newest first: state, attempts, the last answer or error."""
+    with connected(ctx, instance) as (client, options):
+        page = client.deliveries(webhook, limit=limit)
+        if not options.json:
+            render.page_note(len(page["items"]), page["total"], page["next_cursor"] is not None)
+        _output(options, page["items"], render.deliveries)
 
 
 def run() -> None:

@@ -44,6 +44,7 @@ class Job(TypedDict):
     ended_at: NotRequired[str | None]
     cancel_requested: NotRequired[bool]
     agent_unreachable_since: NotRequired[str | None]
+    drill: NotRequired[dict[str, Any] | None]
 
 
 class Page(TypedDict):
@@ -60,7 +61,7 @@ class Validation(TypedDict):
 
 
 FINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "MISSED"})
-Collection = Literal["destinations", "plans", "jobs", "restore_points"]
+Collection = Literal["destinations", "plans", "jobs", "restore_points", "webhooks"]
 
 
 class ApiFailure(CliError):
@@ -76,7 +77,7 @@ class ApiFailure(CliError):
         if details:
             message += "\n  " + "\n  ".join(details)
         super().__init__(message, exit_code_for_status(status))
-        self.status, self.error = status, error
+        self.status, self.error, self.body = status, error, body
 
 
 class Client:
@@ -216,10 +217,28 @@ class Client:
     def create_plan(self, body: dict[str, Any]) -> dict[str, Any]:
         return cast(dict[str, Any], self.request("POST", "/plans", json=body))
 
-    def update_plan(self, plan_id: str, patch: dict[str, Any]) -> dict[str, Any]:
-        return cast(
-            dict[str, Any], self.request("PATCH", f"/plans/{_segment(plan_id)}", json=patch)
-        )
+    def update_plan(
+        self, plan_id: str, patch: dict[str, Any], *, confirm: bool = False
+    ) -> dict[str, Any]:
+        """``confirm``: apply a retention change that deletes many points (?confirm=true)."""
+        params = {"confirm": "true"} if confirm else None
+        path = f"/plans/{_segment(plan_id)}"
+        return cast(dict[str, Any], self.request("PATCH", path, json=patch, params=params))
+
+    def retention_preview(self, plan_id: str, proposed: dict[str, Any]) -> dict[str, Any]:
+        """What retention deletes and keeps now: the saved one, or ``proposed`` (whole)."""
+        path = f"/plans/{_segment(plan_id)}/retention_preview"
+        return cast(dict[str, Any], self.request("GET", path, params=proposed))
+
+    def drill_plan(self, plan_id: str) -> Job:
+        return cast(Job, self.request("POST", f"/plans/{_segment(plan_id)}/drill"))
+
+    def drill_point(self, restore_point_id: str) -> Job:
+        path = f"/restore_points/{_segment(restore_point_id)}/drill"
+        return cast(Job, self.request("POST", path))
+
+    def protection(self) -> dict[str, Any]:
+        return cast(dict[str, Any], self.request("GET", "/protection"))
 
     def delete_plan(self, plan_id: str) -> None:
         self.request("DELETE", f"/plans/{_segment(plan_id)}")
@@ -257,6 +276,29 @@ class Client:
 
     def delete_restore_point(self, restore_point_id: str) -> None:
         self.request("DELETE", f"/restore_points/{_segment(restore_point_id)}")
+
+    def pin_restore_point(self, restore_point_id: str, reason: str | None) -> dict[str, Any]:
+        """Pin with ``reason``; ``None`` unpins."""
+        body: dict[str, Any] = (
+            {"pinned": True, "pin_reason": reason} if reason is not None else {"pinned": False}
+        )
+        path = f"/restore_points/{_segment(restore_point_id)}"
+        return cast(dict[str, Any], self.request("PATCH", path, json=body))
+
+    # --- webhooks ---------------------------------------------------------------------------
+
+    def webhook(self, webhook_id: str) -> dict[str, Any]:
+        return cast(dict[str, Any], self.request("GET", f"/webhooks/{_segment(webhook_id)}"))
+
+    def create_webhook(self, body: dict[str, Any]) -> dict[str, Any]:
+        return cast(dict[str, Any], self.request("POST", "/webhooks", json=body))
+
+    def delete_webhook(self, webhook_id: str) -> None:
+        self.request("DELETE", f"/webhooks/{_segment(webhook_id)}")
+
+    def deliveries(self, webhook_id: str, *, limit: int) -> Page:
+        path = f"/webhooks/{_segment(webhook_id)}/deliveries"
+        return cast(Page, self.request("GET", path, params={"limit": limit}))
 
 
 def _segment(value: str) -> str:

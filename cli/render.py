@@ -136,12 +136,51 @@ def destination(dest: dict[str, Any]) -> None:
     out.print(table(None, ["FIELD", "VALUE"], rows))
 
 
+GFS_COUNTS = ("daily", "weekly", "monthly", "yearly")
+
+
+def retention_text(retention: dict[str, Any] | None) -> str:
+    """A plan's retention in words: "14 days + 7 daily, 4 weekly; at least 3 good"."""
+    retention = retention or {}
+    parts = []
+    if retention.get("style") is not None:
+        unit = {"DAYS": "days", "HOURS": "hours", "FILES": "backups"}.get(
+            str(retention.get("style")), str(retention.get("style")).lower()
+        )
+        parts.append(f"{retention.get('period')} {unit}")
+    counts = [f"{retention[name]} {name}" for name in GFS_COUNTS if retention.get(name)]
+    if counts:
+        parts.append(", ".join(counts))
+    text = " + ".join(parts) or "nothing"
+    if retention.get("min_good"):
+        text += f"; at least {retention['min_good']} good"
+    return text
+
+
 def _retention(plan: dict[str, Any]) -> str:
-    retention = plan.get("retention") or {}
-    unit = {"DAYS": "days", "HOURS": "hours", "FILES": "backups"}.get(
-        str(retention.get("style")), str(retention.get("style"))
-    )
-    return f"{retention.get('period')} {unit}"
+    return retention_text(plan.get("retention"))
+
+
+def seconds_text(value: object) -> str:
+    """A duration in seconds as people read it (26h, 90m, 2d)."""
+    if not isinstance(value, int):
+        return ""
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if value >= length and value % length == 0:
+            return f"{value // length}{unit}"
+    return f"{value}s"
+
+
+def drill_text(drill: object) -> str:
+    """A last drill: outcome, when, and why it failed."""
+    if not isinstance(drill, dict) or not drill:
+        return "never"
+    outcome = str(drill.get("outcome") or "")
+    style = "green" if outcome == "passed" else "bold red"
+    text = f"[{style}]{escape(outcome)}[/] {when(drill.get('at'))}"
+    if drill.get("reason") and outcome != "passed":
+        text += f": {_text(drill.get('reason'))}"
+    return text
 
 
 def plans(entries: Iterable[dict[str, Any]]) -> None:
@@ -176,8 +215,26 @@ def plan(entry: dict[str, Any]) -> None:
         ["paused", "yes" if entry.get("paused") else "no"],
         ["next run", when(entry.get("next_run_at"))],
         ["last job", f"{_text(last.get('id'))} {status(last.get('status'))}" if last else ""],
+        ["rpo", _rpo(entry)],
+        ["drill", _drill_schedule(entry)],
+        ["last drill", drill_text(entry.get("last_drill"))],
     ]
     out.print(table(None, ["FIELD", "VALUE"], rows))
+
+
+def _rpo(entry: dict[str, Any]) -> str:
+    text = seconds_text(entry.get("effective_rpo_seconds") or entry.get("rpo_seconds"))
+    return f"{text} (derived from the schedule)" if entry.get("rpo_derived") else text
+
+
+def _drill_schedule(entry: dict[str, Any]) -> str:
+    drill = entry.get("drill") or {}
+    if not drill.get("frequency"):
+        return "none"
+    text = _text(drill.get("frequency"))
+    if drill.get("enabled") is False:
+        return f"{text} (disabled)"
+    return f"{text}, next {when(entry.get('drill_next_run_at'))}"
 
 
 def jobs(entries: Iterable[dict[str, Any]]) -> None:
@@ -226,6 +283,8 @@ def job(entry: Job) -> None:
         out.print(f"reason: {_text(entry.get('reason'))}")
     if entry.get("restore_point_id"):
         out.print(f"restore point: {_text(entry.get('restore_point_id'))}")
+    if entry.get("drill"):
+        out.print(f"drill: {drill_text(entry.get('drill'))}")
     out.print(job_items(entry))
 
 
@@ -245,19 +304,35 @@ def restore_points(entries: Iterable[dict[str, Any]]) -> None:
             when(point.get("created_at")),
             _text(", ".join(str(i.get("name")) for i in point.get("items") or [])),
             size(sum(int(i.get("size") or 0) for i in point.get("items") or [])),
-            when(point.get("expires_at")) or "kept by count",
-            _text(point.get("state")),
+            when(point.get("expires_at")) or "by the rules",
+            _point_state(point),
         ]
         for point in entries
     ]
     out.print(table(None, ["ID", "CREATED", "ITEMS", "SIZE", "EXPIRES", "STATE"], rows))
 
 
+def _point_state(point: dict[str, Any]) -> str:
+    """available, plus pinned and locked (until a date) when they are."""
+    parts = [_text(point.get("state"))]
+    if point.get("pinned"):
+        parts.append("[magenta]pinned[/]")
+    if point.get("locked_until"):
+        parts.append(f"locked until {when(point.get('locked_until'))}")
+    return ", ".join(parts)
+
+
 def restore_point(point: dict[str, Any]) -> None:
     out.print(
         f"Restore point {escape(str(point.get('id')))} of {when(point.get('created_at'))}, "
-        f"{_text(point.get('state'))}, expires {when(point.get('expires_at')) or 'by count'}"
+        f"{_point_state(point)}, expires {when(point.get('expires_at')) or 'by the rules'}"
     )
+    if point.get("pinned"):
+        out.print(
+            f"pinned {when(point.get('pinned_at'))}: {_text(point.get('pin_reason'))}",
+            highlight=False,
+        )
+    out.print(f"last drill: {drill_text(point.get('last_drill'))}", highlight=False)
     rows = [
         [
             _text(item.get("name")),
@@ -294,3 +369,116 @@ def page_note(shown: int, total: int | None, more: bool = False) -> None:
         message(f"{shown} shown, more exist; --limit N (up to 100) or --all for more.")
     elif total is not None and total > shown:
         message(f"{shown} of {total} shown; --limit N (up to 100) or --all for more.")
+
+
+def retention_preview(preview: dict[str, Any]) -> None:
+    which = "proposed" if preview.get("proposed") else "saved"
+    out.print(
+        f"Retention ({which}): {_text(retention_text(preview.get('retention')))} "
+        f"({_text(preview.get('timezone'))}), as of {when(preview.get('as_of'))}",
+        highlight=False,
+    )
+    out.print(
+        f"{preview.get('to_delete')} of {preview.get('total')} restore points would be "
+        f"deleted, {preview.get('to_keep')} kept.",
+        highlight=False,
+    )
+    rows = [
+        [_text(point.get("id")), when(point.get("created_at")), "[red]delete[/]", ""]
+        for point in preview.get("delete") or []
+    ]
+    rows += [
+        [
+            _text(point.get("id")),
+            when(point.get("created_at")),
+            "[green]keep[/]",
+            _text(", ".join(point.get("kept_by") or [])),
+        ]
+        for point in preview.get("keep") or []
+    ]
+    out.print(table(None, ["ID", "CREATED", "VERDICT", "KEPT BY"], rows))
+
+
+PROTECTION_STYLE = {"protected": "green", "at_risk": "yellow", "unprotected": "bold red"}
+
+
+def protection_state(value: object) -> str:
+    text = str(value or "")
+    style = PROTECTION_STYLE.get(text)
+    return f"[{style}]{escape(text)}[/]" if style else escape(text)
+
+
+def protection(state: dict[str, Any]) -> None:
+    out.print(
+        f"Instance {protection_state(state.get('state'))}: {_text(state.get('reason'))} "
+        f"(evaluated {when(state.get('evaluated_at'))})",
+        highlight=False,
+    )
+    rows = [
+        [
+            _text(plan.get("name")),
+            protection_state(plan.get("state")),
+            _text(seconds_text(plan.get("rpo_seconds")))
+            + (" (derived)" if plan.get("rpo_derived") else ""),
+            when(plan.get("last_good_at")) or "never",
+            when(plan.get("lapses_at")),
+            _text("; ".join(plan.get("reasons") or [plan.get("reason") or ""])),
+        ]
+        for plan in state.get("plans") or []
+    ]
+    out.print(table(None, ["PLAN", "STATE", "RPO", "LAST GOOD", "LAPSES", "REASONS"], rows))
+
+
+def webhooks(entries: Iterable[dict[str, Any]]) -> None:
+    rows = [
+        [
+            _text(hook.get("id")),
+            _text(hook.get("url")),
+            _text(", ".join(hook.get("events") or [])),
+            "yes" if hook.get("enabled") else "[yellow]no[/]",
+            _text(hook.get("description") or ""),
+        ]
+        for hook in entries
+    ]
+    out.print(table(None, ["ID", "URL", "EVENTS", "ENABLED", "DESCRIPTION"], rows))
+
+
+def webhook(hook: dict[str, Any]) -> None:
+    rows = [
+        ["id", _text(hook.get("id"))],
+        ["url", _text(hook.get("url"))],
+        ["events", _text(", ".join(hook.get("events") or []))],
+        ["enabled", "yes" if hook.get("enabled") else "no"],
+        ["description", _text(hook.get("description") or "")],
+        ["secret", "set" if hook.get("secret_set") else "not set"],
+        ["created", when(hook.get("created_at"))],
+        ["updated", when(hook.get("updated_at"))],
+    ]
+    out.print(table(None, ["FIELD", "VALUE"], rows))
+
+
+DELIVERY_STYLE = {
+    "succeeded": "green",
+    "failed": "bold red",
+    "pending": "blue",
+    "delivering": "cyan",
+}
+
+
+def deliveries(entries: Iterable[dict[str, Any]]) -> None:
+    rows = []
+    for delivery in entries:
+        state = str(delivery.get("state") or "")
+        style = DELIVERY_STYLE.get(state.lower())
+        last = delivery.get("last_status_code") or delivery.get("last_error") or ""
+        rows.append(
+            [
+                _text(delivery.get("event_id")),
+                _text(delivery.get("event_type")),
+                f"[{style}]{escape(state)}[/]" if style else escape(state),
+                _text(delivery.get("attempts")),
+                when(delivery.get("last_attempt_at")),
+                _text(last),
+            ]
+        )
+    out.print(table(None, ["EVENT", "TYPE", "STATE", "ATTEMPTS", "LAST ATTEMPT", "LAST"], rows))

@@ -141,6 +141,7 @@ async def cli(
         "OPERATOR_PASSWORD": OPERATOR_PASSWORD,
         "RUNNER_AGENT_POLL_MIN_SECONDS": "0.1",
         "RUNNER_AGENT_POLL_MAX_SECONDS": "0.3",
+        "WEBHOOK_ALLOW_HTTP": "true",  # the webhook commands' test points at 127.0.0.1
     }.items():
         monkeypatch.setenv(name, value)
     agent = await GoAgentStandIn().start()
