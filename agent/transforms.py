@@ -34,12 +34,13 @@ VERSION = 1
 ENCRYPTION_NAME = "aes-256-gcm-stream-v1"
 CHUNK_SIZE = 1024 * 1024
 SCRYPT_LOG2_N = 15
-# Two zstd workers: compression runs inside zstd's own threads, in jobs of a few MiB, on
-# both cores of the benchmark machine, while the caller's thread only feeds them. One worker
-# was about 1.5x faster than the single-threaded streaming mode; two are about 1.4x faster
-# than one (compression alone, measured here), for a few MiB more of job buffers, flat in
-# the backup's size once glibc's mmap threshold is pinned (agent/__main__.py).
-ZSTD_THREADS = 2
+# One zstd worker: compression runs inside zstd's own thread, in jobs of a few MiB. Measured
+# here against the single-threaded streaming mode: about 1.5x faster and a 10% smaller
+# output (on the benchmark's data), for about 60 MiB more memory, flat from 256 MiB to 2 GiB
+# once glibc's mmap threshold is pinned (agent/__main__.py). Two workers compressed faster
+# alone, but in the agent on the loaded 2-core machine they gained no throughput and the
+# peak memory of a 1 GiB backup then grew by 94 to 111 MiB over a 50 MiB one (issue 22).
+ZSTD_THREADS = 1
 # The smallest block handed to a stage's worker thread (see transform_stream).
 BLOCK = 1024 * 1024
 _HEADER = struct.Struct(">6sBBI16s7s")
