@@ -17,10 +17,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 from pydantic import ValidationError
 
-from backup import destinations, jobs, plans, restore_points
+from backup import destinations, jobs, plans, protection, restore_points, retention
 from backup.database import Database, Document
 from backup.errors import BackupError
 from backup.instances import LIVE_STATES
+from backup.pagination import now
 from backup.secrets import SecretBox
 from broker.api import models, views
 from broker.api.auth import AUTHORIZER, Authorizer, Principal
@@ -363,12 +364,16 @@ async def instance(request: web.Request) -> web.Response:
     )
     plan_views = await _plan_views(page.db, page.instance_id)
     upcoming = [p.next_run_at for p in plan_views if p.next_run_at is not None]
+    evaluated = await protection.evaluate(page.db, now(), instance_ids=[page.instance_id])
+    state = views.protection(evaluated[0])
     return page.render(
         "instance.html",
         failures=[views.job(d, None) for d in failures.items],
         last_backup=views.job(last_backup.items[0], None) if last_backup.items else None,
         next_backup=min(upcoming) if upcoming else None,
         plans=plan_views,
+        protection=state,
+        plan_protection={p.plan_id: p for p in state.plans},
     )
 
 
@@ -382,18 +387,44 @@ async def plan_list(request: web.Request) -> web.Response:
     )
 
 
+RETENTION_COUNTS = ("daily", "weekly", "monthly", "yearly", "min_good")
+
+
+def _number(form: Mapping[str, str], name: str, label: str) -> int | None:
+    """A whole number from the form; empty: none."""
+    text = form.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ApiError(400, "invalid_input", f"{label} must be a whole number.") from None
+
+
+def _retention_fields(form: Mapping[str, str]) -> dict[str, Any]:
+    """The retention a form describes, every rule present (None: that rule is not used), so
+    that as a merge patch it replaces the saved retention whole."""
+    style = form.get("retention_style", "") or None
+    period = _number(form, "retention_period", "The retention period")
+    fields: dict[str, Any] = {
+        "style": style if period is not None else None,
+        "period": period if style is not None else None,
+    }
+    for name in RETENTION_COUNTS:
+        value = _number(form, f"retention_{name}", f"The {name.replace('_', ' ')} count")
+        # 0 of a GFS count means "not used"; min_good 0 is a valid floor, but also none
+        fields[name] = value or None
+    return fields
+
+
 def _plan_fields(form: Mapping[str, str]) -> dict[str, Any]:
     """The plan a form describes, in the API's shape (what the PlanIn model validates)."""
-    try:
-        period = int(form.get("retention_period", ""))
-    except ValueError:
-        raise ApiError(400, "invalid_input", "The retention period must be a number.") from None
     return {
         "name": form.get("name", ""),
         "destination_id": form.get("destination_id", ""),
         "frequency": form.get("frequency", ""),
         "timezone": form.get("timezone") or "UTC",
-        "retention": {"style": form.get("retention_style", ""), "period": period},
+        "retention": _retention_fields(form),
         "compression": form.get("compression") == "on",
     }
 
@@ -401,6 +432,7 @@ def _plan_fields(form: Mapping[str, str]) -> dict[str, Any]:
 async def plan_create(request: web.Request) -> web.StreamResponse:
     page, form = await change(request)
     fields = _plan_fields(form)
+    fields["retention"] = {k: v for k, v in fields["retention"].items() if v is not None}
     fields["encryption"] = {"enabled": form.get("encryption") == "on"}
     spec = models.PlanIn.model_validate(fields)
     await plans.create(page.db, page.box, page.instance, spec, page.api.min_plan_interval_seconds)
@@ -418,7 +450,22 @@ async def plan_edit(request: web.Request) -> web.Response:
     )
 
 
-async def _update_plan(page: Page, patch: dict[str, Any]) -> None:
+async def _update_plan(page: Page, patch: dict[str, Any], *, confirmed: bool = True) -> None:
+    """As the API's PATCH: a retention or time zone change that would delete many points at
+    once is refused (:class:`retention.ConfirmationRequired`) unless ``confirmed``."""
+
+    async def confirm_retention(current: Document, fields: Document) -> None:
+        if not confirmed:
+            await retention.check_change(
+                page.db,
+                current,
+                fields["retention"],
+                fields["timezone"],
+                now(),
+                fraction=page.api.retention_confirm_fraction,
+                min_points=page.api.retention_confirm_min_points,
+            )
+
     await plans.update(
         page.db,
         page.box,
@@ -426,14 +473,30 @@ async def _update_plan(page: Page, patch: dict[str, Any]) -> None:
         page.request.match_info["plan_id"],
         patch,
         page.api.min_plan_interval_seconds,
+        check=confirm_retention,
     )
 
 
 async def plan_update(request: web.Request) -> web.StreamResponse:
+    """Saves the plan form; a retention change that deletes many points shows how many and
+    asks again (the confirm page posts the same form with ``confirm=true``)."""
     page, form = await change(request)
     patch = _plan_fields(form)
     models.PlanPatch.model_validate(patch)
-    await _update_plan(page, patch)
+    try:
+        await _update_plan(page, patch, confirmed=form.get("confirm") == "true")
+    except retention.ConfirmationRequired as exc:
+        doc = await plans.get(page.db, page.instance_id, request.match_info["plan_id"])
+        fields = {k: v for k, v in form.items() if k not in ("csrf", "confirm")}
+        return page.render(
+            "plan_confirm.html",
+            status=409,
+            plan=views.plan(doc, None),
+            fields=fields,
+            proposed=patch["retention"],
+            would_delete=exc.counts["would_delete"],
+            total=exc.counts["total"],
+        )
     raise see(page.url("plans"))
 
 
@@ -477,6 +540,23 @@ async def point_list(request: web.Request) -> web.Response:
         page.db, page.instance_id, plan_id=None, limit=LIST_LIMIT, cursor=None
     )
     return page.render("restore_points.html", points=[views.restore_point(d) for d in found.items])
+
+
+async def point_pin(request: web.Request) -> web.StreamResponse:
+    """Pins a restore point (a reason required) or, with ``pinned=false``, unpins it."""
+    page, form = await change(request)
+    pinned = form.get("pinned") == "true"
+    spec = models.RestorePointPatch.model_validate(
+        {"pinned": True, "pin_reason": form.get("pin_reason", "")} if pinned else {"pinned": False}
+    )
+    await restore_points.pin(
+        page.db,
+        page.instance_id,
+        request.match_info["point_id"],
+        pinned=spec.pinned,
+        reason=spec.pin_reason,
+    )
+    raise see(page.url("restore_points"))
 
 
 async def restore_confirm(request: web.Request) -> web.Response:
@@ -593,6 +673,7 @@ def add_routes(app: web.Application) -> None:
         ("GET", instance_path + "/jobs/{job_id}", job_detail),
         ("POST", instance_path + "/jobs/{job_id}/cancel", job_cancel),
         ("GET", instance_path + "/restore_points", point_list),
+        ("POST", instance_path + "/restore_points/{point_id}/pin", point_pin),
         ("GET", instance_path + "/restore_points/{point_id}/restore", restore_confirm),
         ("POST", instance_path + "/restore_points/{point_id}/restore", restore),
         ("GET", instance_path + "/destinations", destination_list),

@@ -28,7 +28,44 @@ def _when(value: object) -> str:
     return "—" if value is None else str(value)
 
 
+def _retention(retention: object) -> str:
+    """A plan's retention in words: "14 days + 7 daily, 4 weekly; at least 3 good"."""
+
+    def rule(name: str) -> Any:
+        if isinstance(retention, dict):
+            return retention.get(name)
+        return getattr(retention, name, None)
+
+    parts = []
+    if rule("style") is not None:
+        unit = {"DAYS": "days", "HOURS": "hours", "FILES": "latest backups"}.get(
+            str(rule("style")), str(rule("style")).lower()
+        )
+        parts.append(f"{rule('period')} {unit}")
+    counts = [f"{rule(n)} {n}" for n in ("daily", "weekly", "monthly", "yearly") if rule(n)]
+    if counts:
+        parts.append(", ".join(counts))
+    text = " + ".join(parts) or "—"
+    if rule("min_good"):
+        text += f"; at least {rule('min_good')} good"
+    return text
+
+
 _ENVIRONMENT.filters["when"] = _when
+_ENVIRONMENT.filters["retention"] = _retention
+
+
+def _duration(seconds: object) -> str:
+    """Seconds as people read them (26h, 90m, 2d)."""
+    if not isinstance(seconds, int):
+        return "—"
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length and seconds % length == 0:
+            return f"{seconds // length}{unit}"
+    return f"{seconds}s"
+
+
+_ENVIRONMENT.filters["duration"] = _duration
 _ENVIRONMENT.filters["bytes"] = lambda size: "—" if size is None else human_bytes(float(size))
 
 
