@@ -235,8 +235,9 @@ def test_shell_completion_completes_commands_and_choices() -> None:
         return done.stdout.split()
 
     assert complete("osb-backup pl") == ["plans"]
-    assert complete("osb-backup restore-points ") == ["list", "show", "delete"]
+    assert complete("osb-backup restore-points ") == ["list", "show", "delete", "pin", "unpin"]
     assert complete("osb-backup jobs list x --status f") == ["failed"]
+    assert complete("osb-backup webhooks create x --event drill") == ["drill.failed"]
 
 
 def test_usage_errors_without_a_server() -> None:
