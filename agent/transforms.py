@@ -104,16 +104,17 @@ class Encryptor:
         # Strictly more than one chunk: the last chunk must stay back to carry the final flag.
         # Chunks are sealed straight from a view of the data (of the buffer when a chunk
         # started in an earlier block), and only the rest is kept.
+        view, pos = memoryview(data), 0
         if self._buf:
             need = self._chunk - len(self._buf)
-            if len(data) <= need:
-                self._buf += data
+            if len(view) <= need:
+                self._buf += view
+                view.release()
                 return b"".join(out)
-            self._buf += memoryview(data)[:need]
+            self._buf += view[:need]
             out.append(self._seal(bytes(self._buf), False))
             self._buf.clear()
-            data = memoryview(data)[need:]
-        view, pos = memoryview(data), 0
+            pos = need
         while len(view) - pos > self._chunk:
             out.append(self._seal(view[pos : pos + self._chunk], False))
             pos += self._chunk
@@ -226,7 +227,7 @@ class _Zstd:
             if not self._obj.eof:
                 raise TransformError("truncated zstd stream")
             return b""
-        return b"".join(self._chunker.finish())
+        return b"".join(self._chunker.finish())  # type: ignore[no-untyped-call]
 
 
 class _Gzip:
