@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 import uuid
 from datetime import datetime
@@ -57,6 +58,19 @@ log = structlog.get_logger(__name__)
 
 TIMINGS = ("download_seconds", "decrypt_seconds", "verify_seconds")
 MANAGER_SIDE = "manager-side: download and checksum only"
+REASON_LINE_MAX = 300
+"""How much of the verify script's last line of stderr a failed drill's reason keeps."""
+_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def script_line(text: str) -> str:
+    """One line a script printed, fit for a reason: terminal escape sequences (colours, a
+    window title) and other control characters removed, at most :data:`REASON_LINE_MAX`
+    characters."""
+    return _CONTROL.sub("", _ESCAPE.sub("", text)).strip()[:REASON_LINE_MAX]
+
+
 _DRILL_IDS = uuid.UUID("0d7c2b1e-5a0c-4f53-8f0e-2b8f3a3c9d41")
 DRILL_PLAN_FIELDS = {
     "_id": 1,
@@ -124,11 +138,15 @@ class DrillRun(JobRun):
     async def _record(self, index: int, item: Document, agent_job_id: str, state: AgentJob) -> None:
         item["timings"] = _timings(state.timings)
         item["verify_script"] = state.verify_script
-        said = (state.logs.get("verify_errorlog") or "").strip().splitlines()
+        said = [
+            line
+            for line in map(script_line, (state.logs.get("verify_errorlog") or "").splitlines())
+            if line
+        ]
         if state.status != JobStatus.SUCCEEDED and state.error_message and said:
             # What the DBA's script said last is the reason a person needs (the whole log is
             # on the item).
-            state.error_message = f"{state.error_message}: {said[-1][:300]}"
+            state.error_message = f"{state.error_message}: {said[-1]}"
         await super()._record(index, item, agent_job_id, state)
 
     async def _manager_side(self, index: int, item: Document) -> None:

@@ -19,7 +19,14 @@ from backup.secrets import SecretBox
 from storage import S3Settings
 from tests.agent.helpers import PASSWORD, ROOT, USER, AgentProcess
 from tests.conftest import skip_unless_available
-from tests.runner.conftest import GoRig, RunnerFactory, final, seed_instance, seed_plan
+from tests.runner.conftest import (
+    GoRig,
+    RunnerFactory,
+    final,
+    seed_instance,
+    seed_plan,
+    until,
+)
 from tests.servers.s3 import SeaweedS3
 
 EXAMPLES = ROOT / "agent" / "examples" / "postgresql"
@@ -261,6 +268,12 @@ async def test_a_plan_without_restore_points_fails_its_drill_saying_so(go: GoRig
     assert "no available restore point" in done["reason"]
     assert done["drill"]["outcome"] == "failed"
     assert (await go.db.plans.find_one({"_id": plan["_id"]}))["last_drill"]["outcome"] == "failed"
+    # queued just after the job's final state is written: wait for it
+    await until(
+        lambda: go.db.webhook_deliveries.find_one({"webhook_id": "hook-1"}),
+        what="the drill.failed delivery",
+        timeout=10,
+    )
     [delivery] = await go.db.webhook_deliveries.find({"webhook_id": "hook-1"}).to_list()
     assert delivery["event_type"] == "drill.failed" and delivery["subject"] == drill["_id"]
     assert "no available restore point" in delivery["body"]
