@@ -406,10 +406,14 @@ def _retention_fields(form: Mapping[str, str]) -> dict[str, Any]:
     that as a merge patch it replaces the saved retention whole."""
     style = form.get("retention_style", "") or None
     period = _number(form, "retention_period", "The retention period")
-    fields: dict[str, Any] = {
-        "style": style if period is not None else None,
-        "period": period if style is not None else None,
-    }
+    if (style is None) != (period is None):
+        raise ApiError(
+            400,
+            "invalid_input",
+            "Give the age or count rule both a number and what it counts (days, hours, latest "
+            "backups), or neither.",
+        )
+    fields: dict[str, Any] = {"style": style, "period": period}
     for name in RETENTION_COUNTS:
         value = _number(form, f"retention_{name}", f"The {name.replace('_', ' ')} count")
         # 0 of a GFS count means "not used"; min_good 0 is a valid floor, but also none

@@ -165,3 +165,25 @@ async def test_a_confirmed_retention_change_is_saved(
     row = page.locator("tr", has_text="short")
     await expect(row).to_contain_text("1 latest backups")
     await expect(row).to_contain_text("30 4 * * *")  # the whole form was sent again
+
+    # A rule without its number (or a number without its rule) is refused, nothing changed.
+    csrf = await page.locator("header input[name=csrf]").get_attribute("value")
+    form = {
+        "csrf": csrf or "",
+        "name": "short",
+        "destination_id": dest["_id"],
+        "frequency": "30 4 * * *",
+        "retention_style": "DAYS",
+        "retention_period": "",
+        "retention_daily": "3",
+    }
+    url = f"{dashboard.instance_url}/plans/{plan['id']}"
+    refused = await page.request.post(url, form=form, max_redirects=0)
+    assert refused.status == 400
+    assert "both a number and what it counts" in await refused.text()
+    hostile = await page.request.post(
+        url, form={**form, "retention_period": "7", "retention_daily": "1e9"}, max_redirects=0
+    )
+    assert hostile.status == 400 and "whole number" in await hostile.text()
+    saved = await dashboard.service.db.plans.find_one({"_id": plan["id"]})
+    assert saved["retention"] == {"style": "FILES", "period": 1}
