@@ -51,21 +51,16 @@ PH = TypeVar("PH", bound=PlatformHandler)
 
 
 @dataclass
-class Ctx:
-    """What a handler gets: the request, the instance the caller may act on, and the app's
-    resources."""
+class _RequestCtx:
+    """What every handler gets: the request and the app's resources, and the reading of its
+    body and query string."""
 
     request: web.Request
-    instance: Document
     db: Database
     box: SecretBox
     api: ApiSettings
-    sent_fields: list[str] = field(default_factory=list)
+    sent_fields: list[str] = field(default_factory=list, kw_only=True)
     """The names of the fields of the JSON object sent, for the audit trail."""
-
-    @property
-    def instance_id(self) -> str:
-        return str(self.instance["_id"])
 
     def param(self, name: str) -> str:
         return self.request.match_info[name]
@@ -101,52 +96,24 @@ class Ctx:
 
 
 @dataclass
-class PlatformCtx:
-    """What a platform-scoped handler gets: the request, the operator that called, and the
-    app's resources; no instance (the operation spans them all)."""
+class Ctx(_RequestCtx):
+    """What an instance's handler gets: also the instance the caller may act on."""
 
-    request: web.Request
-    principal: Principal
-    db: Database
-    box: SecretBox
-    api: ApiSettings
-    sent_fields: list[str] = field(default_factory=list)
-    """The names of the fields of the JSON object sent, for the audit trail."""
-    instance_id: str | None = None
+    instance: Document = field(kw_only=True)
+
+    @property
+    def instance_id(self) -> str:
+        return str(self.instance["_id"])
+
+
+@dataclass
+class PlatformCtx(_RequestCtx):
+    """What a platform-scoped handler gets: also the operator that called; no instance (the
+    operation spans them all)."""
+
+    principal: Principal = field(kw_only=True)
+    instance_id: str | None = field(default=None, kw_only=True)
     """The instance a change concerned, if one: the handler sets it for the audit trail."""
-
-    async def raw_body(self) -> dict[str, object]:
-        """The JSON object sent, not yet validated."""
-        try:
-            sent = await read_json_object(self.request)
-        except BodyError as exc:
-            raise from_body(exc) from None
-        self.sent_fields = list(sent)
-        return sent
-
-    async def body(self, model: type[M]) -> M:
-        """The JSON object sent, validated by ``model``."""
-        return model.model_validate(await self.raw_body())
-
-    def query(self, model: type[M]) -> M:
-        """The query string validated by ``model``; a parameter given twice is refused."""
-        return _validated_query(self.request, model)
-
-
-def _validated_query(request: web.Request, model: type[M]) -> M:
-    query = request.query
-    repeated = sorted({name for name in query if len(query.getall(name)) > 1})
-    if repeated:
-        raise ApiError(
-            400,
-            "invalid_input",
-            f"Invalid query: {repeated[0]} is given more than once.",
-            extra={"field": repeated[0]},
-        )
-    try:
-        return model.model_validate(dict(query))
-    except ValidationError as exc:
-        raise from_validation(exc, "query") from None
 
 
 @dataclass
@@ -903,7 +870,7 @@ def handler_for(operation: Operation) -> Callable[[web.Request], Awaitable[web.S
         instance = await authorizer.instance_for(
             principal, request.match_info["instance_id"], operation.manage
         )
-        ctx = Ctx(request, instance, app[DATABASE], app[SECRETS], app[API_SETTINGS])
+        ctx = Ctx(request, app[DATABASE], app[SECRETS], app[API_SETTINGS], instance=instance)
         answer = await cast(Handler, operation.handler)(ctx)
         if operation.changes:
             # after success only: a refused change changed nothing
@@ -934,7 +901,9 @@ def platform_handler_for(
         authorizer = app[AUTHORIZER]
         principal = await authorizer.authenticate(request)
         authorizer.require_operator(principal)
-        ctx = PlatformCtx(request, principal, app[DATABASE], app[SECRETS], app[API_SETTINGS])
+        ctx = PlatformCtx(
+            request, app[DATABASE], app[SECRETS], app[API_SETTINGS], principal=principal
+        )
         answer = await cast(PlatformHandler, operation.handler)(ctx)
         if operation.changes:
             await audit.record(
