@@ -364,7 +364,9 @@ class WebhookSpec(BaseModel):
         "whsec_ and base64, is used as its decoded bytes); write-only."
     )
     enabled: bool = Field(default=True, description="false: no event is queued or sent.")
-    description: str | None = Field(default=None, max_length=256)
+    description: str | None = Field(
+        default=None, max_length=256, pattern=r"^[^\x00-\x1f\x7f-\x9f]*$"
+    )
 
     @field_validator("events", mode="before")
     @classmethod
@@ -394,7 +396,16 @@ def _context(webhook_id: str) -> str:
 async def check_url(url: str, settings: WebhookSettings, *, field: str = "url") -> None:
     """Refuse a URL the service must not send to: a scheme other than https (or http when
     allowed), credentials or a fragment in it, a host the egress policy denies (a name is
-    resolved now; each delivery checks again)."""
+    resolved now; each delivery checks again). Spaces and control characters are refused,
+    not cleaned: URL parsers drop CR, LF and tab, so the URL checked would not be the one
+    stored."""
+    if any(c <= " " or "\x7f" <= c <= "\x9f" for c in url):
+        raise InvalidInput(
+            "The url must not contain spaces, line breaks or other control characters; "
+            "percent-encode them (a space is %20).",
+            code="invalid_url",
+            field=field,
+        )
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
