@@ -17,9 +17,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 from pydantic import ValidationError
 
-from backup import destinations, jobs, plans, protection, restore_points, retention
+from backup import destinations, drill, jobs, plans, protection, restore_points, retention
 from backup.database import Database, Document
-from backup.errors import BackupError
+from backup.errors import BackupError, Conflict
 from backup.instances import LIVE_STATES
 from backup.pagination import now
 from backup.secrets import SecretBox
@@ -517,6 +517,21 @@ async def plan_run(request: web.Request) -> web.StreamResponse:
     raise see(page.url("jobs", str(job["_id"])))
 
 
+async def plan_drill(request: web.Request) -> web.StreamResponse:
+    """Drill now: a restore drill of the plan's newest restore point, as the API's
+    ``POST .../plans/{id}/drill``; the browser follows the job."""
+    page, _ = await change(request)
+    plan = await plans.get(page.db, page.instance_id, request.match_info["plan_id"])
+    point = await drill.newest_point(page.db, plan["_id"])
+    if point is None:
+        raise Conflict(
+            "This plan has no available restore point to drill; run a backup first.",
+            code="no_restore_point",
+        )
+    job = await jobs.start_drill(page.db, plan, point)
+    raise see(page.url("jobs", str(job["_id"])))
+
+
 async def job_list(request: web.Request) -> web.Response:
     page = await instance_page(request)
     found = await jobs.list_page(page.db, page.instance_id, limit=LIST_LIMIT, cursor=None)
@@ -673,6 +688,7 @@ def add_routes(app: web.Application) -> None:
         ("POST", instance_path + "/plans/{plan_id}", plan_update),
         ("POST", instance_path + "/plans/{plan_id}/pause", plan_pause),
         ("POST", instance_path + "/plans/{plan_id}/run", plan_run),
+        ("POST", instance_path + "/plans/{plan_id}/drill", plan_drill),
         ("GET", instance_path + "/jobs", job_list),
         ("GET", instance_path + "/jobs/{job_id}", job_detail),
         ("POST", instance_path + "/jobs/{job_id}/cancel", job_cancel),

@@ -153,9 +153,17 @@ async def test_a_confirmed_retention_change_is_saved(
         assert (await _ended(dashboard, job))["status"] == "SUCCEEDED"
     dashboard.uaa.sign_in_as("dev-confirm")
     dashboard.cc.grant("dev-confirm", dashboard.instance_id, read=True, manage=True)
-    page = await sign_in(
-        context, dashboard, "dev-confirm", f"{dashboard.instance_url}/plans/{plan['id']}"
+    page = await sign_in(context, dashboard, "dev-confirm", f"{dashboard.instance_url}/plans")
+
+    # Drill now, from the plans page: the job page follows the drill to its end.
+    await page.locator("tr", has_text="short").locator("button:has-text('Drill now')").click()
+    await expect(page.locator("h1")).to_have_text("Drill job")
+    await expect(page.locator(".job-status")).to_have_text("SUCCEEDED", timeout=60_000)
+    await page.click("text=Protection")
+    await expect(page.locator("tr.plan", has_text="short").locator("td.drill")).to_contain_text(
+        "passed"
     )
+    await page.goto(f"{dashboard.instance_url}/plans/{plan['id']}")
     await page.fill("input[name=retention_period]", "1")
     await page.fill("input[name=frequency]", "30 4 * * *")
     await page.click("button:has-text('Save')")
