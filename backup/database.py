@@ -159,9 +159,11 @@ class Database:
         The job runner uses one: however many jobs run, its operations then cannot crowd
         out the scheduler's and the API's on a database that serves its requests by
         turns (the embedded one shares one core among all its connections)."""
-        return connect(
+        handle = connect(
             self._url, self.mongo.name, timeout_ms=self._timeout_ms, max_pool_size=max_size
         )
+        handle.events = self.events  # the same application: its writes wake the same loops
+        return handle
 
 
 def connect(

@@ -50,3 +50,5 @@ class Events:
         """A plan was created, changed (frequency, time zone, paused...) or deleted."""
         self.jobs_queued = Signal("jobs_queued")
         """A job was queued (manually, by the scheduler) or asked to cancel."""
+        self.jobs_ended = Signal("jobs_ended")
+        """A job of this replica's runner ended (its final state is written)."""

@@ -987,6 +987,7 @@ class JobRun:
         fields = {**self._unwritten, **(fields or {})}
         await jobs.finish(self.db, self.lease, status, reason, at=now, fields=fields)
         await webhooks.job_ended(self.db, {**self.job, **fields}, status, reason)
+        self.db.events.jobs_ended.fire()
         if self._silent_since is not None:
             self.log.warning(
                 "agent_unreachable_gave_up",

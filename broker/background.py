@@ -197,13 +197,13 @@ async def protection_evaluator(app: web.Application) -> AsyncIterator[None]:
     metrics, each change a protection.changed event."""
     settings = app[PROTECTION_SETTINGS]
     evaluator = app[PROTECTION_EVALUATOR] = ProtectionEvaluator(app[WORK_DATABASE], settings)
-    events, figures = app[DATABASE].events, app[metrics.METRICS]
+    events = app[DATABASE].events
     if settings.enabled:
         events.plans_changed.connect(evaluator.wake)
-        figures.job_end_listeners.append(evaluator.wake)
+        events.jobs_ended.connect(evaluator.wake)
         await evaluator.start()
     yield
     if settings.enabled:
         events.plans_changed.disconnect(evaluator.wake)
-        figures.job_end_listeners.remove(evaluator.wake)
+        events.jobs_ended.disconnect(evaluator.wake)
         await evaluator.stop()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -247,8 +247,6 @@ class Metrics(RunnerObserver, SchedulerObserver):
         self.per_plan = per_plan
         if per_plan:
             r.register(self.plan_protection)
-        self.job_end_listeners: list[Callable[[], None]] = []
-        """Called when this replica's runner ends a job (the protection evaluator wakes)."""
         self.db_up = Gauge(
             "backup_metrics_database_up",
             "1 if the database answered the last scrape's queries.",
@@ -266,11 +264,6 @@ class Metrics(RunnerObserver, SchedulerObserver):
         self.jobs_finished.labels(job_type, status).inc()
         if seconds is not None:
             self.job_duration.labels(job_type, status).observe(max(0.0, seconds))
-        for listener in list(self.job_end_listeners):
-            try:
-                listener()
-            except Exception:
-                log.exception("job_end_listener_failed")
 
     def agent_error(self, reason: str) -> None:
         self.agent_errors.labels(reason).inc()

@@ -146,9 +146,7 @@ def protection(result: protection_.InstanceProtection) -> models.InstanceProtect
         instance_id=result.instance_id,
         state=result.state,
         reason=result.reason,
-        plans=[
-            models.PlanProtectionOut(**p.as_document(), reason=p.reason) for p in result.plans
-        ],
+        plans=[models.PlanProtectionOut(**p.as_document(), reason=p.reason) for p in result.plans],
         evaluated_at=result.evaluated_at,
     )
 

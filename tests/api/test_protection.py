@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backup import protection
 from backup.pagination import now
-from broker.metrics import METRICS
+from broker.context import WORK_DATABASE
 from tests.api.conftest import (
     S3_BODY,
     Api,
@@ -251,10 +251,11 @@ async def test_the_background_evaluator_stores_states_and_follows_changes(
         assert doc["state"] == "unprotected"
         assert doc["evaluated_at"] > now() - timedelta(seconds=60)
 
-        # a backup ends on this replica (the runner tells its metrics, which wake the
-        # evaluator): the new restore point is seen without waiting for the interval
+        # a backup ends on this replica: its runner, on its own pool of the database, fires
+        # jobs_ended, which wakes the evaluator: the new restore point is seen without
+        # waiting for the interval
         await insert_restore_point(api, instance, plan["destination_id"], plan["id"])
-        service.server.app[METRICS].job_finished("BACKUP", "SUCCEEDED", 1.0)
+        service.server.app[WORK_DATABASE].events.jobs_ended.fire()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             doc = await service.db.protection.find_one({"_id": instance})
