@@ -82,10 +82,17 @@ DRILL_PLAN_FIELDS = {
 }
 
 
-async def newest_point(store: Database, plan_id: str) -> Document | None:
-    """The plan's newest available restore point (the one a plan's drill proves)."""
+async def newest_point(
+    store: Database, plan_id: str, *, instance_id: str | None = None
+) -> Document | None:
+    """The plan's newest available restore point (the one a plan's drill proves), of
+    ``instance_id`` (the plan's instance: a point imported into another instance keeps the
+    plan's id, and must not be proved, nor read, by this plan's drill)."""
+    query: dict[str, Any] = {"plan_id": plan_id, "state": RestorePointState.AVAILABLE}
+    if instance_id is not None:
+        query["instance_id"] = instance_id
     return await store.restore_points.find_one(
-        {"plan_id": plan_id, "state": RestorePointState.AVAILABLE},
+        query,
         sort=[("created_at", DESCENDING)],
     )
 
@@ -102,7 +109,9 @@ class DrillRun(JobRun):
     async def _prepare(self) -> _Prepared:
         if not self.job.get("restore_point_id"):
             # A scheduled drill proves the plan's newest restore point as of its start.
-            point = await newest_point(self.db, self.job.get("plan_id") or "")
+            point = await newest_point(
+                self.db, self.job.get("plan_id") or "", instance_id=self.job["instance_id"]
+            )
             if point is None:
                 raise JobEnd(
                     JobStatus.FAILED,
@@ -278,6 +287,9 @@ class DrillRun(JobRun):
                 await self.db.plans.update_one(
                     {
                         "_id": self.job["plan_id"],
+                        # the job's instance's plan only: an imported point can name the
+                        # plan of another instance
+                        "instance_id": self.job["instance_id"],
                         "$or": [
                             {"last_drill.at": {"$exists": False}},
                             {"last_drill.at": {"$lte": drill["at"]}},
@@ -344,18 +356,19 @@ async def fire_due_drills(store: Database, now: datetime, *, batch: int = 500) -
         if not due:
             break
         busy = {
-            d["plan_id"]
+            (d["plan_id"], d.get("instance_id"))
             for d in await store.jobs.find(
                 {
                     "plan_id": {"$in": [p["_id"] for p in due]},
                     "type": JobType.DRILL,
                     "status": {"$in": list(ACTIVE)},
                 },
-                {"plan_id": 1},
+                {"plan_id": 1, "instance_id": 1},
             ).to_list()
         }
         for plan in due:
-            queued += await _fire(store, plan, now, busy=plan["_id"] in busy)
+            mine = (plan["_id"], plan.get("instance_id"))
+            queued += await _fire(store, plan, now, busy=mine in busy)
         if len(due) < batch:
             break
     if queued:

@@ -297,7 +297,8 @@ async def start_drill(
         )
     await _refuse_if_active(
         store,
-        {"plan_id": plan["_id"], "type": JobType.DRILL},
+        # the plan's instance's drills only: an imported point can name another's plan
+        {"plan_id": plan["_id"], "instance_id": plan["instance_id"], "type": JobType.DRILL},
         "A drill of this plan is already under way",
     )
     job = new_drill_job(plan, point, trigger=trigger)

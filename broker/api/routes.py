@@ -614,7 +614,7 @@ async def _drill(ctx: Ctx, plan: Document, point: Document) -> models.JobOut:
 )
 async def start_plan_drill(ctx: Ctx) -> models.JobOut:
     plan = await plans.get(ctx.db, ctx.instance_id, ctx.param("plan_id"))
-    point = await drill.newest_point(ctx.db, plan["_id"])
+    point = await drill.newest_point(ctx.db, plan["_id"], instance_id=ctx.instance_id)
     if point is None:
         raise Conflict(
             "This plan has no available restore point to drill; run a backup first.",
