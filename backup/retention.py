@@ -429,7 +429,26 @@ class RetentionSweeper:
         points = await plan_points(self.db, plan_id)
         if not points:
             return result
-        plan = await self.db.plans.find_one({"_id": plan_id}, {"retention": 1, "timezone": 1})
+        plan = await self.db.plans.find_one(
+            {"_id": plan_id}, {"retention": 1, "timezone": 1, "instance_id": 1}
+        )
+        # Points of another instance that name this plan (an import that mapped the plan's
+        # instance to another keeps the plan's id) are not the plan's: each instance's follow
+        # their recorded retention, as a deleted plan's do, and never count for the plan.
+        others: dict[Any, list[Document]] = {}
+        if plan is not None and plan.get("instance_id") is not None:
+            for point in points:
+                if point.get("instance_id") != plan.get("instance_id"):
+                    others.setdefault(point.get("instance_id"), []).append(point)
+            points = [p for p in points if p.get("instance_id") == plan.get("instance_id")]
+        for group in others.values():
+            result.add(await self._sweep_points(group, None))
+        if points:
+            result.add(await self._sweep_points(points, plan))
+        return result
+
+    async def _sweep_points(self, points: list[Document], plan: Document | None) -> SweepResult:
+        result = SweepResult()
         retention = plan.get("retention") if plan else _newest_first(points)[0].get("retention")
         if not retention:
             return result
