@@ -17,7 +17,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from pydantic import ValidationError
 
-from backup import destinations, drill, jobs, plans, protection, restore_points, retention
+from backup import audit, destinations, drill, jobs, plans, protection, restore_points, retention
 from backup.database import Database, Document
 from backup.errors import BackupError, Conflict
 from backup.instances import LIVE_STATES
@@ -27,7 +27,7 @@ from broker.api import models, views
 from broker.api.auth import AUTHORIZER, Authorizer, Principal
 from broker.api.routes import API_SETTINGS
 from broker.api.settings import ApiSettings
-from broker.context import DATABASE, SECRETS, SETTINGS
+from broker.context import DATABASE, REQUEST_ID, SECRETS, SETTINGS
 from broker.dashboard import oauth, plots
 from broker.dashboard.links import PREFIX, instance_url
 from broker.dashboard.render import render
@@ -159,11 +159,45 @@ async def instance_page(request: web.Request, *, manage: bool = False) -> Page:
     return Page(request, session, principal, instance, may_manage)
 
 
+_CHANGE: web.RequestKey[tuple[Page, Mapping[str, str]]] = web.RequestKey("dashboard_change")
+"""The request's key of the change being made (its page and form), for the audit trail."""
+
+
 async def change(request: web.Request) -> tuple[Page, Mapping[str, str]]:
     """A change to the instance: the caller must manage it, and the form carry the session's
     CSRF token (the principal is found first: a request read cannot be cloned)."""
     page = await instance_page(request, manage=True)
-    return page, await _form(request, page.session)
+    form = await _form(request, page.session)
+    request[_CHANGE] = (page, form)
+    return page, form
+
+
+def audited(handler: Handler, action: str, kind: str) -> Handler:
+    """Records a change made through the dashboard in the audit trail, as the API records its
+    own (the same action names): once it succeeded, which a change says by redirecting (post,
+    redirect, get). A change that answers a page (a question, a failure) changed nothing."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPSeeOther as done:
+            page, form = request[_CHANGE]
+            # a change that starts a job shows it: the job is what was made
+            location = str(done.location)
+            shown = location.split("/jobs/", 1)[1] if "/jobs/" in location else None
+            named = [v for n, v in request.match_info.items() if n != "instance_id"]
+            await audit.record(
+                page.db,
+                audit.Actor(audit.ActorKind(page.principal.kind), page.principal.subject),
+                action,
+                audit.Resource(kind, shown or (named[-1] if named else None)),
+                [name for name in form if name not in ("csrf", "confirm")],
+                request.get(REQUEST_ID),
+                instance_id=page.instance_id,
+            )
+            raise
+
+    return handle
 
 
 def see(location: str) -> web.HTTPSeeOther:
@@ -683,19 +717,43 @@ def add_routes(app: web.Application) -> None:
         ("GET", "/fleet", fleet),
         ("GET", instance_path, instance),
         ("GET", instance_path + "/plans", plan_list),
-        ("POST", instance_path + "/plans", plan_create),
+        ("POST", instance_path + "/plans", audited(plan_create, "create_plan", "plans")),
         ("GET", instance_path + "/plans/{plan_id}", plan_edit),
-        ("POST", instance_path + "/plans/{plan_id}", plan_update),
-        ("POST", instance_path + "/plans/{plan_id}/pause", plan_pause),
-        ("POST", instance_path + "/plans/{plan_id}/run", plan_run),
-        ("POST", instance_path + "/plans/{plan_id}/drill", plan_drill),
+        ("POST", instance_path + "/plans/{plan_id}", audited(plan_update, "update_plan", "plans")),
+        (
+            "POST",
+            instance_path + "/plans/{plan_id}/pause",
+            audited(plan_pause, "update_plan", "plans"),
+        ),
+        (
+            "POST",
+            instance_path + "/plans/{plan_id}/run",
+            audited(plan_run, "start_plan_backup", "jobs"),
+        ),
+        (
+            "POST",
+            instance_path + "/plans/{plan_id}/drill",
+            audited(plan_drill, "start_plan_drill", "jobs"),
+        ),
         ("GET", instance_path + "/jobs", job_list),
         ("GET", instance_path + "/jobs/{job_id}", job_detail),
-        ("POST", instance_path + "/jobs/{job_id}/cancel", job_cancel),
+        (
+            "POST",
+            instance_path + "/jobs/{job_id}/cancel",
+            audited(job_cancel, "cancel_job", "jobs"),
+        ),
         ("GET", instance_path + "/restore_points", point_list),
-        ("POST", instance_path + "/restore_points/{point_id}/pin", point_pin),
+        (
+            "POST",
+            instance_path + "/restore_points/{point_id}/pin",
+            audited(point_pin, "update_restore_point", "restore points"),
+        ),
         ("GET", instance_path + "/restore_points/{point_id}/restore", restore_confirm),
-        ("POST", instance_path + "/restore_points/{point_id}/restore", restore),
+        (
+            "POST",
+            instance_path + "/restore_points/{point_id}/restore",
+            audited(restore, "start_restore", "jobs"),
+        ),
         ("GET", instance_path + "/destinations", destination_list),
         ("POST", instance_path + "/destinations/{destination_id}/validate", destination_validate),
         ("GET", instance_path + "/plots", plot_page),

@@ -112,6 +112,14 @@ async def test_protection_drill_gfs_confirmation_and_pins(
     await expect(pinned.locator(".pinned")).to_have_text("pinned")
     kept = await dashboard.service.db.restore_points.find_one({"_id": points[0]})
     assert kept["pinned"] is True and kept["pin_reason"] == "legal hold #42"
+    # The dashboard's changes are in the audit trail as the API's are: who, what, the names of
+    # the fields sent (never their values), only once they succeeded.
+    trail = await dashboard.service.db.audit.find({"instance_id": dashboard.instance_id}).to_list()
+    pins = [e for e in trail if e["action"] == "update_restore_point"]
+    assert [e["resource"] for e in pins] == [{"kind": "restore points", "id": points[0]}]
+    assert pins[0]["fields"] == ["pin_reason", "pinned"] and pins[0]["actor"]["kind"] == "user"
+    assert "legal hold #42" not in str(trail)
+    assert not [e for e in trail if e["action"] == "update_plan"]  # asked, not yet saved
     await screenshot(page, "restore-points-pinned")
 
     # With the oldest pinned, the same change deletes one point: saved without a question.
