@@ -210,11 +210,15 @@ def select_expired(
     return [d.point for d in decide(points, retention, now, timezone) if not d.kept]
 
 
-async def plan_points(store: Database, plan_id: str) -> list[Document]:
-    """A plan's available restore points: what retention decides about."""
-    return await store.restore_points.find(
-        {"plan_id": plan_id, "state": RestorePointState.AVAILABLE}, {"secrets": 0}
-    ).to_list()
+async def plan_points(
+    store: Database, plan_id: str, instance_id: str | None = None
+) -> list[Document]:
+    """A plan's available restore points: what retention decides about (of ``instance_id``,
+    the plan's instance, when given: another instance's points can name the plan)."""
+    query: dict[str, Any] = {"plan_id": plan_id, "state": RestorePointState.AVAILABLE}
+    if instance_id is not None:
+        query["instance_id"] = instance_id
+    return await store.restore_points.find(query, {"secrets": 0}).to_list()
 
 
 async def preview(
@@ -228,7 +232,7 @@ async def preview(
     """What the sweep would do now to ``plan``'s points under its saved retention, or under
     a proposed ``retention`` and/or ``timezone``: :func:`decide`, the sweep's own rules."""
     return decide(
-        await plan_points(store, plan["_id"]),
+        await plan_points(store, plan["_id"], plan.get("instance_id")),
         retention if retention is not None else plan.get("retention"),
         now,
         timezone or plan.get("timezone"),
@@ -260,7 +264,7 @@ async def check_change(
     of its available points that its saved retention keeps."""
     if retention == plan.get("retention") and timezone == plan.get("timezone"):
         return
-    points = await plan_points(store, plan["_id"])
+    points = await plan_points(store, plan["_id"], plan.get("instance_id"))
     before = {
         d.point["_id"]
         for d in decide(points, plan.get("retention"), now, plan.get("timezone"))

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from backup.clock import ManualClock
 from backup.database import Database
 from backup.retention import RetentionSweeper
+from backup.retention import preview as retention_preview
 from backup.secrets import SecretBox
 from storage import S3Settings, open_store
 from tests.servers.seed import seed_destination
@@ -55,3 +56,6 @@ async def test_points_of_another_instance_naming_a_plan_are_not_the_plans(
     assert result.deleted == 0, result
     left = sorted(p["_id"] for p in await store.restore_points.find({}).to_list())
     assert left == ["point-0", "point-1"]
+    # the preview (and a change's confirmation check) of A's plan sees A's points only
+    decisions = await retention_preview(store, plan, NOW)
+    assert [d.point["_id"] for d in decisions] == ["point-0"]
