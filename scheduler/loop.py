@@ -329,12 +329,13 @@ class Scheduler:
         )
         written: list[_Written] = []
         due: list[Document] = []
-        async for plan in cursor:
-            due.append(plan)
-            if len(due) < batch:
-                continue
-            queued += await self._fire_batch(due, now, written)
-            due = []
+        async with cursor:  # closed on the server even if a batch fails
+            async for plan in cursor:
+                due.append(plan)
+                if len(due) < batch:
+                    continue
+                queued += await self._fire_batch(due, now, written)
+                due = []
         if due:
             queued += await self._fire_batch(due, now, written)
         for step in written:
