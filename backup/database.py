@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from pydantic import SecretStr
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
@@ -134,7 +135,7 @@ class Database:
     restore_points: AsyncCollection[Document]
     leases: AsyncCollection[Document]
     events: Events = field(default_factory=Events, repr=False)
-    _url: str = field(default="", repr=False)  # holds the password, if any
+    _url: SecretStr = field(default=SecretStr(""), repr=False)  # holds the password, if any
     _timeout_ms: int = 10_000
 
     async def ping(self) -> bool:
@@ -160,7 +161,10 @@ class Database:
         out the scheduler's and the API's on a database that serves its requests by
         turns (the embedded one shares one core among all its connections)."""
         handle = connect(
-            self._url, self.mongo.name, timeout_ms=self._timeout_ms, max_pool_size=max_size
+            self._url.get_secret_value(),
+            self.mongo.name,
+            timeout_ms=self._timeout_ms,
+            max_pool_size=max_size,
         )
         handle.events = self.events  # the same application: its writes wake the same loops
         return handle
@@ -186,6 +190,6 @@ def connect(
     )
     handle = Database.__new__(Database)
     handle.client, handle.mongo = client, db
-    handle._url, handle._timeout_ms = url, timeout_ms  # for pool()
+    handle._url, handle._timeout_ms = SecretStr(url), timeout_ms  # for pool()
     handle.events = Events()
     return handle

@@ -10,7 +10,9 @@ documented schema, and a refused request (4xx), a read, or anyone but the broker
 stored data exactly as it was.
 
 Storage is a closed port here: deleting a restore point's files honestly fails (503), which
-leaves the point marked ``deleting`` by design.
+leaves the point marked ``deleting`` by design; an import reads a destination the request
+names, which can be reached from here only on loopback, so it may honestly fail too (503,
+nothing imported, nothing changed).
 """
 
 from __future__ import annotations
@@ -196,13 +198,14 @@ async def test_no_500_and_refusals_change_nothing(
 
     context = (who, method, url, body, status, answer)
     storage_down = (status, operation_id) == (503, "delete_restore_point")
-    assert status < 500 or storage_down, context
+    import_failed = (status, operation_id) == (503, "import_restore_points")
+    assert status < 500 or storage_down or import_failed, context
     assert str(status) in item["responses"], context  # only documented answers
     if status >= 400:
         assert isinstance(answer, dict) and isinstance(answer.get("error"), str), context
         assert isinstance(answer.get("description"), str) and answer["description"], context
         assert storage_down or after == before, context  # a refusal changes nothing
-        if storage_down:
+        if storage_down or import_failed:
             assert answer["error"] == "storage_unavailable", context
     else:
         documented = item["responses"][str(status)].get("content")
