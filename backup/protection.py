@@ -334,7 +334,7 @@ async def evaluate(
         if plan.get("instance_id") in by_instance:
             by_instance[plan["instance_id"]].append(plan)
     plans = [p for group in by_instance.values() for p in group]
-    newest = await _newest_points([p["_id"] for p in plans] if instance_ids else None, db)
+    newest = await _newest_points(plans, db, every=instance_ids is None)
     job_ids = {p["last_job_id"] for p in plans if p.get("last_job_id")}
     job_ids |= {n["job_id"] for n in newest.values() if n.get("job_id")}
     jobs = await _jobs(db, job_ids)
@@ -356,41 +356,50 @@ def _one_of(ids: Sequence[str]) -> Any:
     return ids[0] if len(ids) == 1 else {"$in": list(ids)}
 
 
-async def _newest_points(plan_ids: list[str] | None, db: Database) -> dict[str, Document]:
-    """Per plan: the newest available restore point's time and job: one aggregation for the
-    fleet, one indexed lookup per plan for a few plans."""
-    if plan_ids is not None and len(plan_ids) <= _IN_BATCH:
+async def _newest_points(
+    plans: list[Document], db: Database, *, every: bool
+) -> dict[str, Document]:
+    """Per plan: its instance's newest available restore point's time and job (a point
+    imported into another instance keeps the plan's id, and protects only that instance): one
+    aggregation for the fleet (``every``), one indexed lookup per plan for a few plans."""
+    owner = {str(p["_id"]): p.get("instance_id") for p in plans}
+    if not every and len(plans) <= _IN_BATCH:
         found = await asyncio.gather(
             *(
                 db.restore_points.find_one(
-                    {"plan_id": plan_id, "state": "available"},
+                    {"plan_id": plan_id, "instance_id": iid, "state": "available"},
                     {"created_at": 1, "job_id": 1},
                     sort=[("created_at", -1)],
                 )
-                for plan_id in plan_ids
+                for plan_id, iid in owner.items()
             )
         )
         return {
             plan_id: {"_id": plan_id, "at": point["created_at"], "job_id": point.get("job_id")}
-            for plan_id, point in zip(plan_ids, found, strict=True)
+            for plan_id, point in zip(owner, found, strict=True)
             if point is not None
         }
     match: dict[str, Any] = {"state": "available"}
-    if plan_ids is not None:
-        match["plan_id"] = {"$in": plan_ids}
+    if not every:
+        match["plan_id"] = {"$in": list(owner)}
     pipeline: list[dict[str, Any]] = [
         {"$match": match},
-        {"$sort": {"plan_id": 1, "created_at": -1}},
+        {"$sort": {"plan_id": 1, "instance_id": 1, "created_at": -1}},
         {
             "$group": {
-                "_id": "$plan_id",
+                "_id": {"plan": "$plan_id", "instance": "$instance_id"},
                 "at": {"$first": "$created_at"},
                 "job_id": {"$first": "$job_id"},
             }
         },
     ]
     cursor = await db.restore_points.aggregate(pipeline)
-    return {str(d["_id"]): d async for d in cursor}
+    newest: dict[str, Document] = {}
+    async for d in cursor:
+        plan_id, iid = str(d["_id"]["plan"]), d["_id"]["instance"]
+        if plan_id in owner and owner[plan_id] == iid:
+            newest[plan_id] = {**d, "_id": plan_id}
+    return newest
 
 
 _IN_BATCH = 50

@@ -556,7 +556,7 @@ async def plan_drill(request: web.Request) -> web.StreamResponse:
     ``POST .../plans/{id}/drill``; the browser follows the job."""
     page, _ = await change(request)
     plan = await plans.get(page.db, page.instance_id, request.match_info["plan_id"])
-    point = await drill.newest_point(page.db, plan["_id"])
+    point = await drill.newest_point(page.db, plan["_id"], instance_id=page.instance_id)
     if point is None:
         raise Conflict(
             "This plan has no available restore point to drill; run a backup first.",

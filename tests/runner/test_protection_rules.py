@@ -286,3 +286,38 @@ async def test_evaluation_and_changes_across_time(store: Database, box: SecretBo
     await store.instances.update_one({"_id": instance["_id"]}, {"$set": {"state": "deleted"}})
     await protection.refresh(store, clock.now())
     assert await store.protection.find_one({"_id": instance["_id"]}) is None
+
+
+async def test_a_copy_in_another_instance_does_not_protect_the_plan(
+    store: Database, box: SecretBox
+) -> None:
+    """A restore point imported into another instance keeps its plan's id; it protects that
+    instance's data, not the plan's own instance: neither the fleet's evaluation nor one
+    instance's counts it."""
+    instance = await seed_instance(store)
+    other = await seed_instance(store)
+    settings = S3Settings(
+        endpoint="http://127.0.0.1:9", bucket="backups", access_key_id="a", secret_access_key="s"
+    )
+    dest = await seed_destination(store, box, instance["_id"], settings)
+    plan = await seed_plan(
+        store, box, instance, dest["_id"], at=T0, frequency="0 3 * * *", rpo_seconds=36 * 3600
+    )
+    await _point(store, {**plan, "instance_id": other["_id"]}, T0 + timedelta(hours=1), "job-x")
+    at = T0 + timedelta(hours=2)
+    for scope in (None, [instance["_id"]]):
+        [found] = [
+            r
+            for r in await protection.evaluate(store, at, instance_ids=scope)
+            if r.instance_id == instance["_id"]
+        ]
+        assert found.plans[0].state == ProtectionState.UNPROTECTED, scope
+    # its own point does protect it
+    await _point(store, plan, T0 + timedelta(hours=1), "job-y")
+    for scope in (None, [instance["_id"]]):
+        [found] = [
+            r
+            for r in await protection.evaluate(store, at, instance_ids=scope)
+            if r.instance_id == instance["_id"]
+        ]
+        assert found.plans[0].state == ProtectionState.PROTECTED, scope
