@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar, cast
+from typing import Literal, TypedDict, TypeVar, Unpack, cast
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -152,21 +152,28 @@ PLATFORM_OPERATIONS: list[Operation] = []
 :func:`platform_op`."""
 
 
+class _Details(TypedDict, total=False):
+    """What an operation may declare besides its method, path, summary and tag (see
+    :class:`Operation`)."""
+
+    status: int
+    body: object
+    body_required: bool
+    response: object
+    query: type[BaseModel] | None
+    errors: tuple[int, ...]
+    also: dict[int, str]
+
+
 def op(
     method: str,
     path: str,
     *,
     summary: str,
     tag: str,
-    status: int = 200,
-    body: object = None,
-    body_required: bool = True,
-    response: object = None,
-    query: type[BaseModel] | None = None,
-    errors: tuple[int, ...] = (),
-    also: dict[int, str] | None = None,
     manage: bool | None = None,
     changes: bool | None = None,
+    **details: Unpack[_Details],
 ) -> Callable[[H], H]:
     """Declare an operation; GET reads (Cloud Foundry ``read``), all else changes (``manage``)
     unless ``manage`` or ``changes`` say otherwise (a check sent by POST changes nothing)."""
@@ -181,13 +188,7 @@ def op(
                 tag,
                 manage=method != "GET" if manage is None else manage,
                 changes=method != "GET" if changes is None else changes,
-                status=status,
-                body=body,
-                body_required=body_required,
-                response=response,
-                query=query,
-                errors=errors,
-                also=also or {},
+                **details,
             )
         )
         return handler
@@ -201,14 +202,8 @@ def platform_op(
     *,
     summary: str,
     tag: str,
-    status: int = 200,
-    body: object = None,
-    body_required: bool = True,
-    response: object = None,
-    query: type[BaseModel] | None = None,
-    errors: tuple[int, ...] = (),
-    also: dict[int, str] | None = None,
     changes: bool | None = None,
+    **details: Unpack[_Details],
 ) -> Callable[[PH], PH]:
     """Declare an operation across the platform, at ``/v1`` + ``path``: only operators (the
     broker's or operator's Basic credentials, a token with the operator scope) may call it;
@@ -224,14 +219,8 @@ def platform_op(
                 tag,
                 manage=True,
                 changes=method != "GET" if changes is None else changes,
-                status=status,
-                body=body,
-                body_required=body_required,
-                response=response,
-                query=query,
-                errors=errors,
-                also=also or {},
                 scope="platform",
+                **details,
             )
         )
         return handler
