@@ -81,6 +81,8 @@ INDEXES: dict[str, list[IndexModel]] = {
             name="one_running_job_per_instance",
         ),
         IndexModel([("pending_deletes.destination_id", ASCENDING)], sparse=True),
+        # ended jobs whose webhook event is not yet queued (backup/webhooks.py)
+        IndexModel([("events_pending", ASCENDING)], sparse=True),
     ],
     "leases": [],  # _id is the lease's name (scheduler/leadership.py)
     "restore_points": [

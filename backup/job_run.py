@@ -985,6 +985,8 @@ class JobRun:
     ) -> None:
         now = self.clock.now()
         fields = {**self._unwritten, **(fields or {})}
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+            fields[webhooks.NOTIFY_PENDING] = True  # with the final state: see job_ended
         await jobs.finish(self.db, self.lease, status, reason, at=now, fields=fields)
         await webhooks.job_ended(self.db, {**self.job, **fields}, status, reason)
         self.db.events.jobs_ended.fire()

@@ -38,7 +38,7 @@ import aiohttp
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from pymongo.errors import PyMongoError
+from pymongo.errors import BulkWriteError, PyMongoError
 
 from backup.clock import Clock, SystemClock
 from backup.database import SCHEMA_VERSION, Database, Document
@@ -118,15 +118,24 @@ def event_body(
 
 
 async def emit(
-    db: Database, instance_id: str, event_type: EventType, subject: str, data: dict[str, Any]
-) -> None:
+    db: Database,
+    instance_id: str,
+    event_type: EventType,
+    subject: str,
+    data: dict[str, Any],
+    *,
+    event_id: str | None = None,
+) -> bool:
     """Record an event for delivery to every enabled webhook of ``instance_id`` that wants
     ``event_type``: one outbox row each, written before this returns, all with the same event
     id. Never raises for a database failure or a bad ``data`` (it is logged): a notification
     that cannot be queued must not fail the change that caused it.
 
     ``subject``: what the event is about (a job's, plan's or restore point's id);
-    ``data``: JSON-serialisable details (datetimes become ISO 8601 strings).
+    ``data``: JSON-serialisable details (datetimes become ISO 8601 strings);
+    ``event_id``: given for an event that may be emitted again after a crash (see
+    :func:`requeue_job_events`): each webhook then gets it once, whoever emits it.
+    Answers whether the event is queued (or nobody wants it).
     """
     try:
         hooks = await db.webhooks.find(
@@ -134,13 +143,14 @@ async def emit(
             {"_id": 1},
         ).to_list(None)
         if not hooks:
-            return
+            return True
         at = now()
-        event_id = str(uuid.uuid4())
+        fixed = event_id is not None
+        event_id = event_id or str(uuid.uuid4())
         body = event_body(event_id, instance_id, event_type, subject, data, at)
         rows: list[Document] = [
             {
-                "_id": str(uuid.uuid4()),
+                "_id": f"{hook['_id']}:{event_id}" if fixed else str(uuid.uuid4()),
                 "schema_version": SCHEMA_VERSION,
                 "created_at": at,
                 "instance_id": instance_id,
@@ -159,7 +169,12 @@ async def emit(
             }
             for hook in hooks
         ]
-        await db.webhook_deliveries.insert_many(rows, ordered=False)
+        try:
+            await db.webhook_deliveries.insert_many(rows, ordered=False)
+        except BulkWriteError as exc:
+            # an event emitted again (after a crash) that a webhook already has: not twice
+            if any(e.get("code") != 11000 for e in exc.details.get("writeErrors", [])):
+                raise
         _wake_deliverers()
     except Exception:
         log.exception(
@@ -168,7 +183,7 @@ async def emit(
             event_type=str(event_type),
             subject=subject,
         )
-        return
+        return False
     log.info(
         "webhook_event_queued",
         instance_id=instance_id,
@@ -176,11 +191,22 @@ async def emit(
         event_id=event_id,
         deliveries=len(rows),
     )
+    return True
+
+
+NOTIFY_PENDING = "events_pending"
+"""Set on a job in the same write as its final state (SUCCEEDED or FAILED) and removed once
+its event is in the outbox: a replica that dies in between leaves it set, and
+:func:`requeue_job_events` emits the event then (with the same id)."""
+
+_JOB_EVENTS = uuid.UUID("5f1d0c56-9a54-4e59-a1f4-0d1a2b9f63c1")
 
 
 async def job_ended(db: Database, job: Document, status: str, reason: str | None) -> None:
     """Emit ``job.succeeded`` or ``job.failed`` for a job that just ended (a cancelled job
-    is no event); the job runner calls it once the final state is written."""
+    is no event), then clear its :data:`NOTIFY_PENDING` mark; the job runner calls it once
+    the final state is written. The event's id is derived from the job's, so an emission
+    repeated after a crash reaches each webhook once."""
     if status == "SUCCEEDED":
         event_type = EventType.JOB_SUCCEEDED
     elif status == "FAILED":
@@ -197,7 +223,27 @@ async def job_ended(db: Database, job: Document, status: str, reason: str | None
         "restore_point_id": job.get("restore_point_id"),
         "started_at": job.get("started_at"),
     }
-    await emit(db, job["instance_id"], event_type, job["_id"], data)
+    event_id = str(uuid.uuid5(_JOB_EVENTS, f"{job['_id']}:{event_type}"))
+    if not await emit(db, job["instance_id"], event_type, job["_id"], data, event_id=event_id):
+        return  # the mark stays: emitted again later
+    try:
+        await db.jobs.update_one({"_id": job["_id"]}, {"$unset": {NOTIFY_PENDING: ""}})
+    except PyMongoError as exc:  # emitted; the mark left set only means emitting it again
+        log.warning("webhook_job_mark_not_cleared", job_id=job["_id"], error=type(exc).__name__)
+
+
+async def requeue_job_events(db: Database, *, limit: int = 500) -> int:
+    """Emit the events of jobs whose replica ended them but died before queuing their event
+    (their :data:`NOTIFY_PENDING` mark is still set); how many. An event the dead replica
+    did queue is not queued twice (same id)."""
+    pending = (
+        await db.jobs.find({NOTIFY_PENDING: True, "status": {"$in": ["SUCCEEDED", "FAILED"]}})
+        .limit(limit)
+        .to_list(None)
+    )
+    for job in pending:
+        await job_ended(db, job, str(job["status"]), job.get("reason"))
+    return len(pending)
 
 
 async def restore_point_gone(db: Database, point: Document, event_type: EventType) -> None:
@@ -652,6 +698,7 @@ class WebhookDeliverer:
     async def _loop(self) -> None:
         while not self._stopping:
             try:
+                await requeue_job_events(self.db)
                 claimed = await self.run_once()
                 await self._prune()
             except PyMongoError as exc:

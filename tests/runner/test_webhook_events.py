@@ -52,6 +52,7 @@ async def test_a_job_that_succeeds_and_a_deleted_restore_point_are_events(go: Go
     assert event["data"]["restore_point_id"] == job["_id"]
     assert event["data"]["type"] == "BACKUP"
     assert event["_row"]["webhook_id"] == hook["_id"] and event["_row"]["state"] == "pending"
+    assert webhooks.NOTIFY_PENDING not in await go.final(job["_id"])  # queued: mark cleared
 
     await restore_points.delete(go.db, go.box, instance["_id"], job["_id"])
     first, second = await queued(go.db, instance["_id"])
@@ -96,3 +97,31 @@ async def test_a_restore_point_the_retention_sweep_deletes_is_an_expired_event(
     assert event["type"] == "io.osbbackup.restore_point.expired"
     assert event["subject"] == first["_id"]
     assert event["data"]["plan_id"] == plan["_id"]
+
+
+async def test_a_job_event_lost_in_a_crash_is_queued_later_once(go: GoRig) -> None:
+    """A replica that ends a job and dies before queuing its event leaves the job marked
+    (the mark is written with the final state): any replica's delivery loop queues the event
+    then, with the id the dead replica would have used, and never twice per webhook."""
+    instance, _plan, job = await go.backup()
+    hook = await subscribe(go.db, go.box, instance["_id"], "job.succeeded")
+    runner = go.make_runner()
+    assert await runner.run_once() == 1
+    assert (await go.final(job["_id"]))["status"] == "SUCCEEDED"
+    await runner.idle()
+    (sent,) = await queued(go.db, instance["_id"])
+
+    # as if the replica had died between its two writes: the mark set, the event not queued
+    await go.db.webhook_deliveries.delete_many({"instance_id": instance["_id"]})
+    await go.db.jobs.update_one({"_id": job["_id"]}, {"$set": {webhooks.NOTIFY_PENDING: True}})
+    assert await webhooks.requeue_job_events(go.db) == 1
+    (again,) = await queued(go.db, instance["_id"])
+    assert again["id"] == sent["id"] and again["type"] == "io.osbbackup.job.succeeded"
+    assert again["_row"]["webhook_id"] == hook["_id"]
+    assert webhooks.NOTIFY_PENDING not in await go.final(job["_id"])
+    assert await webhooks.requeue_job_events(go.db) == 0
+
+    # as if it had died after queuing but before clearing the mark: queued again, not twice
+    await go.db.jobs.update_one({"_id": job["_id"]}, {"$set": {webhooks.NOTIFY_PENDING: True}})
+    assert await webhooks.requeue_job_events(go.db) == 1
+    assert [e["id"] for e in await queued(go.db, instance["_id"])] == [sent["id"]]
