@@ -988,8 +988,8 @@ class JobRun:
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
             fields[webhooks.NOTIFY_PENDING] = True  # with the final state: see job_ended
         await jobs.finish(self.db, self.lease, status, reason, at=now, fields=fields)
-        await webhooks.job_ended(self.db, {**self.job, **fields}, status, reason)
-        self.db.events.jobs_ended.fire()
+        # This replica's own account first (no wait between the write and it), then the
+        # notifications, which query the database.
         if self._silent_since is not None:
             self.log.warning(
                 "agent_unreachable_gave_up",
@@ -1003,6 +1003,8 @@ class JobRun:
             self.job["type"], status, _seconds(now - started) if started else None
         )
         self.log.info("job_finished", status=status, reason=_cap(reason or "", 300) or None)
+        await webhooks.job_ended(self.db, {**self.job, **fields}, status, reason)
+        self.db.events.jobs_ended.fire()
 
     # ------------------------------------------------------------------ helpers
 
