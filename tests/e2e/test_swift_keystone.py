@@ -73,7 +73,8 @@ async def test_a_revoked_application_credential_fails_the_next_backup_clearly(
         job = await client.job_done(job["id"])
         assert job["status"] == "SUCCEEDED", (job["reason"], job["items"])
         stored = keystone_swift.names(container)
-        assert len(stored) == 1
+        # the backup's file, and its restore point's manifest (written last, by the manager)
+        assert len(stored) == 2 and sum(k.endswith(".osb-manifest.json") for k in stored) == 1
 
         keystone_swift.keystone.revoke(application_credential)
         status, job = await client.api("POST", "/backups", json={"plan_id": plan["id"]})
