@@ -60,10 +60,18 @@ async def test_the_runner_runs_what_the_api_queues_and_metrics_count_it(
         done = await final(store, job_id, timeout=60)
         assert done["status"] == "SUCCEEDED", done["reason"]
 
-        async with svc.http.get(f"{svc.url}/metrics") as r:
-            assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
-            text = await r.text()
-        samples = _samples(text)
+        # The job's final state is written before its run has ended on the runner (its
+        # webhook event is queued after): wait for the runner to count it done.
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            async with svc.http.get(f"{svc.url}/metrics") as r:
+                assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+                text = await r.text()
+            samples = _samples(text)
+            active = samples[("backup_runner_active_jobs", ())]
+            if active == 0 or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
         assert (
             samples[("backup_jobs_finished_total", (("status", "SUCCEEDED"), ("type", "BACKUP")))]
             == 1
