@@ -861,25 +861,37 @@ def handler_for(operation: Operation) -> Callable[[web.Request], Awaitable[web.S
         )
         ctx = Ctx(request, app[DATABASE], app[SECRETS], app[API_SETTINGS], instance=instance)
         answer = await cast(Handler, operation.handler)(ctx)
-        if operation.changes:
-            # after success only: a refused change changed nothing
-            await audit.record(
-                ctx.db,
-                _actor(principal),
-                operation.operation_id,
-                _resource(operation, ctx, answer),
-                ctx.sent_fields,
-                request.get(REQUEST_ID),
-                instance_id=ctx.instance_id,
-            )
-        if isinstance(answer, web.StreamResponse):
-            return answer
-        if answer is None:
-            return web.Response(status=204)
-        return web.json_response(answer.model_dump(mode="json"), status=operation.status)
+        resource = _resource(operation, ctx, answer)
+        return await _answered(operation, ctx, principal, resource, answer)
 
     handle.__name__ = operation.operation_id
     return handle
+
+
+async def _answered(
+    operation: Operation,
+    ctx: Ctx | PlatformCtx,
+    principal: Principal,
+    resource: audit.Resource,
+    answer: Answer,
+) -> web.StreamResponse:
+    """Record a change in the audit trail (after success only: a refused change changed
+    nothing), then render the handler's answer."""
+    if operation.changes:
+        await audit.record(
+            ctx.db,
+            _actor(principal),
+            operation.operation_id,
+            resource,
+            ctx.sent_fields,
+            ctx.request.get(REQUEST_ID),
+            instance_id=ctx.instance_id,
+        )
+    if isinstance(answer, web.StreamResponse):
+        return answer
+    if answer is None:
+        return web.Response(status=204)
+    return web.json_response(answer.model_dump(mode="json"), status=operation.status)
 
 
 def platform_handler_for(
@@ -894,21 +906,8 @@ def platform_handler_for(
             request, app[DATABASE], app[SECRETS], app[API_SETTINGS], principal=principal
         )
         answer = await cast(PlatformHandler, operation.handler)(ctx)
-        if operation.changes:
-            await audit.record(
-                ctx.db,
-                _actor(principal),
-                operation.operation_id,
-                _platform_resource(operation, answer),
-                ctx.sent_fields,
-                request.get(REQUEST_ID),
-                instance_id=ctx.instance_id,
-            )
-        if isinstance(answer, web.StreamResponse):
-            return answer
-        if answer is None:
-            return web.Response(status=204)
-        return web.json_response(answer.model_dump(mode="json"), status=operation.status)
+        resource = _platform_resource(operation, answer)
+        return await _answered(operation, ctx, principal, resource, answer)
 
     handle.__name__ = operation.operation_id
     return handle
