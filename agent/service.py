@@ -589,7 +589,12 @@ class Agent:
 
     # ---------------------------------------------------------------- restore
 
-    async def _restore(self, job: JobState, req: RestoreRequest) -> None:
+    def _restore_files(
+        self, job: JobState, req: RestoreRequest, **extra_env: str
+    ) -> tuple[Path, str, Path, str | None, str | None, ScriptEnv]:
+        """Where a restore (or a drill) puts the downloaded file, how it is decoded, and the
+        scripts' environment: the work directory, the file's name and path once decoded,
+        the compression, the passphrase, the environment."""
         work = self.cfg.directory_restore / job.id
         dest = req.destination
         assert dest.filename is not None
@@ -606,7 +611,12 @@ class Agent:
             RESTORE_FILENAME=local_name,
             RESTORE_DIRECTORY=str(work),
             RESTORE_FILE=str(target),
+            **extra_env,
         )
+        return work, local_name, target, compression, passphrase, env
+
+    async def _restore(self, job: JobState, req: RestoreRequest) -> None:
+        work, local_name, target, compression, passphrase, env = self._restore_files(job, req)
         error: str | None = None
         created = not work.exists()
         restore_started = cleanup_ran = False
@@ -663,27 +673,12 @@ class Agent:
         ``verify`` script (e.g. ``pg_restore --list``, or a restore into a scratch database
         the script creates and drops). No lock, restore, cleanup or unlock stage runs: the
         live database is never touched by the agent. Timings are reported in ``timings``."""
-        work = self.cfg.directory_restore / job.id
-        dest = req.destination
-        assert dest.filename is not None
-        compression = req.agent_compression
-        passphrase = req.encryption_key if req.agent_encryption else None
-        local_name = _strip_suffixes(dest.filename, compression, passphrase is not None)
-        target = work / local_name
-        job.filename = dest.filename
+        work, local_name, target, compression, passphrase, env = self._restore_files(
+            job, req, AGENT_DRILL="true"
+        )
         job.verify = True
         job.logs = {VERIFY_STAGE: {"log": "", "errorlog": ""}}
         self.store.save(job)
-        env = self._script_env(
-            job,
-            req,
-            BACKUP_FILENAME=local_name,
-            BACKUP_DIRECTORY=str(work),
-            RESTORE_FILENAME=local_name,
-            RESTORE_DIRECTORY=str(work),
-            RESTORE_FILE=str(target),
-            AGENT_DRILL="true",
-        )
         error: str | None = None
         created = False
         try:
